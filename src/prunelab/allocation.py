@@ -1,0 +1,310 @@
+"""Allocation: how many groups each layer keeps, and which ones.
+
+An allocator receives one :class:`LayerBudget` per prunable parameter (its group scores
+and the bounds its layer rules impose) and a global target sparsity, and returns the
+number of groups each layer keeps.  :func:`select_top_k` then keeps the highest-scoring
+groups of each layer.  Neither step sorts all weights (DESIGN.md decision 4):
+
+* ``global`` finds one score threshold by bisection over the total order of float32
+  values (at most 33 counting passes, no copy of the scores), then hands the budget left
+  at the boundary to tied groups in a fixed order, so ties never make the achieved
+  sparsity drift: achieved == target up to one group per layer.
+* ``uniform`` and ``erk`` solve for per-layer densities by water-filling (bisection on a
+  scale factor, layers that would exceed their bounds are clipped and the rest
+  rescaled -- exactly RigL's ERK redistribution step), then round to whole groups and
+  settle the rounding remainder one group at a time.
+* ``lamp`` rescales scores per layer (a per-layer sort) and then thresholds globally.
+
+Already pruned groups carry the score ``-inf``: they are never selected again, which
+keeps iterative pruning monotone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from prunelab.errors import PrunelabError
+from prunelab.registry import Registry
+
+
+@dataclass(frozen=True)
+class LayerBudget:
+    """One layer as the allocator sees it.
+
+    ``scores``: ``(G,)`` group scores, higher = keep; ``-inf`` = already pruned.
+    ``group_size``: weights per group.  ``shape``: the parameter shape (for ERK).
+    ``min_keep`` / ``max_keep``: bounds on kept groups set by layer rules
+    (dense layer: ``min_keep == max_keep == G``; fixed sparsity: both equal).
+    """
+
+    name: str
+    scores: torch.Tensor
+    group_size: int
+    shape: tuple[int, ...]
+    min_keep: int
+    max_keep: int
+
+    @property
+    def num_groups(self) -> int:
+        return self.scores.numel()
+
+    @property
+    def numel(self) -> int:
+        return self.num_groups * self.group_size
+
+
+def keep_budget(layers: Sequence[LayerBudget], sparsity: float) -> int:
+    """Weights to keep for a global target ``sparsity`` (rounded to the nearest weight)."""
+    check_sparsity(sparsity)
+    total = sum(layer.numel for layer in layers)
+    return int(round((1.0 - sparsity) * total))
+
+
+def check_sparsity(sparsity: float, what: str = "sparsity") -> None:
+    if not isinstance(sparsity, (int, float)) or not (0.0 <= float(sparsity) < 1.0) or math.isnan(sparsity):
+        raise PrunelabError(
+            f"{what} must be in [0, 1) (the fraction of weights removed), got {sparsity!r}; e.g. 0.9 for 90%"
+        )
+
+
+def _check_bounds(layers: Sequence[LayerBudget], budget: int) -> None:
+    low = sum(l.min_keep * l.group_size for l in layers)
+    high = sum(l.max_keep * l.group_size for l in layers)
+    total = sum(l.numel for l in layers)
+    if budget < low:
+        raise PrunelabError(
+            f"target keeps {budget} of {total} weights but the layer rules (dense / floor layers) keep at least "
+            f"{low}; lower the sparsity to <= {1 - low / total:.4f} or relax --keep-first/--keep-last"
+        )
+    if budget > high:
+        raise PrunelabError(
+            f"target keeps {budget} of {total} weights but at most {high} can be kept "
+            f"(fixed-sparsity layers or weights already pruned); raise the sparsity to >= {1 - high / total:.4f}"
+        )
+
+
+def select_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask keeping the ``k`` highest scores; ties go to the lower index.
+
+    Uses ``kthvalue`` (linear time), not a sort.
+    """
+    n = scores.numel()
+    if not 0 <= k <= n:
+        raise ValueError(f"k={k} outside [0, {n}]")
+    flat = scores.reshape(-1)
+    if k == 0:
+        return torch.zeros(n, dtype=torch.bool, device=scores.device)
+    if k == n:
+        return torch.ones(n, dtype=torch.bool, device=scores.device)
+    kth = torch.kthvalue(flat.float().cpu(), n - k + 1).values.to(flat.device)
+    keep = flat > kth
+    need = k - int(keep.sum())
+    if need > 0:
+        tied = torch.nonzero(flat == kth).reshape(-1)[:need]
+        keep[tied] = True
+    return keep
+
+
+# --- float32 total order, for bisection over thresholds ------------------------------
+
+def _key_to_float(key: int) -> float:
+    """Inverse of the monotone map float32 -> int (key of -x is -key-1 for x >= +0)."""
+    bits = key if key >= 0 else (-key - 1) | 0x80000000
+    return torch.tensor([bits & 0xFFFFFFFF], dtype=torch.int64).to(torch.int32).view(torch.float32).item()
+
+
+_MIN_KEY = -0x7F800001  # key of -inf: "score > -inf" keeps every group not already pruned
+_MAX_KEY = 0x7F800000  # key of +inf: "score > +inf" keeps nothing
+
+
+def _count_above(layers: Sequence[LayerBudget], threshold: float) -> list[int]:
+    return [int((layer.scores > threshold).sum()) for layer in layers]
+
+
+def _clamped_kept(layers: Sequence[LayerBudget], counts: list[int]) -> list[int]:
+    return [min(max(c, l.min_keep), l.max_keep) for c, l in zip(counts, layers)]
+
+
+def global_threshold_counts(layers: Sequence[LayerBudget], budget: int) -> list[int]:
+    """Groups kept per layer for one global score threshold meeting ``budget`` weights."""
+    _check_bounds(layers, budget)
+    for layer in layers:
+        if torch.isnan(layer.scores).any():
+            raise PrunelabError(f"scores of {layer.name!r} contain NaN; check the criterion's inputs")
+
+    def kept_weights(key: int) -> tuple[list[int], int]:
+        kept = _clamped_kept(layers, _count_above(layers, _key_to_float(key)))
+        return kept, sum(k * l.group_size for k, l in zip(kept, layers))
+
+    # smallest key t with kept(t) <= budget; kept() is non-increasing in t
+    lo, hi = _MIN_KEY, _MAX_KEY
+    if kept_weights(lo)[1] <= budget:
+        hi = lo
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if kept_weights(mid)[1] <= budget:
+            hi = mid
+        else:
+            lo = mid
+    kept, used = kept_weights(hi)
+    if used == budget or hi == lo:
+        return kept
+    wider, _ = kept_weights(hi - 1)  # also keeps the groups whose score equals the threshold
+    remaining = budget - used
+    for i, layer in enumerate(layers):  # hand the boundary budget out in a fixed order
+        extra = min(wider[i] - kept[i], remaining // layer.group_size)
+        kept[i] += extra
+        remaining -= extra * layer.group_size
+    return kept
+
+
+def water_fill_counts(layers: Sequence[LayerBudget], budget: int, raw_density: Sequence[float]) -> list[int]:
+    """Groups kept per layer with densities proportional to ``raw_density``.
+
+    Solves ``sum_l clip(eps * raw_l, lo_l, hi_l) * N_l = budget`` for ``eps`` by bisection
+    (layers that hit a bound are fixed there and the rest rescaled: RigL's ERK
+    redistribution), then rounds to whole groups and settles the remainder.
+    """
+    _check_bounds(layers, budget)
+    lo_d = [l.min_keep / l.num_groups for l in layers]
+    hi_d = [l.max_keep / l.num_groups for l in layers]
+
+    def total(eps: float) -> float:
+        return sum(min(max(eps * r, a), b) * l.numel for r, a, b, l in zip(raw_density, lo_d, hi_d, layers))
+
+    lo, hi = 0.0, 1.0
+    while total(hi) < budget and hi < 1e300:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if total(mid) < budget:
+            lo = mid
+        else:
+            hi = mid
+    dens = [min(max(hi * r, a), b) for r, a, b in zip(raw_density, lo_d, hi_d)]
+    exact = [d * l.num_groups for d, l in zip(dens, layers)]
+    kept = [min(max(int(math.floor(e)), l.min_keep), l.max_keep) for e, l in zip(exact, layers)]
+    remaining = budget - sum(k * l.group_size for k, l in zip(kept, layers))
+    # settle the rounding remainder: largest fractional parts first, one group per layer
+    order = sorted(range(len(layers)), key=lambda i: (-(exact[i] - math.floor(exact[i])), i))
+    for i in order:
+        layer = layers[i]
+        if remaining >= layer.group_size and kept[i] < layer.max_keep:
+            kept[i] += 1
+            remaining -= layer.group_size
+    return kept
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """Base class: decide kept groups per layer for a global target sparsity."""
+
+    name = "base"
+
+    def keep_counts(self, layers: Sequence[LayerBudget], sparsity: float) -> list[int]:
+        raise NotImplementedError
+
+    def prepare_scores(self, layers: Sequence[LayerBudget]) -> list[LayerBudget]:
+        """Scores used for the within-layer choice (LAMP rescales them)."""
+        return list(layers)
+
+
+@dataclass(frozen=True)
+class GlobalAllocation(Allocation):
+    """One threshold on group scores across all layers (Han et al. 2015 style, global)."""
+
+    name = "global"
+
+    def keep_counts(self, layers: Sequence[LayerBudget], sparsity: float) -> list[int]:
+        return global_threshold_counts(layers, keep_budget(layers, sparsity))
+
+
+@dataclass(frozen=True)
+class UniformAllocation(Allocation):
+    """Every layer at the same sparsity (layers bound by rules excepted, the rest rescaled)."""
+
+    name = "uniform"
+
+    def keep_counts(self, layers: Sequence[LayerBudget], sparsity: float) -> list[int]:
+        return water_fill_counts(layers, keep_budget(layers, sparsity), [1.0] * len(layers))
+
+
+def erk_raw_density(shape: tuple[int, ...]) -> float:
+    """Erdos-Renyi-Kernel factor ``sum(shape) / prod(shape)`` (Evci et al. 2020, RigL).
+
+    For a Linear ``(n_out, n_in)`` this is the Erdos-Renyi ``(n_in + n_out) / (n_in n_out)``
+    of Mocanu et al. 2018; for a conv ``(n_out, n_in, kh, kw)`` the kernel dimensions join
+    the sum.  Layer density is ``eps * factor``, with ``eps`` set by the global budget.
+    """
+    return sum(shape) / math.prod(shape)
+
+
+@dataclass(frozen=True)
+class ERKAllocation(Allocation):
+    """Erdos-Renyi-Kernel densities with redistribution of layers that would exceed 1."""
+
+    name = "erk"
+
+    def keep_counts(self, layers: Sequence[LayerBudget], sparsity: float) -> list[int]:
+        raw = [erk_raw_density(tuple(l.shape)) for l in layers]
+        return water_fill_counts(layers, keep_budget(layers, sparsity), raw)
+
+
+def lamp_scores(scores: torch.Tensor) -> torch.Tensor:
+    """LAMP score (Lee et al. 2021, "Layer-adaptive sparsity for the magnitude-based pruning").
+
+    With the layer's scores sorted ascending, ``s[1] <= ... <= s[n]``:
+    ``lamp(u) = s[u]^2 / sum_{v >= u} s[v]^2``.  For the magnitude criterion ``s = |W|``,
+    exactly the paper's score.  Ties are ordered by index (stable sort); ``-inf`` stays
+    ``-inf`` (already pruned).  Needs a per-layer sort, never a global one.
+    """
+    flat = scores.reshape(-1).double()
+    alive = torch.isfinite(flat)
+    out = torch.full_like(flat, -math.inf)
+    values = flat[alive]
+    order = torch.sort(values, stable=True).indices
+    squared = values[order] ** 2
+    suffix = torch.flip(torch.cumsum(torch.flip(squared, [0]), 0), [0])
+    lamp_sorted = torch.where(suffix > 0, squared / suffix.clamp_min(1e-300), torch.zeros_like(squared))
+    lamp = torch.empty_like(values)
+    lamp[order] = lamp_sorted
+    out[alive] = lamp
+    return out.float().reshape(scores.shape)
+
+
+@dataclass(frozen=True)
+class LAMPAllocation(Allocation):
+    """Global threshold on LAMP-rescaled scores (Lee et al. 2021)."""
+
+    name = "lamp"
+
+    def prepare_scores(self, layers: Sequence[LayerBudget]) -> list[LayerBudget]:
+        return [
+            LayerBudget(l.name, lamp_scores(l.scores), l.group_size, l.shape, l.min_keep, l.max_keep)
+            for l in layers
+        ]
+
+    def keep_counts(self, layers: Sequence[LayerBudget], sparsity: float) -> list[int]:
+        return global_threshold_counts(self.prepare_scores(layers), keep_budget(layers, sparsity))
+
+
+ALLOCATIONS: Registry[type[Allocation]] = Registry("allocation")
+ALLOCATIONS.add("global", GlobalAllocation, "one score threshold across all layers")
+ALLOCATIONS.add("uniform", UniformAllocation, "the same sparsity in every layer")
+ALLOCATIONS.add("erk", ERKAllocation, "Erdos-Renyi-Kernel densities with redistribution (Evci et al. 2020)")
+ALLOCATIONS.add("lamp", LAMPAllocation, "global threshold on LAMP scores s^2/sum_{v>=u} s_v^2 (Lee et al. 2021)")
+
+
+def get_allocation(spec: str | Allocation) -> Allocation:
+    return spec if isinstance(spec, Allocation) else ALLOCATIONS.get(spec)()
+
+
+def allocate(allocation: Allocation, layers: Sequence[LayerBudget], sparsity: float) -> dict[str, torch.Tensor]:
+    """Group keep-decisions per layer: ``name -> (G,) bool``."""
+    counts = allocation.keep_counts(layers, sparsity)
+    ranked = allocation.prepare_scores(layers)
+    return {l.name: select_top_k(l.scores, k) for l, k in zip(ranked, counts)}

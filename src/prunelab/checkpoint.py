@@ -1,0 +1,91 @@
+"""Checkpoints: a plain state_dict, the masks beside it, and what rebuilds the model.
+
+A checkpoint is a directory::
+
+    model.safetensors     the model's own state_dict (pruned weights are real zeros);
+                          loads into an unpruned model of the same architecture
+    masks.safetensors     FQN -> bool keep-mask (MaskSet)
+    checkpoint.json       {"format", "model", "input_shape", "num_classes", ...}
+
+No pickled code: the model is rebuilt from its zoo name and shapes (nanoGPT's
+``model_args``), then the tensors are loaded by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from prunelab.errors import PrunelabError
+from prunelab.io import atomic_path, ensure_writable_dir, write_json
+from prunelab.masks import MaskSet
+
+CHECKPOINT_FORMAT = "prunelab.checkpoint.v1"
+MODEL_FILE, MASKS_FILE, META_FILE = "model.safetensors", "masks.safetensors", "checkpoint.json"
+
+
+@dataclass
+class Checkpoint:
+    model: nn.Module
+    masks: MaskSet
+    meta: dict[str, Any]
+
+
+def save_checkpoint(directory: str | os.PathLike, model: nn.Module, masks: MaskSet, meta: dict[str, Any]) -> Path:
+    """Write model, masks and metadata into ``directory`` (each file atomically)."""
+    from safetensors.torch import save_file
+
+    directory = ensure_writable_dir(directory)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(directory / MODEL_FILE) as tmp:
+        save_file(state, str(tmp), metadata={"format": CHECKPOINT_FORMAT})
+    masks.save(directory / MASKS_FILE)
+    write_json(directory / META_FILE, {"format": CHECKPOINT_FORMAT, **meta})
+    return directory
+
+
+def _resolve(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.is_file() and path.name in (MODEL_FILE, MASKS_FILE, META_FILE):
+        path = path.parent
+    if not path.is_dir():
+        raise PrunelabError(f"checkpoint {str(path)!r} does not exist; pass the output folder of 'prunelab prune' or 'demo'")
+    for name in (MODEL_FILE, MASKS_FILE, META_FILE):
+        if not (path / name).is_file():
+            raise PrunelabError(f"checkpoint folder {str(path)!r} has no {name}; pass the output folder of 'prunelab prune'")
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Rebuild the zoo model named in ``checkpoint.json`` and load its tensors and masks."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from prunelab.bench.models import build_model
+
+    directory = _resolve(path)
+    try:
+        meta = json.loads((directory / META_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise PrunelabError(f"{directory / META_FILE} is not valid JSON ({exc.msg}); the checkpoint is corrupt") from None
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise PrunelabError(f"{directory / META_FILE} has format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+    model = build_model(meta["model"], tuple(meta["input_shape"]), int(meta["num_classes"]))
+    try:
+        state = load_file(str(directory / MODEL_FILE))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise PrunelabError(f"cannot read {directory / MODEL_FILE} ({exc}); the checkpoint is corrupt") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise PrunelabError(f"{directory / MODEL_FILE} does not fit model {meta['model']!r}: {first}") from None
+    masks = MaskSet.load(directory / MASKS_FILE)
+    masks.check_model(model)
+    return Checkpoint(model, masks, meta)
+

@@ -1,0 +1,185 @@
+"""The ``prunelab`` command line: demo, prune, list, inspect.
+
+Every user mistake surfaces as one ``error: ...`` line on stderr and exit status 2;
+``prune``'s flags are generated from :class:`prunelab.config.RunConfig`, so the CLI and
+``--config run.yaml`` accept exactly the same keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import fields
+from typing import Any
+
+from prunelab.errors import PrunelabError
+
+DEMO_DEFAULTS = dict(
+    model="digits_mlp", dataset="digits", method="iterative", criterion="magnitude", allocation="global",
+    sparsity=0.9, rounds=5, pretrain_epochs=30, finetune_epochs=8, lr=0.05, batch_size=64,
+)
+
+
+def _parse_rates(text: str) -> dict[str, float]:
+    rates = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        try:
+            rates[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected NAME=RATE[,NAME=RATE...], got {text!r}")
+    return rates
+
+
+def _scalar_type(annotation: Any) -> Any:
+    hint = annotation if not isinstance(annotation, str) else eval(annotation, vars(typing) | {"types": types})  # noqa: S307 -- our own dataclass annotations
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args and typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per RunConfig field; defaults are None so YAML values survive."""
+    from prunelab.config import RunConfig
+
+    for f in fields(RunConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _scalar_type(f.type)
+        help_text = f.metadata.get("help", "")
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif f.name == "layer_rates":
+            parser.add_argument(flag, dest=f.name, type=_parse_rates, default=None, metavar="NAME=RATE,...", help=help_text)
+        elif f.name == "exclude":
+            parser.add_argument(flag, dest=f.name, action="append", default=None, metavar="GLOB", help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=kind if kind in (int, float) else str, default=None, help=help_text)
+
+
+def _config_from_args(args: argparse.Namespace, defaults: dict[str, Any] | None = None):
+    from prunelab.config import FIELD_NAMES, config_from_mapping, load_yaml_config
+
+    values: dict[str, Any] = dict(defaults or {})
+    if getattr(args, "config", None):
+        values.update(load_yaml_config(args.config))
+    values.update({k: getattr(args, k) for k in FIELD_NAMES if getattr(args, k, None) is not None})
+    return config_from_mapping(values, source="--config / flags")
+
+
+def _print_run(record: dict[str, Any], out: str) -> None:
+    from prunelab.measure.tables import markdown_table
+    from prunelab.report import SUMMARY_COLUMNS, summary_rows
+
+    print()
+    print(markdown_table(summary_rows(record), SUMMARY_COLUMNS))
+    print()
+    print(f"target sparsity {record['target_sparsity']:.4f}, achieved {record['achieved_sparsity']:.4f}; "
+          f"wall time {record['wall_time_s']:.1f} s")
+    print(f"results: {out}/results.json, {out}/report.md, {out}/sparsity_curve.png; checkpoint: {out}/")
+
+
+def cmd_prune(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> int:
+    from prunelab import pipeline
+
+    config = _config_from_args(args, defaults)
+    record = pipeline.run(config)
+    _print_run(record, str(config.out_dir()))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    defaults = dict(DEMO_DEFAULTS, out=args.out or "runs/demo", seed=args.seed, progress=args.progress)
+    print("prunelab demo: train an MLP on scikit-learn's 8x8 digits, then prune it to 90% sparsity "
+          "in 5 rounds of magnitude pruning + retraining")
+    from prunelab import pipeline
+    from prunelab.config import config_from_mapping
+
+    config = config_from_mapping(defaults, source="demo")
+    record = pipeline.run(config)
+    _print_run(record, str(config.out_dir()))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from prunelab.allocation import ALLOCATIONS
+    from prunelab.bench.datasets import DATASETS
+    from prunelab.bench.models import MODELS
+    from prunelab.criteria import CRITERIA
+    from prunelab.methods import METHODS
+    from prunelab.schedules import SCHEDULES
+    from prunelab.structure import GRANULARITIES
+
+    for title, registry in (("criteria", CRITERIA), ("granularities", GRANULARITIES), ("allocations", ALLOCATIONS),
+                            ("methods", METHODS), ("schedules", SCHEDULES), ("models", MODELS), ("datasets", DATASETS)):
+        print(f"{title}:")
+        width = max(len(n) for n in registry.names())
+        for entry in registry.entries():
+            print(f"  {entry.name:<{width}}  {entry.description}")
+        print()
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from prunelab.checkpoint import load_checkpoint
+    from prunelab.measure.tables import markdown_table
+
+    ckpt = load_checkpoint(args.checkpoint)
+    params = dict(ckpt.model.named_parameters())
+    rows = []
+    for layer in ckpt.masks.stats().layers:
+        weight = params[layer.name].detach()
+        rows.append({"layer": layer.name, "shape": "x".join(map(str, layer.shape)), "params": layer.total,
+                     "kept": layer.kept, "nonzero": int((weight != 0).sum()), "sparsity_pct": 100.0 * layer.sparsity})
+    stats = ckpt.masks.stats()
+    rows.append({"layer": "total", "shape": "", "params": stats.total, "kept": stats.kept,
+                 "nonzero": sum(r["nonzero"] for r in rows), "sparsity_pct": 100.0 * stats.sparsity})
+    print(f"checkpoint {args.checkpoint}: model {ckpt.meta['model']}, input {tuple(ckpt.meta['input_shape'])}, "
+          f"{ckpt.meta['num_classes']} classes")
+    print(markdown_table(rows, (("layer", "layer"), ("shape", "shape"), ("params", "params"), ("kept", "kept (mask)"),
+                                ("nonzero", "nonzero (weights)"), ("sparsity_pct", "sparsity %"))))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prunelab", description="Make PyTorch networks sparse, smaller and faster.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="train the digits MLP and prune it iteratively to 90%% sparsity (< 1 min)")
+    demo.add_argument("--out", default=None, help="results folder (default: runs/demo)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    demo.set_defaults(func=cmd_demo)
+
+    prune = sub.add_parser("prune", help="train, prune and measure a zoo model; writes a results folder")
+    prune.add_argument("--config", default=None, help="YAML file with RunConfig keys; flags override it")
+    add_config_flags(prune)
+    prune.set_defaults(func=cmd_prune)
+
+    lister = sub.add_parser("list", help="every registered criterion, granularity, allocation, method, model, dataset")
+    lister.set_defaults(func=cmd_list)
+
+    inspect = sub.add_parser("inspect", help="per-layer sparsity of a saved checkpoint (model + masks)")
+    inspect.add_argument("checkpoint", help="checkpoint folder written by prune/demo")
+    inspect.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except PrunelabError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""The run configuration: one typed dataclass, mirrored one-to-one by CLI flags and YAML.
+
+``prunelab prune --config run.yaml`` and ``prunelab prune --model ... --sparsity ...``
+build the same :class:`RunConfig`; flags given on the command line override the file.
+A run directory defaults to ``runs/<model>-<method>-<hash>``, the hash of the config
+(OpenLTH), so equal configs land in the same place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from prunelab.errors import PrunelabError
+
+
+def _opt(help: str, **extra: Any) -> Any:
+    return field(metadata={"help": help}, **extra)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a ``prune`` run needs; every field is a CLI flag and a YAML key."""
+
+    model: str = _opt("zoo model name (see 'prunelab list')", default="digits_mlp")
+    dataset: str = _opt("dataset name (see 'prunelab list')", default="digits")
+    data_dir: str | None = _opt("folder with the MNIST IDX .gz files (default: $PRUNELAB_DATA)", default=None)
+    download: bool = _opt("download missing dataset files (checksum-verified)", default=False)
+    method: str = _opt("oneshot | iterative | gradual", default="iterative")
+    criterion: str = _opt("importance criterion (see 'prunelab list')", default="magnitude")
+    granularity: str = _opt("unstructured | vector | kernel | channel | neuron | N:M such as 2:4", default="unstructured")
+    allocation: str = _opt("global | uniform | erk | lamp", default="global")
+    sparsity: float = _opt("target fraction of weights removed, in [0, 1)", default=0.9)
+    rounds: int = _opt("pruning rounds for 'iterative'", default=5)
+    layer_rates: dict[str, float] = _opt("per-round rate overrides for 'iterative', e.g. {fc3: 0.1}", default_factory=dict)
+    keep_first: str | None = _opt("first layer: 'dense', 'none' or a maximum sparsity", default=None)
+    keep_last: str | None = _opt("last layer: 'dense', 'none' or a maximum sparsity", default=None)
+    exclude: tuple[str, ...] = _opt("layer name globs never pruned", default=())
+    pretrain_epochs: int = _opt("dense training epochs before pruning", default=30)
+    finetune_epochs: int = _opt("retraining epochs after each pruning event", default=8)
+    epochs: int = _opt("training epochs for 'gradual' (pruning happens during them)", default=30)
+    num_updates: int = _opt("mask updates of the 'gradual' cubic schedule", default=10)
+    batch_size: int = _opt("training batch size", default=64)
+    optimizer: str = _opt("sgd | adam | adamw", default="sgd")
+    lr: float = _opt("learning rate for dense training", default=0.05)
+    finetune_lr: float | None = _opt("learning rate for retraining (default: lr / 5)", default=None)
+    momentum: float = _opt("SGD momentum", default=0.9)
+    weight_decay: float = _opt("weight decay", default=1e-4)
+    lr_schedule: str = _opt("constant | cosine | step", default="cosine")
+    score_batches: int = _opt("batches used by data-driven criteria (taylor, obd)", default=8)
+    seed: int = _opt("random seed", default=0)
+    out: str | None = _opt("output folder (default: runs/<model>-<method>-<config hash>)", default=None)
+    progress: bool = _opt("show progress bars", default=True)
+
+    def digest(self) -> str:
+        """Hash of everything that changes the result (not out/progress)."""
+        payload = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("out", "progress", "data_dir", "download")}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+    def out_dir(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        return Path("runs") / f"{self.model}-{self.method}-{self.digest()}"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["exclude"] = list(self.exclude)
+        return data
+
+
+FIELD_NAMES = tuple(f.name for f in fields(RunConfig))
+
+
+def config_from_mapping(values: dict[str, Any], source: str = "config") -> RunConfig:
+    """Build a RunConfig, refusing unknown keys with the list of valid ones."""
+    unknown = sorted(set(values) - set(FIELD_NAMES))
+    if unknown:
+        raise PrunelabError(f"unknown key(s) {', '.join(unknown)} in {source}; valid keys: {', '.join(FIELD_NAMES)}")
+    values = dict(values)
+    if "exclude" in values and values["exclude"] is not None:
+        values["exclude"] = tuple(values["exclude"]) if not isinstance(values["exclude"], str) else (values["exclude"],)
+    for key in ("keep_first", "keep_last"):
+        if values.get(key) is not None:
+            values[key] = str(values[key])
+    try:
+        return RunConfig(**values)
+    except TypeError as exc:
+        raise PrunelabError(f"invalid {source}: {exc}") from None
+
+
+def load_yaml_config(path: str | os.PathLike) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise PrunelabError(f"config file {str(path)!r} does not exist; pass a YAML file with RunConfig keys")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise PrunelabError(f"cannot parse {str(path)!r} as YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise PrunelabError(f"{str(path)!r} must hold a mapping of RunConfig keys, got {type(data).__name__}")
+    return data

@@ -1,0 +1,208 @@
+"""MaskSet: parameter FQN -> bool keep-mask, kept outside the modules.
+
+DESIGN.md decision 1: masks never live inside the model.  The model holds real zeros
+where its mask says "pruned", so ``model.state_dict()`` is always a plain state_dict that
+loads into an unpruned model of the same architecture; the masks are saved beside it as
+safetensors, keyed by the same fully qualified parameter names.
+
+``True`` means *kept*, ``False`` means *pruned* -- the same convention as
+``torch.nn.utils.prune``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from prunelab import distributed
+from prunelab.errors import PrunelabError
+from prunelab.io import atomic_path
+
+MASK_FORMAT = "prunelab.maskset.v1"
+
+
+@dataclass(frozen=True)
+class LayerSparsity:
+    """Counts for one masked parameter."""
+
+    name: str
+    shape: tuple[int, ...]
+    total: int
+    kept: int
+
+    @property
+    def pruned(self) -> int:
+        return self.total - self.kept
+
+    @property
+    def sparsity(self) -> float:
+        return self.pruned / self.total if self.total else 0.0
+
+
+@dataclass(frozen=True)
+class MaskStats:
+    """Per-layer and global sparsity of a MaskSet."""
+
+    layers: tuple[LayerSparsity, ...]
+
+    @property
+    def total(self) -> int:
+        return sum(layer.total for layer in self.layers)
+
+    @property
+    def kept(self) -> int:
+        return sum(layer.kept for layer in self.layers)
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.kept / self.total if self.total else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "total": self.total,
+            "kept": self.kept,
+            "sparsity": self.sparsity,
+            "layers": [
+                {"name": l.name, "shape": list(l.shape), "total": l.total, "kept": l.kept,
+                 "sparsity": l.sparsity}
+                for l in self.layers
+            ],
+        }
+
+
+class MaskSet(Mapping[str, torch.Tensor]):
+    """An immutable mapping ``parameter FQN -> bool tensor`` (True = kept)."""
+
+    def __init__(self, masks: Mapping[str, torch.Tensor]) -> None:
+        checked: dict[str, torch.Tensor] = {}
+        for name, mask in masks.items():
+            if not isinstance(mask, torch.Tensor):
+                raise TypeError(f"mask for {name!r} must be a tensor, got {type(mask).__name__}")
+            checked[name] = mask.detach().to(torch.bool)
+        self._masks = checked
+
+    # --- Mapping -------------------------------------------------------------------
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._masks[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._masks)
+
+    def __len__(self) -> int:
+        return len(self._masks)
+
+    def __repr__(self) -> str:
+        return f"MaskSet({len(self)} tensors, sparsity={self.stats().sparsity:.4f})"
+
+    # --- construction ----------------------------------------------------------------
+    @classmethod
+    def ones(cls, params: Mapping[str, torch.Tensor]) -> "MaskSet":
+        """All-kept masks for ``params`` (FQN -> tensor)."""
+        return cls({n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()})
+
+    @classmethod
+    def from_model(cls, model: nn.Module, names: list[str] | None = None) -> "MaskSet":
+        """Masks read off the model's zeros: kept where the weight is nonzero."""
+        params = dict(model.named_parameters())
+        names = names if names is not None else [n for n in params if n.endswith("weight")]
+        return cls({n: params[n].detach() != 0 for n in names})
+
+    # --- use -------------------------------------------------------------------------
+    def check_model(self, model: nn.Module) -> None:
+        """Raise PrunelabError unless every mask names a parameter of matching shape."""
+        params = dict(model.named_parameters())
+        for name, mask in self._masks.items():
+            if name not in params:
+                raise PrunelabError(
+                    f"mask {name!r} names no parameter of the model; the model has "
+                    f"{', '.join(list(params)[:6])}{'...' if len(params) > 6 else ''} "
+                    "-- were the masks saved for another architecture?"
+                )
+            if tuple(params[name].shape) != tuple(mask.shape):
+                raise PrunelabError(
+                    f"mask {name!r} has shape {tuple(mask.shape)} but the parameter has "
+                    f"{tuple(params[name].shape)}; use the masks saved with this model"
+                )
+
+    @torch.no_grad()
+    def apply_(self, model: nn.Module) -> nn.Module:
+        """Zero every pruned weight of ``model`` in place; returns the model."""
+        self.check_model(model)
+        params = dict(model.named_parameters())
+        for name, mask in self._masks.items():
+            param = params[name]
+            param.mul_(mask.to(device=param.device, dtype=param.dtype))
+        return model
+
+    def stats(self) -> MaskStats:
+        return MaskStats(tuple(
+            LayerSparsity(n, tuple(m.shape), m.numel(), int(m.sum())) for n, m in self._masks.items()
+        ))
+
+    @property
+    def sparsity(self) -> float:
+        return self.stats().sparsity
+
+    def equal(self, other: Mapping[str, torch.Tensor]) -> bool:
+        return list(self) == list(other) and all(
+            torch.equal(self[n].cpu(), other[n].to(torch.bool).cpu()) for n in self
+        )
+
+    def intersect(self, other: Mapping[str, torch.Tensor]) -> "MaskSet":
+        return MaskSet({n: m & other[n].to(torch.bool) if n in other else m for n, m in self.items()})
+
+    def fingerprint(self) -> str:
+        """sha256 over names, shapes and bits: equal fingerprints <=> equal masks."""
+        digest = hashlib.sha256()
+        for name in sorted(self._masks):
+            mask = self._masks[name].cpu().contiguous()
+            digest.update(name.encode())
+            digest.update(json.dumps(list(mask.shape)).encode())
+            digest.update(mask.numpy().tobytes())
+        return digest.hexdigest()
+
+    def verify_across_ranks(self) -> None:
+        """Raise RuntimeError unless every rank holds bit-identical masks (DDP)."""
+        if distributed.world_size() == 1:
+            return
+        local = torch.tensor(
+            [int(c, 16) for c in self.fingerprint()[:16]], dtype=torch.int64
+        )
+        reference = distributed.broadcast_(local.clone())
+        if not torch.equal(local, reference):
+            raise RuntimeError(
+                f"rank {distributed.rank()} holds different masks than rank 0; "
+                "mask decisions must be made from scores reduced across ranks"
+            )
+
+    # --- files -----------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the masks as safetensors (bool tensors keyed by FQN), atomically."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {n: m.cpu().contiguous() for n, m in self._masks.items()}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": MASK_FORMAT})
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "MaskSet":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not path.is_file():
+            raise PrunelabError(f"mask file {str(path)!r} does not exist; pass the masks.safetensors written next to the model")
+        try:
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise PrunelabError(f"cannot read masks from {str(path)!r} ({exc}); the file is corrupt or not a safetensors mask file") from None
+        return cls(tensors)

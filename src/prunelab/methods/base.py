@@ -1,0 +1,93 @@
+"""What every pruning method takes and returns."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from prunelab.allocation import check_sparsity
+from prunelab.bench.training import evaluate
+from prunelab.criteria import ScoreData
+from prunelab.errors import PrunelabError
+from prunelab.masks import MaskSet
+from prunelab.sparsifier import Sparsifier
+from prunelab.targets import LayerRules
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """What to prune, how, and how far -- shared by every method.
+
+    ``rounds`` / ``layer_rates`` drive ``iterative`` (Frankle & Carbin 2019 prune 20% of
+    the remaining hidden weights per round and 10% of the output layer's: ``layer_rates=
+    {"fc3": 0.1}``); ``num_updates`` / ``start_epoch`` / ``end_fraction`` drive
+    ``gradual``; ``finetune_epochs`` is the retraining after each pruning event.
+    """
+
+    sparsity: float = 0.9
+    criterion: str = "magnitude"
+    granularity: str = "unstructured"
+    allocation: str = "global"
+    keep_first: str | float | None = None
+    keep_last: str | float | None = None
+    exclude: tuple[str, ...] = ()
+    rounds: int = 5
+    layer_rates: Mapping[str, float] = field(default_factory=dict)
+    finetune_epochs: int = 1
+    num_updates: int = 10
+    start_epoch: int = 0
+    end_fraction: float = 0.75
+    score_batches: int = 8
+
+    def __post_init__(self) -> None:
+        check_sparsity(self.sparsity)
+        if self.rounds < 1:
+            raise PrunelabError(f"rounds must be >= 1, got {self.rounds}")
+        if self.finetune_epochs < 0:
+            raise PrunelabError(f"finetune_epochs must be >= 0, got {self.finetune_epochs}")
+        if not 0.0 < self.end_fraction <= 1.0:
+            raise PrunelabError(f"end_fraction must be in (0, 1], got {self.end_fraction}")
+        for name, rate in self.layer_rates.items():
+            check_sparsity(rate, f"per-round rate for {name!r}")
+
+    def rules(self, fixed: Mapping[str, float] | None = None) -> LayerRules:
+        return LayerRules(keep_first=self.keep_first, keep_last=self.keep_last, fixed_sparsity=dict(fixed or {}))
+
+    def sparsifier(self, model: nn.Module, data: ScoreData | None, **kwargs: Any) -> Sparsifier:
+        return Sparsifier(
+            model,
+            criterion=self.criterion,
+            granularity=self.granularity,
+            allocation=self.allocation,
+            rules=kwargs.pop("rules", self.rules()),
+            exclude=self.exclude,
+            data=data,
+            **kwargs,
+        )
+
+
+@dataclass
+class MethodResult:
+    """Final masks and one row per pruning stage (sparsity, accuracy...)."""
+
+    masks: MaskSet
+    rows: list[dict[str, Any]]
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def stage_row(stage: str, model: nn.Module, masks: MaskSet, test_loader, **extra: Any) -> dict[str, Any]:
+    """Evaluate the model now and describe the stage in one flat record."""
+    metrics = evaluate(model, test_loader)
+    stats = masks.stats()
+    return {
+        "stage": stage,
+        **extra,
+        "sparsity": stats.sparsity,
+        "kept_weights": stats.kept,
+        "accuracy": metrics["accuracy"],
+        "error_pct": metrics["error_pct"],
+        "test_loss": metrics["loss"],
+    }

@@ -1,0 +1,53 @@
+"""Gradual pruning during training (Zhu & Gupta 2017, "To prune, or not to prune").
+
+The cubic schedule ``s_t = s_f + (s_i - s_f)(1 - (t - t0)/(n dt))^3`` raises the
+sparsity from ``start_epoch`` to ``end_fraction`` of the run in ``num_updates`` steps of
+``dt`` optimizer steps; the rest of the run trains at the final sparsity, followed by
+``finetune_epochs`` more epochs (0 for none).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from prunelab.bench.training import TrainConfig, make_lr_scheduler, make_optimizer, train
+from prunelab.criteria import ScoreData
+from prunelab.errors import PrunelabError
+from prunelab.methods.base import MethodResult, PruneSpec, stage_row
+from prunelab.schedules import Cubic
+
+
+def run_gradual(
+    model: nn.Module, train_loader, test_loader, spec: PruneSpec, config: TrainConfig, *, score_data: ScoreData | None = None
+) -> MethodResult:
+    steps_per_epoch = len(train_loader)
+    total = config.epochs * steps_per_epoch
+    start = spec.start_epoch * steps_per_epoch
+    end = int(spec.end_fraction * total)
+    frequency = (end - start) // spec.num_updates
+    if frequency < 1:
+        raise PrunelabError(
+            f"gradual pruning needs room for {spec.num_updates} updates between step {start} and {end} of "
+            f"{total}; train longer (--epochs) or lower --num-updates / --start-epoch"
+        )
+    schedule = Cubic(spec.sparsity, start_step=max(start, 1), num_updates=spec.num_updates, frequency=frequency)
+    sparsifier = spec.sparsifier(model, score_data, schedule=schedule)
+    optimizer = make_optimizer(model.parameters(), config)
+    sparsifier.prepare(optimizer)
+    train(model, train_loader, config, optimizer=optimizer,
+          scheduler=make_lr_scheduler(optimizer, config, steps_per_epoch),
+          after_step=lambda _step: sparsifier.step(), description="gradual")
+    rows = [stage_row("gradual", model, sparsifier.masks, test_loader, round=1, target_sparsity=spec.sparsity)]
+    if spec.finetune_epochs > 0:
+        tune = dataclasses.replace(config, epochs=spec.finetune_epochs)
+        optimizer = make_optimizer(model.parameters(), tune)
+        sparsifier.schedule = None
+        sparsifier.prepare(optimizer)
+        train(model, train_loader, tune, optimizer=optimizer,
+              scheduler=make_lr_scheduler(optimizer, tune, steps_per_epoch),
+              after_step=lambda _step: sparsifier.step(), description="fine-tune")
+        rows.append(stage_row("fine-tuned", model, sparsifier.masks, test_loader, round=1, target_sparsity=spec.sparsity))
+    masks = sparsifier.finalize()
+    return MethodResult(masks, rows, sparsifier.history)

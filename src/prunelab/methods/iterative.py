@@ -1,0 +1,50 @@
+"""Iterative magnitude pruning (IMP) with retraining.
+
+Han et al. 2015 ("Learning both Weights and Connections for Efficient Neural Networks")
+prune and retrain repeatedly; Frankle & Carbin 2019 prune a fixed fraction ``p`` of the
+*remaining* weights per round, so after round ``r`` the sparsity is
+``s_r = 1 - (1 - p)^r``.  Here ``p = 1 - (1 - s_f)^(1/R)`` reaches the target ``s_f`` in
+``R`` rounds; ``layer_rates`` give some layers their own per-round rate ``p_l`` (their
+sparsity after round ``r`` is fixed at ``1 - (1 - p_l)^r``), and the global target of the
+round counts them at that rate, the others at ``p``.  Each round restarts the optimizer
+and learning-rate schedule and retrains for ``finetune_epochs``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from prunelab.bench.training import TrainConfig, make_lr_scheduler, make_optimizer, train
+from prunelab.criteria import ScoreData
+from prunelab.methods.base import MethodResult, PruneSpec, stage_row
+from prunelab.schedules import Geometric, per_round_sparsity
+from prunelab.targets import _matching
+
+
+def run_iterative(
+    model: nn.Module, train_loader, test_loader, spec: PruneSpec, config: TrainConfig, *, score_data: ScoreData | None = None
+) -> MethodResult:
+    schedule = Geometric(spec.sparsity, rounds=spec.rounds)
+    sparsifier = spec.sparsifier(model, score_data)
+    names = list(sparsifier.params)
+    sizes = {n: p.numel() for n, p in sparsifier.params.items()}
+    overridden = {n: rate for pattern, rate in spec.layer_rates.items() for n in _matching(names, pattern, "layer_rates")}
+    tune = dataclasses.replace(config, epochs=spec.finetune_epochs)
+    rows = []
+    for r in schedule.update_steps():
+        base = schedule.sparsity_at(r)
+        fixed = {n: per_round_sparsity(rate, r) for n, rate in overridden.items()}
+        target = sum(sizes[n] * fixed.get(n, base) for n in names) / sum(sizes.values())
+        sparsifier.bounds = spec.rules(fixed).bounds(names)
+        sparsifier.update(target)
+        if tune.epochs > 0:
+            optimizer = make_optimizer(model.parameters(), tune)
+            sparsifier.prepare(optimizer)
+            train(model, train_loader, tune, optimizer=optimizer,
+                  scheduler=make_lr_scheduler(optimizer, tune, len(train_loader)),
+                  after_step=lambda _step: sparsifier.step(), description=f"round {r}/{spec.rounds}")
+        rows.append(stage_row(f"round {r}", model, sparsifier.masks, test_loader, round=r, target_sparsity=target))
+    masks = sparsifier.finalize()
+    return MethodResult(masks, rows, sparsifier.history)

@@ -1,0 +1,135 @@
+"""One pruning run end to end: data -> dense training -> method -> measure -> results folder.
+
+Shared by ``prunelab prune``, ``prunelab demo`` and the benchmarks, so every entry point
+writes the same records: ``results.json``, ``report.md``, ``sparsity_curve.png`` and a
+checkpoint (``model.safetensors`` + ``masks.safetensors`` + ``checkpoint.json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prunelab import distributed
+from prunelab.allocation import get_allocation
+from prunelab.bench.datasets import DATASETS, load_dataset, make_loaders
+from prunelab.bench.models import MODELS, build_model
+from prunelab.bench.training import TrainConfig, evaluate, seed_everything, train
+from prunelab.checkpoint import save_checkpoint
+from prunelab.config import RunConfig
+from prunelab.criteria import CRITERIA, ScoreData, get_criterion
+from prunelab.io import atomic_dir, ensure_writable_dir, write_json, write_text
+from prunelab.measure.counting import measure_model
+from prunelab.measure.tables import model_cost_table
+from prunelab.methods import METHODS, PruneSpec
+from prunelab.report import plot_sparsity_curve, render_report
+from prunelab.structure import get_granularity
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "torch": torch.__version__.split("+")[0],
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "world_size": distributed.world_size(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def validate(config: RunConfig) -> None:
+    """Fail fast, before any training, on names and numbers that cannot work."""
+    MODELS.get(config.model)
+    DATASETS.get(config.dataset)
+    METHODS.get(config.method)
+    CRITERIA.get(config.criterion)
+    get_granularity(config.granularity)
+    get_allocation(config.allocation)
+    prune_spec(config)
+    pretrain_config(config)
+
+
+def pretrain_config(config: RunConfig) -> TrainConfig:
+    return TrainConfig(
+        epochs=max(config.pretrain_epochs, 1), batch_size=config.batch_size, optimizer=config.optimizer, lr=config.lr,
+        momentum=config.momentum, weight_decay=config.weight_decay, lr_schedule=config.lr_schedule,
+        seed=config.seed, progress=config.progress,
+    )
+
+
+def finetune_config(config: RunConfig) -> TrainConfig:
+    lr = config.finetune_lr if config.finetune_lr is not None else config.lr / 5.0
+    base = dataclasses.replace(pretrain_config(config), lr=lr)
+    return dataclasses.replace(base, epochs=config.epochs) if config.method == "gradual" else base
+
+
+def prune_spec(config: RunConfig) -> PruneSpec:
+    return PruneSpec(
+        sparsity=config.sparsity, criterion=config.criterion, granularity=config.granularity,
+        allocation=config.allocation, keep_first=config.keep_first, keep_last=config.keep_last,
+        exclude=tuple(config.exclude), rounds=config.rounds, layer_rates=dict(config.layer_rates),
+        finetune_epochs=config.finetune_epochs, num_updates=config.num_updates, score_batches=config.score_batches,
+    )
+
+
+def run(config: RunConfig) -> dict[str, Any]:
+    """Run ``config`` and write its results folder; returns the ``results.json`` record."""
+    validate(config)
+    out = config.out_dir()
+    ensure_writable_dir(out.parent if str(out.parent) else Path("."))
+    started = time.perf_counter()
+    seed_everything(config.seed)
+    splits = load_dataset(config.dataset, config.data_dir, config.download)
+    model = build_model(config.model, splits.input_shape, splits.num_classes)
+    train_loader, test_loader = make_loaders(splits, config.batch_size, config.seed)
+    example = splits.test[0][0].unsqueeze(0)
+
+    if config.pretrain_epochs > 0:
+        train(model, train_loader, pretrain_config(config), description="dense")
+    dense_metrics = evaluate(model, test_loader)
+    dense_cost = measure_model(model, example)
+
+    criterion = get_criterion(config.criterion)
+    score_data = ScoreData(train_loader, max_batches=config.score_batches) if criterion.needs_data else None
+    method = METHODS.get(config.method)
+    result = method(model, train_loader, test_loader, prune_spec(config), finetune_config(config), score_data=score_data)
+    pruned_metrics = evaluate(model, test_loader)
+    pruned_cost = measure_model(model, example, result.masks)
+    wall = time.perf_counter() - started
+
+    stats = result.masks.stats()
+    record: dict[str, Any] = {
+        "config": config.to_dict(),
+        "config_hash": config.digest(),
+        "environment": environment(),
+        "wall_time_s": wall,
+        "dense": {**dense_metrics, "cost": dense_cost.to_dict()},
+        "pruned": {**pruned_metrics, "cost": pruned_cost.to_dict()},
+        "target_sparsity": config.sparsity,
+        "achieved_sparsity": stats.sparsity,
+        "stages": [{"stage": "dense", "target_sparsity": 0.0, "sparsity": 0.0, **{k: dense_metrics[k] for k in ("accuracy", "error_pct")}}]
+        + result.rows,
+        "mask_updates": result.history,
+        "layers": stats.to_dict()["layers"],
+    }
+    if distributed.is_main_process():
+        write_results(out, record, model, result.masks, splits, config, pruned_cost)
+    return record
+
+
+def write_results(out: Path, record: dict[str, Any], model, masks, splits, config: RunConfig, cost) -> None:
+    """Write the whole folder into a temporary sibling and swap it in (never half-written)."""
+    meta = {"model": config.model, "dataset": config.dataset, "input_shape": list(splits.input_shape),
+            "num_classes": splits.num_classes, "config": config.to_dict()}
+    points = [(row["sparsity"], row["accuracy"]) for row in record["stages"]]
+    with atomic_dir(out) as tmp:
+        save_checkpoint(tmp, model, masks, meta)
+        write_json(tmp / "results.json", record)
+        write_text(tmp / "report.md", render_report(record, model_cost_table(cost)))
+        plot_sparsity_curve(points, tmp / "sparsity_curve.png", f"{config.model} / {config.method} / {config.criterion}",
+                            record["dense"]["accuracy"])

@@ -1,0 +1,177 @@
+"""The sparsifier: score -> structure -> allocate -> mask -> enforce, with a life cycle.
+
+Use it like an optimizer companion in any training loop::
+
+    sparsifier = Sparsifier(model, criterion="magnitude", schedule=Cubic(0.9, num_updates=10, frequency=100))
+    sparsifier.prepare(optimizer)
+    for x, y in loader:
+        loss_fn(model(x), y).backward(); optimizer.step(); optimizer.zero_grad()
+        sparsifier.step()              # updates masks when the schedule says, keeps zeros zero
+    masks = sparsifier.finalize()      # a MaskSet; the model holds real zeros
+
+``step()`` runs after ``optimizer.step()``: it re-zeroes masked weights *and* the
+optimizer state of masked entries (momentum buffers, Adam moments), so masked weights
+stay exactly zero under momentum, weight decay and Adam(W).  Masks are always decided
+from scores averaged over all ranks, so every rank holds the identical mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunelab import distributed
+from prunelab.allocation import Allocation, LayerBudget, allocate, check_sparsity, get_allocation
+from prunelab.criteria import Criterion, ScoreData, get_criterion
+from prunelab.errors import PrunelabError
+from prunelab.masks import MaskSet
+from prunelab.schedules import Schedule
+from prunelab.structure import Granularity, get_granularity
+from prunelab.targets import LayerRules, keep_bounds, prunable_parameters
+
+
+class Sparsifier:
+    """Decides masks for a model's Linear/Conv weights and keeps them enforced.
+
+    Life cycle: ``prepare(optimizer)`` -> ``step()`` after every optimizer step (or
+    ``update(sparsity)`` by hand) -> ``finalize()``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        criterion: str | Criterion = "magnitude",
+        granularity: str | Granularity = "unstructured",
+        allocation: str | Allocation = "global",
+        schedule: Schedule | None = None,
+        rules: LayerRules | None = None,
+        exclude: Sequence[str] = (),
+        data: ScoreData | None = None,
+    ) -> None:
+        self.model = model
+        self.criterion = get_criterion(criterion) if isinstance(criterion, str) else criterion
+        self.granularity = get_granularity(granularity)
+        self.allocation = get_allocation(allocation)
+        self.schedule = schedule
+        self.rules = rules if rules is not None else LayerRules()
+        self.data = data
+        self.params = prunable_parameters(model, exclude)
+        for name, param in self.params.items():
+            self.granularity.check(name, tuple(param.shape))
+        self.bounds = self.rules.bounds(list(self.params))
+        self.masks = MaskSet.ones(self.params)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.step_count = 0
+        self.history: list[dict[str, Any]] = []
+
+    # --- life cycle ------------------------------------------------------------------
+    def prepare(self, optimizer: torch.optim.Optimizer | None = None) -> "Sparsifier":
+        """Attach the optimizer whose state must respect the masks; apply current masks."""
+        self.optimizer = optimizer
+        self.enforce()
+        return self
+
+    def step(self) -> None:
+        """Call after ``optimizer.step()``: update masks if the schedule says so, then enforce."""
+        self.step_count += 1
+        if self.schedule is not None and self.schedule.is_update_step(self.step_count):
+            target = self.schedule.sparsity_at(self.step_count)
+            if target > 0.0:
+                self.update(target)
+        self.enforce()
+
+    def finalize(self) -> MaskSet:
+        """Enforce the masks a last time and return them; the model keeps its real zeros."""
+        self.enforce()
+        self.masks.verify_across_ranks()
+        return self.masks
+
+    # --- mask decisions --------------------------------------------------------------
+    def scores(self, data: ScoreData | None = None) -> dict[str, torch.Tensor]:
+        """Criterion scores, averaged over ranks so every rank decides the same mask."""
+        data = data if data is not None else self.data
+        if self.criterion.needs_data and data is None:
+            raise PrunelabError(
+                f"criterion {self.criterion.name!r} needs data; pass data=ScoreData(loader) or a --dataset"
+            )
+        raw = self.criterion(self.model, self.params, data)
+        return {n: distributed.all_reduce_mean_(s.detach().float().clone()) for n, s in raw.items()}
+
+    @torch.no_grad()
+    def update(self, sparsity: float, data: ScoreData | None = None) -> MaskSet:
+        """Re-decide the masks at ``sparsity`` (pruning is monotone: pruned stays pruned)."""
+        check_sparsity(sparsity)
+        with torch.enable_grad():
+            scores = self.scores(data)
+        if self.granularity.is_pattern:
+            new = self._pattern_masks(scores)
+        else:
+            new = self._allocated_masks(scores, sparsity)
+        self.masks = MaskSet(new).intersect(self.masks)
+        self.enforce()
+        stats = self.masks.stats()
+        self.history.append({"step": self.step_count, "target_sparsity": sparsity, "achieved_sparsity": stats.sparsity})
+        return self.masks
+
+    def _allocated_masks(self, scores: Mapping[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+        layers: list[LayerBudget] = []
+        for name, param in self.params.items():
+            shape = tuple(param.shape)
+            groups = self.granularity.to_groups(scores[name].to(param.device))  # (G, group_size)
+            group_scores = self.criterion.reduce_group(groups).float()  # (G,)
+            alive = self.granularity.to_groups(self.masks[name]).any(dim=1)  # a group is pruned when all of it is
+            group_scores = torch.where(alive, group_scores, torch.full_like(group_scores, float("-inf")))
+            lo_s, hi_s = self.bounds[name]
+            min_keep, max_keep = keep_bounds(group_scores.numel(), lo_s, hi_s)
+            max_keep = min(max_keep, int(alive.sum()))
+            min_keep = min(min_keep, max_keep)
+            layers.append(LayerBudget(name, group_scores, self.granularity.group_size(shape), shape, min_keep, max_keep))
+        keep = allocate(self.allocation, layers, sparsity)
+        return {n: self.granularity.from_groups(keep[n], tuple(p.shape)) for n, p in self.params.items()}
+
+    def _pattern_masks(self, scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        masks = {}
+        for name in self.params:
+            lo_s, hi_s = self.bounds[name]
+            if hi_s < getattr(self.granularity, "sparsity", 1.0):  # a dense / capped layer keeps its mask
+                masks[name] = self.masks[name]
+                continue
+            score = torch.where(self.masks[name], scores[name], torch.full_like(scores[name], float("-inf")))
+            masks[name] = self.granularity.pattern_mask(score)
+        return masks
+
+    def set_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
+        """Adopt externally decided masks (e.g. loaded from a checkpoint)."""
+        missing = set(self.params) - set(masks)
+        if missing:
+            raise PrunelabError(f"masks are missing layers {sorted(missing)}; load masks saved for this model")
+        self.masks = MaskSet({n: masks[n] for n in self.params})
+        self.masks.check_model(self.model)
+        self.enforce()
+
+    # --- enforcement -----------------------------------------------------------------
+    @torch.no_grad()
+    def enforce(self) -> None:
+        """Zero masked weights and the optimizer state of masked entries."""
+        for name, param in self.params.items():
+            mask = self.masks[name].to(param.device)
+            param.mul_(mask)
+            if param.grad is not None:
+                param.grad.mul_(mask)
+            if self.optimizer is not None:
+                for value in self.optimizer.state.get(param, {}).values():
+                    if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                        value.mul_(mask)
+
+    # --- resume ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"step_count": self.step_count, "masks": dict(self.masks), "history": list(self.history)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.step_count = int(state["step_count"])
+        self.history = list(state.get("history", []))
+        self.set_masks(state["masks"])

@@ -1,0 +1,143 @@
+"""Allocation: exact keep counts and selections on hand-made scores, no sparsity drift."""
+
+import math
+
+import pytest
+import torch
+
+from prunelab.allocation import (
+    ALLOCATIONS, LayerBudget, allocate, erk_raw_density, get_allocation, keep_budget, lamp_scores, select_top_k,
+)
+from prunelab.errors import PrunelabError
+
+
+def layer(name, scores, group_size=1, shape=None, min_keep=0, max_keep=None):
+    scores = torch.tensor(scores, dtype=torch.float32)
+    n = scores.numel()
+    return LayerBudget(name, scores, group_size, shape or (n * group_size,), min_keep, n if max_keep is None else max_keep)
+
+
+def test_select_top_k_exact_and_ties_to_lower_index():
+    s = torch.tensor([0.5, 2.0, 1.0, 1.0, 1.0, 3.0])
+    assert select_top_k(s, 3).tolist() == [False, True, True, False, False, True]
+    assert select_top_k(s, 0).sum() == 0 and select_top_k(s, 6).all()
+    assert select_top_k(torch.ones(5), 2).tolist() == [True, True, False, False, False]
+
+
+def test_global_threshold_exact():
+    layers = [layer("a", [1, 2, 3, 4]), layer("b", [0.5, 5, 6])]
+    keep = allocate(get_allocation("global"), layers, sparsity=3 / 7)
+    assert keep["a"].tolist() == [False, False, True, True]
+    assert keep["b"].tolist() == [False, True, True]
+
+
+def test_global_ties_do_not_drift():
+    layers = [layer("a", [1.0] * 10), layer("b", [1.0] * 7)]
+    for s in (0.1, 0.5, 0.9):
+        counts = get_allocation("global").keep_counts(layers, s)
+        assert sum(counts) == keep_budget(layers, s)
+    # boundary budget goes to the first layer first, in index order
+    keep = allocate(get_allocation("global"), layers, 0.5)
+    assert keep["a"].sum() + keep["b"].sum() == round(0.5 * 17)
+
+
+def test_global_with_groups_weighs_group_size():
+    # a: 2 groups of 4 weights, b: 4 groups of 1 weight; 12 weights, keep 6
+    layers = [layer("a", [10, 1], group_size=4), layer("b", [5, 4, 3, 2])]
+    counts = get_allocation("global").keep_counts(layers, 0.5)
+    assert counts == [1, 2]
+
+
+def test_uniform_exact():
+    layers = [layer("a", list(range(10))), layer("b", list(range(20)))]
+    assert get_allocation("uniform").keep_counts(layers, 0.7) == [3, 6]
+    keep = allocate(get_allocation("uniform"), layers, 0.7)
+    assert keep["a"].tolist() == [False] * 7 + [True] * 3
+
+
+def test_uniform_with_dense_layer_rescales_the_rest():
+    layers = [layer("first", [1.0] * 10, min_keep=10), layer("rest", list(range(30)))]
+    counts = get_allocation("uniform").keep_counts(layers, 0.5)
+    assert counts == [10, 10]  # 20 of 40 kept; the dense layer's 10 come out of the others
+
+
+def test_floor_caps_layer_sparsity():
+    layers = [layer("a", [0.0] * 10, min_keep=2), layer("b", list(range(1, 11)))]
+    counts = get_allocation("global").keep_counts(layers, 0.8)
+    assert counts == [2, 2]
+
+
+def test_erk_densities_follow_rigl_formula():
+    # shapes (out, in): ER factor (in + out) / (in * out)
+    assert erk_raw_density((100, 50)) == pytest.approx(150 / 5000)
+    assert erk_raw_density((20, 1, 5, 5)) == pytest.approx(31 / 500)
+    big, small = (300, 784), (10, 100)
+    layers = [
+        LayerBudget("big", torch.rand(300 * 784), 1, big, 0, 300 * 784),
+        LayerBudget("small", torch.rand(10 * 100), 1, small, 0, 1000),
+    ]
+    counts = get_allocation("erk").keep_counts(layers, 0.98)  # no layer hits density 1 here
+    budget = keep_budget(layers, 0.98)
+    assert sum(counts) == budget
+    d_big, d_small = counts[0] / (300 * 784), counts[1] / 1000
+    assert d_small / d_big == pytest.approx(erk_raw_density(small) / erk_raw_density(big), rel=0.01)
+
+
+def test_erk_redistributes_when_density_would_exceed_one():
+    layers = [
+        LayerBudget("tiny", torch.rand(4), 1, (2, 2), 0, 4),
+        LayerBudget("huge", torch.rand(10000), 1, (100, 100), 0, 10000),
+    ]
+    counts = get_allocation("erk").keep_counts(layers, 0.5)
+    assert counts[0] == 4  # its ER density would exceed 1: kept dense
+    assert sum(counts) == keep_budget(layers, 0.5)
+
+
+def test_lamp_scores_exact():
+    # sorted ascending |w|: 1, 2, 3 -> squares 1, 4, 9; suffix sums 14, 13, 9
+    scores = lamp_scores(torch.tensor([3.0, 1.0, 2.0]))
+    assert scores.tolist() == pytest.approx([9 / 9, 1 / 14, 4 / 13])
+
+
+def test_lamp_keeps_the_largest_of_every_layer():
+    layers = [layer("a", [100, 200, 300]), layer("b", [0.1, 0.2])]
+    keep = allocate(get_allocation("lamp"), layers, 0.6)
+    assert keep["a"].tolist() == [False, False, True] and keep["b"].tolist() == [False, True]
+
+
+def test_already_pruned_groups_are_never_selected():
+    layers = [layer("a", [-math.inf, 5.0, 1.0, 2.0], max_keep=3)]
+    for name in ALLOCATIONS.names():
+        keep = allocate(get_allocation(name), layers, 0.5)
+        assert keep["a"].tolist() == [False, True, False, True], name
+
+
+@pytest.mark.parametrize("name", ALLOCATIONS.names())
+@pytest.mark.parametrize("sparsity", [0.0, 0.33, 0.5, 0.9, 0.99])
+def test_achieved_equals_target_up_to_one_group_per_layer(name, sparsity):
+    gen = torch.Generator().manual_seed(1)
+    layers = [
+        LayerBudget("conv", torch.randint(0, 5, (40,), generator=gen).float(), 9, (8, 5, 3, 3), 0, 40),
+        LayerBudget("fc1", torch.randint(0, 5, (300,), generator=gen).float(), 1, (30, 10), 0, 300),
+        LayerBudget("fc2", torch.randint(0, 5, (50,), generator=gen).float(), 1, (5, 10), 0, 50),
+    ]
+    counts = get_allocation(name).keep_counts(layers, sparsity)
+    kept = sum(c * l.group_size for c, l in zip(counts, layers))
+    assert abs(kept - keep_budget(layers, sparsity)) <= max(l.group_size for l in layers)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan")])
+def test_bad_sparsity(bad):
+    with pytest.raises(PrunelabError, match=r"\[0, 1\)"):
+        keep_budget([layer("a", [1.0])], bad)
+
+
+def test_unreachable_target_is_explained():
+    layers = [layer("a", [1.0] * 10, min_keep=10), layer("b", [1.0] * 10)]
+    with pytest.raises(PrunelabError, match="lower the sparsity"):
+        get_allocation("global").keep_counts(layers, 0.9)
+
+
+def test_unknown_allocation_lists_names():
+    with pytest.raises(PrunelabError, match="erk, global, lamp, uniform"):
+        get_allocation("per-layer")

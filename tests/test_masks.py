@@ -1,0 +1,87 @@
+"""MaskSet: apply, stats, save/load, plain state_dicts, shape checks."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from prunelab.errors import PrunelabError
+from prunelab.masks import MaskSet
+
+
+def tiny():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+
+
+def hand_masks():
+    return MaskSet({
+        "0.weight": torch.tensor([[1, 0, 0, 1], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool),
+        "2.weight": torch.tensor([[1, 0, 1], [0, 1, 0]], dtype=torch.bool),
+    })
+
+
+def test_stats_exact():
+    stats = hand_masks().stats()
+    assert [(l.name, l.total, l.kept) for l in stats.layers] == [("0.weight", 12, 6), ("2.weight", 6, 3)]
+    assert stats.total == 18 and stats.kept == 9 and stats.sparsity == 0.5
+    assert stats.layers[0].sparsity == 0.5
+
+
+def test_apply_zeroes_exactly_the_pruned_weights():
+    model, masks = tiny(), hand_masks()
+    before = copy.deepcopy(model.state_dict())
+    masks.apply_(model)
+    for name, mask in masks.items():
+        weight = dict(model.named_parameters())[name]
+        assert torch.all(weight[~mask] == 0)
+        assert torch.equal(weight[mask], before[name][mask])
+    assert torch.equal(model[0].bias, before["0.bias"])  # biases untouched
+
+
+def test_state_dict_stays_plain_and_loads_into_unpruned_model(tmp_path):
+    model, masks = tiny(), hand_masks()
+    masks.apply_(model)
+    state = model.state_dict()
+    assert set(state) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    fresh = tiny()
+    fresh.load_state_dict(state, strict=True)
+    torch.save(state, tmp_path / "m.pt")
+    fresh.load_state_dict(torch.load(tmp_path / "m.pt"), strict=True)
+    assert torch.equal(fresh[0].weight, model[0].weight)
+    copy.deepcopy(model)  # nothing unpicklable attached
+
+
+def test_save_load_roundtrip(tmp_path):
+    masks = hand_masks()
+    path = masks.save(tmp_path / "masks.safetensors")
+    loaded = MaskSet.load(path)
+    assert loaded.equal(masks) and loaded.fingerprint() == masks.fingerprint()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(PrunelabError, match="does not exist"):
+        MaskSet.load(tmp_path / "nope.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00\x01garbage")
+    with pytest.raises(PrunelabError, match="corrupt"):
+        MaskSet.load(bad)
+
+
+def test_shape_mismatch_is_refused():
+    masks = MaskSet({"0.weight": torch.ones(3, 5, dtype=torch.bool)})
+    with pytest.raises(PrunelabError, match=r"shape \(3, 5\) but the parameter has \(3, 4\)"):
+        masks.apply_(tiny())
+    with pytest.raises(PrunelabError, match="names no parameter"):
+        MaskSet({"fc9.weight": torch.ones(1, dtype=torch.bool)}).check_model(tiny())
+
+
+def test_from_model_reads_zeros_and_fingerprint_changes():
+    model, masks = tiny(), hand_masks()
+    masks.apply_(model)
+    read = MaskSet.from_model(model)
+    assert read.equal(masks)
+    flipped = MaskSet({**dict(masks), "2.weight": ~masks["2.weight"]})
+    assert flipped.fingerprint() != masks.fingerprint()

@@ -1,0 +1,44 @@
+"""Schedules are pure functions of the step with the published formulas."""
+
+import pytest
+
+from prunelab.errors import PrunelabError
+from prunelab.schedules import Cubic, Geometric, OneShot, per_round_sparsity
+
+
+def test_cubic_matches_zhu_gupta_formula():
+    sched = Cubic(0.9, initial_sparsity=0.1, start_step=10, num_updates=4, frequency=5)
+    assert sched.update_steps() == [10, 15, 20, 25, 30]
+    assert sched.sparsity_at(9) == 0.0
+    for k, t in enumerate(sched.update_steps()):
+        expected = 0.9 + (0.1 - 0.9) * (1 - k / 4) ** 3
+        assert sched.sparsity_at(t) == pytest.approx(expected)
+    assert sched.sparsity_at(17) == sched.sparsity_at(15)  # holds between updates
+    assert sched.sparsity_at(10_000) == pytest.approx(0.9)
+    assert [t for t in range(40) if sched.is_update_step(t)] == [10, 15, 20, 25, 30]
+
+
+def test_geometric_rounds():
+    sched = Geometric(0.9, rounds=3)
+    p = 1 - 0.1 ** (1 / 3)
+    assert sched.rate == pytest.approx(p)
+    assert sched.sparsity_at(0) == 0.0
+    assert sched.sparsity_at(1) == pytest.approx(p)
+    assert sched.sparsity_at(2) == pytest.approx(1 - (1 - p) ** 2)
+    assert sched.sparsity_at(3) == 0.9
+    assert per_round_sparsity(0.2, 2) == pytest.approx(0.36)
+
+
+def test_oneshot():
+    sched = OneShot(0.5, at_step=3)
+    assert [sched.sparsity_at(t) for t in range(5)] == [0, 0, 0, 0.5, 0.5]
+    assert [sched.is_update_step(t) for t in range(5)] == [False, False, False, True, False]
+
+
+def test_schedule_errors():
+    with pytest.raises(PrunelabError):
+        Cubic(1.2)
+    with pytest.raises(PrunelabError, match="frequency"):
+        Cubic(0.5, frequency=0)
+    with pytest.raises(PrunelabError, match="rounds"):
+        Geometric(0.5, rounds=0)

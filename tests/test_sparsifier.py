@@ -1,0 +1,154 @@
+"""Sparsifier invariants: zeros stay zero through training, targets are met, masks monotone."""
+
+import pytest
+import torch
+from torch import nn
+
+from prunelab import LayerRules, MaskSet, Sparsifier
+from prunelab.errors import PrunelabError
+from prunelab.schedules import Cubic
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def cnn(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 4))
+
+
+def train_steps(model, optimizer, sparsifier, steps=20, shape=(8, 16)):
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(*shape, generator=gen)
+        y = torch.randint(0, 4, (shape[0],), generator=gen)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        sparsifier.step()
+
+
+OPTIMIZERS = {
+    "sgd-momentum-wd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2),
+    "sgd-nesterov": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-2),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+}
+
+
+@pytest.mark.parametrize("opt", OPTIMIZERS)
+def test_masked_weights_and_optimizer_state_stay_zero(opt):
+    model = mlp()
+    optimizer = OPTIMIZERS[opt](model.parameters())
+    sparsifier = Sparsifier(model).prepare(optimizer)
+    train_steps(model, optimizer, sparsifier, steps=5)  # optimizer state exists before pruning
+    masks = sparsifier.update(0.8)
+    train_steps(model, optimizer, sparsifier, steps=25)
+    for name, param in sparsifier.params.items():
+        mask = masks[name]
+        assert torch.all(param[~mask] == 0), name
+        assert torch.count_nonzero(param[mask]) > 0.9 * mask.sum()
+        for value in optimizer.state[param].values():
+            if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                assert torch.all(value[~mask] == 0), (name, opt)
+
+
+def test_achieved_equals_target_unstructured():
+    model = mlp()
+    sparsifier = Sparsifier(model, allocation="global").prepare()
+    for s in (0.3, 0.77, 0.95):
+        masks = sparsifier.update(s)
+        total = masks.stats().total
+        assert masks.stats().kept == round((1 - s) * total)
+
+
+@pytest.mark.parametrize("granularity", ["channel", "kernel", "vector"])
+def test_structured_masks_are_whole_groups(granularity):
+    model = cnn()
+    sparsifier = Sparsifier(model, criterion="l1", granularity=granularity, allocation="uniform").prepare()
+    masks = sparsifier.update(0.5)
+    for name, param in sparsifier.params.items():
+        groups = sparsifier.granularity.to_groups(masks[name])
+        assert torch.equal(groups.all(1), groups.any(1)), name  # each group all-kept or all-pruned
+    group_size = max(sparsifier.granularity.group_size(tuple(p.shape)) for p in sparsifier.params.values())
+    assert abs(masks.stats().kept - 0.5 * masks.stats().total) <= 3 * group_size
+
+
+def test_channel_mask_prunes_output_rows_of_linear():
+    model = mlp()
+    with torch.no_grad():
+        model[0].weight[:5] *= 0.001  # five tiny neurons
+    sparsifier = Sparsifier(model, criterion="l2", granularity="neuron", allocation="uniform").prepare()
+    masks = sparsifier.update(5 / 32 + 1e-9)
+    assert masks["0.weight"].all(1).tolist() == [False] * 5 + [True] * 27
+
+
+def test_nm_pattern_through_sparsifier():
+    model = mlp()
+    sparsifier = Sparsifier(model, granularity="2:4", rules=LayerRules(keep_last="dense")).prepare()
+    masks = sparsifier.update(0.5)
+    assert masks["0.weight"].reshape(-1, 4).sum(1).eq(2).all()
+    assert masks["4.weight"].all()
+
+
+def test_keep_first_dense_and_global_target():
+    model = mlp()
+    sparsifier = Sparsifier(model, rules=LayerRules(keep_first="dense")).prepare()
+    masks = sparsifier.update(0.5)
+    assert masks["0.weight"].all()
+    assert masks.stats().kept == round(0.5 * masks.stats().total)
+
+
+def test_pruning_is_monotone():
+    model = mlp()
+    sparsifier = Sparsifier(model, criterion="random").prepare()
+    first = sparsifier.update(0.5)
+    second = sparsifier.update(0.8)
+    for name in first:
+        assert not (second[name] & ~first[name]).any()
+
+
+def test_gradual_schedule_drives_updates():
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    schedule = Cubic(0.9, num_updates=4, frequency=5, start_step=1)
+    sparsifier = Sparsifier(model, schedule=schedule).prepare(optimizer)
+    train_steps(model, optimizer, sparsifier, steps=30)
+    assert [h["step"] for h in sparsifier.history] == [6, 11, 16, 21]
+    assert sparsifier.masks.stats().sparsity == pytest.approx(0.9, abs=1e-3)
+    assert [round(h["target_sparsity"], 4) for h in sparsifier.history] == [
+        round(schedule.sparsity_at(t), 4) for t in (6, 11, 16, 21)
+    ]
+
+
+def test_finalize_returns_masks_matching_model_zeros():
+    model = mlp()
+    sparsifier = Sparsifier(model).prepare()
+    sparsifier.update(0.6)
+    masks = sparsifier.finalize()
+    assert MaskSet.from_model(model, list(masks)).equal(masks)
+
+
+def test_state_dict_resume():
+    model = mlp()
+    sparsifier = Sparsifier(model, criterion="random").prepare()
+    sparsifier.update(0.7)
+    state = sparsifier.state_dict()
+    other = Sparsifier(mlp(seed=3)).prepare()
+    other.load_state_dict(state)
+    assert other.masks.equal(sparsifier.masks) and other.step_count == sparsifier.step_count
+
+
+def test_bad_inputs():
+    with pytest.raises(PrunelabError, match="does not divide"):
+        Sparsifier(nn.Sequential(nn.Linear(6, 8)), granularity="2:4")
+    with pytest.raises(PrunelabError, match=r"\[0, 1\)"):
+        Sparsifier(mlp()).prepare().update(1.0)
+    with pytest.raises(PrunelabError, match="valid names"):
+        Sparsifier(mlp(), criterion="magnitud")
+    with pytest.raises(PrunelabError, match="needs data"):
+        Sparsifier(mlp(), criterion="taylor").prepare().update(0.5)
+    with pytest.raises(PrunelabError, match="no Linear or Conv"):
+        Sparsifier(nn.Sequential(nn.ReLU()))
