@@ -1,0 +1,122 @@
+"""Regenerate the README's generated sections from real runs and benchmark records.
+
+    python scripts/update_readme.py            # API example + CLI outputs + benchmark tables
+    python scripts/update_readme.py --bench    # only the benchmark tables (from benchmarks/results/*.json)
+
+Sections live between ``<!-- readme:NAME -->`` and ``<!-- /readme:NAME -->`` markers.
+Every output shown is captured from the command as run here, never typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "src"))
+
+
+def run(cmd: list[str], cwd: Path | None = None, check: bool = True) -> str:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(cmd, cwd=cwd or ROOT, capture_output=True, text=True, env=env)
+    if check and done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr}")
+    return (done.stdout + done.stderr).rstrip()
+
+
+def replace_section(text: str, name: str, body: str) -> str:
+    pattern = re.compile(rf"(<!-- readme:{name} -->\n).*?(<!-- /readme:{name} -->)", re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"README has no readme:{name} markers")
+    return pattern.sub(lambda m: m.group(1) + body.rstrip() + "\n" + m.group(2), text)
+
+
+def block(command: str, output: str) -> str:
+    return f"```console\n$ {command}\n{output}\n```\n"
+
+
+def api_section() -> str:
+    source = (ROOT / "examples" / "custom_model.py").read_text()
+    with tempfile.TemporaryDirectory() as tmp:
+        output = run([sys.executable, str(ROOT / "examples" / "custom_model.py")], cwd=Path(tmp))
+    return ("## Python API: your model, your training loop\n\n"
+            "`examples/custom_model.py` prunes a small CNN that is not in the zoo, inside a plain PyTorch loop:\n\n"
+            f"```python\n{source}```\n\nIts output:\n\n```text\n{output}\n```\n")
+
+
+def cli_section() -> str:
+    exe = [sys.executable, "-m", "prunelab.cli"]
+    parts = ["## Command line\n"]
+    parts.append("### `prunelab list`\n\nEvery registered criterion, granularity, allocation, method, schedule, model and dataset:\n")
+    parts.append(block("prunelab list", run(exe + ["list"])))
+    with tempfile.TemporaryDirectory() as tmp:
+        demo_out = Path(tmp) / "demo"
+        parts.append("### `prunelab demo`\n\nThe main job on the embedded digits data (progress bars go to the terminal "
+                     "and are left out here). Writes `results.json`, `report.md`, `sparsity_curve.png` and a checkpoint.\n")
+        output = run(exe + ["demo", "--no-progress", "--out", str(demo_out)])
+        parts.append(block("prunelab demo --out runs/demo", output.replace(str(demo_out), "runs/demo")))
+        parts.append("### `prunelab inspect`\n\nPer-layer sparsity of a saved checkpoint (model + masks):\n")
+        parts.append(block("prunelab inspect runs/demo", run(exe + ["inspect", str(demo_out)]).replace(str(demo_out), "runs/demo")))
+        prune_args = ["prune", "--model", "lenet5", "--dataset", "mnist", "--method", "oneshot", "--criterion", "l1",
+                      "--granularity", "channel", "--allocation", "uniform", "--sparsity", "0.5", "--pretrain-epochs", "1",
+                      "--finetune-epochs", "1", "--lr", "0.02", "--keep-last", "dense", "--no-progress"]
+        data = ROOT.parent / "shared" / "data"
+        if (data / "mnist").is_dir() or os.environ.get("PRUNELAB_DATA"):
+            run_dir = Path(tmp) / "lenet5"
+            extra = ["--data-dir", os.environ.get("PRUNELAB_DATA", str(data / "mnist"))]
+            output = run(exe + prune_args + extra + ["--out", str(run_dir)])
+            parts.append("### `prunelab prune`\n\nAny zoo model, dataset, criterion, granularity, allocation and method; "
+                         "`--config run.yaml` takes the same keys (flags override it). Channel pruning of LeNet-5 on MNIST:\n")
+            shown = " ".join(prune_args + ["--data-dir", "../shared/data/mnist", "--out", "runs/lenet5"])
+            parts.append(block(f"prunelab {shown}", output.replace(str(run_dir), "runs/lenet5")))
+        parts.append("### Bad input\n\nOne line on stderr, exit status 2, nothing written:\n")
+        bad = exe + ["prune", "--granularity", "2:3", "--model", "digits_mlp", "--out", str(Path(tmp) / "bad")]
+        output = run(bad, check=False)
+        parts.append(block("prunelab prune --granularity 2:3 --model digits_mlp; echo \"exit $?\"",
+                           output + f"\nexit {subprocess.run(bad, capture_output=True).returncode}"))
+    return "\n".join(parts)
+
+
+def bench_section() -> str:
+    from prunelab.bench.records import rows_table, targets_table
+
+    parts = ["## Benchmarks\n", "Each script in `benchmarks/` runs with no arguments on the offline data, prints a "
+             "table and writes a JSON record to `benchmarks/results/`; the tables below are rendered from those records.\n"]
+    for path in sorted(RESULTS.glob("*.json")):
+        record = json.loads(path.read_text())
+        env = record["environment"]
+        parts.append(f"### `benchmarks/{record['benchmark']}.py`\n")
+        parts.append(f"torch {env['torch']}, {env['threads']} threads, {env['cpu']}, {env['date']}; seeds {record['seeds']}"
+                     f"{' (quick run)' if record['config'].get('quick') else ''}.\n")
+        rows = record["rows"] + record.get("reference_rows", [])
+        columns = [tuple(c) for c in record.get("columns", [])] or [(k, k) for k in rows[0]]
+        parts.append(rows_table(rows, columns) + "\n")
+        if record.get("notes"):
+            parts.append(record["notes"] + "\n")
+        parts.append(targets_table(record["targets"]) + "\n")
+    return "\n".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bench", action="store_true", help="only refresh the benchmark tables")
+    args = parser.parse_args()
+    text = README.read_text()
+    if not args.bench:
+        text = replace_section(text, "api", api_section())
+        text = replace_section(text, "cli", cli_section())
+    text = replace_section(text, "bench", bench_section())
+    README.write_text(text)
+    print(f"updated {README}")
+
+
+if __name__ == "__main__":
+    main()

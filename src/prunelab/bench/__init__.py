@@ -1,0 +1,1 @@
+"""Benchmark building blocks: datasets, model zoo, training loop, records."""

@@ -1,0 +1,74 @@
+"""Benchmark records: one JSON convention for every script in ``benchmarks/``.
+
+    {"benchmark": ..., "config": {...}, "seeds": [...], "environment": {...},
+     "rows": [{flat numbers, units in the key}], "targets": [{"name", "value", "target", "met"}]}
+
+The README's benchmark tables are rendered from these records (``scripts/update_readme.py``),
+never typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prunelab.io import write_json
+from prunelab.measure.tables import markdown_table
+
+RESULTS_DIR = Path(__file__).resolve().parents[3] / "benchmarks" / "results"
+
+
+def benchmark_environment() -> dict[str, Any]:
+    return {
+        "torch": torch.__version__.split("+")[0],
+        "threads": torch.get_num_threads(),
+        "cpu": _cpu_name(),
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def target(name: str, value: float, target_text: str, met: bool) -> dict[str, Any]:
+    return {"name": name, "value": value, "target": target_text, "met": bool(met)}
+
+
+def benchmark_args(description: str) -> argparse.ArgumentParser:
+    """The flags every benchmark accepts: ``--out DIR`` and ``--quick``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", default=None, help="folder for the JSON record (default: benchmarks/results)")
+    parser.add_argument("--quick", action="store_true", help="a much shorter run to check the script works")
+    parser.add_argument("--data-dir", default=None, help="MNIST folder (default: $PRUNELAB_DATA or ../shared/data)")
+    return parser
+
+
+def write_record(name: str, record: Mapping[str, Any], out: str | os.PathLike | None) -> Path:
+    folder = Path(out) if out else RESULTS_DIR
+    path = folder / f"{name}.json"
+    write_json(path, {"benchmark": name, **record})
+    return path
+
+
+def rows_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
+    return markdown_table(rows, columns)
+
+
+def targets_table(targets: Sequence[Mapping[str, Any]]) -> str:
+    rows = [{**t, "met": "yes" if t["met"] else "NO"} for t in targets]
+    return markdown_table(rows, (("name", "target"), ("target", "wanted"), ("value", "measured"), ("met", "met")))

@@ -1,0 +1,236 @@
+"""The training engine: a plain supervised loop that pruning plugs into via ``after_step``.
+
+No pruning logic lives here.  A sparsifier (or any other hook) runs in
+``after_step(global_step)``, which :func:`train` calls *after* ``optimizer.step()`` and
+``scheduler.step()`` of every batch -- the place where masked weights must be re-zeroed
+(Han et al. 2015 retrain with the pruned connections held at zero).
+
+Under ``torch.distributed`` the model is wrapped in ``DistributedDataParallel`` for the
+forward/backward only; the caller keeps (and hooks operate on) the same underlying
+module, whose parameters DDP keeps identical on every rank.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from prunelab import distributed
+from prunelab.errors import PrunelabError
+
+__all__ = ["OPTIMIZERS", "LR_SCHEDULES", "TrainConfig", "evaluate", "make_lr_scheduler", "make_optimizer",
+           "seed_everything", "train"]
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+LR_SCHEDULES = ("constant", "cosine", "step")
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train: optimizer, learning-rate schedule, epochs, seed.
+
+    ``lr_schedule``: ``constant``; ``cosine`` (Loshchilov & Hutter 2017, SGDR, without
+    restarts) decays per step to 0 over ``epochs * steps_per_epoch``; ``step`` multiplies
+    the rate by ``gamma`` every ``step_epochs`` epochs.  ``epochs=0`` is allowed and
+    trains nothing (e.g. no retraining between pruning rounds).
+    """
+
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    lr_schedule: str = "cosine"
+    step_epochs: int = 30
+    gamma: float = 0.1
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise PrunelabError(f"unknown optimizer {self.optimizer!r}; valid names: {', '.join(OPTIMIZERS)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise PrunelabError(f"unknown lr_schedule {self.lr_schedule!r}; valid names: {', '.join(LR_SCHEDULES)}")
+        for name, minimum in (("epochs", 0), ("batch_size", 1), ("step_epochs", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise PrunelabError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise PrunelabError(f"lr must be a positive number, got {self.lr!r}; try e.g. --lr 0.05")
+        if not 0.0 <= self.momentum < 1.0:
+            raise PrunelabError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise PrunelabError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not 0.0 < self.gamma <= 1.0:
+            raise PrunelabError(f"gamma must be in (0, 1], got {self.gamma!r}")
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            raise PrunelabError(
+                f"nesterov=True needs optimizer 'sgd' with momentum > 0, got optimizer {self.optimizer!r} and "
+                f"momentum {self.momentum}; drop nesterov or set a momentum"
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise PrunelabError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's global generator and torch (CPU and CUDA)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise PrunelabError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer ``cfg`` names: SGD (momentum, Nesterov), Adam or AdamW (Loshchilov & Hutter 2019)."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.nesterov)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+class _LRFactor:
+    """Per-step learning-rate multiplier (a picklable callable, unlike a lambda)."""
+
+    def __init__(self, schedule: str, total_steps: int, step_every: int, gamma: float) -> None:
+        self.schedule, self.total_steps, self.step_every, self.gamma = schedule, total_steps, step_every, gamma
+
+    def __call__(self, step: int) -> float:
+        if self.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(step, self.total_steps) / self.total_steps))
+        if self.schedule == "step":
+            return self.gamma ** (step // self.step_every)
+        return 1.0
+
+
+def make_lr_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A scheduler to ``step()`` after every optimizer step, following ``cfg.lr_schedule``."""
+    if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
+        raise PrunelabError(f"steps_per_epoch must be a positive integer, got {steps_per_epoch!r}; is the loader empty?")
+    factor = _LRFactor(cfg.lr_schedule, max(cfg.epochs * steps_per_epoch, 1), cfg.step_epochs * steps_per_epoch,
+                       cfg.gamma)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def train(
+    model: nn.Module,
+    train_loader: DataLoader,
+    cfg: TrainConfig,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    after_step: Callable[[int], None] | None = None,
+    after_epoch: Callable[[int], None] | None = None,
+    loss_fn: LossFn = F.cross_entropy,
+    description: str = "train",
+) -> dict[str, Any]:
+    """Train ``model`` for ``cfg.epochs`` epochs over ``train_loader``.
+
+    Per batch: ``zero_grad`` -> forward -> loss -> backward -> ``optimizer.step()`` ->
+    ``scheduler.step()`` -> ``after_step(global_step)``, where ``global_step`` counts the
+    optimizer steps taken by this call (1, 2, ...).  ``after_epoch(epoch)`` receives the
+    number of completed epochs (1, 2, ...).  Without ``optimizer`` one is made from
+    ``cfg``; without ``scheduler`` one is made from ``cfg`` for the optimizer in use.
+    The model's train/eval mode is restored afterwards.
+
+    Returns ``{"steps", "epochs", "final_loss"}`` (``final_loss``: the last batch's loss
+    on this rank, NaN if no step ran).
+    """
+    steps_per_epoch = len(train_loader)
+    if cfg.epochs > 0 and steps_per_epoch == 0:
+        raise PrunelabError("the training loader yields no batches; check the dataset and --batch-size")
+    if optimizer is None:
+        optimizer = make_optimizer(model.parameters(), cfg)
+    if scheduler is None and cfg.epochs > 0:
+        scheduler = make_lr_scheduler(optimizer, cfg, steps_per_epoch)
+    device = _device_of(model)
+    net: nn.Module = model
+    if distributed.is_distributed():
+        device_ids = [device.index] if device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    sampler = getattr(train_loader, "sampler", None)
+    was_training = model.training
+    model.train()
+    step, loss_value = 0, float("nan")
+    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=description, leave=False,
+               disable=not cfg.progress or not distributed.is_main_process())
+    try:
+        for epoch in range(cfg.epochs):
+            if isinstance(sampler, DistributedSampler):
+                sampler.set_epoch(epoch)
+            for inputs, targets in train_loader:
+                inputs = inputs.to(device, non_blocking=True)
+                targets = targets.to(device, non_blocking=True)
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(net(inputs), targets)
+                loss.backward()
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                step += 1
+                if after_step is not None:
+                    after_step(step)
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise PrunelabError(
+                        f"training loss became {loss_value} at step {step} ({description}); lower the learning "
+                        f"rate (--lr, now {optimizer.param_groups[0]['lr']:.3g}) or check the data"
+                    )
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+            if after_epoch is not None:
+                after_epoch(epoch + 1)
+    finally:
+        bar.close()
+        model.train(was_training)
+    return {"steps": step, "epochs": cfg.epochs, "final_loss": loss_value}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, loss_fn: LossFn = F.cross_entropy) -> dict[str, float | int]:
+    """Top-1 ``accuracy`` (fraction), ``error_pct``, mean ``loss`` and sample count ``n``.
+
+    Runs in eval mode under ``torch.no_grad`` and restores the model's previous mode.
+    ``loss_fn`` must accept ``reduction="sum"``.
+    """
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
+    correct, total, loss_sum = 0, 0, 0.0
+    try:
+        for inputs, targets in loader:
+            inputs, targets = inputs.to(device), targets.to(device)
+            logits = model(inputs)  # (B, num_classes)
+            loss_sum += float(loss_fn(logits, targets, reduction="sum"))
+            correct += int((logits.argmax(dim=1) == targets).sum())
+            total += targets.numel()
+    finally:
+        model.train(was_training)
+    if total == 0:
+        raise PrunelabError("the evaluation loader yields no samples; check the dataset split")
+    return {"accuracy": correct / total, "error_pct": 100.0 * (total - correct) / total, "loss": loss_sum / total,
+            "n": total}

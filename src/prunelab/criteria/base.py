@@ -1,0 +1,185 @@
+"""The criterion contract: ``Criterion(model, params, data) -> {FQN: score}``.
+
+A criterion is the *score* step of the pipeline (DESIGN.md): it maps each parameter in
+``params`` to a float32 importance tensor of the same shape (higher = keep).  It is pure:
+parameters, their ``.grad``, buffers and the train/eval flags of every module are the
+same after the call as before.  Data-driven criteria therefore
+
+* compute gradients with :func:`torch.autograd.grad` / :mod:`torch.func` on detached
+  leaf aliases of the parameters (``torch.func.functional_call``), never ``.backward()``,
+  so ``.grad`` is never written and frozen (``requires_grad=False``) weights can be scored;
+* run the model in **eval mode** (dropout off, batch norm on running statistics, so no
+  buffer is updated and the scores are deterministic for given data -- the same on every
+  rank, DESIGN.md decision 3), restoring every module's own ``training`` flag afterwards.
+
+Groups: :meth:`Criterion.reduce_group` turns a ``(..., group_size)`` tensor of element
+scores into one score per group (default: the sum), e.g. ``l2`` uses ``sqrt(sum)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from prunelab.errors import PrunelabError
+
+
+@dataclass
+class ScoreData:
+    """What a data-driven criterion scores on.
+
+    ``batches``: an iterable of ``(inputs, targets)`` pairs, e.g. a ``DataLoader``; it is
+    iterated once per criterion call, so pass a re-iterable object (not a generator) when
+    scoring more than once.  ``loss_fn(outputs, targets)`` must return a scalar (a mean
+    over the batch).  ``max_batches``: stop after this many batches (``None``: all).
+    """
+
+    batches: Iterable[tuple[Tensor, Tensor]]
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy
+    max_batches: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_batches is not None and (
+            isinstance(self.max_batches, bool) or not isinstance(self.max_batches, int) or self.max_batches < 1
+        ):
+            raise PrunelabError(
+                f"ScoreData got max_batches={self.max_batches!r}; expected a positive int or None (all batches)"
+            )
+
+
+class Criterion:
+    """Base class: subclasses set ``name``/``needs_data`` and implement :meth:`score`.
+
+    ``__call__`` checks the inputs, keeps the model's modes intact and normalises the
+    result (detached float32 tensors with the parameters' shapes and devices).
+    """
+
+    name: ClassVar[str] = ""
+    needs_data: ClassVar[bool] = False
+
+    def __call__(
+        self, model: nn.Module, params: Mapping[str, nn.Parameter], data: ScoreData | None = None
+    ) -> dict[str, Tensor]:
+        if self.needs_data and data is None:
+            raise PrunelabError(
+                f"criterion {self.name!r} needs data: pass data=ScoreData(loader) in Python or --dataset on the CLI"
+            )
+        if data is not None and not isinstance(data, ScoreData):
+            raise PrunelabError(
+                f"criterion {self.name!r} got data of type {type(data).__name__}; expected ScoreData(loader, ...)"
+            )
+        if not params:
+            return {}
+        if self.needs_data:
+            with _eval_mode(model), torch.enable_grad():
+                raw = self.score(model, params, data)
+        else:
+            with torch.no_grad():
+                raw = self.score(model, params, data)
+        out: dict[str, Tensor] = {}
+        for name, param in params.items():
+            score = raw[name].detach().to(device=param.device, dtype=torch.float32)
+            if score.shape != param.shape:  # a bug in the criterion, not a user error
+                raise RuntimeError(f"{self.name}: score of {name} has shape {tuple(score.shape)}, not {tuple(param.shape)}")
+            out[name] = score
+        return out
+
+    def score(self, model: nn.Module, params: Mapping[str, nn.Parameter], data: ScoreData | None) -> dict[str, Tensor]:
+        """Element scores, one tensor per FQN in ``params`` (higher = keep)."""
+        raise NotImplementedError
+
+    def reduce_group(self, scores: Tensor) -> Tensor:
+        """``(..., group_size)`` element scores -> ``(...)`` group scores: the sum."""
+        return scores.sum(-1)
+
+
+class _eval_mode:
+    """Put ``model`` in eval mode; restore every module's own ``training`` flag on exit."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.flags: list[tuple[nn.Module, bool]] = []
+
+    def __enter__(self) -> None:
+        self.flags = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        for module, flag in self.flags:
+            module.training = flag
+
+
+class FunctionalModel:
+    """Call ``model`` with some parameters replaced, without touching the parameters.
+
+    Resolves the FQNs in ``params`` against the model (unwrapping a
+    ``DistributedDataParallel`` wrapper, whose FQNs start with ``module.``, so no DDP
+    reducer hook expects a backward that never comes).
+    """
+
+    def __init__(self, model: nn.Module, params: Mapping[str, nn.Parameter]) -> None:
+        prefix = ""
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model, prefix = model.module, "module."
+        own = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+        self.module = model
+        self.local: dict[str, str] = {}  # FQN as given -> FQN inside self.module
+        for name in params:
+            local = name[len(prefix):] if prefix and name.startswith(prefix) else name
+            if local not in own:
+                raise PrunelabError(
+                    f"parameter {name!r} is not in the model; pass FQNs from model.named_parameters()"
+                )
+            self.local[name] = local
+        first = next(iter(params.values()))
+        self.device = first.device
+
+    def __call__(self, tensors: Mapping[str, Tensor], inputs: Tensor) -> Tensor:
+        """Forward ``inputs`` with ``tensors`` (keyed by the given FQNs) in place of the parameters."""
+        replaced = {self.local[name]: t for name, t in tensors.items()}
+        return torch.func.functional_call(self.module, replaced, (inputs,))
+
+
+def iter_batches(data: ScoreData, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(inputs, targets)`` pairs on ``device``, at most ``data.max_batches`` of them; errors if none."""
+    count = 0
+    for batch in data.batches:
+        if data.max_batches is not None and count >= data.max_batches:
+            break
+        try:
+            inputs, targets = batch
+        except (TypeError, ValueError):
+            raise PrunelabError(
+                f"ScoreData batch {count} is a {type(batch).__name__}, not an (inputs, targets) pair; "
+                "yield (x, y) from the loader"
+            ) from None
+        count += 1
+        yield _to(inputs, device), _to(targets, device)
+    if count == 0:
+        raise PrunelabError("ScoreData yielded no batches; pass a non-empty loader")
+
+
+def _to(value: Tensor, device: torch.device) -> Tensor:
+    return value.to(device) if isinstance(value, Tensor) else value
+
+
+def batch_loss(data: ScoreData, outputs: Tensor, targets: Tensor) -> Tensor:
+    """``data.loss_fn(outputs, targets)``, checked to be a scalar."""
+    loss = data.loss_fn(outputs, targets)
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise PrunelabError(
+            f"ScoreData.loss_fn returned {shape}; expected a scalar tensor (use reduction='mean')"
+        )
+    return loss
+
+
+def leaves(params: Mapping[str, nn.Parameter]) -> dict[str, Tensor]:
+    """Detached aliases of ``params`` (no copy) that require grad: gradient targets that
+    leave the parameters' ``.grad`` and ``requires_grad`` untouched."""
+    return {name: p.detach().requires_grad_(True) for name, p in params.items()}

@@ -1,0 +1,12 @@
+"""Measure what a (masked) model costs: parameters, nonzeros, MACs/FLOPs, storage bytes, and tables of them.
+
+``measure_model(model, example_input, masks)`` runs one forward pass with hooks on every
+Linear/Conv layer and returns a per-sample :class:`ModelCost`; ``model_cost_table`` and
+``markdown_table`` turn costs and records into GitHub markdown.
+"""
+
+from prunelab.measure.counting import LayerCost, ModelCost, format_bytes, measure_model
+from prunelab.measure.tables import format_float, markdown_table, model_cost_table
+
+__all__ = ["LayerCost", "ModelCost", "format_bytes", "format_float", "markdown_table", "measure_model",
+           "model_cost_table"]

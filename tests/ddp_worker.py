@@ -1,0 +1,57 @@
+"""Worker for tests/test_distributed.py: one rank of a 2-process gloo DDP run.
+
+Each rank sees a different shard of the data, scores the model with a data-driven
+criterion (taylor), prunes, trains several DDP steps and writes what it holds to
+``<out>/rank<r>.json`` so the test can compare ranks.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from prunelab import distributed
+from prunelab.bench.datasets import load_dataset, make_loaders
+from prunelab.bench.training import TrainConfig, make_optimizer, seed_everything, train
+from prunelab.criteria import ScoreData, get_criterion
+from prunelab.sparsifier import Sparsifier
+
+
+def main(out: Path) -> None:
+    assert distributed.init_from_env(), "run me under torchrun"
+    rank = distributed.rank()
+    seed_everything(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    splits = load_dataset("digits")
+    train_loader, _ = make_loaders(splits, batch_size=32, seed=0)  # DistributedSampler: a shard per rank
+    data = ScoreData(train_loader, max_batches=3)
+
+    local = get_criterion("taylor")(model, dict(model.named_parameters()), data)
+    local_fp = float(sum(s.double().sum() for s in local.values()))
+
+    config = TrainConfig(epochs=1, batch_size=32, lr=0.05, progress=False)
+    optimizer = make_optimizer(model.parameters(), config)
+    sparsifier = Sparsifier(model, criterion="taylor", data=data).prepare(optimizer)
+    sparsifier.update(0.75)
+    train(model, train_loader, config, optimizer=optimizer, after_step=lambda _s: sparsifier.step())
+    masks = sparsifier.finalize()
+    zeros_held = all(bool(torch.all(p[~masks[n]] == 0)) for n, p in sparsifier.params.items())
+    record = {
+        "rank": rank,
+        "world_size": distributed.world_size(),
+        "local_score_sum": local_fp,
+        "mask_fingerprint": masks.fingerprint(),
+        "sparsity": masks.stats().sparsity,
+        "zeros_held": zeros_held,
+        "steps": sparsifier.step_count,
+        "weight_sum": float(sum(p.double().sum() for p in model.parameters())),
+    }
+    (out / f"rank{rank}.json").write_text(json.dumps(record))
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,161 @@
+"""The prunelab CLI: list, prune (+ --config), inspect, and every bad input -> one line, exit 2."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from prunelab.cli import main
+
+FAST = ["--model", "digits_mlp", "--dataset", "digits", "--pretrain-epochs", "3", "--finetune-epochs", "1",
+        "--rounds", "2", "--no-progress"]
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_list_shows_every_registered_name(capsys):
+    from prunelab.allocation import ALLOCATIONS
+    from prunelab.bench.datasets import DATASETS
+    from prunelab.bench.models import MODELS
+    from prunelab.criteria import CRITERIA
+    from prunelab.methods import METHODS
+    from prunelab.structure import GRANULARITIES
+
+    code, out, _ = run_cli(capsys, "list")
+    assert code == 0
+    for registry in (CRITERIA, GRANULARITIES, ALLOCATIONS, METHODS, MODELS, DATASETS):
+        for entry in registry.entries():
+            assert f"  {entry.name} " in out and entry.description in out
+    for name in ("magnitude", "taylor", "obd", "nm", "erk", "lamp", "iterative", "gradual", "lenet300", "mnist"):
+        assert name in out
+
+
+@pytest.fixture(scope="module")
+def pruned_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "digits"
+    assert main(["prune", *FAST, "--sparsity", "0.8", "--out", str(out)]) == 0
+    return out
+
+
+def test_prune_writes_complete_results(pruned_run):
+    names = {p.name for p in pruned_run.iterdir()}
+    assert {"results.json", "report.md", "sparsity_curve.png", "model.safetensors", "masks.safetensors",
+            "checkpoint.json"} <= names
+    record = json.loads((pruned_run / "results.json").read_text())
+    assert record["achieved_sparsity"] == pytest.approx(0.8, abs=1e-4)
+    assert [row["stage"] for row in record["stages"]] == ["dense", "round 1", "round 2"]
+    assert record["pruned"]["cost"]["nonzeros"] < record["dense"]["cost"]["nonzeros"]
+    assert (pruned_run / "sparsity_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Dense vs pruned" in (pruned_run / "report.md").read_text()
+
+
+def test_checkpoint_state_dict_loads_into_unpruned_model(pruned_run):
+    from prunelab.bench.models import build_model
+
+    state = load_file(str(pruned_run / "model.safetensors"))
+    fresh = build_model("digits_mlp", (1, 8, 8), 10)
+    fresh.load_state_dict(state, strict=True)
+    masks = load_file(str(pruned_run / "masks.safetensors"))
+    for name, mask in masks.items():
+        assert torch.all(state[name][~mask] == 0)
+
+
+def test_inspect_prints_layer_table(capsys, pruned_run):
+    code, out, _ = run_cli(capsys, "inspect", str(pruned_run))
+    assert code == 0
+    assert "| total" in out and "fc1.weight" in out
+    record = json.loads((pruned_run / "results.json").read_text())
+    assert f"{100 * record['achieved_sparsity']:.2f}" in out
+
+
+def test_yaml_config_equals_flags(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("model: digits_mlp\ndataset: digits\nmethod: oneshot\nsparsity: 0.5\npretrain_epochs: 2\n"
+                      "finetune_epochs: 0\nprogress: false\ncriterion: l2\ngranularity: neuron\nallocation: uniform\n")
+    code, out, err = run_cli(capsys, "prune", "--config", str(config), "--out", str(tmp_path / "a"))
+    assert code == 0, err
+    record = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert record["config"]["granularity"] == "neuron" and record["config"]["method"] == "oneshot"
+    assert record["achieved_sparsity"] == pytest.approx(0.5, abs=0.02)
+
+
+def _corrupt_mnist(tmp_path):
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz"):
+        (folder / name).write_bytes(b"not really mnist")
+    return folder
+
+
+BAD = {
+    "sparsity": (["--sparsity", "1.5"], r"\[0, 1\)"),
+    "nm-not-dividing": (["--granularity", "3:5"], "does not divide"),
+    "nm-n-ge-m": (["--granularity", "4:4"], "N < M"),
+    "unknown-criterion": (["--criterion", "magnitud"], "valid names: "),
+    "unknown-model": (["--model", "resnet9000"], "valid names: "),
+    "missing-data": (["--dataset", "mnist", "--data-dir", "/nonexistent/prunelab"], "PRUNELAB_DATA|--data-dir|download"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_prune_input_is_one_line_exit_2(case, capsys, tmp_path):
+    extra, pattern = BAD[case]
+    out_dir = tmp_path / "out"
+    code, _, err = run_cli(capsys, "prune", *FAST, *extra, "--out", str(out_dir))
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    import re
+    assert re.search(pattern, lines[0]), lines[0]
+    assert not out_dir.exists()
+
+
+def test_corrupt_data_file(capsys, tmp_path):
+    folder = _corrupt_mnist(tmp_path)
+    code, _, err = run_cli(capsys, "prune", *FAST, "--dataset", "mnist", "--data-dir", str(folder), "--out",
+                           str(tmp_path / "o"))
+    assert code == 2 and "sha256" in err and len(err.strip().splitlines()) == 1
+
+
+def test_unwritable_output(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = run_cli(capsys, "prune", *FAST, "--out", str(blocker / "sub" / "out"))
+    assert code == 2 and "output directory" in err
+
+
+def test_checkpoint_masks_not_matching_model(capsys, tmp_path, pruned_run):
+    import shutil
+
+    broken = tmp_path / "ckpt"
+    shutil.copytree(pruned_run, broken)
+    masks = load_file(str(broken / "masks.safetensors"))
+    first = next(iter(masks))
+    masks[first] = torch.ones(3, 3, dtype=torch.bool)
+    save_file(masks, str(broken / "masks.safetensors"))
+    code, _, err = run_cli(capsys, "inspect", str(broken))
+    assert code == 2 and "shape" in err and len(err.strip().splitlines()) == 1
+
+
+def test_unknown_config_key(capsys, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("sparsty: 0.5\n")
+    code, _, err = run_cli(capsys, "prune", "--config", str(config))
+    assert code == 2 and "sparsty" in err and "valid keys" in err
+
+
+def test_real_process_exit_status_and_no_traceback(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "prunelab.cli", "prune", "--sparsity", "-0.2", "--out",
+                           str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and done.stderr.startswith("error: ")
+    assert not (tmp_path / "x").exists()
