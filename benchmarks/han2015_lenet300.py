@@ -26,7 +26,9 @@ import torch
 
 from prunelab.bench.datasets import load_dataset, make_loaders
 from prunelab.bench.models import build_model
-from prunelab.bench.records import benchmark_args, benchmark_environment, rows_table, target, targets_table, write_record
+from prunelab.bench.records import (
+    benchmark_args, benchmark_environment, resolve_data_dir, rows_table, run_guarded, target, targets_table, write_record,
+)
 from prunelab.bench.training import TrainConfig, evaluate, seed_everything, train
 from prunelab.measure.counting import measure_model
 from prunelab.methods import PruneSpec, run_iterative
@@ -48,7 +50,7 @@ def main(argv=None) -> int:
     seed = args.seed
     started = time.perf_counter()
     seed_everything(seed)
-    splits = load_dataset("mnist", args.data_dir)
+    splits = load_dataset("mnist", resolve_data_dir(args.data_dir))
     dense_cfg = TrainConfig(epochs=2 if quick else 40, batch_size=128, optimizer="sgd", lr=0.1, momentum=0.9,
                             weight_decay=1e-4, lr_schedule="cosine", seed=seed, progress=True)
     tune_cfg = dataclasses.replace(dense_cfg, lr=0.02)
@@ -123,4 +125,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_guarded(main))

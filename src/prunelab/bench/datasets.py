@@ -18,6 +18,7 @@ is parsed.  Nothing is cached between calls.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 import zlib
@@ -150,16 +151,17 @@ def _read_idx(path: str | os.PathLike, magic: int, header: str) -> tuple[tuple[i
     except (OSError, EOFError, zlib.error) as exc:
         raise PrunelabError(f"{path}: not a readable gzip file ({exc}); delete it and re-download (--download)") from None
     size = struct.calcsize(header)
-    if len(data) < size:
-        raise PrunelabError(f"{path}: {len(data)} bytes is too short for an IDX header of {size} bytes; delete it and re-download")
-    found, *dims = struct.unpack_from(header, data)
-    if found != magic:
+    found = struct.unpack_from(">I", data)[0] if len(data) >= 4 else None
+    if found is not None and found != magic:
         kind = "images" if magic == _IMAGES_MAGIC else "labels"
         raise PrunelabError(
             f"{path}: IDX magic number {found}, expected {magic} (MNIST {kind}); pass the original "
             f"MNIST {kind} file (images 2051, labels 2049)"
         )
-    expected = size + int(np.prod(dims))
+    if len(data) < size:
+        raise PrunelabError(f"{path}: {len(data)} bytes is too short for an IDX header of {size} bytes; delete it and re-download")
+    _, *dims = struct.unpack_from(header, data)
+    expected = size + math.prod(dims)
     if len(data) != expected:
         raise PrunelabError(
             f"{path}: {len(data)} bytes after gunzip, expected {expected} for dimensions {tuple(dims)}; "

@@ -72,3 +72,26 @@ def rows_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, s
 def targets_table(targets: Sequence[Mapping[str, Any]]) -> str:
     rows = [{**t, "met": "yes" if t["met"] else "NO"} for t in targets]
     return markdown_table(rows, (("name", "target"), ("target", "wanted"), ("value", "measured"), ("met", "met")))
+
+
+def resolve_data_dir(data_dir: str | None) -> str | None:
+    """``--data-dir``, else ``$PRUNELAB_DATA``, else ``../shared/data`` beside the checkout."""
+    if data_dir:
+        return data_dir
+    if os.environ.get("PRUNELAB_DATA"):
+        return os.environ["PRUNELAB_DATA"]
+    shared = Path(__file__).resolve().parents[4] / "shared" / "data"
+    return str(shared) if shared.is_dir() else None
+
+
+def run_guarded(main, argv=None) -> int:
+    """Run a benchmark's ``main``; a PrunelabError becomes one line on stderr and exit 2."""
+    import sys
+
+    from prunelab.errors import PrunelabError
+
+    try:
+        return main(argv)
+    except PrunelabError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -151,13 +151,12 @@ def iter_batches(data: ScoreData, device: torch.device) -> Iterator[tuple[Tensor
     for batch in data.batches:
         if data.max_batches is not None and count >= data.max_batches:
             break
-        try:
-            inputs, targets = batch
-        except (TypeError, ValueError):
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:  # a bare tensor would unpack along dim 0
             raise PrunelabError(
                 f"ScoreData batch {count} is a {type(batch).__name__}, not an (inputs, targets) pair; "
                 "yield (x, y) from the loader"
-            ) from None
+            )
+        inputs, targets = batch
         count += 1
         yield _to(inputs, device), _to(targets, device)
     if count == 0:

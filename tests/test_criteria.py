@@ -1,0 +1,301 @@
+"""Criteria: exact values on hand-made cases, purity, and errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from prunelab.criteria import CRITERIA, ScoreData, get_criterion
+from prunelab.errors import PrunelabError
+
+W23 = torch.tensor([[1.0, -2.0, 3.0], [-4.0, 5.0, -6.0]])
+
+
+def linear_with(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
+def mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return ((outputs - targets) ** 2).mean()
+
+
+# --- magnitude family ------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "kwargs", "expected"),
+    [
+        ("magnitude", {}, W23.abs()),
+        ("l1", {}, W23.abs()),
+        ("l2", {}, W23**2),
+        ("lp", {"p": 3.0}, W23.abs() ** 3),
+        ("lp", {}, W23**2),
+    ],
+)
+def test_magnitude_family_element_scores(name, kwargs, expected):
+    layer = linear_with(W23)
+    scores = get_criterion(name, **kwargs)(layer, {"weight": layer.weight})
+    assert scores["weight"].dtype == torch.float32
+    torch.testing.assert_close(scores["weight"], expected, rtol=0, atol=1e-6)
+
+
+def test_reduce_group_exact_numbers():
+    # groups are rows: w = [[1, 2, 2], [3, 4, 0]] and [[3, 4, 5], [1, 6, 8]]
+    torch.testing.assert_close(get_criterion("l1").reduce_group(torch.tensor([[1.0, 2, 2], [3, 4, 0]])),
+                               torch.tensor([5.0, 7.0]))
+    torch.testing.assert_close(get_criterion("l2").reduce_group(torch.tensor([[1.0, 4, 4], [9, 16, 0]])),
+                               torch.tensor([3.0, 5.0]))
+    torch.testing.assert_close(get_criterion("lp", p=3).reduce_group(torch.tensor([[27.0, 64, 125], [1, 216, 512]])),
+                               torch.tensor([6.0, 9.0]))
+    # default reduction (magnitude, taylor, obd, random): the sum, over the last dim only
+    groups = torch.arange(12.0).reshape(2, 2, 3)
+    torch.testing.assert_close(get_criterion("magnitude").reduce_group(groups), groups.sum(-1))
+
+
+@pytest.mark.parametrize(("name", "kwargs", "norm_p"), [("l1", {}, 1.0), ("l2", {}, 2.0), ("lp", {"p": 3.0}, 3.0)])
+def test_group_scores_are_group_norms(name, kwargs, norm_p):
+    criterion = get_criterion(name, **kwargs)
+    layer = linear_with(W23)
+    groups = criterion(layer, {"weight": layer.weight})["weight"]  # rows = output neurons
+    torch.testing.assert_close(criterion.reduce_group(groups), torch.linalg.vector_norm(W23, ord=norm_p, dim=1))
+
+
+# --- random ----------------------------------------------------------------------------
+def test_random_is_deterministic_per_seed():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    params = dict(model.named_parameters())
+    a = get_criterion("random", seed=7)(model, params)
+    b = get_criterion("random", seed=7)(model, params)
+    c = get_criterion("random", seed=8)(model, params)
+    for name in params:
+        assert torch.equal(a[name], b[name])
+        assert not torch.equal(a[name], c[name])
+        assert a[name].min() >= 0 and a[name].max() < 1
+    assert torch.equal(a["0.weight"], torch.rand(4, 3, generator=torch.Generator().manual_seed(7)))
+
+
+# --- taylor ----------------------------------------------------------------------------
+def test_taylor_single_batch_matches_hand_computation():
+    # pred = x w^T + b with w = [1, 2], b = 0.5: pred = [3.5, 0.5], r = pred - y = [2.5, 0.5]
+    # dL/dw = 2/n sum r_n x_n = [3.5, 2.0], dL/db = 3.0 -> |w g| = [3.5, 4.0], |b g_b| = 1.5
+    layer = linear_with(torch.tensor([[1.0, 2.0]]), torch.tensor([0.5]))
+    batch = (torch.tensor([[1.0, 1.0], [2.0, -1.0]]), torch.tensor([[1.0], [0.0]]))
+    scores = get_criterion("taylor")(layer, dict(layer.named_parameters()), ScoreData([batch], loss_fn=mse))
+    torch.testing.assert_close(scores["weight"], torch.tensor([[3.5, 4.0]]))
+    torch.testing.assert_close(scores["bias"], torch.tensor([1.5]))
+
+
+def test_taylor_averages_absolute_values_over_batches_and_respects_max_batches():
+    layer = linear_with(torch.tensor([[1.0, 2.0]]), torch.tensor([0.5]))
+    first = (torch.tensor([[1.0, 1.0], [2.0, -1.0]]), torch.tensor([[1.0], [0.0]]))  # g_w = [3.5, 2.0]
+    second = (torch.tensor([[1.0, 1.0]]), torch.tensor([[5.5]]))  # r = -2: g_w = [-4, -4]
+    params = dict(layer.named_parameters())
+    both = get_criterion("taylor")(layer, params, ScoreData([first, second], loss_fn=mse))
+    torch.testing.assert_close(both["weight"], torch.tensor([[(3.5 + 4.0) / 2, (4.0 + 8.0) / 2]]))
+    one = get_criterion("taylor")(layer, params, ScoreData([first, second], loss_fn=mse, max_batches=1))
+    torch.testing.assert_close(one["weight"], torch.tensor([[3.5, 4.0]]))
+
+
+# --- obd -------------------------------------------------------------------------------
+def regression_case():
+    torch.manual_seed(0)
+    layer = linear_with(torch.tensor([[0.5, -1.5, 2.0]]))
+    batches = [(torch.randn(6, 3), torch.randn(6, 1)), (torch.randn(4, 3), torch.randn(4, 1))]
+    return layer, batches
+
+
+def test_obd_exact_matches_closed_form_hessian_of_linear_regression():
+    # loss mean((Xw - y)^2) has H = 2 X^T X / n, so h_jj = 2 mean_n x_nj^2 (averaged over batches)
+    layer, batches = regression_case()
+    criterion = get_criterion("obd", hessian="exact", hvp_chunk=2)  # chunking: 2 + 1 basis vectors
+    params = {"weight": layer.weight}
+    data = ScoreData(batches, loss_fn=mse)
+    h = torch.stack([2 * (x**2).mean(0) for x, _ in batches]).mean(0)[None]  # (1, 3)
+    torch.testing.assert_close(criterion.hessian_diagonal(layer, params, data)["weight"], h, rtol=0, atol=1e-5)
+    saliency = criterion(layer, params, data)["weight"]
+    torch.testing.assert_close(saliency, 0.5 * h * layer.weight.detach() ** 2, rtol=0, atol=1e-5)
+
+
+def test_obd_exact_matches_autograd_hessian_on_a_nonlinear_model():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(5, 3), torch.tensor([0, 1, 1, 0, 1])
+    params = dict(model.named_parameters())
+    diag = get_criterion("obd", hessian="exact", hvp_chunk=5).hessian_diagonal(model, params, ScoreData([(x, y)]))
+    for name, p in params.items():
+        def loss(t, name=name):
+            return F.cross_entropy(torch.func.functional_call(model, {name: t}, (x,)), y)
+
+        full = torch.autograd.functional.hessian(loss, p.detach()).reshape(p.numel(), p.numel())
+        torch.testing.assert_close(diag[name], full.diagonal().abs().reshape(p.shape), rtol=1e-4, atol=1e-6)
+
+
+def test_obd_exact_uses_absolute_value_of_negative_diagonal():
+    layer, batches = regression_case()
+    data = ScoreData(batches[:1], loss_fn=lambda out, y: -(out**2).mean())  # H = -2 X^T X / n
+    x = batches[0][0]
+    diag = get_criterion("obd", hessian="exact").hessian_diagonal(layer, {"weight": layer.weight}, data)
+    torch.testing.assert_close(diag["weight"], (2 * (x**2).mean(0))[None], rtol=0, atol=1e-5)
+
+
+def per_sample_fisher(model, params, batches, loss_fn):
+    """Reference: mean over all samples of squared per-sample gradients, by a plain loop."""
+    reference = copy.deepcopy(model).eval()
+    ref_params = dict(reference.named_parameters())
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    count = 0
+    for x, y in batches:
+        for i in range(x.shape[0]):
+            loss = loss_fn(reference(x[i:i + 1]), y[i:i + 1])
+            grads = torch.autograd.grad(loss, [ref_params[n] for n in params])
+            for n, g in zip(params, grads):
+                total[n] += g**2
+            count += 1
+    return {n: t / count for n, t in total.items()}
+
+
+def fisher_case():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 3))
+    batches = [(torch.randn(5, 3), torch.randint(0, 3, (5,))), (torch.randn(3, 3), torch.randint(0, 3, (3,)))]
+    return model, batches
+
+
+def test_obd_fisher_equals_mean_of_squared_per_sample_gradients():
+    model, batches = fisher_case()
+    params = dict(model.named_parameters())
+    criterion = get_criterion("obd", hessian="fisher")
+    diag = criterion.hessian_diagonal(model, params, ScoreData(batches))
+    expected = per_sample_fisher(model, params, batches, F.cross_entropy)
+    for name, p in params.items():
+        torch.testing.assert_close(diag[name], expected[name], rtol=1e-5, atol=1e-7)
+    scores = criterion(model, params, ScoreData(batches))
+    torch.testing.assert_close(scores["0.weight"], 0.5 * expected["0.weight"] * params["0.weight"].detach() ** 2)
+
+
+class Branchy(nn.Module):
+    """Data-dependent control flow: vmap cannot trace it, so fisher falls back to a loop."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) if bool(x.sum() > -1e9) else -self.inner(x)
+
+
+def test_obd_fisher_loop_fallback_gives_the_same_numbers():
+    model, batches = fisher_case()
+    wrapped = Branchy(model)
+    params = dict(wrapped.named_parameters())
+    diag = get_criterion("obd", hessian="fisher").hessian_diagonal(wrapped, params, ScoreData(batches))
+    expected = per_sample_fisher(model, dict(model.named_parameters()), batches, F.cross_entropy)
+    torch.testing.assert_close(diag["inner.0.weight"], expected["0.weight"], rtol=1e-5, atol=1e-7)
+
+
+def test_obd_auto_picks_exact_for_small_and_fisher_for_large_parameters():
+    model, batches = fisher_case()
+    params = dict(model.named_parameters())
+    data = ScoreData(batches)
+    auto = get_criterion("obd", exact_max_params=4).hessian_diagonal(model, params, data)  # biases (4, 3) exact
+    exact = get_criterion("obd", hessian="exact").hessian_diagonal(model, params, data)
+    fisher = get_criterion("obd", hessian="fisher").hessian_diagonal(model, params, data)
+    for name, p in params.items():
+        torch.testing.assert_close(auto[name], (exact if p.numel() <= 4 else fisher)[name])
+
+
+# --- every registered criterion ----------------------------------------------------------
+def purity_case():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Dropout(0.5), nn.ReLU(), nn.Linear(6, 3))
+    model.train()
+    model[2].eval()  # mixed modes must come back exactly as they were
+    model[0].bias.requires_grad_(False)  # frozen parameters are scored too
+    model[4].weight.grad = torch.full_like(model[4].weight, 0.25)
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    data = ScoreData(DataLoader(TensorDataset(x, y), batch_size=4), max_batches=2)
+    return model, data
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [(n, {}) for n in CRITERIA.names()] + [("obd", {"hessian": "fisher"}), ("obd", {"hessian": "exact"})],
+)
+def test_every_criterion_is_pure_and_returns_float32_scores(name, kwargs):
+    model, data = purity_case()
+    params = dict(model.named_parameters())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = [m.training for m in model.modules()]
+    requires = {n: p.requires_grad for n, p in params.items()}
+    criterion = get_criterion(name, **kwargs)
+    assert criterion.name == name
+    scores = criterion(model, params, data if criterion.needs_data else None)
+    assert set(scores) == set(params)
+    for n, p in params.items():
+        assert scores[n].shape == p.shape and scores[n].dtype == torch.float32 and scores[n].device == p.device
+        assert not scores[n].requires_grad and scores[n].data_ptr() != p.data_ptr()
+        assert torch.isfinite(scores[n]).all()
+        assert p.requires_grad == requires[n]
+    for k, v in model.state_dict().items():  # parameters and buffers (BN running stats)
+        assert torch.equal(v, state[k]), k
+    assert [m.training for m in model.modules()] == modes
+    assert torch.equal(model[4].weight.grad, torch.full_like(model[4].weight, 0.25))
+    assert all(p.grad is None for n, p in params.items() if n != "4.weight")
+    again = criterion(model, params, data if criterion.needs_data else None)
+    for n in params:  # deterministic (eval mode, seeded): the same on every rank
+        assert torch.equal(scores[n], again[n])
+
+
+@pytest.mark.parametrize("name", [n for n in CRITERIA.names() if CRITERIA.get(n).needs_data])
+def test_data_criteria_without_data_raise(name):
+    model, _ = purity_case()
+    with pytest.raises(PrunelabError, match=f"criterion '{name}' needs data"):
+        get_criterion(name)(model, dict(model.named_parameters()))
+
+
+def test_registry_has_every_entry_and_unknown_name_lists_them():
+    assert CRITERIA.names() == sorted(["random", "magnitude", "l1", "l2", "lp", "taylor", "obd"])
+    with pytest.raises(PrunelabError) as info:
+        get_criterion("magnitud")
+    assert all(n in str(info.value) for n in CRITERIA.names())
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda: get_criterion("lp", p=0), "p=0"),
+        (lambda: get_criterion("lp", p=-1.0), "expected a number > 0"),
+        (lambda: get_criterion("obd", hessian="diag"), "auto, exact, fisher"),
+        (lambda: get_criterion("obd", exact_max_params=-1), "exact_max_params"),
+        (lambda: get_criterion("magnitude", p=2), "accepts: no options"),
+        (lambda: get_criterion("obd", hesian="exact"), "accepts: hessian, exact_max_params, hvp_chunk"),
+        (lambda: ScoreData([], max_batches=0), "max_batches=0"),
+    ],
+)
+def test_bad_options_raise_one_line_errors(build, match):
+    with pytest.raises(PrunelabError, match=match) as info:
+        build()
+    assert "\n" not in str(info.value)
+
+
+def test_bad_data_raises():
+    layer = linear_with(torch.tensor([[1.0, 2.0]]), torch.tensor([0.5]))
+    params = dict(layer.named_parameters())
+    batch = (torch.ones(2, 2), torch.ones(2, 1))
+    with pytest.raises(PrunelabError, match="expected a scalar"):
+        get_criterion("taylor")(layer, params, ScoreData([batch], loss_fn=lambda o, t: (o - t) ** 2))
+    with pytest.raises(PrunelabError, match="no batches"):
+        get_criterion("taylor")(layer, params, ScoreData([], loss_fn=mse))
+    with pytest.raises(PrunelabError, match="not an \\(inputs, targets\\) pair"):
+        get_criterion("obd")(layer, params, ScoreData([torch.ones(2, 2)], loss_fn=mse))
+    with pytest.raises(PrunelabError, match="not in the model"):
+        get_criterion("taylor")(layer, {"fc.weight": layer.weight}, ScoreData([batch], loss_fn=mse))
+    assert layer.training and all(p.grad is None for p in params.values())

@@ -1,0 +1,176 @@
+"""Training engine: config validation, determinism, hook order, schedules, evaluation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from prunelab.bench.datasets import load_digits, make_loaders
+from prunelab.bench.models import build_model
+from prunelab.bench.training import (
+    TrainConfig, evaluate, make_lr_scheduler, make_optimizer, seed_everything, train,
+)
+from prunelab.errors import PrunelabError
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and spinning threads crawl on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits()
+
+
+def run_digits(splits, seed=0, **overrides):
+    cfg = TrainConfig(**{"epochs": 2, "batch_size": 32, "lr": 0.05, "seed": seed, "progress": False, **overrides})
+    seed_everything(cfg.seed)
+    model = build_model("digits_mlp", splits.input_shape, splits.num_classes)
+    train_loader, test_loader = make_loaders(splits, cfg.batch_size, cfg.seed)
+    result = train(model, train_loader, cfg)
+    return model, result, evaluate(model, test_loader)
+
+
+# --- config -----------------------------------------------------------------------------
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"optimizer": "rmsprop"}, "unknown optimizer 'rmsprop'; valid names: sgd, adam, adamw"),
+    ({"lr_schedule": "linear"}, "unknown lr_schedule 'linear'; valid names: constant, cosine, step"),
+    ({"epochs": -1}, "epochs must be an integer >= 0, got -1"),
+    ({"lr": 0.0}, "lr must be a positive number, got 0.0"),
+    ({"lr": -0.1}, "lr must be a positive number"),
+    ({"batch_size": 0}, "batch_size must be an integer >= 1"),
+    ({"momentum": 1.0}, r"momentum must be in \[0, 1\)"),
+    ({"optimizer": "adam", "nesterov": True}, "nesterov=True needs optimizer 'sgd'"),
+    ({"seed": -1}, "seed must be an integer"),
+])
+def test_config_rejects_bad_values(kwargs, message):
+    with pytest.raises(PrunelabError, match=message):
+        TrainConfig(**kwargs)
+
+
+def test_make_optimizer_follows_config():
+    params = [nn.Parameter(torch.zeros(2))]
+    sgd = make_optimizer(params, TrainConfig(lr=0.2, momentum=0.8, weight_decay=1e-4, nesterov=True))
+    assert isinstance(sgd, torch.optim.SGD)
+    assert {k: sgd.defaults[k] for k in ("lr", "momentum", "weight_decay", "nesterov")} == {
+        "lr": 0.2, "momentum": 0.8, "weight_decay": 1e-4, "nesterov": True}
+    assert type(make_optimizer(params, TrainConfig(optimizer="adam", lr=1e-3))) is torch.optim.Adam
+    adamw = make_optimizer(params, TrainConfig(optimizer="adamw", lr=1e-3, weight_decay=0.05))
+    assert type(adamw) is torch.optim.AdamW and adamw.defaults["weight_decay"] == 0.05
+
+
+def lrs(schedule, steps_per_epoch=5, **kwargs):
+    cfg = TrainConfig(lr=1.0, lr_schedule=schedule, **kwargs)
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    scheduler = make_lr_scheduler(optimizer, cfg, steps_per_epoch)
+    out = [optimizer.param_groups[0]["lr"]]
+    for _ in range(cfg.epochs * steps_per_epoch):
+        optimizer.step()
+        scheduler.step()
+        out.append(optimizer.param_groups[0]["lr"])
+    return out
+
+
+def test_lr_schedules_per_step():
+    cosine = lrs("cosine", epochs=2)  # 10 steps
+    assert cosine[0] == 1.0 and cosine[5] == pytest.approx(0.5) and cosine[10] == pytest.approx(0.0, abs=1e-12)
+    assert cosine[1] == pytest.approx(0.5 * (1 + math.cos(math.pi / 10)))
+    assert lrs("constant", epochs=2) == [1.0] * 11
+    step = lrs("step", epochs=4, step_epochs=2, gamma=0.5)  # halves after 10 steps
+    assert step[9] == 1.0 and step[10] == 0.5 and step[20] == 0.25
+    with pytest.raises(PrunelabError, match="steps_per_epoch must be a positive integer, got 0"):
+        lrs("cosine", steps_per_epoch=0)
+
+
+# --- training ---------------------------------------------------------------------------
+def test_digits_mlp_learns_and_is_deterministic(digits):
+    model_a, result, metrics = run_digits(digits)
+    model_b, _, metrics_b = run_digits(digits)
+    assert metrics["accuracy"] > 0.85 and metrics["n"] == 360
+    assert metrics["error_pct"] == pytest.approx(100 * (1 - metrics["accuracy"]))
+    assert result["steps"] == 2 * 45 and result["epochs"] == 2 and math.isfinite(result["final_loss"])
+    state_a, state_b = model_a.state_dict(), model_b.state_dict()
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    assert metrics == metrics_b
+    model_c, _, _ = run_digits(digits, seed=1)
+    assert not torch.equal(model_c.fc1.weight, model_a.fc1.weight)
+
+
+def test_after_step_runs_after_optimizer_and_scheduler_steps(digits):
+    cfg = TrainConfig(epochs=2, batch_size=64, optimizer="adam", lr=1e-2, progress=False)
+    seed_everything(0)
+    model = build_model("digits_mlp", digits.input_shape, digits.num_classes)
+    train_loader, _ = make_loaders(digits, cfg.batch_size, cfg.seed)
+    optimizer = make_optimizer(model.parameters(), cfg)
+    scheduler = make_lr_scheduler(optimizer, cfg, len(train_loader))
+    steps, epochs = [], []
+
+    def after_step(global_step):
+        # Adam counts its own steps: equal means optimizer.step() already ran for this batch
+        assert int(optimizer.state[model.fc1.weight]["step"]) == global_step
+        assert scheduler.last_epoch == global_step
+        steps.append(global_step)
+        with torch.no_grad():
+            model.fc1.weight[0].zero_()  # a "mask": Adam's moments would revive it if applied before step()
+
+    result = train(model, train_loader, cfg, optimizer=optimizer, scheduler=scheduler, after_step=after_step,
+                   after_epoch=epochs.append)
+    n = 2 * len(train_loader)
+    assert steps == list(range(1, n + 1)) and result["steps"] == n
+    assert epochs == [1, 2]
+    assert torch.count_nonzero(model.fc1.weight[0]) == 0
+    assert torch.count_nonzero(model.fc1.weight[1]) == 64
+
+
+def test_train_restores_mode_and_zero_epochs_is_a_no_op(digits):
+    model = build_model("digits_mlp", digits.input_shape, 10).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loader, _ = make_loaders(digits, 64, 0)
+    result = train(model, loader, TrainConfig(epochs=0, progress=False))
+    assert result["steps"] == 0 and math.isnan(result["final_loss"]) and not model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    train(model, [(torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3]))], TrainConfig(epochs=1, progress=False))
+    assert not model.training
+
+
+def test_non_finite_loss_is_a_clear_error():
+    model = nn.Linear(2, 2)
+    loader = [(torch.randn(4, 2), torch.zeros(4, dtype=torch.long))]
+    with pytest.raises(PrunelabError, match="training loss became nan at step 1 .*lower the learning rate"):
+        train(model, loader, TrainConfig(epochs=1, progress=False), loss_fn=lambda out, y: out.sum() * float("nan"))
+
+
+def test_evaluate_counts_exactly_and_restores_mode():
+    model = nn.Linear(2, 3, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+    x = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [0.0, 2.0]])  # predicts 0, 1, 0, 1
+    y = torch.tensor([0, 1, 1, 2])
+    model.train()
+    metrics = evaluate(model, DataLoader(TensorDataset(x, y), batch_size=3))
+    assert model.training
+    assert metrics["n"] == 4 and metrics["accuracy"] == 0.5 and metrics["error_pct"] == 50.0
+    expected = nn.functional.cross_entropy(model(x), y).item()
+    assert metrics["loss"] == pytest.approx(expected)
+
+
+def test_seed_everything_reproduces_all_generators():
+    import random
+
+    import numpy as np
+
+    seed_everything(7)
+    first = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    seed_everything(7)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == first
+    with pytest.raises(PrunelabError, match="seed must be an integer"):
+        seed_everything(2**32)
