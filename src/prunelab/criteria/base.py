@@ -76,7 +76,7 @@ class Criterion:
         if not params:
             return {}
         if self.needs_data:
-            with _eval_mode(model), torch.enable_grad():
+            with eval_mode(model), torch.enable_grad():
                 raw = self.score(model, params, data)
         else:
             with torch.no_grad():
@@ -98,7 +98,7 @@ class Criterion:
         return scores.sum(-1)
 
 
-class _eval_mode:
+class eval_mode:
     """Put ``model`` in eval mode; restore every module's own ``training`` flag on exit."""
 
     def __init__(self, model: nn.Module) -> None:

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from prunelab.criteria.base import Criterion, FunctionalModel, ScoreData, batch_loss, iter_batches, leaves
+from prunelab.criteria.base import (
+    Criterion, FunctionalModel, ScoreData, batch_loss, eval_mode, iter_batches, leaves,
+)
 from prunelab.errors import PrunelabError
 
 HESSIAN_MODES = ("auto", "exact", "fisher")
@@ -77,13 +79,22 @@ class OBD(Criterion):
 
     def score(self, model: nn.Module, params: Mapping[str, nn.Parameter], data: ScoreData | None) -> dict[str, Tensor]:
         assert data is not None
-        diag = self.hessian_diagonal(model, params, data)
+        diag = self._hessian_diagonal(model, params, data)  # already in eval mode
         return {n: 0.5 * diag[n] * params[n].detach().float().square() for n in params}
 
     def hessian_diagonal(
         self, model: nn.Module, params: Mapping[str, nn.Parameter], data: ScoreData
     ) -> dict[str, Tensor]:
-        """The estimate of ``|h_ii|`` (exact) or the Fisher diagonal, per parameter, float32."""
+        """The estimate of ``|h_ii|`` (exact) or the Fisher diagonal, per parameter, float32.
+
+        Pure like ``__call__`` (eval mode, modes restored, ``.grad`` untouched).
+        """
+        with eval_mode(model), torch.enable_grad():
+            return self._hessian_diagonal(model, params, data)
+
+    def _hessian_diagonal(
+        self, model: nn.Module, params: Mapping[str, nn.Parameter], data: ScoreData
+    ) -> dict[str, Tensor]:
         forward = FunctionalModel(model, params)
         exact = {n: p for n, p in params.items() if self.uses_exact(p)}
         fisher = {n: p for n, p in params.items() if n not in exact}
