@@ -17,21 +17,19 @@ remaining weights, each followed by retraining with a restarted cosine learning 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import sys
 import time
 
-import torch
-
 from prunelab.bench.datasets import load_dataset, make_loaders
-from prunelab.bench.models import build_model
 from prunelab.bench.records import (
     benchmark_args, benchmark_environment, resolve_data_dir, rows_table, run_guarded, target, targets_table, write_record,
 )
-from prunelab.bench.training import TrainConfig, evaluate, seed_everything, train
+from prunelab.bench.recipes import (
+    iterative_prune, lenet300_dense_config, lenet300_finetune_config, lenet300_prune_spec, train_dense,
+)
+from prunelab.bench.training import evaluate
 from prunelab.measure.counting import measure_model
-from prunelab.methods import PruneSpec, run_iterative
 
 HAN_KEPT = {"fc1.weight": 0.08, "fc2.weight": 0.09, "fc3.weight": 0.26}
 LITERATURE = [  # Lee et al. 2019 Table 1 (LeNet-300-100): sparsity %, error %
@@ -46,23 +44,16 @@ def main(argv=None) -> int:
     parser = benchmark_args(__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    quick = args.quick
-    seed = args.seed
+    quick, seed = args.quick, args.seed
     started = time.perf_counter()
-    seed_everything(seed)
     splits = load_dataset("mnist", resolve_data_dir(args.data_dir))
-    dense_cfg = TrainConfig(epochs=2 if quick else 40, batch_size=128, optimizer="sgd", lr=0.1, momentum=0.9,
-                            weight_decay=1e-4, lr_schedule="cosine", seed=seed, progress=True)
-    tune_cfg = dataclasses.replace(dense_cfg, lr=0.02)
-    spec_base = PruneSpec(criterion="magnitude", allocation="global", rounds=2 if quick else 6,
-                          finetune_epochs=1 if quick else 10)
-    train_loader, test_loader = make_loaders(splits, dense_cfg.batch_size, seed)
+    dense_cfg = dataclasses.replace(lenet300_dense_config(quick), seed=seed)
+    tune_cfg = dataclasses.replace(lenet300_finetune_config(quick), seed=seed)
+    spec_base = lenet300_prune_spec(0.92, quick)
+    _, test_loader = make_loaders(splits, dense_cfg.batch_size, seed)
     example = splits.test[0][0].unsqueeze(0)
 
-    model = build_model("lenet300", splits.input_shape, splits.num_classes)
-    t0 = time.perf_counter()
-    train(model, train_loader, dense_cfg, description="dense")
-    dense_time = time.perf_counter() - t0
+    model, dense_time = train_dense(splits, "lenet300", dense_cfg)
     dense = evaluate(model, test_loader)
     dense_cost = measure_model(model, example)
     rows = [{"model": "dense", "target_sparsity_pct": 0.0, "sparsity_pct": 0.0, "error_pct": dense["error_pct"],
@@ -71,22 +62,17 @@ def main(argv=None) -> int:
     print(f"dense: error {dense['error_pct']:.2f}% after {dense_time:.0f} s")
 
     for sparsity in (0.92,) if quick else (0.92, 0.95, 0.98):
-        pruned = copy.deepcopy(model)
-        seed_everything(seed)
-        t0 = time.perf_counter()
-        result = run_iterative(pruned, train_loader, test_loader, dataclasses.replace(spec_base, sparsity=sparsity), tune_cfg)
-        wall = time.perf_counter() - t0
-        metrics = evaluate(pruned, test_loader)
-        cost = measure_model(pruned, example, result.masks)
-        layers = {l.name: l for l in result.masks.stats().layers}
+        run = iterative_prune(model, splits, dataclasses.replace(spec_base, sparsity=sparsity), tune_cfg)
+        cost = measure_model(run.model, example, run.result.masks)
+        layers = {l.name: l for l in run.result.masks.stats().layers}
         row = {"model": f"IMP {int(round(100 * sparsity))}%", "target_sparsity_pct": 100 * sparsity,
-               "sparsity_pct": 100 * result.masks.stats().sparsity, "error_pct": metrics["error_pct"],
+               "sparsity_pct": 100 * run.result.masks.stats().sparsity, "error_pct": run.error_pct,
                "compression_x": cost.params / cost.nonzeros,
                **{f"kept_{n.split('.')[0]}_pct": 100 * layers[n].kept / layers[n].total for n in HAN_KEPT},
-               "wall_time_s": dense_time + wall}
+               "wall_time_s": dense_time + run.wall_time_s}
         rows.append(row)
         print(f"{row['model']}: sparsity {row['sparsity_pct']:.2f}% error {row['error_pct']:.2f}% "
-              f"({wall:.0f} s pruning + retraining)")
+              f"({run.wall_time_s:.0f} s pruning + retraining)")
 
     best92 = rows[1]
     targets = [

@@ -152,3 +152,36 @@ def test_bad_inputs():
         Sparsifier(mlp(), criterion="taylor").prepare().update(0.5)
     with pytest.raises(PrunelabError, match="no Linear or Conv"):
         Sparsifier(nn.Sequential(nn.ReLU()))
+
+
+def _score_data():
+    from prunelab.criteria import ScoreData
+
+    gen = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(8, 16, generator=gen), torch.randint(0, 4, (8,), generator=gen)) for _ in range(2)]
+    return ScoreData(batches)
+
+
+def _every_criterion():
+    from prunelab.criteria import CRITERIA
+
+    return CRITERIA.names()
+
+
+def _every_allocation():
+    from prunelab.allocation import ALLOCATIONS
+
+    return ALLOCATIONS.names()
+
+
+@pytest.mark.parametrize("criterion", _every_criterion())
+@pytest.mark.parametrize("allocation", _every_allocation())
+def test_every_criterion_and_allocation_hits_the_target(criterion, allocation):
+    model = mlp()
+    sparsifier = Sparsifier(model, criterion=criterion, allocation=allocation, data=_score_data()).prepare()
+    masks = sparsifier.update(0.75)
+    stats = masks.stats()
+    assert stats.kept == round(0.25 * stats.total)
+    for name, param in sparsifier.params.items():
+        assert torch.all(param[~masks[name]] == 0)
+        assert masks[name].any(), f"{criterion}/{allocation} emptied {name}"
