@@ -78,9 +78,9 @@ def cli_section() -> str:
             shown = " ".join(prune_args + ["--data-dir", "../shared/data/mnist", "--out", "runs/lenet5"])
             parts.append(block(f"prunelab {shown}", output.replace(str(run_dir), "runs/lenet5")))
         parts.append("### Bad input\n\nOne line on stderr, exit status 2, nothing written:\n")
-        bad = exe + ["prune", "--granularity", "2:3", "--model", "digits_mlp", "--out", str(Path(tmp) / "bad")]
+        bad = exe + ["prune", "--granularity", "2:3", "--model", "digits_mlp", "--no-progress", "--out", str(Path(tmp) / "bad")]
         output = run(bad, check=False)
-        parts.append(block("prunelab prune --granularity 2:3 --model digits_mlp; echo \"exit $?\"",
+        parts.append(block("prunelab prune --granularity 2:3 --model digits_mlp --no-progress; echo \"exit $?\"",
                            output + f"\nexit {subprocess.run(bad, capture_output=True).returncode}"))
     return "\n".join(parts)
 

@@ -185,3 +185,10 @@ def test_every_criterion_and_allocation_hits_the_target(criterion, allocation):
     for name, param in sparsifier.params.items():
         assert torch.all(param[~masks[name]] == 0)
         assert masks[name].any(), f"{criterion}/{allocation} emptied {name}"
+
+
+def test_dense_first_layer_need_not_fit_nm():
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))  # 6 inputs: no 2:4 blocks
+    sparsifier = Sparsifier(model, granularity="2:4", rules=LayerRules(keep_first="dense")).prepare()
+    masks = sparsifier.update(0.5)
+    assert masks["0.weight"].all() and masks["2.weight"].reshape(-1, 4).sum(1).eq(2).all()

@@ -72,8 +72,10 @@ def _config_from_args(args: argparse.Namespace, defaults: dict[str, Any] | None 
 
 def _print_run(record: dict[str, Any], out: str) -> None:
     from prunelab.measure.tables import markdown_table
-    from prunelab.report import SUMMARY_COLUMNS, summary_rows
+    from prunelab.report import STAGE_COLUMNS, SUMMARY_COLUMNS, summary_rows
 
+    print()
+    print(markdown_table(record["stages"], STAGE_COLUMNS))
     print()
     print(markdown_table(summary_rows(record), SUMMARY_COLUMNS))
     print()

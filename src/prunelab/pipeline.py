@@ -88,6 +88,7 @@ def run(config: RunConfig) -> dict[str, Any]:
     model = build_model(config.model, splits.input_shape, splits.num_classes)
     train_loader, test_loader = make_loaders(splits, config.batch_size, config.seed)
     example = splits.test[0][0].unsqueeze(0)
+    prune_spec(config).sparsifier(model, None)  # layer-level checks (N:M fit, rules, exclude) before any training
 
     if config.pretrain_epochs > 0:
         train(model, train_loader, pretrain_config(config), description="dense")

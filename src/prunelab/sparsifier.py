@@ -60,9 +60,10 @@ class Sparsifier:
         self.rules = rules if rules is not None else LayerRules()
         self.data = data
         self.params = prunable_parameters(model, exclude)
-        for name, param in self.params.items():
-            self.granularity.check(name, tuple(param.shape))
         self.bounds = self.rules.bounds(list(self.params))
+        for name, param in self.params.items():
+            if self.bounds[name][1] > 0.0:  # layers kept dense by a rule need not fit the granularity
+                self.granularity.check(name, tuple(param.shape))
         self.masks = MaskSet.ones(self.params)
         self.optimizer: torch.optim.Optimizer | None = None
         self.step_count = 0

@@ -40,17 +40,22 @@ def _huffman_lengths(freqs: np.ndarray) -> np.ndarray:
     used = np.flatnonzero(freqs)
     if used.size == 1:
         return lengths  # one symbol: length 0, no bits
-    # heap of (count, tie-breaker, leaves under this node); ties broken by creation order
-    heap = [(int(freqs[s]), i, [int(s)]) for i, s in enumerate(used)]
+    # heap of (count, node id); leaves are 0..n-1 in symbol order, merged nodes n, n+1, ...
+    # (ids are unique and increasing, so ties are broken deterministically by creation order)
+    heap = [(int(freqs[s]), i) for i, s in enumerate(used)]
     heapq.heapify(heap)
-    order = len(heap)
+    parent = [-1] * (2 * used.size - 1)
+    node = used.size
     while len(heap) > 1:
-        f1, _, a = heapq.heappop(heap)
-        f2, _, b = heapq.heappop(heap)
-        lengths[a] += 1
-        lengths[b] += 1
-        heapq.heappush(heap, (f1 + f2, order, a + b))
-        order += 1
+        f1, a = heapq.heappop(heap)
+        f2, b = heapq.heappop(heap)
+        parent[a] = parent[b] = node
+        heapq.heappush(heap, (f1 + f2, node))
+        node += 1
+    depth = [0] * len(parent)
+    for n in range(len(parent) - 2, -1, -1):  # parents are created after their children
+        depth[n] = depth[parent[n]] + 1
+    lengths[used] = depth[: used.size]
     return lengths
 
 

@@ -35,7 +35,6 @@ Default bits follow the paper: 8 for convolutions, 5 for fully-connected layers
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -329,7 +328,3 @@ def finetune_centroids(
                 p.grad = None
     return dict(zip(names, optimizer.codebooks()))
 
-
-def bits_needed(k: int) -> int:
-    """``ceil(log2 k)``, at least 1: bits of a fixed-length code for ``k`` symbols."""
-    return max(1, math.ceil(math.log2(k))) if k > 1 else 1

@@ -1,0 +1,434 @@
+"""One-file Deep Compression storage: write a pruned model quantised and Huffman-coded, read it back exactly.
+
+Han, Mao & Dally, "Deep Compression", ICLR 2016: pruning (the masks) + trained
+quantisation (:mod:`prunelab.compress.quantize`) + Huffman coding
+(:mod:`prunelab.compress.huffman`) of both the cluster ids and the relative sparse
+indices (:mod:`prunelab.compress.sparse_index`).
+
+File format, version 1 (all integers little-endian)::
+
+    header   magic b"PRLBCMP\\n" (8) | version u16 | reserved u16 | payload length u64 |
+             sha256 of the payload (32)                                   = 52 bytes
+    payload  entry count u32, then one entry per state_dict tensor, in state_dict order:
+
+    quantised Linear/Conv weight (kind 0)
+      u8 kind | u16 name length | name utf-8 | u8 ndim | u32 x ndim shape |
+      u8 weight bits | u8 index bits | u32 K | u64 entries (kept + fillers)   -- headers
+      K x f32 centroids                                                       -- codebook
+      u32 A_w | A_w x u8 code lengths (cluster ids 0..K-1, filler = K)       -- Huffman tables
+      u32 A_i | A_i x u8 code lengths (gaps 0..2^index_bits-1)
+      u64 n | n bytes Huffman-coded cluster ids                                -- weight codes
+      u64 n | n bytes Huffman-coded relative gaps                              -- index codes
+    any other tensor (kind 1): biases, norms, buffers -- stored raw, NOT quantised
+      u8 kind | u16 name length | name | u8 dtype | u8 ndim | u32 x ndim | u64 n | n bytes
+
+Decisions.  Biases (and every non-Linear/Conv tensor) are stored raw in their own dtype
+(fp32 for the usual model): they are <1% of the weights and the paper does not quantise
+them.  Kept = ``mask & (weight != 0)``; pruned weights are not stored and decode to
+exactly 0.  A filler decodes to an explicit 0.  Quantised weights decode as float32.
+Canonical Huffman tables are stored as code lengths only.  The sha256 covers the whole
+payload, so a truncated file, a flipped byte or a foreign file is rejected with a
+:class:`PrunelabError` before anything is decoded, and nothing is returned half-read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from prunelab.compress import huffman
+from prunelab.compress.quantize import (
+    DEFAULT_BITS, Codebook, _check_masks, quantizable_layers, quantize_weight, resolve_bits,
+)
+from prunelab.compress.sparse_index import relative_decode, relative_encode
+from prunelab.errors import PrunelabError
+from prunelab.io import atomic_path
+
+__all__ = ["FORMAT_VERSION", "MAGIC", "REPORT_COLUMNS", "CompressionReport", "LayerReport", "read_compressed",
+           "write_compressed"]
+
+MAGIC = b"PRLBCMP\n"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct("<8sHHQ32s")
+DEFAULT_INDEX_BITS = {"conv": 8, "fc": 5}
+_KIND_QUANTISED, _KIND_RAW = 0, 1
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+           torch.int8, torch.uint8, torch.bool)
+PARTS = ("headers", "codebook", "tables", "weight_codes", "index_codes", "bias")
+
+REPORT_COLUMNS = (
+    ("layer", "layer"), ("weights", "#weights"), ("kept_pct", "weights kept %"), ("weight_bits", "weight bits"),
+    ("weight_bits_huffman", "weight bits (Huffman)"), ("index_bits", "index bits"),
+    ("index_bits_huffman", "index bits (Huffman)"), ("compress_rate_pq_pct", "compress rate P+Q %"),
+    ("compress_rate_pct", "compress rate P+Q+H %"), ("size_bytes", "bytes"), ("compression_x", "compression x"),
+)
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """Bytes of one quantised layer in the file, by part (the bias is the layer's raw bias tensor)."""
+
+    name: str                  # weight FQN, e.g. "fc1.weight"
+    shape: tuple[int, ...]
+    kept: int                  # stored nonzeros
+    fillers: int               # filler zeros inserted by the relative index
+    clusters: int              # codebook entries (<= 2^weight_bits)
+    weight_bits: int
+    index_bits: int
+    bias_params: int
+    headers_bytes: int
+    codebook_bytes: int
+    tables_bytes: int
+    weight_codes_bytes: int
+    index_codes_bytes: int
+    bias_bytes: int
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 1
+
+    @property
+    def entries(self) -> int:
+        return self.kept + self.fillers
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(getattr(self, f"{part}_bytes") for part in PARTS)
+
+    @property
+    def dense_bytes(self) -> int:
+        """fp32 weight + bias."""
+        return 4 * (self.numel + self.bias_params)
+
+    @property
+    def fixed_length_bytes(self) -> int:
+        """This layer's size with fixed-length codes instead of Huffman (Han's "P+Q")."""
+        codes = -(-self.entries * self.weight_bits // 8) + -(-self.entries * self.index_bits // 8)
+        return self.headers_bytes + self.codebook_bytes + codes + self.bias_bytes
+
+    def to_row(self) -> dict[str, Any]:
+        entries = max(self.entries, 1)
+        return {
+            "layer": self.name.removesuffix(".weight"), "weights": self.numel, "kept": self.kept,
+            "kept_pct": 100.0 * self.kept / self.numel if self.numel else 0.0, "fillers": self.fillers,
+            "clusters": self.clusters, "weight_bits": self.weight_bits, "index_bits": self.index_bits,
+            "weight_bits_huffman": 8.0 * self.weight_codes_bytes / entries,
+            "index_bits_huffman": 8.0 * self.index_codes_bytes / entries,
+            **{f"{part}_bytes": getattr(self, f"{part}_bytes") for part in PARTS},
+            "size_bytes": self.total_bytes, "dense_bytes": self.dense_bytes,
+            "compress_rate_pq_pct": 100.0 * self.fixed_length_bytes / self.dense_bytes,
+            "compress_rate_pct": 100.0 * self.total_bytes / self.dense_bytes,
+            "compression_x": self.dense_bytes / self.total_bytes,
+        }
+
+
+@dataclass(frozen=True)
+class CompressionReport:
+    """What :func:`write_compressed` wrote: bytes per part per layer, totals, ratio to dense fp32.
+
+    ``total_bytes == file_header_bytes + sum(layer.total_bytes) + other_bytes`` is the
+    file's size; ``other_bytes`` is every raw tensor that is not a quantised layer's bias
+    (entry headers included).  ``dense_bytes`` is the state_dict in fp32 (4 bytes per
+    floating-point element; other dtypes at their own size).
+    """
+
+    path: str
+    layers: tuple[LayerReport, ...]
+    file_header_bytes: int
+    other_bytes: int
+    dense_bytes: int
+    other_params: int = 0
+    sha256: str = ""
+
+    @property
+    def total_bytes(self) -> int:
+        return self.file_header_bytes + sum(l.total_bytes for l in self.layers) + self.other_bytes
+
+    @property
+    def compression_x(self) -> float:
+        return self.dense_bytes / self.total_bytes
+
+    def part_totals(self) -> dict[str, int]:
+        totals = {f"{part}_bytes": sum(getattr(l, f"{part}_bytes") for l in self.layers) for part in PARTS}
+        return {**totals, "file_header_bytes": self.file_header_bytes, "other_bytes": self.other_bytes,
+                "total_bytes": self.total_bytes}
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        """One row per quantised layer (Han et al. 2016, Table 2) and a ``total`` row."""
+        rows = [l.to_row() for l in self.layers]
+        numel = sum(l.numel for l in self.layers)
+        kept = sum(l.kept for l in self.layers)
+        entries = max(sum(l.entries for l in self.layers), 1)
+        fixed = self.file_header_bytes + self.other_bytes + sum(l.fixed_length_bytes for l in self.layers)
+        rows.append({
+            "layer": "total", "weights": numel, "kept": kept, "kept_pct": 100.0 * kept / numel if numel else 0.0,
+            "fillers": sum(l.fillers for l in self.layers),
+            "weight_bits_huffman": 8.0 * sum(l.weight_codes_bytes for l in self.layers) / entries,
+            "index_bits_huffman": 8.0 * sum(l.index_codes_bytes for l in self.layers) / entries,
+            **self.part_totals(), "size_bytes": self.total_bytes, "dense_bytes": self.dense_bytes,
+            "compress_rate_pq_pct": 100.0 * fixed / self.dense_bytes,
+            "compress_rate_pct": 100.0 * self.total_bytes / self.dense_bytes, "compression_x": self.compression_x,
+        })
+        return rows
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "sha256": self.sha256, "dense_bytes": self.dense_bytes,
+                **self.part_totals(), "compression_x": self.compression_x, "layers": self.to_rows()}
+
+
+# --- writing ----------------------------------------------------------------------------
+class _Parts:
+    """A byte buffer whose pieces are tagged with the report part they belong to."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.sizes: dict[str, int] = {}
+
+    def add(self, part: str, data: bytes) -> None:
+        self.chunks.append(data)
+        self.sizes[part] = self.sizes.get(part, 0) + len(data)
+
+    def pack(self, part: str, fmt: str, *values: Any) -> None:
+        self.add(part, struct.pack("<" + fmt, *values))
+
+
+def _name_and_shape(parts: _Parts, part: str, kind: int, name: str, shape: tuple[int, ...], dtype: int | None) -> None:
+    encoded = name.encode("utf-8")
+    if len(encoded) > 0xFFFF or len(shape) > 0xFF or any(d > 0xFFFFFFFF for d in shape):
+        raise PrunelabError(f"tensor {name!r} of shape {shape} does not fit the format (name <= 65535 bytes, "
+                            "<= 255 dims of < 2^32); rename or reshape it")
+    parts.pack(part, "BH", kind, len(encoded))
+    parts.add(part, encoded)
+    if dtype is not None:
+        parts.pack(part, "B", dtype)
+    parts.pack(part, f"B{len(shape)}I", len(shape), *shape)
+
+
+def _encode_quantised(parts: _Parts, name: str, book: Codebook, index_bits: int) -> tuple[int, int]:
+    flat = book.assignments.reshape(-1).numpy()
+    positions = np.flatnonzero(flat >= 0)
+    index = relative_encode(positions, index_bits)
+    k = book.centroids.numel()
+    symbols = np.full(index.gaps.size, k, dtype=np.int64)          # filler = K
+    symbols[index.real] = flat[positions]
+    weight_lengths = huffman.code_lengths(np.bincount(symbols, minlength=k + 1))
+    index_lengths = huffman.code_lengths(np.bincount(index.gaps, minlength=1 << index_bits))
+    _name_and_shape(parts, "headers", _KIND_QUANTISED, name, tuple(book.assignments.shape), None)
+    parts.pack("headers", "BBIQ", book.bits, index_bits, k, index.gaps.size)
+    parts.add("codebook", book.centroids.to(torch.float32).numpy().astype("<f4").tobytes())
+    for lengths in (weight_lengths, index_lengths):
+        parts.pack("tables", "I", lengths.size)
+        parts.add("tables", lengths.tobytes())
+    for part, stream, lengths in (("weight_codes", symbols, weight_lengths), ("index_codes", index.gaps, index_lengths)):
+        data = huffman.encode(stream, lengths)
+        parts.pack("headers", "Q", len(data))
+        parts.add(part, data)
+    return positions.size, index.fillers
+
+
+def _encode_raw(parts: _Parts, part: str, name: str, tensor: torch.Tensor) -> None:
+    if tensor.dtype not in _DTYPES:
+        raise PrunelabError(f"tensor {name!r} has dtype {tensor.dtype}, which the format does not store; "
+                            f"supported: {', '.join(str(d).removeprefix('torch.') for d in _DTYPES)}")
+    t = tensor.detach().cpu().contiguous().reshape(-1)
+    data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    _name_and_shape(parts, "headers", _KIND_RAW, name, tuple(tensor.shape), _DTYPES.index(tensor.dtype))
+    parts.pack("headers", "Q", len(data))
+    parts.add(part, data)
+
+
+def _dense_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * (4 if tensor.is_floating_point() else tensor.element_size())
+
+
+def write_compressed(
+    path: str | os.PathLike,
+    model: nn.Module,
+    masks: Mapping[str, torch.Tensor] | None = None,
+    *,
+    bits: int | Mapping[str, int] | None = None,
+    index_bits: int | Mapping[str, int] | None = None,
+    max_iter: int = 100,
+) -> CompressionReport:
+    """Write ``model`` Deep-Compressed into ONE file at ``path`` (atomically); returns its byte report.
+
+    Every Linear/Conv weight is weight-shared (``bits``: int or mapping by weight FQN /
+    module / ``"conv"`` / ``"fc"``; default 8 conv / 5 fc), its kept entries located by
+    relative indices of ``index_bits`` (default 8 conv / 5 fc), and both streams
+    Huffman-coded.  A layer that already holds at most ``2^bits`` distinct kept values
+    (e.g. after :func:`~prunelab.compress.quantize.quantize_model` and
+    :func:`~prunelab.compress.quantize.finetune_centroids`) is stored exactly; any other
+    layer is k-means quantised here.  :func:`read_compressed` returns the quantised weights.
+    """
+    layers = quantizable_layers(model)
+    params = dict(model.named_parameters())
+    _check_masks(masks, params, layers)
+    weight_bits = resolve_bits(bits, layers, DEFAULT_BITS, "bits")
+    idx_bits = resolve_bits(index_bits, layers, DEFAULT_INDEX_BITS, "index_bits")
+    state = model.state_dict()
+    owner = {}  # bias FQN -> weight FQN of its quantised layer
+    for weight_name in layers:
+        bias_name = weight_name.removesuffix("weight") + "bias"
+        if bias_name in state and isinstance(state[bias_name], torch.Tensor):
+            owner[bias_name] = weight_name
+    body = _Parts()
+    body.pack("file", "I", len(state))
+    per_layer: dict[str, dict[str, Any]] = {}
+    other_bytes = 0
+    for name, tensor in state.items():
+        parts = _Parts()
+        if name in layers:
+            book = quantize_weight(tensor, (masks or {}).get(name), weight_bits[name], max_iter)
+            kept, fillers = _encode_quantised(parts, name, book, idx_bits[name])
+            info = per_layer.setdefault(name, {"bias_params": 0, "sizes": {}})
+            info.update(shape=tuple(tensor.shape), kept=kept, fillers=fillers, clusters=book.centroids.numel())
+        elif name in owner:
+            _encode_raw(parts, "bias", name, tensor)
+            info = per_layer.setdefault(owner[name], {"bias_params": 0, "sizes": {}})
+            info["bias_params"] = tensor.numel()
+        else:
+            _encode_raw(parts, "other", name, tensor)
+            other_bytes += sum(parts.sizes.values())
+            info = None
+        if info is not None:
+            for part, size in parts.sizes.items():
+                info["sizes"][part] = info["sizes"].get(part, 0) + size
+        for chunk in parts.chunks:
+            body.add("file", chunk)
+    payload = b"".join(body.chunks)
+    digest = hashlib.sha256(payload).digest()
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(payload), digest)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            handle.write(header)
+            handle.write(payload)
+    reports = tuple(
+        LayerReport(name=name, shape=per_layer[name]["shape"], kept=per_layer[name]["kept"],
+                    fillers=per_layer[name]["fillers"], clusters=per_layer[name]["clusters"],
+                    weight_bits=weight_bits[name], index_bits=idx_bits[name],
+                    bias_params=per_layer[name]["bias_params"],
+                    **{f"{part}_bytes": per_layer[name]["sizes"].get(part, 0) for part in PARTS})
+        for name in layers if name in per_layer
+    )
+    quantised_or_bias = set(layers) | set(owner)
+    return CompressionReport(
+        path=str(path), layers=reports, file_header_bytes=_HEADER.size + 4, other_bytes=other_bytes,
+        dense_bytes=sum(_dense_bytes(t) for t in state.values()),
+        other_params=sum(t.numel() for n, t in state.items() if n not in quantised_or_bias),
+        sha256=digest.hex(),
+    )
+
+
+# --- reading ----------------------------------------------------------------------------
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = memoryview(data), 0
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise PrunelabError(f"entry needs {n} bytes at offset {self.pos}, only {len(self.data) - self.pos} left")
+        out = bytes(self.data[self.pos:self.pos + n])
+        self.pos += n
+        return out
+
+    def unpack(self, fmt: str) -> tuple:
+        s = struct.Struct("<" + fmt)
+        return s.unpack(self.take(s.size))
+
+    def name_and_shape(self, with_dtype: bool) -> tuple[str, int | None, tuple[int, ...]]:
+        (length,) = self.unpack("H")
+        name = self.take(length).decode("utf-8")
+        dtype = self.unpack("B")[0] if with_dtype else None
+        (ndim,) = self.unpack("B")
+        return name, dtype, tuple(self.unpack(f"{ndim}I"))
+
+
+def _decode_quantised(reader: _Reader) -> tuple[str, torch.Tensor]:
+    name, _, shape = reader.name_and_shape(with_dtype=False)
+    _bits, index_bits, k, entries = reader.unpack("BBIQ")
+    centroids = np.frombuffer(reader.take(4 * k), dtype="<f4").astype(np.float32)
+    tables = [np.frombuffer(reader.take(reader.unpack("I")[0]), dtype=np.uint8) for _ in range(2)]
+    streams = [reader.take(reader.unpack("Q")[0]) for _ in range(2)]
+    numel = int(np.prod(shape)) if shape else 1
+    if entries > numel or not 1 <= index_bits <= 16:
+        raise PrunelabError(f"layer {name!r} claims {entries} entries for {numel} weights")
+    symbols = huffman.decode(streams[0], tables[0], entries)
+    gaps = huffman.decode(streams[1], tables[1], entries)
+    if entries and (symbols.max() > k or gaps.max() >= 1 << index_bits):
+        raise PrunelabError(f"layer {name!r} holds a cluster id or gap outside its codebook or index width")
+    positions = relative_decode(gaps, numel)
+    values = np.concatenate([centroids, np.zeros(1, dtype=np.float32)])  # id K = filler zero
+    weight = np.zeros(numel, dtype=np.float32)
+    weight[positions] = values[symbols]
+    return name, torch.from_numpy(weight).reshape(shape)
+
+
+def _decode_raw(reader: _Reader) -> tuple[str, torch.Tensor]:
+    name, dtype_code, shape = reader.name_and_shape(with_dtype=True)
+    if dtype_code >= len(_DTYPES):
+        raise PrunelabError(f"tensor {name!r} has unknown dtype code {dtype_code}")
+    dtype = _DTYPES[dtype_code]
+    data = reader.take(reader.unpack("Q")[0])
+    numel = int(np.prod(shape)) if shape else 1
+    if len(data) != numel * torch.empty(0, dtype=dtype).element_size():
+        raise PrunelabError(f"tensor {name!r} has {len(data)} bytes for {numel} elements of {dtype}")
+    if numel == 0:
+        return name, torch.empty(shape, dtype=dtype)
+    return name, torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape).clone()
+
+
+def read_compressed(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state_dict stored by :func:`write_compressed`: quantised weights (float32) and raw tensors.
+
+    Raises PrunelabError, and returns nothing, for a missing, foreign, truncated or
+    corrupt file (bad magic, length or sha256 mismatch, undecodable stream).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PrunelabError(f"compressed model {str(path)!r} does not exist; pass the file write_compressed wrote")
+    data = path.read_bytes()
+
+    def corrupt(reason: str) -> PrunelabError:
+        return PrunelabError(f"{str(path)!r} is corrupt or truncated ({reason}); re-create it with prunelab compress")
+
+    if len(data) < _HEADER.size:
+        raise corrupt(f"{len(data)} bytes, shorter than the {_HEADER.size}-byte header")
+    magic, version, _reserved, length, digest = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise corrupt(f"bad magic {magic!r}, expected {MAGIC!r}: not a prunelab compressed model")
+    if version != FORMAT_VERSION:
+        raise PrunelabError(f"{str(path)!r} uses compressed format version {version}; this prunelab reads "
+                            f"version {FORMAT_VERSION} -- install the prunelab version that wrote it")
+    payload = data[_HEADER.size:]
+    if len(payload) != length:
+        raise corrupt(f"payload is {len(payload)} bytes, the header says {length}")
+    if hashlib.sha256(payload).digest() != digest:
+        raise corrupt("sha256 checksum mismatch")
+    try:
+        reader = _Reader(payload)
+        (count,) = reader.unpack("I")
+        state: dict[str, torch.Tensor] = {}
+        for _ in range(count):
+            (kind,) = reader.unpack("B")
+            if kind == _KIND_QUANTISED:
+                name, tensor = _decode_quantised(reader)
+            elif kind == _KIND_RAW:
+                name, tensor = _decode_raw(reader)
+            else:
+                raise PrunelabError(f"unknown entry kind {kind} at offset {reader.pos - 1}")
+            state[name] = tensor
+        if reader.pos != len(payload):
+            raise PrunelabError(f"{len(payload) - reader.pos} unread bytes after the last entry")
+    except (PrunelabError, struct.error, UnicodeDecodeError, ValueError, IndexError, RuntimeError) as exc:
+        raise corrupt(str(exc).split(";")[0]) from None
+    return state

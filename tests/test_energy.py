@@ -1,0 +1,74 @@
+"""Energy model: hand-computed MACs, bytes and picojoules on tiny layers."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from prunelab.compress import write_compressed
+from prunelab.errors import PrunelabError
+from prunelab.measure.energy import ASSUMPTIONS, HOROWITZ_45NM, EnergyTable, estimate_energy
+
+
+def _linear_with_five_nonzeros():
+    layer = nn.Linear(4, 3)
+    mask = torch.zeros(3, 4, dtype=torch.bool)
+    mask.view(-1)[[0, 3, 5, 8, 11]] = True
+    with torch.no_grad():
+        layer.weight.copy_(torch.arange(1.0, 13.0).reshape(3, 4) * mask)
+    return layer, {"weight": mask}
+
+
+def test_table_is_horowitz_and_frozen():
+    t = HOROWITZ_45NM
+    assert (t.float_add_pj, t.float_mult_pj, t.int_add_pj, t.int_mult_pj) == (0.9, 3.7, 0.1, 3.1)
+    assert (t.register_pj, t.sram_pj, t.dram_pj) == (1.0, 5.0, 640.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        t.dram_pj = 1.0  # type: ignore[misc]
+
+
+def test_linear_4x3_with_5_nonzeros_hand_computed(tmp_path):
+    layer, masks = _linear_with_five_nonzeros()
+    report = write_compressed(tmp_path / "l.plc", layer, masks, bits=2, index_bits=2)
+    energy = estimate_energy(layer, torch.randn(1, 4), masks, compressed=report)
+    rows = {r.form: r for r in energy.layers}
+    assert energy.forms == ("dense", "pruned", "sparse", "compressed")
+    # dense: 12 MACs * (3.7 + 0.9); (12 + 3) fp32 words from DRAM; (4 in + 3 out) fp32 words in SRAM
+    d = rows["dense"]
+    assert (d.macs, d.weight_bytes, d.activation_bytes) == (12, 60, 28)
+    assert d.compute_pj == pytest.approx(55.2) and d.weight_pj == pytest.approx(9600.0)
+    assert d.activation_pj == pytest.approx(35.0) and d.total_pj == pytest.approx(9690.2)
+    # pruned: 5 MACs, 5 weights + 3 biases fetched
+    p = rows["pruned"]
+    assert (p.macs, p.weight_bytes) == (5, 32)
+    assert p.compute_pj == pytest.approx(23.0) and p.weight_pj == pytest.approx(5120.0)
+    # sparse: bitmap (20 values + 2 bytes of bits + 12 bias) beats CSR (20 + 20 + 16 + 12)
+    s = rows["sparse"]
+    assert s.weight_bytes == 34 and s.weight_pj == pytest.approx(34 / 4 * 640)
+    # compressed: the file's bytes for this layer; + (1 pJ register + 0.1 pJ int add) per nonzero
+    c = rows["compressed"]
+    assert c.weight_bytes == report.layers[0].total_bytes
+    assert c.compute_pj == pytest.approx(23.0 + 5 * 1.1)
+    assert c.weight_pj == pytest.approx(report.layers[0].total_bytes / 4 * 640)
+    total = energy.total("dense")
+    assert total["total_pj"] == pytest.approx(9690.2)
+    summary = {r["form"]: r for r in energy.summary_rows()}
+    assert summary["dense"]["energy_saving_x"] == 1.0
+    assert summary["pruned"]["energy_nj"] == pytest.approx((23.0 + 5120.0 + 35.0) / 1e3)
+    assert energy.assumptions == ASSUMPTIONS and "DRAM" in ASSUMPTIONS
+
+
+def test_conv_activations_and_custom_table():
+    conv = nn.Conv2d(1, 2, 3, bias=False)  # (1, 5, 5) -> (2, 3, 3): 18 weights x 9 positions
+    table = EnergyTable(float_add_pj=1.0, float_mult_pj=1.0, dram_pj=4.0, sram_pj=4.0)
+    energy = estimate_energy(conv, torch.randn(2, 1, 5, 5), table=table)
+    dense = {r.form: r for r in energy.layers}["dense"]
+    assert (dense.macs, dense.weight_bytes, dense.activation_bytes) == (162, 72, 4 * (25 + 18))
+    assert dense.total_pj == pytest.approx(162 * 2 + 18 + 43)
+    with pytest.raises(PrunelabError, match="compressed"):
+        energy.total("compressed")
+    with pytest.raises(PrunelabError, match="EnergyTable"):
+        estimate_energy(conv, torch.randn(1, 1, 5, 5), table={"dram_pj": 1})
