@@ -50,8 +50,7 @@ def main(out: Path) -> None:
         "weight_sum": float(sum(p.double().sum() for p in model.parameters())),
     }
     (out / f"rank{rank}.json").write_text(json.dumps(record))
-    torch.distributed.barrier()  # no rank tears down gloo while its peer is still talking to it
-    torch.distributed.destroy_process_group()
+    distributed.shutdown()  # barrier first: no rank tears gloo down while its peer still talks to it
 
 
 if __name__ == "__main__":

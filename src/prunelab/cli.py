@@ -85,11 +85,16 @@ def _print_run(record: dict[str, Any], out: str) -> None:
 
 
 def cmd_prune(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> int:
-    from prunelab import pipeline
+    from prunelab import distributed, pipeline
 
     config = _config_from_args(args, defaults)
-    record = pipeline.run(config)
-    _print_run(record, str(config.out_dir()))
+    distributed.init_from_env()  # under torchrun: DDP training, masks from scores reduced across ranks
+    try:
+        record = pipeline.run(config)
+        if distributed.is_main_process():
+            _print_run(record, str(config.out_dir()))
+    finally:
+        distributed.shutdown()
     return 0
 
 

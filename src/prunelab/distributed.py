@@ -56,3 +56,10 @@ def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     if is_distributed() and world_size() > 1:
         dist.broadcast(tensor, src=src)
     return tensor
+
+
+def shutdown() -> None:
+    """Wait for every rank, then tear the process group down (no-op when not distributed)."""
+    if is_distributed():
+        dist.barrier()
+        dist.destroy_process_group()

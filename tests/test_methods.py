@@ -1,0 +1,73 @@
+"""Methods end to end on the embedded digits data: targets met, per-layer rates honoured."""
+
+import pytest
+import torch
+
+from prunelab.bench.datasets import load_dataset, make_loaders
+from prunelab.bench.models import build_model
+from prunelab.bench.training import TrainConfig, seed_everything, train
+from prunelab.methods import METHODS, PruneSpec, run_gradual, run_iterative, run_oneshot
+from prunelab.schedules import per_round_sparsity
+
+CONFIG = TrainConfig(epochs=1, batch_size=64, lr=0.05, progress=False)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    splits = load_dataset("digits")
+    train_loader, test_loader = make_loaders(splits, 64, seed=0)
+    return splits, train_loader, test_loader
+
+
+def trained_mlp(digits):
+    splits, train_loader, _ = digits
+    seed_everything(0)
+    model = build_model("digits_mlp", splits.input_shape, splits.num_classes)
+    train(model, train_loader, TrainConfig(epochs=3, batch_size=64, lr=0.05, progress=False))
+    return model
+
+
+def test_registry_lists_the_three_methods():
+    assert METHODS.names() == ["gradual", "iterative", "oneshot"]
+
+
+def test_oneshot_hits_target_and_fine_tunes(digits):
+    _, train_loader, test_loader = digits
+    model = trained_mlp(digits)
+    result = run_oneshot(model, train_loader, test_loader, PruneSpec(sparsity=0.8, finetune_epochs=1), CONFIG)
+    assert [r["stage"] for r in result.rows] == ["pruned", "fine-tuned"]
+    assert result.masks.stats().kept == round(0.2 * result.masks.stats().total)
+    for name, param in model.named_parameters():
+        if name in result.masks:
+            assert torch.all(param[~result.masks[name]] == 0)
+
+
+def test_iterative_rounds_and_per_layer_rates(digits):
+    _, train_loader, test_loader = digits
+    model = trained_mlp(digits)
+    spec = PruneSpec(sparsity=0.9, rounds=3, finetune_epochs=1, allocation="uniform", layer_rates={"fc3": 0.1})
+    result = run_iterative(model, train_loader, test_loader, spec, CONFIG)
+    assert [r["round"] for r in result.rows] == [1, 2, 3]
+    layers = {l.name: l for l in result.masks.stats().layers}
+    assert layers["fc3.weight"].kept == round((1 - per_round_sparsity(0.1, 3)) * 640)  # 0.9^3 of the output layer
+    assert layers["fc1.weight"].sparsity == pytest.approx(0.9, abs=2e-3)  # the rest prune p = 1 - 0.1^(1/3) per round
+    sparsities = [r["sparsity"] for r in result.rows]
+    assert sparsities == sorted(sparsities)
+
+
+def test_gradual_follows_cubic_schedule(digits):
+    _, train_loader, test_loader = digits
+    model = trained_mlp(digits)
+    config = TrainConfig(epochs=4, batch_size=64, lr=0.02, progress=False)
+    result = run_gradual(model, train_loader, test_loader, PruneSpec(sparsity=0.75, num_updates=5, finetune_epochs=0), config)
+    targets = [h["target_sparsity"] for h in result.history]
+    assert len(targets) == 5 and targets == sorted(targets)  # the update at t0 has s_i = 0: nothing to prune and targets[-1] == pytest.approx(0.75)
+    assert result.masks.stats().sparsity == pytest.approx(0.75, abs=1e-3)
+
+
+def test_gradual_needs_room(digits):
+    from prunelab.errors import PrunelabError
+
+    _, train_loader, test_loader = digits
+    with pytest.raises(PrunelabError, match="train longer"):
+        run_gradual(trained_mlp(digits), train_loader, test_loader, PruneSpec(num_updates=500), CONFIG)
