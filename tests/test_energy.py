@@ -67,7 +67,7 @@ def test_conv_activations_and_custom_table():
     energy = estimate_energy(conv, torch.randn(2, 1, 5, 5), table=table)
     dense = {r.form: r for r in energy.layers}["dense"]
     assert (dense.macs, dense.weight_bytes, dense.activation_bytes) == (162, 72, 4 * (25 + 18))
-    assert dense.total_pj == pytest.approx(162 * 2 + 18 + 43)
+    assert dense.total_pj == pytest.approx(162 * 2 + 72 / 4 * 4 + 4 * 43 / 4 * 4)
     with pytest.raises(PrunelabError, match="compressed"):
         energy.total("compressed")
     with pytest.raises(PrunelabError, match="EnergyTable"):

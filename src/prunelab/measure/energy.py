@@ -139,6 +139,10 @@ class EnergyReport:
                 "assumptions": self.assumptions, "summary": self.summary_rows(), "layers": self.to_rows()}
 
 
+def _weight_name(module_name: str) -> str:
+    return f"{module_name}.weight" if module_name else "weight"
+
+
 def _activation_elements(model: nn.Module, example_input: torch.Tensor) -> dict[str, tuple[int, int]]:
     """Per-sample (input, output) element counts of every Linear/Conv layer, from one forward pass."""
     sizes: dict[str, list[int]] = {}
@@ -195,8 +199,8 @@ def estimate_energy(
         if layers is None:
             raise PrunelabError(f"compressed must be a CompressionReport, got {type(compressed).__name__}; "
                                 "pass what write_compressed returned")
-        file_layers = {l.name.removesuffix(".weight"): l for l in layers}
-        missing = [l.name for l in cost.layers if l.name not in file_layers]
+        file_layers = {l.name: l for l in layers}  # keyed by weight FQN
+        missing = [_weight_name(l.name) for l in cost.layers if _weight_name(l.name) not in file_layers]
         if missing:
             raise PrunelabError(f"the CompressionReport has no layer {missing[0]!r}; pass the report written for "
                                 "this model")
@@ -216,7 +220,7 @@ def estimate_energy(
             elif form == "sparse":
                 weight_bytes = layer.best_sparse_bytes
             else:
-                stored = file_layers[layer.name]
+                stored = file_layers[_weight_name(layer.name)]
                 weight_bytes = stored.total_bytes
                 compute += stored.kept * (table.register_pj + table.int_add_pj)
             rows.append(LayerEnergy(
