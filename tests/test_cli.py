@@ -158,3 +158,22 @@ def test_real_process_exit_status_and_no_traceback(tmp_path):
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and done.stderr.startswith("error: ")
     assert not (tmp_path / "x").exists()
+
+
+def test_compress_writes_a_file_that_decodes(capsys, tmp_path, pruned_run):
+    from prunelab.compress import read_compressed
+
+    target = tmp_path / "model.plc"
+    code, out, err = run_cli(capsys, "compress", str(pruned_run), "--out", str(target), "--bits", "5", "--no-progress")
+    assert code == 0, err
+    assert target.is_file() and "decoded from the file" in out and "| total" in out
+    state = read_compressed(target)
+    masks = load_file(str(pruned_run / "masks.safetensors"))
+    for name, mask in masks.items():
+        assert torch.all(state[name][~mask] == 0)
+        assert len(torch.unique(state[name][mask])) <= 32  # 5-bit codebook
+
+
+def test_compress_bad_bits_is_one_line(capsys, tmp_path, pruned_run):
+    code, _, err = run_cli(capsys, "compress", str(pruned_run), "--out", str(tmp_path / "m.plc"), "--bits", "0")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and not (tmp_path / "m.plc").exists()

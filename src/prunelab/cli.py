@@ -172,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="per-layer sparsity of a saved checkpoint (model + masks)")
     inspect.add_argument("checkpoint", help="checkpoint folder written by prune/demo")
     inspect.set_defaults(func=cmd_inspect)
+
+    from prunelab.cli_compress import add_compress_parser
+
+    add_compress_parser(sub)
     return parser
 
 

@@ -1,0 +1,74 @@
+"""``prunelab compress CHECKPOINT --out FILE``: Deep Compression of a pruned checkpoint.
+
+Quantises every pruned layer by k-means weight sharing (optionally fine-tunes the
+centroids), writes one Huffman-coded file, reads it back and evaluates the decoded model
+on the checkpoint's test set, so the size and error printed are those of the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from prunelab.errors import PrunelabError
+
+
+def _parse_bits(text: str) -> int | dict[str, int]:
+    """``5`` or ``fc=5,conv=8`` or ``fc1.weight=6,...``."""
+    try:
+        if "=" not in text:
+            return int(text)
+        return {k.strip(): int(v) for k, v in (part.split("=", 1) for part in text.split(",") if part.strip())}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected BITS or NAME=BITS[,NAME=BITS...], got {text!r}") from None
+
+
+def add_compress_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser("compress", help="Deep Compression (Han et al. 2016): quantise + Huffman-code a checkpoint")
+    parser.add_argument("checkpoint", help="checkpoint folder written by prune/demo")
+    parser.add_argument("--out", required=True, help="compressed file to write (e.g. model.plc)")
+    parser.add_argument("--bits", type=_parse_bits, default=None, help="weight bits: N, or fc=5,conv=8 (default 5 fc / 8 conv)")
+    parser.add_argument("--index-bits", type=_parse_bits, default=None, help="relative-index bits (default 5 fc / 8 conv)")
+    parser.add_argument("--finetune-epochs", type=int, default=0, help="epochs of centroid fine-tuning (needs the dataset)")
+    parser.add_argument("--finetune-lr", type=float, default=0.01)
+    parser.add_argument("--data-dir", default=None, help="dataset folder for evaluation (default: $PRUNELAB_DATA)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    parser.set_defaults(func=cmd_compress)
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from prunelab.bench.datasets import load_dataset, make_loaders
+    from prunelab.bench.models import build_model
+    from prunelab.bench.training import evaluate
+    from prunelab.checkpoint import load_checkpoint
+    from prunelab.compress import REPORT_COLUMNS, finetune_centroids, quantize_model, read_compressed, write_compressed
+    from prunelab.measure.energy import estimate_energy
+    from prunelab.measure.tables import markdown_table
+
+    if args.finetune_epochs < 0:
+        raise PrunelabError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
+    ckpt = load_checkpoint(args.checkpoint)
+    meta = ckpt.meta
+    splits = load_dataset(meta["dataset"], args.data_dir)
+    train_loader, test_loader = make_loaders(splits, 128, seed=0)
+    before = evaluate(ckpt.model, test_loader)
+    codebooks = quantize_model(ckpt.model, ckpt.masks, bits=args.bits)
+    if args.finetune_epochs:
+        finetune_centroids(ckpt.model, codebooks, train_loader, args.finetune_epochs, args.finetune_lr, progress=args.progress)
+    report = write_compressed(args.out, ckpt.model, ckpt.masks, bits=args.bits, index_bits=args.index_bits)
+    decoded = build_model(meta["model"], tuple(meta["input_shape"]), int(meta["num_classes"]))
+    decoded.load_state_dict(read_compressed(args.out))
+    after = evaluate(decoded, test_loader)
+    example = splits.test[0][0].unsqueeze(0)
+    energy = estimate_energy(decoded, example, ckpt.masks, compressed=report)
+
+    print(markdown_table(report.to_rows(), REPORT_COLUMNS))
+    print()
+    print(f"{args.out}: {report.total_bytes:,} bytes, {report.compression_x:.1f}x smaller than dense fp32; "
+          f"test error {before['error_pct']:.2f}% pruned -> {after['error_pct']:.2f}% decoded from the file")
+    print()
+    print(markdown_table(energy.summary_rows(), (
+        ("form", "form"), ("macs", "MACs"), ("weight_bytes", "weight bytes"), ("energy_nj", "energy nJ / inference"),
+        ("energy_saving_x", "saving x"))))
+    print(energy.assumptions)
+    return 0
