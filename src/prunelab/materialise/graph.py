@@ -1,0 +1,688 @@
+"""Channel dependency graph of a model, traced with torch.fx.
+
+A structured (channel / neuron) mask removes whole output rows ``w[o]`` of a Linear or
+Conv (Li et al. 2017, "Pruning Filters for Efficient ConvNets").  To make the network
+physically smaller, every tensor that carries those channels and every layer that reads
+them must be cut consistently -- the dependency-graph view of Fang et al. 2023
+("DepGraph: Towards Any Structural Pruning", the idea behind Torch-Pruning).
+
+:func:`build_graph` traces the model with :mod:`torch.fx` (Linear, Conv, BatchNorm,
+``torch.nn`` modules and attention units are leaves), runs ``ShapeProp`` on the example
+input and describes the channel dimension of every tensor as a :class:`Layout`: runs of
+channels (:class:`Segment`), each from one *channel space* -- the output rows of one
+producer layer.  Ops that make tensors share channels (``x + f(x)``, ``x * gate``)
+couple their spaces in a union-find; its classes are the *coupled groups* that are cut
+together.  ``torch.cat`` along channels concatenates segments (each input keeps its own
+offsets); ``flatten`` / ``view`` merging the channel dim with the spatial dims gives
+every channel ``H*W`` consecutive positions (``inner``), which is how a Linear after a
+flatten finds its input columns ``c*H*W .. (c+1)*H*W``.
+
+Every op a pruned channel may not pass is recorded as a :class:`Pin` (a *barrier*); the
+planner (:mod:`prunelab.materialise.shrink`) turns pins that pruned channels actually
+reach into one-line problems naming the op, the node and the module.
+
+Tracing: a submodule whose ``forward`` torch.fx cannot trace (data-dependent control
+flow, iterating a tensor, ...) is re-traced as an *opaque* leaf; pruned channels that
+reach it are then reported.  A failure in the root ``forward`` raises PrunelabError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import operator
+import traceback
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.node import _get_qualified_name, map_aggregate
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+
+from prunelab.errors import PrunelabError
+
+LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear,)
+CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+BN_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+MAX_OPAQUE = 16  # at most this many untraceable submodules are turned into opaque leaves
+
+POINTWISE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh,
+    nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid,
+)
+IDENTITY_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+)
+POOL_MODULES: tuple[type[nn.Module], ...] = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+)
+AVGPOOL_MODULES: tuple[type[nn.Module], ...] = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+
+POINTWISE_FUNCTIONS = frozenset({
+    torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.abs, torch.neg, torch.clamp, operator.neg,
+    F.relu, F.relu6, F.gelu, F.silu, F.elu, F.selu, F.celu, F.leaky_relu, F.hardswish, F.hardsigmoid, F.hardtanh,
+    F.softplus, F.mish, F.sigmoid, F.tanh,
+})
+IDENTITY_FUNCTIONS = frozenset({F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout})
+BINARY_FUNCTIONS = frozenset({
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub, operator.imul,
+    operator.itruediv, torch.add, torch.sub, torch.mul, torch.div,
+})
+MULTIPLICATIVE = frozenset({operator.mul, operator.imul, torch.mul, "mul", "mul_"})
+CAT_FUNCTIONS = frozenset({torch.cat, torch.concat, torch.concatenate})
+POOL_FUNCTIONS = frozenset({
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+})
+AVGPOOL_FUNCTIONS = frozenset({F.avg_pool1d, F.avg_pool2d, F.avg_pool3d})
+REDUCE_FUNCTIONS = {torch.mean: "mean", torch.sum: "sum", torch.amax: "max"}
+
+POINTWISE_METHODS = frozenset({"relu", "relu_", "sigmoid", "tanh", "exp", "abs", "neg", "clamp", "clamp_min", "clamp_max"})
+IDENTITY_METHODS = frozenset({"contiguous", "clone", "detach", "float", "double", "half", "to", "type_as"})
+BINARY_METHODS = frozenset({"add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_"})
+RESHAPE_METHODS = frozenset({"view", "reshape", "flatten"})
+REDUCE_METHODS = {"mean": "mean", "sum": "sum", "amax": "max"}
+
+
+# --- layouts -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Segment:
+    """A run of ``size`` channels of one channel space along a tensor's channel dim.
+
+    ``space`` is a channel-space id, or None for channels that can never be removed (the
+    model input, outputs of ops the planner does not understand).  Each channel occupies
+    ``inner`` consecutive positions (1 for conv/linear outputs, ``H*W`` after a flatten).
+    """
+
+    space: int | None
+    size: int
+    inner: int = 1
+
+    @property
+    def length(self) -> int:
+        return self.size * self.inner
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The channel dim ``dim`` (non-negative) of a tensor and the segments along it."""
+
+    dim: int
+    segments: tuple[Segment, ...]
+
+    @property
+    def length(self) -> int:
+        return sum(s.length for s in self.segments)
+
+    def scaled(self, factor: int, dim: int) -> Layout:
+        """The layout after merging this dim with trailing dims of total size ``factor``."""
+        return Layout(dim, tuple(Segment(s.space, s.size, s.inner * factor) for s in self.segments))
+
+    def moved(self, dim: int) -> Layout:
+        return Layout(dim, self.segments)
+
+    def same_structure(self, other: Layout) -> bool:
+        return [(s.size, s.inner) for s in self.segments] == [(s.size, s.inner) for s in other.segments]
+
+    def spaces(self) -> list[int]:
+        return [s.space for s in self.segments if s.space is not None]
+
+
+@dataclass(frozen=True)
+class Owner:
+    """A weight whose row mask decides a channel space: rows ``offset + c*inner ..`` of ``param``.
+
+    ``required``: without a mask the owner keeps every channel (a producer layer); a
+    pass-through owner (a depthwise conv) without a mask has no opinion.
+    """
+
+    param: str
+    offset: int
+    inner: int
+    required: bool = True
+
+
+@dataclass
+class Space:
+    """The output channels of one producer (a Linear/Conv's rows, or the heads of an attention unit)."""
+
+    size: int
+    label: str
+    owners: list[Owner] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Pin:
+    """Channels of ``spaces`` may not be removed: ``kind`` is 'output', 'op' (a barrier) or 'fixed'."""
+
+    spaces: tuple[int, ...]
+    kind: str
+    what: str
+
+
+@dataclass(frozen=True)
+class Op:
+    """One traced op the planner visits in graph order.
+
+    ``kind``: linear, conv, depthwise, grouped, bn, attention, pointwise, identity, pool,
+    pool_zero (a zero-padded average pool: pruned constants must be 0), reshape, reduce,
+    cat, binary, barrier.  ``inputs``: the tensor operands (fx nodes) whose layouts
+    matter.  ``factor``: reshape / sum-reduce multiplier.  ``literal``: a reshape with a
+    fixed size at the channel dim.  ``zero_required``: a product with a tensor broadcast
+    over channels.
+    """
+
+    node: fx.Node
+    kind: str
+    target: str | None
+    inputs: tuple[fx.Node, ...]
+    output: Layout | None
+    factor: int = 1
+    literal: bool = False
+    zero_required: bool = False
+    heads: int | None = None  # attention units: the heads' channel space
+
+
+@dataclass
+class ChannelGraph:
+    """The traced model, its channel spaces, couplings, ops and pins."""
+
+    module: fx.GraphModule
+    spaces: list[Space]
+    parent: list[int]
+    ops: list[Op]
+    layouts: dict[str, Layout | None]
+    pins: list[Pin]
+    opaque: dict[str, str]
+    calls: Counter
+    producers: dict[str, int]  # module FQN -> the space of its output rows
+    scopes: dict[str, str]     # node name -> FQN of the module whose forward created it
+    accounted: set[str] = field(default_factory=set)  # weights whose rows the graph can cut
+
+    def find(self, space: int) -> int:
+        while self.parent[space] != space:
+            self.parent[space] = self.parent[self.parent[space]]
+            space = self.parent[space]
+        return space
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+    def layout(self, node: fx.Node) -> Layout | None:
+        return self.layouts.get(node.name)
+
+
+# --- helpers -------------------------------------------------------------------------------
+def is_attention_unit(module: nn.Module) -> bool:
+    """A self-attention unit shrink handles as a whole: Linear ``q_proj/k_proj/v_proj/out_proj`` + int ``num_heads``.
+
+    Its forward must compute ``softmax(q k^T / sqrt(d)) v`` per head of ``head_dim =
+    q_proj.out_features // num_heads`` channels and read ``self.num_heads`` at call time.
+    """
+    projections = [getattr(module, n, None) for n in ("q_proj", "k_proj", "v_proj", "out_proj")]
+    heads = getattr(module, "num_heads", None)
+    if not all(isinstance(p, nn.Linear) for p in projections) or isinstance(heads, bool) or not isinstance(heads, int):
+        return False
+    q, k, v, out = projections
+    return heads > 0 and q.out_features == k.out_features == v.out_features == out.in_features and q.out_features % heads == 0
+
+
+def is_depthwise(conv: nn.Module) -> bool:
+    return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
+
+
+def zero_padded(conv_or_pool: nn.Module) -> bool:
+    """True when the op pads with zeros (a constant channel then varies near the border)."""
+    if getattr(conv_or_pool, "padding_mode", "zeros") != "zeros":
+        return False
+    padding = conv_or_pool.padding
+    if padding == "valid":
+        return False
+    if padding == "same":
+        return any(k > 1 for k in conv_or_pool.kernel_size)
+    return any(p > 0 for p in (padding if isinstance(padding, tuple) else (padding,)))
+
+
+def describe_target(node: fx.Node, gm: fx.GraphModule) -> str:
+    """``call_function torch.roll``, ``call_method .view()``, ``call_module LayerNorm 'ln'``."""
+    if node.op == "call_function":
+        return f"call_function {_get_qualified_name(node.target).replace('_operator.', 'operator.')}"
+    if node.op == "call_method":
+        return f"call_method .{node.target}()"
+    if node.op == "call_module":
+        return f"call_module {type(gm.get_submodule(node.target)).__name__} '{node.target}'"
+    return f"{node.op} {node.target}"
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every module in eval mode; restore each module's own flag afterwards."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        yield model
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def as_inputs(example_input: Any) -> tuple[Any, ...]:
+    return tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+
+
+# --- tracing -------------------------------------------------------------------------------
+class ShrinkTracer(fx.Tracer):
+    """fx tracer whose leaves are torch.nn modules, attention units and ``opaque`` modules.
+
+    Records the module path at the first failure so a trace error can name its module.
+    """
+
+    def __init__(self, opaque: frozenset[str]) -> None:
+        super().__init__()
+        self.opaque = opaque
+        self.stack: list[str] = []
+        self.failed_in: list[str] | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.opaque or is_attention_unit(m):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        try:
+            name = self.path_of_module(m)
+        except NameError:
+            name = f"<unregistered {type(m).__name__}>"
+        self.stack.append(name)
+        try:
+            result = super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = list(self.stack)
+            raise
+        finally:
+            self.stack.pop()
+        return result
+
+
+def _failure_site(exc: BaseException) -> str:
+    """``file.py:12 `if x.sum() > 0:``` for the innermost frame outside torch."""
+    torch_dir = str(Path(torch.__file__).parent)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(torch_dir)]
+    frames = [f for f in frames if not f.filename.endswith(("materialise/graph.py",))]
+    if not frames:
+        return ""
+    frame = frames[-1]
+    code = f" `{frame.line.strip()}`" if frame.line else ""
+    return f" at {Path(frame.filename).name}:{frame.lineno}{code}"
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
+
+
+def trace_model(model: nn.Module) -> tuple[fx.GraphModule, dict[str, str], dict[str, str]]:
+    """Trace ``model``; untraceable submodules become opaque leaves.
+
+    Returns the GraphModule, ``{opaque module FQN: why}`` and ``{node name: scope FQN}``.
+    """
+    opaque: dict[str, str] = {}
+    for _ in range(MAX_OPAQUE + 1):
+        tracer = ShrinkTracer(frozenset(opaque))
+        try:
+            graph = tracer.trace(model)
+        except Exception as exc:  # noqa: BLE001 -- user forward code may raise anything under tracing
+            where = [p for p in (tracer.failed_in or []) if p]
+            why = f"{_reason(exc)}{_failure_site(exc)}"
+            if not where or where[-1] in opaque or where[-1].startswith("<") or len(opaque) >= MAX_OPAQUE:
+                raise PrunelabError(
+                    f"cannot trace {type(model).__name__} with torch.fx ({why}); structured shrink needs an fx-traceable "
+                    "forward: move the data-dependent code into a submodule (shrink then keeps it whole; exclude the "
+                    "layers feeding it from pruning) or rewrite it without Python control flow on tensors"
+                ) from None
+            opaque[where[-1]] = why
+            continue
+        scopes = {name: scope[0] for name, scope in tracer.node_name_to_scope.items()}
+        return fx.GraphModule(tracer.root, graph, type(model).__name__), opaque, scopes
+    raise AssertionError("unreachable")
+
+
+def propagate_shapes(gm: fx.GraphModule, model: nn.Module, inputs: tuple[Any, ...]) -> None:
+    """Run ShapeProp in eval mode without gradients (BatchNorm statistics stay untouched)."""
+    try:
+        with eval_mode(model), torch.no_grad():
+            ShapeProp(gm).propagate(*inputs)
+    except Exception as exc:  # noqa: BLE001 -- the user's model may raise anything on a bad input
+        shapes = ", ".join(str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs)
+        raise PrunelabError(
+            f"the model cannot run example_input {shapes} ({_reason(exc)}); pass an input the model accepts, "
+            "e.g. one batch of its data"
+        ) from None
+
+
+# --- pass 1: layouts, couplings, pins ------------------------------------------------------
+class _Builder:
+    def __init__(self, gm: fx.GraphModule, opaque: dict[str, str], scopes: dict[str, str]) -> None:
+        self.gm = gm
+        self.g = ChannelGraph(gm, [], [], [], {}, [], opaque, Counter(), {}, scopes)
+
+    # spaces and pins
+    def new_space(self, size: int, label: str, owners: list[Owner]) -> int:
+        self.g.spaces.append(Space(size, label, owners))
+        self.g.parent.append(len(self.g.parent))
+        return len(self.g.spaces) - 1
+
+    def producer(self, name: str, size: int, inner: int = 1) -> int:
+        if name not in self.g.producers:
+            self.g.producers[name] = self.new_space(size, name, [Owner(f"{name}.weight", 0, inner)])
+            self.g.accounted.add(f"{name}.weight")
+        return self.g.producers[name]
+
+    def pin(self, layouts: list[Layout | None], kind: str, what: str) -> None:
+        spaces = tuple(s for lay in layouts if lay is not None for s in lay.spaces())
+        if spaces:
+            self.g.pins.append(Pin(spaces, kind, what))
+
+    def where(self, node: fx.Node) -> str:
+        scope = self.g.scopes.get(node.name, "")
+        module = node.target if node.op == "call_module" else scope
+        suffix = f" (module '{module}')" if module and node.op != "call_module" else ""
+        return f"{describe_target(node, self.gm)} at node '{node.name}'{suffix}"
+
+    def barrier(self, node: fx.Node, why: str = "cannot propagate channel pruning") -> None:
+        inputs = self.tensor_inputs(node)
+        self.pin([self.g.layout(n) for n in inputs], "op", f"{self.where(node)}: {why}")
+        self.emit(node, "barrier", inputs, None)
+
+    def emit(self, node: fx.Node, kind: str, inputs: list[fx.Node], output: Layout | None, **extra: Any) -> None:
+        target = node.target if node.op == "call_module" else None
+        self.g.ops.append(Op(node, kind, target, tuple(inputs), output, **extra))
+        self.g.layouts[node.name] = output
+
+    # node facts
+    def tensor_inputs(self, node: fx.Node) -> list[fx.Node]:
+        found: list[fx.Node] = []
+        map_aggregate((node.args, node.kwargs), lambda a: found.append(a) if isinstance(a, fx.Node) else None)
+        return [n for n in found if isinstance(n.meta.get("tensor_meta"), TensorMetadata)]
+
+    @staticmethod
+    def shape(node: fx.Node) -> tuple[int, ...] | None:
+        meta = node.meta.get("tensor_meta")
+        return tuple(meta.shape) if isinstance(meta, TensorMetadata) else None
+
+    def build(self) -> ChannelGraph:
+        for node in self.gm.graph.nodes:
+            if node.op in ("placeholder", "get_attr"):
+                self.g.layouts[node.name] = None
+            elif node.op == "output":
+                outputs = self.tensor_inputs(node)
+                self.pin([self.g.layout(n) for n in outputs], "output", "the model's output")
+            elif not isinstance(node.meta.get("tensor_meta"), (TensorMetadata, tuple, list, dict)):
+                self.g.layouts[node.name] = None  # shape queries (x.size(0), x.shape) carry no channels
+            elif node.op == "call_module":
+                self.g.calls[node.target] += 1
+                self.visit_module(node, self.gm.get_submodule(node.target))
+            elif node.op == "call_function":
+                self.visit_function(node)
+            else:
+                self.visit_method(node)
+        return self.g
+
+    # modules
+    def visit_module(self, node: fx.Node, module: nn.Module) -> None:
+        name = node.target
+        x = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        lay = self.g.layout(x) if x is not None else None
+        out_rank = len(self.shape(node) or ())
+        if name in self.g.opaque:
+            self.barrier(node, f"torch.fx could not trace it ({self.g.opaque[name]}); cannot propagate channel pruning")
+        elif isinstance(module, nn.MultiheadAttention):
+            self.barrier(node, "nn.MultiheadAttention is not supported (use an attention unit with q_proj/k_proj/v_proj/out_proj)")
+        elif is_attention_unit(module):
+            self.visit_attention(node, module, x, lay, out_rank)
+        elif isinstance(module, LINEAR_TYPES):
+            if lay is not None and lay.dim != len(self.shape(x)) - 1:
+                self.barrier(node, "the pruned channels are not its input features")
+                lay = None
+            space = self.producer(name, module.out_features)
+            inputs = [x] if lay is not None else []
+            self.emit(node, "linear", inputs, Layout(out_rank - 1, (Segment(space, module.out_features),)))
+        elif isinstance(module, CONV_TYPES):
+            self.visit_conv(node, module, x, lay)
+        elif isinstance(module, BN_TYPES):
+            if lay is not None and lay.dim != 1:
+                self.barrier(node, "the pruned channels are not its normalised features")
+            else:
+                self.emit(node, "bn", [x], lay)
+        elif isinstance(module, POINTWISE_MODULES):
+            self.emit(node, "pointwise", [x], lay)
+        elif isinstance(module, IDENTITY_MODULES):
+            self.emit(node, "identity", [x], lay)
+        elif isinstance(module, POOL_MODULES + AVGPOOL_MODULES):
+            if lay is not None and lay.dim != 1 or getattr(module, "return_indices", False):
+                self.barrier(node)
+            else:
+                padded = isinstance(module, AVGPOOL_MODULES) and module.count_include_pad and zero_padded(module)
+                self.emit(node, "pool_zero" if padded else "pool", [x], lay)
+        elif isinstance(module, nn.Flatten):
+            self.visit_reshape(node, x, literal=False)
+        else:
+            self.barrier(node)
+
+    def visit_conv(self, node: fx.Node, conv: nn.Module, x: fx.Node, lay: Layout | None) -> None:
+        name = node.target
+        if lay is not None and (lay.dim != 1 or any(s.inner != 1 for s in lay.segments)):
+            self.barrier(node, "the pruned channels are not its input channels")
+            lay = None
+        if conv.groups == 1:
+            space = self.producer(name, conv.out_channels)
+            self.emit(node, "conv", [x] if lay is not None else [], Layout(1, (Segment(space, conv.out_channels),)))
+        elif is_depthwise(conv) and lay is not None:
+            # depthwise: output channel o reads only input channel o -- both are cut together;
+            # the conv's own mask (if any) joins each input space it covers.
+            offset = 0
+            for seg in lay.segments:
+                if seg.space is not None:
+                    self.g.spaces[seg.space].owners.append(Owner(f"{name}.weight", offset, 1, required=False))
+                offset += seg.size
+            self.g.accounted.add(f"{name}.weight")
+            self.emit(node, "depthwise", [x], lay)
+        elif is_depthwise(conv):
+            space = self.producer(name, conv.out_channels)
+            self.emit(node, "depthwise", [], Layout(1, (Segment(space, conv.out_channels),)))
+        else:
+            what = f"grouped conv '{name}' (groups={conv.groups})"
+            self.pin([lay], "op", f"{what}: cutting channels of a grouped convolution is not supported")
+            space = self.producer(name, conv.out_channels)
+            out = Layout(1, (Segment(space, conv.out_channels),))
+            self.pin([out], "op", f"{what}: cutting channels of a grouped convolution is not supported")
+            self.emit(node, "grouped", [x], out)
+
+    def visit_attention(self, node: fx.Node, attn: nn.Module, x: fx.Node | None, lay: Layout | None, rank: int) -> None:
+        name = node.target
+        extra = [n for n in self.tensor_inputs(node) if n is not x]
+        self.pin([self.g.layout(n) for n in extra], "op", f"{self.where(node)}: only its first input may carry pruned channels")
+        if lay is not None and lay.dim != len(self.shape(x)) - 1:
+            self.pin([lay], "op", f"{self.where(node)}: the pruned channels are not its input features")
+            lay = None
+        head_dim = attn.q_proj.out_features // attn.num_heads
+        owners = [Owner(f"{name}.{p}.weight", 0, head_dim) for p in ("q_proj", "k_proj", "v_proj")]
+        heads = self.new_space(attn.num_heads, f"{name} heads", owners)
+        self.g.accounted.update(o.param for o in owners)
+        out_space = self.producer(f"{name}.out_proj", attn.out_proj.out_features)
+        out = Layout(rank - 1, (Segment(out_space, attn.out_proj.out_features),))
+        self.emit(node, "attention", [x] if lay is not None else [], out, heads=heads)
+
+    # functions and methods
+    def visit_function(self, node: fx.Node) -> None:
+        fn = node.target
+        first = node.args[0] if node.args else None
+        x = first if isinstance(first, fx.Node) else None
+        lay = self.g.layout(x) if x is not None else None
+        if fn in POINTWISE_FUNCTIONS:
+            self.emit(node, "pointwise", [x] if x is not None else [], lay)
+        elif fn in IDENTITY_FUNCTIONS:
+            self.emit(node, "identity", [x], lay)
+        elif fn in BINARY_FUNCTIONS:
+            self.visit_binary(node, fn)
+        elif fn in CAT_FUNCTIONS:
+            self.visit_cat(node)
+        elif fn in POOL_FUNCTIONS or fn in AVGPOOL_FUNCTIONS:
+            if lay is not None and lay.dim != 1 or node.kwargs.get("return_indices"):
+                self.barrier(node)
+            else:
+                self.emit(node, "pool_zero" if fn in AVGPOOL_FUNCTIONS else "pool", [x], lay)
+        elif fn is torch.flatten or fn is torch.reshape:
+            self.visit_reshape(node, x, literal=fn is torch.reshape)
+        elif fn in REDUCE_FUNCTIONS:
+            self.visit_reduce(node, x, REDUCE_FUNCTIONS[fn])
+        else:
+            self.barrier(node)
+
+    def visit_method(self, node: fx.Node) -> None:
+        name = node.target
+        x = node.args[0]
+        lay = self.g.layout(x)
+        if name in POINTWISE_METHODS:
+            self.emit(node, "pointwise", [x], lay)
+        elif name in IDENTITY_METHODS:
+            self.emit(node, "identity", [x], lay)
+        elif name in BINARY_METHODS:
+            self.visit_binary(node, name)
+        elif name in RESHAPE_METHODS:
+            self.visit_reshape(node, x, literal=name != "flatten")
+        elif name in REDUCE_METHODS:
+            self.visit_reduce(node, x, REDUCE_METHODS[name])
+        else:
+            self.barrier(node)
+
+    def visit_binary(self, node: fx.Node, fn: Any) -> None:
+        out_shape = self.shape(node)
+        operands = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
+        tensors = [a for a in operands if self.shape(a) is not None]
+        laid = [(a, self.g.layout(a)) for a in tensors if self.g.layout(a) is not None]
+        if not laid or out_shape is None:
+            self.emit(node, "binary", tensors, None)
+            return
+        rank = len(out_shape)
+        aligned = [(a, lay.moved(lay.dim + rank - len(self.shape(a)))) for a, lay in laid]
+        first = aligned[0][1]
+        if any(lay.dim != first.dim or not lay.same_structure(first) for _, lay in aligned):
+            self.barrier(node, "its operands carry channels in different layouts")
+            return
+        for _, lay in aligned[1:]:
+            for a, b in zip(first.segments, lay.segments):
+                if a.space is not None and b.space is not None:
+                    self.g.union(a.space, b.space)
+                elif a.space is not None or b.space is not None:
+                    self.pin([Layout(0, (a, b))], "fixed", f"added to channels without a prunable producer at node '{node.name}'")
+        zero_required = False
+        for a in tensors:
+            if self.g.layout(a) is not None:
+                continue
+            size = (1,) * (rank - len(self.shape(a))) + self.shape(a)
+            if size[first.dim] == first.length:
+                self.pin([first], "fixed", f"combined with tensor '{a.name}' (no prunable channels) at node '{node.name}'")
+            elif fn in MULTIPLICATIVE:
+                zero_required = True
+            else:
+                self.barrier(node, f"tensor '{a.name}' is broadcast over the pruned channels")
+                return
+        self.emit(node, "binary", tensors, first, zero_required=zero_required)
+
+    def visit_cat(self, node: fx.Node) -> None:
+        parts = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        out_shape = self.shape(node)
+        if not isinstance(parts, (list, tuple)) or not isinstance(dim, int) or out_shape is None:
+            self.barrier(node)
+            return
+        dim = dim % len(out_shape)
+        layouts = [self.g.layout(p) if isinstance(p, fx.Node) else None for p in parts]
+        if all(lay is None for lay in layouts):
+            self.emit(node, "cat", list(parts), None)
+            return
+        if any(lay is not None and lay.dim != dim for lay in layouts):
+            self.barrier(node, "concatenation along a dim other than the channels")
+            return
+        segments: list[Segment] = []
+        for part, lay in zip(parts, layouts):
+            segments.extend(lay.segments if lay is not None else (Segment(None, self.shape(part)[dim]),))
+        self.emit(node, "cat", list(parts), Layout(dim, tuple(segments)))
+
+    def visit_reshape(self, node: fx.Node, x: fx.Node | None, literal: bool) -> None:
+        lay = self.g.layout(x) if x is not None else None
+        if lay is None:
+            self.emit(node, "reshape", [x] if x is not None else [], None)
+            return
+        before, after = self.shape(x), self.shape(node)
+        d = lay.dim
+        if tuple(after[:d]) == tuple(before[:d]):
+            k = d
+        else:
+            k, acc = 0, 1
+            while k < len(after) and acc < math.prod(before[:d]):
+                acc *= after[k]
+                k += 1
+            if acc != math.prod(before[:d]):
+                k = len(after)
+        j, merged = d, 1
+        while k < len(after) and j < len(before) and merged < after[k]:
+            merged *= before[j]
+            j += 1
+        if k >= len(after) or merged != after[k] or j == d:
+            self.barrier(node, "the reshape splits or reorders the pruned channel dim")
+            return
+        fixed = False
+        if literal:
+            sizes = [a for a in node.args[1:]]
+            if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+                sizes = list(sizes[0])
+            if not sizes and "shape" in node.kwargs:
+                sizes = list(node.kwargs["shape"])
+            fixed = k < len(sizes) and isinstance(sizes[k], int) and sizes[k] != -1
+        factor = math.prod(before[d + 1:j])
+        self.emit(node, "reshape", [x], lay.scaled(factor, k), factor=factor, literal=fixed)
+
+    def visit_reduce(self, node: fx.Node, x: fx.Node, how: str) -> None:
+        lay = self.g.layout(x)
+        if lay is None:
+            self.emit(node, "reduce", [x], None)
+            return
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        rank = len(self.shape(x))
+        if dims is None or not isinstance(keepdim, bool):
+            self.barrier(node, "the reduction covers the pruned channel dim")
+            return
+        dims = [d % rank for d in (dims if isinstance(dims, (tuple, list)) else [dims])]
+        if lay.dim in dims:
+            self.barrier(node, "the reduction covers the pruned channel dim")
+            return
+        new_dim = lay.dim if keepdim else lay.dim - sum(d < lay.dim for d in dims)
+        factor = math.prod(self.shape(x)[d] for d in dims) if how == "sum" else 1
+        self.emit(node, "reduce", [x], lay.moved(new_dim), factor=factor)
+
+
+def build_graph(model: nn.Module, example_input: Any) -> ChannelGraph:
+    """Trace ``model``, propagate shapes of ``example_input`` and build its channel graph."""
+    if not isinstance(model, nn.Module):
+        raise PrunelabError(f"shrink needs an nn.Module, got {type(model).__name__}; pass the model itself")
+    inputs = as_inputs(example_input)
+    if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
+        raise PrunelabError(
+            f"example_input must be a tensor (or a tuple of tensors), got {type(example_input).__name__}; "
+            "pass e.g. images[:1] of shape (1, C, H, W)"
+        )
+    gm, opaque, scopes = trace_model(model)
+    propagate_shapes(gm, model, inputs)
+    return _Builder(gm, opaque, scopes).build()

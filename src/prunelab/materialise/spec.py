@@ -1,0 +1,236 @@
+"""Save and load a shrunk model: a plain state_dict plus the shapes that rebuild it.
+
+A shrunk model's Linear / Conv / BatchNorm layers are smaller than its class builds
+them, so its state_dict does not load into a fresh model.  :func:`save_shrunk` writes a
+directory (atomically: readers see the old complete folder or the new one)::
+
+    model.safetensors     the shrunk model's state_dict
+    architecture.json     {"format", "builder", "example_input_shape", "meta",
+                           "layers": {FQN: {"type": "Conv2d", "in_channels": ..., ...}}}
+
+and :func:`load_shrunk` rebuilds the skeleton, replaces every listed layer by a freshly
+constructed one of the recorded shape (``num_heads`` for attention units), then loads
+the tensors strictly.  No code is pickled (nanoGPT's ``model_args``; timm stores pruned
+shapes the same way).
+
+The skeleton comes from, in this order:
+
+* the model zoo -- ``meta`` has ``"model"`` (a :data:`prunelab.bench.models.MODELS`
+  name), ``"input_shape"`` (one sample, no batch) and ``"num_classes"``, the same keys
+  as ``checkpoint.json``;
+* ``meta["builder"] = "package.module:QualName"`` -- an importable callable that takes
+  no arguments and returns the unshrunk model;
+* otherwise the model's own class, ``type(model)``, which must be importable (not
+  defined in ``__main__`` or inside a function) and constructible with no arguments.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunelab.errors import PrunelabError
+from prunelab.io import atomic_dir
+from prunelab.materialise.graph import is_attention_unit
+
+SHRUNK_FORMAT = "prunelab.shrunk.v1"
+MODEL_FILE, ARCH_FILE = "model.safetensors", "architecture.json"
+
+LAYER_TYPES: dict[str, type[nn.Module]] = {
+    t.__name__: t for t in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+}
+
+
+def layer_spec(module: nn.Module) -> dict[str, Any] | None:
+    """Constructor arguments of a Linear / Conv / BatchNorm (exact class only), else None."""
+    kind = type(module).__name__
+    if LAYER_TYPES.get(kind) is not type(module):
+        return None
+    dtype = str(next(module.parameters(), torch.empty(0)).dtype).removeprefix("torch.")
+    if isinstance(module, nn.Linear):
+        return {"type": kind, "in_features": module.in_features, "out_features": module.out_features,
+                "bias": module.bias is not None, "dtype": dtype}
+    if isinstance(module, nn.modules.conv._ConvNd):
+        padding = module.padding if isinstance(module.padding, str) else list(module.padding)
+        return {"type": kind, "in_channels": module.in_channels, "out_channels": module.out_channels,
+                "kernel_size": list(module.kernel_size), "stride": list(module.stride), "padding": padding,
+                "dilation": list(module.dilation), "groups": module.groups, "bias": module.bias is not None,
+                "padding_mode": module.padding_mode, "dtype": dtype}
+    return {"type": kind, "num_features": module.num_features, "eps": module.eps, "momentum": module.momentum,
+            "affine": module.affine, "track_running_stats": module.track_running_stats, "dtype": dtype}
+
+
+def build_layer(spec: Mapping[str, Any]) -> nn.Module:
+    """A fresh module from :func:`layer_spec`'s record."""
+    args = dict(spec)
+    cls = LAYER_TYPES[args.pop("type")]
+    dtype = getattr(torch, args.pop("dtype", "float32"))
+    for key in ("kernel_size", "stride", "dilation"):
+        if key in args:
+            args[key] = tuple(args[key])
+    if isinstance(args.get("padding"), list):
+        args["padding"] = tuple(args["padding"])
+    return cls(**args, dtype=dtype)
+
+
+def _builder_of(model: nn.Module, meta: Mapping[str, Any]) -> dict[str, Any]:
+    if "model" in meta:
+        missing = [k for k in ("input_shape", "num_classes") if k not in meta]
+        if missing:
+            raise PrunelabError(
+                f"meta names zoo model {meta['model']!r} but lacks {', '.join(missing)}; pass "
+                "meta={'model': name, 'input_shape': [C, H, W], 'num_classes': n} as in checkpoint.json"
+            )
+        return {"zoo": str(meta["model"]), "input_shape": [int(d) for d in meta["input_shape"]],
+                "num_classes": int(meta["num_classes"])}
+    if "builder" in meta:
+        return {"callable": str(meta["builder"])}
+    cls = type(model)
+    path = f"{cls.__module__}:{cls.__qualname__}"
+    if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__ or _import(path, check=False) is not cls:
+        raise PrunelabError(
+            f"cannot record how to rebuild {cls.__name__}: {path} is not importable; pass meta={{'model': zoo name, "
+            "'input_shape': ..., 'num_classes': ...}} or meta={'builder': 'package.module:factory'} (no-arg callable)"
+        )
+    return {"callable": path}
+
+
+def _import(path: str, check: bool = True) -> Any:
+    module_name, _, qualname = path.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+        return obj
+    except (ImportError, AttributeError, ValueError) as exc:
+        if not check:
+            return None
+        raise PrunelabError(
+            f"cannot import builder {path!r} ({type(exc).__name__}: {exc}); make the package importable "
+            "(pip install -e . or PYTHONPATH) or save with meta={'builder': 'package.module:factory'}"
+        ) from None
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """CPU contiguous tensors; tensors sharing storage are cloned (safetensors refuses shared storage)."""
+    state, seen = {}, set()
+    for key, value in model.state_dict().items():
+        tensor = value.detach().cpu().contiguous()
+        pointer = tensor.untyped_storage().data_ptr() if tensor.numel() else None
+        if pointer is not None and pointer in seen:
+            tensor = tensor.clone()
+        seen.add(pointer)
+        state[key] = tensor
+    return state
+
+
+def save_shrunk(
+    directory: str | os.PathLike, model: nn.Module, example_input_shape: Sequence[int], meta: Mapping[str, Any]
+) -> Path:
+    """Write ``model.safetensors`` + ``architecture.json`` into ``directory`` (replaced atomically).
+
+    ``meta``: JSON-serialisable facts kept in the record; it also says how to rebuild
+    the skeleton (see the module docstring).  ``directory`` may be new or a previous
+    shrunk-model folder; a folder holding other files is refused.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    if directory.exists():
+        foreign = sorted(p.name for p in directory.iterdir() if p.name not in (MODEL_FILE, ARCH_FILE)) \
+            if directory.is_dir() else [directory.name]
+        if foreign:
+            raise PrunelabError(
+                f"refusing to replace {str(directory)!r}: it holds {', '.join(foreign[:3])}; save the shrunk model "
+                "into a new or empty folder"
+            )
+    layers: dict[str, Any] = {}
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        if is_attention_unit(module):
+            layers[name] = {"type": "attention", "num_heads": module.num_heads}
+        elif (spec := layer_spec(module)) is not None:
+            layers[name] = spec
+    record = {"format": SHRUNK_FORMAT, "builder": _builder_of(model, meta),
+              "example_input_shape": [int(d) for d in example_input_shape], "meta": dict(meta), "layers": layers}
+    try:
+        text = json.dumps(record, indent=2) + "\n"
+    except TypeError as exc:
+        raise PrunelabError(f"meta must be JSON-serialisable ({exc}); pass plain numbers, strings, lists and dicts") from None
+    with atomic_dir(directory) as tmp:
+        save_file(_state(model), str(tmp / MODEL_FILE), metadata={"format": SHRUNK_FORMAT})
+        (tmp / ARCH_FILE).write_text(text)
+    return directory
+
+
+def _skeleton(builder: Mapping[str, Any]) -> nn.Module:
+    if "zoo" in builder:
+        from prunelab.bench.models import build_model
+
+        return build_model(builder["zoo"], tuple(builder["input_shape"]), int(builder["num_classes"]))
+    factory = _import(str(builder.get("callable")))
+    try:
+        model = factory()
+    except TypeError as exc:
+        raise PrunelabError(
+            f"builder {builder.get('callable')!r} cannot be called without arguments ({exc}); save with "
+            "meta={'builder': 'package.module:factory'} naming a no-arg factory"
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise PrunelabError(f"builder {builder.get('callable')!r} returned {type(model).__name__}, expected an nn.Module")
+    return model
+
+
+def load_shrunk(directory: str | os.PathLike) -> nn.Module:
+    """Rebuild the shrunk model saved by :func:`save_shrunk` (in training mode, like a fresh model)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    for name in (ARCH_FILE, MODEL_FILE):
+        if not (directory / name).is_file():
+            raise PrunelabError(f"{str(directory)!r} has no {name}; pass a folder written by save_shrunk")
+    try:
+        record = json.loads((directory / ARCH_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise PrunelabError(f"{directory / ARCH_FILE} is not valid JSON ({exc.msg}); the folder is corrupt") from None
+    if not isinstance(record, dict) or record.get("format") != SHRUNK_FORMAT:
+        got = record.get("format") if isinstance(record, dict) else type(record).__name__
+        raise PrunelabError(f"{directory / ARCH_FILE} has format {got!r}, expected {SHRUNK_FORMAT!r}; pass a folder written by save_shrunk")
+    model = _skeleton(record["builder"])
+    for name, spec in record["layers"].items():
+        try:
+            current = model.get_submodule(name)
+        except AttributeError:
+            raise PrunelabError(
+                f"{ARCH_FILE} lists layer {name!r} but the rebuilt {type(model).__name__} has no such submodule; "
+                "the builder does not make the architecture that was saved"
+            ) from None
+        if spec["type"] == "attention":
+            current.num_heads = int(spec["num_heads"])
+            continue
+        if spec["type"] not in LAYER_TYPES or not isinstance(current, LAYER_TYPES[spec["type"]]):
+            raise PrunelabError(
+                f"{ARCH_FILE} records {name!r} as {spec['type']} but the rebuilt model has {type(current).__name__} there; "
+                "the builder does not make the architecture that was saved"
+            )
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, build_layer(spec))
+    try:
+        state = load_file(str(directory / MODEL_FILE))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise PrunelabError(f"cannot read {directory / MODEL_FILE} ({exc}); the folder is corrupt") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = " ".join(str(exc).split())[:300]
+        raise PrunelabError(f"{directory / MODEL_FILE} does not fit the rebuilt model: {first}") from None
+    return model
