@@ -1,0 +1,298 @@
+"""Materialise: turn a masked model into one that is really smaller or faster.
+
+    new = materialise(model, "auto", masks=masks, example_input=x[:1])
+    print(new.materialise_report.table())
+
+Forms (``FORMS``; ``prunelab.materialise.FORMS.names()``):
+
+=========  ================================================================================
+shrink     physically smaller dense layers (structured masks), ``shrink.shrink_model``
+csr        every Linear (and groups=1 Conv2d, via im2col) as a CSR matrix (MKL sparse BLAS)
+bsr        every Linear whose shape the block tiles as BSR (``block_size``, default 4x4)
+2:4        every Linear in NVIDIA's 2:4 compressed form (sparse tensor cores on sm80+ CUDA;
+           elsewhere a dense fallback, with a warning)
+auto       each layer's kernel measured (:func:`~prunelab.materialise.autotune.choose_kernels`)
+           at ``batch_sizes``; a sparse kernel is used only where it is no slower than dense
+=========  ================================================================================
+
+The returned model is a NEW module (a deep copy, in eval mode); ``model`` is untouched.
+``masks`` (FQN -> bool keep-mask) are applied to the copy first; without them the zeros
+already in the weights are the sparsity, and every Linear/Conv layer is a target (with
+masks: the layers they name).  DESIGN.md decision 5: before returning, the new model is
+run on ``example_input`` next to the masked model; if the max abs difference exceeds
+``tolerance`` x the largest reference output magnitude (at least 1, as in
+``shrink_model``), :class:`PrunelabError` is raised.  The numbers go to ``new.materialise_report`` (a :class:`MaterialiseReport`).
+
+Saving: ``torch.save(new.state_dict(), path)``; load with
+:func:`~prunelab.materialise.sparse_modules.load_materialised` (``dense_arch, state_dict``).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunelab.errors import PrunelabError
+from prunelab.materialise.autotune import KernelReport, Timer, choose_kernels
+from prunelab.materialise.sparse_modules import (
+    SparseModule, build_sparse, kernel_unavailable_reason, load_materialised, semi_structured_available,
+)
+from prunelab.measure.tables import markdown_table
+from prunelab.registry import Registry
+
+__all__ = ["FORMS", "LayerForm", "MaterialiseReport", "load_materialised", "materialise"]
+
+TARGET_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass(frozen=True)
+class LayerForm:
+    """How one layer was materialised."""
+
+    name: str
+    kind: str
+    kernel: str          # "dense", "csr", "bsr", "2:4"
+    sparsity: float
+    dense_bytes: int     # weight + bias, fp32 dense
+    stored_bytes: int    # what the materialised layer stores
+    note: str = ""       # why it stayed dense, or a fallback
+
+
+@dataclass(frozen=True)
+class MaterialiseReport:
+    """What ``materialise`` did and how closely the result matches the masked model."""
+
+    form: str
+    layers: tuple[LayerForm, ...]
+    max_abs_error: float
+    output_scale: float          # max |reference output|
+    tolerance: float
+    kernels: KernelReport | None = None  # the autotune measurements (form "auto")
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def relative_error(self) -> float:
+        return self.max_abs_error / self.output_scale if self.output_scale else self.max_abs_error
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [{"layer": l.name, "kind": l.kind, "kernel": l.kernel, "sparsity_pct": 100 * l.sparsity,
+                 "dense_kb": l.dense_bytes / 1024, "stored_kb": l.stored_bytes / 1024, "note": l.note}
+                for l in self.layers]
+
+    def table(self) -> str:
+        columns = (("layer", "layer"), ("kind", "kind"), ("kernel", "kernel"), ("sparsity_pct", "sparsity %"),
+                   ("dense_kb", "dense KB"), ("stored_kb", "stored KB"), ("note", "note"))
+        text = markdown_table(self.rows(), columns) if self.layers else "(no per-layer forms)"
+        return f"{text}\n\nmax abs error {self.max_abs_error:.3g} (relative {self.relative_error:.3g}, allowed {self.tolerance:g})"
+
+
+@dataclass(frozen=True)
+class _Request:
+    """Everything a form builder needs besides the model copy."""
+
+    targets: tuple[str, ...]
+    masks: Mapping[str, torch.Tensor] | None
+    example_input: torch.Tensor
+    timer: Timer | None
+    batch_sizes: tuple[int, ...]
+    block_size: tuple[int, int]
+    candidates: tuple[str, ...] | None
+
+
+FormBuilder = Callable[[nn.Module, _Request], tuple[nn.Module, list[LayerForm], KernelReport | None, list[str]]]
+FORMS: Registry[FormBuilder] = Registry("materialise form")
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _layer_form(name: str, original: nn.Module, new: nn.Module, kernel: str, note: str = "") -> LayerForm:
+    weight = original.weight.detach()
+    bias = 0 if getattr(original, "bias", None) is None else original.bias.numel()
+    dense_bytes = 4 * (weight.numel() + bias)
+    stored = new.nbytes if isinstance(new, SparseModule) else dense_bytes
+    sparsity = float((weight == 0).sum()) / weight.numel() if weight.numel() else 0.0
+    return LayerForm(name, type(original).__name__, kernel, sparsity, dense_bytes, stored, note)
+
+
+def _swap(model: nn.Module, request: _Request, kernel_of: Callable[[str, nn.Module], tuple[str, str]]) -> list[LayerForm]:
+    """Replace each target by its kernel's module; ``kernel_of(name, module) -> (kernel, note)``."""
+    forms = []
+    for name in request.targets:
+        module = model.get_submodule(name)
+        kernel, note = kernel_of(name, module)
+        new = build_sparse(module, kernel, name=f"{name}.weight", block_size=request.block_size)
+        if new is not module:
+            _set_submodule(model, name, new)
+        forms.append(_layer_form(name, module, new, kernel, note))
+    return forms
+
+
+def _fixed_kernel(kernel: str, request: _Request) -> Callable[[str, nn.Module], tuple[str, str]]:
+    def kernel_of(name: str, module: nn.Module) -> tuple[str, str]:
+        if kernel == "2:4" and isinstance(module, nn.Linear):
+            return kernel, ""  # a weight that breaks the pattern must raise, not silently stay dense
+        reason = kernel_unavailable_reason(module, kernel, block_size=request.block_size)
+        return ("dense", f"kept dense: {reason}") if reason else (kernel, "")
+    return kernel_of
+
+
+@FORMS.register("csr", "every Linear (and groups=1 Conv2d via im2col) as CSR, int32 indices (MKL sparse BLAS on CPU)")
+def _form_csr(model: nn.Module, request: _Request):
+    return model, _swap(model, request, _fixed_kernel("csr", request)), None, []
+
+
+@FORMS.register("bsr", "every Linear as block sparse rows (block_size, default 4x4); convolutions stay dense")
+def _form_bsr(model: nn.Module, request: _Request):
+    return model, _swap(model, request, _fixed_kernel("bsr", request)), None, []
+
+
+@FORMS.register("2:4", "NVIDIA 2:4 compressed Linear weights: sparse tensor cores on sm80+ CUDA, else dense fallback")
+def _form_24(model: nn.Module, request: _Request):
+    forms = _swap(model, request, _fixed_kernel("2:4", request))
+    slow = [f.name for f in forms if f.kernel == "2:4"
+            and not model.get_submodule(f.name).accelerated]  # type: ignore[union-attr]
+    notes = []
+    if slow:
+        device = next(model.get_submodule(slow[0]).buffers()).device
+        notes.append(
+            f"2:4 kernels need an NVIDIA Ampere or newer GPU (compute capability >= 8.0); on {device} "
+            f"layer(s) {', '.join(slow)} fall back to dense matmul (same speed as dense, smaller storage)"
+        )
+        forms = [LayerForm(f.name, f.kind, f.kernel, f.sparsity, f.dense_bytes, f.stored_bytes, "dense fallback")
+                 if f.name in slow else f for f in forms]
+    return model, forms, None, notes
+
+
+def _batched(example: torch.Tensor, batch: int) -> torch.Tensor:
+    """``example`` resized to ``batch`` rows, cycling through its samples."""
+    index = torch.arange(batch, device=example.device) % example.shape[0]
+    return example[index].contiguous()
+
+
+@FORMS.register("auto", "each layer's kernel (dense/csr/bsr[/2:4 on sm80+]) measured at batch_sizes; never slower than dense")
+def _form_auto(model: nn.Module, request: _Request):
+    candidates = request.candidates
+    if candidates is None:
+        device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
+        candidates = ("dense", "csr", "bsr") + (("2:4",) if semi_structured_available(device) else ())
+    inputs = {b: _batched(request.example_input, b) for b in request.batch_sizes}
+    report = choose_kernels(model, inputs, candidates, request.timer, layers=request.targets,
+                            block_size=request.block_size)
+    choice = report.choices()
+    by_name = {c.name: c for c in report.layers}
+
+    def kernel_of(name: str, module: nn.Module) -> tuple[str, str]:
+        layer = by_name[name]
+        speedups = ", ".join(f"b{b} {layer.speedup(b):.2f}x" for b in report.batch_sizes if layer.speedup(b))
+        return choice[name], (f"measured {speedups}" if layer.kernel != "dense" else "dense was fastest")
+
+    return model, _swap(model, request, kernel_of), report, []
+
+
+@FORMS.register("shrink", "physically smaller dense layers from structured masks (prunelab.materialise.shrink)")
+def _form_shrink(model: nn.Module, request: _Request):
+    from prunelab.materialise.shrink import shrink_model  # lazy: optional sibling module
+    from prunelab.masks import MaskSet
+
+    masks = request.masks
+    if masks is None:
+        masks = MaskSet.from_model(model, [f"{n}.weight" for n in request.targets])
+    return shrink_model(model, masks, request.example_input), [], None, []
+
+
+def _targets(model: nn.Module, masks: Mapping[str, torch.Tensor] | None) -> tuple[str, ...]:
+    layers = [n for n, m in model.named_modules() if isinstance(m, TARGET_TYPES) and n]
+    if masks is None:
+        return tuple(layers)
+    return tuple(n for n in layers if f"{n}.weight" in masks)
+
+
+def _flat_outputs(output: Any) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, Mapping):
+        return [t for v in output.values() for t in _flat_outputs(v)]
+    if isinstance(output, (tuple, list)):
+        return [t for v in output for t in _flat_outputs(v)]
+    return []
+
+
+def _compare(reference: nn.Module, new: nn.Module, example_input: torch.Tensor) -> tuple[float, float]:
+    """``(max abs error, max |reference output|)`` over every output tensor."""
+    with torch.inference_mode():
+        ref = _flat_outputs(reference(example_input))
+        got = _flat_outputs(new(example_input))
+    if len(ref) != len(got) or any(r.shape != g.shape for r, g in zip(ref, got)):
+        raise PrunelabError(
+            f"the materialised model returns outputs of shapes {[tuple(g.shape) for g in got]} but the masked model "
+            f"{[tuple(r.shape) for r in ref]}; this is a bug in the form -- use another form and report it"
+        )
+    error = max((float((r.float() - g.float()).abs().max()) for r, g in zip(ref, got) if r.numel()), default=0.0)
+    scale = max((float(r.float().abs().max()) for r in ref if r.numel()), default=0.0)
+    return error, scale
+
+
+def materialise(
+    model: nn.Module,
+    form: str,
+    *,
+    masks: Mapping[str, torch.Tensor] | None = None,
+    example_input: torch.Tensor | None = None,
+    timer: Timer | None = None,
+    batch_sizes: Sequence[int] = (1, 64),
+    block_size: tuple[int, int] = (4, 4),
+    candidates: Sequence[str] | None = None,
+    tolerance: float = 1e-4,
+) -> nn.Module:
+    """A new model with ``model``'s layers in ``form``, proven against the masked model.
+
+    ``example_input``: real inputs (leading batch dimension), required -- the result is
+    checked on it, and ``auto`` times layers on it resized to each of ``batch_sizes``.
+    ``timer``/``candidates``: passed to :func:`choose_kernels` (form ``auto``).
+    ``block_size``: the BSR block ``(bh, bw)``.  Raises :class:`PrunelabError` for an
+    unknown form, missing input, a weight that does not fit the form (e.g. not 2:4
+    sparse), or a result that differs from the masked model by more than ``tolerance``
+    x the output scale.
+    """
+    builder = FORMS.get(form)  # unknown form -> PrunelabError listing valid forms
+    if not isinstance(model, nn.Module):
+        raise PrunelabError(f"materialise needs an nn.Module, got {type(model).__name__}; pass the model itself")
+    if not isinstance(example_input, torch.Tensor) or example_input.dim() == 0 or example_input.shape[0] == 0:
+        raise PrunelabError(
+            f"materialise needs example_input, a tensor of real inputs with a batch dimension, got "
+            f"{type(example_input).__name__ if not isinstance(example_input, torch.Tensor) else tuple(example_input.shape)}; "
+            "pass e.g. example_input=x[:8] -- every materialised form is checked against the masked model on it"
+        )
+    sizes = tuple(int(b) for b in batch_sizes)
+    if not sizes or min(sizes) < 1:
+        raise PrunelabError(f"batch_sizes must be positive integers, got {tuple(batch_sizes)}; use e.g. (1, 64)")
+
+    reference = copy.deepcopy(model).eval()
+    if masks is not None:
+        from prunelab.masks import MaskSet
+
+        MaskSet(masks).apply_(reference)
+    request = _Request(_targets(reference, masks), masks, example_input, timer, sizes, tuple(block_size),
+                       None if candidates is None else tuple(candidates))
+    new, forms, kernels, notes = builder(copy.deepcopy(reference), request)
+    new.eval()
+    error, scale = _compare(reference, new, example_input)
+    if not error <= tolerance * max(scale, 1.0):  # also catches nan; scale floor 1 as in shrink_model
+        raise PrunelabError(
+            f"form {form!r} differs from the masked model by max abs error {error:.3g} on example_input "
+            f"(output scale {scale:.3g}, allowed {tolerance:g} x max(scale, 1)); the materialised model is wrong -- "
+            "use another form (e.g. dense/csr) and report this"
+        )
+    for note in notes:
+        warnings.warn(note, UserWarning, stacklevel=2)
+    new.materialise_report = MaterialiseReport(form, tuple(forms), error, scale, tolerance, kernels, tuple(notes))
+    return new

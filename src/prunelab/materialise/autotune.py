@@ -1,0 +1,280 @@
+"""Pick each layer's kernel by measuring it: the ``auto`` form never makes a model slower.
+
+Which sparse kernel pays depends on sparsity, shape, batch size, the CPU, its threads and
+even how busy the machine is (see :mod:`prunelab.materialise.sparse_modules`), so no
+fixed rule is right everywhere -- the approach of auto-tuned libraries such as ATLAS
+(Whaley & Dongarra 1998) and OSKI (Vuduc et al. 2005, sparse kernels tuned per matrix at
+run time).  :func:`choose_kernels`:
+
+1. runs the model once per batch size with forward pre-hooks that record the input of
+   every Linear/Conv layer (so each layer is timed on its real input shape);
+2. for every layer, builds each applicable candidate module and times it on that input
+   at every batch size, interleaving candidates over ``rounds`` (median per candidate),
+   so drift in machine load hits all candidates alike;
+3. keeps a sparse kernel only if it is **no slower than dense at every batch size**,
+   and among those picks the smallest geometric mean of ``time / dense_time``; ties go
+   to the earlier candidate, dense first.
+
+The timer is injectable: ``timer(trial) -> seconds``.  ``trial`` is a :class:`Trial`, a
+zero-argument callable that also carries ``layer``, ``kernel`` and ``batch_size``, so a
+test can pass a fake timer that returns preset times and check the choice exactly.
+The default :func:`median_timer` warms up, sizes an inner loop so one sample lasts at
+least ``min_sample_s``, and returns the median of several samples.
+
+Not timed (recorded as ``skipped`` with the reason): kernels that cannot apply (see
+``kernel_unavailable_reason``), sparse kernels on a layer without zeros, BSR when its
+stored elements exceed ``bsr_max_fill`` x the nonzeros (measured: a filled 4x4 BSR runs
+2-4x slower than dense, so it cannot win), and layers the example input never reaches.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunelab.errors import PrunelabError
+from prunelab.materialise.sparse_modules import build_sparse, kernel_unavailable_reason
+from prunelab.measure.tables import markdown_table
+
+__all__ = ["KERNELS", "KernelReport", "LayerChoice", "Trial", "choose_kernels", "median_timer"]
+
+KERNELS: tuple[str, ...] = ("dense", "csr", "bsr", "2:4")
+TUNED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+Timer = Callable[[Callable[[], Any]], float]
+
+
+@dataclass(frozen=True, eq=False)
+class Trial:
+    """One thing to time: ``module(inputs)`` for ``(layer, kernel, batch_size)``; call it to run once."""
+
+    layer: str
+    kernel: str
+    batch_size: int
+    module: nn.Module = field(repr=False)
+    inputs: torch.Tensor = field(repr=False)
+
+    def __call__(self) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.module(self.inputs)
+
+
+def median_timer(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 5, min_sample_s: float = 2e-4,
+                 max_inner: int = 200) -> float:
+    """Median seconds per call of ``fn`` over ``repeats`` samples, after ``warmup`` calls.
+
+    Each sample runs ``fn`` ``inner`` times, ``inner`` chosen from the warm-up so a sample
+    lasts at least ``min_sample_s`` (short kernels are otherwise dominated by timer noise).
+    """
+    start = time.perf_counter()
+    for _ in range(max(warmup, 1)):
+        fn()
+    per_call = (time.perf_counter() - start) / max(warmup, 1)
+    inner = max(1, min(max_inner, math.ceil(min_sample_s / max(per_call, 1e-9))))
+    samples = []
+    for _ in range(max(repeats, 1)):
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        samples.append((time.perf_counter() - start) / inner)
+    return statistics.median(samples)
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """The kernel picked for one layer, with every measured time and skipped candidate."""
+
+    name: str                                   # module FQN
+    kind: str                                   # "Linear", "Conv2d", ...
+    sparsity: float                             # fraction of zero weights
+    kernel: str                                 # the choice
+    seconds: Mapping[str, Mapping[int, float]]  # kernel -> batch size -> median seconds
+    skipped: Mapping[str, str]                  # kernel -> why it was not timed
+
+    def speedup(self, batch_size: int, kernel: str | None = None) -> float | None:
+        """``dense time / kernel time`` at ``batch_size`` (the chosen kernel by default)."""
+        times = self.seconds.get(kernel or self.kernel, {})
+        dense = self.seconds.get("dense", {}).get(batch_size)
+        mine = times.get(batch_size)
+        return dense / mine if dense and mine else None
+
+
+@dataclass(frozen=True)
+class KernelReport:
+    """Per-layer kernel choices of :func:`choose_kernels`, ready for a table."""
+
+    layers: tuple[LayerChoice, ...]
+    batch_sizes: tuple[int, ...]
+    threads: int
+
+    def choices(self) -> dict[str, str]:
+        """``layer FQN -> kernel``."""
+        return {layer.name: layer.kernel for layer in self.layers}
+
+    def rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for layer in self.layers:
+            row: dict[str, Any] = {"layer": layer.name, "kind": layer.kind, "sparsity_pct": 100 * layer.sparsity,
+                                   "kernel": layer.kernel}
+            for b in self.batch_sizes:
+                dense = layer.seconds.get("dense", {}).get(b)
+                row[f"dense_b{b}_ms"] = None if dense is None else 1e3 * dense
+                row[f"speedup_b{b}_x"] = layer.speedup(b)
+            rows.append(row)
+        return rows
+
+    def table(self) -> str:
+        columns = [("layer", "layer"), ("kind", "kind"), ("sparsity_pct", "sparsity %"), ("kernel", "kernel")]
+        for b in self.batch_sizes:
+            columns += [(f"dense_b{b}_ms", f"dense ms b{b}"), (f"speedup_b{b}_x", f"speedup b{b}")]
+        return markdown_table(self.rows(), columns)
+
+
+def _capture_inputs(model: nn.Module, inputs: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The first positional input of each named module during one forward of ``inputs``."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if name not in seen and args and isinstance(args[0], torch.Tensor):
+                seen[name] = args[0].detach().clone()
+        return hook
+
+    modules = dict(model.named_modules())
+    try:
+        for name in names:
+            handles.append(modules[name].register_forward_pre_hook(make_hook(name)))
+        with torch.inference_mode():
+            model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def _check_inputs(example_inputs_by_batch: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    if not isinstance(example_inputs_by_batch, Mapping) or not example_inputs_by_batch:
+        raise PrunelabError(
+            f"choose_kernels needs example inputs keyed by batch size, got {type(example_inputs_by_batch).__name__}; "
+            "pass e.g. {1: x[:1], 64: x[:64]}"
+        )
+    for batch, tensor in example_inputs_by_batch.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise PrunelabError(f"example input for batch {batch} is {type(tensor).__name__}; pass a tensor")
+    return dict(sorted(example_inputs_by_batch.items()))
+
+
+def choose_kernels(
+    model: nn.Module,
+    example_inputs_by_batch: Mapping[int, torch.Tensor],
+    candidates: Sequence[str] = ("dense", "csr", "bsr"),
+    timer: Timer | None = None,
+    *,
+    layers: Sequence[str] | None = None,
+    block_size: tuple[int, int] = (4, 4),
+    rounds: int = 3,
+    bsr_max_fill: float = 2.0,
+) -> KernelReport:
+    """Measure every candidate kernel of every Linear/Conv layer and pick the fastest per layer.
+
+    ``model`` holds the (masked) weights with real zeros and is not changed.
+    ``example_inputs_by_batch`` maps batch size -> model input of that batch size.
+    ``layers`` restricts tuning to these module FQNs (default: all Linear/Conv layers).
+    ``timer(trial) -> seconds`` defaults to :func:`median_timer`.  Dense is always a
+    candidate.  Returns a :class:`KernelReport`; ``report.choices()`` maps layer -> kernel.
+    """
+    unknown = [c for c in candidates if c not in KERNELS]
+    if unknown:
+        raise PrunelabError(f"unknown kernel(s) {unknown}; valid kernels: {', '.join(KERNELS)}")
+    kernels = ["dense"] + [c for c in dict.fromkeys(candidates) if c != "dense"]
+    inputs_by_batch = _check_inputs(example_inputs_by_batch)
+    timer = timer or median_timer
+    modules = dict(model.named_modules())
+    names = list(layers) if layers is not None else [n for n, m in modules.items() if isinstance(m, TUNED_TYPES)]
+    missing = [n for n in names if not isinstance(modules.get(n), TUNED_TYPES)]
+    if missing:
+        raise PrunelabError(f"layers {missing} are not Linear/Conv modules of the model; valid: "
+                            f"{', '.join(n for n, m in modules.items() if isinstance(m, TUNED_TYPES))}")
+
+    was_training = model.training
+    model.eval()
+    try:
+        captured = {b: _capture_inputs(model, x, names) for b, x in inputs_by_batch.items()}
+    finally:
+        model.train(was_training)
+
+    choices = []
+    for name in names:
+        module = modules[name]
+        weight = module.weight.detach()
+        nnz = int((weight != 0).sum())
+        sparsity = 1.0 - nnz / weight.numel() if weight.numel() else 0.0
+        skipped: dict[str, str] = {}
+        built: dict[str, nn.Module] = {}
+        for kernel in kernels:
+            reason = _skip_reason(module, kernel, nnz, name, captured, block_size, bsr_max_fill)
+            if reason:
+                skipped[kernel] = reason
+                continue
+            built[kernel] = build_sparse(module, kernel, name=f"{name}.weight", block_size=block_size)
+        seconds: dict[str, dict[int, float]] = {k: {} for k in built}
+        if "dense" in built:
+            for batch in inputs_by_batch:
+                samples: dict[str, list[float]] = {k: [] for k in built}
+                for _ in range(max(rounds, 1)):
+                    for kernel, candidate in built.items():  # interleaved: every round times every kernel
+                        trial = Trial(name, kernel, batch, candidate, captured[batch][name])
+                        samples[kernel].append(float(timer(trial)))
+                for kernel in built:
+                    seconds[kernel][batch] = statistics.median(samples[kernel])
+        choices.append(LayerChoice(name, type(module).__name__, sparsity, _pick(seconds, kernels), seconds, skipped))
+    return KernelReport(tuple(choices), tuple(inputs_by_batch), torch.get_num_threads())
+
+
+def _skip_reason(module: nn.Module, kernel: str, nnz: int, name: str, captured: Mapping[int, Mapping[str, Any]],
+                 block_size: tuple[int, int], bsr_max_fill: float) -> str | None:
+    if any(name not in layer_inputs for layer_inputs in captured.values()):
+        return "not reached by the example input"
+    if kernel == "dense":
+        return None
+    reason = kernel_unavailable_reason(module, kernel, block_size=block_size)
+    if reason:
+        return reason
+    if nnz == module.weight.numel():
+        return "no zeros"
+    if kernel == "bsr" and nnz:
+        bh, bw = block_size
+        matrix = module.weight.detach().reshape(module.weight.shape[0], -1)
+        rows, cols = matrix.shape
+        blocks = (matrix != 0).reshape(rows // bh, bh, cols // bw, bw).any(dim=3).any(dim=1)
+        fill = int(blocks.sum()) * bh * bw / nnz
+        if fill > bsr_max_fill:
+            return f"{bh}x{bw} blocks store {fill:.1f}x the nonzeros (limit {bsr_max_fill:g})"
+    return None
+
+
+def _pick(seconds: Mapping[str, Mapping[int, float]], order: Sequence[str]) -> str:
+    """Fastest kernel that is no slower than dense at any batch size (geometric-mean ratio)."""
+    dense = seconds.get("dense")
+    if not dense:
+        return "dense"
+    best, best_score = "dense", 1.0
+    for kernel in order:
+        times = seconds.get(kernel)
+        if kernel == "dense" or not times:
+            continue
+        if any(times[b] > dense[b] for b in dense):
+            continue
+        ratios = [times[b] / dense[b] if dense[b] > 0 else 1.0 for b in dense]
+        score = math.exp(sum(math.log(max(r, 1e-12)) for r in ratios) / len(ratios))
+        if score < best_score:
+            best, best_score = kernel, score
+    return best

@@ -1,0 +1,448 @@
+"""Inference modules whose weight is stored in a sparse format, and their CPU kernels.
+
+``CSRLinear``, ``BSRLinear`` and ``SemiStructuredLinear`` replace an ``nn.Linear`` whose
+weight holds real zeros; ``CSRConv2d`` replaces an ``nn.Conv2d``.  Outputs equal the
+dense layer's up to float summation order (``allclose(atol=1e-5)`` in fp32) for inputs
+``(B, in)``, ``(B, T, in)`` or any ``(*, in)``.
+
+Kernels, as measured on the 2-core AVX-512 EPYC this was built on (torch 2.13, MKL
+2024.2; one 4096x4096 layer at one thread unless stated; ``benchmarks/cpu_speedup.py``
+measures whole models):
+
+* **csr** -- ``torch.addmv`` (batch 1) / ``torch.addmm`` (batch > 1) on a
+  ``torch.sparse_csr`` matrix with **int32** indices, which ATen hands to MKL's sparse
+  BLAS.  90% sparse: 5.8x faster than dense at batch 1, 2.1x at batch 64; 95%: 9.9x and
+  5.4x.  int64 indices (what ``Tensor.to_sparse_csr()`` gives) cost a conversion per call,
+  2.5x slower, so formats store int32.  The product is computed as ``W @ x.T``: for 2-D
+  inputs the output is the transposed view ``(N, out)`` of an ``(out, N)`` result (not
+  contiguous; a following CSR layer reads it without a copy).  Per-call overhead is
+  ~6-10 us, so tiny layers (LeNet's 100x10) stay faster dense.
+* **bsr** -- the same over ``torch.sparse_bsr``; pays only for block-pruned weights.
+  On unstructured sparsity most 4x4 blocks keep a nonzero (81% at 90% sparsity) and it
+  is 2-4x *slower* than dense.  No autograd on CPU (torch has no BSC x dense kernel).
+* **2:4** -- on CUDA with compute capability >= 8.0, ``torch.sparse.to_sparse_semi_structured``
+  (cuSPARSELt/CUTLASS sparse tensor cores).  Elsewhere the layer decompresses its weight
+  once (cached) and runs the dense matmul; ``materialise`` warns about it.
+* Tried and dropped (pure torch, no MKL): a gather-based ELL kernel
+  (``(x[idx] * vals).sum(-1)``, rows padded to the longest row) was 1.2x (90%) / 2.8x
+  (95%) at batch 1; ``segment_reduce(vals * x[col], offsets=crow)`` 1.0x / 2.6x;
+  ``index_add_`` slower than dense; COO ``torch.sparse.addmm`` slower than dense.  MKL CSR
+  beats them all.  Calling ``mkl_set_num_threads_local`` through ctypes crashed.
+
+Threads (measured): with 2 OpenMP threads on a CPU whose cores are busy with other
+processes (load average above the core count), each MKL sparse call can stall for a
+scheduler tick (4-8 ms) waiting for its second thread, even on tiny matrices; a dense
+GEMM hides this behind its longer run.  ``GOMP_SPINCOUNT=1000`` (measured fix),
+``OMP_WAIT_POLICY=PASSIVE`` or one thread avoid it.  Autotuning (``autotune.py``)
+measures under the real conditions, so it picks dense where this happens.
+
+Convolutions: ``CSRConv2d`` is im2col (``F.unfold``) + CSR matmul, for ``groups == 1``
+and ``padding_mode == "zeros"`` only; other convolutions (and Conv1d/Conv3d) are kept
+dense -- a documented limit.  BSR and 2:4 forms keep every convolution dense.
+
+Saving and loading: each module's ``state_dict`` holds its format tensors
+(``crow_indices``, ``col_indices``, ``values``, ``metadata``, ``bias``) plus an
+``_extra_state`` dict naming the kernel and shapes.  Loading into a plain (dense)
+architecture needs the same modules first: use :func:`load_materialised`, which reads
+the ``_extra_state`` entries, swaps in the right modules and loads (any nnz: buffers are
+resized to the stored tensors).  These modules are inference-only: the weight is a
+buffer, not a trainable parameter.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunelab.errors import PrunelabError
+from prunelab.materialise.formats import BSR, CSR, SemiStructured24
+
+__all__ = [
+    "SPARSE_MODULES",
+    "BSRLinear",
+    "CSRConv2d",
+    "CSRLinear",
+    "SemiStructuredLinear",
+    "SparseModule",
+    "build_sparse",
+    "kernel_unavailable_reason",
+    "load_materialised",
+    "semi_structured_available",
+]
+
+_BETA_WARNING = "Sparse (CSR|BSR|CSC|BSC) tensor support is in beta state"
+
+
+def semi_structured_available(device: torch.device | str) -> bool:
+    """True when ``device`` is a CUDA GPU with sparse tensor cores (compute capability >= 8.0)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+class SparseModule(nn.Module):
+    """Base class: an inference layer whose weight is a sparse format held in buffers.
+
+    Subclasses set ``kernel``, ``format_class`` and implement ``_matmul``.  The format
+    tensors are registered as buffers named like the format's ``tensors()`` keys.
+    """
+
+    kernel: ClassVar[str] = ""
+    format_class: ClassVar[type] = CSR
+
+    def __init__(self, fmt: Any, bias: torch.Tensor | None, config: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.weight_shape = tuple(int(s) for s in fmt.shape)
+        self.config = dict(config)
+        for key, tensor in fmt.tensors().items():
+            self.register_buffer(key, tensor)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self._cache: tuple[tuple, Any] | None = None  # (key, built value), see _cached
+
+    # --- format ----------------------------------------------------------------------
+    def format(self) -> Any:
+        """The stored format, as a :mod:`prunelab.materialise.formats` object (shares memory)."""
+        tensors = {key: buf for key, buf in self._buffers.items() if key != "bias"}
+        return self.format_class.from_tensors(self.weight_shape, tensors, **self.config)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The exact dense weight, ``weight_shape``."""
+        return self.format().to_dense()
+
+    @property
+    def nnz(self) -> int:
+        return self.format().nnz
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the weight format plus the dense bias."""
+        bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        return self.format().nbytes + bias
+
+    def _cached(self, build, key: tuple = ()):
+        """``build()`` cached on the instance (no module-level state) until the buffers change.
+
+        Invalidated whenever buffers are replaced (``.to()``/``.float()``/..., ``load_state_dict``,
+        assignment).  CSR/BSR views share the buffers' memory, so in-place edits show through;
+        a cache that copies (the 2:4 dense fallback) passes ``key`` (e.g. buffer versions).
+        """
+        cache = self._cache
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        # built outside inference mode, so a model first run under torch.inference_mode() still
+        # works later with autograd (inference tensors cannot be saved for backward)
+        with warnings.catch_warnings(), torch.inference_mode(False):
+            warnings.filterwarnings("ignore", message=_BETA_WARNING)
+            value = build()
+        self._cache = (key, value)
+        return value
+
+    def _apply(self, fn, recurse: bool = True):
+        self._cache = None
+        return super()._apply(fn, recurse)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.__dict__.get("_buffers", {}):
+            self.__dict__["_cache"] = None
+        super().__setattr__(name, value)
+
+    # --- state ----------------------------------------------------------------------
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"kernel": self.kernel, "module": type(self).__name__, "weight_shape": list(self.weight_shape),
+                "config": _plain(self.config)}
+
+    def set_extra_state(self, state: Any) -> None:
+        if not isinstance(state, Mapping) or state.get("module") != type(self).__name__:
+            got = state.get("module") if isinstance(state, Mapping) else type(state).__name__
+            raise PrunelabError(
+                f"state_dict holds a {got} layer but the model has {type(self).__name__}; load it with "
+                "prunelab.materialise.load_materialised(dense_model, state_dict)"
+            )
+        self.weight_shape = tuple(int(s) for s in state["weight_shape"])
+        self.config = _unplain(state["config"])
+        self._cache = None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # A format's nnz depends on the mask: resize buffers to the stored tensors before copying.
+        for key, buf in list(self._buffers.items()):
+            stored = state_dict.get(prefix + key)
+            if isinstance(stored, torch.Tensor) and (buf is None or buf.shape != stored.shape):
+                dtype = stored.dtype if buf is None else buf.dtype
+                device = stored.device if buf is None else buf.device
+                self._buffers[key] = torch.empty(stored.shape, dtype=dtype, device=device)
+        self._cache = None
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.sparse_csr tensors cannot be deep-copied or pickled; the cache is rebuilt on use.
+        state = self.__dict__.copy()
+        state["_cache"] = None
+        return state
+
+    # --- compute --------------------------------------------------------------------
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:  # (N, in) -> (N, out)
+        raise NotImplementedError
+
+
+def _plain(config: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+
+
+def _unplain(config: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+
+
+class _SparseLinearBase(SparseModule):
+    """A Linear layer ``y = x W^T + b`` with ``W`` in a sparse format."""
+
+    @property
+    def in_features(self) -> int:
+        return math.prod(self.weight_shape[1:])
+
+    @property
+    def out_features(self) -> int:
+        return self.weight_shape[0]
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, name: str = "weight", **options: Any) -> _SparseLinearBase:
+        fmt = cls.format_class.from_dense(linear.weight.detach(), name=name, **options)
+        return cls(fmt, linear.bias, options)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (*, in) -> (*, out)
+        if x.dim() == 2:  # the hot path: (N, in) -> (N, out)
+            return self._matmul(x)
+        out_features, in_features = self.weight_shape[0], math.prod(self.weight_shape[1:])
+        if x.dim() == 0 or x.shape[-1] != in_features:
+            raise RuntimeError(f"{type(self).__name__} expects inputs (*, {in_features}), got {tuple(x.shape)}")
+        y = self._matmul(x.reshape(-1, in_features))  # (N, out)
+        return y.reshape(*x.shape[:-1], out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, bias={self.bias is not None}"
+
+
+def _sparse_linear(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """``x W^T + b`` for a torch sparse CSR/BSR ``W (out, in)`` and dense ``x (N, in)`` -> ``(N, out)``."""
+    if x.shape[0] == 1:  # matrix-vector: MKL sparse mv
+        row = x[0]  # (in,)
+        y = torch.mv(weight, row) if bias is None else torch.addmv(bias, weight, row)  # (out,)
+        return y.unsqueeze(0)
+    xt = x.t()  # (in, N)
+    y = torch.mm(weight, xt) if bias is None else torch.addmm(bias.unsqueeze(1), weight, xt)  # (out, N)
+    return y.t()
+
+
+class CSRLinear(_SparseLinearBase):
+    """Linear with a CSR weight (MKL sparse BLAS on CPU, cuSPARSE on CUDA)."""
+
+    kernel = "csr"
+    format_class = CSR
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self._cached(lambda: (self.format().to_torch(), self.bias))  # (out, in) sparse_csr, (out,)
+        return _sparse_linear(weight, bias, x)
+
+
+class BSRLinear(_SparseLinearBase):
+    """Linear with a BSR weight; ``config["block_size"]`` is ``(bh, bw)``."""
+
+    kernel = "bsr"
+    format_class = BSR
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, name: str = "weight", block_size: tuple[int, int] = (4, 4),
+                    **options: Any) -> BSRLinear:
+        fmt = BSR.from_dense(linear.weight.detach(), block_size=block_size, name=name)
+        return cls(fmt, linear.bias, {"block_size": tuple(fmt.block_size)})
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self._cached(lambda: (self.format().to_torch(), self.bias))  # (out, in) sparse_bsr, (out,)
+        return _sparse_linear(weight, bias, x)
+
+
+class SemiStructuredLinear(_SparseLinearBase):
+    """Linear with a 2:4 weight: sparse tensor cores on sm80+ CUDA, dense fallback elsewhere."""
+
+    kernel = "2:4"
+    format_class = SemiStructured24
+
+    def __init__(self, fmt: Any, bias: torch.Tensor | None, config: Mapping[str, Any]) -> None:
+        super().__init__(fmt, bias, config)
+        self._gpu_failed = False  # to_sparse_semi_structured refused this weight (dtype/shape)
+
+    @property
+    def accelerated(self) -> bool:
+        """Whether forward runs on sparse tensor cores (False: dense fallback)."""
+        return semi_structured_available(self.values.device) and not self._gpu_failed
+
+    def _build_weight(self) -> torch.Tensor:
+        dense = self.format().to_dense()  # (out, in)
+        if self.accelerated:
+            try:
+                from torch.sparse import to_sparse_semi_structured
+
+                return to_sparse_semi_structured(dense)
+            except (RuntimeError, ValueError, TypeError, NotImplementedError):
+                self._gpu_failed = True  # unsupported dtype/shape for the GPU kernels: stay dense
+        return dense
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self._cached(self._build_weight, (self.values._version, self.metadata._version))
+        return F.linear(x, weight, self.bias)
+
+
+class CSRConv2d(SparseModule):
+    """Conv2d as im2col (``F.unfold``) + CSR matmul; ``groups == 1``, zero padding only."""
+
+    kernel = "csr"
+    format_class = CSR
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, *, name: str = "weight", **options: Any) -> CSRConv2d:
+        reason = _conv_limit(conv)
+        if reason:
+            raise PrunelabError(f"layer {name!r} cannot use the csr conv kernel: {reason}; keep it dense")
+        padding = (0, 0) if conv.padding == "valid" else tuple(conv.padding)
+        fmt = CSR.from_dense(conv.weight.detach(), name=name)
+        config = {"stride": tuple(conv.stride), "padding": padding, "dilation": tuple(conv.dilation)}
+        return cls(fmt, conv.bias, config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) or (C, H, W)
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        out_channels, _, kh, kw = self.weight_shape
+        stride, padding, dilation = self.config["stride"], self.config["padding"], self.config["dilation"]
+        batch, _, height, width = x.shape
+        h_out = (height + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        w_out = (width + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (B, C*kh*kw, L)
+        cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)  # (C*kh*kw, B*L)
+        weight = self._cached(lambda: self.format().to_torch())  # (O, C*kh*kw) sparse_csr
+        y = torch.mm(weight, cols)  # (O, B*L)
+        y = y.reshape(out_channels, batch, h_out * w_out).transpose(0, 1)  # (B, O, L)
+        if self.bias is not None:
+            y = y + self.bias.view(1, -1, 1)
+        y = y.reshape(batch, out_channels, h_out, w_out)
+        return y.squeeze(0) if unbatched else y
+
+    def extra_repr(self) -> str:
+        return f"weight_shape={self.weight_shape}, nnz={self.nnz}, {', '.join(f'{k}={v}' for k, v in self.config.items())}"
+
+
+def _conv_limit(conv: nn.Module) -> str | None:
+    if not isinstance(conv, nn.Conv2d):
+        return f"{type(conv).__name__} is kept dense (only Conv2d has an im2col kernel)"
+    if conv.groups != 1:
+        return f"groups={conv.groups} (only groups=1 is supported)"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r} (only 'zeros' is supported)"
+    if conv.padding == "same":
+        return "padding='same' (pass explicit padding)"
+    return None
+
+
+SPARSE_MODULES: dict[str, type[SparseModule]] = {
+    cls.__name__: cls for cls in (CSRLinear, BSRLinear, SemiStructuredLinear, CSRConv2d)
+}
+
+
+def kernel_unavailable_reason(
+    module: nn.Module, kernel: str, *, block_size: tuple[int, int] = (4, 4)
+) -> str | None:
+    """Why ``kernel`` cannot replace ``module`` (None if it can). ``dense`` always can."""
+    if kernel == "dense":
+        return None
+    if isinstance(module, nn.Linear):
+        if kernel == "csr":
+            return None
+        if kernel == "bsr":
+            bh, bw = block_size
+            if module.out_features % bh or module.in_features % bw:
+                return f"block {bh}x{bw} does not tile {module.out_features}x{module.in_features}"
+            return None
+        if kernel == "2:4":
+            if module.in_features % 4:
+                return f"in_features={module.in_features} is not a multiple of 4"
+            groups = module.weight.detach().reshape(module.out_features, -1, 4)
+            if bool(((groups != 0).sum(-1) > 2).any()):
+                return "weight is not 2:4 sparse"
+            return None
+        return f"unknown kernel {kernel!r}"
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        if kernel != "csr":
+            return f"{kernel} keeps convolutions dense"
+        return _conv_limit(module)
+    return f"{type(module).__name__} has no sparse kernel"
+
+
+def build_sparse(module: nn.Module, kernel: str, *, name: str = "weight",
+                 block_size: tuple[int, int] = (4, 4)) -> nn.Module:
+    """The ``kernel`` replacement for ``module`` (``dense``: the module itself)."""
+    if kernel == "2:4" and isinstance(module, nn.Linear):  # the format names the offending row and group
+        return SemiStructuredLinear.from_linear(module, name=name)
+    reason = kernel_unavailable_reason(module, kernel, block_size=block_size)
+    if reason:
+        raise PrunelabError(f"layer {name!r} cannot use kernel {kernel!r}: {reason}; keep it dense or pick another form")
+    if kernel == "dense":
+        return module
+    if isinstance(module, nn.Conv2d):
+        return CSRConv2d.from_conv(module, name=name)
+    if kernel == "csr":
+        return CSRLinear.from_linear(module, name=name)
+    return BSRLinear.from_linear(module, name=name, block_size=block_size)
+
+
+def _empty_format(cls: type[SparseModule], state: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Any:
+    shape = tuple(int(s) for s in state["weight_shape"])
+    return cls.format_class.from_tensors(shape, dict(tensors), **_unplain(state.get("config", {})))
+
+
+def load_materialised(model: nn.Module, state_dict: Mapping[str, Any]) -> nn.Module:
+    """Rebuild a materialised model from a dense architecture and a materialised ``state_dict``.
+
+    ``model`` is the plain architecture (any weights); every ``<layer>._extra_state`` entry
+    of ``state_dict`` that names a sparse module swaps that layer of a deep copy for the
+    module, then the whole ``state_dict`` is loaded strictly.  ``model`` is not changed.
+    """
+    if not isinstance(model, nn.Module) or not isinstance(state_dict, Mapping):
+        raise PrunelabError(
+            f"load_materialised needs (nn.Module, state_dict), got ({type(model).__name__}, "
+            f"{type(state_dict).__name__}); pass the dense architecture and torch.load(...) of the materialised state_dict"
+        )
+    new = copy.deepcopy(model)
+    for key, state in state_dict.items():
+        if not key.endswith("_extra_state") or not isinstance(state, Mapping) or state.get("module") not in SPARSE_MODULES:
+            continue
+        layer = key[: -len("_extra_state")].rstrip(".")
+        cls = SPARSE_MODULES[state["module"]]
+        prefix = f"{layer}." if layer else ""
+        tensors = {k[len(prefix):]: v for k, v in state_dict.items()
+                   if k.startswith(prefix) and "." not in k[len(prefix):] and isinstance(v, torch.Tensor)}
+        bias = tensors.pop("bias", None)
+        module = cls(_empty_format(cls, state, tensors), bias, _unplain(state.get("config", {})))
+        _set_submodule(new, layer, module)
+    new.load_state_dict(dict(state_dict), strict=True)
+    return new
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule called ``name`` (FQN) by ``module``."""
+    if not name:
+        raise PrunelabError("cannot replace the root module; materialise a model that contains the layer")
+    parent_name, _, child = name.rpartition(".")
+    try:
+        parent = model.get_submodule(parent_name) if parent_name else model
+    except AttributeError:
+        raise PrunelabError(
+            f"state_dict names layer {name!r} but the model has no such module; pass the architecture it was saved from"
+        ) from None
+    setattr(parent, child, module)
