@@ -30,7 +30,6 @@ from __future__ import annotations
 import copy
 import functools
 import os
-import statistics
 import sys
 import time
 import warnings
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunelab.bench.models import build_model
+from prunelab.measure.latency import interleaved_latency
 from prunelab.bench.records import (
     benchmark_args, benchmark_environment, rows_table, run_guarded, target, targets_table, write_record,
 )
@@ -101,24 +101,6 @@ def torch_csr_model(pruned: nn.Module) -> nn.Module:
     return model
 
 
-def latency(variants: dict[str, Callable[[], object]], reps: int, min_sample_s: float = 1e-3) -> dict[str, float]:
-    """Median seconds per call of each variant, interleaved over ``reps`` repetitions."""
-    inner = {}
-    for name, fn in variants.items():
-        fn()
-        start = time.perf_counter()
-        fn()
-        inner[name] = max(1, min(500, int(min_sample_s / max(time.perf_counter() - start, 1e-9)) + 1))
-    samples: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(reps):
-        for name, fn in variants.items():
-            start = time.perf_counter()
-            for _ in range(inner[name]):
-                fn()
-            samples[name].append((time.perf_counter() - start) / inner[name])
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
 def kernel_summary(model: nn.Module) -> str:
     kernels = [layer.kernel for layer in model.materialise_report.layers]
     return ",".join(kernels)
@@ -145,7 +127,7 @@ def run_case(name: str, model: nn.Module, input_shape: tuple[int, ...], sparsity
             warnings.simplefilter("ignore")
             variants = {"dense": functools.partial(pruned, x), "auto": functools.partial(auto, x),
                         "torch_csr": functools.partial(plain, x)}
-            times = latency(variants, reps)
+            times = interleaved_latency(variants, reps)
         rows.append({
             "model": name, "sparsity": sparsity if sparsity == "2:4" else f"{100 * float(sparsity):g}%",
             "sparsity_pct": 50.0 if sparsity == "2:4" else 100 * float(sparsity), "batch": b,

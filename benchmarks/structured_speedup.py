@@ -39,7 +39,6 @@ threads and the ratios mean nothing (use ``--threads 1`` there).
 from __future__ import annotations
 
 import copy
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -51,6 +50,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from prunelab.bench.datasets import load_dataset
 from prunelab.bench.models import build_model
+from prunelab.measure.latency import model_latency_ms
 from prunelab.bench.records import (
     benchmark_args,
     benchmark_environment,
@@ -170,25 +170,6 @@ def _loader(dataset: TensorDataset, limit: int | None, batch: int, shuffle: bool
     return DataLoader(TensorDataset(*tensors), batch_size=batch, shuffle=shuffle, generator=generator if shuffle else None)
 
 
-def interleaved_latency_ms(models: dict[str, nn.Module], x: torch.Tensor, reps: int) -> dict[str, float]:
-    """Median ms per forward of each model, repetitions interleaved (alternating order)."""
-    with torch.inference_mode():
-        for model in models.values():
-            for _ in range(3):
-                model(x)
-        start = time.perf_counter()
-        next(iter(models.values()))(x)
-        inner = max(1, int(0.005 / max(time.perf_counter() - start, 1e-6)))  # >= ~5 ms per sample
-        times: dict[str, list[float]] = {k: [] for k in models}
-        for r in range(reps):
-            for key in (list(models) if r % 2 == 0 else list(reversed(models))):
-                start = time.perf_counter()
-                for _ in range(inner):
-                    models[key](x)
-                times[key].append((time.perf_counter() - start) / inner)
-    return {k: 1000 * statistics.median(v) for k, v in times.items()}
-
-
 @torch.no_grad()
 def _max_error(a: nn.Module, b: nn.Module, loader: DataLoader) -> float:
     return max(float((a(x) - b(x)).abs().max()) for x, _ in loader)
@@ -238,7 +219,7 @@ def run_setup(setup: Setup, splits, args, seed: int) -> tuple[list[dict], dict]:
     for batch in (1, 64):
         x = splits.test.tensors[0][:batch].contiguous()
         reps = (5 if batch == 64 else 10) if quick else (30 if batch == 64 else 100)
-        latency = interleaved_latency_ms({"dense": model, "shrunk": shrunk}, x, reps)
+        latency = model_latency_ms({"dense": model, "shrunk": shrunk}, x, reps)
         rows.append({
             "model": setup.name, "batch": batch, "channels_kept_pct": kept_pct,
             "params_dense": params[0], "params_shrunk": params[1], "param_ratio": params[1] / params[0],

@@ -262,7 +262,7 @@ def test_data_criteria_without_data_raise(name):
 
 
 def test_registry_has_every_entry_and_unknown_name_lists_them():
-    assert CRITERIA.names() == sorted(["random", "magnitude", "l1", "l2", "lp", "taylor", "obd"])
+    assert {"random", "magnitude", "l1", "l2", "lp", "taylor", "obd"} <= set(CRITERIA.names())
     with pytest.raises(PrunelabError) as info:
         get_criterion("magnitud")
     assert all(n in str(info.value) for n in CRITERIA.names())

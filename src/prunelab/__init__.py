@@ -15,7 +15,9 @@ Importing prunelab registers nothing globally and starts nothing.
 from prunelab.allocation import ALLOCATIONS, LayerBudget, select_top_k
 from prunelab.criteria import CRITERIA, ScoreData, get_criterion
 from prunelab.errors import PrunelabError
+from prunelab.loading import load
 from prunelab.masks import MaskSet
+from prunelab.materialise import materialise
 from prunelab.schedules import SCHEDULES, Cubic, Geometric, OneShot
 from prunelab.sparsifier import Sparsifier
 from prunelab.structure import GRANULARITIES, NM, get_granularity
@@ -25,6 +27,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ALLOCATIONS", "CRITERIA", "GRANULARITIES", "SCHEDULES", "NM", "Cubic", "Geometric", "LayerBudget", "LayerRules",
-    "MaskSet", "OneShot", "PrunelabError", "ScoreData", "Sparsifier", "get_criterion", "get_granularity",
+    "MaskSet", "OneShot", "PrunelabError", "ScoreData", "Sparsifier", "get_criterion", "get_granularity", "load", "materialise",
     "prunable_parameters", "select_top_k", "__version__",
 ]

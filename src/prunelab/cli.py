@@ -174,8 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(func=cmd_inspect)
 
     from prunelab.cli_compress import add_compress_parser
+    from prunelab.cli_materialise import add_materialise_parsers
 
     add_compress_parser(sub)
+    add_materialise_parsers(sub)
     return parser
 
 

@@ -1,0 +1,51 @@
+"""``prunelab.load(path)``: rebuild any model folder prunelab writes, without pickled code.
+
+* a checkpoint (``checkpoint.json``: plain state_dict + masks) -> the masked model;
+* a shrunk model (``architecture.json``) -> the physically smaller dense model;
+* a sparse-format model (``materialised.json``) -> the model with sparse modules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from prunelab.errors import PrunelabError
+
+MATERIALISED_META, MATERIALISED_STATE = "materialised.json", "materialised.pt"
+
+
+def load(path: str | os.PathLike) -> nn.Module:
+    """The model stored in folder ``path`` (see module docstring), in eval mode."""
+    folder = Path(path)
+    if (folder / "architecture.json").is_file():
+        from prunelab.materialise.spec import load_shrunk
+
+        return load_shrunk(folder).eval()
+    if (folder / MATERIALISED_META).is_file():
+        return load_sparse_folder(folder).eval()
+    if (folder / "checkpoint.json").is_file():
+        from prunelab.checkpoint import load_checkpoint
+
+        return load_checkpoint(folder).model.eval()
+    raise PrunelabError(
+        f"{str(folder)!r} holds no prunelab model (checkpoint.json, architecture.json or {MATERIALISED_META}); "
+        "pass a folder written by prune, demo or materialise"
+    )
+
+
+def load_sparse_folder(folder: Path) -> nn.Module:
+    from prunelab.bench.models import build_model
+    from prunelab.materialise import load_materialised
+
+    try:
+        meta = json.loads((folder / MATERIALISED_META).read_text())
+        state = torch.load(folder / MATERIALISED_STATE, map_location="cpu", weights_only=True)
+    except (OSError, json.JSONDecodeError, RuntimeError) as exc:
+        raise PrunelabError(f"cannot read the sparse model in {str(folder)!r} ({exc}); re-create it with prunelab materialise") from None
+    skeleton = build_model(meta["model"], tuple(meta["input_shape"]), int(meta["num_classes"]))
+    return load_materialised(skeleton, state)

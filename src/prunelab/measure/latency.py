@@ -1,0 +1,49 @@
+"""Latency measured side by side: interleaved repetitions, medians, ratios.
+
+Speed claims are ratios of variants timed in the same process, alternating between them
+so that drift of the machine (frequency, other load) hits every variant alike
+(DESIGN.md decision 6).  Each sample runs a variant enough times to last at least
+``min_sample_s``, so sub-millisecond calls are not dominated by timer resolution.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def interleaved_latency(variants: Mapping[str, Callable[[], Any]], reps: int = 15, min_sample_s: float = 2e-3,
+                        warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each variant; repetitions interleaved, order alternating."""
+    if reps < 1:
+        raise ValueError(f"reps must be >= 1, got {reps}")
+    inner: dict[str, int] = {}
+    for name, fn in variants.items():
+        for _ in range(warmup):
+            fn()
+        start = time.perf_counter()
+        fn()
+        once = max(time.perf_counter() - start, 1e-9)
+        inner[name] = max(1, min(1000, int(min_sample_s / once) + 1))
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    order = list(variants)
+    for r in range(reps):
+        for name in order if r % 2 == 0 else reversed(order):
+            fn, n = variants[name], inner[name]
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            samples[name].append((time.perf_counter() - start) / n)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def model_latency_ms(models: Mapping[str, nn.Module], example: torch.Tensor, reps: int = 15) -> dict[str, float]:
+    """Median milliseconds per forward of each model on ``example``, measured side by side."""
+    with torch.inference_mode():
+        seconds = interleaved_latency({k: (lambda m=m: m(example)) for k, m in models.items()}, reps=reps)
+    return {k: 1000.0 * v for k, v in seconds.items()}
