@@ -28,7 +28,7 @@ def trained_mlp(digits):
 
 
 def test_registry_lists_the_three_methods():
-    assert METHODS.names() == ["gradual", "iterative", "oneshot"]
+    assert {"gradual", "iterative", "oneshot"} <= set(METHODS.names())
 
 
 def test_oneshot_hits_target_and_fine_tunes(digits):

@@ -1,0 +1,158 @@
+"""Dynamic sparse training of a 784-1000-1000-1000-10 MLP on MNIST at 90% and 98% sparsity.
+
+The MLP of Mocanu et al. 2018 (SET), trained from scratch with the same optimizer,
+learning-rate schedule and number of epochs by
+
+* dense training (the reference),
+* static: a random ERK mask that never changes (Evci et al. 2020's "Static"),
+* SET (Mocanu et al. 2018): drop the smallest |w|, regrow at random,
+* RigL (Evci et al. 2020): drop the smallest |w|, grow the largest dense |grad|,
+* SNFS (Dettmers & Zettlemoyer 2019): grow and redistribute by momentum,
+
+all sparse runs starting from ERK masks (kept weights rescaled per unit by sqrt(fan_in / kept fan_in),
+Evci et al. 2022's sparse initialisation) and rewiring every delta_T = 100 steps with the
+cosine fraction f(t) = 0.3/2 (1 + cos(pi t / T_end)), T_end = 75% of training.  Each row
+reports test accuracy and the training FLOPs of RigL's Appendix H (dense 3 f_D per sample;
+static/SET 3 f_S; RigL (3 f_S dT + 2 f_S + f_D)/(dT + 1); SNFS 2 f_S + f_D).
+Target: RigL >= SET > static in accuracy at equal sparsity and (about) equal cost.
+
+Budget: 9 runs x 5 epochs x 469 steps of batch 128 (about 21,000 steps of a 2.8M-weight
+MLP) -- about 15-20 minutes on a free 2-core CPU, within the 25 minutes allowed.
+
+    python benchmarks/dst_mlp.py            # full run, writes benchmarks/results/dst_mlp.json
+    python benchmarks/dst_mlp.py --quick    # 1 epoch on 6,000 training images, delta_T = 10
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections import OrderedDict
+
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from prunelab.bench.datasets import load_dataset, make_loaders
+from prunelab.bench.records import (
+    benchmark_args,
+    benchmark_environment,
+    resolve_data_dir,
+    rows_table,
+    run_guarded,
+    target,
+    targets_table,
+    write_record,
+)
+from prunelab.bench.training import TrainConfig, evaluate, seed_everything, train
+from prunelab.dst import training_flops
+from prunelab.methods import METHODS, PruneSpec
+from prunelab.methods.dst import DSTConfig
+
+SPARSE_METHODS = ("static", "set", "rigl", "snfs")
+CONFIG = TrainConfig(epochs=5, batch_size=128, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=1e-4,
+                     lr_schedule="cosine", seed=0, progress=False)
+DST = DSTConfig(delta_t=100, alpha=0.3, end_fraction=0.75, sparse_init=True)
+QUICK_TRAIN_IMAGES = 6000
+
+
+def build_mlp(in_features: int = 784, hidden: int = 1000, num_classes: int = 10) -> nn.Module:
+    """784-1000-1000-1000-10 ReLU MLP (Mocanu et al. 2018's MNIST network), 2.8M weights."""
+    return nn.Sequential(OrderedDict([
+        ("flatten", nn.Flatten()),
+        ("fc1", nn.Linear(in_features, hidden)), ("relu1", nn.ReLU()),
+        ("fc2", nn.Linear(hidden, hidden)), ("relu2", nn.ReLU()),
+        ("fc3", nn.Linear(hidden, hidden)), ("relu3", nn.ReLU()),
+        ("fc4", nn.Linear(hidden, num_classes)),
+    ]))
+
+
+def main(argv=None) -> int:
+    parser = benchmark_args(__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    quick = args.quick
+    started = time.perf_counter()
+    config = dataclasses.replace(CONFIG, seed=args.seed, epochs=1 if quick else CONFIG.epochs)
+    dst = dataclasses.replace(DST, delta_t=10) if quick else DST
+    splits = load_dataset("mnist", resolve_data_dir(args.data_dir))
+    if quick:
+        x, y = splits.train.tensors
+        splits = dataclasses.replace(splits, train=TensorDataset(x[:QUICK_TRAIN_IMAGES], y[:QUICK_TRAIN_IMAGES]))
+    samples = config.epochs * len(splits.train)
+    example = splits.test[0][0].unsqueeze(0)
+
+    def fresh() -> tuple[nn.Module, object, object]:
+        seed_everything(config.seed)  # the same initial weights and batch order for every method
+        train_loader, test_loader = make_loaders(splits, config.batch_size, config.seed)
+        return build_mlp(), train_loader, test_loader
+
+    rows = []
+    model, train_loader, test_loader = fresh()
+    t0 = time.perf_counter()
+    train(model, train_loader, config, description="dense")
+    cost = training_flops("dense", model, example, None, samples=samples)
+    rows.append(_row("dense", 0.0, 0.0, evaluate(model, test_loader), cost, time.perf_counter() - t0, 0))
+    print(_line(rows[-1]))
+    for sparsity in (0.9, 0.98):
+        spec = PruneSpec(sparsity=sparsity, allocation="erk")
+        for name in SPARSE_METHODS:
+            model, train_loader, test_loader = fresh()
+            t0 = time.perf_counter()
+            result = METHODS.get(name)(model, train_loader, test_loader, spec, config, dst=dst)
+            wall = time.perf_counter() - t0
+            cost = training_flops(name, model, example, result.masks, samples=samples, delta_t=dst.delta_t)
+            rows.append(_row(name, sparsity, result.masks.stats().sparsity, evaluate(model, test_loader), cost, wall,
+                             result.rows[-1]["mask_updates"]))
+            print(_line(rows[-1]))
+
+    targets = []
+    for sparsity in (0.9, 0.98):
+        acc = {r["method"]: r["accuracy_pct"] for r in rows if r["target_sparsity_pct"] == round(100 * sparsity, 1)}
+        pct = f"{100 * sparsity:g}%"
+        targets.append(target(f"RigL - SET test accuracy at {pct} (points)", round(acc["rigl"] - acc["set"], 2),
+                              ">= 0", acc["rigl"] >= acc["set"]))
+        targets.append(target(f"SET - static test accuracy at {pct} (points)", round(acc["set"] - acc["static"], 2),
+                              "> 0", acc["set"] > acc["static"]))
+    total_wall = time.perf_counter() - started
+    targets.append(target("wall time, whole script (s)", round(total_wall, 1), "<= 1500", total_wall <= 1500))
+    columns = [("method", "method"), ("target_sparsity_pct", "target %"), ("sparsity_pct", "sparsity %"),
+               ("accuracy_pct", "test acc %"), ("train_tflops", "train TFLOPs"),
+               ("train_flops_frac_dense", "train FLOPs / dense"), ("inference_mflops", "inference MFLOPs"),
+               ("mask_updates", "updates"), ("wall_time_s", "wall s")]
+    record = {
+        "config": {"train": dataclasses.asdict(config), "dst": {"delta_t": dst.delta_t, "alpha": dst.alpha,
+                                                                "end_fraction": dst.end_fraction},
+                   "model": "mlp 784-1000-1000-1000-10", "init_allocation": "erk", "train_images": len(splits.train),
+                   "quick": quick},
+        "seeds": [args.seed],
+        "environment": benchmark_environment(),
+        "columns": columns,
+        "rows": rows,
+        "targets": targets,
+        "total_wall_time_s": total_wall,
+    }
+    path = write_record("dst_mlp", record, args.out)
+    print()
+    print(rows_table(rows, columns))
+    print()
+    print(targets_table(targets))
+    print(f"\nrecord: {path}")
+    return 0
+
+
+def _row(method: str, target_sparsity: float, sparsity: float, metrics, cost, wall: float, updates: int) -> dict:
+    return {"method": method, "target_sparsity_pct": round(100 * target_sparsity, 1), "sparsity_pct": 100 * sparsity,
+            "accuracy_pct": 100 * metrics["accuracy"], "error_pct": metrics["error_pct"],
+            "train_tflops": cost.total_flops / 1e12, "train_flops_frac_dense": cost.fraction_of_dense,
+            "inference_mflops": cost.sparse_inference_flops / 1e6, "mask_updates": updates, "wall_time_s": wall}
+
+
+def _line(row: dict) -> str:
+    return (f"{row['method']:>6} @ {row['target_sparsity_pct']:4.1f}%: acc {row['accuracy_pct']:.2f}%  "
+            f"train {row['train_tflops']:.3f} TFLOPs ({row['train_flops_frac_dense']:.3f}x dense)  "
+            f"{row['wall_time_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(run_guarded(main))

@@ -1,0 +1,382 @@
+"""Dynamic sparse training (DST): start sparse, keep the count, move the connections.
+
+A :class:`DynamicSparsifier` is a :class:`~prunelab.sparsifier.Sparsifier` whose mask is
+decided once at the start -- a random mask at the target sparsity with per-layer counts
+from an allocation, ERK by default (Evci et al. 2020, "Rigging the Lottery", sec. 3) --
+and then rewired every ``delta_t`` optimizer steps: each update drops connections and
+grows the same number elsewhere, so the sparsity never changes.  The fraction rewired
+decays by cosine (RigL eq. 1)::
+
+    f(t) = alpha / 2 * (1 + cos(pi * t / T_end))     for t < T_end, no update afterwards
+
+One update (:meth:`DynamicSparsifier.rewire`), with ``M`` the mask before it:
+
+1. **drop** ``d_l`` kept weights per layer with the lowest *drop score* (``|w|`` for every
+   method here), ``d_l = round(f * |M_l|)`` unless the method says otherwise (DSR);
+2. **grow** ``g_l`` weights among the positions that were zero *before* the drop
+   (``~M_l``, so a connection just dropped is never regrown in the same update, as in
+   RigL), those with the highest *grow score* (random, ``|dL/dw|`` or ``|momentum|``);
+   ``g_l = d_l`` keeps every layer's count (SET, RigL), DSR/SNFS reallocate
+   ``sum_l d_l`` across layers;
+3. grown weights start at zero (or at a fresh draw, SET) and their optimizer state
+   (momentum buffer, Adam moments) is zeroed; dropped weights and their state are zeroed
+   by :meth:`~prunelab.sparsifier.Sparsifier.enforce`.
+
+Ties in any ranking go to the lower flat index (:func:`~prunelab.allocation.select_top_k`).
+
+Hook point.  :meth:`step` runs after ``optimizer.step()`` (prunelab's ``train`` calls
+``after_step`` there).  ``.grad`` still holds the batch's *dense* gradient -- masked
+weights are zero, but their gradient is not, and ``step`` reads it *before* ``enforce``
+re-zeroes the masked entries.  The optimizer has already used that gradient, so a mask
+change applies after the step: dropped weights are zeroed, grown ones set to their start
+value, exactly as if the update had happened just before the step with the grown
+weights' first step skipped.  ``step`` must therefore run before ``optimizer.zero_grad()``.
+
+Distributed (DESIGN.md decision 3).  Under DDP ``.grad`` is already all-reduced and the
+replicas' weights are identical, so magnitudes, gradients and momenta agree on every
+rank; drop and grow scores are still averaged over ranks (exact for equal values), and
+random growth draws from a CPU generator seeded by ``(seed, step)``, identical on every
+rank.  :meth:`finalize` verifies the masks bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from prunelab import distributed
+from prunelab.allocation import check_sparsity, select_top_k
+from prunelab.criteria.random_scores import RandomScores
+from prunelab.errors import PrunelabError
+from prunelab.masks import MaskSet
+from prunelab.sparsifier import Sparsifier
+from prunelab.targets import LayerRules, keep_bounds
+
+INIT_ALLOCATIONS = ("erk", "uniform")
+GROW_INITS = ("zero", "init")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class UpdateSchedule:
+    """When DST rewires and how much: the cosine decay of Evci et al. 2020 (RigL), eq. 1.
+
+    ``f(t) = alpha / 2 * (1 + cos(pi t / T_end))``; updates happen at
+    ``t = delta_t, 2 delta_t, ...`` strictly before ``T_end = end_step`` (RigL:
+    ``t mod delta_t == 0 and t < T_end``).  A pure function of the step, so a resumed
+    run rewires at the same steps by the same fractions.
+    """
+
+    end_step: int
+    delta_t: int = 100
+    alpha: float = 0.3
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.delta_t) or self.delta_t < 1:
+            raise PrunelabError(f"delta T must be an integer >= 1 (optimizer steps between updates), got "
+                                f"{self.delta_t!r}; e.g. --delta-t 100")
+        if not _is_number(self.alpha) or not 0.0 < self.alpha <= 1.0:
+            raise PrunelabError(f"alpha (initial update fraction) must be in (0, 1], got {self.alpha!r}; RigL uses 0.3")
+        if not _is_int(self.end_step) or self.end_step < 1:
+            raise PrunelabError(f"T_end must be an integer step >= 1, got {self.end_step!r}; e.g. 75% of the run's "
+                                "steps")
+
+    @classmethod
+    def for_run(cls, total_steps: int, *, delta_t: int = 100, alpha: float = 0.3,
+                end_fraction: float = 0.75) -> UpdateSchedule:
+        """The schedule for a run of ``total_steps`` with ``T_end = end_fraction * total_steps``, checked."""
+        if not _is_number(end_fraction) or not 0.0 < end_fraction <= 1.0:
+            raise PrunelabError(f"T_end fraction must be in (0, 1] of the run, got {end_fraction!r}; T_end beyond the "
+                                "run never ends the updates, RigL uses 0.75")
+        schedule = cls(end_step=max(int(end_fraction * total_steps), 1), delta_t=delta_t, alpha=alpha)
+        schedule.check_run(total_steps)
+        return schedule
+
+    def fraction_at(self, step: int) -> float:
+        """``f(t)``; 0 from ``T_end`` on."""
+        if step >= self.end_step:
+            return 0.0
+        return self.alpha / 2.0 * (1.0 + math.cos(math.pi * max(step, 0) / self.end_step))
+
+    def is_update_step(self, step: int) -> bool:
+        return 0 < step < self.end_step and step % self.delta_t == 0
+
+    def update_steps(self) -> list[int]:
+        return list(range(self.delta_t, self.end_step, self.delta_t))
+
+    def check_run(self, total_steps: int) -> None:
+        """Raise PrunelabError unless the schedule fits a run of ``total_steps`` optimizer steps."""
+        if self.delta_t > total_steps:
+            raise PrunelabError(f"delta T={self.delta_t} exceeds the run's {total_steps} steps; lower --delta-t or "
+                                "train longer")
+        if self.end_step > total_steps:
+            raise PrunelabError(f"T_end={self.end_step} is beyond the run's {total_steps} steps; set T_end <= "
+                                f"{total_steps} (end fraction <= 1) or train longer")
+        if not self.update_steps():
+            raise PrunelabError(f"delta T={self.delta_t} leaves no update before T_end={self.end_step} of "
+                                f"{total_steps} steps; lower --delta-t or raise the end fraction")
+
+
+class DynamicSparsifier(Sparsifier):
+    """Base of every DST method: random start, then drop/grow on an :class:`UpdateSchedule`.
+
+    Subclasses set :attr:`name`, implement :meth:`grow_scores` and may override
+    :meth:`drop_counts` / :meth:`grow_counts` (reallocation across layers), :meth:`observe`
+    (per-step statistics) and :attr:`grow_init`.  ``schedule=None`` never rewires.
+
+    ``allocation``: the initial per-layer counts, ``"erk"`` (Evci et al. 2020) or
+    ``"uniform"``.  ``rules``/``exclude`` as for :class:`Sparsifier`: a layer kept dense
+    stays dense, a fixed-sparsity layer keeps its count even under reallocation.
+    ``seed`` drives the initial mask and random growth (``(seed, step)`` per update).
+    ``sparse_init``: rescale the initial kept weights for their sparse fan-in (see
+    :meth:`initialise`); off by default, since the model may already be trained.
+    """
+
+    name: ClassVar[str] = "dst"
+    grow_init: ClassVar[str] = "zero"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sparsity: float,
+        *,
+        schedule: UpdateSchedule | None = None,
+        allocation: str = "erk",
+        rules: LayerRules | None = None,
+        exclude: Sequence[str] = (),
+        seed: int = 0,
+        sparse_init: bool = False,
+    ) -> None:
+        check_sparsity(sparsity)
+        if allocation not in INIT_ALLOCATIONS:
+            raise PrunelabError(f"{self.name} starts from a random mask with 'erk' or 'uniform' per-layer counts, got "
+                                f"allocation {allocation!r}; pass --allocation erk (default) or uniform")
+        if not _is_int(seed) or not 0 <= seed < 2**32:
+            raise PrunelabError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+        super().__init__(model, criterion=RandomScores(seed=seed), allocation=allocation, rules=rules, exclude=exclude)
+        self.sparsity = float(sparsity)
+        self.rewiring = schedule
+        self.seed = seed
+        self.sparse_init = bool(sparse_init)
+        self.initialised = False
+        self.keep_limits = {n: keep_bounds(p.numel(), *self.bounds[n]) for n, p in self.params.items()}
+
+    # --- life cycle ------------------------------------------------------------------
+    def prepare(self, optimizer: torch.optim.Optimizer | None = None) -> DynamicSparsifier:
+        """Draw the initial random mask (first call only), attach the optimizer, enforce."""
+        if not self.initialised:
+            self.initialise()
+        super().prepare(optimizer)
+        return self
+
+    def initialise(self) -> MaskSet:
+        """Random mask at ``sparsity``: i.i.d. uniform scores (seeded), top-k per layer with
+        the allocation's counts -- ERK density ``eps * (n_in + n_out) / (n_in n_out)``
+        (Mocanu et al. 2018's Erdos-Renyi; kernel sizes join for convolutions).
+
+        With ``sparse_init`` every output unit's kept weights are multiplied by
+        ``sqrt(fan_in / kept_fan_in)``, so a unit with ``k`` of its ``fan_in`` inputs keeps
+        the variance of a dense unit -- the "sparse initialisation" of Evci, Ioannou,
+        Keskin & Dauphin 2022 ("Gradient Flow in Sparse Neural Networks and How Lottery
+        Tickets Win", AAAI), without which signals shrink by ``sqrt(density)`` per layer."""
+        self.masks = MaskSet.ones(self.params)
+        self.update(self.sparsity)
+        if self.sparse_init:
+            with torch.no_grad():
+                for name, param in self.params.items():
+                    rows = self.masks[name].to(param.device).reshape(param.shape[0], -1)  # (out, fan_in)
+                    scale = torch.sqrt(rows.shape[1] / rows.sum(dim=1).clamp_min(1).to(param.dtype))
+                    param.mul_(scale.view(-1, *([1] * (param.dim() - 1))))
+        self.initialised = True
+        return self.masks
+
+    def step(self) -> None:
+        """After ``optimizer.step()``, before ``zero_grad``: observe, rewire on update steps, enforce."""
+        self.step_count += 1
+        self.observe()
+        if self.rewiring is not None and self.rewiring.is_update_step(self.step_count):
+            self.rewire(self.rewiring.fraction_at(self.step_count))
+        self.enforce()
+
+    def observe(self) -> None:
+        """Per-step hook, run while ``.grad`` is still dense (SNFS's momentum); default: nothing."""
+
+    def set_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
+        super().set_masks(masks)
+        self.initialised = True
+
+    # --- one update ------------------------------------------------------------------
+    @torch.no_grad()
+    def rewire(self, fraction: float) -> MaskSet:
+        """Drop and grow once with update fraction ``fraction`` (see the module docstring)."""
+        if not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+            raise PrunelabError(f"update fraction must be in [0, 1], got {fraction!r}")
+        old = {n: self.masks[n].to(p.device) for n, p in self.params.items()}
+        kept = {n: int(m.sum()) for n, m in old.items()}
+        drop = self.drop_counts(fraction, old)
+        survivors = {}
+        for name, param in self.params.items():
+            score = self._reduced(self.drop_scores(name, param))
+            score = torch.where(old[name], score, torch.full_like(score, -math.inf))
+            survivors[name] = select_top_k(score, kept[name] - drop[name]).view(param.shape)
+        grow = self.grow_counts(drop, old, survivors)
+        generator = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + self.step_count)
+        grown = {}
+        for name, param in self.params.items():
+            grown[name] = torch.zeros_like(old[name])
+            if grow[name] > 0:
+                score = self._reduced(self.grow_scores(name, param, generator))
+                score = torch.where(old[name], torch.full_like(score, -math.inf), score)  # zero before the drop only
+                grown[name] = select_top_k(score, grow[name]).view(param.shape)
+        self.masks = MaskSet({n: survivors[n] | grown[n] for n in self.params})
+        self._start_grown(grown, generator)
+        self.enforce()
+        self.history.append({
+            "step": self.step_count, "update_fraction": fraction, "dropped": sum(drop.values()),
+            "grown": sum(grow.values()), "target_sparsity": self.sparsity,
+            "achieved_sparsity": self.masks.stats().sparsity,
+        })
+        return self.masks
+
+    def drop_scores(self, name: str, param: torch.Tensor) -> torch.Tensor:
+        """Higher = keep.  ``|w|`` (every method here drops by magnitude)."""
+        return param.detach().abs()
+
+    def grow_scores(self, name: str, param: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Higher = grow first, over the whole tensor (non-candidates are masked out later)."""
+        raise NotImplementedError
+
+    def drop_counts(self, fraction: float, old: Mapping[str, torch.Tensor]) -> dict[str, int]:
+        """``d_l = round(f * |M_l|)``, at most the layer's zeros so the same number can regrow."""
+        counts = {}
+        for name, mask in old.items():
+            kept = int(mask.sum())
+            counts[name] = min(_round_half_up(fraction * kept), mask.numel() - kept)
+        return counts
+
+    def grow_counts(self, drop: Mapping[str, int], old: Mapping[str, torch.Tensor],
+                    survivors: Mapping[str, torch.Tensor]) -> dict[str, int]:
+        """``g_l = d_l``: every layer keeps its count."""
+        return dict(drop)
+
+    # --- helpers ---------------------------------------------------------------------
+    def _reduced(self, score: torch.Tensor) -> torch.Tensor:
+        return distributed.all_reduce_mean_(score.detach().float().clone())
+
+    def _random_scores(self, param: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return torch.rand(param.shape, generator=generator, dtype=torch.float32).to(param.device)
+
+    def _start_grown(self, grown: Mapping[str, torch.Tensor], generator: torch.Generator) -> None:
+        """Grown weights start at zero (or a fresh init draw) with zero optimizer state."""
+        for name, param in self.params.items():
+            where = grown[name]
+            if not bool(where.any()):
+                continue
+            if self.grow_init == "init":
+                # PyTorch's default Linear/Conv init U(-b, b), b = 1/sqrt(fan_in) (kaiming_uniform, a=sqrt(5))
+                bound = 1.0 / math.sqrt(param[0].numel())
+                draw = (torch.rand(param.shape, generator=generator) * 2.0 - 1.0) * bound
+                param[where] = draw.to(param.device, param.dtype)[where]
+            else:
+                param[where] = 0.0
+            if self.optimizer is not None:
+                for value in self.optimizer.state.get(param, {}).values():
+                    if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                        value[where] = 0
+
+    def _dense_grad(self, name: str, param: torch.Tensor) -> torch.Tensor:
+        if param.grad is None:
+            raise PrunelabError(
+                f"{self.name} needs the dense gradient but {name!r} has no .grad at step {self.step_count}; call "
+                "sparsifier.step() after optimizer.step() and before optimizer.zero_grad()"
+            )
+        return param.grad.detach()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "name": self.name}
+
+
+def _round_half_up(x: float) -> int:
+    return math.floor(x + 0.5)
+
+
+def proportional_counts(total: int, shares: Mapping[str, float], capacity: Mapping[str, int]) -> dict[str, int]:
+    """Split ``total`` into integers proportional to ``shares``, each at most ``capacity``.
+
+    Largest-remainder apportionment; a layer whose share exceeds its capacity is filled
+    and the rest re-split among the others (water-filling), so the counts always sum to
+    ``total`` when ``total <= sum(capacity)``.  Zero (or all-zero) shares split equally
+    once every positive-share layer is full.
+    """
+    room = sum(capacity.values())
+    if total > room:
+        raise ValueError(f"cannot place {total} weights in layers with room for {room}")
+    names = list(shares)
+    counts = {n: 0 for n in names}
+    open_ = [n for n in names if capacity[n] > 0]
+    remaining = total
+    while remaining > 0 and open_:
+        weights = {n: max(float(shares[n]), 0.0) for n in open_}
+        wsum = sum(weights.values())
+        if wsum <= 0.0:
+            weights, wsum = {n: 1.0 for n in open_}, float(len(open_))
+        ideal = {n: remaining * weights[n] / wsum for n in open_}
+        full = [n for n in open_ if ideal[n] >= capacity[n] - counts[n]]
+        if full:
+            for n in full:
+                remaining -= capacity[n] - counts[n]
+                counts[n] = capacity[n]
+            open_ = [n for n in open_ if n not in full]
+            continue
+        floors = {n: math.floor(ideal[n]) for n in open_}
+        for n in open_:
+            counts[n] += floors[n]
+        remaining -= sum(floors.values())
+        order = sorted(open_, key=lambda n: (-(ideal[n] - floors[n]), names.index(n)))
+        for n in order[:remaining]:
+            counts[n] += 1
+        remaining = max(remaining - len(order), 0)
+    return counts
+
+
+class ReallocatingSparsifier(DynamicSparsifier):
+    """DST whose growth is split across layers by :meth:`layer_shares` (DSR, SNFS).
+
+    Drops are capped so every layer keeps at least ``max(1, min_keep)`` weights and can
+    regrow what it dropped; growth room per layer is ``min(zeros before the drop,
+    max_keep - survivors)``.  Fixed-sparsity / dense layers regrow exactly what they
+    dropped; the rest of ``sum_l d_l`` goes to the others by :func:`proportional_counts`,
+    so the global count is exact.
+    """
+
+    def _capped(self, name: str, want: int, mask: torch.Tensor) -> int:
+        kept = int(mask.sum())
+        low, high = self.keep_limits[name]
+        floor = 1 if low == high else max(low, 1)  # a fixed layer regrows exactly what it drops
+        return max(min(want, kept - floor, mask.numel() - kept), 0)
+
+    def layer_shares(self, old: Mapping[str, torch.Tensor], survivors: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def grow_counts(self, drop: Mapping[str, int], old: Mapping[str, torch.Tensor],
+                    survivors: Mapping[str, torch.Tensor]) -> dict[str, int]:
+        fixed = [n for n in self.params if self.keep_limits[n][0] == self.keep_limits[n][1]]
+        counts = {n: drop[n] for n in fixed}
+        free = [n for n in self.params if n not in counts]
+        capacity = {n: min(old[n].numel() - int(old[n].sum()), self.keep_limits[n][1] - int(survivors[n].sum()))
+                    for n in free}
+        shares = self.layer_shares(old, survivors)
+        counts.update(proportional_counts(sum(drop[n] for n in free), {n: shares[n] for n in free}, capacity))
+        return counts

@@ -1,0 +1,87 @@
+"""DSR: Dynamic Sparse Reparameterization (Mostafa & Wang 2019).
+
+Mostafa & Wang, "Parameter Efficient Training of Deep Convolutional Neural Networks by
+Dynamic Sparse Reparameterization", ICML 2019.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunelab.dst.base import ReallocatingSparsifier, UpdateSchedule, _round_half_up
+from prunelab.errors import PrunelabError
+from prunelab.targets import LayerRules
+
+
+class DSR(ReallocatingSparsifier):
+    """DSR: adaptive global magnitude threshold, regrowth in proportion to survivors (Algorithm 1).
+
+    Every update, with ``H`` the global threshold and ``N_p`` the target number pruned:
+
+    * prune every kept weight with ``|w| < H`` (all layers); ``K`` = number pruned;
+    * adapt the threshold: ``H <- 2H`` if ``K < (1 - delta) N_p``, ``H <- H/2`` if
+      ``K > (1 + delta) N_p`` (default ``delta = 0.1``, ``H(0) = 0.001`` as in the paper);
+    * regrow ``K`` zero-initialised weights, layer ``l`` receiving
+      ``G_l = K * R_l / sum_j R_j`` (``R_l`` = its surviving weights; largest remainder,
+      so ``sum G_l = K`` exactly) at random positions that were zero before the prune.
+
+    So the global count is exact while per-layer counts move.  The paper fixes ``N_p``;
+    here ``N_p = f(t) * (kept weights)`` follows the shared cosine schedule.  A layer
+    keeps at least one weight (and its rule's floor).
+    """
+
+    name = "dsr"
+    grow_init = "zero"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sparsity: float,
+        *,
+        schedule: UpdateSchedule | None = None,
+        allocation: str = "erk",
+        rules: LayerRules | None = None,
+        exclude: Sequence[str] = (),
+        seed: int = 0,
+        sparse_init: bool = False,
+        threshold: float = 1e-3,
+        tolerance: float = 0.1,
+    ) -> None:
+        if not isinstance(threshold, (int, float)) or not threshold > 0:
+            raise PrunelabError(f"DSR initial threshold H(0) must be > 0, got {threshold!r}; the paper uses 0.001")
+        if not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
+            raise PrunelabError(f"DSR tolerance delta must be in [0, 1), got {tolerance!r}; the paper uses 0.1")
+        super().__init__(model, sparsity, schedule=schedule, allocation=allocation, rules=rules, exclude=exclude,
+                         seed=seed, sparse_init=sparse_init)
+        self.threshold = float(threshold)
+        self.tolerance = float(tolerance)
+
+    def drop_counts(self, fraction: float, old: Mapping[str, torch.Tensor]) -> dict[str, int]:
+        counts = {}
+        for name, param in self.params.items():
+            below = (self._reduced(param.abs()) < self.threshold) & old[name]
+            counts[name] = self._capped(name, int(below.sum()), old[name])
+        pruned = sum(counts.values())
+        target = _round_half_up(fraction * sum(int(m.sum()) for m in old.values()))
+        if pruned < (1.0 - self.tolerance) * target:
+            self.threshold *= 2.0
+        elif pruned > (1.0 + self.tolerance) * target:
+            self.threshold /= 2.0
+        return counts
+
+    def layer_shares(self, old: Mapping[str, torch.Tensor], survivors: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        return {n: float(survivors[n].sum()) for n in self.params}
+
+    def grow_scores(self, name: str, param: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self._random_scores(param, generator)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "threshold": self.threshold}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.threshold = float(state.get("threshold", self.threshold))

@@ -1,0 +1,36 @@
+"""RigL: The Rigged Lottery (Evci et al. 2020).
+
+Evci, Gale, Menick, Castro, Elsen, "Rigging the Lottery: Making All Tickets Winners",
+ICML 2020.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prunelab.dst.base import DynamicSparsifier
+
+
+class RigL(DynamicSparsifier):
+    """RigL: ERK start, magnitude drop, growth by dense-gradient magnitude (eqs. 1-3).
+
+    Every ``delta_t`` steps (default 100) until ``T_end`` (default 75% of training), with
+    ``f(t) = alpha/2 (1 + cos(pi t / T_end))`` (default ``alpha = 0.3``) and, per layer,
+    ``k = f(t) (1 - s_l) N_l`` (``round(f * kept)``)::
+
+        I_drop = ArgTopK(-|theta_l|, k)
+        I_grow = ArgTopK_{i not in theta_l \\ I_drop}(|grad_{Theta_l} L_t|, k)
+
+    i.e. the ``k`` positions that were zero before the drop (never one just dropped) with
+    the largest gradient of the current batch's loss with respect to *all* weights.
+    Masked weights are zero, so this dense gradient is the ordinary ``.grad`` before the
+    mask re-zeroes it: :meth:`step` reads it right after ``optimizer.step()`` and before
+    ``enforce``.  New connections start at zero with zero optimizer state, so they do not
+    change the network's output until trained.
+    """
+
+    name = "rigl"
+    grow_init = "zero"
+
+    def grow_scores(self, name: str, param: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self._dense_grad(name, param).abs()

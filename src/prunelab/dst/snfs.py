@@ -1,0 +1,101 @@
+"""SNFS: Sparse Networks From Scratch / sparse momentum (Dettmers & Zettlemoyer 2019).
+
+Dettmers & Zettlemoyer, "Sparse Networks from Scratch: Faster Training without Losing
+Performance", arXiv:1907.04840 (2019).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunelab.dst.base import ReallocatingSparsifier, UpdateSchedule, _round_half_up
+from prunelab.errors import PrunelabError
+from prunelab.targets import LayerRules
+
+
+class SNFS(ReallocatingSparsifier):
+    """Sparse momentum: redistribute and regrow by momentum magnitude (Algorithm 1).
+
+    Momentum, the exponentially smoothed dense gradient, updated every step in
+    :meth:`observe` (while ``.grad`` is still dense, under DDP already all-reduced, so it
+    is the same on every rank)::
+
+        M_t = beta * M_{t-1} + (1 - beta) * g_t            (default beta = 0.9)
+
+    Every update, with prune rate ``p = f(t)`` (the cosine decay of the paper):
+
+    * layer contribution ``c_l = m_l / sum_j m_j``, ``m_l`` = mean ``|M|`` over the layer's
+      kept weights;
+    * prune the ``round(p * kept_l)`` smallest-``|w|`` weights of every layer;
+      ``K = sum_l`` of those;
+    * regrow ``g_l = K * c_l`` (largest remainder, capped at the layer's room and the
+      overflow re-split, so ``sum g_l = K``) zero-initialised weights at the positions that
+      were zero before the prune with the largest ``|M|``.
+
+    The paper reads the optimizer's momentum buffer; prunelab zeroes optimizer state of
+    masked weights, so SNFS keeps its own dense EMA (one extra copy of the weights) -- the
+    same quantity up to the factor ``1 - beta``, which cancels in ``c_l`` and in ranking.
+    """
+
+    name = "snfs"
+    grow_init = "zero"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sparsity: float,
+        *,
+        schedule: UpdateSchedule | None = None,
+        allocation: str = "erk",
+        rules: LayerRules | None = None,
+        exclude: Sequence[str] = (),
+        seed: int = 0,
+        sparse_init: bool = False,
+        momentum: float = 0.9,
+    ) -> None:
+        if not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
+            raise PrunelabError(f"SNFS momentum beta must be in [0, 1), got {momentum!r}; the paper uses 0.9")
+        super().__init__(model, sparsity, schedule=schedule, allocation=allocation, rules=rules, exclude=exclude,
+                         seed=seed, sparse_init=sparse_init)
+        self.beta = float(momentum)
+        self.momentum: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def observe(self) -> None:
+        for name, param in self.params.items():
+            grad = self._dense_grad(name, param).float()
+            buffer = self.momentum.get(name)
+            if buffer is None:
+                buffer = self.momentum[name] = torch.zeros_like(grad)
+            buffer.mul_(self.beta).add_(grad, alpha=1.0 - self.beta)
+
+    def _momentum(self, name: str, param: torch.Tensor) -> torch.Tensor:
+        buffer = self.momentum.get(name)
+        if buffer is None:
+            raise PrunelabError(f"snfs has no momentum for {name!r} yet; call sparsifier.step() after every "
+                                "optimizer.step() (before zero_grad) so it can smooth the gradients")
+        return buffer
+
+    def drop_counts(self, fraction: float, old: Mapping[str, torch.Tensor]) -> dict[str, int]:
+        return {n: self._capped(n, _round_half_up(fraction * int(m.sum())), m) for n, m in old.items()}
+
+    def layer_shares(self, old: Mapping[str, torch.Tensor], survivors: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        shares = {}
+        for name, param in self.params.items():
+            magnitude = self._momentum(name, param).abs()[old[name]]
+            shares[name] = float(magnitude.mean()) if magnitude.numel() else 0.0
+        return shares
+
+    def grow_scores(self, name: str, param: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self._momentum(name, param).abs()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "momentum": {n: m.clone() for n, m in self.momentum.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.momentum = {n: m.clone() for n, m in state.get("momentum", {}).items()}

@@ -1,0 +1,326 @@
+"""Pruning at initialisation (PaI): decide the mask on the untrained network, then train it sparse.
+
+Every method here prunes ``model`` *as given* (call it on a freshly initialised model:
+through the CLI pass ``--pretrain-epochs 0``), then trains the sparse network for
+``config.epochs`` epochs while a :class:`~prunelab.sparsifier.Sparsifier` holds the
+masked weights (and their optimizer state) at zero.  The returned rows are
+``"pruned at init"`` (accuracy before training) and ``"trained"``.
+
+=================  ==========================================================================
+method             mask
+=================  ==========================================================================
+snip               SNIP, one shot (Lee et al. 2019)
+grasp              GraSP, one shot (Wang et al. 2020)
+force              FORCE, iterative SNIP with resurrection, ``FORCE_STEPS`` steps (de Jorge et al. 2021)
+synflow            SynFlow, ``SYNFLOW_ROUNDS`` rounds, keep ``(1 - s)^(k/R)`` (Tanaka et al. 2020)
+random-erk         random scores, ERK layer densities (Evci et al. 2020; Liu et al. 2022)
+random-uniform     random scores, every layer at the target sparsity
+pai                ``spec.criterion`` in one shot at init (e.g. magnitude at init)
+pai-shuffled       ``pai``, then each layer's mask permuted at random (Frankle et al. 2021)
+pai-reinit         ``pai``, then the kept weights re-drawn from the default init (Frankle et al. 2021)
+=================  ==========================================================================
+
+Layer budgets follow ``spec.allocation`` (default ``global``) and ``spec.keep_first`` /
+``keep_last`` / ``exclude``, except ``random-*`` which set their own.  Data-driven
+criteria score on ``score_data`` or, when it is ``None``, on the first
+``spec.score_batches`` batches of ``train_loader``.  SynFlow takes the input shape from
+``score_data`` or else from the first batch of ``test_loader`` (only its shape).
+
+The ablations of Frankle, Dziugaite, Roy & Carbin 2021 ("Pruning Neural Networks at
+Initialization: Why Are We Missing the Mark?") are plain functions --
+:func:`shuffle_within_layers` and :func:`reinitialise_kept` -- and the methods
+``pai-shuffled`` / ``pai-reinit`` apply them to any criterion from the command line::
+
+    prunelab prune --method pai-shuffled --criterion snip --pretrain-epochs 0 --sparsity 0.95
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from prunelab.bench.training import TrainConfig, make_lr_scheduler, make_optimizer, train
+from prunelab.criteria import Criterion, ScoreData, get_criterion
+from prunelab.criteria.pai import SynFlow, loss_gradients
+from prunelab.errors import PrunelabError
+from prunelab.masks import MaskSet
+from prunelab.methods.base import MethodResult, PruneSpec, stage_row
+from prunelab.schedules import Geometric
+from prunelab.sparsifier import Sparsifier
+from prunelab.targets import prunable_parameters
+
+FORCE_STEPS = 20  # de Jorge et al. run many more; 20 keeps the method cheap (pass steps=... in Python)
+SYNFLOW_ROUNDS = 100  # Tanaka et al.'s default number of rounds
+
+
+# --- ablations (Frankle et al. 2021) --------------------------------------------------------
+def _check_seed(seed: object, what: str) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise PrunelabError(f"{what} got seed={seed!r}; expected an int (e.g. seed=0)")
+    return seed
+
+
+def shuffle_within_layers(masks: Mapping[str, Tensor], seed: int) -> MaskSet:
+    """Randomly permute each layer's mask: per-layer kept counts stay exactly the same.
+
+    Frankle et al. 2021's "random shuffling" ablation: if a PaI method's accuracy
+    survives it, the method only chose *how many* weights each layer keeps, not which.
+    Deterministic: one CPU generator seeded with ``seed`` draws ``randperm(numel)`` layer
+    by layer in the order of ``masks``.
+    """
+    _check_seed(seed, "shuffle_within_layers")
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    shuffled = {}
+    for name, mask in masks.items():
+        flat = mask.detach().reshape(-1).to(device="cpu", dtype=torch.bool)
+        perm = torch.randperm(flat.numel(), generator=generator)
+        shuffled[name] = flat[perm].reshape(mask.shape).to(mask.device)
+    return MaskSet(shuffled)
+
+
+def fresh_init(model: nn.Module, seed: int) -> nn.Module:
+    """A deep copy of ``model`` (on the CPU) re-initialised by every module's ``reset_parameters()``.
+
+    The copy is drawn from the CPU generator seeded with ``seed`` inside
+    ``torch.random.fork_rng``, so the global random state is left untouched and the
+    result is the same on every device and rank.  Modules without ``reset_parameters``
+    keep their values (a custom init in a model's ``__init__`` is not replayed).
+    """
+    _check_seed(seed, "fresh_init")
+    fresh = copy.deepcopy(model).to("cpu")
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        for module in fresh.modules():
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset):
+                reset()
+    return fresh
+
+
+@torch.no_grad()
+def reinitialise_kept(model: nn.Module, masks: Mapping[str, Tensor], seed: int) -> nn.Module:
+    """Re-draw the kept weights of every masked parameter from its layer's default init;
+    pruned entries become 0.  In place; returns ``model``.
+
+    Frankle et al. 2021's "reinitialisation" ablation: if accuracy survives it, the
+    method's mask does not depend on the particular initial values.  New values come
+    from :func:`fresh_init` (``reset_parameters()`` under ``seed``); parameters without
+    a mask (biases, norms) are left as they are.
+    """
+    masks = masks if isinstance(masks, MaskSet) else MaskSet(masks)
+    masks.check_model(model)
+    fresh = dict(fresh_init(model, seed).named_parameters())
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        param = params[name]
+        param.copy_(fresh[name].to(device=param.device, dtype=param.dtype) * mask.to(param.device))
+    return model
+
+
+# --- FORCE -----------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class ForceSaliency(Criterion):
+    """FORCE saliency (de Jorge, Sanyal, Behl, Torr, Rogez & Dokania 2021, "Progressive
+    Skeletonization: Trimming more fat from a network at initialization", eq. 5)::
+
+        S(theta) = | theta ⊙ dL(w)/dw |   at  w = theta ⊙ m
+
+    the connection sensitivity of *every* initial weight ``theta`` (pruned ones too),
+    with the gradient taken at the currently pruned network ``theta ⊙ m`` -- the model
+    must hold ``theta ⊙ m`` when called.  ``initial`` holds ``theta`` by FQN.
+    """
+
+    initial: Mapping[str, Tensor] = dataclasses.field(default_factory=dict)
+    name = "force"
+    needs_data = True
+
+    def score(self, model: nn.Module, params: Mapping[str, nn.Parameter], data: ScoreData | None) -> dict[str, Tensor]:
+        assert data is not None
+        grads = loss_gradients(model, params, data)  # at the model's (masked) weights
+        return {n: (self.initial[n].double() * grads[n]).abs() for n in params}
+
+
+# --- shared steps ----------------------------------------------------------------------------
+def _sparsifier(model: nn.Module, spec: PruneSpec, criterion: Criterion, data: ScoreData | None,
+                allocation: str | None = None) -> Sparsifier:
+    return Sparsifier(model, criterion=criterion, granularity=spec.granularity,
+                      allocation=allocation if allocation is not None else spec.allocation,
+                      rules=spec.rules(), exclude=spec.exclude, data=data)
+
+
+def _score_data(score_data: ScoreData | None, train_loader, spec: PruneSpec) -> ScoreData:
+    return score_data if score_data is not None else ScoreData(train_loader, max_batches=spec.score_batches)
+
+
+def _input_shape(score_data: ScoreData | None, test_loader) -> tuple[int, ...] | None:
+    source = score_data.batches if score_data is not None else test_loader
+    for batch in source:
+        if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor) and batch[0].dim() >= 2:
+            return tuple(int(d) for d in batch[0].shape[1:])
+        break
+    return None
+
+
+def _criterion(name: str, seed: int, score_data: ScoreData | None, test_loader) -> Criterion:
+    """``name`` built for a PaI run: random scores seeded with the run's seed, SynFlow
+    with the input shape of the data."""
+    if name == "synflow":
+        return SynFlow(input_shape=_input_shape(score_data, test_loader))
+    if name == "random":
+        return get_criterion("random", seed=seed)
+    return get_criterion(name)
+
+
+def train_sparse(model: nn.Module, sparsifier: Sparsifier, train_loader, config: TrainConfig,
+                 description: str = "sparse training") -> None:
+    """Train ``model`` for ``config.epochs`` epochs with the sparsifier's masks held fixed."""
+    if config.epochs == 0:
+        return
+    optimizer = make_optimizer(model.parameters(), config)
+    sparsifier.schedule = None
+    sparsifier.prepare(optimizer)
+    train(model, train_loader, config, optimizer=optimizer,
+          scheduler=make_lr_scheduler(optimizer, config, len(train_loader)),
+          after_step=lambda _step: sparsifier.step(), description=description)
+
+
+def _finish(model: nn.Module, sparsifier: Sparsifier, train_loader, test_loader, spec: PruneSpec,
+            config: TrainConfig, description: str, **extra: Any) -> MethodResult:
+    rows = [stage_row("pruned at init", model, sparsifier.masks, test_loader, round=1,
+                      target_sparsity=spec.sparsity, **extra)]
+    train_sparse(model, sparsifier, train_loader, config, description)
+    rows.append(stage_row("trained", model, sparsifier.masks, test_loader, round=1, target_sparsity=spec.sparsity,
+                          **extra))
+    return MethodResult(sparsifier.finalize(), rows, sparsifier.history)
+
+
+def _one_shot(model, train_loader, test_loader, spec, config, criterion: Criterion, data: ScoreData | None,
+              description: str, allocation: str | None = None) -> MethodResult:
+    sparsifier = _sparsifier(model, spec, criterion, data, allocation)
+    sparsifier.prepare()
+    sparsifier.update(spec.sparsity)
+    return _finish(model, sparsifier, train_loader, test_loader, spec, config, description)
+
+
+# --- methods ---------------------------------------------------------------------------------
+def run_snip(model: nn.Module, train_loader, test_loader, spec: PruneSpec, config: TrainConfig, *,
+             score_data: ScoreData | None = None) -> MethodResult:
+    """SNIP at init (Lee et al. 2019): keep the top ``1 - s`` of ``|w dL/dw| / sum``, one shot, then train."""
+    data = _score_data(score_data, train_loader, spec)
+    return _one_shot(model, train_loader, test_loader, spec, config, get_criterion("snip"), data, "snip")
+
+
+def run_grasp(model: nn.Module, train_loader, test_loader, spec: PruneSpec, config: TrainConfig, *,
+              score_data: ScoreData | None = None) -> MethodResult:
+    """GraSP at init (Wang et al. 2020): remove the highest ``-w ⊙ Hg`` in one shot, then train."""
+    data = _score_data(score_data, train_loader, spec)
+    return _one_shot(model, train_loader, test_loader, spec, config, get_criterion("grasp"), data, "grasp")
+
+
+def run_force(model: nn.Module, train_loader, test_loader, spec: PruneSpec, config: TrainConfig, *,
+              score_data: ScoreData | None = None, steps: int = FORCE_STEPS) -> MethodResult:
+    """FORCE (de Jorge et al. 2021): iterative SNIP on the pruned network, pruned weights may come back.
+
+    Step ``t = 1..T`` keeps ``k_t = n (k / n)^(t/T)`` weights (an exponential decay of
+    the kept count from ``n`` to ``k``, i.e. sparsity ``1 - (1 - s)^(t/T)``): it scores
+    every initial weight with :class:`ForceSaliency` at the network pruned by step
+    ``t - 1`` and keeps the top ``k_t`` of *all* weights (not only the survivors), then
+    sets the model to ``theta ⊙ m_t``.  Each step re-reads ``score_data`` (fresh batches
+    when it is a shuffling loader).
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise PrunelabError(f"force got steps={steps!r}; expected an int >= 1 (e.g. {FORCE_STEPS})")
+    data = _score_data(score_data, train_loader, spec)
+    initial = {n: p.detach().clone() for n, p in prunable_parameters(model, spec.exclude).items()}  # theta
+    sparsifier = _sparsifier(model, spec, ForceSaliency(initial), data)
+    sparsifier.prepare()
+    schedule = Geometric(spec.sparsity, rounds=steps)
+    for step in schedule.update_steps():
+        sparsifier.masks = MaskSet.ones(sparsifier.params)  # FORCE may resurrect pruned weights
+        sparsifier.update(schedule.sparsity_at(step))
+        with torch.no_grad():  # the model becomes theta ⊙ m_t
+            for name, param in sparsifier.params.items():
+                param.copy_(initial[name])
+        sparsifier.enforce()
+    return _finish(model, sparsifier, train_loader, test_loader, spec, config, "force")
+
+
+def run_synflow(model: nn.Module, train_loader, test_loader, spec: PruneSpec, config: TrainConfig, *,
+                score_data: ScoreData | None = None, rounds: int = SYNFLOW_ROUNDS) -> MethodResult:
+    """Iterative SynFlow (Tanaka et al. 2020, Algorithm 1), data-free, then train.
+
+    Round ``k = 1..R`` rescores the pruned network and keeps the fraction
+    ``(1 - s)^(k/R)`` of the weights (``spec.allocation``, default global; pruned weights
+    stay pruned).  ``R`` defaults to 100 as in the paper.
+    """
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise PrunelabError(f"synflow got rounds={rounds!r}; expected an int >= 1 (the paper uses {SYNFLOW_ROUNDS})")
+    criterion = SynFlow(input_shape=_input_shape(score_data, test_loader))
+    sparsifier = _sparsifier(model, spec, criterion, None)
+    sparsifier.prepare()
+    schedule = Geometric(spec.sparsity, rounds=rounds)
+    for k in schedule.update_steps():
+        sparsifier.update(schedule.sparsity_at(k))
+    return _finish(model, sparsifier, train_loader, test_loader, spec, config, "synflow")
+
+
+def run_random_erk(model: nn.Module, train_loader, test_loader, spec: PruneSpec, config: TrainConfig, *,
+                   score_data: ScoreData | None = None) -> MethodResult:
+    """Random pruning with Erdos-Renyi-Kernel densities ``eps (sum shape)/(prod shape)`` (Evci et al.
+    2020; the baseline of Liu et al. 2022), seeded with ``config.seed``, then train."""
+    criterion = get_criterion("random", seed=config.seed)
+    return _one_shot(model, train_loader, test_loader, spec, config, criterion, None, "random-erk", "erk")
+
+
+def run_random_uniform(model: nn.Module, train_loader, test_loader, spec: PruneSpec, config: TrainConfig, *,
+                       score_data: ScoreData | None = None) -> MethodResult:
+    """Random pruning with every layer at sparsity ``s`` (seeded with ``config.seed``), then train."""
+    criterion = get_criterion("random", seed=config.seed)
+    return _one_shot(model, train_loader, test_loader, spec, config, criterion, None, "random-uniform", "uniform")
+
+
+def _pai_mask(model, train_loader, test_loader, spec, config, score_data) -> tuple[Sparsifier, dict[str, Tensor]]:
+    """Prune at init with ``spec.criterion`` in one shot; returns the sparsifier and the weights before pruning."""
+    criterion = _criterion(spec.criterion, config.seed, score_data, test_loader)
+    data = _score_data(score_data, train_loader, spec) if criterion.needs_data else None
+    sparsifier = _sparsifier(model, spec, criterion, data)
+    before = {n: p.detach().clone() for n, p in sparsifier.params.items()}
+    sparsifier.prepare()
+    sparsifier.update(spec.sparsity)
+    return sparsifier, before
+
+
+def run_pai(model: nn.Module, train_loader, test_loader, spec: PruneSpec, config: TrainConfig, *,
+            score_data: ScoreData | None = None) -> MethodResult:
+    """Prune at init with any criterion (``spec.criterion``, e.g. magnitude at init) in one shot, then train."""
+    sparsifier, _ = _pai_mask(model, train_loader, test_loader, spec, config, score_data)
+    return _finish(model, sparsifier, train_loader, test_loader, spec, config, f"pai {spec.criterion}")
+
+
+def run_pai_shuffled(model: nn.Module, train_loader, test_loader, spec: PruneSpec, config: TrainConfig, *,
+                     score_data: ScoreData | None = None) -> MethodResult:
+    """``pai``'s mask with each layer permuted (:func:`shuffle_within_layers`, seed ``config.seed``),
+    on the original initial weights, then train (Frankle et al. 2021)."""
+    sparsifier, before = _pai_mask(model, train_loader, test_loader, spec, config, score_data)
+    shuffled = shuffle_within_layers(sparsifier.masks, config.seed)
+    with torch.no_grad():
+        for name, param in sparsifier.params.items():
+            param.copy_(before[name])
+    sparsifier.set_masks(shuffled)
+    return _finish(model, sparsifier, train_loader, test_loader, spec, config, "pai shuffled")
+
+
+def run_pai_reinit(model: nn.Module, train_loader, test_loader, spec: PruneSpec, config: TrainConfig, *,
+                   score_data: ScoreData | None = None) -> MethodResult:
+    """``pai``'s mask on re-drawn initial weights (:func:`reinitialise_kept`, seed ``config.seed + 1``),
+    then train (Frankle et al. 2021)."""
+    sparsifier, _ = _pai_mask(model, train_loader, test_loader, spec, config, score_data)
+    reinitialise_kept(model, sparsifier.masks, config.seed + 1)
+    sparsifier.enforce()
+    return _finish(model, sparsifier, train_loader, test_loader, spec, config, "pai reinit")

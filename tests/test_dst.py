@@ -1,0 +1,358 @@
+"""Dynamic sparse training: exact counts through rewiring, the paper rules on hand-made cases."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from prunelab.dst import (
+    DSR,
+    DST_SPARSIFIERS,
+    SET,
+    SNFS,
+    RigL,
+    StaticSparse,
+    UpdateSchedule,
+    flops_per_sample,
+    proportional_counts,
+    training_flops,
+)
+from prunelab.errors import PrunelabError
+from prunelab.masks import MaskSet
+from prunelab.methods import METHODS, PruneSpec
+from prunelab.methods.dst import DSTConfig, build_dst_sparsifier
+
+DYNAMIC = ("set", "dsr", "rigl", "snfs")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread avoids spin-wait contention on shared CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(20, 40), nn.ReLU(), nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 5))
+
+
+def batches(n, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 20, generator=gen), torch.randint(0, 5, (16,), generator=gen)) for _ in range(n)]
+
+
+def train_steps(model, optimizer, sparsifier, data, check=None):
+    for x, y in data:
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        before = {n: m.clone() for n, m in sparsifier.masks.items()}
+        sparsifier.step()
+        if check is not None:
+            check(before, sparsifier)
+
+
+def kept(masks):
+    return {n: int(m.sum()) for n, m in masks.items()}
+
+
+# --- the schedule -----------------------------------------------------------------------
+def test_cosine_fraction_matches_rigl_eq1():
+    s = UpdateSchedule(end_step=100, delta_t=10, alpha=0.3)
+    assert s.fraction_at(0) == pytest.approx(0.3)
+    assert s.fraction_at(50) == pytest.approx(0.15)
+    assert s.fraction_at(25) == pytest.approx(0.15 * (1 + math.cos(math.pi / 4)))
+    assert s.fraction_at(90) == pytest.approx(0.15 * (1 + math.cos(0.9 * math.pi)))
+    assert s.fraction_at(100) == 0.0 and s.fraction_at(250) == 0.0
+    assert [t for t in range(120) if s.is_update_step(t)] == list(range(10, 100, 10)) == s.update_steps()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"end_step": 10, "alpha": 0.0}, "alpha"),
+    ({"end_step": 10, "alpha": 1.5}, "alpha"),
+    ({"end_step": 10, "delta_t": 0}, "delta T"),
+])
+def test_schedule_bad_inputs(kwargs, match):
+    with pytest.raises(PrunelabError, match=match):
+        UpdateSchedule(**kwargs)
+
+
+def test_schedule_must_fit_the_run():
+    with pytest.raises(PrunelabError, match="delta T=500 exceeds the run's 200 steps; lower --delta-t or train longer"):
+        UpdateSchedule.for_run(200, delta_t=500)
+    with pytest.raises(PrunelabError, match="T_end=300 is beyond the run's 200 steps"):
+        UpdateSchedule(end_step=300, delta_t=10).check_run(200)
+    with pytest.raises(PrunelabError, match="T_end fraction"):
+        UpdateSchedule.for_run(200, delta_t=10, end_fraction=1.5)
+    with pytest.raises(PrunelabError, match="no update before T_end"):
+        UpdateSchedule.for_run(200, delta_t=190, end_fraction=0.75)
+
+
+def test_method_level_bad_inputs():
+    spec = PruneSpec(sparsity=0.9)
+    with pytest.raises(PrunelabError, match="exceeds the run"):
+        build_dst_sparsifier("rigl", mlp(), spec, 50)  # default delta T = 100
+    with pytest.raises(PrunelabError, match="alpha"):
+        build_dst_sparsifier("set", mlp(), spec, 500, dst=DSTConfig(alpha=0.0))
+    with pytest.raises(PrunelabError, match="granularity"):
+        build_dst_sparsifier("rigl", mlp(), PruneSpec(granularity="neuron"), 500)
+    with pytest.raises(PrunelabError, match="unknown option"):
+        build_dst_sparsifier("rigl", mlp(), spec, 500, dst=DSTConfig(options={"momentum": 0.5}))
+    with pytest.raises(PrunelabError, match="allocation"):
+        build_dst_sparsifier("set", mlp(), PruneSpec(allocation="lamp"), 500)
+
+
+# --- RigL --------------------------------------------------------------------------------
+def test_rigl_grows_exactly_the_largest_grad_zero_weights():
+    model = nn.Sequential(nn.Linear(4, 3, bias=False))
+    sparsifier = RigL(model, 0.5).prepare()
+    weight = model[0].weight
+    mask = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [0, 1, 1, 0]], dtype=torch.bool)
+    sparsifier.set_masks({"0.weight": mask})
+    with torch.no_grad():
+        weight.copy_(torch.tensor([[0.9, -0.05, 0, 0], [0.7, 0, -0.6, 0], [0, 0.02, 0.8, 0]]))
+    # dense gradient: large on zero positions (0,2), (1,3), (2,3); huge on a kept weight (ignored)
+    weight.grad = torch.tensor([[0.0, 0.0, 0.5, 0.1], [5.0, 0.3, 0.0, 0.9], [0.2, 0.0, 0.0, 0.7]])
+    new = sparsifier.rewire(0.5)["0.weight"]  # 6 kept -> drop 3 smallest |w|, grow 3
+    expected = mask.clone()
+    expected[0, 1] = expected[2, 1] = expected[1, 2] = False  # |w| 0.05, 0.02, 0.6 are the 3 smallest kept
+    expected[0, 2] = expected[1, 3] = expected[2, 3] = True  # |grad| 0.5, 0.9, 0.7 are the 3 largest zeros
+    assert torch.equal(new, expected)
+    assert int(new.sum()) == 6
+    assert torch.all(weight[expected & ~mask] == 0)  # grown weights start at zero
+
+
+def test_rigl_never_regrows_just_dropped_weight():
+    model = nn.Sequential(nn.Linear(4, 1, bias=False))
+    sparsifier = RigL(model, 0.5).prepare()
+    sparsifier.set_masks({"0.weight": torch.tensor([[True, True, False, False]])})
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[0.01, 0.9, 0.0, 0.0]]))
+    model[0].weight.grad = torch.tensor([[100.0, 0.0, 0.1, 0.2]])  # the dropped weight has the largest gradient
+    new = sparsifier.rewire(0.5)["0.weight"]
+    assert new.tolist() == [[False, True, False, True]]
+
+
+def test_grown_weights_and_optimizer_state_start_at_zero():
+    model = mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sparsifier = RigL(model, 0.8, schedule=UpdateSchedule(end_step=40, delta_t=5, alpha=0.5)).prepare(optimizer)
+    grown_seen = 0
+
+    def check(before, sp):
+        nonlocal grown_seen
+        for name, param in sp.params.items():
+            grown = sp.masks[name] & ~before[name]
+            grown_seen += int(grown.sum())
+            assert torch.all(param[grown] == 0)
+            for value in optimizer.state[param].values():
+                if value.shape == param.shape:
+                    assert torch.all(value[grown] == 0) and torch.all(value[~sp.masks[name]] == 0)
+            assert torch.all(param[~sp.masks[name]] == 0)
+
+    train_steps(model, optimizer, sparsifier, batches(20), check)
+    assert grown_seen > 0
+
+
+def test_set_grows_fresh_random_weights_with_zero_state():
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sparsifier = SET(model, 0.8, schedule=UpdateSchedule(end_step=40, delta_t=5, alpha=0.5)).prepare(optimizer)
+
+    def check(before, sp):
+        for name, param in sp.params.items():
+            grown = sp.masks[name] & ~before[name]
+            bound = 1 / math.sqrt(param.shape[1])
+            assert torch.all(param[grown].abs() <= bound)
+            assert torch.all(optimizer.state[param]["momentum_buffer"][grown] == 0)
+
+    train_steps(model, optimizer, sparsifier, batches(10), check)
+
+
+# --- exact counts through many updates ---------------------------------------------------
+@pytest.mark.parametrize("name", ["set", "rigl"])
+def test_constant_per_layer_counts_through_50_updates(name):
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    schedule = UpdateSchedule(end_step=51, delta_t=1, alpha=0.5)
+    sparsifier = DST_SPARSIFIERS.get(name)(model, 0.85, schedule=schedule).prepare(optimizer)
+    start = kept(sparsifier.masks)
+    assert sum(start.values()) == round((1 - 0.85) * sum(m.numel() for m in sparsifier.masks.values()))
+    changed = []
+
+    def check(before, sp):
+        assert kept(sp.masks) == start
+        changed.append(sum(int((sp.masks[n] != before[n]).sum()) for n in sp.masks))
+        for n, p in sp.params.items():
+            assert torch.all(p[~sp.masks[n]] == 0)
+
+    train_steps(model, optimizer, sparsifier, batches(55), check)
+    updates = [h for h in sparsifier.history if "update_fraction" in h]
+    assert len(updates) == 50
+    assert all(h["achieved_sparsity"] == updates[0]["achieved_sparsity"] for h in updates)
+    assert sum(changed) > 0
+
+
+def test_erk_initial_allocation():
+    model = mlp()
+    sparsifier = SET(model, 0.8).prepare()
+    layers = {l.name: l for l in sparsifier.masks.stats().layers}
+    density = {n: 1 - l.sparsity for n, l in layers.items()}
+    # ERK: density proportional to (n_in + n_out) / (n_in n_out)
+    ratio = density["0.weight"] / density["2.weight"]
+    assert ratio == pytest.approx((60 / 800) / (70 / 1200), rel=0.02)
+    assert sparsifier.masks.stats().kept == round(0.2 * sparsifier.masks.stats().total)
+
+
+def test_sparse_init_rescales_each_unit_by_its_fan_in():
+    plain, scaled = mlp(), mlp()
+    RigL(plain, 0.9).prepare()
+    sparsifier = RigL(scaled, 0.9, sparse_init=True).prepare()
+    for name, param in sparsifier.params.items():
+        mask = sparsifier.masks[name]
+        factor = torch.sqrt(mask.shape[1] / mask.sum(dim=1).clamp_min(1).float()).unsqueeze(1)  # (out, 1)
+        torch.testing.assert_close(param, dict(plain.named_parameters())[name] * factor)
+
+
+def test_dsr_keeps_global_count_and_moves_layers():
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sparsifier = DSR(model, 0.8, schedule=UpdateSchedule(end_step=60, delta_t=2, alpha=0.5), threshold=0.05)
+    sparsifier.prepare(optimizer)
+    start = kept(sparsifier.masks)
+    total = sum(start.values())
+    thresholds = []
+
+    def check(before, sp):
+        assert sum(kept(sp.masks).values()) == total
+        thresholds.append(sp.threshold)
+
+    train_steps(model, optimizer, sparsifier, batches(40), check)
+    assert kept(sparsifier.masks) != start  # reallocation moved weights between layers
+    assert len(set(thresholds)) > 1  # H adapted
+    assert all(h["dropped"] == h["grown"] for h in sparsifier.history if "dropped" in h)
+
+
+def test_dsr_threshold_rule():
+    model = nn.Sequential(nn.Linear(10, 10, bias=False), nn.Linear(10, 10, bias=False))
+    sparsifier = DSR(model, 0.5, threshold=0.1, tolerance=0.1).prepare()
+    with torch.no_grad():
+        for p in sparsifier.params.values():
+            p.copy_(torch.linspace(0.01, 1.0, 100).view(10, 10))
+    sparsifier.enforce()
+    n_below = sum(int(((p.abs() < 0.1) & sparsifier.masks[n]).sum()) for n, p in sparsifier.params.items())
+    sparsifier.rewire(0.5)  # target N_p = 50 >> n_below: H doubles
+    assert sparsifier.history[-1]["dropped"] == n_below
+    assert sparsifier.threshold == pytest.approx(0.2)
+
+
+def test_snfs_redistributes_by_mean_momentum():
+    model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
+    sparsifier = SNFS(model, 0.5).prepare()
+    half = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    sparsifier.set_masks({"0.weight": half, "1.weight": half})
+    with torch.no_grad():
+        for p in sparsifier.params.values():
+            p.copy_(torch.arange(1.0, 17.0).view(4, 4))
+    sparsifier.enforce()
+    # momentum: layer 0's kept weights average 3, layer 1's average 1 -> 3/4 and 1/4 of the regrowth
+    m0 = torch.full((4, 4), 3.0)
+    m0[2:] = torch.arange(1.0, 9.0).view(2, 4)  # candidates ranked by |momentum|
+    m1 = torch.ones(4, 4)
+    m1[2:] = torch.arange(8.0, 0.0, -1.0).view(2, 4)
+    sparsifier.momentum = {"0.weight": m0, "1.weight": m1}
+    new = sparsifier.rewire(0.5)  # each layer drops 4 (K = 8): layer 0 regrows 6, layer 1 regrows 2
+    assert kept(new) == {"0.weight": 4 + 6, "1.weight": 4 + 2}
+    assert new["0.weight"][2:].reshape(-1).tolist() == [False, False, True, True, True, True, True, True]
+    assert new["1.weight"][2:].reshape(-1).tolist() == [True, True, False, False, False, False, False, False]
+    assert new["0.weight"][:2].reshape(-1).tolist() == [False] * 4 + [True] * 4  # smallest |w| dropped
+
+
+def test_snfs_needs_dense_grad_before_zero_grad():
+    model = mlp()
+    sparsifier = SNFS(model, 0.8).prepare()
+    with pytest.raises(PrunelabError, match="before optimizer.zero_grad"):
+        sparsifier.step()
+
+
+def test_proportional_counts_exact_with_caps():
+    counts = proportional_counts(10, {"a": 3.0, "b": 1.0, "c": 0.0}, {"a": 5, "b": 100, "c": 100})
+    assert counts == {"a": 5, "b": 5, "c": 0}
+    counts = proportional_counts(7, {"a": 1.0, "b": 1.0, "c": 1.0}, {"a": 10, "b": 10, "c": 10})
+    assert sum(counts.values()) == 7 and max(counts.values()) - min(counts.values()) <= 1
+    assert proportional_counts(3, {"a": 0.0, "b": 0.0}, {"a": 1, "b": 5}) == {"a": 1, "b": 2}
+
+
+def test_dense_rule_layer_stays_dense():
+    from prunelab.targets import LayerRules
+
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for cls in (SET, DSR, SNFS):
+        sp = cls(model, 0.7, schedule=UpdateSchedule(end_step=10, delta_t=2, alpha=0.5),
+                 rules=LayerRules(keep_last="dense")).prepare(optimizer)
+        train_steps(model, optimizer, sp, batches(8))
+        assert bool(sp.masks["4.weight"].all())
+
+
+def test_static_never_changes():
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    sparsifier = StaticSparse(model, 0.9).prepare(optimizer)
+    first = sparsifier.masks.fingerprint()
+    train_steps(model, optimizer, sparsifier, batches(5))
+    assert sparsifier.masks.fingerprint() == first
+    with pytest.raises(PrunelabError, match="never rewires"):
+        StaticSparse(model, 0.9, schedule=UpdateSchedule(end_step=10, delta_t=2))
+
+
+# --- training FLOPs ----------------------------------------------------------------------
+def test_training_flops_formulas():
+    f_s, f_d = 10.0, 100.0
+    assert flops_per_sample("dense", f_s, f_d) == 300.0
+    assert flops_per_sample("set", f_s, f_d) == flops_per_sample("static", f_s, f_d) == 30.0
+    assert flops_per_sample("snfs", f_s, f_d) == 120.0
+    assert flops_per_sample("rigl", f_s, f_d, delta_t=100) == pytest.approx((3 * 10 * 100 + 2 * 10 + 100) / 101)
+    with pytest.raises(PrunelabError, match="valid names"):
+        flops_per_sample("lottery", f_s, f_d)
+    model = mlp()
+    sparsifier = RigL(model, 0.9).prepare()
+    cost = training_flops("rigl", model, torch.randn(1, 20), sparsifier.masks, samples=1000, delta_t=10)
+    f_s, f_d = 2 * sparsifier.masks.stats().kept, 2 * (20 * 40 + 40 * 30 + 30 * 5)
+    assert cost.sparse_inference_flops == f_s and cost.dense_inference_flops == f_d
+    assert cost.total_flops == pytest.approx(1000 * (30 * f_s + 2 * f_s + f_d) / 11)
+    assert cost.dense_total_flops == 3000 * f_d and 0 < cost.fraction_of_dense < 1
+
+
+# --- the registered methods end to end -----------------------------------------------------
+@pytest.fixture(scope="module")
+def digits():
+    from prunelab.bench.datasets import load_dataset, make_loaders
+
+    splits = load_dataset("digits")
+    return splits, *make_loaders(splits, 64, seed=0)
+
+
+@pytest.mark.parametrize("name", ["static", *DYNAMIC])
+def test_registered_method_trains_at_exact_sparsity(name, digits):
+    from prunelab.bench.models import build_model
+    from prunelab.bench.training import TrainConfig, seed_everything
+
+    splits, train_loader, test_loader = digits
+    seed_everything(0)
+    model = build_model("digits_mlp", splits.input_shape, splits.num_classes)
+    config = TrainConfig(epochs=3, batch_size=64, lr=0.1, progress=False)
+    result = METHODS.get(name)(model, train_loader, test_loader, PruneSpec(sparsity=0.8), config,
+                               dst=DSTConfig(delta_t=5))
+    stats = result.masks.stats()
+    assert stats.kept == round((1 - 0.8) * stats.total)
+    assert result.rows[0]["accuracy"] > 0.6  # chance is 0.1
+    assert result.rows[0]["mask_updates"] == (0 if name == "static" else len(range(5, int(0.75 * 69), 5)))
+    for n, p in model.named_parameters():
+        if n in result.masks:
+            assert torch.all(p[~result.masks[n]] == 0)
+    assert MaskSet.from_model(model, list(result.masks)).stats().kept <= stats.kept
