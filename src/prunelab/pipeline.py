@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from prunelab import distributed
 from prunelab.allocation import get_allocation
@@ -23,10 +24,11 @@ from prunelab.bench.training import TrainConfig, evaluate, seed_everything, trai
 from prunelab.checkpoint import save_checkpoint
 from prunelab.config import RunConfig
 from prunelab.criteria import CRITERIA, ScoreData, get_criterion
+from prunelab.criteria.slimming import SlimmingLoss
 from prunelab.io import atomic_dir, ensure_writable_dir, write_json, write_text
 from prunelab.measure.counting import measure_model
 from prunelab.measure.tables import model_cost_table
-from prunelab.methods import METHODS, PruneSpec
+from prunelab.methods import FROM_SCRATCH, METHODS, PruneSpec
 from prunelab.report import plot_sparsity_curve, render_report
 from prunelab.structure import get_granularity
 
@@ -63,6 +65,9 @@ def pretrain_config(config: RunConfig) -> TrainConfig:
 
 
 def finetune_config(config: RunConfig) -> TrainConfig:
+    """Training config handed to the method: sparse-from-scratch methods train at ``lr``."""
+    if config.method in FROM_SCRATCH:
+        return dataclasses.replace(pretrain_config(config), epochs=config.epochs)
     lr = config.finetune_lr if config.finetune_lr is not None else config.lr / 5.0
     base = dataclasses.replace(pretrain_config(config), lr=lr)
     return dataclasses.replace(base, epochs=config.epochs) if config.method == "gradual" else base
@@ -74,6 +79,7 @@ def prune_spec(config: RunConfig) -> PruneSpec:
         allocation=config.allocation, keep_first=config.keep_first, keep_last=config.keep_last,
         exclude=tuple(config.exclude), rounds=config.rounds, layer_rates=dict(config.layer_rates),
         finetune_epochs=config.finetune_epochs, num_updates=config.num_updates, score_batches=config.score_batches,
+        delta_t=config.delta_t, alpha=config.alpha,
     )
 
 
@@ -90,8 +96,9 @@ def run(config: RunConfig) -> dict[str, Any]:
     example = splits.test[0][0].unsqueeze(0)
     prune_spec(config).sparsifier(model, None)  # layer-level checks (N:M fit, rules, exclude) before any training
 
-    if config.pretrain_epochs > 0:
-        train(model, train_loader, pretrain_config(config), description="dense")
+    if config.pretrain_epochs > 0 and config.method not in FROM_SCRATCH:
+        loss_fn = SlimmingLoss(model, config.slimming_strength) if config.slimming_strength > 0 else F.cross_entropy
+        train(model, train_loader, pretrain_config(config), loss_fn=loss_fn, description="dense")
     dense_metrics = evaluate(model, test_loader)
     dense_cost = measure_model(model, example)
 

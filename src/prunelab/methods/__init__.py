@@ -38,4 +38,11 @@ METHODS.add("dsr", run_dsr, "DST: DSR, adaptive global threshold, regrowth propo
 METHODS.add("rigl", run_rigl, "DST: RigL, drop smallest |w|, grow largest dense |grad| (Evci et al. 2020)")
 METHODS.add("snfs", run_snfs, "DST: sparse momentum, grow and redistribute by momentum (Dettmers & Zettlemoyer 2019)")
 
-__all__ = ["METHODS", "MethodResult", "PruneSpec", "run_gradual", "run_iterative", "run_oneshot"]
+# Methods that start sparse (prune at init / rewire during training): no dense pre-training, they
+# train for RunConfig.epochs at the dense learning rate.  The rest prune a trained model.
+FROM_SCRATCH = frozenset({
+    "snip", "grasp", "force", "synflow", "random-erk", "random-uniform", "pai", "pai-shuffled", "pai-reinit",
+    "static", "set", "dsr", "rigl", "snfs",
+})
+
+__all__ = ["FROM_SCRATCH", "METHODS", "MethodResult", "PruneSpec", "run_gradual", "run_iterative", "run_oneshot"]

@@ -24,7 +24,8 @@ class PruneSpec:
     ``rounds`` / ``layer_rates`` drive ``iterative`` (Frankle & Carbin 2019 prune 20% of
     the remaining hidden weights per round and 10% of the output layer's: ``layer_rates=
     {"fc3": 0.1}``); ``num_updates`` / ``start_epoch`` / ``end_fraction`` drive
-    ``gradual``; ``finetune_epochs`` is the retraining after each pruning event.
+    ``gradual``; ``finetune_epochs`` is the retraining after each pruning event;
+    ``delta_t`` / ``alpha`` drive dynamic sparse training (RigL defaults 100 / 0.3).
     """
 
     sparsity: float = 0.9
@@ -41,6 +42,8 @@ class PruneSpec:
     start_epoch: int = 0
     end_fraction: float = 0.75
     score_batches: int = 8
+    delta_t: int = 100
+    alpha: float = 0.3
 
     def __post_init__(self) -> None:
         check_sparsity(self.sparsity)

@@ -59,7 +59,7 @@ def build_dst_sparsifier(
     name: str, model: nn.Module, spec: PruneSpec, total_steps: int, *, seed: int = 0, dst: DSTConfig | None = None
 ) -> DynamicSparsifier:
     """The DST sparsifier ``name`` for a run of ``total_steps`` optimizer steps, all inputs checked."""
-    dst = dst if dst is not None else DSTConfig()
+    dst = dst if dst is not None else DSTConfig(delta_t=spec.delta_t, alpha=spec.alpha)
     cls = DST_SPARSIFIERS.get(name)
     if spec.granularity != "unstructured":
         raise PrunelabError(f"dynamic sparse training ({name}) rewires single weights, got granularity "

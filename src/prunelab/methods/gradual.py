@@ -3,7 +3,8 @@
 The cubic schedule ``s_t = s_f + (s_i - s_f)(1 - (t - t0)/(n dt))^3`` raises the
 sparsity from ``start_epoch`` to ``end_fraction`` of the run in ``num_updates`` steps of
 ``dt`` optimizer steps; the rest of the run trains at the final sparsity, followed by
-``finetune_epochs`` more epochs (0 for none).
+``finetune_epochs`` more epochs (0 for none).  With ``criterion="movement"`` the scores
+are accumulated over the training steps themselves (Sanh et al. 2020).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import nn
 
 from prunelab.bench.training import TrainConfig, make_lr_scheduler, make_optimizer, train
 from prunelab.criteria import ScoreData
+from prunelab.criteria.movement import Movement, MovementAccumulator
 from prunelab.errors import PrunelabError
 from prunelab.methods.base import MethodResult, PruneSpec, stage_row
 from prunelab.schedules import Cubic
@@ -34,11 +36,16 @@ def run_gradual(
         )
     schedule = Cubic(spec.sparsity, start_step=max(start, 1), num_updates=spec.num_updates, frequency=frequency)
     sparsifier = spec.sparsifier(model, score_data, schedule=schedule)
+    after_step = lambda _step: sparsifier.step()  # noqa: E731
+    if spec.criterion == "movement":  # Sanh et al. 2020: scores accumulate over the fine-tuning steps
+        accumulator = MovementAccumulator(sparsifier.params)
+        sparsifier.criterion = Movement(accumulator=accumulator)
+        after_step = lambda _step: (accumulator.update(), sparsifier.step())  # noqa: E731
     optimizer = make_optimizer(model.parameters(), config)
     sparsifier.prepare(optimizer)
     train(model, train_loader, config, optimizer=optimizer,
           scheduler=make_lr_scheduler(optimizer, config, steps_per_epoch),
-          after_step=lambda _step: sparsifier.step(), description="gradual")
+          after_step=after_step, description="gradual")
     rows = [stage_row("gradual", model, sparsifier.masks, test_loader, round=1, target_sparsity=spec.sparsity)]
     if spec.finetune_epochs > 0:
         tune = dataclasses.replace(config, epochs=spec.finetune_epochs)
