@@ -62,7 +62,7 @@ def loss_gradients(
 @dataclass(frozen=True)
 class SNIP(Criterion):
     """SNIP connection sensitivity (Lee, Ajanthan & Torr 2019, "SNIP: Single-shot Network
-    Pruning based on Connection Sensitivity", eq. 6)::
+    Pruning based on Connection Sensitivity")::
 
         s_j = |g_j| / sum_k |g_k|,    g_j = dL(c ⊙ w)/dc_j at c = 1  =  w_j * dL/dw_j
 
@@ -88,7 +88,7 @@ class SNIP(Criterion):
 @dataclass(frozen=True)
 class GraSP(Criterion):
     """Gradient Signal Preservation (Wang, Zhang & Grosse 2020, "Picking Winning Tickets
-    Before Training by Preserving Gradient Flow", eq. 8)::
+    Before Training by Preserving Gradient Flow")::
 
         S(-w) = -w ⊙ H g,        g = dL/dw,   H = d^2 L / dw^2
 
@@ -170,7 +170,7 @@ def _positive_shape(shape: object) -> tuple[int, ...] | None:
 class SynFlow(Criterion):
     """Iterative Synaptic Flow score, one round (Tanaka, Kunin, Yamins & Ganguli 2020,
     "Pruning neural networks without any data by iteratively conserving synaptic flow",
-    eq. 2 and Algorithm 1)::
+    Algorithm 1)::
 
         R = 1^T ( prod_l |W_l| ) 1,        s = |W| ⊙ dR/d|W|
 
@@ -178,7 +178,7 @@ class SynFlow(Criterion):
     value (on temporary copies; the model is untouched), the input is all ones, and ``R``
     is the sum of the outputs.  For a bias-free ReLU network all pre-activations are then
     positive, the network is linear and ``R`` is the total path weight; the scores of
-    each layer then sum to ``R`` (conservation, Tanaka et al. Theorem 1).  Biases and
+    each layer then sum to ``R`` (Tanaka et al.'s network-wise conservation).  Biases and
     batch-norm parameters enter as the authors' code does (their absolute values).
     The model runs in eval mode (batch norm on its |running statistics|, no dropout).
 

@@ -42,7 +42,7 @@ METHODS.add("snfs", run_snfs, "DST: sparse momentum, grow and redistribute by mo
 # train for RunConfig.epochs at the dense learning rate.  The rest prune a trained model.
 FROM_SCRATCH = frozenset({
     "snip", "grasp", "force", "synflow", "random-erk", "random-uniform", "pai", "pai-shuffled", "pai-reinit",
-    "static", "set", "dsr", "rigl", "snfs",
+    "lottery", "static", "set", "dsr", "rigl", "snfs",
 })
 
 __all__ = ["FROM_SCRATCH", "METHODS", "MethodResult", "PruneSpec", "run_gradual", "run_iterative", "run_oneshot"]

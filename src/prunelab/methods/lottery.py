@@ -273,7 +273,7 @@ def _next_masks(trained: nn.Module, previous: MaskSet, round_index: int, rates: 
         weight = params[name].detach().abs().float()
         alive = previous[name].to(weight.device)
         scores = torch.where(alive, weight, torch.full_like(weight, float("-inf")))
-        keep = min(int(round(weight.numel() * (1.0 - rate) ** round_index)), int(alive.sum()))
+        keep = min(round(weight.numel() * (1.0 - rate) ** round_index), int(alive.sum()))
         masks[name] = select_top_k(scores, keep).reshape(weight.shape).cpu()
     return MaskSet(masks)
 

@@ -127,7 +127,7 @@ def reinitialise_kept(model: nn.Module, masks: Mapping[str, Tensor], seed: int) 
 @dataclass(frozen=True, eq=False)
 class ForceSaliency(Criterion):
     """FORCE saliency (de Jorge, Sanyal, Behl, Torr, Rogez & Dokania 2021, "Progressive
-    Skeletonization: Trimming more fat from a network at initialization", eq. 5)::
+    Skeletonization: Trimming more fat from a network at initialization")::
 
         S(theta) = | theta ⊙ dL(w)/dw |   at  w = theta ⊙ m
 

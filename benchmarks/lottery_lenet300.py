@@ -1,0 +1,178 @@
+"""Frankle & Carbin 2019, Figures 3-4: winning tickets vs random reinitialisation on LeNet-300-100 (MNIST).
+
+Frankle & Carbin, "The Lottery Ticket Hypothesis: Finding Sparse, Trainable Neural
+Networks", ICLR 2019: iterative magnitude pruning (20% of each hidden layer's remaining
+weights per round, 10% of the output layer's), rewinding the survivors to their initial
+values, finds subnetworks that train to *higher* test accuracy than the dense network
+down to about 21-13.5% of the weights, while the same masks randomly reinitialised lose
+accuracy much earlier.  Targets: at 21.1% of weights remaining the ticket's accuracy is
+>= the dense network's, and at <= 13.5% the ticket beats the reinitialised control beyond
+seed noise (min over seeds of the ticket > max over seeds of the control).
+
+Setup: Adam, lr 1.2e-3, mini-batch 60 (as F&C), but only **5 epochs per round**
+(5,000 iterations; F&C train 50,000) so 15 rounds x 2 seeds, with the control at the
+reported rounds, fit in about 20 minutes on a free 2-core CPU.  Accuracies are taken at
+the *early-stopping iteration* (minimum test loss among evaluations every 500 iterations,
+F&C's measure; they use a validation split) and at the end of training.  Reported
+rounds: 3, 7, 9, 12, 15 (51.3%, 21.1%, 13.5%, 7.0%, 3.6% of the weights remaining; the
+exact fractions are in the record).
+
+Run folders (masks, weights, metrics per round) go to ``runs/lottery_lenet300[-quick]/seed<N>``
+beside the checkout and an interrupted run resumes from its last finished round; pass
+``--fresh`` to start over.
+
+    python benchmarks/lottery_lenet300.py            # writes benchmarks/results/lottery_lenet300.{json,png}
+    python benchmarks/lottery_lenet300.py --quick    # 1 seed, 3 rounds of 1 epoch
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from prunelab.bench.datasets import load_dataset, make_loaders
+from prunelab.bench.models import build_model
+from prunelab.bench.records import (
+    benchmark_args, benchmark_environment, resolve_data_dir, rows_table, run_guarded, target, targets_table, write_record,
+)
+from prunelab.bench.training import TrainConfig
+from prunelab.methods.lottery import LotteryConfig, run_lottery
+
+ROOT = Path(__file__).resolve().parents[1]
+REPORTED = (3, 7, 9, 12, 15)
+SEEDS = (0, 1)
+EPOCHS = 5
+EVAL_EVERY = 500
+
+
+def lottery_config(seed: int, quick: bool) -> LotteryConfig:
+    train = TrainConfig(epochs=1 if quick else EPOCHS, batch_size=60, optimizer="adam", lr=1.2e-3,
+                        lr_schedule="constant", weight_decay=0.0, seed=seed, progress=False)
+    rounds = 3 if quick else max(REPORTED)
+    reported = tuple(r for r in REPORTED if r <= rounds)
+    return LotteryConfig(rounds=rounds, rate=0.2, output_rate=0.1, rewind_step=0, train=train,
+                         eval_every=EVAL_EVERY, reinit_rounds=reported)
+
+
+def summarise(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def plot(rows: list[dict], dense_pct: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    x = [r["remaining_pct"] for r in rows]
+    for key, label in (("ticket_es_accuracy_pct", "winning ticket"), ("reinit_es_accuracy_pct", "random reinit")):
+        ax.errorbar(x, [r[key] for r in rows], yerr=[r[key.replace("_pct", "_std_pct")] for r in rows], marker="o",
+                    capsize=3, label=label)
+    ax.axhline(dense_pct, color="grey", linestyle="--", label="dense")
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.set_xlabel("weights remaining (%)")
+    ax.set_ylabel("test accuracy at early stop (%)")
+    ax.set_title("LeNet-300-100 / MNIST lottery tickets")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = benchmark_args(__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", default=None, help="folder for the per-seed run folders (default: runs/ beside the checkout)")
+    parser.add_argument("--fresh", action="store_true", help="delete earlier run folders instead of resuming them")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    started = time.perf_counter()
+    splits = load_dataset("mnist", resolve_data_dir(args.data_dir))
+    seeds = SEEDS[:1] if quick else SEEDS
+    run_root = Path(args.run_dir) if args.run_dir else ROOT / "runs" / f"lottery_lenet300{'-quick' if quick else ''}"
+
+    results = {}
+    for seed in seeds:
+        config = lottery_config(seed, quick)
+        folder = run_root / f"seed{seed}"
+        if args.fresh and folder.exists():
+            shutil.rmtree(folder)
+        train_loader, test_loader = make_loaders(splits, config.train.batch_size, seed)
+        result = run_lottery(lambda: build_model("lenet300", splits.input_shape, splits.num_classes),
+                             train_loader, test_loader, config, folder, resume=True)
+        results[seed] = result.rounds
+        print(f"seed {seed}: {len(result.rounds)} rounds ({result.resumed_rounds} resumed from {folder})")
+
+    config = lottery_config(seeds[0], quick)
+    reported = [0, *config.reinit_rounds]
+    rows = []
+    for r in reported:
+        per_seed = [results[s][r] for s in seeds]
+        row = {"round": r, "remaining_pct": per_seed[0]["remaining_pct"],
+               **{f"remaining_{n.split('.')[0]}_pct": v for n, v in per_seed[0]["layers_remaining_pct"].items()}}
+        for kind in ("ticket", "reinit"):
+            parts = [m[kind] for m in per_seed if m[kind] is not None]
+            if not parts:
+                continue
+            for key, field in (("es_accuracy", "early_stop_accuracy"), ("final_accuracy", "accuracy")):
+                mean, std = summarise([100.0 * p[field] for p in parts])
+                row[f"{kind}_{key}_pct"], row[f"{kind}_{key}_std_pct"] = mean, std
+                row[f"{kind}_{key}_min_pct"] = min(100.0 * p[field] for p in parts)
+                row[f"{kind}_{key}_max_pct"] = max(100.0 * p[field] for p in parts)
+            row[f"{kind}_early_stop_step"] = statistics.fmean(p["early_stop_step"] for p in parts)
+        rows.append(row)
+        text = f"round {r}: {row['remaining_pct']:.1f}% remaining, ticket {row['ticket_es_accuracy_pct']:.2f}%"
+        if "reinit_es_accuracy_pct" in row:
+            text += f", reinit {row['reinit_es_accuracy_pct']:.2f}%"
+        print(text)
+
+    dense = rows[0]["ticket_es_accuracy_pct"]
+    plot_rows = [r for r in rows if "reinit_es_accuracy_pct" in r]
+    total = time.perf_counter() - started
+    targets = []
+    at21 = next((r for r in rows if r["round"] == 7), None)
+    if at21 is not None:
+        targets.append(target("ticket - dense accuracy at 21.1% remaining (points, early stop)",
+                              round(at21["ticket_es_accuracy_pct"] - dense, 3), ">= 0",
+                              at21["ticket_es_accuracy_pct"] >= dense))
+    deep = [r for r in plot_rows if r["remaining_pct"] <= 13.6]
+    if deep:
+        margin = min(r["ticket_es_accuracy_min_pct"] - r["reinit_es_accuracy_max_pct"] for r in deep)
+        targets.append(target("min over rounds <= 13.5% of (min-seed ticket - max-seed reinit) accuracy (points)",
+                              round(margin, 3), "> 0", margin > 0))
+    targets.append(target("total wall time (s)", round(total, 1), "<= 1800", total <= 1800))
+    columns = [("round", "round"), ("remaining_pct", "remaining %"),
+               ("ticket_es_accuracy_pct", "ticket acc % (early stop)"), ("ticket_es_accuracy_std_pct", "std"),
+               ("reinit_es_accuracy_pct", "reinit acc % (early stop)"), ("reinit_es_accuracy_std_pct", "std"),
+               ("ticket_final_accuracy_pct", "ticket acc % (end)"), ("reinit_final_accuracy_pct", "reinit acc % (end)"),
+               ("ticket_early_stop_step", "ticket early-stop iter"), ("reinit_early_stop_step", "reinit early-stop iter")]
+    record = {
+        "config": {**config.to_dict(), "seed": "per seed", "reported_rounds": reported, "quick": quick},
+        "seeds": list(seeds),
+        "environment": benchmark_environment(),
+        "columns": columns,
+        "rows": rows,
+        "per_seed_rounds": {str(s): [{k: v for k, v in m.items() if k not in ("ticket", "reinit")}
+                                     | {"ticket_accuracy": m["ticket"]["accuracy"],
+                                        "ticket_early_stop_accuracy": m["ticket"]["early_stop_accuracy"]}
+                                     for m in results[s]] for s in seeds},
+        "targets": targets,
+        "total_wall_time_s": total,
+    }
+    path = write_record("lottery_lenet300", record, args.out)
+    plot(plot_rows, dense, path.with_suffix(".png"))
+    print()
+    print(rows_table(rows, columns))
+    print()
+    print(targets_table(targets))
+    print(f"\nrecord: {path}\nplot: {path.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_guarded(main))

@@ -1,0 +1,165 @@
+"""Lottery tickets: IMP with rewinding, per-layer rates, reinit control, resumable run folders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from prunelab.bench.training import TrainConfig
+from prunelab.errors import PrunelabError
+from prunelab.masks import MaskSet
+from prunelab.methods import METHODS, PruneSpec
+from prunelab.methods.lottery import LotteryConfig, build_seeded, run_lottery
+
+TRAIN = TrainConfig(epochs=1, batch_size=32, optimizer="adam", lr=1e-2, lr_schedule="constant", seed=0, progress=False)
+
+
+def builder() -> nn.Module:
+    return nn.Sequential(nn.Linear(8, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def loaders():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(192, 8, generator=gen)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()  # 3 classes
+    train = DataLoader(TensorDataset(x[:128], y[:128]), batch_size=32, shuffle=True,
+                       generator=torch.Generator().manual_seed(0))  # 4 steps per epoch
+    test = DataLoader(TensorDataset(x[128:], y[128:]), batch_size=64)
+    return train, test
+
+
+def config(**overrides) -> LotteryConfig:
+    return LotteryConfig(**{"rounds": 2, "train": TRAIN, "eval_every": 2, **overrides})
+
+
+def comparable(metrics: dict) -> dict:
+    """Metrics without wall times (which differ run to run)."""
+    out = json.loads(json.dumps(metrics))
+    for part in ("ticket", "reinit"):
+        if out.get(part):
+            out[part].pop("wall_time_s")
+    return out
+
+
+def test_rounds_follow_per_layer_rates_and_record_early_stopping(tmp_path):
+    train, test = loaders()
+    result = run_lottery(builder, train, test, config(rounds=3), tmp_path / "run")
+    assert [m["round"] for m in result.rounds] == [0, 1, 2, 3] and len(result.masks) == 4
+    sizes = {"0.weight": 8 * 24, "2.weight": 24 * 16, "4.weight": 16 * 3}
+    for r, masks in enumerate(result.masks):
+        kept = {l.name: l.kept for l in masks.stats().layers}
+        assert kept == {n: round(s * (0.9 if n == "4.weight" else 0.8) ** r) for n, s in sizes.items()}
+        if r:
+            assert all(torch.equal(masks[n] & result.masks[r - 1][n], masks[n]) for n in masks)  # monotone
+    for metrics in result.rounds:
+        ticket = metrics["ticket"]
+        assert ticket["steps"] == 4 and ticket["early_stop_step"] in (2, 4)
+        assert [e[0] for e in ticket["evals"]] == [2, 4]
+        assert ticket["early_stop_loss"] == min(e[1] for e in ticket["evals"])
+        assert (metrics["reinit"] is None) == (metrics["round"] == 0)
+    for r, masks in enumerate(result.masks):  # everything is in the folder
+        folder = tmp_path / "run" / f"round_{r:03d}"
+        assert MaskSet.load(folder / "mask.safetensors").equal(masks)
+        assert json.loads((folder / "metrics.json").read_text()) == result.rounds[r]
+    params = dict(result.model.named_parameters())
+    assert all(torch.all(params[n][~m] == 0) for n, m in result.masks[-1].items())
+
+
+def test_each_round_rewinds_the_survivors_to_the_initial_weights(tmp_path):
+    train, test = loaders()
+    no_training = TrainConfig(epochs=0, progress=False)
+    result = run_lottery(builder, train, test, config(train=no_training, rounds=2, reinit_rounds=()), tmp_path)
+    init = build_seeded(builder, 0)
+    theta0, final = dict(init.named_parameters()), dict(result.model.named_parameters())
+    for name, mask in result.masks[-1].items():  # no training: round 2 holds exactly theta_0 ⊙ m
+        assert torch.equal(final[name], theta0[name] * mask)
+    assert result.rounds[1]["reinit"] is None
+
+
+def test_late_rewinding_saves_the_weights_after_k_steps(tmp_path):
+    from safetensors.torch import load_file
+
+    train, test = loaders()
+    run_lottery(builder, train, test, config(rounds=1, rewind_step=3), tmp_path / "late")
+    run_lottery(builder, train, test, config(rounds=1, rewind_step=0), tmp_path / "zero")
+    theta0 = build_seeded(builder, 0).state_dict()
+    late = load_file(str(tmp_path / "late" / "round_000" / "rewind.safetensors"))
+    zero = load_file(str(tmp_path / "zero" / "round_000" / "rewind.safetensors"))
+    assert all(torch.equal(zero[k], theta0[k]) for k in theta0)
+    assert not torch.equal(late["0.weight"], theta0["0.weight"])
+
+
+def test_resume_restores_finished_rounds_bit_for_bit_and_continues(tmp_path):
+    train, test = loaders()
+    first = run_lottery(builder, train, test, config(rounds=2), tmp_path / "run")  # "interrupted" after round 2
+    resumed = run_lottery(builder, train, test, config(rounds=3), tmp_path / "run", resume=True)
+    assert resumed.resumed_rounds == 3  # rounds 0, 1, 2 were loaded
+    for r in range(3):
+        assert resumed.rounds[r] == first.rounds[r]  # loaded identically, wall times included
+        assert resumed.masks[r].equal(first.masks[r])
+    assert resumed.rounds[3]["round"] == 3 and len(resumed.masks) == 4
+    straight = run_lottery(builder, *loaders(), config(rounds=3), tmp_path / "straight")  # never interrupted
+    assert comparable(straight.rounds[3]) == comparable(resumed.rounds[3])
+    assert straight.masks[3].equal(resumed.masks[3])
+    s, t = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(s[k], t[k]) for k in s)
+    again = run_lottery(builder, train, test, config(rounds=3), tmp_path / "run", resume=True)  # all done: only loads
+    assert again.resumed_rounds == 4 and [comparable(m) for m in again.rounds] == [comparable(m) for m in resumed.rounds]
+
+
+def test_resume_with_another_config_is_refused(tmp_path):
+    train, test = loaders()
+    run_lottery(builder, train, test, config(rounds=1, reinit_rounds=()), tmp_path)
+    with pytest.raises(PrunelabError, match=r"keys that differ: config\.rate .*config\.train\.lr") as info:
+        run_lottery(builder, train, test, config(rounds=2, rate=0.3, reinit_rounds=(),
+                                                 train=TrainConfig(**{**TRAIN.__dict__, "lr": 0.5})), tmp_path, resume=True)
+    assert "\n" not in str(info.value)
+    with pytest.raises(PrunelabError, match="init_fingerprint"):
+        run_lottery(_other_init, train, test, config(rounds=1, reinit_rounds=()), tmp_path, resume=True)
+    with pytest.raises(PrunelabError, match="resume=True"):
+        run_lottery(builder, train, test, config(rounds=1, reinit_rounds=()), tmp_path)
+
+
+def _other_init() -> nn.Module:
+    model = builder()
+    with torch.no_grad():
+        model[0].weight.mul_(2.0)
+    return model
+
+
+def test_rewinding_past_the_end_is_refused(tmp_path):
+    train, test = loaders()
+    with pytest.raises(PrunelabError, match=r"rewind_step=5 is past the end of training \(1 epochs x 4 steps = 4 steps\)"):
+        run_lottery(builder, train, test, config(rewind_step=5), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_configs_raise():
+    for overrides, match in (({"rate": 1.0}, "rate"), ({"rounds": -1}, "rounds"), ({"eval_every": 0}, "eval_every"),
+                             ({"reinit_rounds": (0,)}, "reinit_rounds"), ({"train": {"epochs": 1}}, "TrainConfig")):
+        with pytest.raises(PrunelabError, match=match):
+            LotteryConfig(**overrides)
+
+
+def test_reinit_control_uses_the_same_mask_with_other_weights(tmp_path):
+    train, test = loaders()
+    result = run_lottery(builder, train, test, config(rounds=2, reinit_rounds=(2,)), tmp_path)
+    assert result.rounds[1]["reinit"] is None and result.rounds[2]["reinit"] is not None
+    assert result.rounds[2]["reinit_seed"] != 0
+    assert result.rounds[2]["reinit"]["accuracy"] != result.rounds[2]["ticket"]["accuracy"] or \
+        result.rounds[2]["reinit"]["loss"] != result.rounds[2]["ticket"]["loss"]
+
+
+def test_lottery_method_fits_the_common_signature():
+    train, test = loaders()
+    model = builder()
+    spec = PruneSpec(sparsity=0.5, rounds=2)
+    result = METHODS.get("lottery")(model, train, test, spec, TRAIN)
+    assert [r["round"] for r in result.rows] == [0, 1, 2]
+    assert result.masks.stats().sparsity == pytest.approx(0.5, abs=0.02)
+    params = dict(model.named_parameters())
+    assert all(torch.all(params[n][~m] == 0) for n, m in result.masks.items())
