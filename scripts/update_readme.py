@@ -85,23 +85,46 @@ def cli_section() -> str:
     return "\n".join(parts)
 
 
-def bench_section() -> str:
+BENCH_GROUPS = (
+    ("Benchmarks: pruning after training", ("han2015_lenet300",)),
+    ("Make it faster: shrink, sparse kernels, Deep Compression",
+     ("cpu_speedup", "structured_speedup", "deep_compression_lenet300")),
+    ("Prune a pretrained transformer (one-shot, data-aware)", ("llm_oneshot_tinygpt", "minilm_oneshot", "obs_lenet")),
+    ("Train sparse from the start", ("snip_lenet300", "layer_collapse", "lottery_lenet300", "dst_mlp")),
+)
+
+
+def record_section(path: Path) -> str:
     from prunelab.bench.records import rows_table, targets_table
 
-    parts = ["## Benchmarks\n", "Each script in `benchmarks/` runs with no arguments on the offline data, prints a "
-             "table and writes a JSON record to `benchmarks/results/`; the tables below are rendered from those records.\n"]
-    for path in sorted(RESULTS.glob("*.json")):
-        record = json.loads(path.read_text())
-        env = record["environment"]
-        parts.append(f"### `benchmarks/{record['benchmark']}.py`\n")
-        parts.append(f"torch {env['torch']}, {env['threads']} threads, {env['cpu']}, {env['date']}; seeds {record['seeds']}"
-                     f"{' (quick run)' if record['config'].get('quick') else ''}.\n")
-        rows = record["rows"] + record.get("reference_rows", [])
-        columns = [tuple(c) for c in record.get("columns", [])] or [(k, k) for k in rows[0]]
-        parts.append(rows_table(rows, columns) + "\n")
-        if record.get("notes"):
-            parts.append(record["notes"] + "\n")
-        parts.append(targets_table(record["targets"]) + "\n")
+    record = json.loads(path.read_text())
+    env = record["environment"]
+    parts = [f"### `benchmarks/{record['benchmark']}.py`\n",
+             f"torch {env['torch']}, {env['threads']} threads, {env['cpu']}, {env['date']}; seeds {record['seeds']}"
+             f"{' (quick run)' if record['config'].get('quick') else ''}.\n"]
+    rows = record["rows"] + record.get("reference_rows", [])
+    columns = [tuple(c) for c in record.get("columns", [])] or [(k, k) for k in rows[0]]
+    parts.append(rows_table(rows, columns) + "\n")
+    if record.get("notes"):
+        parts.append(str(record["notes"]) + "\n")
+    parts.append(targets_table(record["targets"]) + "\n")
+    for png in sorted(path.parent.glob(f"{record['benchmark']}*.png")):
+        parts.append(f"![{png.stem}](benchmarks/results/{png.name})\n")
+    return "\n".join(parts)
+
+
+def bench_section() -> str:
+    parts = ["## Benchmarks\n", "Each script in `benchmarks/` runs with no arguments on the offline data (`--quick` for a "
+             "smoke run), prints a table and writes a JSON record to `benchmarks/results/`; every table below is "
+             "rendered from those records by `scripts/update_readme.py`. Speed numbers are ratios measured side by "
+             "side in one run.\n"]
+    for title, names in BENCH_GROUPS:
+        found = [RESULTS / f"{name}.json" for name in names if (RESULTS / f"{name}.json").is_file()]
+        missing = [name for name in names if not (RESULTS / f"{name}.json").is_file()]
+        parts.append(f"## {title}\n")
+        parts.extend(record_section(path) for path in found)
+        if missing:
+            parts.append("Not run yet (no record): " + ", ".join(f"`benchmarks/{n}.py`" for n in missing) + ".\n")
     return "\n".join(parts)
 
 

@@ -1,0 +1,143 @@
+"""One-shot LLM pruning on a char-level GPT: magnitude vs Wanda vs SparseGPT at 50%, 4:8 and 2:4.
+
+SparseGPT (Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be Accurately
+Pruned in One-Shot", ICML 2023) and Wanda (Sun, Liu, Bair & Kolter, "A Simple and
+Effective Pruning Approach for Large Language Models", ICLR 2024) prune every Linear layer
+of the transformer blocks from a small calibration set, with no retraining; Tables 2-3 of
+the Wanda paper report that both keep the perplexity of LLaMA close to dense at 50% while
+magnitude pruning collapses, and that Wanda prunes much faster than SparseGPT (no weight
+update, no Hessian inverse).  This script repeats that comparison in miniature on the
+nanoGPT-style Tiny Shakespeare char-GPT of :mod:`prunelab.bench.chargpt` (0.82M
+parameters; trained once and cached, see ``benchmarks/train_chargpt.py``).
+
+Calibration: ``--calib-samples`` (64) random 64-character windows of the training split.
+Evaluation: perplexity ``exp(mean next-character loss)`` on consecutive 64-character
+windows of the validation split (all 1,742 of them; 256 with ``--quick``).  The
+``lm_head`` stays dense, as in both papers.
+
+Targets: at 50% unstructured sparsity, SparseGPT's and Wanda's perplexity increase over
+dense are each at most one third of magnitude's; Wanda prunes at least 10x faster than
+SparseGPT (wall time of ``prune_oneshot``, calibration forward passes included).
+
+    python benchmarks/llm_oneshot_tinygpt.py           # writes benchmarks/results/llm_oneshot_tinygpt.json
+    python benchmarks/llm_oneshot_tinygpt.py --quick   # 200-iteration model, 50% and 2:4 only
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import resource
+import sys
+import time
+
+from prunelab.bench.chargpt import evaluate_loss, load_or_train_chargpt
+from prunelab.bench.records import (
+    benchmark_args,
+    benchmark_environment,
+    resolve_data_dir,
+    rows_table,
+    run_guarded,
+    target,
+    targets_table,
+    write_record,
+)
+from prunelab.bench.text import (
+    calibration_sequences,
+    eval_windows,
+    load_tinyshakespeare,
+)
+from prunelab.oneshot import OneShotConfig, prune_oneshot
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+SETTINGS = (("50%", 0.5, None), ("4:8", 0.5, "4:8"), ("2:4", 0.5, "2:4"))
+QUICK_SETTINGS = (("50%", 0.5, None), ("2:4", 0.5, "2:4"))
+COLUMNS = [("method", "method"), ("sparsity", "sparsity"), ("sparsity_pct", "achieved %"),
+           ("val_loss", "val loss"), ("val_ppl", "val ppl"), ("ppl_increase", "ppl increase"),
+           ("prune_time_s", "prune s"), ("solver_time_s", "solver s"), ("max_layer_error", "max layer err")]
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def main(argv=None) -> int:
+    parser = benchmark_args(__doc__.splitlines()[0])
+    parser.add_argument("--calib-samples", type=int, default=64, help="calibration windows of 64 characters")
+    parser.add_argument("--eval-windows", type=int, default=None,
+                        help="validation windows to evaluate (default: all; 256 with --quick)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    data_dir = resolve_data_dir(args.data_dir)
+    corpus = load_tinyshakespeare(data_dir)
+    dense, meta = load_or_train_chargpt(data_dir, quick=args.quick)
+    block = dense.config.block_size
+    eval_count = args.eval_windows or (256 if args.quick else None)
+    x, y = eval_windows(corpus.val, block, eval_count)  # (W, T), (W, T)
+    calibration = calibration_sequences(corpus, args.calib_samples, block, seed=args.seed)
+    print(f"char-GPT {dense.num_params():,} parameters ({'cached' if meta['cached'] else 'trained now'}, "
+          f"{meta['train_config']['iters']} iterations); evaluating on {x.shape[0]} validation windows")
+
+    base = evaluate_loss(dense, x, y)
+    rows = [{"method": "dense", "sparsity": "0%", "sparsity_pct": 0.0, "val_loss": base["loss"],
+             "val_ppl": base["perplexity"], "ppl_increase": 0.0}]
+    settings = QUICK_SETTINGS if args.quick else SETTINGS
+    reports = {}
+    for label, sparsity, pattern in settings:
+        for method in METHODS:
+            model = copy.deepcopy(dense)
+            config = OneShotConfig(method=method, sparsity=sparsity, pattern=pattern)
+            report = prune_oneshot(model, calibration, config, progress=False)
+            result = evaluate_loss(model, x, y)
+            rows.append({"method": method, "sparsity": label, "sparsity_pct": 100 * report.sparsity,
+                         "val_loss": result["loss"], "val_ppl": result["perplexity"],
+                         "ppl_increase": result["perplexity"] - base["perplexity"],
+                         "prune_time_s": report.wall_time_s, "solver_time_s": sum(r.seconds for r in report.rows),
+                         "max_layer_error": max(r.error for r in report.rows)})
+            reports[(method, label)] = report.to_dict()
+            print(f"{label:>4} {method:<10} ppl {result['perplexity']:.3f} (dense {base['perplexity']:.3f}) "
+                  f"in {report.wall_time_s:.2f} s")
+            del model
+
+    def row(method: str, label: str = "50%") -> dict:
+        return next(r for r in rows if r["method"] == method and r["sparsity"] == label)
+
+    magnitude_increase = row("magnitude")["ppl_increase"]
+    targets = []
+    for method in ("sparsegpt", "wanda"):
+        increase = row(method)["ppl_increase"]
+        ratio = increase / magnitude_increase if magnitude_increase > 0 else float("inf")
+        targets.append(target(f"{method} ppl increase / magnitude's at 50%", round(ratio, 4), "<= 0.333",
+                              ratio <= 1 / 3))
+    speedup = row("sparsegpt")["prune_time_s"] / row("wanda")["prune_time_s"]
+    targets.append(target("Wanda speed-up over SparseGPT at 50% (x, prune wall time)", round(speedup, 2), ">= 10",
+                          speedup >= 10))
+    peak = _peak_rss_mb()
+    record = {
+        "config": {"model": meta["model_args"], "train": meta["train_config"], "model_sha256": meta["sha256"],
+                   "calibration": {"samples": args.calib_samples, "length": block, "split": "train",
+                                   "seed": args.seed},
+                   "evaluation": {"split": "val", "windows": int(x.shape[0]), "length": block},
+                   "oneshot": dataclasses.asdict(OneShotConfig()), "quick": args.quick},
+        "seeds": [args.seed],
+        "environment": benchmark_environment(),
+        "columns": COLUMNS,
+        "rows": rows,
+        "targets": targets,
+        "dense": {"train_metrics": meta.get("metrics", {}), "val_loss": base["loss"], "val_ppl": base["perplexity"]},
+        "layers": {f"{m} {label}": rep["rows"] for (m, label), rep in reports.items()},
+        "peak_rss_mb": peak,
+        "total_wall_time_s": time.perf_counter() - started,
+    }
+    out = write_record("llm_oneshot_tinygpt", record, args.out)
+    print()
+    print(rows_table(rows, COLUMNS))
+    print()
+    print(targets_table(targets))
+    print(f"\npeak RSS {peak:.0f} MB; total {record['total_wall_time_s']:.0f} s; record: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_guarded(main))

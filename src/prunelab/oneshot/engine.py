@@ -1,0 +1,638 @@
+"""The calibration engine: run calibration data through a model block by block and prune
+every layer of a block with a layer-wise solver (SparseGPT / Wanda / OBS / ...).
+
+Data-aware one-shot pruning (Frantar & Alistarh 2023, Sun et al. 2023) needs each layer's
+inputs ``X`` on calibration data, and those inputs should come from the *already pruned*
+earlier layers (so later layers compensate for earlier errors).  Holding every layer's
+activations at once would need the memory of a training step; the engine instead keeps
+**one block's** inputs:
+
+1. **Blocks** are found by module type, never by architecture name: the longest
+   ``nn.ModuleList`` whose children share one class and contain ``nn.Linear`` /
+   ``transformers`` ``Conv1D`` / ``nn.Conv2d`` layers (``BertModel.encoder.layer``,
+   GPT-2's ``transformer.h``, ...); else, for an ``nn.Sequential``, its top-level children;
+   else the whole model is one block.
+2. **Catcher**: a forward pre-hook (``with_kwargs=True``) on block 0 records the
+   ``(args, kwargs)`` the block receives for each calibration item and raises a private
+   exception to stop the forward, so the layers before the first block (embeddings) run
+   once per item.  ``transformers`` cache objects in those arguments are replaced by
+   ``None`` and ``use_cache`` by ``False`` (re-running a block must not grow a KV cache).
+3. **Per block**, one probe forward (item 0) records the execution order of the block's
+   prunable layers.  Then, **sequentially inside the block**, for each layer in that order:
+   a forward pre-hook on that layer alone accumulates its input statistics (``H = 2 X X^T
+   / n`` or ``||X_j||^2``, :mod:`prunelab.oneshot.stats`) over all items -- the forward is
+   stopped right after the layer when it is called once per block forward -- the solver
+   prunes it, the weights are written back and ``H`` is freed.  A layer therefore sees the
+   inputs produced by the already pruned layers before it (SparseGPT's "true sequential"
+   variant; its reference default instead prunes all layers of a block from the dense
+   block's inputs).
+4. **Propagate**: the block runs once more on every item with the pruned weights; hooks
+   measure each layer's relative reconstruction error ``||W X - W' X||^2 / ||W X||^2`` on
+   exactly the inputs it was pruned on, and the block's outputs replace the hidden states
+   (``args[0]`` or ``kwargs["hidden_states"]``) as the next block's inputs, item by item.
+
+Memory: the model (pruned in place), one block's activations for all calibration items,
+one layer's statistics at a time and a dense copy of the current block's weights (for the
+error report).  Every hook is removed in ``finally`` blocks, also when a solver or the
+model raises.  Layers outside the blocks (e.g. a pooler, classifier or ``lm_head`` after
+the blocks, embeddings before) stay dense; ``exclude`` globs keep more layers dense.
+Layers the engine cannot express as ``W X`` stay dense too and are listed in
+``OneShotReport.dense_layers``: grouped / non-zero-padded / asymmetric-``'same'``
+``Conv2d``, ``Conv1d``, ``Conv3d``.  The model runs in eval mode under ``torch.no_grad``;
+its own train/eval flags are restored afterwards.  A block is assumed to be a function of
+its inputs only (the next block consumes the previous block's first output).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fnmatch
+import math
+import re
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from prunelab.allocation import check_sparsity
+from prunelab.criteria.base import eval_mode
+from prunelab.errors import PrunelabError
+from prunelab.masks import MaskSet
+from prunelab.oneshot.stats import ColumnNormAccumulator, HessianAccumulator, InputStats, Solution
+from prunelab.structure import NM
+
+_PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+NEEDS = ("hessian", "norms", "none")
+
+
+# --- configuration and report ------------------------------------------------------------
+@dataclass(frozen=True)
+class OneShotConfig:
+    """What to prune and how.
+
+    ``method``: a name in :data:`prunelab.oneshot.SOLVERS` (``sparsegpt``, ``wanda``,
+    ``magnitude``, ``magnitude-row``, ``obs``, ``lobs``).  ``sparsity``: fraction of each
+    layer's weights removed (ignored when ``pattern`` is set).  ``pattern``: ``"N:M"``
+    (keep N of every M consecutive input features).  ``dampening``: fraction of
+    ``mean(diag H)`` added to ``diag(H)`` (SparseGPT's ``percdamp``).  ``block_size``:
+    SparseGPT's column block.  ``exclude``: module-name globs left dense.
+    """
+
+    method: str = "sparsegpt"
+    sparsity: float = 0.5
+    pattern: str | None = None
+    dampening: float = 0.01
+    block_size: int = 128
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        from prunelab.oneshot import SOLVERS  # the package registry (import cycle: engine <- __init__)
+
+        SOLVERS.get(self.method)  # unknown names list the valid ones
+        if self.pattern is None:
+            check_sparsity(self.sparsity)
+        elif not isinstance(self.pattern, str) or not _PATTERN.match(self.pattern):
+            raise PrunelabError(f"pattern must look like 'N:M' (e.g. '2:4'), got {self.pattern!r}")
+        else:
+            _ = self.nm  # NM() rejects N >= M
+        if isinstance(self.dampening, bool) or not isinstance(self.dampening, (int, float)) or not (
+            math.isfinite(self.dampening) and self.dampening >= 0
+        ):
+            raise PrunelabError(f"dampening must be a number >= 0 (a fraction of mean diag(H)), got {self.dampening!r}; e.g. 0.01")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise PrunelabError(f"block_size must be a positive integer, got {self.block_size!r}; e.g. 128")
+        exclude = (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude)
+        if not all(isinstance(p, str) for p in exclude):
+            raise PrunelabError(f"exclude must be module-name globs (strings), got {self.exclude!r}; e.g. ('lm_head',)")
+        object.__setattr__(self, "exclude", exclude)
+
+    @property
+    def nm(self) -> NM | None:
+        """The N:M pattern, or ``None`` for unstructured sparsity."""
+        if self.pattern is None:
+            return None
+        n, m = (int(v) for v in _PATTERN.match(self.pattern).groups())  # type: ignore[union-attr]
+        return NM(n, m)
+
+    @property
+    def target_sparsity(self) -> float:
+        nm = self.nm
+        return nm.sparsity if nm is not None else float(self.sparsity)
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One pruned layer: ``error`` is ``||W X - W' X||^2 / ||W X||^2`` on its calibration
+    inputs (dense ``W``, pruned ``W'``, no bias); ``dampening`` the fraction of
+    ``mean(diag H)`` finally used (``None`` for methods without a Hessian)."""
+
+    name: str
+    shape: tuple[int, ...]
+    sparsity: float
+    error: float
+    dampening: float | None
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "sparsity": self.sparsity, "error": self.error,
+                "dampening": self.dampening, "seconds": self.seconds}
+
+
+@dataclass
+class OneShotReport:
+    """What :func:`prune_oneshot` did: one row per pruned layer, timing, memory and masks
+    (keyed ``"<module>.weight"``, pruned layers only)."""
+
+    config: OneShotConfig
+    rows: list[LayerRow]
+    wall_time_s: float
+    peak_rss_mb: float
+    masks: MaskSet
+    dense_layers: tuple[str, ...] = ()
+    num_calibration: int = 0
+
+    @property
+    def sparsity(self) -> float:
+        """Sparsity over the pruned layers."""
+        return self.masks.stats().sparsity
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.config.method,
+            "config": {**dataclasses.asdict(self.config), "exclude": list(self.config.exclude)},
+            "num_calibration": self.num_calibration,
+            "sparsity": self.sparsity,
+            "wall_time_s": self.wall_time_s,
+            "peak_rss_mb": self.peak_rss_mb,
+            "rows": [row.to_dict() for row in self.rows],
+            "dense_layers": list(self.dense_layers),
+        }
+
+
+@dataclass(frozen=True)
+class Solver:
+    """A registered layer-wise method: ``fn(W (rows, cols), stats, config) -> Solution``,
+    the statistics it needs (``'hessian'``, ``'norms'`` or ``'none'``) and an optional
+    limit on input columns."""
+
+    fn: Callable[[Tensor, InputStats | None, OneShotConfig], Solution]
+    needs: str
+    max_in_features: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.needs not in NEEDS:
+            raise ValueError(f"Solver.needs must be one of {NEEDS}, got {self.needs!r}")
+
+
+# --- layers as W X -------------------------------------------------------------------------
+def _hf_conv1d_type() -> type | None:
+    """``transformers.pytorch_utils.Conv1D`` if transformers is loaded (never imports it)."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None)
+
+
+def _conv2d_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
+    """Symmetric zero padding of ``conv`` as a pair, or ``None`` when unfold cannot express it."""
+    if conv.groups != 1 or conv.padding_mode != "zeros":
+        return None
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+        return None if any(t % 2 for t in total) else (total[0] // 2, total[1] // 2)
+    return tuple(conv.padding)  # type: ignore[return-value]
+
+
+@dataclass(eq=False)
+class _Target:
+    """A prunable layer seen as ``Y = W X``: ``W`` ``(rows, cols)``, ``X`` ``(cols, n)``.
+
+    Linear: ``W`` is the weight.  ``transformers`` Conv1D stores ``(in, out)``: ``W`` is its
+    transpose.  Conv2d ``(O, C, kh, kw)``: ``W`` is ``(O, kh*kw*C)`` with columns ordered
+    (kernel position, channel) so N:M groups of consecutive columns are consecutive input
+    channels at one kernel position (the layout of :class:`prunelab.structure.NM`); ``X``
+    is the unfolded input in the same order.
+    """
+
+    name: str
+    module: nn.Module
+    kind: str  # 'linear' | 'conv1d' | 'conv2d'
+    padding: tuple[int, int] | None = None
+
+    @property
+    def param_name(self) -> str:
+        return f"{self.name}.weight" if self.name else "weight"
+
+    @property
+    def features(self) -> int:
+        """The input dimension N:M groups run along."""
+        weight = self.module.weight
+        return weight.shape[0] if self.kind == "conv1d" else weight.shape[1]
+
+    def weight2d(self) -> Tensor:
+        weight = self.module.weight.detach()
+        if self.kind == "conv1d":
+            return weight.T  # (out, in)
+        if self.kind == "conv2d":
+            return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)  # (O, kh*kw*C)
+        return weight  # (out, in)
+
+    def to_param_layout(self, value2d: Tensor) -> Tensor:
+        shape = self.module.weight.shape
+        if self.kind == "conv1d":
+            return value2d.T
+        if self.kind == "conv2d":
+            o, c, kh, kw = shape
+            return value2d.reshape(o, kh, kw, c).permute(0, 3, 1, 2)  # (O, C, kh, kw)
+        return value2d
+
+    @torch.no_grad()
+    def load2d(self, value2d: Tensor) -> None:
+        weight = self.module.weight
+        weight.copy_(self.to_param_layout(value2d).to(device=weight.device, dtype=weight.dtype))
+
+    def inputs2d(self, x: Tensor) -> Tensor:
+        """The layer input as rows of ``X^T``: ``(n, cols)``."""
+        if self.kind == "conv2d":
+            conv = self.module
+            batched = x if x.dim() == 4 else x.unsqueeze(0)  # (B, C, H, W)
+            cols = F.unfold(batched, conv.kernel_size, conv.dilation, self.padding, conv.stride)  # (B, C*K, L)
+            b, _, length = cols.shape
+            c = conv.in_channels
+            cols = cols.view(b, c, -1, length).permute(0, 3, 2, 1)  # (B, L, K, C)
+            return cols.reshape(b * length, -1)  # (B*L, K*C)
+        return x.reshape(-1, x.shape[-1])  # (n, in)
+
+
+def _classify(name: str, module: nn.Module) -> _Target | None | str:
+    """A :class:`_Target`, ``'dense'`` for a prunable type we cannot solve, or ``None``."""
+    if getattr(module, "weight", None) is None or not isinstance(module.weight, Tensor):
+        return None
+    if isinstance(module, nn.Linear):
+        return _Target(name, module, "linear")
+    conv1d = _hf_conv1d_type()
+    if conv1d is not None and isinstance(module, conv1d):
+        return _Target(name, module, "conv1d")
+    if isinstance(module, nn.Conv2d):
+        padding = _conv2d_padding(module)
+        return _Target(name, module, "conv2d", padding) if padding is not None else "dense"
+    if isinstance(module, (nn.Conv1d, nn.Conv3d)):
+        return "dense"
+    return None
+
+
+def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The blocks the engine walks through, as ``(qualified name, module)`` in order.
+
+    The longest ``nn.ModuleList`` whose children share one class and contain a prunable
+    layer; else an ``nn.Sequential``'s top-level children; else ``[("", model)]``.
+    """
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        if not any(isinstance(_classify("", m), _Target) for child in module for m in child.modules()):
+            continue
+        if best is None or len(module) > len(best[1]):
+            best = (name, module)
+    if best is not None:
+        prefix = f"{best[0]}." if best[0] else ""
+        return [(f"{prefix}{i}", child) for i, child in enumerate(best[1])]
+    if isinstance(model, nn.Sequential) and len(model) > 0:
+        return list(model.named_children())
+    return [("", model)]
+
+
+def _excluded(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(f"{name}.weight", p) for p in patterns)
+
+
+def _targets(model: nn.Module, blocks: list[tuple[str, nn.Module]], exclude: Sequence[str]
+             ) -> tuple[list[list[_Target]], list[str]]:
+    """Per block, its prunable layers; and every Linear/Conv name that stays dense."""
+    per_block: list[list[_Target]] = []
+    inside: set[str] = set()
+    dense: list[str] = []
+    for block_name, block in blocks:
+        found = []
+        for local, module in block.named_modules():
+            name = ".".join(p for p in (block_name, local) if p)
+            kind = _classify(name, module)
+            if kind is None:
+                continue
+            inside.add(name)
+            if isinstance(kind, _Target) and not _excluded(name, exclude):
+                found.append(kind)
+            else:
+                dense.append(name)
+        per_block.append(found)
+    for name, module in model.named_modules():
+        if name not in inside and _classify(name, module) is not None:
+            dense.append(name)
+    return per_block, dense
+
+
+# --- running blocks --------------------------------------------------------------------------
+class _Stop(Exception):
+    """Private: raised from a hook to end a forward pass early (caught by the engine)."""
+
+
+# what a model raises when handed inputs of the wrong shape / type / keys
+_USER_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError)
+
+
+Inputs = list[tuple[tuple[Any, ...], dict[str, Any]]]
+
+
+@contextlib.contextmanager
+def _pre_hooks(hooks: Sequence[tuple[nn.Module, Callable]], with_kwargs: bool = False) -> Iterator[None]:
+    """Register forward pre-hooks; they are removed on exit, also on error."""
+    handles = []
+    try:
+        for module, hook in hooks:
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=with_kwargs))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _run(block: nn.Module, item: tuple[tuple[Any, ...], dict[str, Any]], where: str, index: int) -> Any:
+    """``block(*args, **kwargs)``; ``None`` when a hook stopped the forward early.  A failure
+    on a captured input means the calibration item does not fit the model: PrunelabError."""
+    args, kwargs = item
+    try:
+        return block(*args, **kwargs)
+    except _Stop:
+        return None
+    except _USER_ERRORS as exc:
+        raise PrunelabError(
+            f"block {where or '<model>'!r} fails on calibration item {index} ({_first_line(exc)}); "
+            "pass calibration inputs of the shape and type the model expects"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _strip_caches(value: Any) -> Any:
+    cache_utils = sys.modules.get("transformers.cache_utils")
+    cache_type = getattr(cache_utils, "Cache", None)
+    return None if cache_type is not None and isinstance(value, cache_type) else value
+
+
+def _check_calibration(calibration: Sequence[Any]) -> list[Tensor | Mapping[str, Any]]:
+    if isinstance(calibration, (Tensor, Mapping)):
+        raise PrunelabError(
+            f"calibration must be a sequence of model inputs, got one {type(calibration).__name__}; "
+            "pass a list of batches, e.g. [x] or list(x.split(16))"
+        )
+    try:
+        items = list(calibration)
+    except TypeError:
+        raise PrunelabError(
+            f"calibration must be a sequence of model inputs (Tensors or dicts), got {type(calibration).__name__}"
+        ) from None
+    if not items:
+        raise PrunelabError("calibration is empty; pass at least one model input (a Tensor batch or a tokenizer dict)")
+    for i, item in enumerate(items):
+        if isinstance(item, Mapping):
+            if not all(isinstance(k, str) for k in item):
+                raise PrunelabError(f"calibration item {i} is a dict with non-string keys; expected keyword inputs such as input_ids")
+        elif not isinstance(item, Tensor):
+            raise PrunelabError(
+                f"calibration item {i} is a {type(item).__name__}; expected a Tensor (model(x)) or a dict (model(**x)), "
+                "e.g. tokenizer outputs"
+            )
+    return items
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    return value.to(device) if isinstance(value, Tensor) else value
+
+
+def _capture(model: nn.Module, block0: tuple[str, nn.Module], items: list, device: torch.device) -> Inputs:
+    """The ``(args, kwargs)`` block 0 receives for each calibration item (the catcher)."""
+    captured: Inputs = []
+
+    def catch(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        args = tuple(_strip_caches(a.detach() if isinstance(a, Tensor) else a) for a in args)
+        kwargs = {k: (False if k == "use_cache" else _strip_caches(v)) for k, v in kwargs.items()}
+        captured.append((args, kwargs))
+        raise _Stop
+
+    name, block = block0
+    with _pre_hooks([(block, catch)], with_kwargs=True):
+        for i, item in enumerate(items):
+            before = len(captured)
+            try:
+                if isinstance(item, Tensor):
+                    model(_to(item, device))
+                else:
+                    model(**{k: _to(v, device) for k, v in item.items()})
+            except _Stop:
+                pass
+            except _USER_ERRORS as exc:
+                what = f"Tensor of shape {tuple(item.shape)}" if isinstance(item, Tensor) else f"dict with keys {sorted(item)}"
+                raise PrunelabError(
+                    f"calibration item {i} ({what}) fails in the model's forward ({_first_line(exc)}); "
+                    "pass inputs the model accepts, as for model(x) or model(**x)"
+                ) from None
+            if len(captured) == before:
+                raise PrunelabError(
+                    f"calibration item {i} ran through the model without reaching block {name or '<model>'!r}; "
+                    "the engine needs every block to be called in the forward"
+                )
+    return captured
+
+
+def _hidden_of(output: Any) -> Tensor:
+    """The hidden states a block returns: the tensor itself or the first element."""
+    if isinstance(output, Tensor):
+        return output
+    if hasattr(output, "to_tuple"):
+        output = output.to_tuple()
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise PrunelabError(f"a block returned {type(output).__name__}; expected a Tensor or a tuple starting with one")
+
+
+def _with_hidden(item: tuple[tuple[Any, ...], dict[str, Any]], hidden: Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    args, kwargs = item
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _check_hidden_position(block_name: str, inputs: Inputs) -> None:
+    args, kwargs = inputs[0]
+    if not (args and isinstance(args[0], Tensor)) and not isinstance(kwargs.get("hidden_states"), Tensor):
+        raise PrunelabError(
+            f"block {block_name or '<model>'!r} receives no tensor as its first positional argument or as "
+            "hidden_states=; the engine cannot feed one block's output to the next"
+        )
+
+
+def _probe(block: nn.Module, where: str, targets: list[_Target], item) -> list[tuple[_Target, int]]:
+    """The targets in first-call order with their call counts in one block forward."""
+    calls: dict[_Target, int] = {}
+
+    def counter(target: _Target) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            calls[target] = calls.get(target, 0) + 1
+        return hook
+
+    with _pre_hooks([(t.module, counter(t)) for t in targets]):
+        _run(block, item, where, 0)
+    return list(calls.items())
+
+
+def _collect(block: nn.Module, where: str, target: _Target, inputs: Inputs, needs: str, stop_early: bool) -> InputStats:
+    """Accumulate ``target``'s input statistics over every item (forward cut after it if ``stop_early``)."""
+    cols = target.weight2d().shape[1]
+    device = target.module.weight.device
+    acc = HessianAccumulator(cols, device) if needs == "hessian" else ColumnNormAccumulator(cols, device)
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        acc.add(target.inputs2d(args[0]))
+        if stop_early:
+            raise _Stop
+
+    with _pre_hooks([(target.module, hook)]):
+        for i, item in enumerate(inputs):
+            _run(block, item, where, i)
+    return acc.result()
+
+
+def _propagate(block: nn.Module, where: str, inputs: Inputs, dense: Mapping[_Target, Tensor], keep_outputs: bool
+               ) -> dict[_Target, float]:
+    """Run ``block`` on every item (pruned weights), measure each pruned layer's relative
+    reconstruction error and, if ``keep_outputs``, replace the items' hidden states by the
+    block's outputs in place."""
+    num = {t: 0.0 for t in dense}
+    den = {t: 0.0 for t in dense}
+
+    def measure(target: _Target, W: Tensor, delta: Tensor) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = target.inputs2d(args[0]).to(W.dtype)  # (n, cols)
+            num[target] += float((x @ delta.T).double().square().sum())  # ||(W - W') X||^2
+            den[target] += float((x @ W.T).double().square().sum())  # ||W X||^2
+        return hook
+
+    hooks = []
+    for target, W in dense.items():
+        pruned = target.weight2d().to(W.dtype)
+        hooks.append((target.module, measure(target, W, W - pruned)))
+    with _pre_hooks(hooks):
+        for i, item in enumerate(inputs):
+            output = _run(block, item, where, i)
+            if keep_outputs:
+                inputs[i] = _with_hidden(item, _hidden_of(output))
+    return {t: (num[t] / den[t] if den[t] > 0 else (0.0 if num[t] == 0 else math.inf)) for t in dense}
+
+
+# --- the public entry point ------------------------------------------------------------------
+def prune_oneshot(model: nn.Module, calibration: Sequence[Any], config: OneShotConfig, *, progress: bool = True
+                  ) -> OneShotReport:
+    """Prune ``model`` in place, layer by layer, from calibration data; see the module docs.
+
+    ``calibration``: model inputs, each a Tensor (``model(x)``) or a dict (``model(**x)``).
+    Returns a :class:`OneShotReport`; the model holds real zeros, ``report.masks`` the masks.
+    """
+    from prunelab.oneshot import SOLVERS  # the package registry (import cycle: engine <- __init__)
+
+    started = time.perf_counter()
+    if not isinstance(config, OneShotConfig):
+        raise PrunelabError(f"config must be a OneShotConfig, got {type(config).__name__}; e.g. OneShotConfig(method='wanda')")
+    solver: Solver = SOLVERS.get(config.method)
+    items = _check_calibration(calibration)
+    blocks = find_blocks(model)
+    per_block, dense_layers = _targets(model, blocks, config.exclude)
+    if not any(per_block):
+        raise PrunelabError(
+            "the model has no Linear / Conv1D / Conv2d layers to prune inside its blocks "
+            f"(blocks: {', '.join(n or '<model>' for n, _ in blocks[:4])}{'...' if len(blocks) > 4 else ''}); "
+            "check exclude or pass a model built from such layers"
+        )
+    _check_targets([t for ts in per_block for t in ts], config, solver)
+    first = next(iter(model.parameters()))
+    rows: list[LayerRow] = []
+    masks: dict[str, Tensor] = {}
+    with eval_mode(model), torch.no_grad():
+        inputs = _capture(model, blocks[0], items, first.device)
+        _check_hidden_position(blocks[0][0], inputs)
+        last = max(i for i, ts in enumerate(per_block) if ts)
+        for b, ((block_name, block), targets) in enumerate(zip(blocks, per_block, strict=True)):
+            if b > last:
+                break
+            dense: dict[_Target, Tensor] = {}
+            done: list[tuple[_Target, Solution, float]] = []
+            if targets:
+                called = _probe(block, block_name, targets, inputs[0])
+                dense_layers += [t.name for t in targets if t not in dict(called)]
+                for target, count in called:
+                    tick = time.perf_counter()
+                    stats = None
+                    if solver.needs != "none":
+                        stats = _collect(block, block_name, target, inputs, solver.needs, stop_early=count == 1)
+                    W = target.weight2d().clone()  # (rows, cols) dense
+                    try:
+                        solution = solver.fn(W, stats, config)
+                    except PrunelabError as exc:
+                        raise PrunelabError(f"layer {target.name!r}: {exc}") from None
+                    del stats
+                    if not bool(torch.isfinite(solution.weight).all()):
+                        raise PrunelabError(
+                            f"layer {target.name!r}: method {config.method!r} produced non-finite weights; "
+                            "raise dampening or pass more calibration samples"
+                        )
+                    target.load2d(solution.weight)
+                    dense[target] = W
+                    done.append((target, solution, time.perf_counter() - tick))
+            errors = _propagate(block, block_name, inputs, dense, keep_outputs=b < last)
+            for target, solution, seconds in done:
+                keep = solution.mask
+                row = LayerRow(target.name, tuple(target.module.weight.shape), 1.0 - float(keep.sum()) / keep.numel(),
+                               errors[target], solution.dampening, seconds)
+                rows.append(row)
+                masks[target.param_name] = target.to_param_layout(keep).contiguous()
+                if progress:
+                    damp = "" if row.dampening is None else f" dampening {row.dampening:g}"
+                    print(f"[oneshot {config.method}] {row.name} {row.shape}: sparsity {row.sparsity:.4f} "
+                          f"error {row.error:.4g}{damp} ({row.seconds:.2f} s)", file=sys.stderr, flush=True)
+            del dense
+    return OneShotReport(config, rows, time.perf_counter() - started, _peak_rss_mb(), MaskSet(masks),
+                         tuple(dense_layers), len(items))
+
+
+def _check_targets(targets: list[_Target], config: OneShotConfig, solver: Solver) -> None:
+    """Fail before any forward pass: N:M divisibility and the solver's size limit."""
+    nm = config.nm
+    for t in targets:
+        if nm is not None and t.features % nm.m:
+            raise PrunelabError(
+                f"N:M block size M={nm.m} does not divide the {t.features} input features of {t.name!r} "
+                f"(weight {tuple(t.module.weight.shape)}); exclude that layer (exclude=('{t.name}',)) or pick another M"
+            )
+        cols = t.weight2d().shape[1]
+        if solver.max_in_features is not None and cols > solver.max_in_features:
+            raise PrunelabError(
+                f"method {config.method!r} handles layers with at most {solver.max_in_features} input features, but "
+                f"{t.name!r} has {cols}; use 'lobs' or 'sparsegpt', or exclude that layer"
+            )
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux

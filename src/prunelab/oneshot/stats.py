@@ -1,0 +1,177 @@
+"""Input statistics of one layer, and what every layer-wise solver shares.
+
+A layer-wise solver sees a layer as ``Y = W X`` with ``W`` ``(rows, cols)`` and the
+calibration inputs ``X`` ``(cols, n)`` (one column per token / pixel position; a conv is
+unfolded first).  It needs one of two summaries of ``X``, accumulated over every
+calibration sample by the engine:
+
+* :class:`HessianAccumulator` -- the layer-wise Hessian of ``||W X - W' X||^2``,
+  ``H = 2 X X^T / n`` ``(cols, cols)`` (OBS, L-OBS, SparseGPT).  It is the same for every
+  output row, so one ``(cols, cols)`` matrix serves the whole layer.
+* :class:`ColumnNormAccumulator` -- the squared input-feature norms ``||X_j||_2^2``
+  ``(cols,)`` (Wanda).
+
+Both sum in float64 (``n`` is large and the solvers invert ``H``).
+:func:`inverse_hessian_cholesky` conditions ``H`` the way SparseGPT does (dead inputs,
+relative dampening, escalated when the factorisation fails) for every Hessian solver.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from prunelab.errors import PrunelabError
+
+# dampening fractions tried after the requested one fails: x10 each time, 4 times
+DAMPENING_RETRIES = 4
+# a Cholesky factor whose (min pivot / max pivot)^2 is below this is treated as singular
+_MIN_PIVOT_RATIO_SQ = 1e-12
+
+
+@dataclass
+class InputStats:
+    """What the engine hands a solver about one layer's calibration inputs.
+
+    ``hessian``: ``(cols, cols)`` float64, ``2 X X^T / n`` (``None`` if not collected).
+    ``sq_norms``: ``(cols,)`` float64, ``||X_j||_2^2`` summed over all ``n`` rows
+    (``None`` if not collected).  ``count``: ``n``, the number of input rows seen.
+    """
+
+    hessian: Tensor | None = None
+    sq_norms: Tensor | None = None
+    count: int = 0
+
+
+@dataclass(frozen=True)
+class Solution:
+    """A solver's answer for one layer: new weight, keep-mask, dampening fraction used."""
+
+    weight: Tensor  # (rows, cols), pruned entries exactly 0
+    mask: Tensor  # (rows, cols) bool, True = kept
+    dampening: float | None = None  # fraction of mean diag(H) finally added (None: no Hessian)
+
+
+class HessianAccumulator:
+    """Running ``H = 2 X X^T / n`` over batches of layer inputs ``(n_b, cols)``."""
+
+    def __init__(self, cols: int, device: torch.device | str = "cpu") -> None:
+        self.sum = torch.zeros(cols, cols, dtype=torch.float64, device=device)  # (cols, cols)
+        self.count = 0
+
+    def add(self, x: Tensor) -> None:
+        """Add the rows of ``x`` ``(n_b, cols)``: ``sum += x^T x``."""
+        x = x.detach().to(torch.float64)  # (n_b, cols)
+        self.sum.addmm_(x.T, x)
+        self.count += x.shape[0]
+
+    def result(self) -> InputStats:
+        hessian = self.sum.mul_(2.0 / max(self.count, 1))  # in place: the accumulator is spent
+        return InputStats(hessian=hessian, count=self.count)
+
+
+class ColumnNormAccumulator:
+    """Running ``||X_j||_2^2`` over batches of layer inputs ``(n_b, cols)``."""
+
+    def __init__(self, cols: int, device: torch.device | str = "cpu") -> None:
+        self.sum = torch.zeros(cols, dtype=torch.float64, device=device)  # (cols,)
+        self.count = 0
+
+    def add(self, x: Tensor) -> None:
+        x = x.detach().to(torch.float64)  # (n_b, cols)
+        self.sum += x.square().sum(0)
+        self.count += x.shape[0]
+
+    def result(self) -> InputStats:
+        return InputStats(sq_norms=self.sum, count=self.count)
+
+
+def dampening_schedule(percdamp: float, retries: int = DAMPENING_RETRIES) -> list[float]:
+    """Fractions of ``mean(diag H)`` to try: the requested one, then x10 up to ``retries``
+    times (starting from 0.1% when 0 was requested, so ``x10`` makes progress)."""
+    base = max(percdamp, 1e-3)
+    return [percdamp] + [base * 10.0**k for k in range(1, retries + 1)]
+
+
+def condition_hessian(hessian: Tensor) -> tuple[Tensor, Tensor]:
+    """``(H', dead)``: a float64 copy of ``H`` with ``H'_ii = 1`` for dead inputs.
+
+    A dead input (``H_ii == 0``: the feature was zero on every calibration row) carries no
+    information; SparseGPT's reference sets ``H_ii = 1`` and the solver zeroes ``W[:, i]``
+    (it had no effect on the calibration outputs), which keeps ``H'`` invertible.
+    """
+    h = hessian.detach().to(torch.float64).clone()  # (cols, cols)
+    dead = torch.diagonal(h) == 0  # (cols,)
+    h[dead, dead] = 1.0
+    return h, dead
+
+
+def _factorisations(hessian: Tensor, percdamp: float) -> Iterator[tuple[float, Tensor, Tensor, Tensor]]:
+    """Yield ``(frac, L, H' + lambda I, dead)`` for each dampening fraction of
+    :func:`dampening_schedule` whose Cholesky factor ``L`` exists and is not numerically
+    singular (pivot ratio^2 >= 1e-12); ``lambda = frac * mean(diag H')``."""
+    h, dead = condition_hessian(hessian)  # (cols, cols), (cols,)
+    mean_diag = float(torch.diagonal(h).mean())
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    for frac in dampening_schedule(percdamp):
+        damped = h + (frac * mean_diag) * eye  # (cols, cols)
+        chol, info = torch.linalg.cholesky_ex(damped)
+        if int(info) != 0 or not bool(torch.isfinite(chol).all()):
+            continue
+        pivots = torch.diagonal(chol)
+        if float((pivots.min() / pivots.max()) ** 2) >= _MIN_PIVOT_RATIO_SQ:
+            yield frac, chol, damped, dead
+
+
+def _singular(percdamp: float) -> PrunelabError:
+    last = dampening_schedule(percdamp)[-1]
+    return PrunelabError(
+        f"the layer Hessian stays singular even with dampening {last:g} x mean(diag H) (asked {percdamp:g}); "
+        "pass more or more varied calibration samples, a larger dampening, or exclude the layer"
+    )
+
+
+def damped_cholesky(hessian: Tensor, percdamp: float) -> tuple[Tensor, Tensor, float, Tensor]:
+    """``(L, H' + lambda I, frac, dead)``: lower Cholesky factor of the damped Hessian.
+
+    ``frac`` starts at ``percdamp`` and is raised x10 while the factorisation fails;
+    raises :class:`PrunelabError` if every attempt fails.
+    """
+    for frac, chol, damped, dead in _factorisations(hessian, percdamp):
+        return chol, damped, frac, dead
+    raise _singular(percdamp)
+
+
+def inverse_hessian_cholesky(hessian: Tensor, percdamp: float) -> tuple[Tensor, float, Tensor]:
+    """SparseGPT's ``U``: the upper Cholesky factor of ``(H' + lambda I)^{-1}``, float64.
+
+    ``U^T U = H^{-1}``; row ``i`` of ``U`` divided by ``U_ii`` is the OBS update direction
+    for column ``i`` once columns ``< i`` are fixed (Frantar & Alistarh 2023, Sec. 3.2).
+    Returns ``(U, frac, dead)``; dampening escalates while either factorisation fails.
+    """
+    for frac, chol, _, dead in _factorisations(hessian, percdamp):
+        upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)  # (cols, cols)
+        if int(info) == 0 and bool(torch.isfinite(upper).all()):
+            return upper.contiguous(), frac, dead
+    raise _singular(percdamp)
+
+
+def inverse_hessian(hessian: Tensor, percdamp: float) -> tuple[Tensor, Tensor, float, Tensor]:
+    """``((H' + lambda I)^{-1}, H' + lambda I, frac, dead)`` in float64 via Cholesky."""
+    chol, damped, frac, dead = damped_cholesky(hessian, percdamp)
+    return torch.cholesky_inverse(chol).contiguous(), damped, frac, dead
+
+
+def require_hessian(stats: InputStats | None, cols: int, method: str) -> Tensor:
+    """``stats.hessian``, checked to be ``(cols, cols)``."""
+    if stats is None or stats.hessian is None:
+        raise PrunelabError(f"method {method!r} needs the layer Hessian; pass InputStats(hessian=2 X X^T / n)")
+    if tuple(stats.hessian.shape) != (cols, cols):
+        raise PrunelabError(
+            f"method {method!r} got a Hessian of shape {tuple(stats.hessian.shape)} for a weight with {cols} "
+            f"input columns; expected ({cols}, {cols})"
+        )
+    return stats.hessian

