@@ -574,35 +574,13 @@ def prune_oneshot(model: nn.Module, calibration: Sequence[Any], config: OneShotC
         _check_hidden_position(blocks[0][0], inputs)
         last = max(i for i, ts in enumerate(per_block) if ts)
         for b, ((block_name, block), targets) in enumerate(zip(blocks, per_block, strict=True)):
-            if b > last:
+            if b > last:  # nothing left to prune: the rest of the model need not run
                 break
-            dense: dict[_Target, Tensor] = {}
-            done: list[tuple[_Target, Solution, float]] = []
-            if targets:
-                called = _probe(block, block_name, targets, inputs[0])
-                dense_layers += [t.name for t in targets if t not in dict(called)]
-                for target, count in called:
-                    tick = time.perf_counter()
-                    stats = None
-                    if solver.needs != "none":
-                        stats = _collect(block, block_name, target, inputs, solver.needs, stop_early=count == 1)
-                    W = target.weight2d().clone()  # (rows, cols) dense
-                    try:
-                        solution = solver.fn(W, stats, config)
-                    except PrunelabError as exc:
-                        raise PrunelabError(f"layer {target.name!r}: {exc}") from None
-                    del stats
-                    if not bool(torch.isfinite(solution.weight).all()):
-                        raise PrunelabError(
-                            f"layer {target.name!r}: method {config.method!r} produced non-finite weights; "
-                            "raise dampening or pass more calibration samples"
-                        )
-                    target.load2d(solution.weight)
-                    dense[target] = W
-                    done.append((target, solution, time.perf_counter() - tick))
-            errors = _propagate(block, block_name, inputs, dense, keep_outputs=b < last)
-            for target, solution, seconds in done:
-                keep = solution.mask
+            solved, uncalled = _prune_block(block, block_name, targets, inputs, solver, config)
+            dense_layers += uncalled
+            errors = _propagate(block, block_name, inputs, {t: dense for t, dense, _, _ in solved}, keep_outputs=b < last)
+            for target, _, solution, seconds in solved:
+                keep = solution.mask  # (rows, cols)
                 row = LayerRow(target.name, tuple(target.module.weight.shape), 1.0 - float(keep.sum()) / keep.numel(),
                                errors[target], solution.dampening, seconds)
                 rows.append(row)
@@ -611,9 +589,39 @@ def prune_oneshot(model: nn.Module, calibration: Sequence[Any], config: OneShotC
                     damp = "" if row.dampening is None else f" dampening {row.dampening:g}"
                     print(f"[oneshot {config.method}] {row.name} {row.shape}: sparsity {row.sparsity:.4f} "
                           f"error {row.error:.4g}{damp} ({row.seconds:.2f} s)", file=sys.stderr, flush=True)
-            del dense
     return OneShotReport(config, rows, time.perf_counter() - started, _peak_rss_mb(), MaskSet(masks),
                          tuple(dense_layers), len(items))
+
+
+def _prune_block(block: nn.Module, block_name: str, targets: list[_Target], inputs: Inputs, solver: Solver,
+                 config: OneShotConfig) -> tuple[list[tuple[_Target, Tensor, Solution, float]], list[str]]:
+    """Prune ``targets`` one after the other in execution order, each from the inputs it
+    receives with the earlier ones already pruned.  Returns ``(target, dense W, solution,
+    seconds)`` per pruned layer and the names of targets the block never called."""
+    if not targets:
+        return [], []
+    called = _probe(block, block_name, targets, inputs[0])
+    uncalled = [t.name for t in targets if t not in dict(called)]
+    solved = []
+    for target, count in called:
+        tick = time.perf_counter()
+        stats = None
+        if solver.needs != "none":
+            stats = _collect(block, block_name, target, inputs, solver.needs, stop_early=count == 1)
+        W = target.weight2d().clone()  # (rows, cols) dense
+        try:
+            solution = solver.fn(W, stats, config)
+        except PrunelabError as exc:
+            raise PrunelabError(f"layer {target.name!r}: {exc}") from None
+        del stats  # one layer's Hessian at a time
+        if not bool(torch.isfinite(solution.weight).all()):
+            raise PrunelabError(
+                f"layer {target.name!r}: method {config.method!r} produced non-finite weights; "
+                "raise dampening or pass more calibration samples"
+            )
+        target.load2d(solution.weight)
+        solved.append((target, W, solution, time.perf_counter() - tick))
+    return solved, uncalled
 
 
 def _check_targets(targets: list[_Target], config: OneShotConfig, solver: Solver) -> None:

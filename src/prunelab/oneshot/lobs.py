@@ -2,7 +2,7 @@
 Neural Networks via Layer-wise Optimal Brain Surgeon", NeurIPS 2017).
 
 L-OBS replaces the network loss by each layer's reconstruction error
-``E = ||W X - W' X||^2 / (2n)``, whose Hessian is the input covariance (Dong et al. Eq. 7,
+``E = ||W X - W' X||^2 / (2n)``, whose Hessian is the input covariance (Dong et al.,
 up to a constant factor that cancels below)::
 
     H = 2 X X^T / n     (cols, cols), the same block for every output row
@@ -11,7 +11,7 @@ Exact procedure used here (one shot per layer):
 
 1. Damp and invert: ``H_d = H + lambda I``, ``lambda = dampening * mean(diag H)``
    (dead inputs with ``H_ii = 0`` get ``H_ii = 1`` and ``W[:, i] = 0``, as SparseGPT).
-2. Saliency of every weight (OBS, Dong et al. Eq. 9, Hassibi & Stork 1992)::
+2. Saliency of every weight (OBS, Hassibi & Stork 1992, as used by Dong et al.)::
 
        L_ij = W_ij^2 / (2 [H_d^{-1}]_jj)          (rows, cols)
 

@@ -2,7 +2,7 @@
 pruning: Optimal Brain Surgeon", NIPS 5; Hassibi, Stork & Wolff 1993).
 
 With a quadratic model of the error around a minimum, deleting weight ``w_q`` and
-re-optimising all others costs (Hassibi & Stork Eq. 5-6)::
+re-optimising all others costs::
 
     L_q = w_q^2 / (2 [H^{-1}]_qq)                  saliency
     dw  = -(w_q / [H^{-1}]_qq) H^{-1} e_q          compensating update (sets w_q to 0)
@@ -16,7 +16,7 @@ Two pieces are provided:
 
 * :func:`woodbury_inverse` -- the paper's model-level inverse of the empirical Fisher
   ``H = alpha I + (1/N) sum_m g_m g_m^T`` from ``N`` per-sample gradients, built by the
-  Woodbury / Sherman-Morrison recursion (Hassibi & Stork Eq. 8)::
+  Woodbury / Sherman-Morrison recursion of the paper::
 
       H_0^{-1} = alpha^{-1} I
       H_m^{-1} = H_{m-1}^{-1} - (H_{m-1}^{-1} g_m g_m^T H_{m-1}^{-1}) / (N + g_m^T H_{m-1}^{-1} g_m)
@@ -142,7 +142,7 @@ def _greedy_rows(w: Tensor, hinv: Tensor, k: int, step: int, nm: NM | None) -> t
             if j + 1 < g:  # the group's other columns after this elimination
                 C[:, :, j + 1:] -= v.unsqueeze(2) * v.gather(1, Q[:, j + 1:]).unsqueeze(1)
         Hi.baddbmm_(V, V.transpose(1, 2), alpha=-1.0)  # H^{-1} -= H^{-1} e_q e_q^T H^{-1} / [H^{-1}]_qq, q in Q
-        w.scatter_(1, Q, 0.0)
         alive.scatter_(1, Q, False)
+        w.masked_fill_(~alive, 0.0)  # removed weights stay exactly 0 (round-off in later updates)
         removed += g
     return w, alive

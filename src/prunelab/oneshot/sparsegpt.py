@@ -22,12 +22,14 @@ Procedure (as the reference implementation):
    right of the block in one matrix product (lazy batched updates).
 3. Adaptive mask selection: at the start of each block the mask of that block's columns is
    chosen by the OBS saliency ``w_ij^2 / U_jj^2`` of the *current* (already updated)
-   weights.  Unstructured: the lowest scores of **every row** inside the block, with the
-   per-row count split across blocks so each row prunes exactly ``round(s * cols)``
-   (the reference thresholds over all rows of the block at once, which lets rows differ;
-   per row is Wanda's comparison group and hits the target exactly).  N:M: at every group
-   of M columns the N highest-scoring entries of the group are kept (the block size is
-   rounded down to a multiple of M so groups never straddle blocks).
+   weights.  Unstructured: as the reference, the lowest scores of the whole
+   ``(rows, block)`` slice -- rows may keep different counts -- with the count of each
+   block taken by cumulative rounding, so the layer prunes exactly
+   ``round(s * rows * cols)`` (the reference's ``<= threshold`` may prune extra ties).
+   (A per-row count inside each block, Wanda's comparison group, was measured worse: on
+   LeNet-300-100 at 90% without retraining it gave 10.9% test error against 5.6%.)
+   N:M: at every group of M columns the N highest-scoring entries of the group are kept
+   (the block size is rounded down to a multiple of M so groups never straddle blocks).
 
 The column sweep runs in float32 (float64 for float64 weights); ``H^{-1}`` and its
 factors are computed in float64.
@@ -41,7 +43,7 @@ import torch
 from torch import Tensor
 
 from prunelab.errors import PrunelabError
-from prunelab.oneshot.magnitude import lowest_per_row, prune_count
+from prunelab.oneshot.magnitude import lowest_in_layer, prune_count
 from prunelab.oneshot.stats import InputStats, Solution, inverse_hessian_cholesky, require_hessian
 
 if TYPE_CHECKING:
@@ -70,9 +72,9 @@ def prune_sparsegpt(weight: Tensor, stats: InputStats | None, config: OneShotCon
         U1 = U[i1:i2, i1:i2]  # (b, b)
         Err1 = torch.zeros_like(W1)  # (rows, b)
         keep1 = keep[:, i1:i2]  # (rows, b) view
-        if nm is None:  # per-row count of this block: cumulative rounding, exact per row overall
-            k = prune_count(i2, config.sparsity) - prune_count(i1, config.sparsity)
-            keep1.copy_(lowest_per_row(W1.square() / diag[i1:i2].square(), k))
+        if nm is None:  # this block's share of the layer's count (cumulative rounding: exact overall)
+            k = prune_count(rows * i2, config.sparsity) - prune_count(rows * i1, config.sparsity)
+            keep1.copy_(lowest_in_layer(W1.square() / diag[i1:i2].square(), k))
         for i in range(i2 - i1):
             if nm is not None and i % nm.m == 0:
                 group = W1[:, i:i + nm.m].square() / diag[i1 + i:i1 + i + nm.m].square()  # (rows, m)

@@ -11,7 +11,9 @@ calibration sample by the engine:
 * :class:`ColumnNormAccumulator` -- the squared input-feature norms ``||X_j||_2^2``
   ``(cols,)`` (Wanda).
 
-Both sum in float64 (``n`` is large and the solvers invert ``H``).
+Both sum in float64 (``n`` is large and the solvers invert ``H``).  Under
+``torch.distributed`` each rank may see its own calibration shard: the sums are reduced
+over ranks before a solver sees them, so every rank prunes identically.
 :func:`inverse_hessian_cholesky` conditions ``H`` the way SparseGPT does (dead inputs,
 relative dampening, escalated when the factorisation fails) for every Hessian solver.
 """
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from prunelab import distributed
 from prunelab.errors import PrunelabError
 
 # dampening fractions tried after the requested one fails: x10 each time, 4 times
@@ -69,8 +72,9 @@ class HessianAccumulator:
         self.count += x.shape[0]
 
     def result(self) -> InputStats:
-        hessian = self.sum.mul_(2.0 / max(self.count, 1))  # in place: the accumulator is spent
-        return InputStats(hessian=hessian, count=self.count)
+        """``H = 2 X X^T / n`` over all ranks (the accumulator is spent: ``H`` reuses its memory)."""
+        count = _reduce_(self.sum, self.count)
+        return InputStats(hessian=self.sum.mul_(2.0 / max(count, 1)), count=count)
 
 
 class ColumnNormAccumulator:
@@ -86,7 +90,20 @@ class ColumnNormAccumulator:
         self.count += x.shape[0]
 
     def result(self) -> InputStats:
-        return InputStats(sq_norms=self.sum, count=self.count)
+        """``||X_j||^2`` summed over all rows of all ranks."""
+        count = _reduce_(self.sum, self.count)
+        return InputStats(sq_norms=self.sum, count=count)
+
+
+def _reduce_(total: Tensor, count: int) -> int:
+    """Sum ``total`` over ranks in place and return the row count summed over ranks
+    (DESIGN.md decision 3: every rank then decides the same masks from the same statistics;
+    the identity for a single process)."""
+    world = distributed.world_size()
+    counts = torch.tensor([float(count)], dtype=torch.float64, device=total.device)
+    distributed.all_reduce_mean_(total).mul_(world)
+    distributed.all_reduce_mean_(counts).mul_(world)
+    return int(round(float(counts)))
 
 
 def dampening_schedule(percdamp: float, retries: int = DAMPENING_RETRIES) -> list[float]:
@@ -149,7 +166,7 @@ def inverse_hessian_cholesky(hessian: Tensor, percdamp: float) -> tuple[Tensor, 
     """SparseGPT's ``U``: the upper Cholesky factor of ``(H' + lambda I)^{-1}``, float64.
 
     ``U^T U = H^{-1}``; row ``i`` of ``U`` divided by ``U_ii`` is the OBS update direction
-    for column ``i`` once columns ``< i`` are fixed (Frantar & Alistarh 2023, Sec. 3.2).
+    for column ``i`` once columns ``< i`` are fixed (Frantar & Alistarh 2023).
     Returns ``(U, frac, dead)``; dampening escalates while either factorisation fails.
     """
     for frac, chol, _, dead in _factorisations(hessian, percdamp):

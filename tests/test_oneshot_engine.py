@@ -1,0 +1,214 @@
+"""The one-shot calibration engine on an MLP, a small CNN and tiny transformers models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunelab.errors import PrunelabError
+from prunelab.oneshot import SOLVERS, OneShotConfig, find_blocks, prune_oneshot
+from prunelab.structure import NM
+
+
+def _mlp(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 8))
+
+
+def _calibration(seed: int = 0, batches: int = 3, features: int = 16) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(32, features, generator=gen) for _ in range(batches)]
+
+
+def _no_hooks(model: nn.Module) -> bool:
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("method", SOLVERS.names())
+def test_mlp_every_layer_reaches_the_target(method):
+    model = _mlp()
+    calibration = _calibration()
+    report = prune_oneshot(model, calibration, OneShotConfig(method=method, sparsity=0.25), progress=False)
+    assert [row.name for row in report.rows] == ["0", "2", "4"]
+    assert list(report.masks) == ["0.weight", "2.weight", "4.weight"]
+    for row, (name, mask) in zip(report.rows, report.masks.items(), strict=True):
+        weight = dict(model.named_parameters())[name]
+        assert row.sparsity == pytest.approx(0.25) and mask.shape == weight.shape
+        assert (weight[~mask] == 0).all()  # the model holds real zeros
+        assert 0.0 <= row.error < 1.0 and row.seconds >= 0.0
+        assert (row.dampening is None) == (SOLVERS.get(method).needs != "hessian")
+    assert torch.isfinite(model(calibration[0])).all()
+    assert model.training  # modes restored
+    assert _no_hooks(model)
+    json.dumps(report.to_dict())
+    assert report.peak_rss_mb > 0 and report.wall_time_s > 0
+
+
+def test_reported_error_is_the_layer_reconstruction_error():
+    model = _mlp(1)
+    calibration = _calibration(1)
+    first_dense = model[0].weight.detach().clone()
+    report = prune_oneshot(model, calibration, OneShotConfig(method="magnitude", sparsity=0.5), progress=False)
+    X = torch.cat(calibration)  # block 0 sees the raw inputs
+    with torch.no_grad():
+        delta = F.linear(X, first_dense - model[0].weight)
+        expected = float(delta.square().sum() / F.linear(X, first_dense).square().sum())
+    assert report.rows[0].error == pytest.approx(expected, rel=1e-5)
+
+
+def test_sparsegpt_beats_magnitude_on_the_mlp_outputs():
+    calibration = _calibration(2, batches=4)
+    X = torch.cat(calibration)
+    dense = _mlp(2)
+    errors = {}
+    for method in ("magnitude", "sparsegpt"):
+        model = _mlp(2)
+        prune_oneshot(model, calibration, OneShotConfig(method=method, sparsity=0.6), progress=False)
+        with torch.no_grad():
+            errors[method] = float((model(X) - dense(X)).square().mean())
+    assert errors["sparsegpt"] < errors["magnitude"]
+
+
+def test_conv2d_layout_and_nm_pattern():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2), nn.Flatten(),
+                          nn.Linear(8 * 3 * 3, 4))
+    calibration = [torch.randn(4, 4, 8, 8) for _ in range(2)]
+    conv_dense = model[0].weight.detach().clone()
+    report = prune_oneshot(model, calibration, OneShotConfig(method="magnitude", pattern="2:4"), progress=False)
+    nm = NM(2, 4)
+    for name in ("0.weight", "2.weight", "4.weight"):
+        mask = report.masks[name]
+        assert (nm.to_groups(mask).sum(1) == 2).all()  # the layout of prunelab.structure.NM
+    X = torch.cat(calibration)
+    with torch.no_grad():
+        expected = F.conv2d(X, conv_dense - model[0].weight, padding=1).square().sum() / \
+            F.conv2d(X, conv_dense, padding=1).square().sum()
+    assert report.rows[0].error == pytest.approx(float(expected), rel=1e-4)
+    report = prune_oneshot(model, calibration, OneShotConfig(method="sparsegpt", pattern="2:4"), progress=False)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_singular_inputs_get_more_dampening_and_no_nan():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(8, 6))
+    calibration = []
+    for _ in range(2):
+        x = torch.randn(16, 8)
+        x[:, 1] = x[:, 0]  # duplicated feature
+        x[:, 7] = 0.0  # dead feature
+        calibration.append(x)
+    report = prune_oneshot(model, calibration, OneShotConfig(method="sparsegpt", dampening=0.0), progress=False)
+    row = report.rows[0]
+    assert row.dampening is not None and row.dampening > 0
+    assert torch.isfinite(model[0].weight).all() and (model[0].weight[:, 7] == 0).all()
+    assert row.error == row.error  # not NaN
+
+
+def test_hooks_are_removed_after_an_error():
+    model = _mlp()
+    calibration = [torch.randn(8, 16), torch.randn(8, 5)]  # item 1 does not fit Linear(16, 32)
+    with pytest.raises(PrunelabError, match="calibration item 1"):
+        prune_oneshot(model, calibration, OneShotConfig(method="sparsegpt"), progress=False)
+    assert _no_hooks(model)
+    assert model.training
+
+
+def test_calibration_and_model_errors_are_one_line():
+    model = _mlp()
+    cases = [
+        ([], "empty"),
+        (torch.randn(4, 16), "sequence"),
+        ([torch.randn(4, 16), "text"], "item 1"),
+        ([torch.randn(4, 7)], "item 0"),
+    ]
+    for calibration, text in cases:
+        with pytest.raises(PrunelabError, match=text) as info:
+            prune_oneshot(model, calibration, OneShotConfig(), progress=False)
+        assert "\n" not in str(info.value)
+        assert _no_hooks(model)
+    with pytest.raises(PrunelabError, match="no Linear"):
+        prune_oneshot(nn.Sequential(nn.ReLU()), _calibration(), OneShotConfig(), progress=False)
+    with pytest.raises(PrunelabError, match="no Linear"):
+        prune_oneshot(model, _calibration(), OneShotConfig(exclude=("*",)), progress=False)
+    odd = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    with pytest.raises(PrunelabError, match="'0'"):  # names the layer whose inputs M does not divide
+        prune_oneshot(odd, [torch.randn(4, 6)], OneShotConfig(pattern="2:4"), progress=False)
+    with pytest.raises(PrunelabError, match="'0'.*exclude"):
+        prune_oneshot(odd, [torch.randn(4, 6)], OneShotConfig(pattern="2:4", exclude=("2",)), progress=False)
+    assert bool((odd[2].weight != 0).all())  # nothing was pruned before the error
+
+
+def test_exclude_keeps_layers_dense():
+    model = _mlp()
+    report = prune_oneshot(model, _calibration(), OneShotConfig(method="wanda", exclude=("4",)), progress=False)
+    assert "4" in report.dense_layers and "4.weight" not in report.masks
+    assert bool((model[4].weight != 0).all())
+
+
+# --- transformers ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def transformers():
+    return pytest.importorskip("transformers")
+
+
+def _tiny_bert(transformers):
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                     vocab_size=100, max_position_embeddings=64)
+    return transformers.BertModel(config).eval()
+
+
+def _tokens(batches: int = 3, seq: int = 12) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(batches):
+        mask = torch.ones(4, seq, dtype=torch.long)
+        mask[0, seq // 2:] = 0  # one padded sequence
+        out.append({"input_ids": torch.randint(0, 100, (4, seq), generator=gen), "attention_mask": mask})
+    return out
+
+
+@pytest.mark.parametrize("config", [OneShotConfig(method="sparsegpt", sparsity=0.5),
+                                    OneShotConfig(method="wanda", pattern="2:4")])
+def test_tiny_bert_encoder_layers_are_pruned(transformers, config):
+    model = _tiny_bert(transformers)
+    assert [name for name, _ in find_blocks(model)] == ["encoder.layer.0", "encoder.layer.1"]
+    pooler = model.pooler.dense.weight.detach().clone()
+    report = prune_oneshot(model, _tokens(), config, progress=False)
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("encoder.")}
+    assert {row.name for row in report.rows} == linears and len(linears) == 12
+    for name in linears:
+        weight = model.get_submodule(name).weight
+        assert float((weight == 0).float().mean()) >= 0.5 - 1e-6
+        assert report.masks[f"{name}.weight"].float().mean() == pytest.approx(0.5)
+    assert torch.equal(model.pooler.dense.weight, pooler)  # outside the blocks: dense
+    assert report.dense_layers == ("pooler.dense",)
+    output = model(**_tokens(1)[0]).last_hidden_state
+    assert torch.isfinite(output).all()
+    assert _no_hooks(model)
+
+
+def test_tiny_gpt2_conv1d_and_cache_are_handled(transformers):
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=32,
+                                     bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    calibration = [torch.randint(0, 100, (2, 12)) for _ in range(2)]
+    report = prune_oneshot(model, calibration, OneShotConfig(method="sparsegpt", sparsity=0.5), progress=False)
+    assert len(report.rows) == 8 and "lm_head" in report.dense_layers
+    c_attn = model.transformer.h[0].attn.c_attn.weight  # Conv1D stores (in, out)
+    assert report.masks["transformer.h.0.attn.c_attn.weight"].shape == c_attn.shape
+    assert all(row.sparsity == pytest.approx(0.5) and row.error < 1.0 for row in report.rows)
+    assert torch.isfinite(model(calibration[0]).logits).all()
+
+
+def test_bert_wrong_calibration_keys_raise_and_leave_no_hooks(transformers):
+    model = _tiny_bert(transformers)
+    with pytest.raises(PrunelabError, match="calibration item 0"):
+        prune_oneshot(model, [{"input_idz": torch.zeros(1, 4, dtype=torch.long)}], OneShotConfig(), progress=False)
+    assert _no_hooks(model)
