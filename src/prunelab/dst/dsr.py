@@ -6,15 +6,14 @@ Dynamic Sparse Reparameterization", ICML 2019.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from prunelab.dst.base import ReallocatingSparsifier, UpdateSchedule, _round_half_up
+from prunelab.dst.base import ReallocatingSparsifier, _round_half_up
 from prunelab.errors import PrunelabError
-from prunelab.targets import LayerRules
 
 
 class DSR(ReallocatingSparsifier):
@@ -42,21 +41,15 @@ class DSR(ReallocatingSparsifier):
         model: nn.Module,
         sparsity: float,
         *,
-        schedule: UpdateSchedule | None = None,
-        allocation: str = "erk",
-        rules: LayerRules | None = None,
-        exclude: Sequence[str] = (),
-        seed: int = 0,
-        sparse_init: bool = False,
         threshold: float = 1e-3,
         tolerance: float = 0.1,
+        **common: Any,
     ) -> None:
         if not isinstance(threshold, (int, float)) or not threshold > 0:
             raise PrunelabError(f"DSR initial threshold H(0) must be > 0, got {threshold!r}; the paper uses 0.001")
         if not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
             raise PrunelabError(f"DSR tolerance delta must be in [0, 1), got {tolerance!r}; the paper uses 0.1")
-        super().__init__(model, sparsity, schedule=schedule, allocation=allocation, rules=rules, exclude=exclude,
-                         seed=seed, sparse_init=sparse_init)
+        super().__init__(model, sparsity, **common)
         self.threshold = float(threshold)
         self.tolerance = float(tolerance)
 

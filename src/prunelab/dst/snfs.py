@@ -6,15 +6,14 @@ Performance", arXiv:1907.04840 (2019).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from prunelab.dst.base import ReallocatingSparsifier, UpdateSchedule, _round_half_up
+from prunelab.dst.base import ReallocatingSparsifier, _round_half_up
 from prunelab.errors import PrunelabError
-from prunelab.targets import LayerRules
 
 
 class SNFS(ReallocatingSparsifier):
@@ -49,18 +48,12 @@ class SNFS(ReallocatingSparsifier):
         model: nn.Module,
         sparsity: float,
         *,
-        schedule: UpdateSchedule | None = None,
-        allocation: str = "erk",
-        rules: LayerRules | None = None,
-        exclude: Sequence[str] = (),
-        seed: int = 0,
-        sparse_init: bool = False,
         momentum: float = 0.9,
+        **common: Any,
     ) -> None:
         if not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
             raise PrunelabError(f"SNFS momentum beta must be in [0, 1), got {momentum!r}; the paper uses 0.9")
-        super().__init__(model, sparsity, schedule=schedule, allocation=allocation, rules=rules, exclude=exclude,
-                         seed=seed, sparse_init=sparse_init)
+        super().__init__(model, sparsity, **common)
         self.beta = float(momentum)
         self.momentum: dict[str, torch.Tensor] = {}
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from prunelab.dst.base import DynamicSparsifier, UpdateSchedule
+from prunelab.dst.base import DynamicSparsifier
 from prunelab.errors import PrunelabError
-from prunelab.targets import LayerRules
 
 
 class StaticSparse(DynamicSparsifier):
@@ -27,19 +26,13 @@ class StaticSparse(DynamicSparsifier):
         self,
         model: nn.Module,
         sparsity: float,
-        *,
-        schedule: UpdateSchedule | None = None,
-        allocation: str = "erk",
-        rules: LayerRules | None = None,
-        exclude: Sequence[str] = (),
-        seed: int = 0,
-        sparse_init: bool = False,
+        **common: Any,
     ) -> None:
-        if schedule is not None:
+        """``common``: the :class:`DynamicSparsifier` keywords, except a schedule."""
+        if common.get("schedule") is not None:
             raise PrunelabError("the static method never rewires, got an update schedule; pass schedule=None or use "
                                 "set / rigl / dsr / snfs")
-        super().__init__(model, sparsity, schedule=None, allocation=allocation, rules=rules, exclude=exclude, seed=seed,
-                         sparse_init=sparse_init)
+        super().__init__(model, sparsity, **common)
 
     def grow_scores(self, name: str, param: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         raise PrunelabError("the static method never grows connections; use set / rigl / dsr / snfs to rewire")
