@@ -120,7 +120,8 @@ def run(config: RunConfig) -> dict[str, Any]:
         "pruned": {**pruned_metrics, "cost": pruned_cost.to_dict()},
         "target_sparsity": config.sparsity,
         "achieved_sparsity": stats.sparsity,
-        "stages": [{"stage": "dense", "target_sparsity": 0.0, "sparsity": 0.0, **{k: dense_metrics[k] for k in ("accuracy", "error_pct")}}]
+        "dense_label": "dense at init (untrained)" if config.method in FROM_SCRATCH else "dense",
+        "stages": [{"stage": "dense at init" if config.method in FROM_SCRATCH else "dense", "target_sparsity": 0.0, "sparsity": 0.0, **{k: dense_metrics[k] for k in ("accuracy", "error_pct")}}]
         + result.rows,
         "mask_updates": result.history,
         "layers": stats.to_dict()["layers"],

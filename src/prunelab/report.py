@@ -13,7 +13,7 @@ from prunelab.measure.tables import markdown_table
 def summary_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Dense vs pruned: error, nonzeros, FLOPs, bytes -- one row each."""
     rows = []
-    for label, key in (("dense", "dense"), ("pruned", "pruned")):
+    for label, key in ((result.get("dense_label", "dense"), "dense"), ("pruned", "pruned")):
         part = result[key]
         cost = part["cost"]
         rows.append({
