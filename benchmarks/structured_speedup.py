@@ -237,6 +237,23 @@ def run_setup(setup: Setup, splits, args, seed: int) -> tuple[list[dict], dict]:
     return rows, info
 
 
+def _why_not(rows: list[dict]) -> str:
+    """A reading of the rows that miss the target, from their own numbers."""
+    missed = [r for r in rows if not 0.75 <= r["latency_ratio"] / r["flop_ratio"] <= 1.25]
+    if not missed:
+        return ""
+    parts = []
+    for r in missed:
+        parts.append(f"{r['model']} batch {r['batch']}: latency x{r['latency_ratio']:.2f} for FLOPs "
+                     f"x{r['flop_ratio']:.2f} ({r['latency_dense_ms']:.3f} -> {r['latency_shrunk_ms']:.3f} ms)")
+    return ("Where the latency ratio stays above the FLOP ratio -- " + "; ".join(parts) + " -- the shrunk model "
+            "still runs exactly the same operators as the dense one, and at batch 1 a few-hundred-microsecond "
+            "forward is dominated by their fixed per-call cost (dispatch, oneDNN primitive set-up), which removing "
+            "channels cannot shrink. The FLOP count covers conv/linear multiply-adds only: ReLU, pooling and BatchNorm "
+            "work falls with the channel count (x0.5), not with channels in x channels out (x0.25), which keeps "
+            "LeNet-5 (1-channel input, memory-bound first conv) above its FLOP ratio at batch 64 too.")
+
+
 def main(argv=None) -> int:
     parser = benchmark_args(__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
@@ -257,7 +274,8 @@ def main(argv=None) -> int:
         targets.append(target(f"{row['model']} batch {row['batch']}: latency ratio / FLOP ratio",
                               round(relative, 3), "0.75 .. 1.25", 0.75 <= relative <= 1.25))
     worst = max(r["max_abs_error"] for r in rows)
-    targets.append(target("max abs error shrunk vs masked (all models)", worst, "<= 1e-4", worst <= 1e-4))
+    targets.append(target("max abs error shrunk vs masked (all models)", worst, "<= 1e-5", worst <= 1e-5))
+    notes = _why_not(rows)
     columns = [("model", "model"), ("batch", "batch"), ("channels_kept_pct", "channels kept %"),
                ("param_ratio", "params x"), ("flop_ratio", "FLOPs x"), ("latency_dense_ms", "dense ms"),
                ("latency_shrunk_ms", "shrunk ms"), ("latency_ratio", "latency x"), ("max_abs_error", "max abs err"),
@@ -273,6 +291,7 @@ def main(argv=None) -> int:
         "rows": rows,
         "columns": columns,
         "targets": targets,
+        "notes": notes,
         "total_wall_time_s": time.perf_counter() - started,
     }
     path = write_record("structured_speedup", record, args.out)

@@ -132,6 +132,13 @@ def test_unwritable_output(capsys, tmp_path):
     assert code == 2 and "output directory" in err
 
 
+def test_output_under_a_read_only_file_system_fails_before_training(capsys):
+    # /proc refuses new entries even for root, for whom os.access() always says "writable"
+    code, out, err = run_cli(capsys, "prune", *FAST, "--out", "/proc/prunelab-out")
+    assert code == 2 and "not writable" in err and len(err.strip().splitlines()) == 1
+    assert "dense" not in out  # refused before any training
+
+
 def test_checkpoint_masks_not_matching_model(capsys, tmp_path, pruned_run):
     import shutil
 

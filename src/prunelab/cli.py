@@ -116,12 +116,17 @@ def cmd_list(args: argparse.Namespace) -> int:
     from prunelab.bench.datasets import DATASETS
     from prunelab.bench.models import MODELS
     from prunelab.criteria import CRITERIA
+    from prunelab.materialise import FORMS
     from prunelab.methods import METHODS
+    from prunelab.oneshot import SOLVERS
     from prunelab.schedules import SCHEDULES
     from prunelab.structure import GRANULARITIES
 
     for title, registry in (("criteria", CRITERIA), ("granularities", GRANULARITIES), ("allocations", ALLOCATIONS),
-                            ("methods", METHODS), ("schedules", SCHEDULES), ("models", MODELS), ("datasets", DATASETS)):
+                            ("methods (prunelab prune --method)", METHODS), ("schedules", SCHEDULES),
+                            ("one-shot methods (prunelab oneshot --method)", SOLVERS),
+                            ("materialised forms (prunelab materialise --form)", FORMS),
+                            ("models", MODELS), ("datasets", DATASETS)):
         print(f"{title}:")
         width = max(len(n) for n in registry.names())
         for entry in registry.entries():
@@ -190,6 +195,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except PrunelabError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file system refusal the checks did not foresee: still one line, no traceback
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}; check the paths given and that they are readable/writable",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

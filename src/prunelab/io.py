@@ -22,8 +22,17 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
         raise PrunelabError(
             f"cannot create output directory {str(path)!r} ({exc.strerror}); choose a writable --out"
         ) from None
-    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
-        raise PrunelabError(f"output directory {str(path)!r} is not writable; choose a writable --out")
+    if not path.is_dir():
+        raise PrunelabError(f"output path {str(path)!r} is not a directory; choose a writable --out")
+    # os.access() says yes to root everywhere (even /proc): really create a file to be sure
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".prunelab-probe-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise PrunelabError(
+            f"output directory {str(path)!r} is not writable ({exc.strerror}); choose a writable --out"
+        ) from None
     return path
 
 

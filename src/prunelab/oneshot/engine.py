@@ -131,7 +131,10 @@ class OneShotConfig:
 class LayerRow:
     """One pruned layer: ``error`` is ``||W X - W' X||^2 / ||W X||^2`` on its calibration
     inputs (dense ``W``, pruned ``W'``, no bias); ``dampening`` the fraction of
-    ``mean(diag H)`` finally used (``None`` for methods without a Hessian)."""
+    ``mean(diag H)`` finally used (``None`` for methods without a Hessian).
+    ``seconds``: the layer's whole time (statistics-collecting forward passes + solver);
+    ``solve_seconds``: the solver alone -- the "time for computing the pruning metric"
+    that Sun et al. 2023 (Table 4) compare, without the forward passes every method shares."""
 
     name: str
     shape: tuple[int, ...]
@@ -139,10 +142,11 @@ class LayerRow:
     error: float
     dampening: float | None
     seconds: float
+    solve_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "shape": list(self.shape), "sparsity": self.sparsity, "error": self.error,
-                "dampening": self.dampening, "seconds": self.seconds}
+                "dampening": self.dampening, "seconds": self.seconds, "solve_seconds": self.solve_seconds}
 
 
 @dataclass
@@ -579,10 +583,10 @@ def prune_oneshot(model: nn.Module, calibration: Sequence[Any], config: OneShotC
             solved, uncalled = _prune_block(block, block_name, targets, inputs, solver, config)
             dense_layers += uncalled
             errors = _propagate(block, block_name, inputs, {t: dense for t, dense, _, _ in solved}, keep_outputs=b < last)
-            for target, _, solution, seconds in solved:
+            for target, _, solution, (seconds, solve_seconds) in solved:
                 keep = solution.mask  # (rows, cols)
                 row = LayerRow(target.name, tuple(target.module.weight.shape), 1.0 - float(keep.sum()) / keep.numel(),
-                               errors[target], solution.dampening, seconds)
+                               errors[target], solution.dampening, seconds, solve_seconds)
                 rows.append(row)
                 masks[target.param_name] = target.to_param_layout(keep).contiguous()
                 if progress:
@@ -594,10 +598,10 @@ def prune_oneshot(model: nn.Module, calibration: Sequence[Any], config: OneShotC
 
 
 def _prune_block(block: nn.Module, block_name: str, targets: list[_Target], inputs: Inputs, solver: Solver,
-                 config: OneShotConfig) -> tuple[list[tuple[_Target, Tensor, Solution, float]], list[str]]:
+                 config: OneShotConfig) -> tuple[list[tuple[_Target, Tensor, Solution, tuple[float, float]]], list[str]]:
     """Prune ``targets`` one after the other in execution order, each from the inputs it
     receives with the earlier ones already pruned.  Returns ``(target, dense W, solution,
-    seconds)`` per pruned layer and the names of targets the block never called."""
+    (seconds, solver seconds))`` per pruned layer and the names of targets the block never called."""
     if not targets:
         return [], []
     called = _probe(block, block_name, targets, inputs[0])
@@ -609,10 +613,12 @@ def _prune_block(block: nn.Module, block_name: str, targets: list[_Target], inpu
         if solver.needs != "none":
             stats = _collect(block, block_name, target, inputs, solver.needs, stop_early=count == 1)
         W = target.weight2d().clone()  # (rows, cols) dense
+        solve_tick = time.perf_counter()
         try:
             solution = solver.fn(W, stats, config)
         except PrunelabError as exc:
             raise PrunelabError(f"layer {target.name!r}: {exc}") from None
+        solve_seconds = time.perf_counter() - solve_tick
         del stats  # one layer's Hessian at a time
         if not bool(torch.isfinite(solution.weight).all()):
             raise PrunelabError(
@@ -620,7 +626,7 @@ def _prune_block(block: nn.Module, block_name: str, targets: list[_Target], inpu
                 "raise dampening or pass more calibration samples"
             )
         target.load2d(solution.weight)
-        solved.append((target, W, solution, time.perf_counter() - tick))
+        solved.append((target, W, solution, (time.perf_counter() - tick, solve_seconds)))
     return solved, uncalled
 
 
