@@ -133,7 +133,7 @@ def _other_init() -> nn.Module:
 
 def test_rewinding_past_the_end_is_refused(tmp_path):
     train, test = loaders()
-    with pytest.raises(PrunelabError, match=r"rewind_step=5 is past the end of training \(1 epochs x 4 steps = 4 steps\)"):
+    with pytest.raises(PrunelabError, match=r"rewind_step \(--rewind-iter\) 5 is past the end of training \(1 epochs x 4 steps = 4 steps\)"):
         run_lottery(builder, train, test, config(rewind_step=5), tmp_path / "run")
     assert not (tmp_path / "run").exists()
 

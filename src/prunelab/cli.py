@@ -179,12 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(func=cmd_inspect)
 
     from prunelab.cli_compress import add_compress_parser
+    from prunelab.cli_lottery import add_lottery_parser
     from prunelab.cli_materialise import add_materialise_parsers
     from prunelab.oneshot_cli import add_oneshot_parser
 
     add_compress_parser(sub)
     add_materialise_parsers(sub)
     add_oneshot_parser(sub)
+    add_lottery_parser(sub)
     return parser
 
 

@@ -294,7 +294,7 @@ def _check_rewind(config: LotteryConfig, train_loader) -> None:
     total = config.train.epochs * len(train_loader)
     if config.rewind_step > total:
         raise PrunelabError(
-            f"rewind_step={config.rewind_step} is past the end of training ({config.train.epochs} epochs x "
+            f"rewind_step (--rewind-iter) {config.rewind_step} is past the end of training ({config.train.epochs} epochs x "
             f"{len(train_loader)} steps = {total} steps); choose 0 <= rewind_step <= {total}"
         )
 
@@ -346,7 +346,8 @@ def _run(
     if (out / "config.json").exists() or finished:
         if not resume:
             raise PrunelabError(
-                f"{str(out)!r} already holds a lottery run; pass resume=True to continue it or choose an empty out_dir"
+                f"{str(out)!r} already holds a lottery run; resume it (resume=True, CLI --resume {out}) or choose an empty "
+                "out_dir"
             )
         _check_resume(out, wanted)
     else:

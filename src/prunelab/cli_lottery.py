@@ -1,0 +1,117 @@
+"""``prunelab lottery``: search for lottery tickets with rewinding, resumable round by round.
+
+    prunelab lottery --model lenet300 --dataset mnist --rounds 7 --rewind-iter 0 --out runs/lottery
+    prunelab lottery ... --rounds 10 --resume runs/lottery      # continue after the last finished round
+
+The run folder is :func:`prunelab.methods.lottery.run_lottery`'s (``config.json``, one
+``round_RRR/`` per finished round with its mask, trained weights and metrics) plus, after
+every run, ``results.json``, ``report.md`` and a checkpoint of the last round's ticket
+(``model.safetensors`` + ``masks.safetensors`` + ``checkpoint.json``) that ``prunelab
+inspect``, ``materialise`` and ``compress`` read.  An interrupted run keeps every finished
+round; ``--resume DIR`` continues it (only ``--rounds`` may change) and refuses a folder
+written by another configuration, naming the keys that differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from prunelab.errors import PrunelabError
+
+ROUND_COLUMNS = (
+    ("round", "round"), ("remaining_pct", "weights left %"), ("ticket_acc_pct", "ticket acc %"),
+    ("ticket_es_acc_pct", "ticket acc % (early stop)"), ("ticket_es_step", "early-stop iter"),
+    ("reinit_acc_pct", "reinit acc %"), ("reinit_es_acc_pct", "reinit acc % (early stop)"),
+)
+
+
+def add_lottery_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "lottery", help="lottery tickets: IMP with rewinding to iteration K, random-reinit control, resumable",
+        description="Iterative magnitude pruning with rewinding (Frankle & Carbin 2019; Frankle et al. 2020).")
+    parser.add_argument("--model", default="lenet300", help="zoo model (prunelab list), default lenet300")
+    parser.add_argument("--dataset", default="mnist", help="zoo dataset, default mnist")
+    parser.add_argument("--data-dir", default=None, help="MNIST folder (default: $PRUNELAB_DATA or ../shared/data)")
+    parser.add_argument("--download", action="store_true", help="fetch and sha256-check MNIST when missing")
+    parser.add_argument("--rounds", type=int, default=5, help="pruning rounds after the dense round 0 (default 5)")
+    parser.add_argument("--rate", type=float, default=0.2, help="fraction of each layer's remaining weights pruned per round")
+    parser.add_argument("--output-rate", type=float, default=0.1, help="per-round rate of the output layer (F&C: 0.1)")
+    parser.add_argument("--rewind-iter", type=int, default=0,
+                        help="rewind survivors to the weights after K steps of round 0 (0: the initialisation)")
+    parser.add_argument("--reinit", action=argparse.BooleanOptionalAction, default=True,
+                        help="also train each round's mask from a random re-initialisation (the control)")
+    parser.add_argument("--epochs", type=int, default=5, help="training epochs per round")
+    parser.add_argument("--batch-size", type=int, default=60)
+    parser.add_argument("--optimizer", default="adam")
+    parser.add_argument("--lr", type=float, default=1.2e-3)
+    parser.add_argument("--eval-every", type=int, default=500, help="steps between evaluations (early-stopping iteration)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="run folder to create (default runs/lottery)")
+    parser.add_argument("--resume", default=None, metavar="DIR", help="continue the run folder DIR after its last finished round")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    parser.set_defaults(func=cmd_lottery)
+
+
+def _config(args: argparse.Namespace):
+    from prunelab.bench.training import TrainConfig
+    from prunelab.methods.lottery import LotteryConfig
+
+    train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+                        lr_schedule="constant", weight_decay=0.0, seed=args.seed, progress=args.progress)
+    return LotteryConfig(rounds=args.rounds, rate=args.rate, output_rate=args.output_rate, rewind_step=args.rewind_iter,
+                         train=train, eval_every=args.eval_every, reinit_rounds=None if args.reinit else ())
+
+
+def _round_rows(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for m in rounds:
+        row = {"round": m["round"], "remaining_pct": m["remaining_pct"],
+               "ticket_acc_pct": 100.0 * m["ticket"]["accuracy"],
+               "ticket_es_acc_pct": 100.0 * m["ticket"]["early_stop_accuracy"],
+               "ticket_es_step": m["ticket"]["early_stop_step"]}
+        if m.get("reinit"):
+            row["reinit_acc_pct"] = 100.0 * m["reinit"]["accuracy"]
+            row["reinit_es_acc_pct"] = 100.0 * m["reinit"]["early_stop_accuracy"]
+        rows.append(row)
+    return rows
+
+
+def cmd_lottery(args: argparse.Namespace) -> int:
+    from prunelab.bench.datasets import DATASETS, load_dataset, make_loaders
+    from prunelab.bench.models import MODELS, build_model
+    from prunelab.checkpoint import save_checkpoint
+    from prunelab.io import write_json, write_text
+    from prunelab.measure.tables import markdown_table
+    from prunelab.methods.lottery import run_lottery
+
+    if args.resume and args.out and Path(args.out) != Path(args.resume):
+        raise PrunelabError(f"--out {args.out!r} and --resume {args.resume!r} name different folders; pass only --resume DIR")
+    if args.resume and not (Path(args.resume) / "config.json").is_file():
+        raise PrunelabError(f"--resume {args.resume!r} holds no lottery run (no config.json); "
+                            "pass the folder of an earlier 'prunelab lottery' run, or --out to start one")
+    out = Path(args.resume or args.out or "runs/lottery")
+    if not args.resume and out.exists() and any(out.iterdir()):
+        raise PrunelabError(f"{str(out)!r} is not empty; pass --resume {out} to continue the run there, or a new --out")
+    config = _config(args)
+    MODELS.get(args.model), DATASETS.get(args.dataset)  # unknown names fail here, listing the valid ones
+    splits = load_dataset(args.dataset, args.data_dir, args.download)
+    train_loader, test_loader = make_loaders(splits, config.train.batch_size, args.seed)
+    result = run_lottery(lambda: build_model(args.model, splits.input_shape, splits.num_classes),
+                         train_loader, test_loader, config, out, resume=bool(args.resume))
+    rows = _round_rows(result.rounds)
+    table = markdown_table(rows, ROUND_COLUMNS)
+    record = {"model": args.model, "dataset": args.dataset, "config": config.to_dict(), "rounds": result.rounds,
+              "resumed_rounds": result.resumed_rounds}
+    meta = {"model": args.model, "dataset": args.dataset, "input_shape": list(splits.input_shape),
+            "num_classes": splits.num_classes, "config": {"method": "lottery", **config.to_dict()}}
+    save_checkpoint(out, result.model, result.masks[-1], meta)
+    write_json(out / "results.json", record)
+    write_text(out / "report.md", f"# lottery tickets: {args.model} / {args.dataset}\n\n{table}\n")
+    print(table)
+    print()
+    print(f"{len(result.rounds) - 1} pruning rounds ({result.resumed_rounds} loaded from the folder); "
+          f"last ticket {rows[-1]['remaining_pct']:.1f}% of weights left")
+    print(f"run folder: {out} (resume with --resume {out}); checkpoint of the last ticket: {out}/")
+    return 0
