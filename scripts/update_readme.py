@@ -77,6 +77,19 @@ def cli_section() -> str:
                          "`--config run.yaml` takes the same keys (flags override it). Channel pruning of LeNet-5 on MNIST:\n")
             shown = " ".join(prune_args + ["--data-dir", "../shared/data/mnist", "--out", "runs/lenet5"])
             parts.append(block(f"prunelab {shown}", output.replace(str(run_dir), "runs/lenet5")))
+        parts.append("### `prunelab lottery`\n\nLottery tickets (Frankle & Carbin 2019): IMP rewinding the survivors to "
+                     "iteration `--rewind-iter` (0 = the initialisation), 20% of each hidden layer / 10% of the output "
+                     "layer per round, a random-reinitialisation control on every mask. Each finished round is kept in "
+                     "the run folder; `--resume DIR` continues after the last one (only `--rounds` may change):\n")
+        lot_out = Path(tmp) / "lottery"
+        lot_args = ["lottery", "--model", "digits_mlp", "--dataset", "digits", "--rounds", "3", "--epochs", "3",
+                    "--eval-every", "20", "--no-progress"]
+        output = run(exe + lot_args + ["--out", str(lot_out)])
+        parts.append(block("prunelab " + " ".join(lot_args + ["--out", "runs/lottery"]),
+                           output.replace(str(lot_out), "runs/lottery")))
+        output = run(exe + lot_args[:6] + ["--rounds", "4"] + lot_args[8:] + ["--resume", str(lot_out)])
+        parts.append(block("prunelab " + " ".join(lot_args[:6] + ["--rounds", "4"] + lot_args[8:] + ["--resume", "runs/lottery"]),
+                           output.replace(str(lot_out), "runs/lottery")))
         parts.append("### `prunelab compress`\n\nDeep Compression (Han et al. 2016) of a pruned checkpoint: k-means weight "
                      "sharing, centroid fine-tuning, relative indices, Huffman coding, one checksummed file; the error is "
                      "measured on the model decoded from the file, and the energy estimate uses Horowitz's 45 nm table:\n")
