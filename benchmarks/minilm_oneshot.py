@@ -6,11 +6,14 @@ package.  The 36 Linear layers of its 6 encoder layers are pruned one-shot with
 magnitude, Wanda (Sun et al., ICLR 2024) and SparseGPT (Frantar & Alistarh, ICML 2023);
 embeddings, pooler and LayerNorms stay dense.
 
-Calibration: ``--calib-samples`` (512) distinct lines of the Tiny Shakespeare training
-split (~6k tokens), tokenised in batches of 16.  Lines are short (~12 tokens), so 128 lines
-give fewer tokens than the 1536 inputs of the MLP output layers; on 200 held-out lines,
-SparseGPT's mean cosine at 50% rose from 0.918 (128 lines) to 0.934 (512 lines), Wanda's
-stayed at 0.875.  Evaluation: ``--lines`` (1000; 200 with ``--quick``)
+Calibration: ``--calib-samples`` (2048) distinct lines of the Tiny Shakespeare training
+split (~25k tokens), tokenised in batches of 16.  Lines are short (~12 tokens), so 128 lines
+give fewer tokens than the 1536 inputs of the MLP output layers.  Measured SparseGPT mean
+cosine at 50% while choosing this: 0.918 (128 lines) and 0.934 (512) on 200 held-out lines;
+0.929 (512 lines), 0.932 (2048 lines), 0.929 (512 lines, dampening 0.1% instead of 1%) and
+0.905 (4096 lines joined 8 at a time into ~85-token passages: longer than the evaluated
+lines, they calibrate worse) on 300; Wanda stays at 0.86-0.88 throughout.
+Evaluation: ``--lines`` (1000; 200 with ``--quick``)
 distinct, non-empty validation-split lines that occur nowhere in the training split (so
 never in calibration).  Sentence embeddings are the model's own: mean pooling over the
 attention mask, then L2 normalisation.  Two measures per pruned model:
@@ -53,6 +56,7 @@ from prunelab.bench.records import (
 )
 from prunelab.bench.text import calibration_lines, held_out_lines, load_tinyshakespeare
 from prunelab.oneshot import OneShotConfig, prune_oneshot
+from prunelab.oneshot.diagnostics import input_norm_spread, spread_summary
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 SETTINGS = (("50%", 0.5, None), ("2:4", 0.5, "2:4"))
@@ -73,14 +77,30 @@ def nearest_neighbours(embeddings: torch.Tensor) -> torch.Tensor:
     return sims.argmax(dim=1)  # (N,)
 
 
+def _why_not(targets: list[dict], rows: list[dict], spread: dict[str, float]) -> str:
+    """What this run's numbers say about a missed cosine target."""
+    missed = [t for t in targets if "mean cosine to dense" in t["name"] and not t["met"]]
+    if not missed:
+        return ""
+    shown = ", ".join(f"{t['name'].split()[0]} {t['value']:.3f}" for t in missed)
+    return (f"Mean cosine at 50% stays below 0.95 ({shown}). Every one of the 36 encoder Linears of a 384-wide, "
+            "6-layer model loses half its weights with no retraining, and the embedding is read after all six "
+            "layers, so per-layer errors compound; more calibration data moves SparseGPT by thousandths (see the "
+            "docstring: 0.929 with 512 lines, 0.932 with 2048), so more calibration does not close the gap. "
+            "The inputs do have outlier features (largest input-feature norm "
+            f"{spread['median_over_layers']:.1f}x the median, median over layers; up to {spread['max_over_layers']:.0f}x), "
+            "and Wanda's activation-weighted scores beat magnitude clearly here, unlike on the char-GPT whose "
+            "feature norms are nearly uniform (llm_oneshot_tinygpt).")
+
+
 def main(argv=None) -> int:
     parser = benchmark_args(__doc__.splitlines()[0])
-    parser.add_argument("--calib-samples", type=int, default=None, help="calibration lines (default 512; quick 32)")
+    parser.add_argument("--calib-samples", type=int, default=None, help="calibration lines (default 2048; quick 32)")
     parser.add_argument("--lines", type=int, default=None, help="held-out evaluation lines (default 1000; quick 200)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    n_calib = args.calib_samples or (32 if args.quick else 512)
+    n_calib = args.calib_samples or (32 if args.quick else 2048)
     n_lines = args.lines or (200 if args.quick else 1000)
     corpus = load_tinyshakespeare(resolve_data_dir(args.data_dir))
     calib_text = calibration_lines(corpus, n_calib, seed=args.seed)
@@ -89,6 +109,7 @@ def main(argv=None) -> int:
 
     dense, tokenizer = load_minilm(progress=False)
     calibration = tokenized_batches(tokenizer, calib_text, batch_size=16)
+    spread = input_norm_spread(dense, calibration)  # outlier features? (what Wanda's gain rests on)
     tick = time.perf_counter()
     reference = embed_sentences(dense, tokenizer, lines)  # (N, 384)
     dense_embed_s = time.perf_counter() - tick
@@ -131,6 +152,7 @@ def main(argv=None) -> int:
         targets.append(target(f"{method} - magnitude mean cosine at 50%", round(gain, 4), "> 0", gain > 0))
         gain = r["nn_agreement_pct"] - magnitude["nn_agreement_pct"]
         targets.append(target(f"{method} - magnitude NN agreement at 50% (points)", round(gain, 2), "> 0", gain > 0))
+    notes = _why_not(targets, rows, spread_summary(spread))
     peak = _peak_rss_mb()
     record = {
         "config": {"model": "all-MiniLM-L6-v2", "model_path": str(minilm_path()),
@@ -143,6 +165,8 @@ def main(argv=None) -> int:
         "rows": rows,
         "targets": targets,
         "layers": layers,
+        "input_norm_spread": {"summary": spread_summary(spread), "layers": spread},
+        "notes": notes,
         "peak_rss_mb": peak,
         "total_wall_time_s": time.perf_counter() - started,
     }

@@ -1,0 +1,62 @@
+"""How much do a model's Linear inputs have outlier features?  (Predicts whether Wanda helps.)
+
+Wanda (Sun et al. 2023) scores ``|W_ij| * ||X_j||_2``; it differs from per-row magnitude
+pruning only as far as the input-feature norms ``||X_j||`` differ from each other.  Large
+language models develop a few *outlier features* whose magnitude is up to ~100x the rest
+(Dettmers et al. 2022, "LLM.int8()"), which is where Wanda's gain over magnitude comes
+from (Sun et al. 2023, sec. 3).  :func:`input_norm_spread` measures, for every
+``nn.Linear``, the ratio ``max_j ||X_j|| / median_j ||X_j||`` over calibration inputs: near 1
+means Wanda is close to magnitude-per-row; tens to hundreds mean outlier features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from prunelab.oneshot.engine import eval_mode
+from prunelab.oneshot.stats import ColumnNormAccumulator
+
+
+def input_norm_spread(model: nn.Module, calibration: Sequence[Any]) -> dict[str, float]:
+    """``{Linear name: max_j ||X_j||_2 / median_j ||X_j||_2}`` over the calibration inputs.
+
+    ``calibration``: model inputs, each a Tensor (``model(x)``) or a dict (``model(**x)``).
+    The model is not changed; hooks are removed even if the forward raises.
+    """
+    accumulators: dict[str, ColumnNormAccumulator] = {}
+    handles = []
+
+    def hook(name: str):
+        def record(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
+            x = args[0].detach()
+            accumulators[name].add(x.reshape(-1, x.shape[-1]))  # (tokens, in_features)
+        return record
+
+    try:
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear):
+                accumulators[name] = ColumnNormAccumulator(module.in_features, module.weight.device)
+                handles.append(module.register_forward_pre_hook(hook(name)))
+        with eval_mode(model), torch.no_grad():
+            for item in calibration:
+                model(**item) if isinstance(item, dict) else model(item)
+    finally:
+        for handle in handles:
+            handle.remove()
+    spread = {}
+    for name, acc in accumulators.items():
+        if acc.count:
+            norms = acc.sum.sqrt()  # (in_features,)
+            median = float(norms.median())
+            spread[name] = float(norms.max()) / median if median > 0 else float("inf")
+    return spread
+
+
+def spread_summary(spread: dict[str, float]) -> dict[str, float]:
+    """Median and max over layers of :func:`input_norm_spread`'s ratios."""
+    values = torch.tensor(list(spread.values()), dtype=torch.float64)
+    return {"median_over_layers": float(values.median()), "max_over_layers": float(values.max())}

@@ -1,0 +1,30 @@
+"""input_norm_spread: max_j ||X_j|| / median_j ||X_j|| per Linear, hooks always removed."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from prunelab.oneshot.diagnostics import input_norm_spread, spread_summary
+
+
+def test_spread_equals_hand_computation_over_batches():
+    model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]))
+        model[0].bias.zero_()
+    batches = [torch.tensor([[1.0, 2.0, 0.0]]), torch.tensor([[1.0, 2.0, 4.0]])]  # column norms sqrt2, sqrt8, 4
+    spread = input_norm_spread(model, batches)
+    assert spread["0"] == pytest.approx(4.0 / math.sqrt(8.0))
+    # layer 1 sees [1, 0] and [1, 4]: norms sqrt2 and 4, median (lower middle) sqrt2
+    assert spread["1"] == pytest.approx(4.0 / math.sqrt(2.0))
+    assert spread_summary(spread)["max_over_layers"] == pytest.approx(4.0 / math.sqrt(2.0))
+
+
+def test_hooks_are_removed_even_when_the_forward_fails():
+    model = nn.Sequential(nn.Linear(3, 2))
+    with pytest.raises(RuntimeError):
+        input_norm_spread(model, [torch.ones(1, 5)])
+    assert not model[0]._forward_pre_hooks
+    assert model.training  # train/eval flag restored
