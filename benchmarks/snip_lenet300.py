@@ -91,11 +91,12 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     parser = benchmark_args(__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=EPOCHS, help=f"training epochs of every run (default {EPOCHS})")
     args = parser.parse_args(argv)
     quick = args.quick
     started = time.perf_counter()
     splits = load_dataset("mnist", resolve_data_dir(args.data_dir))
-    config = dataclasses.replace(LENET300_DENSE, epochs=1 if quick else EPOCHS, progress=False)
+    config = dataclasses.replace(LENET300_DENSE, epochs=1 if quick else args.epochs, progress=False)
     seeds = SEEDS[:1] if quick else SEEDS
 
     rows = []
@@ -121,6 +122,14 @@ def main(argv=None) -> int:
                snip[0.98]["error_pct"] <= 2.4),
         target("total wall time (s)", round(total, 1), "<= 1500", total <= 1500),
     ]
+    notes = ""
+    if not all(t["met"] for t in targets[:2]):
+        iterations = config.epochs * -(-len(splits.train) // config.batch_size)
+        notes = (f"Each run here trains {config.epochs} epochs ({iterations:,} iterations of batch {config.batch_size}, "
+                 f"weight decay {config.weight_decay:g}, cosine decay); Lee et al. train 250k iterations of batch 100 "
+                 "(about 460 epochs) with weight decay 5e-4 and step decay, roughly "
+                 f"{250_000 / iterations:.0f}x longer, which the 2-core budget of this script cannot afford. At 95-98% "
+                 "sparsity the sparse network is still improving when training stops; pass --epochs to train longer.")
     columns = [("method", "method"), ("sparsity_pct", "sparsity %"), ("error_pct", "test error % (mean)"),
                ("error_std_pct", "std"), ("error_min_pct", "min"), ("error_max_pct", "max"),
                ("kept_fc1_pct", "fc1 kept %"), ("kept_fc2_pct", "fc2 kept %"), ("kept_fc3_pct", "fc3 kept %"),
@@ -136,6 +145,7 @@ def main(argv=None) -> int:
         "rows": rows,
         "reference_rows": reference_rows,
         "targets": targets,
+        "notes": notes,
         "total_wall_time_s": total,
     }
     path = write_record("snip_lenet300", record, args.out)
