@@ -250,8 +250,9 @@ def _why_not(rows: list[dict]) -> str:
             "still runs exactly the same operators as the dense one, and at batch 1 a few-hundred-microsecond "
             "forward is dominated by their fixed per-call cost (dispatch, oneDNN primitive set-up), which removing "
             "channels cannot shrink. The FLOP count covers conv/linear multiply-adds only: ReLU, pooling and BatchNorm "
-            "work falls with the channel count (x0.5), not with channels in x channels out (x0.25), which keeps "
-            "LeNet-5 (1-channel input, memory-bound first conv) above its FLOP ratio at batch 64 too.")
+            "work falls with the channel count (x0.5), not with channels in x channels out (x0.25), so a network "
+            "whose time is not dominated by its wide convolutions (LeNet-5, whose first conv reads one input "
+            "channel) stays above its FLOP ratio at batch 64 too.")
 
 
 def main(argv=None) -> int:

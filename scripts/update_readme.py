@@ -87,8 +87,8 @@ def cli_section() -> str:
         output = run(exe + lot_args + ["--out", str(lot_out)])
         parts.append(block("prunelab " + " ".join(lot_args + ["--out", "runs/lottery"]),
                            output.replace(str(lot_out), "runs/lottery")))
-        output = run(exe + lot_args[:6] + ["--rounds", "4"] + lot_args[8:] + ["--resume", str(lot_out)])
-        parts.append(block("prunelab " + " ".join(lot_args[:6] + ["--rounds", "4"] + lot_args[8:] + ["--resume", "runs/lottery"]),
+        output = run(exe + lot_args[:5] + ["--rounds", "4"] + lot_args[7:] + ["--resume", str(lot_out)])
+        parts.append(block("prunelab " + " ".join(lot_args[:5] + ["--rounds", "4"] + lot_args[7:] + ["--resume", "runs/lottery"]),
                            output.replace(str(lot_out), "runs/lottery")))
         parts.append("### `prunelab compress`\n\nDeep Compression (Han et al. 2016) of a pruned checkpoint: k-means weight "
                      "sharing, centroid fine-tuning, relative indices, Huffman coding, one checksummed file; the error is "

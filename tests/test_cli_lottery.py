@@ -48,7 +48,7 @@ def test_resume_continues_after_the_last_round_and_keeps_finished_ones(capsys, t
     shutil.copytree(two_rounds, run)
     before = (run / "round_001" / "weights.safetensors").read_bytes()
     code, out, _ = run_cli(capsys, "lottery", *FAST, "--rounds", "3", "--resume", str(run))
-    assert code == 0 and "(3 loaded from the folder)" in out
+    assert code == 0 and "3 finished rounds read back from the folder, 1 trained now" in out
     assert (run / "round_003" / "metrics.json").is_file()
     assert (run / "round_001" / "weights.safetensors").read_bytes() == before  # finished rounds untouched
 

@@ -111,7 +111,8 @@ def cmd_lottery(args: argparse.Namespace) -> int:
     write_text(out / "report.md", f"# lottery tickets: {args.model} / {args.dataset}\n\n{table}\n")
     print(table)
     print()
-    print(f"{len(result.rounds) - 1} pruning rounds ({result.resumed_rounds} loaded from the folder); "
+    print(f"{len(result.rounds) - 1} pruning rounds after the dense round 0; {result.resumed_rounds} finished rounds "
+          f"read back from the folder, {len(result.rounds) - result.resumed_rounds} trained now; "
           f"last ticket {rows[-1]['remaining_pct']:.1f}% of weights left")
     print(f"run folder: {out} (resume with --resume {out}); checkpoint of the last ticket: {out}/")
     return 0
