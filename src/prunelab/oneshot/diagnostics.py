@@ -49,8 +49,9 @@ def input_norm_spread(model: nn.Module, calibration: Sequence[Any]) -> dict[str,
             handle.remove()
     spread = {}
     for name, acc in accumulators.items():
-        if acc.count:
-            norms = acc.sum.sqrt()  # (in_features,)
+        stats = acc.result()  # summed over ranks under torch.distributed, as the solvers see them
+        if stats.count:
+            norms = stats.sq_norms.sqrt()  # (in_features,)
             median = float(norms.median())
             spread[name] = float(norms.max()) / median if median > 0 else float("inf")
     return spread
