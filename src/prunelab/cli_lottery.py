@@ -95,7 +95,8 @@ def cmd_lottery(args: argparse.Namespace) -> int:
     if not args.resume and out.exists() and any(out.iterdir()):
         raise PrunelabError(f"{str(out)!r} is not empty; pass --resume {out} to continue the run there, or a new --out")
     config = _config(args)
-    MODELS.get(args.model), DATASETS.get(args.dataset)  # unknown names fail here, listing the valid ones
+    MODELS.get(args.model)  # unknown names fail here, before any data is read, listing the valid ones
+    DATASETS.get(args.dataset)
     splits = load_dataset(args.dataset, args.data_dir, args.download)
     train_loader, test_loader = make_loaders(splits, config.train.batch_size, args.seed)
     result = run_lottery(lambda: build_model(args.model, splits.input_shape, splits.num_classes),
