@@ -184,6 +184,45 @@ def test_two_four_dense_fallback_tracks_in_place_edits():
     torch.testing.assert_close(layer(x), layer.bias.expand_as(first))
 
 
+def _pretend_gpu(monkeypatch, convert) -> None:
+    """Make the CPU look like an sm80+ GPU whose 2:4 conversion is ``convert``."""
+    from prunelab.materialise import sparse_modules
+
+    monkeypatch.setattr(sparse_modules, "semi_structured_available", lambda device: True)
+    monkeypatch.setattr(torch.sparse, "to_sparse_semi_structured", convert)
+
+
+def test_two_four_form_reports_a_weight_the_gpu_kernels_refuse(monkeypatch):
+    def refuse(dense):
+        raise RuntimeError("Error original_tensor.dtype torch.float32 is not a supported dtype")
+
+    _pretend_gpu(monkeypatch, refuse)
+    model = nn.Sequential(_prune_24_(nn.Linear(8, 4)))
+    x = torch.randn(3, 8)
+    with pytest.warns(UserWarning, match="fall back to dense"):
+        new = materialise(model, "2:4", example_input=x)
+    assert not new[0].accelerated
+    assert [f.note for f in new.materialise_report.layers] == ["dense fallback"]
+    torch.testing.assert_close(new(x), model(x), atol=1e-6, rtol=0)
+
+
+def test_two_four_form_uses_the_gpu_kernel_weight_when_accepted(monkeypatch):
+    converted = []
+
+    def accept(dense):
+        converted.append(dense.shape)
+        return dense
+
+    _pretend_gpu(monkeypatch, accept)
+    model = nn.Sequential(_prune_24_(nn.Linear(8, 4)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        new = materialise(model, "2:4", example_input=torch.randn(3, 8))
+    assert new[0].accelerated
+    assert [f.note for f in new.materialise_report.layers] == [""]
+    assert converted == [torch.Size([4, 8])]  # converted once, then cached
+
+
 def test_first_use_under_inference_mode_keeps_autograd_working():
     sparse = build_sparse(_prune_(nn.Linear(16, 8), 0.5), "csr")
     with torch.inference_mode():

@@ -280,12 +280,26 @@ class SemiStructuredLinear(_SparseLinearBase):
 
     @property
     def accelerated(self) -> bool:
-        """Whether forward runs on sparse tensor cores (False: dense fallback)."""
-        return semi_structured_available(self.values.device) and not self._gpu_failed
+        """Whether forward runs on sparse tensor cores (False: dense fallback).
+
+        On a capable GPU this builds the kernel weight first: only the conversion reveals a
+        dtype or shape the backend refuses (cuSPARSELt takes no fp32, for one).
+        """
+        if not semi_structured_available(self.values.device):
+            return False
+        self._kernel_weight()
+        return not self._gpu_failed
+
+    def _apply(self, fn, recurse: bool = True):
+        self._gpu_failed = False  # a new device/dtype gets a new try at the sparse kernels
+        return super()._apply(fn, recurse)
+
+    def _kernel_weight(self) -> torch.Tensor:
+        return self._cached(self._build_weight, (self.values._version, self.metadata._version))
 
     def _build_weight(self) -> torch.Tensor:
         dense = self.format().to_dense()  # (out, in)
-        if self.accelerated:
+        if semi_structured_available(self.values.device) and not self._gpu_failed:
             try:
                 from torch.sparse import to_sparse_semi_structured
 
@@ -295,8 +309,7 @@ class SemiStructuredLinear(_SparseLinearBase):
         return dense
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self._cached(self._build_weight, (self.values._version, self.metadata._version))
-        return F.linear(x, weight, self.bias)
+        return F.linear(x, self._kernel_weight(), self.bias)
 
 
 class CSRConv2d(SparseModule):

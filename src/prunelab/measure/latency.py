@@ -18,16 +18,23 @@ from torch import nn
 
 
 def interleaved_latency(variants: Mapping[str, Callable[[], Any]], reps: int = 15, min_sample_s: float = 2e-3,
-                        warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each variant; repetitions interleaved, order alternating."""
+                        warmup: int = 2, sync: Callable[[], Any] | None = None) -> dict[str, float]:
+    """Median seconds per call of each variant; repetitions interleaved, order alternating.
+
+    ``sync`` runs before each clock read (e.g. ``torch.cuda.synchronize`` for GPU work,
+    whose calls return before the kernels finish).
+    """
     if reps < 1:
         raise ValueError(f"reps must be >= 1, got {reps}")
+    wait = sync if sync is not None else (lambda: None)
     inner: dict[str, int] = {}
     for name, fn in variants.items():
         for _ in range(warmup):
             fn()
+        wait()
         start = time.perf_counter()
         fn()
+        wait()
         once = max(time.perf_counter() - start, 1e-9)
         inner[name] = max(1, min(1000, int(min_sample_s / once) + 1))
     samples: dict[str, list[float]] = {name: [] for name in variants}
@@ -35,9 +42,11 @@ def interleaved_latency(variants: Mapping[str, Callable[[], Any]], reps: int = 1
     for r in range(reps):
         for name in order if r % 2 == 0 else reversed(order):
             fn, n = variants[name], inner[name]
+            wait()
             start = time.perf_counter()
             for _ in range(n):
                 fn()
+            wait()
             samples[name].append((time.perf_counter() - start) / n)
     return {name: statistics.median(values) for name, values in samples.items()}
 
