@@ -157,6 +157,23 @@ def test_pruned_tiny_bert_reloads_with_zeros_where_masks_say(capsys, tmp_path, t
     assert "peak RSS (MB)" in markdown and "encoder.layer.0.attention.self.query" in markdown
 
 
+def test_bias_correction_flag_reaches_the_engine_and_moves_the_biases(capsys, tmp_path, tiny_bert, data_dir):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "corrected"
+    code, _, err = run_cli(capsys, "--model", str(tiny_bert), "--method", "magnitude", "--sparsity", "0.5",
+                           "--bias-correction", "--calib-samples", "8", "--data-dir", str(data_dir), "--out",
+                           str(out), "--no-progress")
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["oneshot"]["config"]["bias_correction"] is True
+    dense = load_file(str(tiny_bert / "model.safetensors"))
+    pruned = load_file(str(out / "model.safetensors"))
+    name = "encoder.layer.0.attention.self.query.bias"
+    assert not torch.equal(pruned[name], dense[name])  # the pruned layer's bias absorbed its mean change
+    assert torch.equal(pruned["pooler.dense.bias"], dense["pooler.dense.bias"])  # unpruned layers untouched
+
+
 def test_chargpt_from_cache_prunes_and_reloads(capsys, tmp_path, monkeypatch, data_dir):
     """``--model chargpt`` with a pre-filled cache (an untrained model): no training in tests."""
     pytest.importorskip("prunelab.oneshot")

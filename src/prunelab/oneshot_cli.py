@@ -178,7 +178,7 @@ def cmd_oneshot(args: argparse.Namespace) -> int:
     # validates method, dampening and block size; N:M divisibility and per-method size limits are
     # checked by prune_oneshot on the loaded model before any forward pass (and before writing)
     config = OneShotConfig(method=args.method, sparsity=sparsity, pattern=pattern, dampening=args.dampening,
-                           block_size=args.block_size, exclude=exclude)
+                           block_size=args.block_size, exclude=exclude, bias_correction=args.bias_correction)
     samples = args.calib_samples or DEFAULT_CALIB_SAMPLES[spec.kind]
     corpus = load_tinyshakespeare(args.data_dir)
     model, tokenizer, meta = _load(spec, args)
@@ -266,6 +266,8 @@ def add_oneshot_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--exclude", action="append", default=None, metavar="GLOB",
                         help="module-name glob left dense (repeatable)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
+    parser.add_argument("--bias-correction", action="store_true",
+                        help="let each pruned layer's bias absorb its mean output change, b += (W - W') E[x]")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     parser.set_defaults(func=cmd_oneshot)
     return parser

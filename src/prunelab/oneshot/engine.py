@@ -83,6 +83,13 @@ class OneShotConfig:
     (keep N of every M consecutive input features).  ``dampening``: fraction of
     ``mean(diag H)`` added to ``diag(H)`` (SparseGPT's ``percdamp``).  ``block_size``:
     SparseGPT's column block.  ``exclude``: module-name globs left dense.
+    ``bias_correction``: after each layer is pruned, its bias absorbs the change of its mean
+    output on the calibration inputs, ``b' = b + (W - W') E[x]`` -- the empirical bias
+    correction of Nagel et al. 2019 ("Data-Free Quantization Through Weight Equalization
+    and Bias Correction", ICCV, sec. 4.2), applied to pruning error as the bias
+    compensation of An et al. 2024 (FLAP, AAAI).  It removes the mean part of the output
+    error, ``||(W - W') X||^2 - n ||(W - W') E[x]||^2`` remains; layers without a bias are
+    left as they are.
     """
 
     method: str = "sparsegpt"
@@ -91,6 +98,7 @@ class OneShotConfig:
     dampening: float = 0.01
     block_size: int = 128
     exclude: tuple[str, ...] = ()
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
         from prunelab.oneshot import SOLVERS  # the package registry (import cycle: engine <- __init__)
@@ -112,6 +120,8 @@ class OneShotConfig:
         if not all(isinstance(p, str) for p in exclude):
             raise PrunelabError(f"exclude must be module-name globs (strings), got {self.exclude!r}; e.g. ('lm_head',)")
         object.__setattr__(self, "exclude", exclude)
+        if not isinstance(self.bias_correction, bool):
+            raise PrunelabError(f"bias_correction must be True or False, got {self.bias_correction!r}")
 
     @property
     def nm(self) -> NM | None:
@@ -129,8 +139,9 @@ class OneShotConfig:
 
 @dataclass(frozen=True)
 class LayerRow:
-    """One pruned layer: ``error`` is ``||W X - W' X||^2 / ||W X||^2`` on its calibration
-    inputs (dense ``W``, pruned ``W'``, no bias); ``dampening`` the fraction of
+    """One pruned layer: ``error`` is ``||W X - W' X - c||^2 / ||W X||^2`` on its calibration
+    inputs (dense ``W``, pruned ``W'``, biases left out; ``c`` the bias correction, 0 when
+    off); ``dampening`` the fraction of
     ``mean(diag H)`` finally used (``None`` for methods without a Hessian).
     ``seconds``: the layer's whole time (statistics-collecting forward passes + solver);
     ``solve_seconds``: the solver alone -- the "time for computing the pruning metric"
@@ -519,25 +530,26 @@ def _collect(block: nn.Module, where: str, target: _Target, inputs: Inputs, need
     return acc.result()
 
 
-def _propagate(block: nn.Module, where: str, inputs: Inputs, dense: Mapping[_Target, Tensor], keep_outputs: bool
-               ) -> dict[_Target, float]:
+def _propagate(block: nn.Module, where: str, inputs: Inputs, dense: Mapping[_Target, tuple[Tensor, Tensor | None]],
+               keep_outputs: bool) -> dict[_Target, float]:
     """Run ``block`` on every item (pruned weights), measure each pruned layer's relative
     reconstruction error and, if ``keep_outputs``, replace the items' hidden states by the
-    block's outputs in place."""
+    block's outputs in place.  ``dense``: target -> (dense ``W``, bias correction or None)."""
     num = {t: 0.0 for t in dense}
     den = {t: 0.0 for t in dense}
 
-    def measure(target: _Target, W: Tensor, delta: Tensor) -> Callable:
+    def measure(target: _Target, W: Tensor, delta: Tensor, shift: Tensor | None) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
             x = target.inputs2d(args[0]).to(W.dtype)  # (n, cols)
-            num[target] += float((x @ delta.T).double().square().sum())  # ||(W - W') X||^2
+            change = x @ delta.T if shift is None else x @ delta.T - shift  # (n, rows)
+            num[target] += float(change.double().square().sum())  # ||(W - W') X - c||^2
             den[target] += float((x @ W.T).double().square().sum())  # ||W X||^2
         return hook
 
     hooks = []
-    for target, W in dense.items():
+    for target, (W, shift) in dense.items():
         pruned = target.weight2d().to(W.dtype)
-        hooks.append((target.module, measure(target, W, W - pruned)))
+        hooks.append((target.module, measure(target, W, W - pruned, None if shift is None else shift.to(W.dtype))))
     with _pre_hooks(hooks):
         for i, item in enumerate(inputs):
             output = _run(block, item, where, i)
@@ -582,8 +594,9 @@ def prune_oneshot(model: nn.Module, calibration: Sequence[Any], config: OneShotC
                 break
             solved, uncalled = _prune_block(block, block_name, targets, inputs, solver, config)
             dense_layers += uncalled
-            errors = _propagate(block, block_name, inputs, {t: dense for t, dense, _, _ in solved}, keep_outputs=b < last)
-            for target, _, solution, (seconds, solve_seconds) in solved:
+            errors = _propagate(block, block_name, inputs, {t: (dense, shift) for t, dense, _, shift, _ in solved},
+                                keep_outputs=b < last)
+            for target, _, solution, _, (seconds, solve_seconds) in solved:
                 keep = solution.mask  # (rows, cols)
                 row = LayerRow(target.name, tuple(target.module.weight.shape), 1.0 - float(keep.sum()) / keep.numel(),
                                errors[target], solution.dampening, seconds, solve_seconds)
@@ -598,10 +611,12 @@ def prune_oneshot(model: nn.Module, calibration: Sequence[Any], config: OneShotC
 
 
 def _prune_block(block: nn.Module, block_name: str, targets: list[_Target], inputs: Inputs, solver: Solver,
-                 config: OneShotConfig) -> tuple[list[tuple[_Target, Tensor, Solution, tuple[float, float]]], list[str]]:
+                 config: OneShotConfig
+                 ) -> tuple[list[tuple[_Target, Tensor, Solution, Tensor | None, tuple[float, float]]], list[str]]:
     """Prune ``targets`` one after the other in execution order, each from the inputs it
     receives with the earlier ones already pruned.  Returns ``(target, dense W, solution,
-    (seconds, solver seconds))`` per pruned layer and the names of targets the block never called."""
+    bias correction or None, (seconds, solver seconds))`` per pruned layer and the names of
+    targets the block never called."""
     if not targets:
         return [], []
     called = _probe(block, block_name, targets, inputs[0])
@@ -610,8 +625,11 @@ def _prune_block(block: nn.Module, block_name: str, targets: list[_Target], inpu
     for target, count in called:
         tick = time.perf_counter()
         stats = None
-        if solver.needs != "none":
-            stats = _collect(block, block_name, target, inputs, solver.needs, stop_early=count == 1)
+        correct = config.bias_correction and getattr(target.module, "bias", None) is not None
+        if solver.needs != "none" or correct:
+            needs = "norms" if solver.needs == "none" else solver.needs
+            stats = _collect(block, block_name, target, inputs, needs, stop_early=count == 1)
+        mean = stats.mean if correct else None  # (cols,) float64
         W = target.weight2d().clone()  # (rows, cols) dense
         solve_tick = time.perf_counter()
         try:
@@ -626,8 +644,18 @@ def _prune_block(block: nn.Module, block_name: str, targets: list[_Target], inpu
                 "raise dampening or pass more calibration samples"
             )
         target.load2d(solution.weight)
-        solved.append((target, W, solution, (time.perf_counter() - tick, solve_seconds)))
+        shift = None if mean is None else _correct_bias_(target, W, solution.weight, mean)
+        solved.append((target, W, solution, shift, (time.perf_counter() - tick, solve_seconds)))
     return solved, uncalled
+
+
+@torch.no_grad()
+def _correct_bias_(target: _Target, dense: Tensor, pruned: Tensor, mean: Tensor) -> Tensor:
+    """``b += (W - W') E[x]`` (Nagel et al. 2019); returns the shift ``(rows,)``."""
+    shift = (dense.to(torch.float64) - pruned.to(torch.float64)) @ mean  # (rows,)
+    bias = target.module.bias
+    bias.add_(shift.to(device=bias.device, dtype=bias.dtype))
+    return shift
 
 
 def _check_targets(targets: list[_Target], config: OneShotConfig, solver: Solver) -> None:

@@ -41,11 +41,14 @@ class InputStats:
 
     ``hessian``: ``(cols, cols)`` float64, ``2 X X^T / n`` (``None`` if not collected).
     ``sq_norms``: ``(cols,)`` float64, ``||X_j||_2^2`` summed over all ``n`` rows
-    (``None`` if not collected).  ``count``: ``n``, the number of input rows seen.
+    (``None`` if not collected).  ``mean``: ``(cols,)`` float64, the mean input row
+    ``E[x]`` (for bias correction; ``None`` if not collected).  ``count``: ``n``, the
+    number of input rows seen.
     """
 
     hessian: Tensor | None = None
     sq_norms: Tensor | None = None
+    mean: Tensor | None = None
     count: int = 0
 
 
@@ -59,40 +62,47 @@ class Solution:
 
 
 class HessianAccumulator:
-    """Running ``H = 2 X X^T / n`` over batches of layer inputs ``(n_b, cols)``."""
+    """Running ``H = 2 X X^T / n`` (and the mean row) over batches of layer inputs ``(n_b, cols)``."""
 
     def __init__(self, cols: int, device: torch.device | str = "cpu") -> None:
         self.sum = torch.zeros(cols, cols, dtype=torch.float64, device=device)  # (cols, cols)
+        self.total = torch.zeros(cols, dtype=torch.float64, device=device)  # (cols,) sum of rows
         self.count = 0
 
     def add(self, x: Tensor) -> None:
         """Add the rows of ``x`` ``(n_b, cols)``: ``sum += x^T x``."""
         x = x.detach().to(torch.float64)  # (n_b, cols)
         self.sum.addmm_(x.T, x)
+        self.total += x.sum(0)
         self.count += x.shape[0]
 
     def result(self) -> InputStats:
         """``H = 2 X X^T / n`` over all ranks (the accumulator is spent: ``H`` reuses its memory)."""
         count = _reduce_(self.sum, self.count)
-        return InputStats(hessian=self.sum.mul_(2.0 / max(count, 1)), count=count)
+        _reduce_(self.total, 0)
+        scale = 1.0 / max(count, 1)
+        return InputStats(hessian=self.sum.mul_(2.0 * scale), mean=self.total.mul_(scale), count=count)
 
 
 class ColumnNormAccumulator:
-    """Running ``||X_j||_2^2`` over batches of layer inputs ``(n_b, cols)``."""
+    """Running ``||X_j||_2^2`` (and the mean row) over batches of layer inputs ``(n_b, cols)``."""
 
     def __init__(self, cols: int, device: torch.device | str = "cpu") -> None:
         self.sum = torch.zeros(cols, dtype=torch.float64, device=device)  # (cols,)
+        self.total = torch.zeros(cols, dtype=torch.float64, device=device)  # (cols,) sum of rows
         self.count = 0
 
     def add(self, x: Tensor) -> None:
         x = x.detach().to(torch.float64)  # (n_b, cols)
         self.sum += x.square().sum(0)
+        self.total += x.sum(0)
         self.count += x.shape[0]
 
     def result(self) -> InputStats:
         """``||X_j||^2`` summed over all rows of all ranks."""
         count = _reduce_(self.sum, self.count)
-        return InputStats(sq_norms=self.sum, count=count)
+        _reduce_(self.total, 0)
+        return InputStats(sq_norms=self.sum, mean=self.total.mul_(1.0 / max(count, 1)), count=count)
 
 
 def _reduce_(total: Tensor, count: int) -> int:
