@@ -29,6 +29,10 @@ nothing.  It needs about a minute on an H100/H200 (``--quick``: a few seconds).
 
     python benchmarks/gpu_semi_structured.py            # writes benchmarks/results/gpu_semi_structured.json
     python benchmarks/gpu_semi_structured.py --quick --out "$OUT"
+
+On a lent device machine (its image has CUDA PyTorch; nothing to install), from the
+repository root: ``PYTHONPATH=src PYTHONUNBUFFERED=1 python3 benchmarks/gpu_semi_structured.py --out $OUT``,
+then copy the record into ``benchmarks/results/``.
 """
 
 from __future__ import annotations
