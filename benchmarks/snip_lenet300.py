@@ -6,15 +6,23 @@ Sensitivity", ICLR 2019, Table 1 (LeNet-300-100): 95.0% sparse -> 1.6% test erro
 
 Every run prunes a *freshly initialised* LeNet-300-100 once (global allocation over the
 three weight matrices), then trains the sparse network from scratch with the masks held
-fixed.  Compared, with the same training: SNIP (one mini-batch of 100 training images for
-the connection sensitivity), random pruning and magnitude at initialisation.  Training
-follows Lee et al. section 5 and their public code (namhoonlee/snip-public): SGD with
-momentum 0.9, batch 100, weight decay 5e-4, lr 0.1 decayed by 0.1 every 25k iterations
-(42 epochs of 600 iterations here).  We stop after 125 epochs (75k iterations, three
-learning-rate phases); later phases run at lr <= 1e-4 and barely move the weights.  The
-error reported is the final test error; the reference code reports the best test
-accuracy over its last five checkpoints, which can only be lower.
-3 methods x 2 sparsities x 3 seeds take about 45 minutes on a free 2-core CPU.
+fixed.  Compared, with the same training: SNIP (one training mini-batch for the connection
+sensitivity), random pruning and magnitude at initialisation.  Two training recipes
+(``--recipe``):
+
+* ``lenet300`` (default): prunelab's LeNet-300-100 recipe (SGD, momentum 0.9, lr 0.1,
+  weight decay 1e-4, batch 128, cosine decay) for 30 epochs, so 3 methods x 2 sparsities
+  x 3 seeds fit in about 15 minutes on a free 2-core CPU.
+* ``paper``: Lee et al. section 5 and their public code (namhoonlee/snip-public): batch
+  100, weight decay 5e-4, lr 0.1 decayed by 0.1 every 25k iterations (42 epochs of 600
+  iterations here), 125 epochs (75k iterations, three learning-rate phases); about 5 minutes
+  per run, 90 minutes for the whole grid.  Measured with it on 2026-12-01 (seeds 0-2, SNIP
+  only; the grid was stopped there): 95% -> 1.90 +- 0.03% test error (1.87, 1.92, 1.91), better than the
+  default recipe's 2.18% but still above the paper's 1.6%.
+
+The error reported is the final test error.  The reference code reports the best test
+accuracy over its last checkpoints (``test.py``: ``1 - max(acc)``), a choice made on the
+test set that can only lower the number.
 
 Note: magnitude at init with a *global* threshold removes the layer with the smallest
 initial weights (fc1, Kaiming-uniform bound 1/sqrt(784)) first -- at 98% it cuts fc1
@@ -37,14 +45,18 @@ from prunelab.bench.models import build_model
 from prunelab.bench.records import (
     benchmark_args, benchmark_environment, resolve_data_dir, rows_table, run_guarded, target, targets_table, write_record,
 )
+from prunelab.bench.recipes import LENET300_DENSE
 from prunelab.bench.training import TrainConfig, seed_everything
 from prunelab.criteria import ScoreData
 from prunelab.methods import PruneSpec
 from prunelab.methods.pai import run_pai, run_snip
 
-# Lee et al. 2019 section 5 / snip-public: 25k iterations of batch 100 per lr phase = 41.7 epochs of MNIST's 60k.
-SNIP_RECIPE = TrainConfig(epochs=125, batch_size=100, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
-                          lr_schedule="step", step_epochs=42, gamma=0.1, seed=0, progress=False)
+RECIPES = {
+    "lenet300": dataclasses.replace(LENET300_DENSE, epochs=30, progress=False),
+    # Lee et al. 2019 section 5 / snip-public: 25k iterations of batch 100 per lr phase = 41.7 epochs of MNIST's 60k.
+    "paper": TrainConfig(epochs=125, batch_size=100, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
+                         lr_schedule="step", step_epochs=42, gamma=0.1, seed=0, progress=False),
+}
 SPARSITIES = (0.95, 0.98)
 SEEDS = (0, 1, 2)
 METHODS = {  # label -> (runner, criterion for run_pai)
@@ -96,13 +108,15 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     parser = benchmark_args(__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=SNIP_RECIPE.epochs,
-                        help=f"training epochs of every run (default {SNIP_RECIPE.epochs})")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="lenet300",
+                        help="training recipe of every run (default lenet300; paper: Lee et al.'s schedule, ~6x longer)")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs of every run (default: the recipe's)")
     args = parser.parse_args(argv)
     quick = args.quick
     started = time.perf_counter()
     splits = load_dataset("mnist", resolve_data_dir(args.data_dir))
-    config = dataclasses.replace(SNIP_RECIPE, epochs=1 if quick else args.epochs)
+    recipe = RECIPES[args.recipe]
+    config = dataclasses.replace(recipe, epochs=1 if quick else (args.epochs or recipe.epochs))
     seeds = SEEDS[:1] if quick else SEEDS
 
     rows = []
@@ -121,20 +135,22 @@ def main(argv=None) -> int:
 
     total = time.perf_counter() - started
     snip = {round(r["sparsity_pct"] / 100, 2): r for r in rows if r["method"] == "SNIP"}
+    budget = 1500 if args.recipe == "lenet300" else 6000
     targets = [
         target("SNIP mean test error at 95% sparsity (%)", round(snip[0.95]["error_pct"], 3), "<= 1.7",
                snip[0.95]["error_pct"] <= 1.7),
         target("SNIP mean test error at 98% sparsity (%)", round(snip[0.98]["error_pct"], 3), "<= 2.4",
                snip[0.98]["error_pct"] <= 2.4),
-        target("total wall time (s)", round(total, 1), "<= 3600", total <= 3600),
+        target("total wall time (s)", round(total, 1), f"<= {budget}", total <= budget),
     ]
     notes = ""
     if not all(t["met"] for t in targets[:2]):
         iterations = config.epochs * -(-len(splits.train) // config.batch_size)
         notes = (f"Each run here trains {config.epochs} epochs ({iterations:,} iterations of batch {config.batch_size}, "
-                 f"weight decay {config.weight_decay:g}, lr x{config.gamma:g} every {config.step_epochs} epochs) and "
-                 "reports the final test error; the reference code reports the best test accuracy over its last five "
-                 "checkpoints, an optimistic choice made on the test set.")
+                 f"weight decay {config.weight_decay:g}, {config.lr_schedule} decay) and reports the final test error. "
+                 "Lee et al. decay lr 0.1 by 0.1 every 25k iterations of batch 100 with weight decay 5e-4 and report "
+                 "the best test accuracy over their last checkpoints. Their schedule is --recipe paper (75k iterations); "
+                 "the script's docstring records what it gave (2026-12-01): part of the gap, not all of it.")
     columns = [("method", "method"), ("sparsity_pct", "sparsity %"), ("error_pct", "test error % (mean)"),
                ("error_std_pct", "std"), ("error_min_pct", "min"), ("error_max_pct", "max"),
                ("kept_fc1_pct", "fc1 kept %"), ("kept_fc2_pct", "fc2 kept %"), ("kept_fc3_pct", "fc3 kept %"),
@@ -142,7 +158,7 @@ def main(argv=None) -> int:
     reference_rows = [{"method": "SNIP (Lee et al. 2019, Table 1)", "sparsity_pct": 100 * s, "error_pct": e}
                       for s, e in PAPER.items()]
     record = {
-        "config": {"train": dataclasses.asdict(config), "sparsities": list(SPARSITIES), "allocation": "global",
+        "config": {"recipe": args.recipe, "train": dataclasses.asdict(config), "sparsities": list(SPARSITIES), "allocation": "global",
                    "snip_batches": 1, "methods": list(METHODS), "quick": quick},
         "seeds": list(seeds),
         "environment": benchmark_environment(),
