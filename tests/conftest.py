@@ -20,3 +20,16 @@ def mnist_dir() -> Path:
             if all((folder / name).is_file() for name in MNIST_FILES):
                 return folder
     pytest.skip("MNIST IDX files not found in $PRUNELAB_DATA or ../shared/data/mnist; set PRUNELAB_DATA to run this test")
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run ``prunelab`` in this process: ``cli(*argv) -> (exit status, stdout, stderr)``."""
+    from prunelab.cli import main
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = main(list(argv))
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run

@@ -14,13 +14,7 @@ FAST = ["--model", "digits_mlp", "--dataset", "digits", "--pretrain-epochs", "3"
         "--rounds", "2", "--no-progress"]
 
 
-def run_cli(capsys, *argv):
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def test_list_shows_every_registered_name(capsys):
+def test_list_shows_every_registered_name(cli):
     from prunelab.allocation import ALLOCATIONS
     from prunelab.bench.datasets import DATASETS
     from prunelab.bench.models import MODELS
@@ -28,7 +22,7 @@ def test_list_shows_every_registered_name(capsys):
     from prunelab.methods import METHODS
     from prunelab.structure import GRANULARITIES
 
-    code, out, _ = run_cli(capsys, "list")
+    code, out, _ = cli("list")
     assert code == 0
     for registry in (CRITERIA, GRANULARITIES, ALLOCATIONS, METHODS, MODELS, DATASETS):
         for entry in registry.entries():
@@ -67,19 +61,19 @@ def test_checkpoint_state_dict_loads_into_unpruned_model(pruned_run):
         assert torch.all(state[name][~mask] == 0)
 
 
-def test_inspect_prints_layer_table(capsys, pruned_run):
-    code, out, _ = run_cli(capsys, "inspect", str(pruned_run))
+def test_inspect_prints_layer_table(cli, pruned_run):
+    code, out, _ = cli("inspect", str(pruned_run))
     assert code == 0
     assert "| total" in out and "fc1.weight" in out
     record = json.loads((pruned_run / "results.json").read_text())
     assert f"{100 * record['achieved_sparsity']:.2f}" in out
 
 
-def test_yaml_config_equals_flags(tmp_path, capsys):
+def test_yaml_config_equals_flags(tmp_path, cli):
     config = tmp_path / "run.yaml"
     config.write_text("model: digits_mlp\ndataset: digits\nmethod: oneshot\nsparsity: 0.5\npretrain_epochs: 2\n"
                       "finetune_epochs: 0\nprogress: false\ncriterion: l2\ngranularity: neuron\nallocation: uniform\n")
-    code, out, err = run_cli(capsys, "prune", "--config", str(config), "--out", str(tmp_path / "a"))
+    code, out, err = cli("prune", "--config", str(config), "--out", str(tmp_path / "a"))
     assert code == 0, err
     record = json.loads((tmp_path / "a" / "results.json").read_text())
     assert record["config"]["granularity"] == "neuron" and record["config"]["method"] == "oneshot"
@@ -106,10 +100,10 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", BAD)
-def test_bad_prune_input_is_one_line_exit_2(case, capsys, tmp_path):
+def test_bad_prune_input_is_one_line_exit_2(case, cli, tmp_path):
     extra, pattern = BAD[case]
     out_dir = tmp_path / "out"
-    code, _, err = run_cli(capsys, "prune", *FAST, *extra, "--out", str(out_dir))
+    code, _, err = cli("prune", *FAST, *extra, "--out", str(out_dir))
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
@@ -118,28 +112,28 @@ def test_bad_prune_input_is_one_line_exit_2(case, capsys, tmp_path):
     assert not out_dir.exists()
 
 
-def test_corrupt_data_file(capsys, tmp_path):
+def test_corrupt_data_file(cli, tmp_path):
     folder = _corrupt_mnist(tmp_path)
-    code, _, err = run_cli(capsys, "prune", *FAST, "--dataset", "mnist", "--data-dir", str(folder), "--out",
+    code, _, err = cli("prune", *FAST, "--dataset", "mnist", "--data-dir", str(folder), "--out",
                            str(tmp_path / "o"))
     assert code == 2 and "sha256" in err and len(err.strip().splitlines()) == 1
 
 
-def test_unwritable_output(capsys, tmp_path):
+def test_unwritable_output(cli, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    code, _, err = run_cli(capsys, "prune", *FAST, "--out", str(blocker / "sub" / "out"))
+    code, _, err = cli("prune", *FAST, "--out", str(blocker / "sub" / "out"))
     assert code == 2 and "output directory" in err
 
 
-def test_output_under_a_read_only_file_system_fails_before_training(capsys):
+def test_output_under_a_read_only_file_system_fails_before_training(cli):
     # /proc refuses new entries even for root, for whom os.access() always says "writable"
-    code, out, err = run_cli(capsys, "prune", *FAST, "--out", "/proc/prunelab-out")
+    code, out, err = cli("prune", *FAST, "--out", "/proc/prunelab-out")
     assert code == 2 and "not writable" in err and len(err.strip().splitlines()) == 1
     assert "dense" not in out  # refused before any training
 
 
-def test_checkpoint_masks_not_matching_model(capsys, tmp_path, pruned_run):
+def test_checkpoint_masks_not_matching_model(cli, tmp_path, pruned_run):
     import shutil
 
     broken = tmp_path / "ckpt"
@@ -148,14 +142,14 @@ def test_checkpoint_masks_not_matching_model(capsys, tmp_path, pruned_run):
     first = next(iter(masks))
     masks[first] = torch.ones(3, 3, dtype=torch.bool)
     save_file(masks, str(broken / "masks.safetensors"))
-    code, _, err = run_cli(capsys, "inspect", str(broken))
+    code, _, err = cli("inspect", str(broken))
     assert code == 2 and "shape" in err and len(err.strip().splitlines()) == 1
 
 
-def test_unknown_config_key(capsys, tmp_path):
+def test_unknown_config_key(cli, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("sparsty: 0.5\n")
-    code, _, err = run_cli(capsys, "prune", "--config", str(config))
+    code, _, err = cli("prune", "--config", str(config))
     assert code == 2 and "sparsty" in err and "valid keys" in err
 
 
@@ -167,11 +161,11 @@ def test_real_process_exit_status_and_no_traceback(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_compress_writes_a_file_that_decodes(capsys, tmp_path, pruned_run):
+def test_compress_writes_a_file_that_decodes(cli, tmp_path, pruned_run):
     from prunelab.compress import read_compressed
 
     target = tmp_path / "model.plc"
-    code, out, err = run_cli(capsys, "compress", str(pruned_run), "--out", str(target), "--bits", "5", "--no-progress")
+    code, out, err = cli("compress", str(pruned_run), "--out", str(target), "--bits", "5", "--no-progress")
     assert code == 0, err
     assert target.is_file() and "decoded from the file" in out and "| total" in out
     state = read_compressed(target)
@@ -181,6 +175,6 @@ def test_compress_writes_a_file_that_decodes(capsys, tmp_path, pruned_run):
         assert len(torch.unique(state[name][mask])) <= 32  # 5-bit codebook
 
 
-def test_compress_bad_bits_is_one_line(capsys, tmp_path, pruned_run):
-    code, _, err = run_cli(capsys, "compress", str(pruned_run), "--out", str(tmp_path / "m.plc"), "--bits", "0")
+def test_compress_bad_bits_is_one_line(cli, tmp_path, pruned_run):
+    code, _, err = cli("compress", str(pruned_run), "--out", str(tmp_path / "m.plc"), "--bits", "0")
     assert code == 2 and len(err.strip().splitlines()) == 1 and not (tmp_path / "m.plc").exists()

@@ -12,12 +12,6 @@ from prunelab.masks import MaskSet
 FAST = ["--model", "digits_mlp", "--dataset", "digits", "--epochs", "1", "--eval-every", "10", "--no-progress"]
 
 
-def run_cli(capsys, *argv):
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 @pytest.fixture(scope="module")
 def two_rounds(tmp_path_factory):
     out = tmp_path_factory.mktemp("lottery") / "run"
@@ -41,13 +35,13 @@ def test_lottery_writes_rounds_and_a_loadable_checkpoint(two_rounds):
         assert not bool(params[name][~last[name]].any())
 
 
-def test_resume_continues_after_the_last_round_and_keeps_finished_ones(capsys, two_rounds, tmp_path):
+def test_resume_continues_after_the_last_round_and_keeps_finished_ones(cli, two_rounds, tmp_path):
     import shutil
 
     run = tmp_path / "run"
     shutil.copytree(two_rounds, run)
     before = (run / "round_001" / "weights.safetensors").read_bytes()
-    code, out, _ = run_cli(capsys, "lottery", *FAST, "--rounds", "3", "--resume", str(run))
+    code, out, _ = cli("lottery", *FAST, "--rounds", "3", "--resume", str(run))
     assert code == 0 and "3 finished rounds read back from the folder, 1 trained now" in out
     assert (run / "round_003" / "metrics.json").is_file()
     assert (run / "round_001" / "weights.safetensors").read_bytes() == before  # finished rounds untouched
@@ -56,17 +50,17 @@ def test_resume_continues_after_the_last_round_and_keeps_finished_ones(capsys, t
 @pytest.mark.parametrize("argv, message", [
     (["--rounds", "2", "--rate", "0.3"], "config.rate (0.2 in the folder, 0.3 now)"),
 ])
-def test_resume_refuses_another_config(capsys, two_rounds, argv, message):
-    code, _, err = run_cli(capsys, "lottery", *FAST, *argv, "--resume", str(two_rounds))
+def test_resume_refuses_another_config(cli, two_rounds, argv, message):
+    code, _, err = cli("lottery", *FAST, *argv, "--resume", str(two_rounds))
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
-def test_refusals_are_one_line_errors(capsys, two_rounds, tmp_path):
-    code, _, err = run_cli(capsys, "lottery", *FAST, "--out", str(two_rounds))
+def test_refusals_are_one_line_errors(cli, two_rounds, tmp_path):
+    code, _, err = cli("lottery", *FAST, "--out", str(two_rounds))
     assert code == 2 and f"pass --resume {two_rounds}" in err
-    code, _, err = run_cli(capsys, "lottery", *FAST, "--resume", str(tmp_path))
+    code, _, err = cli("lottery", *FAST, "--resume", str(tmp_path))
     assert code == 2 and "holds no lottery run" in err
-    code, _, err = run_cli(capsys, "lottery", *FAST, "--rewind-iter", "9999", "--out", str(tmp_path / "r"))
+    code, _, err = cli("lottery", *FAST, "--rewind-iter", "9999", "--out", str(tmp_path / "r"))
     assert code == 2 and "past the end of training" in err and not (tmp_path / "r" / "config.json").exists()
-    code, _, err = run_cli(capsys, "lottery", *FAST, "--model", "nope", "--out", str(tmp_path / "m"))
+    code, _, err = cli("lottery", *FAST, "--model", "nope", "--out", str(tmp_path / "m"))
     assert code == 2 and "valid names" in err

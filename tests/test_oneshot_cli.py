@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import string
 from pathlib import Path
@@ -11,21 +10,6 @@ import pytest
 import torch
 
 from prunelab.errors import PrunelabError
-
-
-def _entry():
-    """``prunelab.cli.main`` once ``oneshot`` is wired into it, else the module's own ``main``."""
-    from prunelab import cli, oneshot_cli
-
-    parser = cli.build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return cli.main if "oneshot" in sub.choices else oneshot_cli.main
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = _entry()(["oneshot", *argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")
@@ -100,38 +84,38 @@ def test_tokenized_batches_group_by_length(tiny_bert):
     (["--pattern", "4:2"], "--pattern '4:2' is not an N:M pattern"),
     (["--pattern", "2:4", "--sparsity", "0.5"], "pass only one of them"),
 ])
-def test_bad_inputs_exit_2_with_one_line_and_no_output(capsys, tmp_path, tiny_bert, argv, expected):
+def test_bad_inputs_exit_2_with_one_line_and_no_output(cli, tmp_path, tiny_bert, argv, expected):
     out = tmp_path / "out"
     base = {"--model": str(tiny_bert), "--method": "magnitude"}
     args = [*argv]
     for flag, value in base.items():
         if flag not in args:
             args += [flag, value]
-    code, _, err = run_cli(capsys, *args, "--out", str(out), "--no-progress")
+    code, _, err = cli("oneshot", *args, "--out", str(out), "--no-progress")
     assert code == 2
     assert err.startswith("error: ") and err.count("\n") == 1 and expected in err, err
     assert "Traceback" not in err and not out.exists() and list(tmp_path.iterdir()) == []
 
 
-def test_unknown_method_and_indivisible_pattern_exit_2(capsys, tmp_path, tiny_bert, data_dir):
+def test_unknown_method_and_indivisible_pattern_exit_2(cli, tmp_path, tiny_bert, data_dir):
     pytest.importorskip("prunelab.oneshot")
     out = tmp_path / "out"
-    code, _, err = run_cli(capsys, "--model", str(tiny_bert), "--method", "sparsgpt", "--out", str(out))
+    code, _, err = cli("oneshot", "--model", str(tiny_bert), "--method", "sparsgpt", "--out", str(out))
     assert code == 2 and err.count("\n") == 1 and "unknown one-shot method 'sparsgpt'" in err and "sparsegpt" in err
-    code, _, err = run_cli(capsys, "--model", str(tiny_bert), "--method", "wanda", "--pattern", "3:7",
+    code, _, err = cli("oneshot", "--model", str(tiny_bert), "--method", "wanda", "--pattern", "3:7",
                            "--calib-samples", "2", "--data-dir", str(data_dir), "--out", str(out), "--no-progress")
     assert code == 2 and err.count("\n") == 1 and "does not divide" in err, err
     assert list(tmp_path.iterdir()) == []
 
 
 # --- a real run --------------------------------------------------------------------------------
-def test_pruned_tiny_bert_reloads_with_zeros_where_masks_say(capsys, tmp_path, tiny_bert, data_dir):
+def test_pruned_tiny_bert_reloads_with_zeros_where_masks_say(cli, tmp_path, tiny_bert, data_dir):
     pytest.importorskip("prunelab.oneshot")
     from safetensors.torch import load_file
     from transformers import AutoModel, AutoTokenizer
 
     out = tmp_path / "pruned"
-    code, _, err = run_cli(capsys, "--model", str(tiny_bert), "--method", "sparsegpt", "--pattern", "2:4",
+    code, _, err = cli("oneshot", "--model", str(tiny_bert), "--method", "sparsegpt", "--pattern", "2:4",
                                 "--calib-samples", "16", "--data-dir", str(data_dir), "--out", str(out),
                                 "--no-progress")
     assert code == 0, err
@@ -157,11 +141,11 @@ def test_pruned_tiny_bert_reloads_with_zeros_where_masks_say(capsys, tmp_path, t
     assert "peak RSS (MB)" in markdown and "encoder.layer.0.attention.self.query" in markdown
 
 
-def test_bias_correction_flag_reaches_the_engine_and_moves_the_biases(capsys, tmp_path, tiny_bert, data_dir):
+def test_bias_correction_flag_reaches_the_engine_and_moves_the_biases(cli, tmp_path, tiny_bert, data_dir):
     from safetensors.torch import load_file
 
     out = tmp_path / "corrected"
-    code, _, err = run_cli(capsys, "--model", str(tiny_bert), "--method", "magnitude", "--sparsity", "0.5",
+    code, _, err = cli("oneshot", "--model", str(tiny_bert), "--method", "magnitude", "--sparsity", "0.5",
                            "--bias-correction", "--calib-samples", "8", "--data-dir", str(data_dir), "--out",
                            str(out), "--no-progress")
     assert code == 0, err
@@ -174,7 +158,7 @@ def test_bias_correction_flag_reaches_the_engine_and_moves_the_biases(capsys, tm
     assert torch.equal(pruned["pooler.dense.bias"], dense["pooler.dense.bias"])  # unpruned layers untouched
 
 
-def test_chargpt_from_cache_prunes_and_reloads(capsys, tmp_path, monkeypatch, data_dir):
+def test_chargpt_from_cache_prunes_and_reloads(cli, tmp_path, monkeypatch, data_dir):
     """``--model chargpt`` with a pre-filled cache (an untrained model): no training in tests."""
     pytest.importorskip("prunelab.oneshot")
     from prunelab.bench.chargpt import (
@@ -193,7 +177,7 @@ def test_chargpt_from_cache_prunes_and_reloads(capsys, tmp_path, monkeypatch, da
     with atomic_dir(chargpt_cache_root() / sha[:12]) as folder:
         save_chargpt(CharGPT(config.model), folder, {"sha256": sha})
     out = tmp_path / "chargpt-2of4"
-    code, _, err = run_cli(capsys, "--model", "chargpt", "--method", "wanda", "--pattern", "2:4", "--calib-samples", "4",
+    code, _, err = cli("oneshot", "--model", "chargpt", "--method", "wanda", "--pattern", "2:4", "--calib-samples", "4",
                            "--data-dir", str(data_dir), "--out", str(out), "--no-progress")
     assert code == 0, err
     model, meta = load_chargpt(out)
