@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import resource
 import sys
 import time
 
@@ -55,6 +54,7 @@ from prunelab.bench.text import (
     eval_windows,
     load_tinyshakespeare,
 )
+from prunelab.measure.memory import peak_rss_mb
 from prunelab.oneshot import OneShotConfig, prune_oneshot
 from prunelab.oneshot.diagnostics import input_norm_spread, spread_summary
 
@@ -66,9 +66,6 @@ COLUMNS = [("method", "method"), ("sparsity", "sparsity"), ("sparsity_pct", "ach
            ("val_loss", "val loss"), ("val_ppl", "val ppl"), ("ppl_increase", "ppl increase"),
            ("prune_time_s", "prune s"), ("solver_time_s", "solver s"), ("max_layer_error", "max layer err")]
 
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _why_not(targets: list[dict], rows: list[dict], spread: dict[str, float]) -> str:
@@ -167,7 +164,7 @@ def main(argv=None) -> int:
     notes = _why_not(targets, rows, spread_summary(spread))
     if notes:
         print(notes)
-    peak = _peak_rss_mb()
+    peak = peak_rss_mb()
     record = {
         "config": {"model": meta["model_args"], "train": meta["train_config"], "model_sha256": meta["sha256"],
                    "calibration": {"samples": args.calib_samples, "length": block, "split": "train",

@@ -39,7 +39,6 @@ magnitude on both measures (the plain methods, as published).  Peak RSS and prun
 from __future__ import annotations
 
 import copy
-import resource
 import sys
 import time
 
@@ -62,6 +61,7 @@ from prunelab.bench.records import (
     write_record,
 )
 from prunelab.bench.text import calibration_lines, held_out_lines, load_tinyshakespeare
+from prunelab.measure.memory import peak_rss_mb
 from prunelab.oneshot import OneShotConfig, prune_oneshot
 from prunelab.oneshot.diagnostics import input_norm_spread, spread_summary
 
@@ -73,9 +73,6 @@ COLUMNS = [("method", "method"), ("sparsity", "sparsity"), ("sparsity_pct", "ach
            ("mean_cosine", "mean cosine"), ("min_cosine", "min cosine"), ("nn_agreement_pct", "NN agreement %"),
            ("prune_time_s", "prune s"), ("embed_time_s", "embed s")]
 
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def nearest_neighbours(embeddings: torch.Tensor) -> torch.Tensor:
@@ -171,7 +168,7 @@ def main(argv=None) -> int:
         gain = r["nn_agreement_pct"] - magnitude["nn_agreement_pct"]
         targets.append(target(f"{method} - magnitude NN agreement at 50% (points)", round(gain, 2), "> 0", gain > 0))
     notes = _why_not(targets, rows, spread_summary(spread))
-    peak = _peak_rss_mb()
+    peak = peak_rss_mb()
     record = {
         "config": {"model": "all-MiniLM-L6-v2", "model_path": str(minilm_path()),
                    "calibration": {"lines": n_calib, "split": "train", "batch_size": 16, "seed": args.seed},

@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import os
 import re
-import resource
 import sys
 import time
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prunelab.errors import PrunelabError
+from prunelab.measure.memory import peak_rss_mb
 
 if TYPE_CHECKING:  # importing the CLI must stay cheap: torch is imported only when a command runs
     from torch import nn
@@ -102,11 +102,6 @@ def _validate_args(args: argparse.Namespace) -> tuple[float, str | None]:
         )
     return sparsity, pattern
 
-
-def _peak_rss_mb() -> float:
-    """This process's peak resident set size (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
 def _report_rows(report: Any) -> list[dict[str, Any]]:
@@ -212,7 +207,7 @@ def cmd_oneshot(args: argparse.Namespace) -> int:
             "params": params,
             "nonzero_params": nonzero,
             "wall_time_s": getattr(report, "wall_time_s", wall),
-            "peak_rss_mb": max(getattr(report, "peak_rss_mb", 0.0) or 0.0, _peak_rss_mb()),
+            "peak_rss_mb": max(getattr(report, "peak_rss_mb", 0.0) or 0.0, peak_rss_mb()),
         },
         "oneshot": report.to_dict(),
         "source": {k: v for k, v in meta.items() if k in ("source", "folder", "sha256", "metrics")},

@@ -50,7 +50,6 @@ import dataclasses
 import fnmatch
 import math
 import re
-import resource
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -65,6 +64,7 @@ from prunelab.allocation import check_sparsity
 from prunelab.criteria.base import eval_mode
 from prunelab.errors import PrunelabError
 from prunelab.masks import MaskSet
+from prunelab.measure.memory import peak_rss_mb
 from prunelab.oneshot.stats import ColumnNormAccumulator, HessianAccumulator, InputStats, Solution
 from prunelab.structure import NM
 
@@ -606,7 +606,7 @@ def prune_oneshot(model: nn.Module, calibration: Sequence[Any], config: OneShotC
                     damp = "" if row.dampening is None else f" dampening {row.dampening:g}"
                     print(f"[oneshot {config.method}] {row.name} {row.shape}: sparsity {row.sparsity:.4f} "
                           f"error {row.error:.4g}{damp} ({row.seconds:.2f} s)", file=sys.stderr, flush=True)
-    return OneShotReport(config, rows, time.perf_counter() - started, _peak_rss_mb(), MaskSet(masks),
+    return OneShotReport(config, rows, time.perf_counter() - started, peak_rss_mb(), MaskSet(masks),
                          tuple(dense_layers), len(items))
 
 
@@ -674,7 +674,3 @@ def _check_targets(targets: list[_Target], config: OneShotConfig, solver: Solver
                 f"{t.name!r} has {cols}; use 'lobs' or 'sparsegpt', or exclude that layer"
             )
 
-
-def _peak_rss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
