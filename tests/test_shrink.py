@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -19,6 +18,8 @@ from prunelab.materialise.shrink import (
     silence_pruned_channels_,
 )
 from prunelab.materialise.spec import load_shrunk, save_shrunk
+
+from toy_attention import AttnNet  # tests/ helper module
 
 TOL = 1e-5
 
@@ -151,38 +152,6 @@ class DepthwiseNet(nn.Module):
         x = F.relu6(self.bn2(self.dw(x)))
         x = self.pw2(x).mean((2, 3))  # (B, 6)
         return self.fc(x)
-
-
-class ToyAttention(nn.Module):
-    """Reference multi-head self-attention with separate projections (reads self.num_heads)."""
-
-    def __init__(self, embed_dim: int, num_heads: int) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = embed_dim // num_heads
-        self.q_proj = nn.Linear(embed_dim, embed_dim)
-        self.k_proj = nn.Linear(embed_dim, embed_dim)
-        self.v_proj = nn.Linear(embed_dim, embed_dim)
-        self.out_proj = nn.Linear(embed_dim, embed_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        split = lambda y: y.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(self.head_dim), dim=-1)  # (B, H, T, T)
-        y = (weights @ v).transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)  # (B, T, H*D)
-        return self.out_proj(y)
-
-
-class AttnNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Linear(6, 16)
-        self.attn = ToyAttention(16, 4)
-        self.head = nn.Linear(16, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.attn(self.embed(x)))  # (B, T, 3)
 
 
 class Gate(nn.Module):

@@ -1,0 +1,113 @@
+"""Attention-head pruning: scores by hand, selection rules, masks that shrink exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunelab.errors import PrunelabError
+from prunelab.heads import attention_units, head_importance, head_magnitude, head_masks
+from prunelab.materialise.shrink import shrink_model
+
+from toy_attention import AttnNet, ToyAttention  # tests/ helper module
+
+
+class TwoUnits(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 16)
+        self.a = ToyAttention(16, 4)
+        self.b = ToyAttention(16, 4)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, 6) -> (B, 3)
+        return self.head(self.b(self.a(self.embed(x)))).mean(1)
+
+
+def test_magnitude_is_the_squared_norm_of_what_each_head_owns():
+    torch.manual_seed(0)
+    model = AttnNet()
+    attn = model.attn
+    expected = torch.zeros(4, dtype=torch.float64)
+    for h in range(4):
+        rows = slice(4 * h, 4 * h + 4)
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+            expected[h] += proj.weight.detach().double()[rows].square().sum()
+        expected[h] += attn.out_proj.weight.detach().double()[:, rows].square().sum()
+    torch.testing.assert_close(head_magnitude(model)["attn"], expected)
+
+
+def test_importance_is_the_gate_gradient_of_michel_et_al():
+    torch.manual_seed(1)
+    model = TwoUnits()
+    x, y = torch.randn(5, 3, 6), torch.tensor([0, 1, 2, 0, 1])
+    # by hand: gates multiply unit a's context per head; |dL/dgate| of the batch loss
+    gate = torch.ones(4, requires_grad=True)
+    unit = model.a
+    context = {}
+
+    def hook(module, args):
+        context["c"] = args[0]
+        return (args[0] * gate.repeat_interleave(4),)
+
+    handle = unit.out_proj.register_forward_pre_hook(hook)
+    loss = F.cross_entropy(model(x), y)
+    (by_hand,) = torch.autograd.grad(loss, [gate])
+    handle.remove()
+    scores = head_importance(model, [(x, y)], normalise=False)
+    torch.testing.assert_close(scores["a"], by_hand.abs().double(), rtol=1e-6, atol=1e-9)
+    normalised = head_importance(model, [(x, y)])
+    torch.testing.assert_close(normalised["b"].norm(), torch.tensor(1.0, dtype=torch.float64))
+    assert all(p.grad is None for p in model.parameters())  # gradients left as they were
+    assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+def test_global_selection_prunes_the_lowest_heads_but_keeps_one_per_unit():
+    model = TwoUnits()
+    scores = {"a": torch.tensor([0.1, 0.2, 0.3, 0.4]), "b": torch.tensor([5.0, 6.0, 7.0, 8.0])}
+    choice = head_masks(model, scores, 0.5)  # 4 of 8 heads: a's lowest 3 (one must stay), then b's lowest
+    assert choice.keep["a"].tolist() == [False, False, False, True]
+    assert choice.keep["b"].tolist() == [False, True, True, True]
+    assert choice.pruned_fraction == 0.5
+    rows = choice.masks["a.q_proj.weight"].all(1)  # (16,) whole rows kept or pruned
+    assert rows.tolist() == [False] * 12 + [True] * 4
+    assert set(choice.masks) == {f"{u}.{p}.weight" for u in "ab" for p in ("q_proj", "k_proj", "v_proj")}
+
+
+def test_uniform_selection_prunes_the_same_count_in_every_unit():
+    model = TwoUnits()
+    scores = {"a": torch.tensor([0.4, 0.1, 0.3, 0.2]), "b": torch.tensor([5.0, 6.0, 7.0, 8.0])}
+    choice = head_masks(model, scores, 0.5, allocation="uniform")
+    assert choice.keep["a"].tolist() == [True, False, True, False]
+    assert choice.keep["b"].tolist() == [False, False, True, True]
+
+
+def test_head_masks_shrink_to_fewer_heads_with_equal_outputs():
+    torch.manual_seed(2)
+    model = TwoUnits()
+    x, y = torch.randn(6, 3, 6), torch.randint(0, 3, (6,))
+    choice = head_masks(model, head_importance(model, [(x, y)]), 0.5)
+    masked = choice.masks.apply_(model)
+    shrunk = shrink_model(masked, choice.masks, x)
+    assert shrunk.a.num_heads + shrunk.b.num_heads == 4
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x), masked(x), atol=1e-5, rtol=0)
+
+
+def test_bad_inputs_say_what_to_do():
+    model = TwoUnits()
+    good = {"a": torch.zeros(4), "b": torch.zeros(4)}
+    with pytest.raises(PrunelabError, match="no attention unit"):
+        attention_units(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(PrunelabError, match="unknown head allocation 'erk'"):
+        head_masks(model, good, 0.5, allocation="erk")
+    with pytest.raises(PrunelabError, match=r"expected \(4,\)"):
+        head_masks(model, {"a": torch.zeros(3), "b": torch.zeros(4)}, 0.5)
+    with pytest.raises(PrunelabError, match="scores name units"):
+        head_masks(model, {"a": torch.zeros(4)}, 0.5)
+    with pytest.raises(PrunelabError, match="sparsity must be in"):
+        head_masks(model, good, 1.5)
+    with pytest.raises(PrunelabError, match="got no batches"):
+        head_importance(model, [])
