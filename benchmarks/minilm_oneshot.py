@@ -48,6 +48,7 @@ from prunelab.bench.minilm import (
     embed_sentences,
     load_minilm,
     minilm_path,
+    nearest_neighbours,
     tokenized_batches,
 )
 from prunelab.bench.records import (
@@ -73,13 +74,6 @@ COLUMNS = [("method", "method"), ("sparsity", "sparsity"), ("sparsity_pct", "ach
            ("mean_cosine", "mean cosine"), ("min_cosine", "min cosine"), ("nn_agreement_pct", "NN agreement %"),
            ("prune_time_s", "prune s"), ("embed_time_s", "embed s")]
 
-
-
-def nearest_neighbours(embeddings: torch.Tensor) -> torch.Tensor:
-    """Index of each row's most similar *other* row (cosine; rows are unit-norm) -> ``(N,)``."""
-    sims = embeddings @ embeddings.T  # (N, N)
-    sims.fill_diagonal_(float("-inf"))
-    return sims.argmax(dim=1)  # (N,)
 
 
 def _why_not(targets: list[dict], rows: list[dict], spread: dict[str, float]) -> str:

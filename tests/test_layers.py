@@ -1,0 +1,135 @@
+"""Layer pruning: ShortGPT block influence by hand, dropping blocks from lists, Sequentials and transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunelab.errors import PrunelabError
+from prunelab.layers import block_influence, drop_blocks, lowest_influence
+
+
+class Residual(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C)
+        return x + self.fc(x)
+
+
+class Stack(nn.Module):
+    def __init__(self, depth: int = 3, dim: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, dim)
+        self.blocks = nn.ModuleList(Residual(dim) for _ in range(depth))
+        self.out = nn.Linear(dim, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.out(h)
+
+
+def test_block_influence_is_one_minus_the_mean_token_cosine():
+    torch.manual_seed(0)
+    model = Stack()
+    x = torch.randn(5, 7, 4)
+    with torch.no_grad():
+        h = model.embed(x)
+        expected = {}
+        for i, block in enumerate(model.blocks):
+            out = block(h)
+            expected[f"blocks.{i}"] = 1.0 - float(F.cosine_similarity(h.double(), out.double(), dim=-1).mean())
+            h = out
+    scores = block_influence(model, [x[:2], x[2:]])  # two batches: the mean over all 35 tokens
+    assert list(scores) == list(expected)
+    for name in expected:
+        assert scores[name] == pytest.approx(expected[name], rel=1e-9)
+    assert model.training and not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_padding_positions_are_left_out():
+    torch.manual_seed(1)
+    model = Stack()
+
+    class Keyword(nn.Module):  # model(**batch) with an attention mask, like a tokenizer dict
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, inputs, attention_mask):
+            return self.inner(inputs)
+
+    wrapped = Keyword(model)
+    x = torch.randn(2, 6, 4)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
+    with_mask = block_influence(wrapped, [{"inputs": x, "attention_mask": mask}])
+    kept_only = block_influence(model, [x[0:1, :3], x[1:2, :5]])  # blocks act per token
+    for name in kept_only:
+        assert with_mask[f"inner.{name}"] == pytest.approx(kept_only[name], rel=1e-9)
+
+
+def test_lowest_influence_and_drop_from_a_module_list():
+    torch.manual_seed(2)
+    model = Stack(depth=4)
+    scores = {"blocks.0": 0.3, "blocks.1": 0.1, "blocks.2": 0.1, "blocks.3": 0.5}
+    names = lowest_influence(scores, 2)
+    assert names == ["blocks.1", "blocks.2"]  # tie broken by order, returned in block order
+    kept = [model.blocks[0], model.blocks[3]]
+    x = torch.randn(3, 5, 4)
+    with torch.no_grad():
+        expected = model.out(kept[1](kept[0](model.embed(x))))
+    drop_blocks(model, names)
+    assert len(model.blocks) == 2 and model.blocks[0] is kept[0] and model.blocks[1] is kept[1]
+    torch.testing.assert_close(model(x), expected)
+    assert list(model.state_dict())[2:4] == ["blocks.0.fc.weight", "blocks.0.fc.bias"]
+
+
+def test_sequential_blocks_become_identity():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    drop_blocks(model, ["1"])
+    assert isinstance(model[1], nn.Identity) and len(model) == 3
+
+
+def test_chargpt_config_follows_the_dropped_blocks():
+    from prunelab.bench.chargpt import CharGPT, CharGPTConfig
+
+    model = CharGPT(CharGPTConfig(n_layer=3, n_embd=32, n_head=2, block_size=16))
+    drop_blocks(model, ["blocks.1"])
+    assert model.config.n_layer == 2 and len(model.blocks) == 2
+    assert model(torch.zeros(1, 8, dtype=torch.long)).shape == (1, 8, 65)
+
+
+def test_transformers_model_reloads_with_fewer_layers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=32)
+    torch.manual_seed(3)
+    model = transformers.BertModel(config).eval()
+    batch = {"input_ids": torch.randint(5, 40, (2, 6)), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    scores = block_influence(model, [batch])
+    assert list(scores) == [f"encoder.layer.{i}" for i in range(3)] and all(0 <= s <= 2 for s in scores.values())
+    drop_blocks(model, lowest_influence(scores, 1))
+    assert model.config.num_hidden_layers == 2
+    model.save_pretrained(str(tmp_path))
+    reloaded = transformers.BertModel.from_pretrained(str(tmp_path), local_files_only=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).last_hidden_state, model(**batch).last_hidden_state)
+
+
+def test_bad_inputs_say_what_to_do():
+    model = Stack()
+    with pytest.raises(PrunelabError, match="unknown blocks"):
+        drop_blocks(model, ["blocks.9"])
+    with pytest.raises(PrunelabError, match="leaves none"):
+        drop_blocks(model, ["blocks.0", "blocks.1", "blocks.2"])
+    with pytest.raises(PrunelabError, match=r"count must be an integer in \[0, 3\)"):
+        lowest_influence({"a": 0.0, "b": 1.0, "c": 2.0}, 3)
+    with pytest.raises(PrunelabError, match="no calibration inputs"):
+        block_influence(model, [])
+    with pytest.raises(PrunelabError, match="no repeated blocks"):
+        block_influence(nn.Linear(4, 4), [torch.randn(2, 4)])
