@@ -67,6 +67,7 @@ def plot(rows: list[dict], path) -> None:
     for order in ("lowest BI", "last layers", "random"):
         mine = [r for r in rows if r["order"] == order]
         ax.plot([0] + [r["dropped"] for r in mine], [1.0] + [r["mean_cosine"] for r in mine], marker="o", label=order)
+    ax.set_xticks([0, *DEPTHS])
     ax.set_xlabel("encoder layers removed (of 6)")
     ax.set_ylabel("mean cosine to dense embeddings")
     ax.set_title("all-MiniLM-L6-v2: layer removal, no retraining")
