@@ -37,6 +37,7 @@ import torch
 from torch.utils.data import Subset
 
 from prunelab.bench.datasets import DatasetSplits, load_dataset, make_loaders
+from prunelab.bench.plots import plot_axes
 from prunelab.bench.records import (
     benchmark_args, benchmark_environment, resolve_data_dir, rows_table, run_guarded, target, targets_table, write_record,
 )
@@ -64,25 +65,16 @@ def error_with_heads(model, scores, share: float, test_loader) -> tuple[float, i
 
 
 def plot(rows: list[dict], dense_error: float, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    shares = [0.0] + [r["pruned_pct"] for r in rows]
-    for key, label in (("importance_error_pct", "importance (Michel et al.)"), ("magnitude_error_pct", "magnitude"),
-                       ("random_error_pct", "random (mean of 3)")):
-        ax.plot(shares, [dense_error] + [r[key] for r in rows], marker="o", label=label)
-    ax.set_xlabel("attention heads removed (%)")
-    ax.set_ylabel("test error (%), no retraining")
-    ax.set_yscale("log")
-    ax.set_title("RowTransformer / MNIST: head pruning")
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with plot_axes(path, figsize=(6, 4)) as ax:
+        shares = [0.0] + [r["pruned_pct"] for r in rows]
+        for key, label in (("importance_error_pct", "importance (Michel et al.)"), ("magnitude_error_pct", "magnitude"),
+                           ("random_error_pct", "random (mean of 3)")):
+            ax.plot(shares, [dense_error] + [r[key] for r in rows], marker="o", label=label)
+        ax.set_xlabel("attention heads removed (%)")
+        ax.set_ylabel("test error (%), no retraining")
+        ax.set_yscale("log")
+        ax.set_title("RowTransformer / MNIST: head pruning")
+        ax.legend()
 
 
 def main(argv=None) -> int:

@@ -31,6 +31,7 @@ import torch
 
 from prunelab.bench.datasets import load_dataset, make_loaders
 from prunelab.bench.models import build_model
+from prunelab.bench.plots import plot_axes
 from prunelab.bench.records import (
     benchmark_args, benchmark_environment, resolve_data_dir, rows_table, run_guarded, target, targets_table, write_record,
 )
@@ -83,28 +84,19 @@ def run_point(splits, label: str, exponent: float, config) -> dict:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label in CRITERIA:
-        mine = [r for r in rows if r["method"] == label]
-        line, = ax.plot([r["log10_compression"] for r in mine], [r["accuracy_pct"] for r in mine], marker="o",
-                        label=label)
-        cut = [r for r in mine if r["collapsed_layers"]]
-        ax.scatter([r["log10_compression"] for r in cut], [r["accuracy_pct"] for r in cut], marker="x", s=90,
-                   color=line.get_color(), zorder=5)
-    ax.axhline(CHANCE_PCT, color="grey", linestyle="--", label="chance (majority class)")
-    ax.set_xlabel("compression ratio (log10): total / kept weights")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("LeNet-300-100 / MNIST pruned at init; x = a layer fully cut")
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with plot_axes(path, figsize=(7, 4.5)) as ax:
+        for label in CRITERIA:
+            mine = [r for r in rows if r["method"] == label]
+            line, = ax.plot([r["log10_compression"] for r in mine], [r["accuracy_pct"] for r in mine], marker="o",
+                            label=label)
+            cut = [r for r in mine if r["collapsed_layers"]]
+            ax.scatter([r["log10_compression"] for r in cut], [r["accuracy_pct"] for r in cut], marker="x", s=90,
+                       color=line.get_color(), zorder=5)
+        ax.axhline(CHANCE_PCT, color="grey", linestyle="--", label="chance (majority class)")
+        ax.set_xlabel("compression ratio (log10): total / kept weights")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title("LeNet-300-100 / MNIST pruned at init; x = a layer fully cut")
+        ax.legend()
 
 
 def main(argv=None) -> int:

@@ -33,6 +33,7 @@ import time
 import torch
 
 from prunelab.bench.minilm import embed_sentences, load_minilm, nearest_neighbours, tokenized_batches
+from prunelab.bench.plots import plot_axes
 from prunelab.bench.records import (
     benchmark_args, benchmark_environment, resolve_data_dir, rows_table, run_guarded, target, targets_table, write_record,
 )
@@ -58,24 +59,15 @@ class Encoder(torch.nn.Module):
 
 
 def plot(rows: list[dict], path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for order in ("lowest BI", "last layers", "random"):
-        mine = [r for r in rows if r["order"] == order]
-        ax.plot([0] + [r["dropped"] for r in mine], [1.0] + [r["mean_cosine"] for r in mine], marker="o", label=order)
-    ax.set_xticks([0, *DEPTHS])
-    ax.set_xlabel("encoder layers removed (of 6)")
-    ax.set_ylabel("mean cosine to dense embeddings")
-    ax.set_title("all-MiniLM-L6-v2: layer removal, no retraining")
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with plot_axes(path, figsize=(6, 4)) as ax:
+        for order in ("lowest BI", "last layers", "random"):
+            mine = [r for r in rows if r["order"] == order]
+            ax.plot([0] + [r["dropped"] for r in mine], [1.0] + [r["mean_cosine"] for r in mine], marker="o", label=order)
+        ax.set_xticks([0, *DEPTHS])
+        ax.set_xlabel("encoder layers removed (of 6)")
+        ax.set_ylabel("mean cosine to dense embeddings")
+        ax.set_title("all-MiniLM-L6-v2: layer removal, no retraining")
+        ax.legend()
 
 
 def main(argv=None) -> int:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from prunelab.bench.datasets import load_dataset, make_loaders
 from prunelab.bench.models import build_model
+from prunelab.bench.plots import plot_axes
 from prunelab.bench.records import (
     benchmark_args, benchmark_environment, resolve_data_dir, rows_table, run_guarded, target, targets_table, write_record,
 )
@@ -62,27 +63,18 @@ def summarise(values: list[float]) -> tuple[float, float]:
 
 
 def plot(rows: list[dict], dense_pct: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    x = [r["remaining_pct"] for r in rows]
-    for key, label in (("ticket_es_accuracy_pct", "winning ticket"), ("reinit_es_accuracy_pct", "random reinit")):
-        ax.errorbar(x, [r[key] for r in rows], yerr=[r[key.replace("_pct", "_std_pct")] for r in rows], marker="o",
-                    capsize=3, label=label)
-    ax.axhline(dense_pct, color="grey", linestyle="--", label="dense")
-    ax.set_xscale("log")
-    ax.invert_xaxis()
-    ax.set_xlabel("weights remaining (%)")
-    ax.set_ylabel("test accuracy at early stop (%)")
-    ax.set_title("LeNet-300-100 / MNIST lottery tickets")
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with plot_axes(path, figsize=(6.5, 4.2)) as ax:
+        x = [r["remaining_pct"] for r in rows]
+        for key, label in (("ticket_es_accuracy_pct", "winning ticket"), ("reinit_es_accuracy_pct", "random reinit")):
+            ax.errorbar(x, [r[key] for r in rows], yerr=[r[key.replace("_pct", "_std_pct")] for r in rows], marker="o",
+                        capsize=3, label=label)
+        ax.axhline(dense_pct, color="grey", linestyle="--", label="dense")
+        ax.set_xscale("log")
+        ax.invert_xaxis()
+        ax.set_xlabel("weights remaining (%)")
+        ax.set_ylabel("test accuracy at early stop (%)")
+        ax.set_title("LeNet-300-100 / MNIST lottery tickets")
+        ax.legend()
 
 
 def main(argv=None) -> int:

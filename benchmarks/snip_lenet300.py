@@ -43,6 +43,7 @@ from pathlib import Path
 
 from prunelab.bench.datasets import load_dataset, make_loaders
 from prunelab.bench.models import build_model
+from prunelab.bench.plots import plot_axes
 from prunelab.bench.records import (
     benchmark_args, benchmark_environment, resolve_data_dir, rows_table, run_guarded, target, targets_table, write_record,
 )
@@ -84,27 +85,18 @@ def run_one(splits, label: str, sparsity: float, seed: int, config) -> dict:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label in METHODS:
-        mine = [r for r in rows if r["method"] == label]
-        ax.errorbar([r["sparsity_pct"] for r in mine], [r["error_pct"] for r in mine],
-                    yerr=[r["error_std_pct"] for r in mine], marker="o", capsize=3, label=label)
-    ax.scatter([100 * s for s in PAPER], list(PAPER.values()), marker="*", s=120, color="black", label="SNIP (paper)",
-               zorder=5)
-    ax.set_yscale("log")
-    ax.set_xlabel("sparsity (%)")
-    ax.set_ylabel("test error (%), mean ± std over seeds")
-    ax.set_title("LeNet-300-100 / MNIST, pruned at init")
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with plot_axes(path, figsize=(6, 4)) as ax:
+        for label in METHODS:
+            mine = [r for r in rows if r["method"] == label]
+            ax.errorbar([r["sparsity_pct"] for r in mine], [r["error_pct"] for r in mine],
+                        yerr=[r["error_std_pct"] for r in mine], marker="o", capsize=3, label=label)
+        ax.scatter([100 * s for s in PAPER], list(PAPER.values()), marker="*", s=120, color="black", label="SNIP (paper)",
+                   zorder=5)
+        ax.set_yscale("log")
+        ax.set_xlabel("sparsity (%)")
+        ax.set_ylabel("test error (%), mean ± std over seeds")
+        ax.set_title("LeNet-300-100 / MNIST, pruned at init")
+        ax.legend()
 
 
 def main(argv=None) -> int:

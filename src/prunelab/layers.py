@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from prunelab.errors import PrunelabError
-from prunelab.oneshot.engine import find_blocks
+from prunelab.oneshot.engine import find_blocks, hidden_states_of
 
 __all__ = ["block_influence", "drop_blocks", "lowest_influence"]
 
@@ -42,16 +42,6 @@ def _hidden_in(args: tuple, kwargs: Mapping[str, Any]) -> Tensor | None:
         return args[0]
     hidden = kwargs.get("hidden_states")
     return hidden if isinstance(hidden, Tensor) else None
-
-
-def _hidden_out(output: Any) -> Tensor | None:
-    if isinstance(output, Tensor):
-        return output
-    if hasattr(output, "to_tuple"):
-        output = output.to_tuple()
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    return None
 
 
 def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -86,7 +76,7 @@ def block_influence(model: nn.Module, calibration: Sequence[Tensor | Mapping[str
 
     def post_hook(name: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            before, after = state.pop(name, None), _hidden_out(output)
+            before, after = state.pop(name, None), hidden_states_of(output)
             if before is None or after is None or before.shape != after.shape:
                 raise PrunelabError(f"block {name!r} does not map hidden states to hidden states of the same shape; "
                                     "layer pruning needs residual blocks")

@@ -472,15 +472,23 @@ def _capture(model: nn.Module, block0: tuple[str, nn.Module], items: list, devic
     return captured
 
 
-def _hidden_of(output: Any) -> Tensor:
-    """The hidden states a block returns: the tensor itself or the first element."""
+def hidden_states_of(output: Any) -> Tensor | None:
+    """The hidden states a block returns: the tensor itself, or the first element of a tuple
+    (or of a ``transformers`` output object); ``None`` for anything else."""
     if isinstance(output, Tensor):
         return output
     if hasattr(output, "to_tuple"):
         output = output.to_tuple()
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
         return output[0]
-    raise PrunelabError(f"a block returned {type(output).__name__}; expected a Tensor or a tuple starting with one")
+    return None
+
+
+def _hidden_of(output: Any) -> Tensor:
+    hidden = hidden_states_of(output)
+    if hidden is None:
+        raise PrunelabError(f"a block returned {type(output).__name__}; expected a Tensor or a tuple starting with one")
+    return hidden
 
 
 def _with_hidden(item: tuple[tuple[Any, ...], dict[str, Any]], hidden: Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
