@@ -120,6 +120,14 @@ def cli_section() -> str:
         output = run(exe + one_args + ["--out", str(one_out)])
         parts.append(block("prunelab " + " ".join(one_args + ["--out", "runs/minilm-wanda"]),
                            output.replace(str(one_out), "runs/minilm-wanda")))
+        parts.append("### `prunelab drop-layers`\n\nLayer pruning (Men et al. 2024, ShortGPT): score every transformer "
+                     "block by its block influence on calibration text, remove the `--count` lowest; the shallower "
+                     "model reloads with `from_pretrained` (see `benchmarks/layer_dropping.py` for what it costs):\n")
+        drop_out = Path(tmp) / "minilm-4-layers"
+        drop_args = ["drop-layers", "--model", "minilm", "--count", "2", "--no-progress"]
+        output = run(exe + drop_args + ["--out", str(drop_out)])
+        parts.append(block("prunelab " + " ".join(drop_args + ["--out", "runs/minilm-4-layers"]),
+                           output.replace(str(drop_out), "runs/minilm-4-layers")))
         parts.append("### Bad input\n\nOne line on stderr, exit status 2, nothing written:\n")
         bad = exe + ["prune", "--granularity", "2:3", "--model", "digits_mlp", "--no-progress", "--out", str(Path(tmp) / "bad")]
         output = run(bad, check=False)

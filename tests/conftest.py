@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import string
 from pathlib import Path
 
 import pytest
+import torch
 
 from prunelab.bench.download import MNIST_FILES
+from prunelab.errors import PrunelabError
 
 
 @pytest.fixture(scope="session")
@@ -33,3 +36,32 @@ def cli(capsys):
         return code, captured.out, captured.err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    from prunelab.bench.text import find_tinyshakespeare
+
+    try:
+        return find_tinyshakespeare(None).parent
+    except PrunelabError:
+        pytest.skip("tinyshakespeare/input.txt not found in $PRUNELAB_DATA or ../shared/data; set PRUNELAB_DATA")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide BertModel with a character WordPiece vocabulary, saved by save_pretrained."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    chars = sorted(set(string.ascii_lowercase + string.digits + string.punctuation))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars)]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = transformers.BertTokenizer(str(folder / "vocab.txt"))
+    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=128)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.BertModel(config)
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder

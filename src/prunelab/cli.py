@@ -179,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(func=cmd_inspect)
 
     from prunelab.cli_compress import add_compress_parser
+    from prunelab.cli_layers import add_drop_layers_parser
     from prunelab.cli_lottery import add_lottery_parser
     from prunelab.cli_materialise import add_materialise_parsers
     from prunelab.oneshot_cli import add_oneshot_parser
@@ -187,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_materialise_parsers(sub)
     add_oneshot_parser(sub)
     add_lottery_parser(sub)
+    add_drop_layers_parser(sub)
     return parser
 
 

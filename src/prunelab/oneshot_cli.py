@@ -145,7 +145,7 @@ def _render_markdown(record: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _load(spec: ModelSpec, args: argparse.Namespace) -> tuple[nn.Module, Any, dict[str, Any]]:
+def load_model(spec: ModelSpec, args: argparse.Namespace) -> tuple[nn.Module, Any, dict[str, Any]]:
     if spec.kind == "chargpt":
         from prunelab.bench.chargpt import load_or_train_chargpt
 
@@ -157,14 +157,42 @@ def _load(spec: ModelSpec, args: argparse.Namespace) -> tuple[nn.Module, Any, di
     return model, tokenizer, {"source": os.fspath(spec.path)}
 
 
+def calibration_for(spec: ModelSpec, model: nn.Module, tokenizer: Any, samples: int, args: argparse.Namespace
+                    ) -> tuple[list[Any], dict[str, Any]]:
+    """Tiny Shakespeare calibration inputs for the loaded model and a description of them:
+    random ``block_size``-character windows for the char-GPT, tokenised distinct lines otherwise."""
+    from prunelab.bench.text import calibration_lines, calibration_sequences, load_tinyshakespeare
+
+    corpus = load_tinyshakespeare(args.data_dir)
+    if spec.kind == "chargpt":
+        calibration = calibration_sequences(corpus, samples, model.config.block_size, seed=args.seed)
+        return calibration, {"samples": samples, "unit": f"random {model.config.block_size}-character windows",
+                             "source": "the Tiny Shakespeare training split", "seed": args.seed}
+    from prunelab.bench.minilm import tokenized_batches
+
+    calibration = tokenized_batches(tokenizer, calibration_lines(corpus, samples, seed=args.seed))
+    return calibration, {"samples": samples, "unit": "distinct lines", "source": "the Tiny Shakespeare training split",
+                         "seed": args.seed}
+
+
+def save_model(spec: ModelSpec, model: nn.Module, tokenizer: Any, folder: Path, note: dict[str, Any],
+               progress: bool) -> None:
+    """Write ``model`` (and its tokenizer) into ``folder`` the way it loads again: ``save_chargpt``
+    with ``note`` in its metadata for the char-GPT, ``save_pretrained`` for transformers models."""
+    if spec.kind == "chargpt":
+        from prunelab.bench.chargpt import save_chargpt
+
+        save_chargpt(model, folder, note)
+        return
+    from prunelab.bench.minilm import _progress_bars
+
+    with _progress_bars(progress):
+        model.save_pretrained(os.fspath(folder))
+    tokenizer.save_pretrained(os.fspath(folder))
+
+
 def cmd_oneshot(args: argparse.Namespace) -> int:
     """Prune ``--model`` one-shot with ``--method`` and write ``--out`` (see the module docstring)."""
-    from prunelab.bench.text import (
-        calibration_lines,
-        calibration_sequences,
-        load_tinyshakespeare,
-    )
-
     spec = resolve_model(args.model)
     sparsity, pattern = _validate_args(args)
     exclude = tuple(args.exclude or ())
@@ -175,18 +203,8 @@ def cmd_oneshot(args: argparse.Namespace) -> int:
     config = OneShotConfig(method=args.method, sparsity=sparsity, pattern=pattern, dampening=args.dampening,
                            block_size=args.block_size, exclude=exclude, bias_correction=args.bias_correction)
     samples = args.calib_samples or DEFAULT_CALIB_SAMPLES[spec.kind]
-    corpus = load_tinyshakespeare(args.data_dir)
-    model, tokenizer, meta = _load(spec, args)
-    if spec.kind == "chargpt":
-        calibration = calibration_sequences(corpus, samples, model.config.block_size, seed=args.seed)
-        calib_info = {"samples": samples, "unit": f"random {model.config.block_size}-character windows",
-                      "source": "the Tiny Shakespeare training split", "seed": args.seed}
-    else:
-        from prunelab.bench.minilm import tokenized_batches
-
-        calibration = tokenized_batches(tokenizer, calibration_lines(corpus, samples, seed=args.seed))
-        calib_info = {"samples": samples, "unit": "distinct lines", "source": "the Tiny Shakespeare training split",
-                      "seed": args.seed}
+    model, tokenizer, meta = load_model(spec, args)
+    calibration, calib_info = calibration_for(spec, model, tokenizer, samples, args)
 
     started = time.perf_counter()
     report = prune_oneshot(model, calibration, config, progress=args.progress)
@@ -218,17 +236,8 @@ def cmd_oneshot(args: argparse.Namespace) -> int:
     record["environment"] = benchmark_environment()
     rows = _report_rows(report)
     with atomic_dir(args.out) as tmp:
-        if spec.kind == "chargpt":
-            from prunelab.bench.chargpt import save_chargpt
-
-            save_chargpt(model, tmp, {"pruned": {"method": config.method, "sparsity": stats.sparsity,
-                                                 "pattern": pattern}})
-        else:
-            from prunelab.bench.minilm import _progress_bars
-
-            with _progress_bars(args.progress):
-                model.save_pretrained(os.fspath(tmp))
-            tokenizer.save_pretrained(os.fspath(tmp))
+        note = {"pruned": {"method": config.method, "sparsity": stats.sparsity, "pattern": pattern}}
+        save_model(spec, model, tokenizer, tmp, note, args.progress)
         masks.save(tmp / "masks.safetensors")
         write_json(tmp / "report.json", record)
         write_text(tmp / "report.md", _render_markdown(record, rows))

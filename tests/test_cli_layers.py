@@ -1,0 +1,40 @@
+"""``prunelab drop-layers``: the shallower model reloads, the report names what was dropped, bad input is one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+
+def test_drops_the_lowest_influence_block_and_reloads(cli, tmp_path, tiny_bert, data_dir):
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "shallow"
+    code, stdout, err = cli("drop-layers", "--model", str(tiny_bert), "--count", "1", "--calib-samples", "8",
+                            "--data-dir", str(data_dir), "--out", str(out), "--no-progress")
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    scores = report["block_influence"]
+    assert list(scores) == ["encoder.layer.0", "encoder.layer.1"]
+    assert report["dropped"] == [min(scores, key=scores.get)]
+    assert report["summary"]["blocks_after"] == 1 and report["summary"]["params_after"] < report["summary"]["params_before"]
+    assert "<- dropped" in stdout and "block influence" in (out / "report.md").read_text()
+    model = transformers.AutoModel.from_pretrained(str(out), local_files_only=True)
+    assert model.config.num_hidden_layers == 1 and len(model.encoder.layer) == 1
+    dense = transformers.AutoModel.from_pretrained(str(tiny_bert), local_files_only=True)
+    kept = 1 - int(report["dropped"][0].rsplit(".", 1)[1])
+    assert torch.equal(model.encoder.layer[0].output.dense.weight, dense.encoder.layer[kept].output.dense.weight)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--count", "0"], "--count must be a positive integer"),
+    (["--count", "2"], "would drop all 2 blocks"),
+    (["--count", "1", "--calib-samples", "0"], "--calib-samples must be a positive integer"),
+])
+def test_bad_inputs_exit_2_with_one_line_and_nothing_written(cli, tmp_path, tiny_bert, data_dir, argv, message):
+    out = tmp_path / "never"
+    code, _, err = cli("drop-layers", "--model", str(tiny_bert), "--calib-samples", "4", "--data-dir", str(data_dir),
+                       "--out", str(out), "--no-progress", *argv)  # argparse keeps the last value of a flag
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
