@@ -141,7 +141,8 @@ BENCH_GROUPS = (
     ("Make it faster: shrink, sparse kernels, Deep Compression",
      ("cpu_speedup", "structured_speedup", "deep_compression_lenet300", "gpu_semi_structured")),
     ("Prune a pretrained transformer (one-shot, data-aware)", ("llm_oneshot_tinygpt", "minilm_oneshot", "obs_lenet")),
-    ("Prune attention heads and whole layers", ("head_pruning", "layer_dropping")),
+    ("Beyond weight sparsity: attention heads, whole layers, low rank",
+     ("head_pruning", "layer_dropping", "lowrank_minilm")),
     ("Train sparse from the start", ("snip_lenet300", "layer_collapse", "lottery_lenet300", "dst_mlp")),
 )
 

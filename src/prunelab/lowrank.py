@@ -1,0 +1,176 @@
+"""Low-rank factorisation: the dense alternative to pruning a Linear layer.
+
+A weight ``W`` (``out x in``) is replaced by two thin Linears, ``x -> B (A x) + b`` with
+``A`` ``(r x in)`` and ``B`` ``(out x r)``: ``r (in + out)`` weights instead of ``in * out``,
+and two dense matmuls that are really faster when ``r < in * out / (in + out)`` -- no
+sparse kernel needed.
+
+Two ways to choose ``A`` and ``B`` (both exact minimisers of their objective over rank-``r``
+matrices, by Eckart & Young 1936):
+
+* plain truncated SVD (Denton et al. 2014, "Exploiting Linear Structure Within
+  Convolutional Networks for Efficient Evaluation"): ``W = U S V^T``, keep the ``r``
+  largest singular values; minimises ``||W - W'||_F``.
+* data-aware, whitened SVD (SVD-LLM, Wang et al. 2024, "SVD-LLM: Truncation-aware Singular
+  Value Decomposition for Large Language Model Compression", eq. 3-6): with the layer's
+  input second moment ``H = X X^T / n = L L^T`` (Cholesky, dampened like SparseGPT's
+  Hessian), take the SVD of ``W L = U S V^T`` and set ``W' = U_r S_r V_r^T L^{-1}``;
+  since ``||(W - W') X||_F^2 = n ||(W - W') L||_F^2`` this minimises the output error on
+  the calibration inputs.
+
+:func:`low_rank_model` factorises every Linear of a model's blocks (the blocks
+:func:`prunelab.oneshot.find_blocks` finds) at a parameter ``keep`` ratio, collecting ``H``
+from calibration inputs when given.  The model's structure changes (``q`` becomes a
+:class:`LowRankLinear` with ``first``/``second``), so its state_dict loads only into a model
+factorised with the same ranks (``report.ranks``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from prunelab.errors import PrunelabError
+from prunelab.oneshot.engine import find_blocks
+from prunelab.oneshot.stats import HessianAccumulator, damped_cholesky
+
+__all__ = ["LowRankLinear", "LowRankReport", "factorize_linear", "low_rank_model", "rank_for"]
+
+
+class LowRankLinear(nn.Module):
+    """``second(first(x))``: ``first`` is ``Linear(in, r, bias=False)``, ``second`` ``Linear(r, out)``."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True) -> None:
+        super().__init__()
+        self.first = nn.Linear(in_features, rank, bias=False)
+        self.second = nn.Linear(rank, out_features, bias=bias)
+
+    @property
+    def rank(self) -> int:
+        return self.first.out_features
+
+    def forward(self, x: Tensor) -> Tensor:  # (*, in) -> (*, out)
+        return self.second(self.first(x))
+
+
+def rank_for(in_features: int, out_features: int, keep: float) -> int:
+    """The largest rank whose two factors hold at most ``keep`` of the ``in * out`` weights (at least 1)."""
+    if not 0.0 < keep <= 1.0:
+        raise PrunelabError(f"keep must be a fraction of the weights in (0, 1], got {keep!r}; e.g. 0.5")
+    return max(1, math.floor(keep * in_features * out_features / (in_features + out_features)))
+
+
+@torch.no_grad()
+def factorize_linear(linear: nn.Linear, rank: int, second_moment: Tensor | None = None,
+                     dampening: float = 0.01) -> LowRankLinear:
+    """A :class:`LowRankLinear` of rank ``rank`` approximating ``linear`` (see the module docs).
+
+    ``second_moment``: ``(in, in)`` input second moment ``X X^T / n`` (any positive scale);
+    ``None`` for the plain SVD.  ``dampening``: fraction of its mean diagonal added first.
+    """
+    out_f, in_f = linear.weight.shape
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(in_f, out_f):
+        raise PrunelabError(f"rank must be an integer in [1, {min(in_f, out_f)}] for a {out_f}x{in_f} weight, got {rank!r}")
+    W = linear.weight.detach().double()  # (out, in)
+    if second_moment is None:
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        root = S[:rank].sqrt()
+        first = root[:, None] * Vh[:rank]  # (r, in)
+        second = U[:, :rank] * root  # (out, r)
+    else:
+        L, _, _, _ = damped_cholesky(second_moment.double(), dampening)  # (in, in) lower, H' = L L^T
+        U, S, Vh = torch.linalg.svd(W @ L, full_matrices=False)
+        # W' = U_r S_r V_r^T L^{-1}: first = M L^{-1} with M = S_r V_r^T (r, in), i.e. L^T first^T = M^T
+        first = torch.linalg.solve_triangular(L.T, (S[:rank, None] * Vh[:rank]).T, upper=True).T  # (r, in)
+        second = U[:, :rank]  # (out, r)
+    module = LowRankLinear(in_f, out_f, rank, bias=linear.bias is not None)
+    module.to(device=linear.weight.device, dtype=linear.weight.dtype)
+    module.first.weight.copy_(first)
+    module.second.weight.copy_(second)
+    if linear.bias is not None:
+        module.second.bias.copy_(linear.bias)
+    return module
+
+
+@dataclass(frozen=True)
+class LowRankReport:
+    """What :func:`low_rank_model` did: the rank per factorised Linear, and the weights of the
+    candidate Linears (those in the blocks, not excluded) before and after."""
+
+    ranks: dict[str, int]
+    weights_before: int
+    weights_after: int
+
+    @property
+    def keep(self) -> float:
+        return self.weights_after / self.weights_before
+
+
+def _block_linears(model: nn.Module, exclude: Sequence[str]) -> dict[str, nn.Linear]:
+    names = [name for name, _ in find_blocks(model)]
+    found = {}
+    for name, module in model.named_modules():
+        inside = any(name == b or name.startswith(f"{b}.") for b in names) if names != [""] else True
+        if isinstance(module, nn.Linear) and inside and name and name not in exclude:
+            found[name] = module
+    if not found:
+        raise PrunelabError(f"{type(model).__name__} has no Linear layer inside its blocks to factorise")
+    return found
+
+
+@torch.no_grad()
+def _second_moments(model: nn.Module, linears: Mapping[str, nn.Linear], calibration: Sequence[Any]) -> dict[str, Tensor]:
+    accs = {name: HessianAccumulator(lin.in_features, lin.weight.device) for name, lin in linears.items()}
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple) -> None:
+            accs[name].add(args[0].reshape(-1, args[0].shape[-1]))
+        return record
+
+    handles = [lin.register_forward_pre_hook(hook(name)) for name, lin in linears.items()]
+    was_training = model.training
+    try:
+        model.eval()
+        for item in calibration:
+            model(**item) if isinstance(item, Mapping) else model(item)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    moments = {}
+    for name, acc in accs.items():
+        if acc.count == 0:
+            raise PrunelabError(f"layer {name!r} never ran on the calibration inputs; exclude it or pass other inputs")
+        moments[name] = acc.result().hessian
+    return moments
+
+
+def low_rank_model(model: nn.Module, keep: float, calibration: Sequence[Any] | None = None, *,
+                   exclude: Sequence[str] = (), dampening: float = 0.01) -> LowRankReport:
+    """Factorise, in place, every Linear in ``model``'s blocks to hold ``keep`` of its weights.
+
+    ``calibration`` (model inputs: Tensors or dicts): use the whitened, data-aware SVD with
+    each layer's input second moment from one pass of the dense model; ``None``: plain SVD.
+    A layer whose rank would not save weights (``keep`` close to 1) is left as it is.
+    """
+    linears = _block_linears(model, tuple(exclude))
+    moments = _second_moments(model, linears, list(calibration)) if calibration is not None else {}
+    ranks, before, after = {}, 0, 0
+    for name, linear in linears.items():
+        out_f, in_f = linear.weight.shape
+        before += in_f * out_f
+        rank = rank_for(in_f, out_f, keep)
+        if rank * (in_f + out_f) >= in_f * out_f or rank > min(in_f, out_f):
+            after += in_f * out_f
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, factorize_linear(linear, rank, moments.get(name), dampening))
+        ranks[name] = rank
+        after += rank * (in_f + out_f)
+    return LowRankReport(ranks, before, after)

@@ -1,0 +1,66 @@
+"""Low-rank factorisation: exact at full rank, Eckart-Young optimal, whitening wins on the outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from prunelab.errors import PrunelabError
+from prunelab.lowrank import LowRankLinear, factorize_linear, low_rank_model, rank_for
+
+
+def test_full_rank_reproduces_the_layer():
+    torch.manual_seed(0)
+    linear = nn.Linear(6, 4)
+    x = torch.randn(5, 6)
+    for moment in (None, (x.T @ x) / 5):
+        low = factorize_linear(linear, 4, moment, dampening=0.0)
+        torch.testing.assert_close(low(x), linear(x), atol=1e-5, rtol=0)
+
+
+def test_plain_svd_error_is_the_dropped_singular_values():
+    torch.manual_seed(1)
+    linear = nn.Linear(8, 6, bias=False)
+    low = factorize_linear(linear, 2)
+    W = linear.weight.detach().double()
+    approx = (low.second.weight @ low.first.weight).detach().double()
+    dropped = torch.linalg.svdvals(W)[2:]
+    assert float((W - approx).norm()) == pytest.approx(float(dropped.norm()), rel=1e-5)  # Eckart-Young
+
+
+def test_whitened_svd_minimises_the_output_error_on_its_inputs():
+    torch.manual_seed(2)
+    linear = nn.Linear(8, 6)
+    x = torch.randn(200, 8) * torch.linspace(0.1, 5.0, 8)  # very uneven input scales
+    moment = (x.T @ x) / x.shape[0]
+    with torch.no_grad():
+        y = linear(x)
+        plain = (factorize_linear(linear, 2)(x) - y).norm()
+        aware = (factorize_linear(linear, 2, moment, dampening=0.0)(x) - y).norm()
+        # the optimum over rank-2 W' of ||(W - W') X||: the dropped singular values of W L
+        L = torch.linalg.cholesky(moment.double())
+        floor = torch.linalg.svdvals(linear.weight.detach().double() @ L)[2:].norm() * x.shape[0] ** 0.5
+    assert float(aware) == pytest.approx(float(floor), rel=1e-4)
+    assert aware < plain
+
+
+def test_model_keeps_the_weight_budget_and_layers_outside_blocks():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 4))
+    x = torch.randn(10, 16)
+    report = low_rank_model(model, 0.5, [x], exclude=("4",))
+    assert report.ranks == {"0": rank_for(16, 32, 0.5), "2": rank_for(32, 24, 0.5)} == {"0": 5, "2": 6}
+    assert isinstance(model[0], LowRankLinear) and isinstance(model[4], nn.Linear)
+    assert (report.weights_before, report.weights_after) == (16 * 32 + 32 * 24, 5 * 48 + 6 * 56)  # excluded: not counted
+    assert report.keep == pytest.approx(576 / 1280)
+    assert model(x).shape == (10, 4)
+
+
+def test_bad_inputs():
+    with pytest.raises(PrunelabError, match=r"keep must be a fraction"):
+        rank_for(4, 4, 0.0)
+    with pytest.raises(PrunelabError, match=r"rank must be an integer in \[1, 4\]"):
+        factorize_linear(nn.Linear(4, 6), 5)
+    with pytest.raises(PrunelabError, match="no Linear layer"):
+        low_rank_model(nn.Sequential(nn.ReLU(), nn.Tanh()), 0.5)
