@@ -1,0 +1,123 @@
+"""Sparse activations: make them (k-winners-take-all), measure them, and cash them in.
+
+Weight sparsity is not the only sparsity a network has: after a ReLU most features of a
+sample are often exactly zero, and the next layer need not read the weights those zeros
+multiply.
+
+* :class:`TopKActivation` -- k-winners-take-all: keep the ``k`` largest features of each
+  sample, zero the rest (Makhzani & Frey 2014, "k-Sparse Autoencoders"; Ahmad &
+  Scheinkman 2019, "How Can We Be So Dense? The Benefits of Using Highly Sparse
+  Representations").  Gradients flow through the kept features only.  The activation
+  sparsity is exactly ``1 - k / features``, by construction.
+* :func:`activation_sparsity` -- the fraction of exact zeros each activation module
+  outputs over some batches (ReLU's "lazy neuron" sparsity, Li et al. 2023).
+* :class:`SparseInputLinear` -- a Linear that multiplies only the weight rows of the
+  input features that are nonzero somewhere in the batch: with ``c`` such columns,
+  ``y = x[:, c] W^T[c] + b`` costs ``c / in`` of the dense product (plus the gather), the
+  same numbers up to summation order.  :func:`sparse_input_model` swaps it in after
+  every activation module.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from prunelab.errors import PrunelabError
+
+__all__ = ["SparseInputLinear", "TopKActivation", "activation_sparsity", "sparse_input_model"]
+
+ACTIVATIONS: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
+
+
+class TopKActivation(nn.Module):
+    """Keep the ``k`` largest values along the last dimension of each sample, zero the others."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise PrunelabError(f"k must be a positive integer (features kept per sample), got {k!r}")
+        self.k = k
+
+    def forward(self, x: Tensor) -> Tensor:  # (*, F) -> (*, F), k nonzeros per row at most
+        if self.k >= x.shape[-1]:
+            return x
+        index = x.topk(self.k, dim=-1).indices  # (*, k)
+        keep = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, index, True)
+        return x * keep
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}"
+
+
+@torch.no_grad()
+def activation_sparsity(model: nn.Module, batches: Iterable, *, max_batches: int | None = None,
+                        types: Sequence[type[nn.Module]] = (*ACTIVATIONS, TopKActivation)) -> dict[str, float]:
+    """Module name -> fraction of exact zeros in its outputs, for every module of ``types``.
+
+    ``batches`` yields inputs or ``(inputs, targets)`` pairs; the model runs in eval mode.
+    """
+    zeros: dict[str, int] = {}
+    total: dict[str, int] = {}
+
+    def hook(name: str):
+        def count(module: nn.Module, args: tuple, output: Tensor) -> None:
+            zeros[name] = zeros.get(name, 0) + int((output == 0).sum())
+            total[name] = total.get(name, 0) + output.numel()
+        return count
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, tuple(types))]
+    if not handles:
+        raise PrunelabError(f"{type(model).__name__} has no activation module of types "
+                            f"{[t.__name__ for t in types]}; activations must be modules (nn.ReLU, TopKActivation)")
+    was_training = model.training
+    try:
+        model.eval()
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if not total:
+        raise PrunelabError("activation_sparsity saw no batch; pass an iterable of inputs or (inputs, targets)")
+    return {name: zeros[name] / total[name] for name in total}
+
+
+class SparseInputLinear(nn.Module):
+    """``linear`` computed from the input columns that are nonzero somewhere in the batch."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight_t", linear.weight.detach().T.contiguous())  # (in, out): rows gather contiguously
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:  # (*, in) -> (*, out)
+        rows = x.reshape(-1, self.in_features)  # (N, in)
+        active = rows.ne(0).any(0).nonzero().squeeze(1)  # (c,)
+        out = rows.index_select(1, active) @ self.weight_t.index_select(0, active)  # (N, out)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def sparse_input_model(model: nn.Sequential, types: Sequence[type[nn.Module]] = (*ACTIVATIONS, TopKActivation)
+                       ) -> nn.Sequential:
+    """A copy of the ``nn.Sequential`` ``model`` whose Linears that follow an activation of
+    ``types`` (directly) are :class:`SparseInputLinear`; the others are untouched."""
+    if not isinstance(model, nn.Sequential):
+        raise PrunelabError(f"sparse_input_model needs an nn.Sequential, got {type(model).__name__}")
+    layers = list(copy.deepcopy(model).children())
+    new = [SparseInputLinear(layer) if isinstance(layer, nn.Linear) and i > 0 and isinstance(layers[i - 1], tuple(types))
+           else layer for i, layer in enumerate(layers)]
+    return nn.Sequential(*new).eval()
+
