@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from prunelab.errors import PrunelabError
-from prunelab.heads import attention_units, head_importance, head_magnitude, head_masks
+from prunelab.heads import attention_units, head_importance, head_magnitude, head_masks, remove_heads_
 from prunelab.materialise.shrink import shrink_model
 
 from toy_attention import AttnNet, ToyAttention  # tests/ helper module
@@ -92,8 +94,11 @@ def test_head_masks_shrink_to_fewer_heads_with_equal_outputs():
     masked = choice.masks.apply_(model)
     shrunk = shrink_model(masked, choice.masks, x)
     assert shrunk.a.num_heads + shrunk.b.num_heads == 4
+    cut = remove_heads_(copy.deepcopy(masked), choice.keep)  # the same cut without tracing
+    assert cut.a.num_heads + cut.b.num_heads == 4 and cut.a.q_proj.out_features == 4 * cut.a.num_heads
     with torch.no_grad():
         torch.testing.assert_close(shrunk(x), masked(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(cut(x), masked(x), atol=1e-5, rtol=0)
 
 
 def test_bad_inputs_say_what_to_do():
@@ -111,3 +116,32 @@ def test_bad_inputs_say_what_to_do():
         head_masks(model, good, 1.5)
     with pytest.raises(PrunelabError, match="got no batches"):
         head_importance(model, [])
+
+
+def _tiny_bert():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=32, max_position_embeddings=32)
+    torch.manual_seed(4)
+    return transformers.BertModel(config).eval()
+
+
+def test_bert_attention_is_found_masked_and_cut_to_the_same_outputs():
+    model = _tiny_bert()
+    units = attention_units(model)
+    assert list(units) == ["encoder.layer.0.attention.self", "encoder.layer.1.attention.self"]
+    unit = units["encoder.layer.0.attention.self"]
+    assert (unit.q, unit.o, unit.num_heads, unit.head_dim) == (
+        "encoder.layer.0.attention.self.query", "encoder.layer.0.attention.output.dense", 4, 4)
+    batch = {"input_ids": torch.randint(5, 50, (3, 7)), "attention_mask": torch.ones(3, 7, dtype=torch.long)}
+    scores = head_importance(model, [(batch, None)], loss_fn=lambda out, _: out.last_hidden_state.square().mean())
+    choice = head_masks(model, scores, 0.5)
+    masked = choice.masks.apply_(model)
+    with torch.no_grad():
+        expected = masked(**batch).last_hidden_state
+        remove_heads_(masked, choice.keep)
+        got = masked(**batch).last_hidden_state
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    kept = [int(choice.keep[name].sum()) for name in units]
+    assert [masked.get_submodule(u.q).out_features for u in units.values()] == [4 * k for k in kept]
+    assert sum(kept) == 4

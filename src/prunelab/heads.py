@@ -1,10 +1,14 @@
 """Attention-head pruning: score whole heads, choose which to keep, write the row masks.
 
-A head is a granularity that spans four weights: rows ``h*d .. (h+1)*d`` of ``q_proj``,
-``k_proj`` and ``v_proj`` and the same columns of ``out_proj`` (``d = head_dim``).  The
-units are the modules :func:`prunelab.materialise.graph.is_attention_unit` accepts
-(Linear ``q_proj/k_proj/v_proj/out_proj`` plus an int ``num_heads``), the same ones
-:func:`prunelab.materialise.shrink.shrink_model` cuts whole heads from.
+A head is a granularity that spans four weights: rows ``h*d .. (h+1)*d`` of the query,
+key and value projections and the same input columns of the output projection (``d =
+head_dim``).  Two layouts are found (:func:`attention_units`), each as a :class:`HeadUnit`:
+
+* modules with Linear ``q_proj/k_proj/v_proj/out_proj`` and an int ``num_heads`` (the
+  attention units :func:`prunelab.materialise.shrink.shrink_model` also cuts heads from);
+* Hugging Face BERT-style self-attention: Linear ``query/key/value`` and an int
+  ``attention_head_size``, with the output projection at ``<parent>.output.dense``
+  (``BertModel``, and so all-MiniLM-L6-v2).
 
 Score (pure, never mutates the model):
 
@@ -23,7 +27,10 @@ all units or the same share in every unit (``uniform``) -- and always at least
 ``min_heads`` per unit, then returns a :class:`MaskSet` over the q/k/v weights that zeroes
 the pruned heads' rows.  A pruned head then outputs its value bias ``b_v`` (uniform
 softmax over constant keys), exactly what ``shrink_model`` folds into ``out_proj``'s bias,
-so the masked and the shrunk model agree.
+so the masked and the shrunk model agree.  :func:`remove_heads_` cuts the pruned heads out
+of the model in place for either layout (rows of q/k/v, columns of the output projection,
+``b_v`` folded into its bias) -- a ``transformers`` config has one head count for every
+layer, so such a model is smaller and faster in memory but is saved as a state_dict.
 """
 
 from __future__ import annotations
@@ -40,69 +47,113 @@ from prunelab.errors import PrunelabError
 from prunelab.masks import MaskSet
 from prunelab.materialise.graph import is_attention_unit
 
-__all__ = ["HEAD_ALLOCATIONS", "HeadChoice", "attention_units", "head_importance", "head_magnitude", "head_masks"]
+__all__ = ["HEAD_ALLOCATIONS", "HeadChoice", "HeadUnit", "attention_units", "head_importance", "head_magnitude",
+           "head_masks", "remove_heads_"]
 
 HEAD_ALLOCATIONS = ("global", "uniform")
-PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 
 
-def attention_units(model: nn.Module) -> dict[str, nn.Module]:
-    """Every attention unit of ``model`` by qualified name, in module order."""
-    units = {name: module for name, module in model.named_modules() if is_attention_unit(module)}
+@dataclass(frozen=True)
+class HeadUnit:
+    """One attention unit: qualified names of its projections, its head count and head width."""
+
+    name: str
+    q: str
+    k: str
+    v: str
+    o: str
+    num_heads: int
+    head_dim: int
+
+
+def _join(prefix: str, child: str) -> str:
+    return f"{prefix}.{child}" if prefix else child
+
+
+def _bert_unit(model: nn.Module, name: str, module: nn.Module) -> HeadUnit | None:
+    projections = [getattr(module, n, None) for n in ("query", "key", "value")]
+    head_dim = getattr(module, "attention_head_size", None)
+    if not all(isinstance(p, nn.Linear) for p in projections) or isinstance(head_dim, bool) or not isinstance(head_dim, int):
+        return None
+    parent = name.rpartition(".")[0]
+    out_name = _join(parent, "output.dense")
+    try:
+        out = model.get_submodule(out_name)
+    except AttributeError:
+        return None
+    q = projections[0]
+    if not isinstance(out, nn.Linear) or head_dim < 1 or q.out_features % head_dim or out.in_features != q.out_features:
+        return None
+    return HeadUnit(name, _join(name, "query"), _join(name, "key"), _join(name, "value"), out_name,
+                    q.out_features // head_dim, head_dim)
+
+
+def attention_units(model: nn.Module) -> dict[str, HeadUnit]:
+    """Every attention unit of ``model`` by qualified name, in module order (see the module docs)."""
+    units = {}
+    for name, module in model.named_modules():
+        if is_attention_unit(module):
+            units[name] = HeadUnit(name, _join(name, "q_proj"), _join(name, "k_proj"), _join(name, "v_proj"),
+                                   _join(name, "out_proj"), module.num_heads,
+                                   module.q_proj.out_features // module.num_heads)
+        elif (unit := _bert_unit(model, name, module)) is not None:
+            units[name] = unit
     if not units:
         raise PrunelabError(
-            f"{type(model).__name__} has no attention unit (a module with Linear q_proj/k_proj/v_proj/out_proj and "
-            "an int num_heads); head pruning needs one -- nn.MultiheadAttention is not supported"
+            f"{type(model).__name__} has no attention unit (Linear q_proj/k_proj/v_proj/out_proj with an int num_heads, "
+            "or BERT's query/key/value with attention_head_size); nn.MultiheadAttention is not supported"
         )
     return units
 
 
-def _head_dim(unit: nn.Module) -> int:
-    return unit.q_proj.out_features // unit.num_heads
+def _get(model: nn.Module, name: str) -> nn.Linear:
+    return model.get_submodule(name)  # type: ignore[return-value]
 
 
 def head_magnitude(model: nn.Module) -> dict[str, Tensor]:
-    """Unit name -> ``(num_heads,)`` squared L2 norm of each head's q/k/v rows and out_proj columns."""
+    """Unit name -> ``(num_heads,)`` squared L2 norm of each head's q/k/v rows and output-projection columns."""
     scores = {}
     for name, unit in attention_units(model).items():
-        heads, d = unit.num_heads, _head_dim(unit)
+        heads, d = unit.num_heads, unit.head_dim
         total = torch.zeros(heads, dtype=torch.float64)
-        for proj in PROJECTIONS:
-            rows = getattr(unit, proj).weight.detach().double().reshape(heads, d, -1)  # (H, d, in)
+        for proj in (unit.q, unit.k, unit.v):
+            rows = _get(model, proj).weight.detach().double().cpu().reshape(heads, d, -1)  # (H, d, in)
             total += rows.square().sum((1, 2))
-        cols = unit.out_proj.weight.detach().double().reshape(unit.out_proj.out_features, heads, d)  # (out, H, d)
-        scores[name] = total + cols.square().sum((0, 2))
+        out = _get(model, unit.o).weight.detach().double().cpu()
+        scores[name] = total + out.reshape(out.shape[0], heads, d).square().sum((0, 2))
     return scores
 
 
 def head_importance(
     model: nn.Module,
     batches: Iterable,
-    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+    loss_fn: Callable[..., Tensor] = F.cross_entropy,
     *,
     max_batches: int | None = None,
     normalise: bool = True,
 ) -> dict[str, Tensor]:
     """Unit name -> ``(num_heads,)`` Michel et al. 2019 importance ``E |dL/dxi_h|``.
 
-    ``batches`` yields ``(inputs, targets)``; ``loss_fn(model(inputs), targets)`` is the
-    loss.  The model runs in eval mode and its gradients are left as they were.
+    ``batches`` yields ``(inputs, targets)``; the loss is ``loss_fn(model(inputs), targets)``,
+    or ``loss_fn(model(**inputs), targets)`` when ``inputs`` is a dict.  Each unit's output
+    projection must run once per forward.  The model runs in eval mode; its gradients are
+    left as they were.
     """
     units = attention_units(model)
     totals = {name: torch.zeros(unit.num_heads, dtype=torch.float64) for name, unit in units.items()}
     gates: dict[str, Tensor] = {}
 
-    def gate_hook(name: str, unit: nn.Module) -> Callable:
+    def gate_hook(name: str, unit: HeadUnit) -> Callable:
         def hook(module: nn.Module, args: tuple) -> tuple:
-            (context,) = args  # (..., H*d)
+            context = args[0]  # (..., H*d): the heads' concatenated outputs
             gate = torch.ones(unit.num_heads, dtype=context.dtype, device=context.device, requires_grad=True)
             gates[name] = gate
-            return (context * gate.repeat_interleave(_head_dim(unit)),)
+            return (context * gate.repeat_interleave(unit.head_dim), *args[1:])
         return hook
 
     was_training = model.training
     saved = {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
-    handles = [unit.out_proj.register_forward_pre_hook(gate_hook(name, unit)) for name, unit in units.items()]
+    handles = [_get(model, unit.o).register_forward_pre_hook(gate_hook(name, unit)) for name, unit in units.items()]
     seen = 0
     try:
         model.eval()
@@ -110,7 +161,8 @@ def head_importance(
             if max_batches is not None and seen >= max_batches:
                 break
             gates.clear()
-            loss = loss_fn(model(inputs), targets)
+            output = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+            loss = loss_fn(output, targets)
             called = [name for name in units if name in gates]  # a unit the forward skipped scores 0
             grads = torch.autograd.grad(loss, [gates[name] for name in called], allow_unused=True)
             for name, grad in zip(called, grads, strict=True):
@@ -178,21 +230,72 @@ def head_masks(
             order = torch.argsort(scores[name].double().cpu(), stable=True)
             keep[name][order[:count]] = False
     else:
-        candidates = sorted((float(scores[name][h]), u, h) for u, name in enumerate(units)
+        names = list(units)
+        candidates = sorted((float(scores[name][h]), u, h) for u, name in enumerate(names)
                             for h in range(units[name].num_heads))
         budget = round(sparsity * len(candidates))
-        names = list(units)
         for _, u, h in candidates:
             if budget == 0:
                 break
-            name = names[u]
-            if int(keep[name].sum()) > min_heads:
-                keep[name][h] = False
+            if int(keep[names[u]].sum()) > min_heads:
+                keep[names[u]][h] = False
                 budget -= 1
     masks = {}
     for name, unit in units.items():
-        rows = keep[name].repeat_interleave(_head_dim(unit))  # (H*d,)
-        for proj in PROJECTIONS:
-            weight = getattr(unit, proj).weight
-            masks[f"{name}.{proj}.weight" if name else f"{proj}.weight"] = rows.to(weight.device).unsqueeze(1).expand_as(weight).clone()
+        rows = keep[name].repeat_interleave(unit.head_dim)  # (H*d,)
+        for proj in (unit.q, unit.k, unit.v):
+            weight = _get(model, proj).weight
+            masks[f"{proj}.weight"] = rows.to(weight.device).unsqueeze(1).expand_as(weight).clone()
     return HeadChoice(keep, MaskSet(masks))
+
+
+def _cut_rows(linear: nn.Linear, rows: Tensor) -> nn.Linear:
+    new = nn.Linear(linear.in_features, int(rows.sum()), bias=linear.bias is not None,
+                    device=linear.weight.device, dtype=linear.weight.dtype)
+    new.weight.copy_(linear.weight[rows])
+    if linear.bias is not None:
+        new.bias.copy_(linear.bias[rows])
+    return new
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+@torch.no_grad()
+def remove_heads_(model: nn.Module, keep: Mapping[str, Tensor]) -> nn.Module:
+    """Cut the heads ``keep`` marks False out of ``model`` in place; returns ``model``.
+
+    Gives the outputs of the head-masked model (:func:`head_masks` applied): a pruned head's
+    constant output ``b_v`` goes through the output projection into its bias first.
+    """
+    units = attention_units(model)
+    for name, kept in keep.items():
+        unit = units[name]
+        if kept.shape != (unit.num_heads,) or not bool(kept.any()):
+            raise PrunelabError(f"keep[{name!r}] must be ({unit.num_heads},) bools with at least one True")
+        if bool(kept.all()):
+            continue
+        rows = kept.repeat_interleave(unit.head_dim).to(_get(model, unit.q).weight.device)  # (H*d,)
+        value, out = _get(model, unit.v), _get(model, unit.o)
+        if value.bias is not None:
+            constant = out.weight[:, ~rows] @ value.bias[~rows]  # (out,) what the pruned heads still add
+            if out.bias is None:
+                raise PrunelabError(f"{unit.o!r} has no bias to take the pruned heads' constant output")
+            out.bias.add_(constant)
+        for proj in (unit.q, unit.k, unit.v):
+            _set(model, proj, _cut_rows(_get(model, proj), rows))
+        new_out = nn.Linear(int(rows.sum()), out.out_features, bias=out.bias is not None, device=out.weight.device,
+                            dtype=out.weight.dtype)
+        new_out.weight.copy_(out.weight[:, rows])
+        if out.bias is not None:
+            new_out.bias.copy_(out.bias)
+        _set(model, unit.o, new_out)
+        module = model.get_submodule(name)
+        heads = int(kept.sum())
+        for attr, value_ in (("num_heads", heads), ("num_attention_heads", heads),
+                             ("all_head_size", heads * unit.head_dim)):
+            if isinstance(getattr(module, attr, None), int):
+                setattr(module, attr, value_)
+    return model
