@@ -1,0 +1,103 @@
+"""Sparse attention that is really faster: blocked causal sliding-window attention vs dense attention.
+
+Child et al. 2019 ("Generating Long Sequences with Sparse Transformers") and Beltagy et al.
+2020 (Longformer) restrict each query to a local window of keys, turning attention's
+``T^2`` scores into ``T * window``.  :func:`prunelab.sparse_attention.local_attention`
+computes that pattern in blocks of ``window`` queries (each attends to its own block and
+the previous one: ``2 T window`` scores) instead of masking a dense score matrix.
+
+Timed side by side (interleaved medians, batch 1, 4 heads of 64, fp32), per sequence length
+and window: PyTorch's ``scaled_dot_product_attention`` with ``is_causal=True`` (its fastest
+dense causal path), the same with the local pattern as a boolean mask (same outputs as
+ours, dense cost), and the blocked local attention.  Outputs are compared with the masked
+dense ones.
+
+Targets: at T = 4096, window 256, blocked local attention at least 2x faster than dense
+causal attention; at every shape it matches masked dense attention (max abs error <= 1e-4).
+
+    python benchmarks/sparse_attention.py           # writes benchmarks/results/sparse_attention.json
+    python benchmarks/sparse_attention.py --quick   # T = 1024 only
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from prunelab.bench.records import (
+    benchmark_args, benchmark_environment, rows_table, run_guarded, target, targets_table, write_record,
+)
+from prunelab.measure.latency import interleaved_latency
+from prunelab.sparse_attention import local_attention, local_attention_mask
+
+LENGTHS = (1024, 4096, 8192)
+WINDOWS = (128, 256)
+HEADS, DIM = 4, 64
+COLUMNS = [("length", "T"), ("window", "window"), ("causal_ms", "dense causal ms"), ("masked_ms", "dense masked ms"),
+           ("local_ms", "blocked local ms"), ("speedup_x", "local vs causal x"), ("score_ratio", "scores T^2/(2Tw)"),
+           ("max_abs_error", "max abs err")]
+
+
+def main(argv=None) -> int:
+    parser = benchmark_args(__doc__.splitlines()[0])
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    lengths = LENGTHS[:1] if args.quick else LENGTHS
+    rows = []
+    for length in lengths:
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(1, HEADS, length, DIM) for _ in range(3))  # (B, H, T, d)
+        for window in WINDOWS:
+            mask = local_attention_mask(length, window)
+            with torch.inference_mode():
+                reference = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                error = float((local_attention(q, k, v, window) - reference).abs().max())
+                seconds = interleaved_latency({
+                    "causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                    "masked": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                    "local": lambda: local_attention(q, k, v, window),
+                }, reps=9)
+            row = {"length": length, "window": window, **{f"{n}_ms": 1000 * s for n, s in seconds.items()},
+                   "speedup_x": seconds["causal"] / seconds["local"], "score_ratio": length / (2 * window),
+                   "max_abs_error": error}
+            rows.append(row)
+            print(f"T {length} window {window}: causal {row['causal_ms']:.2f} ms, masked {row['masked_ms']:.2f} ms, "
+                  f"local {row['local_ms']:.2f} ms (x{row['speedup_x']:.2f}), max abs error {error:.1e}", flush=True)
+    worst = max(r["max_abs_error"] for r in rows)
+    targets = [target("max abs error vs masked dense attention", worst, "<= 1e-4", worst <= 1e-4)]
+    key = next((r for r in rows if r["length"] == 4096 and r["window"] == 256), None)
+    if key is not None:
+        targets.insert(0, target("T 4096, window 256: local vs dense causal speed-up (x)", round(key["speedup_x"], 3),
+                                 ">= 2", key["speedup_x"] >= 2.0))
+    notes = ""
+    if key is not None and key["speedup_x"] < 2.0:
+        notes = (f"At T 4096 with window 256 the blocked local attention computes {key['score_ratio'] / 2:.0f}x fewer "
+                 "scores than causal attention (which skips the upper half itself) but runs only "
+                 f"x{key['speedup_x']:.2f} faster: it needs a boolean mask inside each block pair, and PyTorch's CPU "
+                 "attention with a mask runs the unfused path (compare the dense masked column), while is_causal "
+                 "takes the fused flash kernel. The gain grows with T / window: see the other rows.")
+    record = {
+        "config": {"lengths": list(lengths), "windows": list(WINDOWS), "heads": HEADS, "head_dim": DIM, "batch": 1,
+                   "dtype": "float32", "threads": torch.get_num_threads(), "quick": args.quick},
+        "seeds": [0],
+        "environment": benchmark_environment(),
+        "columns": COLUMNS,
+        "rows": rows,
+        "targets": targets,
+        "notes": notes,
+        "total_wall_time_s": time.perf_counter() - started,
+    }
+    path = write_record("sparse_attention", record, args.out)
+    print()
+    print(rows_table(rows, COLUMNS))
+    print()
+    print(targets_table(targets))
+    print(f"\nrecord: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_guarded(main))
