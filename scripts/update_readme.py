@@ -141,9 +141,9 @@ BENCH_GROUPS = (
     ("Make it faster: shrink, sparse kernels, Deep Compression",
      ("cpu_speedup", "structured_speedup", "deep_compression_lenet300", "gpu_semi_structured")),
     ("Prune a pretrained transformer (one-shot, data-aware)", ("llm_oneshot_tinygpt", "minilm_oneshot", "obs_lenet")),
+    ("Train sparse from the start", ("snip_lenet300", "layer_collapse", "lottery_lenet300", "dst_mlp")),
     ("Beyond weight sparsity: attention heads, whole layers, low rank, sparse activations, sparse attention",
      ("head_pruning", "layer_dropping", "lowrank_minilm", "activation_sparsity", "sparse_attention")),
-    ("Train sparse from the start", ("snip_lenet300", "layer_collapse", "lottery_lenet300", "dst_mlp")),
 )
 
 
