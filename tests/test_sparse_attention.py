@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from prunelab.errors import PrunelabError
-from prunelab.sparse_attention import local_attention, local_attention_mask
+from prunelab.sparse_attention import (
+    block_local_attention, block_local_attention_mask, local_attention, local_attention_mask,
+)
 
 
 def test_mask_is_the_causal_window():
@@ -39,3 +41,17 @@ def test_bad_inputs():
         local_attention_mask(4, 0)
     with pytest.raises(PrunelabError, match="same T"):
         local_attention(torch.zeros(1, 4, 2), torch.zeros(1, 5, 2), torch.zeros(1, 5, 2), 2)
+
+
+def test_block_local_mask_by_hand():
+    assert block_local_attention_mask(6, 2).int().tolist() == [
+        [1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
+
+
+@pytest.mark.parametrize(("length", "block"), [(16, 4), (13, 4), (3, 8), (9, 1)])
+def test_block_local_equals_masked_dense_attention(length, block):
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(2, 3, length, 8) for _ in range(3))
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=block_local_attention_mask(length, block))
+    torch.testing.assert_close(block_local_attention(q, k, v, block), expected, atol=1e-5, rtol=0)

@@ -8,8 +8,15 @@ still pays ``T^2``; :func:`local_attention` never builds the masked-out scores: 
 sequence into blocks of ``window`` queries, and each block attends to its own block and the
 one before -- ``2 T window`` scores instead of ``T^2``, the same outputs.
 
-:func:`local_attention_mask` is the ``(T, T)`` boolean pattern (``True`` = may attend), to
-check against ``torch.nn.functional.scaled_dot_product_attention(..., attn_mask=mask)``.
+:func:`block_local_attention` is the blocked variant (the local pattern of Parmar et al.
+2018, Image Transformer, and of the Sparse Transformer's block layout): a query sees the
+earlier keys of its own block of ``block`` positions and the whole previous block, so
+between ``block`` and ``2 block`` keys.  It needs no mask inside a block pair -- each pair
+is a causal sequence of ``2 block`` -- so it runs on the fused causal kernel.
+
+:func:`local_attention_mask` / :func:`block_local_attention_mask` are the ``(T, T)``
+boolean patterns (``True`` = may attend), to check against
+``torch.nn.functional.scaled_dot_product_attention(..., attn_mask=mask)``.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from torch import Tensor
 
 from prunelab.errors import PrunelabError
 
-__all__ = ["local_attention", "local_attention_mask"]
+__all__ = ["block_local_attention", "block_local_attention_mask", "local_attention", "local_attention_mask"]
 
 
 def _check_window(window: int) -> None:
@@ -66,3 +73,41 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
     # the blocks are a batch dimension: one fused softmax(q k^T / sqrt(d)) v over (nb, w, 2w) scores
     out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=allowed)  # (..., nb, w, d)
     return out.reshape(*lead, blocks * window, dim)[..., :length, :]
+
+
+def block_local_attention_mask(length: int, block: int, device: torch.device | str | None = None) -> Tensor:
+    """``(length, length)`` bool: query ``i`` may attend key ``j`` iff ``j <= i`` and ``j`` lies in
+    ``i``'s block of ``block`` positions or the block before it."""
+    _check_window(block)
+    i = torch.arange(length, device=device).unsqueeze(1)  # (T, 1)
+    j = torch.arange(length, device=device).unsqueeze(0)  # (1, T)
+    return (j <= i) & (j >= (i // block - 1) * block)
+
+
+def block_local_attention(q: Tensor, k: Tensor, v: Tensor, block: int) -> Tensor:
+    """Causal attention restricted to :func:`block_local_attention_mask` in ``O(T block)``.
+
+    ``q, k, v``: ``(..., T, d)``.  Block 0 runs causally on its own; every later block ``b``
+    runs as the second half of the causal sequence ``[block b-1, block b]`` (the first half's
+    outputs are discarded), all pairs batched into one fused call.
+    """
+    _check_window(block)
+    if q.shape != k.shape or k.shape[:-1] != v.shape[:-1] or q.dim() < 2:
+        raise PrunelabError(f"q, k, v must be (..., T, d) with the same T, got {tuple(q.shape)}, {tuple(k.shape)}, "
+                            f"{tuple(v.shape)}")
+    *lead, length, dim = q.shape
+    blocks = -(-length // block)
+    pad = blocks * block - length  # after the end: causality hides it
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    first = F.scaled_dot_product_attention(q[..., :block, :], k[..., :block, :], v[..., :block, :], is_causal=True)
+    if blocks == 1:
+        return first[..., :length, :]
+
+    def pairs(t: Tensor) -> Tensor:  # (..., T', d) -> (..., nb-1, 2 block, d): blocks b-1 and b
+        tb = t.reshape(*lead, blocks, block, t.shape[-1])
+        return torch.cat((tb[..., :-1, :, :], tb[..., 1:, :, :]), dim=-2)
+
+    rest = F.scaled_dot_product_attention(pairs(q), pairs(k), pairs(v), is_causal=True)[..., block:, :]
+    out = torch.cat((first, rest.reshape(*lead, (blocks - 1) * block, dim)), dim=-2)
+    return out[..., :length, :]
