@@ -39,7 +39,7 @@ from torch import nn
 from prunelab.activations import TopKActivation, activation_sparsity, sparse_input_model
 from prunelab.bench.datasets import load_dataset, make_loaders
 from prunelab.bench.records import (
-    benchmark_args, benchmark_environment, resolve_data_dir, rows_table, run_guarded, target, targets_table, write_record,
+    benchmark_args, benchmark_environment, publish, resolve_data_dir, run_guarded, target,
 )
 from prunelab.bench.training import TrainConfig, evaluate, seed_everything, train
 from prunelab.measure.latency import model_latency_ms
@@ -107,12 +107,7 @@ def main(argv=None) -> int:
         "targets": targets,
         "total_wall_time_s": time.perf_counter() - started,
     }
-    path = write_record("activation_sparsity", record, args.out)
-    print()
-    print(rows_table(rows, COLUMNS))
-    print()
-    print(targets_table(targets))
-    print(f"\nrecord: {path}")
+    path = publish("activation_sparsity", record, args.out)
     return 0
 
 

@@ -46,9 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunelab.bench.records import (
-    benchmark_args, benchmark_environment, rows_table, run_guarded, target, targets_table, write_record,
-)
+from prunelab.bench.records import benchmark_args, benchmark_environment, publish, run_guarded, target
 from prunelab.errors import PrunelabError
 from prunelab.masks import MaskSet
 from prunelab.materialise import materialise, semi_structured_available
@@ -184,12 +182,7 @@ def main(argv=None) -> int:
                          "reps": reps, "quick": quick},
               "environment": environment, "columns": COLUMNS, "rows": rows, "fp32": fp32, "mlp": mlp,
               "targets": targets, "total_wall_time_s": time.perf_counter() - started}
-    path = write_record("gpu_semi_structured", record, args.out)
-    print()
-    print(rows_table(rows, COLUMNS))
-    print()
-    print(targets_table(targets))
-    print(f"\nrecord: {path}")
+    path = publish("gpu_semi_structured", record, args.out)
     return 0
 
 

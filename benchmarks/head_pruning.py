@@ -39,7 +39,7 @@ from torch.utils.data import Subset
 from prunelab.bench.datasets import DatasetSplits, load_dataset, make_loaders
 from prunelab.bench.plots import plot_axes
 from prunelab.bench.records import (
-    benchmark_args, benchmark_environment, resolve_data_dir, rows_table, run_guarded, target, targets_table, write_record,
+    benchmark_args, benchmark_environment, publish, resolve_data_dir, run_guarded, target,
 )
 from prunelab.bench.row_transformer import RowTransformer
 from prunelab.bench.training import TrainConfig, evaluate, seed_everything, train
@@ -171,13 +171,9 @@ def main(argv=None) -> int:
         "targets": targets,
         "total_wall_time_s": total,
     }
-    path = write_record("head_pruning", record, args.out)
+    path = publish("head_pruning", record, args.out)
     plot(rows, dense_error, path.with_suffix(".png"))
-    print()
-    print(rows_table(rows + record["reference_rows"], COLUMNS))
-    print()
-    print(targets_table(targets))
-    print(f"\nrecord: {path}\nplot: {path.with_suffix('.png')}")
+    print(f"plot: {path.with_suffix('.png')}")
     return 0
 
 

@@ -32,10 +32,12 @@ import time
 
 import torch
 
-from prunelab.bench.minilm import embed_sentences, load_minilm, nearest_neighbours, tokenized_batches
+from prunelab.bench.minilm import (
+    BatchEncoder, embed_sentences, load_minilm, nearest_neighbours, tokenized_batches,
+)
 from prunelab.bench.plots import plot_axes
 from prunelab.bench.records import (
-    benchmark_args, benchmark_environment, resolve_data_dir, rows_table, run_guarded, target, targets_table, write_record,
+    benchmark_args, benchmark_environment, publish, resolve_data_dir, run_guarded, target,
 )
 from prunelab.bench.text import calibration_lines, held_out_lines, load_tinyshakespeare
 from prunelab.layers import block_influence, drop_blocks, lowest_influence
@@ -45,17 +47,6 @@ DEPTHS = (1, 2, 3)
 RANDOM_SEEDS = (0, 1, 2)
 COLUMNS = [("dropped", "layers dropped"), ("order", "order"), ("layers", "which"), ("mean_cosine", "mean cosine"),
            ("nn_agreement_pct", "NN agreement %"), ("latency_ratio", "latency x"), ("ideal_ratio", "(6-k)/6")]
-
-
-class Encoder(torch.nn.Module):
-    """``model(**batch).last_hidden_state`` as a one-argument module for the latency timer."""
-
-    def __init__(self, model: torch.nn.Module, batch: dict) -> None:
-        super().__init__()
-        self.model, self.batch = model, batch
-
-    def forward(self, _: torch.Tensor) -> torch.Tensor:
-        return self.model(**self.batch).last_hidden_state
 
 
 def plot(rows: list[dict], path) -> None:
@@ -108,8 +99,8 @@ def main(argv=None) -> int:
                    "ideal_ratio": (len(names) - k) / len(names)}
             if order == "lowest BI":
                 with torch.inference_mode():
-                    ms = model_latency_ms({"dense": Encoder(dense, timing_batch),
-                                           "dropped": Encoder(results[0]["model"], timing_batch)}, torch.zeros(1), 9)
+                    ms = model_latency_ms({"dense": BatchEncoder(dense, timing_batch),
+                                           "dropped": BatchEncoder(results[0]["model"], timing_batch)}, torch.zeros(1), 9)
                 row.update(latency_ratio=ms["dropped"] / ms["dense"], latency_dense_ms=ms["dense"],
                            latency_dropped_ms=ms["dropped"])
             rows.append(row)
@@ -140,13 +131,9 @@ def main(argv=None) -> int:
         "targets": targets,
         "total_wall_time_s": time.perf_counter() - started,
     }
-    path = write_record("layer_dropping", record, args.out)
+    path = publish("layer_dropping", record, args.out)
     plot(rows, path.with_suffix(".png"))
-    print()
-    print(rows_table(rows, COLUMNS))
-    print()
-    print(targets_table(targets))
-    print(f"\nrecord: {path}\nplot: {path.with_suffix('.png')}")
+    print(f"plot: {path.with_suffix('.png')}")
     return 0
 
 

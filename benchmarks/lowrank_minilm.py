@@ -28,9 +28,11 @@ import time
 
 import torch
 
-from prunelab.bench.minilm import embed_sentences, load_minilm, nearest_neighbours, tokenized_batches
+from prunelab.bench.minilm import (
+    BatchEncoder, embed_sentences, load_minilm, nearest_neighbours, tokenized_batches,
+)
 from prunelab.bench.records import (
-    benchmark_args, benchmark_environment, resolve_data_dir, rows_table, run_guarded, target, targets_table, write_record,
+    benchmark_args, benchmark_environment, publish, resolve_data_dir, run_guarded, target,
 )
 from prunelab.bench.text import calibration_lines, held_out_lines, load_tinyshakespeare
 from prunelab.lowrank import low_rank_model
@@ -40,17 +42,6 @@ from prunelab.oneshot import OneShotConfig, prune_oneshot
 KEEPS = (0.75, 0.5)
 COLUMNS = [("method", "method"), ("keep_pct", "weights kept %"), ("mean_cosine", "mean cosine"),
            ("nn_agreement_pct", "NN agreement %"), ("latency_ratio", "latency x (batch 64)"), ("build_s", "build s")]
-
-
-class Encoder(torch.nn.Module):
-    """``model(**batch).last_hidden_state`` as a one-argument module for the latency timer."""
-
-    def __init__(self, model: torch.nn.Module, batch: dict) -> None:
-        super().__init__()
-        self.model, self.batch = model, batch
-
-    def forward(self, _: torch.Tensor) -> torch.Tensor:
-        return self.model(**self.batch).last_hidden_state
 
 
 def main(argv=None) -> int:
@@ -72,7 +63,7 @@ def main(argv=None) -> int:
     def measure(method: str, keep: float, model: torch.nn.Module, build_s: float) -> dict:
         emb = embed_sentences(model, tokenizer, lines)
         with torch.inference_mode():
-            ms = model_latency_ms({"dense": Encoder(dense, timing_batch), "new": Encoder(model, timing_batch)},
+            ms = model_latency_ms({"dense": BatchEncoder(dense, timing_batch), "new": BatchEncoder(model, timing_batch)},
                                   torch.zeros(1), 9)
         row = {"method": method, "keep_pct": 100 * keep, "mean_cosine": float((emb * reference).sum(1).mean()),
                "nn_agreement_pct": 100 * float((nearest_neighbours(emb) == reference_nn).float().mean()),
@@ -119,12 +110,7 @@ def main(argv=None) -> int:
         "targets": targets,
         "total_wall_time_s": time.perf_counter() - started,
     }
-    path = write_record("lowrank_minilm", record, args.out)
-    print()
-    print(rows_table(rows, COLUMNS))
-    print()
-    print(targets_table(targets))
-    print(f"\nrecord: {path}")
+    path = publish("lowrank_minilm", record, args.out)
     return 0
 
 

@@ -33,9 +33,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from prunelab.bench.records import (
-    benchmark_args, benchmark_environment, rows_table, run_guarded, target, targets_table, write_record,
-)
+from prunelab.bench.records import benchmark_args, benchmark_environment, publish, run_guarded, target
 from prunelab.measure.latency import interleaved_latency
 from prunelab.sparse_attention import (
     block_local_attention, block_local_attention_mask, local_attention, local_attention_mask,
@@ -109,12 +107,7 @@ def main(argv=None) -> int:
         "notes": notes,
         "total_wall_time_s": time.perf_counter() - started,
     }
-    path = write_record("sparse_attention", record, args.out)
-    print()
-    print(rows_table(rows, COLUMNS))
-    print()
-    print(targets_table(targets))
-    print(f"\nrecord: {path}")
+    path = publish("sparse_attention", record, args.out)
     return 0
 
 

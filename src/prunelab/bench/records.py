@@ -65,6 +65,20 @@ def write_record(name: str, record: Mapping[str, Any], out: str | os.PathLike | 
     return path
 
 
+def publish(name: str, record: Mapping[str, Any], out: str | os.PathLike | None) -> Path:
+    """Write the record (:func:`write_record`), then print its rows (reference rows after them)
+    and targets as markdown tables and the record's path; returns the path."""
+    path = write_record(name, record, out)
+    rows = [*record["rows"], *record.get("reference_rows", [])]
+    columns = [tuple(c) for c in record.get("columns", [])] or [(k, k) for k in rows[0]]
+    print()
+    print(rows_table(rows, columns))
+    print()
+    print(targets_table(record["targets"]))
+    print(f"\nrecord: {path}")
+    return path
+
+
 def rows_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
     return markdown_table(rows, columns)
 
