@@ -9,19 +9,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunelab.bench.row_transformer import SelfAttention
 from prunelab.errors import PrunelabError
 from prunelab.heads import attention_units, head_importance, head_magnitude, head_masks, remove_heads_
 from prunelab.materialise.shrink import shrink_model
 
-from toy_attention import AttnNet, ToyAttention  # tests/ helper module
 
 
 class TwoUnits(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.embed = nn.Linear(6, 16)
-        self.a = ToyAttention(16, 4)
-        self.b = ToyAttention(16, 4)
+        self.a = SelfAttention(16, 4)
+        self.b = SelfAttention(16, 4)
         self.head = nn.Linear(16, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, 6) -> (B, 3)
@@ -30,15 +30,15 @@ class TwoUnits(nn.Module):
 
 def test_magnitude_is_the_squared_norm_of_what_each_head_owns():
     torch.manual_seed(0)
-    model = AttnNet()
-    attn = model.attn
+    model = nn.Sequential(SelfAttention(16, 4))
+    attn = model[0]
     expected = torch.zeros(4, dtype=torch.float64)
     for h in range(4):
         rows = slice(4 * h, 4 * h + 4)
         for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
             expected[h] += proj.weight.detach().double()[rows].square().sum()
         expected[h] += attn.out_proj.weight.detach().double()[:, rows].square().sum()
-    torch.testing.assert_close(head_magnitude(model)["attn"], expected)
+    torch.testing.assert_close(head_magnitude(model)["0"], expected)
 
 
 def test_importance_is_the_gate_gradient_of_michel_et_al():

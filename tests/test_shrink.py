@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunelab.bench.models import build_model
+from prunelab.bench.row_transformer import SelfAttention
 from prunelab.errors import PrunelabError
 from prunelab.masks import MaskSet
 from prunelab.materialise.shrink import (
@@ -19,7 +20,6 @@ from prunelab.materialise.shrink import (
 )
 from prunelab.materialise.spec import load_shrunk, save_shrunk
 
-from toy_attention import AttnNet  # tests/ helper module
 
 TOL = 1e-5
 
@@ -152,6 +152,17 @@ class DepthwiseNet(nn.Module):
         x = F.relu6(self.bn2(self.dw(x)))
         x = self.pw2(x).mean((2, 3))  # (B, 6)
         return self.fc(x)
+
+
+class AttnNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 16)
+        self.attn = SelfAttention(16, 4)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(self.embed(x)))  # (B, T, 3)
 
 
 class Gate(nn.Module):

@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from prunelab.errors import PrunelabError
+from prunelab.oneshot_cli import (
+    DEFAULT_CALIB_SAMPLES, add_model_args, calibration_for, load_model, resolve_model, save_model,
+)
 
 __all__ = ["add_drop_layers_parser", "cmd_drop_layers"]
 
@@ -39,7 +42,6 @@ def _markdown(record: dict[str, Any]) -> str:
 def cmd_drop_layers(args: argparse.Namespace) -> int:
     """Score, drop ``--count`` blocks of ``--model`` and write ``--out`` (see the module docstring)."""
     from prunelab.io import atomic_dir, ensure_writable_dir, write_json, write_text
-    from prunelab.oneshot_cli import DEFAULT_CALIB_SAMPLES, calibration_for, load_model, resolve_model, save_model
 
     if isinstance(args.count, bool) or args.count < 1:
         raise PrunelabError(f"--count must be a positive integer (blocks to drop), got {args.count}")
@@ -87,15 +89,7 @@ def add_drop_layers_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``drop-layers`` subcommand to ``subparsers``."""
     parser = subparsers.add_parser("drop-layers", help="remove the least influential transformer blocks (ShortGPT)",
                                    description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, metavar="PATH_OR_NAME",
-                        help="chargpt, minilm, or a folder holding a transformers model (config.json + safetensors)")
+    add_model_args(parser)
     parser.add_argument("--count", type=int, required=True, help="how many blocks to remove")
-    parser.add_argument("--calib-samples", type=int, default=None, metavar="N",
-                        help="calibration samples (default: 64 windows for chargpt, 128 lines for transformers)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (written atomically)")
-    parser.add_argument("--data-dir", default=None, help="folder holding tinyshakespeare/input.txt "
-                        "(default: $PRUNELAB_DATA or ../shared/data)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     parser.set_defaults(func=cmd_drop_layers)
     return parser

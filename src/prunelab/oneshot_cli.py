@@ -248,31 +248,36 @@ def cmd_oneshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The flags ``oneshot`` and ``drop-layers`` share: which model, its calibration data, the output folder."""
+    parser.add_argument("--model", required=True, metavar="PATH_OR_NAME",
+                        help="chargpt, minilm, or a folder holding a transformers model (config.json + safetensors)")
+    parser.add_argument("--calib-samples", type=int, default=None, metavar="N",
+                        help="calibration samples (default: 64 windows for chargpt, 128 lines for transformers)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (written atomically)")
+    parser.add_argument("--data-dir", default=None, help="folder holding tinyshakespeare/input.txt "
+                        "(default: $PRUNELAB_DATA or ../shared/data)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+
+
 def add_oneshot_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``oneshot`` subcommand to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
     parser = subparsers.add_parser(
         "oneshot", help="data-aware one-shot pruning (SparseGPT, Wanda, OBS, magnitude) of a transformer",
         description=__doc__.splitlines()[0],
     )
-    parser.add_argument("--model", required=True, metavar="PATH_OR_NAME",
-                        help="chargpt, minilm, or a folder holding a transformers model (config.json + safetensors)")
+    add_model_args(parser)
     parser.add_argument("--method", default="sparsegpt",
                         help="sparsegpt | wanda | magnitude | magnitude-row | obs | lobs (default sparsegpt)")
     parser.add_argument("--sparsity", type=float, default=None, help="unstructured sparsity in (0, 1) (default 0.5)")
     parser.add_argument("--pattern", default=None, metavar="N:M", help="semi-structured N:M sparsity, e.g. 2:4")
-    parser.add_argument("--calib-samples", type=int, default=None, metavar="N",
-                        help="calibration samples (default: 64 windows for chargpt, 128 lines for transformers)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (written atomically)")
-    parser.add_argument("--data-dir", default=None, help="folder holding tinyshakespeare/input.txt "
-                        "(default: $PRUNELAB_DATA or ../shared/data)")
     parser.add_argument("--dampening", type=float, default=0.01, help="Hessian dampening, fraction of mean diagonal")
     parser.add_argument("--block-size", type=int, default=128, help="SparseGPT column block size")
     parser.add_argument("--exclude", action="append", default=None, metavar="GLOB",
                         help="module-name glob left dense (repeatable)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
     parser.add_argument("--bias-correction", action="store_true",
                         help="let each pruned layer's bias absorb its mean output change, b += (W - W') E[x]")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     parser.set_defaults(func=cmd_oneshot)
     return parser
 
