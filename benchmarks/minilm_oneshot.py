@@ -29,8 +29,16 @@ lines, 1000 held-out lines, mean cosine at 50%): magnitude 0.729 -> 0.826, Wanda
 0.895, SparseGPT 0.928 -> 0.930 -- SparseGPT's weight updates already compensate most of
 the mean shift.
 
+SparseGPT also runs with the engine's ``dense_targets`` (row ``sparsegpt + dense targets``):
+each layer reconstructs the *dense* model's layer output from the pruned model's inputs,
+``min ||W X - W' X~||^2``, the asymmetric calibration of Li et al. 2025 (GPTAQ), so the
+errors of earlier layers are compensated instead of carried to the embedding.  Measured
+while adding it (2048 calibration lines, 1000 held-out lines): mean cosine at 50% 0.932 ->
+0.952 (0.953 with bias correction as well), 2:4 0.884 -> 0.918; pruning takes ~1.5x as long.
+
 Targets: at 50% unstructured, SparseGPT and Wanda each keep mean cosine >= 0.95 and beat
-magnitude on both measures (the plain methods, as published).  Peak RSS and pruning wall time are recorded.
+magnitude on both measures (the plain methods, as published); the same targets are shown
+for SparseGPT with dense targets beside them.  Peak RSS and pruning wall time are recorded.
 
     python benchmarks/minilm_oneshot.py           # writes benchmarks/results/minilm_oneshot.json
     python benchmarks/minilm_oneshot.py --quick   # 50% only, 200 lines, 32 calibration lines
@@ -62,12 +70,11 @@ from prunelab.bench.records import (
     write_record,
 )
 from prunelab.bench.text import calibration_lines, held_out_lines, load_tinyshakespeare
+from prunelab.bench.oneshot_variants import variant_configs
 from prunelab.measure.memory import peak_rss_mb
-from prunelab.oneshot import OneShotConfig, prune_oneshot
+from prunelab.oneshot import prune_oneshot
 from prunelab.oneshot.diagnostics import input_norm_spread, spread_summary
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
-BIAS_CORRECTION = (False, True)
 SETTINGS = (("50%", 0.5, None), ("2:4", 0.5, "2:4"))
 QUICK_SETTINGS = (("50%", 0.5, None),)
 COLUMNS = [("method", "method"), ("sparsity", "sparsity"), ("sparsity_pct", "achieved %"),
@@ -81,11 +88,12 @@ def _why_not(targets: list[dict], rows: list[dict], spread: dict[str, float]) ->
     missed = [t for t in targets if "mean cosine to dense" in t["name"] and not t["met"]]
     if not missed:
         return ""
-    shown = ", ".join(f"{t['name'].split()[0]} {t['value']:.3f}" for t in missed)
+    shown = ", ".join(f"{t['name'].removesuffix(' mean cosine to dense at 50%')} {t['value']:.3f}" for t in missed)
     return (f"Mean cosine at 50% stays below 0.95 ({shown}). Every one of the 36 encoder Linears of a 384-wide, "
             "6-layer model loses half its weights with no retraining, and the embedding is read after all six "
             "layers, so per-layer errors compound; more calibration data moves SparseGPT by thousandths (see the "
-            "docstring: 0.929 with 512 lines, 0.932 with 2048), so more calibration does not close the gap. "
+            "docstring: 0.929 with 512 lines, 0.932 with 2048), so more calibration does not close the gap; "
+            "reconstructing the dense outputs instead (SparseGPT + dense targets) removes most of the compounding. "
             "The inputs do have outlier features (largest input-feature norm "
             f"{spread['median_over_layers']:.1f}x the median, median over layers; up to {spread['max_over_layers']:.0f}x), "
             "and Wanda's activation-weighted scores beat magnitude clearly here, unlike on the char-GPT whose "
@@ -129,11 +137,9 @@ def main(argv=None) -> int:
              "nn_agreement_pct": 100.0, "embed_time_s": dense_embed_s}]
     layers = {}
     for label, sparsity, pattern in (QUICK_SETTINGS if args.quick else SETTINGS):
-        for method, corrected in ((m, c) for c in BIAS_CORRECTION for m in METHODS):
+        for name, config in variant_configs(sparsity, pattern):
             model = copy.deepcopy(dense)
-            config = OneShotConfig(method=method, sparsity=sparsity, pattern=pattern, bias_correction=corrected)
             report = prune_oneshot(model, calibration, config, progress=False)
-            name = f"{method} + bias corr." if corrected else method
             tick = time.perf_counter()
             emb = embed_sentences(model, tokenizer, lines)  # (N, 384)
             embed_s = time.perf_counter() - tick
@@ -153,7 +159,7 @@ def main(argv=None) -> int:
 
     magnitude = row("magnitude")
     targets = []
-    for method in ("sparsegpt", "wanda"):
+    for method in ("sparsegpt", "wanda", "sparsegpt + dense targets"):
         r = row(method)
         targets.append(target(f"{method} mean cosine to dense at 50%", round(r["mean_cosine"], 4), ">= 0.95",
                               r["mean_cosine"] >= 0.95))

@@ -113,7 +113,9 @@ def cli_section() -> str:
                      "with `transformers.AutoModel.from_pretrained`. `--bias-correction` lets each pruned layer's "
                      "bias absorb its mean output change on the calibration data (`b += (W - W') E[x]`); the one-shot "
                      "tables below show where that helps (Wanda and magnitude on MiniLM) and where it does not "
-                     "(the char-GPT):\n")
+                     "(the char-GPT). `--dense-targets` (SparseGPT, OBS, L-OBS) makes each layer reconstruct the "
+                     "dense model's output from the pruned model's inputs, `min ||W X - W' X~||^2`; it is the "
+                     "best row of both tables:\n")
         one_out = Path(tmp) / "minilm-wanda"
         one_args = ["oneshot", "--model", "minilm", "--method", "wanda", "--sparsity", "0.5", "--calib-samples", "64",
                     "--no-progress"]

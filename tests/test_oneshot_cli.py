@@ -125,6 +125,25 @@ def test_bias_correction_flag_reaches_the_engine_and_moves_the_biases(cli, tmp_p
     assert torch.equal(pruned["pooler.dense.bias"], dense["pooler.dense.bias"])  # unpruned layers untouched
 
 
+def test_dense_targets_flag_reaches_the_engine(cli, tmp_path, tiny_bert, data_dir):
+    out = tmp_path / "dense-targets"
+    code, _, err = cli("oneshot", "--model", str(tiny_bert), "--method", "sparsegpt", "--sparsity", "0.5",
+                       "--dense-targets", "--calib-samples", "8", "--data-dir", str(data_dir), "--out", str(out),
+                       "--no-progress")
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["oneshot"]["config"]["dense_targets"] is True
+    assert report["summary"]["pruned_layer_sparsity"] == pytest.approx(0.5)
+
+
+def test_dense_targets_with_wanda_is_a_one_line_error(cli, tmp_path, tiny_bert, data_dir):
+    out = tmp_path / "refused"
+    code, _, err = cli("oneshot", "--model", str(tiny_bert), "--method", "wanda", "--dense-targets",
+                       "--data-dir", str(data_dir), "--out", str(out), "--no-progress")
+    assert code == 2 and "dense_targets needs a method that reconstructs from a Hessian" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
 def test_chargpt_from_cache_prunes_and_reloads(cli, tmp_path, monkeypatch, data_dir):
     """``--model chargpt`` with a pre-filled cache (an untrained model): no training in tests."""
     pytest.importorskip("prunelab.oneshot")

@@ -201,7 +201,8 @@ def cmd_oneshot(args: argparse.Namespace) -> int:
     # validates method, dampening and block size; N:M divisibility and per-method size limits are
     # checked by prune_oneshot on the loaded model before any forward pass (and before writing)
     config = OneShotConfig(method=args.method, sparsity=sparsity, pattern=pattern, dampening=args.dampening,
-                           block_size=args.block_size, exclude=exclude, bias_correction=args.bias_correction)
+                           block_size=args.block_size, exclude=exclude, bias_correction=args.bias_correction,
+                           dense_targets=args.dense_targets)
     samples = args.calib_samples or DEFAULT_CALIB_SAMPLES[spec.kind]
     model, tokenizer, meta = load_model(spec, args)
     calibration, calib_info = calibration_for(spec, model, tokenizer, samples, args)
@@ -278,6 +279,9 @@ def add_oneshot_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="module-name glob left dense (repeatable)")
     parser.add_argument("--bias-correction", action="store_true",
                         help="let each pruned layer's bias absorb its mean output change, b += (W - W') E[x]")
+    parser.add_argument("--dense-targets", action="store_true",
+                        help="reconstruct the dense model's layer outputs from the pruned model's inputs "
+                             "(GPTAQ's asymmetric calibration; sparsegpt/obs/lobs)")
     parser.set_defaults(func=cmd_oneshot)
     return parser
 

@@ -46,6 +46,7 @@ its inputs only (the next block consumes the previous block's first output).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import fnmatch
 import math
@@ -65,7 +66,14 @@ from prunelab.criteria.base import eval_mode
 from prunelab.errors import PrunelabError
 from prunelab.masks import MaskSet
 from prunelab.measure.memory import peak_rss_mb
-from prunelab.oneshot.stats import ColumnNormAccumulator, HessianAccumulator, InputStats, Solution
+from prunelab.oneshot.stats import (
+    ColumnNormAccumulator,
+    HessianAccumulator,
+    InputStats,
+    PairedHessianAccumulator,
+    Solution,
+    dense_target_weight,
+)
 from prunelab.structure import NM
 
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -90,6 +98,15 @@ class OneShotConfig:
     compensation of An et al. 2024 (FLAP, AAAI).  It removes the mean part of the output
     error, ``||(W - W') X||^2 - n ||(W - W') E[x]||^2`` remains; layers without a bias are
     left as they are.
+    ``dense_targets``: each layer reconstructs the *dense* model's output from the pruned
+    model's inputs, ``min ||W X - W' X~||^2`` (``X`` the layer's inputs in the dense model,
+    ``X~`` in the model pruned so far), instead of ``||W X~ - W' X~||^2``: earlier layers'
+    errors are then compensated rather than carried along -- the asymmetric calibration of
+    Li et al. 2025 (GPTAQ, ICML 2025).  The solver prunes the least-squares weight
+    ``V = W C^T H~^{-1}`` (``C = 2 X~ X^T / n``, :func:`prunelab.oneshot.stats.dense_target_weight`)
+    on ``H~``, which minimises that objective exactly.  Hessian methods only
+    (``sparsegpt``, ``obs``, ``lobs``); it costs a dense copy of the current block, a second set of
+    block activations and two forwards per statistic.
     """
 
     method: str = "sparsegpt"
@@ -99,6 +116,7 @@ class OneShotConfig:
     block_size: int = 128
     exclude: tuple[str, ...] = ()
     bias_correction: bool = False
+    dense_targets: bool = False
 
     def __post_init__(self) -> None:
         from prunelab.oneshot import SOLVERS  # the package registry (import cycle: engine <- __init__)
@@ -122,6 +140,13 @@ class OneShotConfig:
         object.__setattr__(self, "exclude", exclude)
         if not isinstance(self.bias_correction, bool):
             raise PrunelabError(f"bias_correction must be True or False, got {self.bias_correction!r}")
+        if not isinstance(self.dense_targets, bool):
+            raise PrunelabError(f"dense_targets must be True or False, got {self.dense_targets!r}")
+        if self.dense_targets and SOLVERS.get(self.method).needs != "hessian":
+            raise PrunelabError(
+                f"dense_targets needs a method that reconstructs from a Hessian, not {self.method!r}; "
+                "use method='sparsegpt', 'obs' or 'lobs', or drop dense_targets"
+            )
 
     @property
     def nm(self) -> NM | None:
@@ -521,45 +546,98 @@ def _probe(block: nn.Module, where: str, targets: list[_Target], item) -> list[t
     return list(calls.items())
 
 
-def _collect(block: nn.Module, where: str, target: _Target, inputs: Inputs, needs: str, stop_early: bool) -> InputStats:
-    """Accumulate ``target``'s input statistics over every item (forward cut after it if ``stop_early``)."""
-    cols = target.weight2d().shape[1]
-    device = target.module.weight.device
-    acc = HessianAccumulator(cols, device) if needs == "hessian" else ColumnNormAccumulator(cols, device)
+@dataclass
+class _Reference:
+    """The dense model beside the pruned one (``dense_targets``): a dense copy of the current
+    block, the inputs the dense model gives it (one per item) and, per target name, the
+    copy's module."""
 
-    def hook(module: nn.Module, args: tuple) -> None:
-        acc.add(target.inputs2d(args[0]))
+    block: nn.Module
+    inputs: Inputs
+    modules: dict[str, nn.Module]
+
+    @classmethod
+    def of(cls, block: nn.Module, block_name: str, inputs: Inputs) -> _Reference:
+        dense = copy.deepcopy(block)
+        modules = {".".join(p for p in (block_name, local) if p): m for local, m in dense.named_modules()}
+        return cls(dense, inputs, modules)
+
+
+def _feed_inputs(block: nn.Module, module: nn.Module, target: _Target, item, where: str, index: int,
+                 stop_early: bool, consume: Callable[[Tensor], None]) -> None:
+    """One forward of ``block`` on ``item``; ``consume`` gets ``target``'s input rows
+    ``(n, cols)`` at each call of ``module``, inside the forward (so a shape error raised
+    there is reported as a calibration item that does not fit)."""
+
+    def hook(_: nn.Module, args: tuple) -> None:
+        consume(target.inputs2d(args[0]))
         if stop_early:
             raise _Stop
 
-    with _pre_hooks([(target.module, hook)]):
-        for i, item in enumerate(inputs):
-            _run(block, item, where, i)
+    with _pre_hooks([(module, hook)]):
+        _run(block, item, where, index)
+
+
+def _collect(block: nn.Module, where: str, target: _Target, inputs: Inputs, needs: str, stop_early: bool,
+             reference: _Reference | None = None) -> InputStats:
+    """Accumulate ``target``'s input statistics over every item (forward cut after it if
+    ``stop_early``); with a ``reference``, the pruned inputs paired with the dense ones."""
+    cols = target.weight2d().shape[1]
+    device = target.module.weight.device
+    if reference is not None:
+        paired = PairedHessianAccumulator(cols, device)
+        dense_module = reference.modules[target.name]
+        for i, (item, dense_item) in enumerate(zip(inputs, reference.inputs, strict=True)):
+            dense: list[Tensor] = []  # the dense model's rows, one entry per call
+            _feed_inputs(reference.block, dense_module, target, dense_item, where, i, stop_early, dense.append)
+            _feed_inputs(block, target.module, target, item, where, i, stop_early,
+                         lambda rows: paired.add(rows, dense.pop(0)))
+        return paired.result()
+    acc = HessianAccumulator(cols, device) if needs == "hessian" else ColumnNormAccumulator(cols, device)
+    for i, item in enumerate(inputs):
+        _feed_inputs(block, target.module, target, item, where, i, stop_early, acc.add)
     return acc.result()
 
 
 def _propagate(block: nn.Module, where: str, inputs: Inputs, dense: Mapping[_Target, tuple[Tensor, Tensor | None]],
-               keep_outputs: bool) -> dict[_Target, float]:
+               keep_outputs: bool, reference: _Reference | None = None) -> dict[_Target, float]:
     """Run ``block`` on every item (pruned weights), measure each pruned layer's relative
     reconstruction error and, if ``keep_outputs``, replace the items' hidden states by the
-    block's outputs in place.  ``dense``: target -> (dense ``W``, bias correction or None)."""
+    block's outputs in place.  ``dense``: target -> (dense ``W``, bias correction or None).
+
+    The error is ``||W X - W' X - c||^2 / ||W X||^2`` on the pruned model's inputs; with a
+    ``reference`` it is ``||W X - W' X~ - c||^2 / ||W X||^2`` against the dense model's
+    outputs (``X`` dense inputs, ``X~`` pruned ones), and the reference's inputs move on too."""
     num = {t: 0.0 for t in dense}
     den = {t: 0.0 for t in dense}
+    wanted: dict[_Target, list[Tensor]] = {t: [] for t in dense}  # dense outputs W X per call (reference)
 
-    def measure(target: _Target, W: Tensor, delta: Tensor, shift: Tensor | None) -> Callable:
+    def measure(target: _Target, W: Tensor, pruned: Tensor, shift: Tensor | None) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
             x = target.inputs2d(args[0]).to(W.dtype)  # (n, cols)
-            change = x @ delta.T if shift is None else x @ delta.T - shift  # (n, rows)
-            num[target] += float(change.double().square().sum())  # ||(W - W') X - c||^2
-            den[target] += float((x @ W.T).double().square().sum())  # ||W X||^2
+            goal = wanted[target].pop(0) if reference is not None else x @ W.T  # (n, rows) W X
+            change = goal - x @ pruned.T if shift is None else goal - x @ pruned.T - shift  # (n, rows)
+            num[target] += float(change.double().square().sum())  # ||W X - W' X - c||^2
+            den[target] += float(goal.double().square().sum())  # ||W X||^2
         return hook
 
-    hooks = []
+    def record(target: _Target, W: Tensor) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            wanted[target].append(target.inputs2d(args[0]).to(W.dtype) @ W.T)
+        return hook
+
+    hooks, dense_hooks = [], []
     for target, (W, shift) in dense.items():
         pruned = target.weight2d().to(W.dtype)
-        hooks.append((target.module, measure(target, W, W - pruned, None if shift is None else shift.to(W.dtype))))
-    with _pre_hooks(hooks):
+        hooks.append((target.module, measure(target, W, pruned, None if shift is None else shift.to(W.dtype))))
+        if reference is not None:
+            dense_hooks.append((reference.modules[target.name], record(target, W)))
+    with _pre_hooks(hooks), _pre_hooks(dense_hooks):
         for i, item in enumerate(inputs):
+            if reference is not None:
+                dense_output = _run(reference.block, reference.inputs[i], where, i)
+                if keep_outputs:
+                    reference.inputs[i] = _with_hidden(reference.inputs[i], _hidden_of(dense_output))
             output = _run(block, item, where, i)
             if keep_outputs:
                 inputs[i] = _with_hidden(item, _hidden_of(output))
@@ -596,14 +674,17 @@ def prune_oneshot(model: nn.Module, calibration: Sequence[Any], config: OneShotC
     with eval_mode(model), torch.no_grad():
         inputs = _capture(model, blocks[0], items, first.device)
         _check_hidden_position(blocks[0][0], inputs)
+        dense_inputs = list(inputs) if config.dense_targets else None  # the dense model's block inputs
         last = max(i for i, ts in enumerate(per_block) if ts)
         for b, ((block_name, block), targets) in enumerate(zip(blocks, per_block, strict=True)):
             if b > last:  # nothing left to prune: the rest of the model need not run
                 break
-            solved, uncalled = _prune_block(block, block_name, targets, inputs, solver, config)
+            reference = None if dense_inputs is None else _Reference.of(block, block_name, dense_inputs)
+            solved, uncalled = _prune_block(block, block_name, targets, inputs, solver, config, reference)
             dense_layers += uncalled
             errors = _propagate(block, block_name, inputs, {t: (dense, shift) for t, dense, _, shift, _ in solved},
-                                keep_outputs=b < last)
+                                keep_outputs=b < last, reference=reference)
+            del reference  # one dense block copy at a time
             for target, _, solution, _, (seconds, solve_seconds) in solved:
                 keep = solution.mask  # (rows, cols)
                 row = LayerRow(target.name, tuple(target.module.weight.shape), 1.0 - float(keep.sum()) / keep.numel(),
@@ -619,12 +700,13 @@ def prune_oneshot(model: nn.Module, calibration: Sequence[Any], config: OneShotC
 
 
 def _prune_block(block: nn.Module, block_name: str, targets: list[_Target], inputs: Inputs, solver: Solver,
-                 config: OneShotConfig
+                 config: OneShotConfig, reference: _Reference | None = None
                  ) -> tuple[list[tuple[_Target, Tensor, Solution, Tensor | None, tuple[float, float]]], list[str]]:
     """Prune ``targets`` one after the other in execution order, each from the inputs it
-    receives with the earlier ones already pruned.  Returns ``(target, dense W, solution,
-    bias correction or None, (seconds, solver seconds))`` per pruned layer and the names of
-    targets the block never called."""
+    receives with the earlier ones already pruned (and, with a ``reference``, towards the
+    dense model's outputs).  Returns ``(target, dense W, solution, bias correction or None,
+    (seconds, solver seconds))`` per pruned layer and the names of targets the block never
+    called."""
     if not targets:
         return [], []
     called = _probe(block, block_name, targets, inputs[0])
@@ -636,12 +718,14 @@ def _prune_block(block: nn.Module, block_name: str, targets: list[_Target], inpu
         correct = config.bias_correction and getattr(target.module, "bias", None) is not None
         if solver.needs != "none" or correct:
             needs = "norms" if solver.needs == "none" else solver.needs
-            stats = _collect(block, block_name, target, inputs, needs, stop_early=count == 1)
+            stats = _collect(block, block_name, target, inputs, needs, stop_early=count == 1, reference=reference)
         mean = stats.mean if correct else None  # (cols,) float64
+        dense_mean = stats.dense_mean if correct and reference is not None else mean  # E[x] in the dense model
         W = target.weight2d().clone()  # (rows, cols) dense
         solve_tick = time.perf_counter()
         try:
-            solution = solver.fn(W, stats, config)
+            goal = W if reference is None else dense_target_weight(W, stats, config.dampening)  # (rows, cols)
+            solution = solver.fn(goal, stats, config)
         except PrunelabError as exc:
             raise PrunelabError(f"layer {target.name!r}: {exc}") from None
         solve_seconds = time.perf_counter() - solve_tick
@@ -652,15 +736,16 @@ def _prune_block(block: nn.Module, block_name: str, targets: list[_Target], inpu
                 "raise dampening or pass more calibration samples"
             )
         target.load2d(solution.weight)
-        shift = None if mean is None else _correct_bias_(target, W, solution.weight, mean)
+        shift = None if mean is None else _correct_bias_(target, W, solution.weight, mean, dense_mean)
         solved.append((target, W, solution, shift, (time.perf_counter() - tick, solve_seconds)))
     return solved, uncalled
 
 
 @torch.no_grad()
-def _correct_bias_(target: _Target, dense: Tensor, pruned: Tensor, mean: Tensor) -> Tensor:
-    """``b += (W - W') E[x]`` (Nagel et al. 2019); returns the shift ``(rows,)``."""
-    shift = (dense.to(torch.float64) - pruned.to(torch.float64)) @ mean  # (rows,)
+def _correct_bias_(target: _Target, dense: Tensor, pruned: Tensor, mean: Tensor, dense_mean: Tensor) -> Tensor:
+    """``b += W E[x] - W' E[x~]`` (Nagel et al. 2019; ``E[x] = E[x~]`` without dense targets);
+    returns the shift ``(rows,)``."""
+    shift = dense.to(torch.float64) @ dense_mean - pruned.to(torch.float64) @ mean  # (rows,)
     bias = target.module.bias
     bias.add_(shift.to(device=bias.device, dtype=bias.dtype))
     return shift

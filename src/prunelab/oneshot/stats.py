@@ -10,6 +10,10 @@ calibration sample by the engine:
   output row, so one ``(cols, cols)`` matrix serves the whole layer.
 * :class:`ColumnNormAccumulator` -- the squared input-feature norms ``||X_j||_2^2``
   ``(cols,)`` (Wanda).
+* :class:`PairedHessianAccumulator` -- for dense targets (the engine's ``dense_targets``):
+  the Hessian of the pruned model's inputs ``X~`` and the cross term ``2 X~ X^T / n`` with
+  the dense model's inputs ``X`` on the same tokens, from which :func:`dense_target_weight`
+  solves ``min_V ||W X - V X~||^2``.
 
 Both sum in float64 (``n`` is large and the solvers invert ``H``).  Under
 ``torch.distributed`` each rank may see its own calibration shard: the sums are reduced
@@ -43,13 +47,17 @@ class InputStats:
     ``sq_norms``: ``(cols,)`` float64, ``||X_j||_2^2`` summed over all ``n`` rows
     (``None`` if not collected).  ``mean``: ``(cols,)`` float64, the mean input row
     ``E[x]`` (for bias correction; ``None`` if not collected).  ``count``: ``n``, the
-    number of input rows seen.
+    number of input rows seen.  With dense targets, ``hessian`` and ``mean`` describe the
+    pruned model's inputs ``X~``, ``cross`` is ``2 X~ X^T / n`` ``(cols, cols)`` and
+    ``dense_mean`` the dense model's mean input row (both ``None`` otherwise).
     """
 
     hessian: Tensor | None = None
     sq_norms: Tensor | None = None
     mean: Tensor | None = None
     count: int = 0
+    cross: Tensor | None = None
+    dense_mean: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,59 @@ class ColumnNormAccumulator:
         count = _reduce_(self.sum, self.count)
         _reduce_(self.total, 0)
         return InputStats(sq_norms=self.sum, mean=self.total.mul_(1.0 / max(count, 1)), count=count)
+
+
+class PairedHessianAccumulator:
+    """Running ``H~ = 2 X~ X~^T / n`` and ``C = 2 X~ X^T / n`` over pairs of row batches: the
+    pruned model's layer inputs ``x~`` and the dense model's ``x`` for the same tokens,
+    both ``(n_b, cols)``."""
+
+    def __init__(self, cols: int, device: torch.device | str = "cpu") -> None:
+        self.pruned = HessianAccumulator(cols, device)
+        self.cross = torch.zeros(cols, cols, dtype=torch.float64, device=device)  # (cols, cols)
+        self.dense_total = torch.zeros(cols, dtype=torch.float64, device=device)  # (cols,)
+
+    def add(self, pruned: Tensor, dense: Tensor) -> None:
+        """Add matching rows: ``H~ += x~^T x~``, ``C += x~^T x``."""
+        if pruned.shape != dense.shape:
+            raise PrunelabError(
+                f"dense targets need the same inputs rows in the dense and the pruned model, got {tuple(dense.shape)} "
+                f"and {tuple(pruned.shape)}; the block must not depend on its weights for its shapes"
+            )
+        self.pruned.add(pruned)
+        dense = dense.detach().to(torch.float64)  # (n_b, cols)
+        self.cross.addmm_(pruned.detach().to(torch.float64).T, dense)
+        self.dense_total += dense.sum(0)
+
+    def result(self) -> InputStats:
+        """``H~``, ``C``, both means, summed over all ranks."""
+        count = _reduce_(self.cross, self.pruned.count)
+        _reduce_(self.dense_total, 0)
+        stats = self.pruned.result()
+        scale = 1.0 / max(count, 1)
+        stats.cross = self.cross.mul_(2.0 * scale)
+        stats.dense_mean = self.dense_total.mul_(scale)
+        return stats
+
+
+def dense_target_weight(weight: Tensor, stats: InputStats, percdamp: float) -> Tensor:
+    """The least-squares weight ``V = W C^T (H~ + lambda I)^{-1}`` ``(rows, cols)``.
+
+    ``V`` minimises ``||W X - V X~||^2`` (dense output from pruned inputs, the asymmetric
+    calibration of Li et al. 2025, "GPTAQ: Efficient Finetuning-Free Quantization for
+    Asymmetric Calibration", ICML 2025).  Its residual is orthogonal to the span of ``X~``,
+    so for any ``W'``: ``||W X - W' X~||^2 = ||W X - V X~||^2 + ||(V - W') X~||^2`` -- a
+    Hessian solver that prunes ``V`` on ``H~`` minimises the asymmetric objective exactly.
+    ``lambda`` is the same relative dampening the solvers use (escalated if needed).
+    """
+    if stats.hessian is None or stats.cross is None:
+        raise PrunelabError("dense targets need InputStats with hessian and cross (PairedHessianAccumulator)")
+    chol, _, _, dead = damped_cholesky(stats.hessian, percdamp)  # (cols, cols) lower
+    W = weight.detach().to(torch.float64)  # (rows, cols)
+    rhs = stats.cross.to(torch.float64) @ W.T  # (cols, rows): C W^T
+    target = torch.cholesky_solve(rhs, chol).T  # (rows, cols): V = W C^T H^-1 (H symmetric)
+    target[:, dead] = 0.0
+    return target.to(weight.dtype)
 
 
 def _reduce_(total: Tensor, count: int) -> int:
