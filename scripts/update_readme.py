@@ -105,9 +105,9 @@ def cli_section() -> str:
         output = run(exe + ["materialise", str(demo_out), "--form", "auto", "--out", str(mat_out)])
         parts.append(block("prunelab materialise runs/demo --form auto --out runs/demo-auto",
                            output.replace(str(mat_out), "runs/demo-auto").replace(str(demo_out), "runs/demo")))
-        parts.append("### `prunelab bench-latency`\n\nDense vs materialised, side by side (interleaved medians), batch 1/8/64:\n")
-        output = run(exe + ["bench-latency", str(demo_out), "--forms", "auto,csr"])
-        parts.append(block("prunelab bench-latency runs/demo --forms auto,csr", output.replace(str(demo_out), "runs/demo")))
+        parts.append("### `prunelab bench-latency`\n\nDense vs materialised, side by side (interleaved medians), batch 1/8/64; `--per-layer` times every leaf module on its own inputs at the largest batch, to show where the time goes:\n")
+        output = run(exe + ["bench-latency", str(demo_out), "--forms", "auto,csr", "--per-layer"])
+        parts.append(block("prunelab bench-latency runs/demo --forms auto,csr --per-layer", output.replace(str(demo_out), "runs/demo")))
         parts.append("### `prunelab oneshot`\n\nData-aware one-shot pruning of a pretrained transformer without retraining "
                      "(here the packaged all-MiniLM-L6-v2, calibrated on tinyshakespeare lines); the output folder loads "
                      "with `transformers.AutoModel.from_pretrained`. `--bias-correction` lets each pruned layer's "

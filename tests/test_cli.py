@@ -178,3 +178,37 @@ def test_compress_writes_a_file_that_decodes(cli, tmp_path, pruned_run):
 def test_compress_bad_bits_is_one_line(cli, tmp_path, pruned_run):
     code, _, err = cli("compress", str(pruned_run), "--out", str(tmp_path / "m.plc"), "--bits", "0")
     assert code == 2 and len(err.strip().splitlines()) == 1 and not (tmp_path / "m.plc").exists()
+
+
+def test_materialise_writes_a_model_that_loads_and_matches(cli, tmp_path, pruned_run):
+    import prunelab
+    from prunelab.checkpoint import load_checkpoint
+
+    out = tmp_path / "csr"
+    code, _, err = cli("materialise", str(pruned_run), "--form", "csr", "--out", str(out))
+    assert code == 0, err
+    ckpt = load_checkpoint(str(pruned_run))
+    ckpt.masks.apply_(ckpt.model)
+    loaded = prunelab.load(str(out))
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), ckpt.model.eval()(x), atol=1e-5, rtol=0)
+
+
+def test_bench_latency_prints_ratios_and_per_layer_times(cli, pruned_run):
+    code, out, err = cli("bench-latency", str(pruned_run), "--forms", "csr", "--batch-sizes", "1,4", "--reps", "1",
+                         "--per-layer")
+    assert code == 0, err
+    assert "csr_speedup_x" in out and "threads" in out
+    assert "per leaf module at batch 4" in out
+    layer_rows = [line for line in out.splitlines() if line.startswith("| fc")]
+    assert len(layer_rows) >= 2 and all(line.count("|") == 5 for line in layer_rows)  # layer, dense, share, csr
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--batch-sizes", "one"], "--batch-sizes must be comma-separated integers"),
+    (["--reps", "0"], "--batch-sizes and --reps must be positive"),
+])
+def test_bench_latency_bad_input_is_one_line(cli, pruned_run, extra, message):
+    code, _, err = cli("bench-latency", str(pruned_run), *extra)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1

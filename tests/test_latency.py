@@ -1,12 +1,14 @@
-"""interleaved_latency: side-by-side medians, and the sync hook GPU timing needs."""
+"""interleaved_latency: side-by-side medians, the sync hook GPU timing needs; per-leaf latency."""
 
 from __future__ import annotations
 
 import time
 
 import pytest
+import torch
+from torch import nn
 
-from prunelab.measure.latency import interleaved_latency
+from prunelab.measure.latency import interleaved_latency, layer_latency_ms
 
 
 def test_sync_runs_before_every_clock_read():
@@ -27,3 +29,24 @@ def test_a_slower_variant_measures_slower():
 def test_reps_must_be_positive():
     with pytest.raises(ValueError, match="reps must be >= 1"):
         interleaved_latency({"a": lambda: None}, reps=0)
+
+
+def test_layer_latency_times_each_leaf_of_every_model_on_its_own_inputs():
+    class Shared(nn.Module):
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, width)
+            self.act = nn.ReLU()
+            self.out = nn.Linear(width, 4)
+
+        def forward(self, x):
+            return self.act(self.out(self.act(self.fc(x))))  # act is called twice: skipped
+
+    seen = []
+    wide, narrow = Shared(64), Shared(8)
+    narrow.out.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape))
+    layers = layer_latency_ms({"wide": wide, "narrow": narrow}, torch.randn(3, 4), reps=3)
+    assert list(layers) == ["fc", "out"]  # call order, the twice-called ReLU left out
+    assert all(set(times) == {"wide", "narrow"} and all(t > 0 for t in times.values()) for times in layers.values())
+    assert all(shape == (3, 8) for shape in seen)  # narrow.out was timed on narrow's own (3, 8) inputs
+    assert not wide._forward_pre_hooks and not wide.fc._forward_pre_hooks  # hooks removed

@@ -3,7 +3,8 @@
 ``materialise CHECKPOINT --form shrink|csr|bsr|2:4|auto --out DIR`` writes a model that
 ``prunelab.load(DIR)`` rebuilds; it is proven equal to the masked model on real test
 inputs first.  ``bench-latency CHECKPOINT`` times dense vs materialised side by side at
-batch sizes 1/8/64 and prints the ratios with the thread count.
+batch sizes 1/8/64 and prints the ratios with the thread count; ``--per-layer`` adds each
+leaf module's time at the largest batch size (where the time goes).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def add_materialise_parsers(subparsers: Any) -> None:
     lat.add_argument("--forms", default="auto", help="comma-separated forms to time against dense (default: auto)")
     lat.add_argument("--batch-sizes", default="1,8,64", help="comma-separated batch sizes (default 1,8,64)")
     lat.add_argument("--reps", type=int, default=15, help="interleaved repetitions per measurement (median reported)")
+    lat.add_argument("--per-layer", action="store_true",
+                     help="also time every leaf module on its own inputs at the largest batch size")
     lat.add_argument("--data-dir", default=None)
     lat.set_defaults(func=cmd_bench_latency)
 
@@ -94,7 +97,7 @@ def _batch(inputs: torch.Tensor, size: int) -> torch.Tensor:
 
 def cmd_bench_latency(args: argparse.Namespace) -> int:
     from prunelab.materialise import FORMS
-    from prunelab.measure.latency import model_latency_ms
+    from prunelab.measure.latency import layer_latency_ms, model_latency_ms
     from prunelab.measure.tables import markdown_table
 
     forms = [f.strip() for f in args.forms.split(",") if f.strip()]
@@ -119,4 +122,16 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
     print(f"torch {torch.__version__.split('+')[0]}, {torch.get_num_threads()} threads; "
           f"median of {args.reps} interleaved repetitions; dense = the masked model with zeros")
     print(markdown_table(rows, None))
+    if args.per_layer:
+        size = max(sizes)
+        layers = layer_latency_ms(models, _batch(inputs, size), reps=args.reps)
+        total = sum(times["dense"] for times in layers.values() if "dense" in times)
+        per_layer = []
+        for name, times in layers.items():
+            row = {"layer": name, "dense_ms": times.get("dense"),
+                   "dense_share_pct": 100 * times["dense"] / total if "dense" in times and total > 0 else None}
+            row.update({f"{form}_ms": times.get(form) for form in forms})
+            per_layer.append(row)
+        print(f"\nper leaf module at batch {size} (each on its own inputs; share of the leaves' dense total):")
+        print(markdown_table(per_layer, None))
     return 0

@@ -56,3 +56,47 @@ def model_latency_ms(models: Mapping[str, nn.Module], example: torch.Tensor, rep
     with torch.inference_mode():
         seconds = interleaved_latency({k: (lambda m=m: m(example)) for k, m in models.items()}, reps=reps)
     return {k: 1000.0 * v for k, v in seconds.items()}
+
+
+def layer_latency_ms(models: Mapping[str, nn.Module], example: torch.Tensor, reps: int = 15
+                     ) -> dict[str, dict[str, float]]:
+    """Median milliseconds of each leaf module, per model, timed side by side.
+
+    One forward of each model on ``example`` records the inputs every leaf module (one
+    without children) receives; each leaf is then timed on its own recorded inputs,
+    interleaved across the models that have a leaf of that name (a shrunk model keeps the
+    dense model's module names).  Leaves called more than once per forward are skipped (their
+    inputs are ambiguous), and so is work a model does outside its modules (functional calls
+    in ``forward``): the whole-model latency minus the sum of the leaves is that remainder.
+    Returns ``{leaf name: {model name: ms}}`` in the first model's call order.
+    """
+    recorded: dict[str, dict[str, tuple[nn.Module, tuple, int]]] = {}  # leaf -> model -> (module, args, calls)
+    order: list[str] = []
+    for variant, model in models.items():
+        leaves = {name: m for name, m in model.named_modules() if name and not any(True for _ in m.children())}
+        handles = []
+
+        def hook(module: nn.Module, args: tuple, name: str, variant: str = variant) -> None:
+            entry = recorded.setdefault(name, {})
+            _, first_args, calls = entry.get(variant, (module, args, 0))
+            entry[variant] = (module, first_args, calls + 1)
+            if name not in order:
+                order.append(name)
+
+        try:
+            for name, module in leaves.items():
+                handles.append(module.register_forward_pre_hook(lambda m, a, name=name: hook(m, a, name)))
+            with torch.inference_mode():
+                model(example)
+        finally:
+            for handle in handles:
+                handle.remove()
+    out: dict[str, dict[str, float]] = {}
+    with torch.inference_mode():
+        for name in order:
+            entry = recorded[name]
+            if any(calls != 1 for _, _, calls in entry.values()):
+                continue
+            variants = {v: (lambda m=m, a=a: m(*a)) for v, (m, a, _) in entry.items()}
+            out[name] = {v: 1000.0 * s for v, s in interleaved_latency(variants, reps=reps).items()}
+    return out
