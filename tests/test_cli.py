@@ -199,7 +199,8 @@ def test_bench_latency_prints_ratios_and_per_layer_times(cli, pruned_run):
     code, out, err = cli("bench-latency", str(pruned_run), "--forms", "csr", "--batch-sizes", "1,4", "--reps", "1",
                          "--per-layer")
     assert code == 0, err
-    assert "csr_speedup_x" in out and "threads" in out
+    assert "csr_speedup_x" in out and "threads" in out and "subnormal floats flushed to zero" in out
+    assert torch.tensor(1e-40).item() != 0.0  # the flush was undone: later code sees subnormals again
     assert "per leaf module at batch 4" in out
     layer_rows = [line for line in out.splitlines() if line.startswith("| fc")]
     assert len(layer_rows) >= 2 and all(line.count("|") == 5 for line in layer_rows)  # layer, dense, share, csr

@@ -33,6 +33,8 @@ def add_materialise_parsers(subparsers: Any) -> None:
     lat.add_argument("--reps", type=int, default=15, help="interleaved repetitions per measurement (median reported)")
     lat.add_argument("--per-layer", action="store_true",
                      help="also time every leaf module on its own inputs at the largest batch size")
+    lat.add_argument("--keep-denormals", action="store_true",
+                     help="time without flushing subnormal floats to zero (flushed by default, as for CPU inference)")
     lat.add_argument("--data-dir", default=None)
     lat.set_defaults(func=cmd_bench_latency)
 
@@ -97,8 +99,6 @@ def _batch(inputs: torch.Tensor, size: int) -> torch.Tensor:
 
 def cmd_bench_latency(args: argparse.Namespace) -> int:
     from prunelab.materialise import FORMS
-    from prunelab.measure.latency import layer_latency_ms, model_latency_ms
-    from prunelab.measure.tables import markdown_table
 
     forms = [f.strip() for f in args.forms.split(",") if f.strip()]
     for form in forms:
@@ -110,28 +110,44 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
     if not sizes or min(sizes) < 1 or args.reps < 1:
         raise PrunelabError(f"--batch-sizes and --reps must be positive, got {args.batch_sizes!r} and {args.reps}")
     ckpt, inputs = _checkpoint_and_inputs(args.checkpoint, args.data_dir)
-    models = {"dense": ckpt.model, **{form: _materialise(ckpt, inputs, form) for form in forms}}
+    flushed = not args.keep_denormals and torch.set_flush_denormal(True)  # False where the CPU cannot
+    try:
+        models = {"dense": ckpt.model, **{form: _materialise(ckpt, inputs, form) for form in forms}}
+        _report_latency(models, inputs, sizes, forms, args.reps, args.per_layer, flushed)
+    finally:
+        if flushed:
+            torch.set_flush_denormal(False)  # torch's default: leave the process as it was found
+    return 0
+
+
+def _report_latency(models: dict[str, torch.nn.Module], inputs: torch.Tensor, sizes: list[int], forms: list[str],
+                    reps: int, per_layer: bool, flushed: bool) -> None:
+    """Print the dense-vs-forms latency table (and the per-leaf table with ``per_layer``)."""
+    from prunelab.measure.latency import layer_latency_ms, model_latency_ms
+    from prunelab.measure.tables import markdown_table
+
     rows = []
     for size in sizes:
-        times = model_latency_ms(models, _batch(inputs, size), reps=args.reps)
+        times = model_latency_ms(models, _batch(inputs, size), reps=reps)
         row: dict[str, Any] = {"batch": size, "dense_ms": times["dense"]}
         for form in forms:
             row[f"{form}_ms"] = times[form]
             row[f"{form}_speedup_x"] = times["dense"] / times[form]
         rows.append(row)
     print(f"torch {torch.__version__.split('+')[0]}, {torch.get_num_threads()} threads; "
-          f"median of {args.reps} interleaved repetitions; dense = the masked model with zeros")
+          f"median of {reps} interleaved repetitions; dense = the masked model with zeros; "
+          f"subnormal floats {'flushed to zero' if flushed else 'kept'}")
     print(markdown_table(rows, None))
-    if args.per_layer:
-        size = max(sizes)
-        layers = layer_latency_ms(models, _batch(inputs, size), reps=args.reps)
-        total = sum(times["dense"] for times in layers.values() if "dense" in times)
-        per_layer = []
-        for name, times in layers.items():
-            row = {"layer": name, "dense_ms": times.get("dense"),
-                   "dense_share_pct": 100 * times["dense"] / total if "dense" in times and total > 0 else None}
-            row.update({f"{form}_ms": times.get(form) for form in forms})
-            per_layer.append(row)
-        print(f"\nper leaf module at batch {size} (each on its own inputs; share of the leaves' dense total):")
-        print(markdown_table(per_layer, None))
-    return 0
+    if not per_layer:
+        return
+    size = max(sizes)
+    layers = layer_latency_ms(models, _batch(inputs, size), reps=reps)
+    total = sum(times["dense"] for times in layers.values() if "dense" in times)
+    table = []
+    for name, times in layers.items():
+        row = {"layer": name, "dense_ms": times.get("dense"),
+               "dense_share_pct": 100 * times["dense"] / total if "dense" in times and total > 0 else None}
+        row.update({f"{form}_ms": times.get(form) for form in forms})
+        table.append(row)
+    print(f"\nper leaf module at batch {size} (each on its own inputs; share of the leaves' dense total):")
+    print(markdown_table(table, None))
