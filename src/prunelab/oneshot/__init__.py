@@ -22,6 +22,9 @@ method             what it does                                                 
 
 ``H = 2 X X^T / n`` is the layer-wise Hessian of ``||W X - W' X||^2``.  Every solver is a
 pure function ``(W (rows, cols), InputStats, OneShotConfig) -> Solution``.
+``OneShotConfig(dense_targets=True)`` makes the ``H`` solvers reconstruct the dense model's
+layer output from the pruned model's inputs instead (``min ||W X - W' X~||^2``, GPTAQ);
+``bias_correction=True`` lets each bias absorb the mean output change.
 """
 
 from prunelab.oneshot.engine import LayerRow, OneShotConfig, OneShotReport, Solver, find_blocks, prune_oneshot

@@ -31,9 +31,16 @@ activations at once would need the memory of a training step; the engine instead
    exactly the inputs it was pruned on, and the block's outputs replace the hidden states
    (``args[0]`` or ``kwargs["hidden_states"]``) as the next block's inputs, item by item.
 
+With ``dense_targets`` the dense model runs beside the pruned one: a dense copy of the
+current block is made before it is pruned, fed the dense model's own block inputs (a
+second set of hidden states, propagated through the dense copies), and each layer's
+statistics pair its pruned-model inputs ``X~`` with its dense-model inputs ``X`` on the same
+tokens (``H~`` and ``C = 2 X~ X^T / n``), so the solver can aim at the dense output ``W X``.
+
 Memory: the model (pruned in place), one block's activations for all calibration items,
 one layer's statistics at a time and a dense copy of the current block's weights (for the
-error report).  Every hook is removed in ``finally`` blocks, also when a solver or the
+error report); with ``dense_targets`` also the dense model's block activations and a dense
+copy of the current block.  Every hook is removed in ``finally`` blocks, also when a solver or the
 model raises.  Layers outside the blocks (e.g. a pooler, classifier or ``lm_head`` after
 the blocks, embeddings before) stay dense; ``exclude`` globs keep more layers dense.
 Layers the engine cannot express as ``W X`` stay dense too and are listed in
