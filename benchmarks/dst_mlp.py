@@ -41,12 +41,10 @@ from prunelab.bench.datasets import load_dataset, make_loaders
 from prunelab.bench.records import (
     benchmark_args,
     benchmark_environment,
+    publish,
     resolve_data_dir,
-    rows_table,
     run_guarded,
     target,
-    targets_table,
-    write_record,
 )
 from prunelab.bench.training import TrainConfig, evaluate, seed_everything, train
 from prunelab.dst import training_flops
@@ -172,12 +170,7 @@ def main(argv=None) -> int:
         "targets": targets,
         "total_wall_time_s": total_wall,
     }
-    path = write_record("dst_mlp", record, args.out)
-    print()
-    print(rows_table(rows, columns))
-    print()
-    print(targets_table(targets))
-    print(f"\nrecord: {path}")
+    publish("dst_mlp", record, args.out)
     return 0
 
 

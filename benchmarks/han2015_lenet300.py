@@ -23,7 +23,12 @@ import time
 
 from prunelab.bench.datasets import load_dataset, make_loaders
 from prunelab.bench.records import (
-    benchmark_args, benchmark_environment, resolve_data_dir, rows_table, run_guarded, target, targets_table, write_record,
+    benchmark_args,
+    benchmark_environment,
+    publish,
+    resolve_data_dir,
+    run_guarded,
+    target,
 )
 from prunelab.bench.recipes import (
     iterative_prune, lenet300_dense_config, lenet300_finetune_config, lenet300_prune_spec, train_dense,
@@ -101,12 +106,7 @@ def main(argv=None) -> int:
         "targets": targets,
         "total_wall_time_s": time.perf_counter() - started,
     }
-    path = write_record("han2015_lenet300", record, args.out)
-    print()
-    print(rows_table(rows + reference_rows, columns))
-    print()
-    print(targets_table(targets))
-    print(f"\nrecord: {path}")
+    publish("han2015_lenet300", record, args.out)
     return 0
 
 

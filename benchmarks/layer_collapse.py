@@ -33,7 +33,12 @@ from prunelab.bench.datasets import load_dataset, make_loaders
 from prunelab.bench.models import build_model
 from prunelab.bench.plots import plot_axes
 from prunelab.bench.records import (
-    benchmark_args, benchmark_environment, resolve_data_dir, rows_table, run_guarded, target, targets_table, write_record,
+    benchmark_args,
+    benchmark_environment,
+    publish,
+    resolve_data_dir,
+    run_guarded,
+    target,
 )
 from prunelab.bench.recipes import LENET300_DENSE
 from prunelab.bench.training import seed_everything
@@ -145,13 +150,9 @@ def main(argv=None) -> int:
         "targets": targets,
         "total_wall_time_s": total,
     }
-    path = write_record("layer_collapse", record, args.out)
+    path = publish("layer_collapse", record, args.out)
     plot(rows, path.with_suffix(".png"))
-    print()
-    print(rows_table(rows, columns))
-    print()
-    print(targets_table(targets))
-    print(f"\nrecord: {path}\nplot: {path.with_suffix('.png')}")
+    print(f"plot: {path.with_suffix('.png')}")
     return 0
 
 

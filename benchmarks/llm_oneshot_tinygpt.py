@@ -49,12 +49,10 @@ from prunelab.bench.chargpt import evaluate_loss, load_or_train_chargpt
 from prunelab.bench.records import (
     benchmark_args,
     benchmark_environment,
+    publish,
     resolve_data_dir,
-    rows_table,
     run_guarded,
     target,
-    targets_table,
-    write_record,
 )
 from prunelab.bench.text import (
     calibration_sequences,
@@ -189,12 +187,8 @@ def main(argv=None) -> int:
         "peak_rss_mb": peak,
         "total_wall_time_s": time.perf_counter() - started,
     }
-    out = write_record("llm_oneshot_tinygpt", record, args.out)
-    print()
-    print(rows_table(rows, COLUMNS))
-    print()
-    print(targets_table(targets))
-    print(f"\npeak RSS {peak:.0f} MB; total {record['total_wall_time_s']:.0f} s; record: {out}")
+    publish("llm_oneshot_tinygpt", record, args.out)
+    print(f"peak RSS {peak:.0f} MB; total {record['total_wall_time_s']:.0f} s")
     return 0
 
 

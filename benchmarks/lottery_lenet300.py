@@ -37,7 +37,12 @@ from prunelab.bench.datasets import load_dataset, make_loaders
 from prunelab.bench.models import build_model
 from prunelab.bench.plots import plot_axes
 from prunelab.bench.records import (
-    benchmark_args, benchmark_environment, resolve_data_dir, rows_table, run_guarded, target, targets_table, write_record,
+    benchmark_args,
+    benchmark_environment,
+    publish,
+    resolve_data_dir,
+    run_guarded,
+    target,
 )
 from prunelab.bench.training import TrainConfig
 from prunelab.methods.lottery import LotteryConfig, run_lottery
@@ -156,13 +161,9 @@ def main(argv=None) -> int:
         "targets": targets,
         "total_wall_time_s": total,
     }
-    path = write_record("lottery_lenet300", record, args.out)
+    path = publish("lottery_lenet300", record, args.out)
     plot(plot_rows, dense, path.with_suffix(".png"))
-    print()
-    print(rows_table(rows, columns))
-    print()
-    print(targets_table(targets))
-    print(f"\nrecord: {path}\nplot: {path.with_suffix('.png')}")
+    print(f"plot: {path.with_suffix('.png')}")
     return 0
 
 

@@ -50,8 +50,6 @@ import copy
 import sys
 import time
 
-import torch
-
 from prunelab.bench.minilm import (
     embed_sentences,
     load_minilm,
@@ -62,12 +60,10 @@ from prunelab.bench.minilm import (
 from prunelab.bench.records import (
     benchmark_args,
     benchmark_environment,
+    publish,
     resolve_data_dir,
-    rows_table,
     run_guarded,
     target,
-    targets_table,
-    write_record,
 )
 from prunelab.bench.text import calibration_lines, held_out_lines, load_tinyshakespeare
 from prunelab.bench.oneshot_variants import variant_configs
@@ -185,12 +181,8 @@ def main(argv=None) -> int:
         "peak_rss_mb": peak,
         "total_wall_time_s": time.perf_counter() - started,
     }
-    out = write_record("minilm_oneshot", record, args.out)
-    print()
-    print(rows_table(rows, COLUMNS))
-    print()
-    print(targets_table(targets))
-    print(f"\npeak RSS {peak:.0f} MB; total {record['total_wall_time_s']:.0f} s; record: {out}")
+    publish("minilm_oneshot", record, args.out)
+    print(f"peak RSS {peak:.0f} MB; total {record['total_wall_time_s']:.0f} s")
     return 0
 
 

@@ -63,12 +63,10 @@ from prunelab.measure.latency import layer_latency_ms, model_latency_ms
 from prunelab.bench.records import (
     benchmark_args,
     benchmark_environment,
+    publish,
     resolve_data_dir,
-    rows_table,
     run_guarded,
     target,
-    targets_table,
-    write_record,
 )
 from prunelab.bench.training import (
     TrainConfig,
@@ -321,12 +319,7 @@ def main(argv=None) -> int:
         "notes": notes,
         "total_wall_time_s": time.perf_counter() - started,
     }
-    path = write_record("structured_speedup", record, args.out)
-    print()
-    print(rows_table(rows, columns))
-    print()
-    print(targets_table(targets))
-    print(f"\nrecord: {path}")
+    publish("structured_speedup", record, args.out)
     return 0
 
 

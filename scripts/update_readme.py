@@ -43,13 +43,23 @@ def block(command: str, output: str) -> str:
     return f"```console\n$ {command}\n{output}\n```\n"
 
 
-def api_section() -> str:
-    source = (ROOT / "examples" / "custom_model.py").read_text()
+def _example(name: str) -> tuple[str, str]:
+    """``(source, output)`` of ``examples/NAME``, run in a scratch folder."""
+    source = (ROOT / "examples" / name).read_text()
     with tempfile.TemporaryDirectory() as tmp:
-        output = run([sys.executable, str(ROOT / "examples" / "custom_model.py")], cwd=Path(tmp))
+        output = run([sys.executable, str(ROOT / "examples" / name)], cwd=Path(tmp))
+    return source, output
+
+
+def api_section() -> str:
+    source, output = _example("custom_model.py")
+    oneshot_source, oneshot_output = _example("oneshot_transformer.py")
     return ("## Python API: your model, your training loop\n\n"
             "`examples/custom_model.py` prunes a small CNN that is not in the zoo, inside a plain PyTorch loop:\n\n"
-            f"```python\n{source}```\n\nIts output:\n\n```text\n{output}\n```\n")
+            f"```python\n{source}```\n\nIts output:\n\n```text\n{output}\n```\n\n"
+            "`examples/oneshot_transformer.py` prunes a pretrained Hugging Face model one-shot, with no training "
+            "loop at all, and checks what it kept:\n\n"
+            f"```python\n{oneshot_source}```\n\nIts output:\n\n```text\n{oneshot_output}\n```\n")
 
 
 def cli_section() -> str:
