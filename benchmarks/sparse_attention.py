@@ -3,8 +3,10 @@
 Child et al. 2019 ("Generating Long Sequences with Sparse Transformers") and Beltagy et al.
 2020 (Longformer) restrict each query to a local window of keys, turning attention's
 ``T^2`` scores into ``T * window``.  :func:`prunelab.sparse_attention.local_attention`
-computes that pattern in blocks of ``window`` queries (each attends to its own block and
-the previous one: ``2 T window`` scores) instead of masking a dense score matrix.
+computes that pattern in tiles of ``window / 4`` queries, each scoring only the keys its
+window reaches (``1.25 T window`` scores), instead of masking a dense score matrix.  (The
+first version used tiles of ``window`` queries, ``2 T window`` scores: at T = 4096, window
+256 it was 1.3x faster than dense causal attention; quarter tiles measured 2.7x.)
 
 Timed side by side (interleaved medians, batch 1, 4 heads of 64, fp32), per sequence length
 and window: PyTorch's ``scaled_dot_product_attention`` with ``is_causal=True`` (its fastest
@@ -13,9 +15,11 @@ ours, dense cost), and the blocked local attention.  Outputs are compared with t
 dense ones.
 
 Also timed: :func:`prunelab.sparse_attention.block_local_attention` with ``block = window``
-(own block causally plus the whole previous block), which needs no mask and runs the fused
-causal kernel on block pairs; its outputs are compared with dense attention under its own
-mask.
+(own block causally plus the whole previous block), tiled the same way (each tile of a
+block's queries scores the previous block and its own block up to its last query); its
+outputs are compared with dense attention under its own mask.  (Its first version ran the
+fused causal kernel on whole block pairs and threw half the queries away: 0.74x dense at
+T = 4096, block 256.)
 
 Targets: at T = 4096, window 256, sliding-window and block-local attention each at least
 2x faster than dense causal attention; at every shape both match masked dense attention

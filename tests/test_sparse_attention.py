@@ -16,7 +16,7 @@ def test_mask_is_the_causal_window():
     assert local_attention_mask(4, 2).int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
 
 
-@pytest.mark.parametrize(("length", "window"), [(16, 4), (13, 4), (5, 8), (7, 1)])
+@pytest.mark.parametrize(("length", "window"), [(16, 4), (13, 4), (5, 8), (7, 1), (150, 64), (201, 70), (64, 64)])
 def test_blocks_equal_masked_dense_attention(length, window):
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, length, 8) for _ in range(3))  # (B, H, T, d)
@@ -49,7 +49,7 @@ def test_block_local_mask_by_hand():
         [1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
 
 
-@pytest.mark.parametrize(("length", "block"), [(16, 4), (13, 4), (3, 8), (9, 1)])
+@pytest.mark.parametrize(("length", "block"), [(16, 4), (13, 4), (3, 8), (9, 1), (150, 64), (201, 70), (70, 70)])
 def test_block_local_equals_masked_dense_attention(length, block):
     torch.manual_seed(2)
     q, k, v = (torch.randn(2, 3, length, 8) for _ in range(3))
