@@ -196,3 +196,23 @@ def test_dense_targets_need_a_hessian_method_and_a_bool():
     with pytest.raises(PrunelabError, match="dense_targets must be True or False"):
         OneShotConfig(dense_targets=1)
     assert OneShotConfig(method="lobs", dense_targets=True).dense_targets
+
+
+def test_conv_layers_take_dense_targets_too():
+    """Conv2d inputs are unfolded the same way in both models, so the pairs line up."""
+    torch.manual_seed(6)
+    dense = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 4, 3, padding=1))
+    gen = torch.Generator().manual_seed(6)
+    calibration = [torch.randn(8, 3, 10, 10, generator=gen) for _ in range(3)]
+
+    def output_error(config: OneShotConfig) -> float:
+        model = copy.deepcopy(dense)
+        report = prune_oneshot(model, calibration, config, progress=False)
+        assert report.sparsity == pytest.approx(0.5, abs=1e-3)
+        with torch.no_grad():
+            return float(sum((model(x) - dense(x)).square().sum() for x in calibration))
+
+    plain = output_error(OneShotConfig(method="sparsegpt"))
+    corrected = output_error(OneShotConfig(method="sparsegpt", dense_targets=True))
+    assert corrected < plain
