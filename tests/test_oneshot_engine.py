@@ -174,7 +174,8 @@ def _tokens(batches: int = 3, seq: int = 12) -> list[dict[str, torch.Tensor]]:
 
 
 @pytest.mark.parametrize("config", [OneShotConfig(method="sparsegpt", sparsity=0.5),
-                                    OneShotConfig(method="wanda", pattern="2:4")])
+                                    OneShotConfig(method="wanda", pattern="2:4"),
+                                    OneShotConfig(method="sparsegpt", sparsity=0.5, dense_targets=True)])
 def test_tiny_bert_encoder_layers_are_pruned(transformers, config):
     model = _tiny_bert(transformers)
     assert [name for name, _ in find_blocks(model)] == ["encoder.layer.0", "encoder.layer.1"]
@@ -193,13 +194,15 @@ def test_tiny_bert_encoder_layers_are_pruned(transformers, config):
     assert _no_hooks(model)
 
 
-def test_tiny_gpt2_conv1d_and_cache_are_handled(transformers):
+@pytest.mark.parametrize("dense_targets", [False, True])
+def test_tiny_gpt2_conv1d_and_cache_are_handled(transformers, dense_targets):
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=32,
                                      bos_token_id=0, eos_token_id=0)
     model = transformers.GPT2LMHeadModel(config).eval()
     calibration = [torch.randint(0, 100, (2, 12)) for _ in range(2)]
-    report = prune_oneshot(model, calibration, OneShotConfig(method="sparsegpt", sparsity=0.5), progress=False)
+    config = OneShotConfig(method="sparsegpt", sparsity=0.5, dense_targets=dense_targets)
+    report = prune_oneshot(model, calibration, config, progress=False)
     assert len(report.rows) == 8 and "lm_head" in report.dense_layers
     c_attn = model.transformer.h[0].attn.c_attn.weight  # Conv1D stores (in, out)
     assert report.masks["transformer.h.0.attn.c_attn.weight"].shape == c_attn.shape
