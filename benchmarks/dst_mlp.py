@@ -39,12 +39,7 @@ from torch.utils.data import TensorDataset
 
 from prunelab.bench.datasets import load_dataset, make_loaders
 from prunelab.bench.records import (
-    benchmark_args,
-    benchmark_environment,
-    publish,
-    resolve_data_dir,
-    run_guarded,
-    target,
+    benchmark_args, benchmark_environment, publish, resolve_data_dir, run_guarded, target,
 )
 from prunelab.bench.training import TrainConfig, evaluate, seed_everything, train
 from prunelab.dst import training_flops

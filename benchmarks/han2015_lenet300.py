@@ -23,12 +23,7 @@ import time
 
 from prunelab.bench.datasets import load_dataset, make_loaders
 from prunelab.bench.records import (
-    benchmark_args,
-    benchmark_environment,
-    publish,
-    resolve_data_dir,
-    run_guarded,
-    target,
+    benchmark_args, benchmark_environment, publish, resolve_data_dir, run_guarded, target,
 )
 from prunelab.bench.recipes import (
     iterative_prune, lenet300_dense_config, lenet300_finetune_config, lenet300_prune_spec, train_dense,

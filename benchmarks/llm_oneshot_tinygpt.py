@@ -47,12 +47,7 @@ import time
 
 from prunelab.bench.chargpt import evaluate_loss, load_or_train_chargpt
 from prunelab.bench.records import (
-    benchmark_args,
-    benchmark_environment,
-    publish,
-    resolve_data_dir,
-    run_guarded,
-    target,
+    benchmark_args, benchmark_environment, publish, resolve_data_dir, run_guarded, target,
 )
 from prunelab.bench.text import (
     calibration_sequences,

@@ -58,12 +58,7 @@ from prunelab.bench.minilm import (
     tokenized_batches,
 )
 from prunelab.bench.records import (
-    benchmark_args,
-    benchmark_environment,
-    publish,
-    resolve_data_dir,
-    run_guarded,
-    target,
+    benchmark_args, benchmark_environment, publish, resolve_data_dir, run_guarded, target,
 )
 from prunelab.bench.text import calibration_lines, held_out_lines, load_tinyshakespeare
 from prunelab.bench.oneshot_variants import variant_configs

@@ -48,12 +48,7 @@ from prunelab.bench.datasets import load_dataset, make_loaders
 from prunelab.bench.models import build_model
 from prunelab.bench.plots import plot_axes
 from prunelab.bench.records import (
-    benchmark_args,
-    benchmark_environment,
-    publish,
-    resolve_data_dir,
-    run_guarded,
-    target,
+    benchmark_args, benchmark_environment, publish, resolve_data_dir, run_guarded, target,
 )
 from prunelab.bench.recipes import LENET300_DENSE
 from prunelab.bench.training import TrainConfig, seed_everything

@@ -61,12 +61,7 @@ from prunelab.bench.datasets import load_dataset
 from prunelab.bench.models import build_model
 from prunelab.measure.latency import layer_latency_ms, model_latency_ms
 from prunelab.bench.records import (
-    benchmark_args,
-    benchmark_environment,
-    publish,
-    resolve_data_dir,
-    run_guarded,
-    target,
+    benchmark_args, benchmark_environment, publish, resolve_data_dir, run_guarded, target,
 )
 from prunelab.bench.training import (
     TrainConfig,

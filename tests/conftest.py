@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import string
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,3 +68,22 @@ def tiny_bert(tmp_path_factory) -> Path:
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
     return folder
+
+
+@pytest.fixture
+def torchrun(tmp_path):
+    """``torchrun(worker_file) -> [rank 0 record, rank 1 record]``: run ``tests/<worker_file>``
+    in 2 gloo processes with ``tmp_path`` as its argument; each rank writes ``rank<r>.json``."""
+
+    def run(worker: str) -> list[dict]:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+               "--rdzv_backend=c10d", "--rdzv_endpoint=127.0.0.1:0", str(Path(__file__).with_name(worker)),
+               str(tmp_path)]
+        done = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
+        ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+        assert [r["world_size"] for r in ranks] == [2, 2]
+        return ranks
+
+    return run

@@ -15,34 +15,14 @@ from torch import nn
 
 from prunelab import distributed
 from prunelab.oneshot import OneShotConfig, prune_oneshot
+from residual_mlp import Stack  # tests/ helper (this script runs from tests/)
 
 CONFIGS = {"plain": OneShotConfig(method="sparsegpt"), "dense_targets": OneShotConfig(method="sparsegpt", dense_targets=True)}
 
 
-class Block(nn.Module):
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(width, 2 * width)
-        self.fc2 = nn.Linear(2 * width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.fc2(torch.relu(self.fc1(x)))
-
-
-class Stack(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(Block(12) for _ in range(2))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return x
-
-
 def build_model() -> nn.Module:
     torch.manual_seed(0)
-    return Stack()
+    return Stack(width=12, depth=2)
 
 
 def calibration() -> list[torch.Tensor]:

@@ -11,34 +11,12 @@ from torch import nn
 from prunelab.errors import PrunelabError
 from prunelab.oneshot import OneShotConfig, prune_oneshot
 from prunelab.oneshot.stats import InputStats, PairedHessianAccumulator, dense_target_weight
+from residual_mlp import Stack
 
 
-class _Block(nn.Module):
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(width, 2 * width)
-        self.fc2 = nn.Linear(2 * width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.fc2(torch.relu(self.fc1(x)))
-
-
-class _Stack(nn.Module):
-    """Three residual MLP blocks in a ModuleList: the engine's blocks."""
-
-    def __init__(self, width: int = 12, depth: int = 3) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(_Block(width) for _ in range(depth))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return x
-
-
-def _stack(seed: int = 0) -> _Stack:
+def _stack(seed: int = 0) -> Stack:
     torch.manual_seed(seed)
-    return _Stack()
+    return Stack()
 
 
 def _calibration(seed: int = 0, batches: int = 4) -> list[torch.Tensor]:

@@ -2,10 +2,6 @@
 and exactly as one process with all the data (plain SparseGPT and with dense targets)."""
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -20,14 +16,8 @@ def _worker_module():
     return module
 
 
-def test_two_ranks_prune_like_one_process_with_all_batches(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
-           "--rdzv_backend=c10d", "--rdzv_endpoint=127.0.0.1:0", str(WORKER), str(tmp_path)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [r["world_size"] for r in ranks] == [2, 2]
+def test_two_ranks_prune_like_one_process_with_all_batches(torchrun):
+    ranks = torchrun(WORKER.name)
     worker = _worker_module()
     for label, config in worker.CONFIGS.items():
         single = worker.pruned_weights(config, worker.calibration())  # one process, all four batches
