@@ -17,6 +17,7 @@ from prunelab.bench.datasets import load_dataset, make_loaders
 from prunelab.bench.training import TrainConfig, make_optimizer, train
 from prunelab.methods import PruneSpec
 from prunelab.methods.dst import DSTConfig, build_dst_sparsifier
+from torchrun_exit import finish  # tests/ helper (this script runs from tests/)
 
 METHODS = ("rigl", "set", "snfs", "dsr", "static")
 
@@ -57,7 +58,7 @@ def main(out: Path) -> None:
     record = {"rank": rank, "world_size": distributed.world_size(), "shard_sum": float(first_inputs.double().sum()),
               "methods": {name: run_method(name, train_loader) for name in METHODS}}
     (out / f"rank{rank}.json").write_text(json.dumps(record))
-    distributed.shutdown()
+    finish()
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ from torch import nn
 
 from prunelab import distributed
 from prunelab.oneshot import OneShotConfig, prune_oneshot
-from residual_mlp import Stack  # tests/ helper (this script runs from tests/)
+from residual_mlp import Stack  # tests/ helpers (this script runs from tests/)
+from torchrun_exit import finish
 
 CONFIGS = {"plain": OneShotConfig(method="sparsegpt"), "dense_targets": OneShotConfig(method="sparsegpt", dense_targets=True)}
 
@@ -43,7 +44,7 @@ def main(out: Path) -> None:
     record = {"rank": rank, "world_size": world,
               "weights": {label: pruned_weights(config, shard) for label, config in CONFIGS.items()}}
     (out / f"rank{rank}.json").write_text(json.dumps(record))
-    distributed.shutdown()
+    finish()
 
 
 if __name__ == "__main__":

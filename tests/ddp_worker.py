@@ -17,6 +17,7 @@ from prunelab.bench.datasets import load_dataset, make_loaders
 from prunelab.bench.training import TrainConfig, make_optimizer, seed_everything, train
 from prunelab.criteria import ScoreData, get_criterion
 from prunelab.sparsifier import Sparsifier
+from torchrun_exit import finish  # tests/ helper (this script runs from tests/)
 
 
 def main(out: Path) -> None:
@@ -50,7 +51,7 @@ def main(out: Path) -> None:
         "weight_sum": float(sum(p.double().sum() for p in model.parameters())),
     }
     (out / f"rank{rank}.json").write_text(json.dumps(record))
-    distributed.shutdown()  # barrier first: no rank tears gloo down while its peer still talks to it
+    finish()
 
 
 if __name__ == "__main__":
