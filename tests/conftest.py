@@ -76,7 +76,9 @@ def torchrun(tmp_path):
     in 2 gloo processes with ``tmp_path`` as its argument; each rank writes ``rank<r>.json``."""
 
     def run(worker: str) -> list[dict]:
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        src = str(Path(__file__).resolve().parents[1] / "src")  # this checkout's code, as pytest imports it
+        env = {**os.environ, "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p)}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
                "--rdzv_backend=c10d", "--rdzv_endpoint=127.0.0.1:0", str(Path(__file__).with_name(worker)),
                str(tmp_path)]
