@@ -1,0 +1,287 @@
+"""Running calibration data through one block at a time, with hooks that never outlive a call.
+
+Part of the one-shot calibration engine (:mod:`prunelab.oneshot.engine`, whose module docs
+describe the whole procedure): capture what block 0 receives, probe the order in which a
+block calls its layers, accumulate one layer's input statistics (paired with the dense
+model's inputs for dense targets, :class:`Reference`), and propagate the pruned block's
+outputs to the next block while measuring each layer's reconstruction error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from prunelab.errors import PrunelabError
+from prunelab.oneshot.layer_targets import LayerTarget
+from prunelab.oneshot.stats import ColumnNormAccumulator, HessianAccumulator, InputStats, PairedHessianAccumulator
+
+
+class _Stop(Exception):
+    """Private: raised from a hook to end a forward pass early (caught by the engine)."""
+
+
+# what a model raises when handed inputs of the wrong shape / type / keys
+_USER_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError)
+
+
+Inputs = list[tuple[tuple[Any, ...], dict[str, Any]]]
+
+
+@contextlib.contextmanager
+def _pre_hooks(hooks: Sequence[tuple[nn.Module, Callable]], with_kwargs: bool = False) -> Iterator[None]:
+    """Register forward pre-hooks; they are removed on exit, also on error."""
+    handles = []
+    try:
+        for module, hook in hooks:
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=with_kwargs))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _run(block: nn.Module, item: tuple[tuple[Any, ...], dict[str, Any]], where: str, index: int) -> Any:
+    """``block(*args, **kwargs)``; ``None`` when a hook stopped the forward early.  A failure
+    on a captured input means the calibration item does not fit the model: PrunelabError."""
+    args, kwargs = item
+    try:
+        return block(*args, **kwargs)
+    except _Stop:
+        return None
+    except _USER_ERRORS as exc:
+        raise PrunelabError(
+            f"block {where or '<model>'!r} fails on calibration item {index} ({_first_line(exc)}); "
+            "pass calibration inputs of the shape and type the model expects"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _strip_caches(value: Any) -> Any:
+    cache_utils = sys.modules.get("transformers.cache_utils")
+    cache_type = getattr(cache_utils, "Cache", None)
+    return None if cache_type is not None and isinstance(value, cache_type) else value
+
+
+def check_calibration(calibration: Sequence[Any]) -> list[Tensor | Mapping[str, Any]]:
+    if isinstance(calibration, (Tensor, Mapping)):
+        raise PrunelabError(
+            f"calibration must be a sequence of model inputs, got one {type(calibration).__name__}; "
+            "pass a list of batches, e.g. [x] or list(x.split(16))"
+        )
+    try:
+        items = list(calibration)
+    except TypeError:
+        raise PrunelabError(
+            f"calibration must be a sequence of model inputs (Tensors or dicts), got {type(calibration).__name__}"
+        ) from None
+    if not items:
+        raise PrunelabError("calibration is empty; pass at least one model input (a Tensor batch or a tokenizer dict)")
+    for i, item in enumerate(items):
+        if isinstance(item, Mapping):
+            if not all(isinstance(k, str) for k in item):
+                raise PrunelabError(f"calibration item {i} is a dict with non-string keys; expected keyword inputs such as input_ids")
+        elif not isinstance(item, Tensor):
+            raise PrunelabError(
+                f"calibration item {i} is a {type(item).__name__}; expected a Tensor (model(x)) or a dict (model(**x)), "
+                "e.g. tokenizer outputs"
+            )
+    return items
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    return value.to(device) if isinstance(value, Tensor) else value
+
+
+def capture_block_inputs(model: nn.Module, block0: tuple[str, nn.Module], items: list, device: torch.device) -> Inputs:
+    """The ``(args, kwargs)`` block 0 receives for each calibration item (the catcher)."""
+    captured: Inputs = []
+
+    def catch(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        args = tuple(_strip_caches(a.detach() if isinstance(a, Tensor) else a) for a in args)
+        kwargs = {k: (False if k == "use_cache" else _strip_caches(v)) for k, v in kwargs.items()}
+        captured.append((args, kwargs))
+        raise _Stop
+
+    name, block = block0
+    with _pre_hooks([(block, catch)], with_kwargs=True):
+        for i, item in enumerate(items):
+            before = len(captured)
+            try:
+                if isinstance(item, Tensor):
+                    model(_to(item, device))
+                else:
+                    model(**{k: _to(v, device) for k, v in item.items()})
+            except _Stop:
+                pass
+            except _USER_ERRORS as exc:
+                what = f"Tensor of shape {tuple(item.shape)}" if isinstance(item, Tensor) else f"dict with keys {sorted(item)}"
+                raise PrunelabError(
+                    f"calibration item {i} ({what}) fails in the model's forward ({_first_line(exc)}); "
+                    "pass inputs the model accepts, as for model(x) or model(**x)"
+                ) from None
+            if len(captured) == before:
+                raise PrunelabError(
+                    f"calibration item {i} ran through the model without reaching block {name or '<model>'!r}; "
+                    "the engine needs every block to be called in the forward"
+                )
+    return captured
+
+
+def hidden_states_of(output: Any) -> Tensor | None:
+    """The hidden states a block returns: the tensor itself, or the first element of a tuple
+    (or of a ``transformers`` output object); ``None`` for anything else."""
+    if isinstance(output, Tensor):
+        return output
+    if hasattr(output, "to_tuple"):
+        output = output.to_tuple()
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    return None
+
+
+def _hidden_of(output: Any) -> Tensor:
+    hidden = hidden_states_of(output)
+    if hidden is None:
+        raise PrunelabError(f"a block returned {type(output).__name__}; expected a Tensor or a tuple starting with one")
+    return hidden
+
+
+def _with_hidden(item: tuple[tuple[Any, ...], dict[str, Any]], hidden: Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    args, kwargs = item
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def check_hidden_position(block_name: str, inputs: Inputs) -> None:
+    args, kwargs = inputs[0]
+    if not (args and isinstance(args[0], Tensor)) and not isinstance(kwargs.get("hidden_states"), Tensor):
+        raise PrunelabError(
+            f"block {block_name or '<model>'!r} receives no tensor as its first positional argument or as "
+            "hidden_states=; the engine cannot feed one block's output to the next"
+        )
+
+
+def probe_call_order(block: nn.Module, where: str, targets: list[LayerTarget], item) -> list[tuple[LayerTarget, int]]:
+    """The targets in first-call order with their call counts in one block forward."""
+    calls: dict[LayerTarget, int] = {}
+
+    def counter(target: LayerTarget) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            calls[target] = calls.get(target, 0) + 1
+        return hook
+
+    with _pre_hooks([(t.module, counter(t)) for t in targets]):
+        _run(block, item, where, 0)
+    return list(calls.items())
+
+
+@dataclass
+class Reference:
+    """The dense model beside the pruned one (``dense_targets``): a dense copy of the current
+    block, the inputs the dense model gives it (one per item) and, per target name, the
+    copy's module."""
+
+    block: nn.Module
+    inputs: Inputs
+    modules: dict[str, nn.Module]
+
+    @classmethod
+    def of(cls, block: nn.Module, block_name: str, inputs: Inputs) -> Reference:
+        dense = copy.deepcopy(block)
+        modules = {".".join(p for p in (block_name, local) if p): m for local, m in dense.named_modules()}
+        return cls(dense, inputs, modules)
+
+
+def _feed_inputs(block: nn.Module, module: nn.Module, target: LayerTarget, item, where: str, index: int,
+                 stop_early: bool, consume: Callable[[Tensor], None]) -> None:
+    """One forward of ``block`` on ``item``; ``consume`` gets ``target``'s input rows
+    ``(n, cols)`` at each call of ``module``, inside the forward (so a shape error raised
+    there is reported as a calibration item that does not fit)."""
+
+    def hook(_: nn.Module, args: tuple) -> None:
+        consume(target.inputs2d(args[0]))
+        if stop_early:
+            raise _Stop
+
+    with _pre_hooks([(module, hook)]):
+        _run(block, item, where, index)
+
+
+def collect_stats(block: nn.Module, where: str, target: LayerTarget, inputs: Inputs, needs: str, stop_early: bool,
+             reference: Reference | None = None) -> InputStats:
+    """Accumulate ``target``'s input statistics over every item (forward cut after it if
+    ``stop_early``); with a ``reference``, the pruned inputs paired with the dense ones."""
+    cols = target.weight2d().shape[1]
+    device = target.module.weight.device
+    if reference is not None:
+        paired = PairedHessianAccumulator(cols, device)
+        dense_module = reference.modules[target.name]
+        for i, (item, dense_item) in enumerate(zip(inputs, reference.inputs, strict=True)):
+            dense: list[Tensor] = []  # the dense model's rows, one entry per call
+            _feed_inputs(reference.block, dense_module, target, dense_item, where, i, stop_early, dense.append)
+            _feed_inputs(block, target.module, target, item, where, i, stop_early,
+                         lambda rows: paired.add(rows, dense.pop(0)))
+        return paired.result()
+    acc = HessianAccumulator(cols, device) if needs == "hessian" else ColumnNormAccumulator(cols, device)
+    for i, item in enumerate(inputs):
+        _feed_inputs(block, target.module, target, item, where, i, stop_early, acc.add)
+    return acc.result()
+
+
+def propagate(block: nn.Module, where: str, inputs: Inputs, dense: Mapping[LayerTarget, tuple[Tensor, Tensor | None]],
+               keep_outputs: bool, reference: Reference | None = None) -> dict[LayerTarget, float]:
+    """Run ``block`` on every item (pruned weights), measure each pruned layer's relative
+    reconstruction error and, if ``keep_outputs``, replace the items' hidden states by the
+    block's outputs in place.  ``dense``: target -> (dense ``W``, bias correction or None).
+
+    The error is ``||W X - W' X - c||^2 / ||W X||^2`` on the pruned model's inputs; with a
+    ``reference`` it is ``||W X - W' X~ - c||^2 / ||W X||^2`` against the dense model's
+    outputs (``X`` dense inputs, ``X~`` pruned ones), and the reference's inputs move on too."""
+    num = {t: 0.0 for t in dense}
+    den = {t: 0.0 for t in dense}
+    wanted: dict[LayerTarget, list[Tensor]] = {t: [] for t in dense}  # dense outputs W X per call (reference)
+
+    def measure(target: LayerTarget, W: Tensor, pruned: Tensor, shift: Tensor | None) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = target.inputs2d(args[0]).to(W.dtype)  # (n, cols)
+            goal = wanted[target].pop(0) if reference is not None else x @ W.T  # (n, rows) W X
+            change = goal - x @ pruned.T if shift is None else goal - x @ pruned.T - shift  # (n, rows)
+            num[target] += float(change.double().square().sum())  # ||W X - W' X - c||^2
+            den[target] += float(goal.double().square().sum())  # ||W X||^2
+        return hook
+
+    def record(target: LayerTarget, W: Tensor) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            wanted[target].append(target.inputs2d(args[0]).to(W.dtype) @ W.T)
+        return hook
+
+    hooks, dense_hooks = [], []
+    for target, (W, shift) in dense.items():
+        pruned = target.weight2d().to(W.dtype)
+        hooks.append((target.module, measure(target, W, pruned, None if shift is None else shift.to(W.dtype))))
+        if reference is not None:
+            dense_hooks.append((reference.modules[target.name], record(target, W)))
+    with _pre_hooks(hooks), _pre_hooks(dense_hooks):
+        for i, item in enumerate(inputs):
+            if reference is not None:
+                dense_output = _run(reference.block, reference.inputs[i], where, i)
+                if keep_outputs:
+                    reference.inputs[i] = _with_hidden(reference.inputs[i], _hidden_of(dense_output))
+            output = _run(block, item, where, i)
+            if keep_outputs:
+                inputs[i] = _with_hidden(item, _hidden_of(output))
+    return {t: (num[t] / den[t] if den[t] > 0 else (0.0 if num[t] == 0 else math.inf)) for t in dense}

@@ -1,0 +1,168 @@
+"""The prunable layers of a model's blocks, each seen as ``Y = W X``.
+
+Part of the one-shot calibration engine (:mod:`prunelab.oneshot.engine`, whose module docs
+describe the whole procedure): :func:`find_blocks` finds the blocks by module type,
+:func:`block_targets` the Linear / ``transformers`` Conv1D / Conv2d layers inside them, and
+:class:`LayerTarget` maps each layer's weight and inputs to the ``(rows, cols)`` /
+``(n, cols)`` matrices the solvers work on.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _hf_conv1d_type() -> type | None:
+    """``transformers.pytorch_utils.Conv1D`` if transformers is loaded (never imports it)."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None)
+
+
+def _conv2d_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
+    """Symmetric zero padding of ``conv`` as a pair, or ``None`` when unfold cannot express it."""
+    if conv.groups != 1 or conv.padding_mode != "zeros":
+        return None
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+        return None if any(t % 2 for t in total) else (total[0] // 2, total[1] // 2)
+    return tuple(conv.padding)  # type: ignore[return-value]
+
+
+@dataclass(eq=False)
+class LayerTarget:
+    """A prunable layer seen as ``Y = W X``: ``W`` ``(rows, cols)``, ``X`` ``(cols, n)``.
+
+    Linear: ``W`` is the weight.  ``transformers`` Conv1D stores ``(in, out)``: ``W`` is its
+    transpose.  Conv2d ``(O, C, kh, kw)``: ``W`` is ``(O, kh*kw*C)`` with columns ordered
+    (kernel position, channel) so N:M groups of consecutive columns are consecutive input
+    channels at one kernel position (the layout of :class:`prunelab.structure.NM`); ``X``
+    is the unfolded input in the same order.
+    """
+
+    name: str
+    module: nn.Module
+    kind: str  # 'linear' | 'conv1d' | 'conv2d'
+    padding: tuple[int, int] | None = None
+
+    @property
+    def param_name(self) -> str:
+        return f"{self.name}.weight" if self.name else "weight"
+
+    @property
+    def features(self) -> int:
+        """The input dimension N:M groups run along."""
+        weight = self.module.weight
+        return weight.shape[0] if self.kind == "conv1d" else weight.shape[1]
+
+    def weight2d(self) -> Tensor:
+        weight = self.module.weight.detach()
+        if self.kind == "conv1d":
+            return weight.T  # (out, in)
+        if self.kind == "conv2d":
+            return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)  # (O, kh*kw*C)
+        return weight  # (out, in)
+
+    def to_param_layout(self, value2d: Tensor) -> Tensor:
+        shape = self.module.weight.shape
+        if self.kind == "conv1d":
+            return value2d.T
+        if self.kind == "conv2d":
+            o, c, kh, kw = shape
+            return value2d.reshape(o, kh, kw, c).permute(0, 3, 1, 2)  # (O, C, kh, kw)
+        return value2d
+
+    @torch.no_grad()
+    def load2d(self, value2d: Tensor) -> None:
+        weight = self.module.weight
+        weight.copy_(self.to_param_layout(value2d).to(device=weight.device, dtype=weight.dtype))
+
+    def inputs2d(self, x: Tensor) -> Tensor:
+        """The layer input as rows of ``X^T``: ``(n, cols)``."""
+        if self.kind == "conv2d":
+            conv = self.module
+            batched = x if x.dim() == 4 else x.unsqueeze(0)  # (B, C, H, W)
+            cols = F.unfold(batched, conv.kernel_size, conv.dilation, self.padding, conv.stride)  # (B, C*K, L)
+            b, _, length = cols.shape
+            c = conv.in_channels
+            cols = cols.view(b, c, -1, length).permute(0, 3, 2, 1)  # (B, L, K, C)
+            return cols.reshape(b * length, -1)  # (B*L, K*C)
+        return x.reshape(-1, x.shape[-1])  # (n, in)
+
+
+def classify_layer(name: str, module: nn.Module) -> LayerTarget | None | str:
+    """A :class:`LayerTarget`, ``'dense'`` for a prunable type we cannot solve, or ``None``."""
+    if getattr(module, "weight", None) is None or not isinstance(module.weight, Tensor):
+        return None
+    if isinstance(module, nn.Linear):
+        return LayerTarget(name, module, "linear")
+    conv1d = _hf_conv1d_type()
+    if conv1d is not None and isinstance(module, conv1d):
+        return LayerTarget(name, module, "conv1d")
+    if isinstance(module, nn.Conv2d):
+        padding = _conv2d_padding(module)
+        return LayerTarget(name, module, "conv2d", padding) if padding is not None else "dense"
+    if isinstance(module, (nn.Conv1d, nn.Conv3d)):
+        return "dense"
+    return None
+
+
+def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The blocks the engine walks through, as ``(qualified name, module)`` in order.
+
+    The longest ``nn.ModuleList`` whose children share one class and contain a prunable
+    layer; else an ``nn.Sequential``'s top-level children; else ``[("", model)]``.
+    """
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        if not any(isinstance(classify_layer("", m), LayerTarget) for child in module for m in child.modules()):
+            continue
+        if best is None or len(module) > len(best[1]):
+            best = (name, module)
+    if best is not None:
+        prefix = f"{best[0]}." if best[0] else ""
+        return [(f"{prefix}{i}", child) for i, child in enumerate(best[1])]
+    if isinstance(model, nn.Sequential) and len(model) > 0:
+        return list(model.named_children())
+    return [("", model)]
+
+
+def _excluded(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(f"{name}.weight", p) for p in patterns)
+
+
+def block_targets(model: nn.Module, blocks: list[tuple[str, nn.Module]], exclude: Sequence[str]
+             ) -> tuple[list[list[LayerTarget]], list[str]]:
+    """Per block, its prunable layers; and every Linear/Conv name that stays dense."""
+    per_block: list[list[LayerTarget]] = []
+    inside: set[str] = set()
+    dense: list[str] = []
+    for block_name, block in blocks:
+        found = []
+        for local, module in block.named_modules():
+            name = ".".join(p for p in (block_name, local) if p)
+            kind = classify_layer(name, module)
+            if kind is None:
+                continue
+            inside.add(name)
+            if isinstance(kind, LayerTarget) and not _excluded(name, exclude):
+                found.append(kind)
+            else:
+                dense.append(name)
+        per_block.append(found)
+    for name, module in model.named_modules():
+        if name not in inside and classify_layer(name, module) is not None:
+            dense.append(name)
+    return per_block, dense
