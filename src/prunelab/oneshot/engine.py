@@ -182,8 +182,9 @@ class OneShotConfig:
 class LayerRow:
     """One pruned layer: ``error`` is ``||W X - W' X - c||^2 / ||W X||^2`` on its calibration
     inputs (dense ``W``, pruned ``W'``, biases left out; ``c`` the bias correction, 0 when
-    off); ``dampening`` the fraction of
-    ``mean(diag H)`` finally used (``None`` for methods without a Hessian).
+    off) -- with ``dense_targets``, ``||W X - W' X~ - c||^2 / ||W X||^2`` against the dense
+    model's inputs ``X`` (so it includes the drift of earlier layers); ``dampening`` the
+    fraction of ``mean(diag H)`` finally used (``None`` for methods without a Hessian).
     ``seconds``: the layer's whole time (statistics-collecting forward passes + solver);
     ``solve_seconds``: the solver alone -- the "time for computing the pruning metric"
     that Sun et al. 2023 (Table 4) compare, without the forward passes every method shares."""
