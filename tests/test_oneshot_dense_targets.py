@@ -194,3 +194,22 @@ def test_conv_layers_take_dense_targets_too():
     plain = output_error(OneShotConfig(method="sparsegpt"))
     corrected = output_error(OneShotConfig(method="sparsegpt", dense_targets=True))
     assert corrected < plain
+
+
+def test_dead_and_duplicate_inputs_stay_finite():
+    """A feature that is always zero (dead) and two identical features (a singular H~): the
+    dampening escalation serves the least-squares step too, and no NaN is written."""
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    gen = torch.Generator().manual_seed(7)
+    calibration = []
+    for _ in range(3):
+        x = torch.randn(40, 6, generator=gen)
+        x[:, 0] = 0.0  # dead input
+        x[:, 2] = x[:, 1]  # duplicated input
+        calibration.append(x)
+    report = prune_oneshot(model, calibration, OneShotConfig(method="sparsegpt", dampening=0.0, dense_targets=True),
+                           progress=False)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert torch.all(model[0].weight[:, 0] == 0)  # the dead input's column is cleared, as SparseGPT does
+    assert report.rows[0].dampening > 0  # escalated from 0
