@@ -107,7 +107,7 @@ def main(argv=None) -> int:
         "targets": targets,
         "total_wall_time_s": time.perf_counter() - started,
     }
-    path = publish("activation_sparsity", record, args.out)
+    publish("activation_sparsity", record, args.out)
     return 0
 
 

@@ -182,7 +182,7 @@ def main(argv=None) -> int:
                          "reps": reps, "quick": quick},
               "environment": environment, "columns": COLUMNS, "rows": rows, "fp32": fp32, "mlp": mlp,
               "targets": targets, "total_wall_time_s": time.perf_counter() - started}
-    path = publish("gpu_semi_structured", record, args.out)
+    publish("gpu_semi_structured", record, args.out)
     return 0
 
 

@@ -176,9 +176,7 @@ def main(argv=None) -> int:
         "targets": targets,
         "total_wall_time_s": total,
     }
-    path = publish("head_pruning", record, args.out)
-    plot(rows, dense_error, path.with_suffix(".png"))
-    print(f"plot: {path.with_suffix('.png')}")
+    publish("head_pruning", record, args.out, plot=lambda png: plot(rows, dense_error, png))
     return 0
 
 

@@ -145,9 +145,7 @@ def main(argv=None) -> int:
         "targets": targets,
         "total_wall_time_s": total,
     }
-    path = publish("layer_collapse", record, args.out)
-    plot(rows, path.with_suffix(".png"))
-    print(f"plot: {path.with_suffix('.png')}")
+    publish("layer_collapse", record, args.out, plot=lambda png: plot(rows, png))
     return 0
 
 

@@ -125,9 +125,7 @@ def main(argv=None) -> int:
         "targets": targets,
         "total_wall_time_s": time.perf_counter() - started,
     }
-    path = publish("layer_dropping", record, args.out)
-    plot(rows, path.with_suffix(".png"))
-    print(f"plot: {path.with_suffix('.png')}")
+    publish("layer_dropping", record, args.out, plot=lambda png: plot(rows, png))
     return 0
 
 

@@ -156,9 +156,7 @@ def main(argv=None) -> int:
         "targets": targets,
         "total_wall_time_s": total,
     }
-    path = publish("lottery_lenet300", record, args.out)
-    plot(plot_rows, dense, path.with_suffix(".png"))
-    print(f"plot: {path.with_suffix('.png')}")
+    publish("lottery_lenet300", record, args.out, plot=lambda png: plot(plot_rows, dense, png))
     return 0
 
 

@@ -104,7 +104,7 @@ def main(argv=None) -> int:
         "targets": targets,
         "total_wall_time_s": time.perf_counter() - started,
     }
-    path = publish("lowrank_minilm", record, args.out)
+    publish("lowrank_minilm", record, args.out)
     return 0
 
 

@@ -166,9 +166,7 @@ def main(argv=None) -> int:
         "notes": notes,
         "total_wall_time_s": total,
     }
-    path = publish("snip_lenet300", record, args.out)
-    plot(rows, path.with_suffix(".png"))
-    print(f"plot: {path.with_suffix('.png')}")
+    publish("snip_lenet300", record, args.out, plot=lambda png: plot(rows, png))
     return 0
 
 

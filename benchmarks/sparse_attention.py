@@ -111,7 +111,7 @@ def main(argv=None) -> int:
         "notes": notes,
         "total_wall_time_s": time.perf_counter() - started,
     }
-    path = publish("sparse_attention", record, args.out)
+    publish("sparse_attention", record, args.out)
     return 0
 
 

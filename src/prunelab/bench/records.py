@@ -13,7 +13,7 @@ import argparse
 import os
 import platform
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +65,12 @@ def write_record(name: str, record: Mapping[str, Any], out: str | os.PathLike | 
     return path
 
 
-def publish(name: str, record: Mapping[str, Any], out: str | os.PathLike | None) -> Path:
+def publish(name: str, record: Mapping[str, Any], out: str | os.PathLike | None,
+            plot: Callable[[Path], None] | None = None) -> Path:
     """Write the record (:func:`write_record`), then print its rows (reference rows after them)
-    and targets as markdown tables and the record's path; returns the path."""
+    and targets as markdown tables and the record's path; returns the path.  ``plot``, if
+    given, draws the PNG beside the record (``plot(path.with_suffix(".png"))``), whose path is
+    printed too."""
     path = write_record(name, record, out)
     rows = [*record["rows"], *record.get("reference_rows", [])]
     columns = [tuple(c) for c in record.get("columns", [])] or [(k, k) for k in rows[0]]
@@ -76,6 +79,9 @@ def publish(name: str, record: Mapping[str, Any], out: str | os.PathLike | None)
     print()
     print(targets_table(record["targets"]))
     print(f"\nrecord: {path}")
+    if plot is not None:
+        plot(path.with_suffix(".png"))
+        print(f"plot: {path.with_suffix('.png')}")
     return path
 
 
