@@ -44,6 +44,16 @@ def _accumulate(pruned: torch.Tensor, dense: torch.Tensor) -> InputStats:
     return acc.result()
 
 
+def _output_error(dense: nn.Module, calibration: list, evaluation: list, dense_targets: bool = False) -> float:
+    """``sum ||f_pruned(x) - f_dense(x)||^2`` over ``evaluation`` after SparseGPT to 50% on ``calibration``."""
+    model = copy.deepcopy(dense)
+    report = prune_oneshot(model, calibration, OneShotConfig(method="sparsegpt", dense_targets=dense_targets),
+                           progress=False)
+    assert report.sparsity == pytest.approx(0.5, abs=1e-3)
+    with torch.no_grad():
+        return float(sum((model(x) - dense(x)).square().sum() for x in evaluation))
+
+
 def _paired_rows(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     X = torch.randn(200, 8, generator=gen, dtype=torch.float64)  # dense inputs
@@ -95,17 +105,8 @@ def test_first_layer_sees_no_drift_and_matches_plain_sparsegpt():
 def test_dense_targets_bring_model_outputs_closer_to_dense(seed):
     dense = _stack(seed)
     calibration, held_out = _calibration(seed), _calibration(seed + 100, batches=2)
-
-    def output_error(config: OneShotConfig) -> float:
-        model = copy.deepcopy(dense)
-        report = prune_oneshot(model, calibration, config, progress=False)
-        assert report.sparsity == pytest.approx(0.5)
-        with torch.no_grad():
-            return float(sum((model(x) - dense(x)).square().sum() for x in held_out))
-
-    plain = output_error(OneShotConfig(method="sparsegpt"))
-    corrected = output_error(OneShotConfig(method="sparsegpt", dense_targets=True))
-    assert corrected < plain
+    plain = _output_error(dense, calibration, held_out)
+    assert _output_error(dense, calibration, held_out, dense_targets=True) < plain
 
 
 def test_reported_error_is_measured_against_the_dense_outputs():
@@ -183,17 +184,8 @@ def test_conv_layers_take_dense_targets_too():
                           nn.Conv2d(8, 4, 3, padding=1))
     gen = torch.Generator().manual_seed(6)
     calibration = [torch.randn(8, 3, 10, 10, generator=gen) for _ in range(3)]
-
-    def output_error(config: OneShotConfig) -> float:
-        model = copy.deepcopy(dense)
-        report = prune_oneshot(model, calibration, config, progress=False)
-        assert report.sparsity == pytest.approx(0.5, abs=1e-3)
-        with torch.no_grad():
-            return float(sum((model(x) - dense(x)).square().sum() for x in calibration))
-
-    plain = output_error(OneShotConfig(method="sparsegpt"))
-    corrected = output_error(OneShotConfig(method="sparsegpt", dense_targets=True))
-    assert corrected < plain
+    plain = _output_error(dense, calibration, calibration)
+    assert _output_error(dense, calibration, calibration, dense_targets=True) < plain
 
 
 def test_dead_and_duplicate_inputs_stay_finite():
