@@ -206,6 +206,14 @@ def test_bench_latency_prints_ratios_and_per_layer_times(cli, pruned_run):
     assert len(layer_rows) >= 2 and all(line.count("|") == 5 for line in layer_rows)  # layer, dense, share, csr
 
 
+def test_bench_latency_pooling_auto_reports_the_dense_pools(cli, pruned_run):
+    code, out, err = cli("bench-latency", str(pruned_run), "--forms", "csr", "--batch-sizes", "2", "--reps", "1",
+                         "--pooling", "auto")
+    assert code == 0, err
+    assert "max pools, dense model (pooling auto" in out and "(no nn.MaxPool2d layers)" in out  # an MLP has none
+    assert "csr_speedup_x" in out
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--batch-sizes", "one"], "--batch-sizes must be comma-separated integers"),
     (["--reps", "0"], "--batch-sizes and --reps must be positive"),

@@ -4,12 +4,14 @@
 ``prunelab.load(DIR)`` rebuilds; it is proven equal to the masked model on real test
 inputs first.  ``bench-latency CHECKPOINT`` times dense vs materialised side by side at
 batch sizes 1/8/64 and prints the ratios with the thread count; ``--per-layer`` adds each
-leaf module's time at the largest batch size (where the time goes).
+leaf module's time at the largest batch size (where the time goes); ``--pooling auto``
+gives the dense model and every form the exact separable max-pool where it measures faster.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import warnings
 from typing import Any
 
@@ -35,6 +37,9 @@ def add_materialise_parsers(subparsers: Any) -> None:
                      help="also time every leaf module on its own inputs at the largest batch size")
     lat.add_argument("--keep-denormals", action="store_true",
                      help="time without flushing subnormal floats to zero (flushed by default, as for CPU inference)")
+    lat.add_argument("--pooling", default="native", choices=("native", "auto"),
+                     help="auto: time every nn.MaxPool2d and use the exact separable pool where faster, in the "
+                          "dense model and every form alike (default: native)")
     lat.add_argument("--data-dir", default=None)
     lat.set_defaults(func=cmd_bench_latency)
 
@@ -51,12 +56,13 @@ def _checkpoint_and_inputs(path: str, data_dir: str | None, count: int = 64):
     return ckpt, inputs
 
 
-def _materialise(ckpt, inputs: torch.Tensor, form: str) -> torch.nn.Module:
+def _materialise(ckpt, inputs: torch.Tensor, form: str, pooling: str = "native") -> torch.nn.Module:
     from prunelab.materialise import materialise
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        new = materialise(ckpt.model, form, masks=ckpt.masks, example_input=inputs, batch_sizes=(1, 64))
+        new = materialise(ckpt.model, form, masks=ckpt.masks, example_input=inputs, batch_sizes=(1, 64),
+                          pooling=pooling)
     for warning in caught:
         print(f"note: {warning.message}")
     return new
@@ -112,7 +118,14 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
     ckpt, inputs = _checkpoint_and_inputs(args.checkpoint, args.data_dir)
     flushed = not args.keep_denormals and torch.set_flush_denormal(True)  # False where the CPU cannot
     try:
-        models = {"dense": ckpt.model, **{form: _materialise(ckpt, inputs, form) for form in forms}}
+        dense = ckpt.model
+        if args.pooling == "auto":  # the dense baseline gets the same pools, so the ratios credit only the form
+            from prunelab.materialise.pooling import speed_up_pooling_
+
+            dense = copy.deepcopy(ckpt.model).eval()
+            pools = speed_up_pooling_(dense, {1: _batch(inputs, 1), 64: _batch(inputs, 64)})
+            print(f"max pools, dense model (pooling auto; every form chose its own the same way):\n{pools.table()}\n")
+        models = {"dense": dense, **{form: _materialise(ckpt, inputs, form, args.pooling) for form in forms}}
         _report_latency(models, inputs, sizes, forms, args.reps, args.per_layer, flushed)
     finally:
         if flushed:

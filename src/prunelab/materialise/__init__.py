@@ -23,6 +23,9 @@ run on ``example_input`` next to the masked model; if the max abs difference exc
 ``tolerance`` x the largest reference output magnitude (at least 1, as in
 ``shrink_model``), :class:`PrunelabError` is raised.  The numbers go to ``new.materialise_report`` (a :class:`MaterialiseReport`).
 
+``pooling="auto"`` also swaps each ``nn.MaxPool2d`` for an exact, faster separable pool
+where measured no slower (:mod:`prunelab.materialise.pooling`).
+
 Saving: ``torch.save(new.state_dict(), path)``; load with
 :func:`~prunelab.materialise.sparse_modules.load_materialised` (``dense_arch, state_dict``).
 """
@@ -40,6 +43,7 @@ from torch import nn
 
 from prunelab.errors import PrunelabError
 from prunelab.materialise.autotune import KernelReport, Timer, choose_kernels
+from prunelab.materialise.pooling import PoolingReport, speed_up_pooling_
 from prunelab.materialise.sparse_modules import (
     SparseModule, build_sparse, kernel_unavailable_reason, load_materialised, semi_structured_available,
 )
@@ -49,6 +53,7 @@ from prunelab.registry import Registry
 __all__ = ["FORMS", "LayerForm", "MaterialiseReport", "load_materialised", "materialise"]
 
 TARGET_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+POOLING: tuple[str, ...] = ("native", "auto")  # materialise(pooling=...)
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,7 @@ class MaterialiseReport:
     tolerance: float
     kernels: KernelReport | None = None  # the autotune measurements (form "auto")
     notes: tuple[str, ...] = field(default_factory=tuple)
+    pools: PoolingReport | None = None   # the max-pool measurements (pooling="auto")
 
     @property
     def relative_error(self) -> float:
@@ -89,6 +95,8 @@ class MaterialiseReport:
         columns = (("layer", "layer"), ("kind", "kind"), ("kernel", "kernel"), ("sparsity_pct", "sparsity %"),
                    ("dense_kb", "dense KB"), ("stored_kb", "stored KB"), ("note", "note"))
         text = markdown_table(self.rows(), columns) if self.layers else "(no per-layer forms)"
+        if self.pools is not None:
+            text += f"\n\nmax pools (pooling='auto'):\n{self.pools.table()}"
         return f"{text}\n\nmax abs error {self.max_abs_error:.3g} (relative {self.relative_error:.3g}, allowed {self.tolerance:g})"
 
 
@@ -252,13 +260,17 @@ def materialise(
     block_size: tuple[int, int] = (4, 4),
     candidates: Sequence[str] | None = None,
     tolerance: float = 1e-4,
+    pooling: str = "native",
 ) -> nn.Module:
     """A new model with ``model``'s layers in ``form``, proven against the masked model.
 
     ``example_input``: real inputs (leading batch dimension), required -- the result is
     checked on it, and ``auto`` times layers on it resized to each of ``batch_sizes``.
     ``timer``/``candidates``: passed to :func:`choose_kernels` (form ``auto``).
-    ``block_size``: the BSR block ``(bh, bw)``.  Raises :class:`PrunelabError` for an
+    ``block_size``: the BSR block ``(bh, bw)``.  ``pooling="auto"`` also times every
+    ``nn.MaxPool2d`` at ``batch_sizes`` and keeps an exact separable pool where it is no
+    slower (:func:`~prunelab.materialise.pooling.speed_up_pooling_`; not saved with the
+    model); ``"native"`` (default) leaves pooling alone.  Raises :class:`PrunelabError` for an
     unknown form, missing input, a weight that does not fit the form (e.g. not 2:4
     sparse), or a result that differs from the masked model by more than ``tolerance``
     x the output scale.
@@ -275,6 +287,8 @@ def materialise(
     sizes = tuple(int(b) for b in batch_sizes)
     if not sizes or min(sizes) < 1:
         raise PrunelabError(f"batch_sizes must be positive integers, got {tuple(batch_sizes)}; use e.g. (1, 64)")
+    if pooling not in POOLING:
+        raise PrunelabError(f"unknown pooling {pooling!r}; valid: {', '.join(POOLING)}")
 
     reference = copy.deepcopy(model).eval()
     if masks is not None:
@@ -285,6 +299,9 @@ def materialise(
                        None if candidates is None else tuple(candidates))
     new, forms, kernels, notes = builder(copy.deepcopy(reference), request)
     new.eval()
+    pools = None
+    if pooling == "auto":
+        pools = speed_up_pooling_(new, {b: _batched(example_input, b) for b in sizes}, timer)
     error, scale = _compare(reference, new, example_input)
     if not error <= tolerance * max(scale, 1.0):  # also catches nan; scale floor 1 as in shrink_model
         raise PrunelabError(
@@ -294,5 +311,6 @@ def materialise(
         )
     for note in notes:
         warnings.warn(note, UserWarning, stacklevel=2)
-    new.materialise_report = MaterialiseReport(form, tuple(forms), error, scale, tolerance, kernels, tuple(notes))
+    new.materialise_report = MaterialiseReport(form, tuple(forms), error, scale, tolerance, kernels, tuple(notes),
+                                                 pools)
     return new

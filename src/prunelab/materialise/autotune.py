@@ -137,7 +137,7 @@ class KernelReport:
         return markdown_table(self.rows(), columns)
 
 
-def _capture_inputs(model: nn.Module, inputs: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+def capture_inputs(model: nn.Module, inputs: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
     """The first positional input of each named module during one forward of ``inputs``."""
     seen: dict[str, torch.Tensor] = {}
     handles = []
@@ -160,10 +160,12 @@ def _capture_inputs(model: nn.Module, inputs: torch.Tensor, names: Sequence[str]
     return seen
 
 
-def _check_inputs(example_inputs_by_batch: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+def check_inputs(example_inputs_by_batch: Mapping[int, torch.Tensor], caller: str = "choose_kernels"
+                 ) -> dict[int, torch.Tensor]:
+    """The example inputs sorted by batch size; a one-line error unless a non-empty {batch: tensor} mapping."""
     if not isinstance(example_inputs_by_batch, Mapping) or not example_inputs_by_batch:
         raise PrunelabError(
-            f"choose_kernels needs example inputs keyed by batch size, got {type(example_inputs_by_batch).__name__}; "
+            f"{caller} needs example inputs keyed by batch size, got {type(example_inputs_by_batch).__name__}; "
             "pass e.g. {1: x[:1], 64: x[:64]}"
         )
     for batch, tensor in example_inputs_by_batch.items():
@@ -195,7 +197,7 @@ def choose_kernels(
     if unknown:
         raise PrunelabError(f"unknown kernel(s) {unknown}; valid kernels: {', '.join(KERNELS)}")
     kernels = ["dense"] + [c for c in dict.fromkeys(candidates) if c != "dense"]
-    inputs_by_batch = _check_inputs(example_inputs_by_batch)
+    inputs_by_batch = check_inputs(example_inputs_by_batch)
     timer = timer or median_timer
     modules = dict(model.named_modules())
     names = list(layers) if layers is not None else [n for n, m in modules.items() if isinstance(m, TUNED_TYPES)]
@@ -207,7 +209,7 @@ def choose_kernels(
     was_training = model.training
     model.eval()
     try:
-        captured = {b: _capture_inputs(model, x, names) for b, x in inputs_by_batch.items()}
+        captured = {b: capture_inputs(model, x, names) for b, x in inputs_by_batch.items()}
     finally:
         model.train(was_training)
 
@@ -235,7 +237,7 @@ def choose_kernels(
                         samples[kernel].append(float(timer(trial)))
                 for kernel in built:
                     seconds[kernel][batch] = statistics.median(samples[kernel])
-        choices.append(LayerChoice(name, type(module).__name__, sparsity, _pick(seconds, kernels), seconds, skipped))
+        choices.append(LayerChoice(name, type(module).__name__, sparsity, pick_fastest(seconds, kernels), seconds, skipped))
     return KernelReport(tuple(choices), tuple(inputs_by_batch), torch.get_num_threads())
 
 
@@ -261,15 +263,15 @@ def _skip_reason(module: nn.Module, kernel: str, nnz: int, name: str, captured: 
     return None
 
 
-def _pick(seconds: Mapping[str, Mapping[int, float]], order: Sequence[str]) -> str:
-    """Fastest kernel that is no slower than dense at any batch size (geometric-mean ratio)."""
-    dense = seconds.get("dense")
+def pick_fastest(seconds: Mapping[str, Mapping[int, float]], order: Sequence[str], baseline: str = "dense") -> str:
+    """Fastest kernel that is no slower than ``baseline`` at any batch size (geometric-mean ratio)."""
+    dense = seconds.get(baseline)
     if not dense:
-        return "dense"
-    best, best_score = "dense", 1.0
+        return baseline
+    best, best_score = baseline, 1.0
     for kernel in order:
         times = seconds.get(kernel)
-        if kernel == "dense" or not times:
+        if kernel == baseline or not times:
             continue
         if any(times[b] > dense[b] for b in dense):
             continue
