@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from fake_timer import FakeTimer
 from torch import nn
 
 from prunelab.errors import PrunelabError
 from prunelab.materialise import materialise
-from prunelab.materialise.autotune import Trial
 from prunelab.materialise.pooling import SeparableMaxPool2d, pool_unavailable_reason, speed_up_pooling_
 
 
@@ -59,20 +59,6 @@ def test_pool_unavailable_reasons():
     assert "ceil_mode" in pool_unavailable_reason(nn.MaxPool2d(2, ceil_mode=True))
     assert "return_indices" in pool_unavailable_reason(nn.MaxPool2d(2, return_indices=True))
     assert "not nn.MaxPool2d" in pool_unavailable_reason(nn.AvgPool2d(2))
-
-
-class FakeTimer:
-    """Seconds per (pool, kernel) or (pool, kernel, batch); records every call."""
-
-    def __init__(self, table):
-        self.table = table
-        self.calls: list[tuple[str, str, int]] = []
-
-    def __call__(self, trial):
-        assert isinstance(trial, Trial)
-        self.calls.append((trial.layer, trial.kernel, trial.batch_size))
-        key = (trial.layer, trial.kernel, trial.batch_size)
-        return self.table.get(key, self.table.get(key[:2], 1.0))
 
 
 def _cnn() -> nn.Module:

@@ -10,12 +10,13 @@ import warnings
 
 import pytest
 import torch
+from fake_timer import FakeTimer
 from torch import nn
 
 from prunelab.errors import PrunelabError
 from prunelab.masks import MaskSet
 from prunelab.materialise import FORMS, materialise
-from prunelab.materialise.autotune import Trial, choose_kernels, median_timer
+from prunelab.materialise.autotune import choose_kernels, median_timer
 from prunelab.materialise.sparse_modules import (
     BSRLinear, CSRConv2d, CSRLinear, SemiStructuredLinear, build_sparse, load_materialised,
 )
@@ -256,20 +257,6 @@ def _tune_model() -> nn.Sequential:
     _prune_(model[2], 0.8)
     _block_prune_(model[4])  # BSR-friendly: fill 1.0
     return model.eval()  # model[6] stays dense (no zeros)
-
-
-class FakeTimer:
-    """Preset seconds per (layer, kernel) or (layer, kernel, batch); records every call."""
-
-    def __init__(self, table):
-        self.table = table
-        self.calls: list[tuple[str, str, int]] = []
-
-    def __call__(self, trial):
-        assert isinstance(trial, Trial)
-        self.calls.append((trial.layer, trial.kernel, trial.batch_size))
-        key = (trial.layer, trial.kernel, trial.batch_size)
-        return self.table.get(key, self.table.get(key[:2], 1.0))
 
 
 def test_autotune_picks_fastest_and_dense_when_sparse_is_slower():
