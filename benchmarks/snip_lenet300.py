@@ -24,6 +24,13 @@ sensitivity), random pruning and magnitude at initialisation.  Two training reci
   truncation; biases 0 for training), 1.7x the std of PyTorch's default; with that
   initialiser (seed 0) the paper recipe gave
   1.91% at 95% and 2.89% at 98% -- no better, so the initialiser is not the gap.
+  Other differences in that code, read on 2026-12-01 and not reproduced here: the
+  connection sensitivity is computed on one variance-scaling draw (``weights_bp``) and the
+  mask trains a *second, independent* draw (``weights_ap``, biases zero) -- the
+  ``pai-reinit`` ablation of prunelab; the biases are scored and kept in the same global
+  top-k as the weights; 10% of the training images are held out as a validation split
+  (training sees 54,000); MNIST is standardised with the training set's mean and std, as
+  here.  None of these is expected to close a 0.3-0.4 point gap.
 
 The error reported is the final test error.  The reference code reports the best test
 accuracy over its last checkpoints (``test.py``: ``1 - max(acc)``), a choice made on the
