@@ -30,7 +30,7 @@ sensitivity), random pruning and magnitude at initialisation.  Two training reci
   ``pai-reinit`` ablation of prunelab; the biases are scored and kept in the same global
   top-k as the weights; 10% of the training images are held out as a validation split
   (training sees 54,000); MNIST is standardised with the training set's mean and std, as
-  here.  None of these is expected to close a 0.3-0.4 point gap.
+  here.  Their effect on the gap is not measured.
 
 The error reported is the final test error.  The reference code reports the best test
 accuracy over its last checkpoints (``test.py``: ``1 - max(acc)``), a choice made on the
