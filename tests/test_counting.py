@@ -280,3 +280,21 @@ def test_model_cost_table_rows_and_total():
     assert total[0] == "total" and total[2] == "29" and total[3] == "22"
     with pytest.raises(PrunelabError, match="needs a ModelCost"):
         model_cost_table({"params": 1})  # type: ignore[arg-type]
+
+
+def test_tied_weights_are_stored_once_but_computed_twice():
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.second = nn.Linear(5, 6), nn.Linear(5, 6)
+            self.second.weight = self.first.weight  # tied weight, each layer keeps its own bias
+
+        def forward(self, x):
+            return self.first(x) + self.second(x)
+
+    model = Tied()
+    cost = measure_model(model, torch.randn(2, 5))
+    assert cost.params == sum(p.numel() for p in model.parameters()) == 30 + 6 + 6
+    assert [layer.shares_storage for layer in cost.layers] == [False, True]
+    assert cost.dense_macs == 2 * 30  # both layers multiply
+    assert cost.dense_bytes == 4 * 42 and cost.weight_params == 30

@@ -28,3 +28,18 @@ def test_hooks_are_removed_even_when_the_forward_fails():
         input_norm_spread(model, [torch.ones(1, 5)])
     assert not model[0]._forward_pre_hooks
     assert model.training  # train/eval flag restored
+
+
+def test_mapping_batches_such_as_a_tokenizer_output_are_passed_as_keywords():
+    from collections import UserDict  # transformers' BatchEncoding is a UserDict, not a dict
+
+    class Keywords(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, features):
+            return self.fc(features)
+
+    spread = input_norm_spread(Keywords(), [UserDict({"features": torch.ones(4, 3)})])
+    assert list(spread) == ["fc"]

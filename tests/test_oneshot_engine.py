@@ -150,6 +150,41 @@ def test_exclude_keeps_layers_dense():
     assert bool((model[4].weight != 0).all())
 
 
+def test_exclude_none_means_nothing_excluded():
+    assert OneShotConfig(method="wanda", exclude=None).exclude == ()
+    with pytest.raises(PrunelabError, match="exclude must be module-name globs"):
+        OneShotConfig(method="wanda", exclude=5)
+
+
+def test_a_module_used_twice_in_a_sequential_runs_at_each_use():
+    torch.manual_seed(0)
+    act = nn.ReLU()  # one object, two positions: named_children() would list it once
+    model = nn.Sequential(nn.Linear(8, 16), act, nn.Linear(16, 16), act, nn.Linear(16, 4))
+    assert [name for name, _ in find_blocks(model)] == ["0", "1", "2", "3", "4"]
+    dense = [m.weight.detach().clone() for m in (model[0], model[2], model[4])]
+    calibration = [torch.randn(64, 8) for _ in range(2)]
+    report = prune_oneshot(model, calibration, OneShotConfig(method="sparsegpt", sparsity=0.5), progress=False)
+    seen = []
+    handle = model[4].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        for x in calibration:
+            model(x)
+    handle.remove()
+    inputs = torch.cat(seen)  # the last layer's real inputs: after the second ReLU, so never negative
+    assert float(inputs.min()) >= 0.0
+    error = float(((inputs @ (dense[2] - model[4].weight.detach()).T) ** 2).sum() / ((inputs @ dense[2].T) ** 2).sum())
+    assert {row.name: row.error for row in report.rows}["4"] == pytest.approx(error, rel=1e-4)
+
+
+def test_a_shared_linear_is_pruned_once():
+    torch.manual_seed(0)
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    report = prune_oneshot(model, [torch.randn(32, 8)], OneShotConfig(method="wanda", sparsity=0.5), progress=False)
+    assert [row.name for row in report.rows] == ["0"]
+    assert int((shared.weight == 0).sum()) == 32  # exactly half, not pruned again at its second use
+
+
 # --- transformers ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def transformers():

@@ -22,7 +22,7 @@ from typing import Any
 from torch import nn
 
 from prunelab.errors import PrunelabError
-from prunelab.io import atomic_path, ensure_writable_dir, write_json
+from prunelab.io import atomic_path, ensure_writable_dir, write_text
 from prunelab.masks import MaskSet
 
 CHECKPOINT_FORMAT = "prunelab.checkpoint.v1"
@@ -37,15 +37,24 @@ class Checkpoint:
 
 
 def save_checkpoint(directory: str | os.PathLike, model: nn.Module, masks: MaskSet, meta: dict[str, Any]) -> Path:
-    """Write model, masks and metadata into ``directory`` (each file atomically)."""
+    """Write model, masks and metadata into ``directory`` (each file atomically, ``checkpoint.json`` last).
+
+    ``meta`` is checked first, so a value JSON cannot hold fails before any file is
+    replaced.  To replace a whole folder at once, call this inside :func:`prunelab.io.atomic_dir`.
+    """
     from safetensors.torch import save_file
 
+    try:
+        meta_text = json.dumps({"format": CHECKPOINT_FORMAT, **meta}, indent=2) + "\n"
+    except (TypeError, ValueError) as exc:
+        raise PrunelabError(f"checkpoint meta must be JSON-serialisable ({exc}); pass plain numbers, strings, lists "
+                            "and dicts (e.g. float(x) for a numpy scalar)") from None
     directory = ensure_writable_dir(directory)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(directory / MODEL_FILE) as tmp:
         save_file(state, str(tmp), metadata={"format": CHECKPOINT_FORMAT})
     masks.save(directory / MASKS_FILE)
-    write_json(directory / META_FILE, {"format": CHECKPOINT_FORMAT, **meta})
+    write_text(directory / META_FILE, meta_text)
     return directory
 
 
@@ -61,6 +70,17 @@ def _resolve(path: str | os.PathLike) -> Path:
     return path
 
 
+def model_args(meta: Any, source: str | os.PathLike) -> tuple[str, tuple[int, ...], int]:
+    """``(zoo name, input shape, classes)`` from a checkpoint-style record; one-line error if they are missing."""
+    try:
+        return str(meta["model"]), tuple(int(d) for d in meta["input_shape"]), int(meta["num_classes"])
+    except (KeyError, TypeError, ValueError):
+        raise PrunelabError(
+            f"{os.fspath(source)} lacks a valid 'model', 'input_shape' or 'num_classes' entry; the record is corrupt -- "
+            "re-create it with the command that wrote it"
+        ) from None
+
+
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Rebuild the zoo model named in ``checkpoint.json`` and load its tensors and masks."""
     from safetensors import SafetensorError
@@ -73,9 +93,10 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         meta = json.loads((directory / META_FILE).read_text())
     except json.JSONDecodeError as exc:
         raise PrunelabError(f"{directory / META_FILE} is not valid JSON ({exc.msg}); the checkpoint is corrupt") from None
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise PrunelabError(f"{directory / META_FILE} has format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
-    model = build_model(meta["model"], tuple(meta["input_shape"]), int(meta["num_classes"]))
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise PrunelabError(f"{directory / META_FILE} has format {found!r}, expected {CHECKPOINT_FORMAT!r}")
+    model = build_model(*model_args(meta, directory / META_FILE))
     try:
         state = load_file(str(directory / MODEL_FILE))
     except (SafetensorError, OSError, ValueError) as exc:

@@ -41,7 +41,7 @@ def _markdown(record: dict[str, Any]) -> str:
 
 def cmd_drop_layers(args: argparse.Namespace) -> int:
     """Score, drop ``--count`` blocks of ``--model`` and write ``--out`` (see the module docstring)."""
-    from prunelab.io import atomic_dir, ensure_writable_dir, write_json, write_text
+    from prunelab.io import atomic_dir, check_replaceable, ensure_writable_dir, write_json, write_text
 
     if isinstance(args.count, bool) or args.count < 1:
         raise PrunelabError(f"--count must be a positive integer (blocks to drop), got {args.count}")
@@ -49,6 +49,7 @@ def cmd_drop_layers(args: argparse.Namespace) -> int:
         raise PrunelabError(f"--calib-samples must be a positive integer, got {args.calib_samples}")
     spec = resolve_model(args.model)
     ensure_writable_dir(Path(args.out).resolve().parent)  # fail before loading anything
+    check_replaceable(args.out, inputs=(spec.path,) if spec.path is not None else ())
     from prunelab.layers import block_influence, drop_blocks, lowest_influence
 
     model, tokenizer, meta = load_model(spec, args)

@@ -69,7 +69,7 @@ def _materialise(ckpt, inputs: torch.Tensor, form: str, pooling: str = "native")
 
 
 def cmd_materialise(args: argparse.Namespace) -> int:
-    from prunelab.io import atomic_dir, ensure_writable_dir, write_json
+    from prunelab.io import atomic_dir, check_replaceable, ensure_writable_dir, write_json
     from prunelab.loading import MATERIALISED_META, MATERIALISED_STATE
     from prunelab.materialise import FORMS
     from prunelab.materialise.spec import save_shrunk
@@ -77,6 +77,7 @@ def cmd_materialise(args: argparse.Namespace) -> int:
     from prunelab.measure.tables import markdown_table
 
     FORMS.get(args.form)  # unknown form: one line listing the valid ones, before any work
+    check_replaceable(args.out, inputs=(args.checkpoint,))
     ensure_writable_dir(args.out)
     ckpt, inputs = _checkpoint_and_inputs(args.checkpoint, args.data_dir)
     new = _materialise(ckpt, inputs, args.form)

@@ -36,6 +36,51 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+# A folder holding one of these was written by prunelab (a run, a checkpoint, a materialised or
+# shrunk model, a one-shot/drop-layers output, a lottery round, a model cache): atomic_dir may replace it.
+RECORD_FILES: tuple[str, ...] = ("checkpoint.json", "results.json", "architecture.json", "materialised.json",
+                                 "report.json", "metrics.json", "config.json")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path, directory: bool) -> None:
+    """Give a mkstemp/mkdtemp path the mode a plain open()/mkdir() would have (they create 0600/0700)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def check_replaceable(path: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """Refuse an output folder whose replacement would destroy something, before any work is done.
+
+    ``path`` may be absent, empty, or a folder prunelab wrote (it holds one of
+    :data:`RECORD_FILES`).  It may not be a file, a folder of other things (``--out ~``), or
+    one of ``inputs`` (or a folder holding one): replacing the checkpoint being read would
+    delete it.
+    """
+    path = Path(path)
+    target = path.resolve()
+    for source in inputs:
+        source_path = Path(source).resolve()
+        if target == source_path or target in source_path.parents:
+            raise PrunelabError(
+                f"--out {str(path)!r} would replace the input {str(source)!r}; write to a new folder"
+            )
+    if path.is_file():
+        raise PrunelabError(f"output path {str(path)!r} is a file; choose a folder for --out")
+    if path.is_dir():
+        entries = sorted(p.name for p in path.iterdir())
+        if entries and not any(name in entries for name in RECORD_FILES):
+            raise PrunelabError(
+                f"refusing to replace {str(path)!r}: it holds {', '.join(entries[:3])}"
+                f"{' ...' if len(entries) > 3 else ''} and was not written by prunelab; choose a new or empty folder"
+            )
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path`` on success.
@@ -49,6 +94,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        if tmp.exists():
+            _publish_mode(tmp, directory=False)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -70,15 +117,20 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; it replaces ``path`` only on success.
 
     A previous ``path`` is moved aside and deleted after the swap, so readers see either
-    the old complete folder or the new complete one, never a half-written mix.
+    the old complete folder or the new complete one, never a half-written mix.  Only an
+    empty folder or one prunelab wrote is replaced (:func:`check_replaceable`, checked
+    before and again after the caller writes).
     """
     import shutil
 
     path = Path(path)
+    check_replaceable(path)
     ensure_writable_dir(path.parent if str(path.parent) else Path("."))
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        check_replaceable(path)
+        _publish_mode(tmp, directory=True)
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")

@@ -42,10 +42,16 @@ def load_sparse_folder(folder: Path) -> nn.Module:
     from prunelab.bench.models import build_model
     from prunelab.materialise import load_materialised
 
+    from prunelab.checkpoint import model_args
+
     try:
         meta = json.loads((folder / MATERIALISED_META).read_text())
         state = torch.load(folder / MATERIALISED_STATE, map_location="cpu", weights_only=True)
-    except (OSError, json.JSONDecodeError, RuntimeError) as exc:
-        raise PrunelabError(f"cannot read the sparse model in {str(folder)!r} ({exc}); re-create it with prunelab materialise") from None
-    skeleton = build_model(meta["model"], tuple(meta["input_shape"]), int(meta["num_classes"]))
+    except Exception as exc:  # noqa: BLE001 -- a damaged file raises anything from EOFError to UnpicklingError
+        raise PrunelabError(f"cannot read the sparse model in {str(folder)!r} ({type(exc).__name__}: {exc}); "
+                            "re-create it with prunelab materialise") from None
+    if not isinstance(state, dict):
+        raise PrunelabError(f"{folder / MATERIALISED_STATE} holds a {type(state).__name__}, not a state_dict; "
+                            "re-create it with prunelab materialise")
+    skeleton = build_model(*model_args(meta, folder / MATERIALISED_META))
     return load_materialised(skeleton, state)

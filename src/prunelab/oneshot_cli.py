@@ -195,6 +195,9 @@ def cmd_oneshot(args: argparse.Namespace) -> int:
     """Prune ``--model`` one-shot with ``--method`` and write ``--out`` (see the module docstring)."""
     spec = resolve_model(args.model)
     sparsity, pattern = _validate_args(args)
+    from prunelab.io import check_replaceable
+
+    check_replaceable(args.out, inputs=(spec.path,) if spec.path is not None else ())  # before loading anything
     exclude = tuple(args.exclude or ())
     from prunelab.oneshot import OneShotConfig, prune_oneshot
 

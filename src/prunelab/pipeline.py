@@ -25,7 +25,7 @@ from prunelab.checkpoint import save_checkpoint
 from prunelab.config import RunConfig
 from prunelab.criteria import CRITERIA, ScoreData, get_criterion
 from prunelab.criteria.slimming import SlimmingLoss
-from prunelab.io import atomic_dir, ensure_writable_dir, write_json, write_text
+from prunelab.io import atomic_dir, check_replaceable, ensure_writable_dir, write_json, write_text
 from prunelab.measure.counting import measure_model
 from prunelab.measure.tables import model_cost_table
 from prunelab.methods import FROM_SCRATCH, METHODS, PruneSpec
@@ -88,6 +88,7 @@ def run(config: RunConfig) -> dict[str, Any]:
     validate(config)
     out = config.out_dir()
     ensure_writable_dir(out.parent if str(out.parent) else Path("."))
+    check_replaceable(out)  # before training, not after
     started = time.perf_counter()
     seed_everything(config.seed)
     splits = load_dataset(config.dataset, config.data_dir, config.download)

@@ -441,9 +441,18 @@ def load_materialised(model: nn.Module, state_dict: Mapping[str, Any]) -> nn.Mod
         tensors = {k[len(prefix):]: v for k, v in state_dict.items()
                    if k.startswith(prefix) and "." not in k[len(prefix):] and isinstance(v, torch.Tensor)}
         bias = tensors.pop("bias", None)
-        module = cls(_empty_format(cls, state, tensors), bias, _unplain(state.get("config", {})))
+        try:
+            module = cls(_empty_format(cls, state, tensors), bias, _unplain(state.get("config", {})))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PrunelabError(f"the materialised entry for layer {layer!r} is damaged ({type(exc).__name__}: {exc}); "
+                                "re-create it with prunelab materialise") from None
         _set_submodule(new, layer, module)
-    new.load_state_dict(dict(state_dict), strict=True)
+    try:
+        new.load_state_dict(dict(state_dict), strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise PrunelabError(f"the materialised state_dict does not fit this architecture: {first}; pass the dense "
+                            "architecture it was materialised from") from None
     return new
 
 

@@ -65,6 +65,7 @@ class LayerCost:
     bias_params: int                # counted dense
     output_positions: int           # per sample: 1 for Linear on (B, C), T on (B, T, C), H_out*W_out for Conv2d
     reached: bool = True
+    shares_storage: bool = False    # its weight is an earlier layer's (tied): MACs count, storage does not
 
     @property
     def params(self) -> int:
@@ -138,20 +139,25 @@ class ModelCost:
     other_params: int = 0  # parameters outside Linear/Conv layers (norms, embeddings, ...), stored dense
 
     @property
+    def stored_layers(self) -> tuple[LayerCost, ...]:
+        """The layers that own their weight (a tied weight is stored, and counted, once)."""
+        return tuple(l for l in self.layers if not l.shares_storage)
+
+    @property
     def weight_params(self) -> int:
-        return sum(l.weight_params for l in self.layers)
+        return sum(l.weight_params for l in self.stored_layers)
 
     @property
     def weight_nonzeros(self) -> int:
-        return sum(l.weight_nonzeros for l in self.layers)
+        return sum(l.weight_nonzeros for l in self.stored_layers)
 
     @property
     def params(self) -> int:
-        return sum(l.params for l in self.layers) + self.other_params
+        return sum(l.params for l in self.stored_layers) + self.other_params
 
     @property
     def nonzeros(self) -> int:
-        return sum(l.nonzeros for l in self.layers) + self.other_params
+        return sum(l.nonzeros for l in self.stored_layers) + self.other_params
 
     @property
     def sparsity(self) -> float:
@@ -181,20 +187,20 @@ class ModelCost:
 
     @property
     def dense_bytes(self) -> int:
-        return sum(l.dense_bytes for l in self.layers) + self.other_bytes
+        return sum(l.dense_bytes for l in self.stored_layers) + self.other_bytes
 
     @property
     def csr_bytes(self) -> int:
-        return sum(l.csr_bytes for l in self.layers) + self.other_bytes
+        return sum(l.csr_bytes for l in self.stored_layers) + self.other_bytes
 
     @property
     def bitmap_bytes(self) -> int:
-        return sum(l.bitmap_bytes for l in self.layers) + self.other_bytes
+        return sum(l.bitmap_bytes for l in self.stored_layers) + self.other_bytes
 
     @property
     def best_sparse_bytes(self) -> int:
         """Each layer in the smaller of CSR and bitmap, other parameters dense."""
-        return sum(l.best_sparse_bytes for l in self.layers) + self.other_bytes
+        return sum(l.best_sparse_bytes for l in self.stored_layers) + self.other_bytes
 
     @property
     def compression_x(self) -> float:
@@ -314,12 +320,18 @@ def measure_model(
             module.training = training
 
     costs = []
+    tied_own_bias = 0
     measured_ids: set[int] = set()
     for name, module in layers.items():
         weight_name = f"{name}.weight" if name else "weight"
         weight = module.weight
         bias = getattr(module, "bias", None)
         bias_params = bias.numel() if isinstance(bias, torch.Tensor) else 0
+        tied = id(weight) in measured_ids
+        if tied and isinstance(bias, torch.Tensor) and id(bias) not in measured_ids:
+            other_bias = bias_params  # a tied weight with a bias of its own: the bias is stored
+        else:
+            other_bias = 0
         measured_ids.add(id(weight))
         if isinstance(bias, torch.Tensor):
             measured_ids.add(id(bias))
@@ -339,8 +351,10 @@ def measure_model(
             bias_params=bias_params,
             output_positions=total_positions // batch,
             reached=name in called,
+            shares_storage=tied,
         ))
-    other = sum(p.numel() for p in model.parameters() if id(p) not in measured_ids)
+        tied_own_bias += other_bias
+    other = sum(p.numel() for p in model.parameters() if id(p) not in measured_ids) + tied_own_bias
     return ModelCost(layers=tuple(costs), other_params=other)
 
 

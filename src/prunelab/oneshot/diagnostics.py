@@ -11,7 +11,7 @@ means Wanda is close to magnitude-per-row; tens to hundreds mean outlier feature
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -43,7 +43,7 @@ def input_norm_spread(model: nn.Module, calibration: Sequence[Any]) -> dict[str,
                 handles.append(module.register_forward_pre_hook(hook(name)))
         with eval_mode(model), torch.no_grad():
             for item in calibration:
-                model(**item) if isinstance(item, dict) else model(item)
+                model(**item) if isinstance(item, Mapping) else model(item)
     finally:
         for handle in handles:
             handle.remove()

@@ -62,7 +62,7 @@ import math
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,7 +150,14 @@ class OneShotConfig:
             raise PrunelabError(f"dampening must be a number >= 0 (a fraction of mean diag(H)), got {self.dampening!r}; e.g. 0.01")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
             raise PrunelabError(f"block_size must be a positive integer, got {self.block_size!r}; e.g. 128")
-        exclude = (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude)
+        if self.exclude is None:
+            exclude: tuple = ()
+        elif isinstance(self.exclude, str):
+            exclude = (self.exclude,)
+        elif isinstance(self.exclude, Iterable):
+            exclude = tuple(self.exclude)
+        else:
+            exclude = (self.exclude,)  # refused just below
         if not all(isinstance(p, str) for p in exclude):
             raise PrunelabError(f"exclude must be module-name globs (strings), got {self.exclude!r}; e.g. ('lm_head',)")
         object.__setattr__(self, "exclude", exclude)

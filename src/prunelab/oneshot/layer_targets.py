@@ -135,7 +135,8 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
         prefix = f"{best[0]}." if best[0] else ""
         return [(f"{prefix}{i}", child) for i, child in enumerate(best[1])]
     if isinstance(model, nn.Sequential) and len(model) > 0:
-        return list(model.named_children())
+        # not named_children(): it skips a module object used twice (a shared ReLU), and each use is a step
+        return [(name, child) for name, child in model._modules.items() if child is not None]
     return [("", model)]
 
 
@@ -145,10 +146,14 @@ def _excluded(name: str, patterns: Sequence[str]) -> bool:
 
 def block_targets(model: nn.Module, blocks: list[tuple[str, nn.Module]], exclude: Sequence[str]
              ) -> tuple[list[list[LayerTarget]], list[str]]:
-    """Per block, its prunable layers; and every Linear/Conv name that stays dense."""
+    """Per block, its prunable layers; and every Linear/Conv name that stays dense.
+
+    A layer object that appears in several blocks (a shared module) is pruned in the first only.
+    """
     per_block: list[list[LayerTarget]] = []
     inside: set[str] = set()
     dense: list[str] = []
+    seen: set[int] = set()
     for block_name, block in blocks:
         found = []
         for local, module in block.named_modules():
@@ -157,6 +162,9 @@ def block_targets(model: nn.Module, blocks: list[tuple[str, nn.Module]], exclude
             if kind is None:
                 continue
             inside.add(name)
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
             if isinstance(kind, LayerTarget) and not _excluded(name, exclude):
                 found.append(kind)
             else:

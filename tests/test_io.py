@@ -1,0 +1,82 @@
+"""Atomic writes never destroy what prunelab did not write, and publish files with the umask's mode."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from prunelab.bench.models import build_model
+from prunelab.checkpoint import save_checkpoint
+from prunelab.cli import main
+from prunelab.errors import PrunelabError
+from prunelab.io import atomic_dir, atomic_path, check_replaceable
+from prunelab.masks import MaskSet
+
+
+def test_check_replaceable_accepts_absent_empty_and_prunelab_folders(tmp_path):
+    assert check_replaceable(tmp_path / "new") == tmp_path / "new"
+    (tmp_path / "empty").mkdir()
+    check_replaceable(tmp_path / "empty")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text("{}")
+    (run / "extra.png").write_bytes(b"")
+    check_replaceable(run)
+
+
+def test_check_replaceable_refuses_foreign_folders_files_and_inputs(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    for name in ("a.txt", "b.txt", "c.txt", "d.txt"):
+        (home / name).write_text("precious")
+    with pytest.raises(PrunelabError, match=r"refusing to replace .*home.*: it holds a.txt, b.txt, c.txt \.\.\. and "
+                                            "was not written by prunelab"):
+        check_replaceable(home)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(PrunelabError, match="is a file"):
+        check_replaceable(tmp_path / "file")
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "checkpoint.json").write_text("{}")
+    with pytest.raises(PrunelabError, match="would replace the input"):
+        check_replaceable(checkpoint, inputs=(checkpoint,))
+    with pytest.raises(PrunelabError, match="would replace the input"):  # a folder holding the input
+        check_replaceable(tmp_path, inputs=(checkpoint,))
+
+
+def test_atomic_dir_leaves_a_foreign_folder_untouched(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "notes.txt").write_text("precious")
+    with pytest.raises(PrunelabError, match="not written by prunelab"):
+        with atomic_dir(target) as tmp:
+            (tmp / "results.json").write_text("{}")
+    assert sorted(os.listdir(target)) == ["notes.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left behind
+
+
+def test_atomic_writes_get_the_umask_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "folder") as tmp:
+            (tmp / "results.json").write_text("{}")
+        with atomic_path(tmp_path / "file.json") as tmp:
+            tmp.write_text("{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o755  # mkdtemp alone gives 0700
+    assert (tmp_path / "file.json").stat().st_mode & 0o777 == 0o644  # mkstemp alone gives 0600
+
+
+def test_materialise_refuses_to_overwrite_its_own_checkpoint(tmp_path, capsys):
+    model = build_model("digits_mlp", (64,), 10)
+    masks = MaskSet.from_model(model, [n for n, p in model.named_parameters() if p.dim() > 1])
+    checkpoint = tmp_path / "ckpt"
+    save_checkpoint(checkpoint, model, masks, {"model": "digits_mlp", "dataset": "digits", "input_shape": [64],
+                                               "num_classes": 10})
+    before = sorted(os.listdir(checkpoint))
+    assert main(["materialise", str(checkpoint), "--form", "csr", "--out", str(checkpoint)]) == 2
+    err = capsys.readouterr().err
+    assert "would replace the input" in err and len(err.strip().splitlines()) == 1
+    assert sorted(os.listdir(checkpoint)) == before
