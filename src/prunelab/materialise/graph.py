@@ -171,11 +171,13 @@ class Op:
     """One traced op the planner visits in graph order.
 
     ``kind``: linear, conv, depthwise, grouped, bn, attention, pointwise, identity, pool,
-    pool_zero (a zero-padded average pool: pruned constants must be 0), reshape, reduce,
-    cat, binary, barrier.  ``inputs``: the tensor operands (fx nodes) whose layouts
-    matter.  ``factor``: reshape / sum-reduce multiplier.  ``literal``: a reshape with a
-    fixed size at the channel dim.  ``zero_required``: a product with a tensor broadcast
-    over channels.
+    pool_zero (an average pool that pads with zeros or overrides its divisor: pruned
+    constants must be 0), reshape, reduce, cat, binary, barrier.  ``inputs``: the tensor
+    operands (fx nodes) whose layouts matter.  ``factor``: reshape multiplier.
+    ``literal``: a reshape with a fixed size at the channel dim.  ``zero_required``: pruned
+    constants must be 0 -- a product with a tensor broadcast over channels, or a ``sum``
+    (its value ``c * n`` depends on the summed length ``n`` of the actual input, not the
+    example's).  ``site``: where and by which op a sum reduces, for messages.
     """
 
     node: fx.Node
@@ -187,6 +189,7 @@ class Op:
     literal: bool = False
     zero_required: bool = False
     heads: int | None = None  # attention units: the heads' channel space
+    site: str = ""
 
 
 @dataclass
@@ -249,6 +252,27 @@ def zero_padded(conv_or_pool: nn.Module) -> bool:
     if padding == "same":
         return any(k > 1 for k in conv_or_pool.kernel_size)
     return any(p > 0 for p in (padding if isinstance(padding, tuple) else (padding,)))
+
+
+def averages_exactly(node_or_pool: fx.Node | nn.Module) -> bool:
+    """True when an average pool maps a constant channel to the same constant everywhere.
+
+    Holds unless it pads with zeros that count in the divisor (``count_include_pad``) or
+    sets ``divisor_override``.  Takes an ``nn.AvgPool*`` or an fx node calling
+    ``F.avg_pool*(input, kernel_size, stride, padding, ceil_mode, count_include_pad,
+    divisor_override)``; a non-literal argument counts as padded.
+    """
+    if isinstance(node_or_pool, nn.Module):
+        pool = node_or_pool
+        return getattr(pool, "divisor_override", None) is None and not (pool.count_include_pad and zero_padded(pool))
+
+    def arg(index: int, key: str, default: Any) -> Any:
+        return node_or_pool.args[index] if len(node_or_pool.args) > index else node_or_pool.kwargs.get(key, default)
+
+    padding, include, divisor = arg(3, "padding", 0), arg(5, "count_include_pad", True), arg(6, "divisor_override", None)
+    pads = padding if isinstance(padding, (tuple, list)) else (padding,)
+    unpadded = all(isinstance(p, int) and not isinstance(p, bool) and p == 0 for p in pads)
+    return divisor is None and (unpadded or include is False)
 
 
 def describe_target(node: fx.Node, gm: fx.GraphModule) -> str:
@@ -374,6 +398,8 @@ class _Builder:
     def __init__(self, gm: fx.GraphModule, opaque: dict[str, str], scopes: dict[str, str]) -> None:
         self.gm = gm
         self.g = ChannelGraph(gm, [], [], [], {}, [], opaque, Counter(), {}, scopes)
+        self.heads: dict[str, int] = {}  # attention unit FQN -> its heads' space
+        self.tied: dict[str, Layout] = {}  # BatchNorm / depthwise FQN -> the channels of its first call
 
     # spaces and pins
     def new_space(self, size: int, label: str, owners: list[Owner]) -> int:
@@ -391,6 +417,25 @@ class _Builder:
         spaces = tuple(s for lay in layouts if lay is not None for s in lay.spaces())
         if spaces:
             self.g.pins.append(Pin(spaces, kind, what))
+
+    def tie(self, name: str, lay: Layout) -> None:
+        """A BatchNorm / depthwise conv cuts its own rows as its channels are cut: one set for all its calls.
+
+        Called again, channel ``i`` of this call and of the first are coupled (their spaces
+        united); channels without a space (uncuttable) pin the other call's whole.
+        """
+        first = self.tied.setdefault(name, lay)
+        if first is lay:
+            return
+        if not first.same_structure(lay):
+            what = f"module '{name}' is called more than once on channels laid out differently"
+            self.pin([first, lay], "op", f"{what}: its channels cannot be cut for every call")
+            return
+        for a, b in zip(first.segments, lay.segments):
+            if a.space is not None and b.space is not None:
+                self.g.union(a.space, b.space)
+            elif a.space is not None or b.space is not None:
+                self.pin([Layout(1, (a, b))], "fixed", f"module '{name}' is also called on channels that cannot be cut")
 
     def where(self, node: fx.Node) -> str:
         scope = self.g.scopes.get(node.name, "")
@@ -461,8 +506,10 @@ class _Builder:
         elif isinstance(module, BN_TYPES):
             if lay is not None and lay.dim != 1:
                 self.barrier(node, "the pruned channels are not its normalised features")
+                lay = None
             else:
                 self.emit(node, "bn", [x], lay)
+            self.tie(name, lay or Layout(1, (Segment(None, module.num_features),)))
         elif isinstance(module, POINTWISE_MODULES):
             self.emit(node, "pointwise", [x], lay)
         elif isinstance(module, IDENTITY_MODULES):
@@ -471,7 +518,7 @@ class _Builder:
             if lay is not None and lay.dim != 1 or getattr(module, "return_indices", False):
                 self.barrier(node)
             else:
-                padded = isinstance(module, AVGPOOL_MODULES) and module.count_include_pad and zero_padded(module)
+                padded = isinstance(module, AVGPOOL_MODULES) and not averages_exactly(module)
                 self.emit(node, "pool_zero" if padded else "pool", [x], lay)
         elif isinstance(module, nn.Flatten):
             self.visit_reshape(node, x, literal=False)
@@ -486,19 +533,8 @@ class _Builder:
         if conv.groups == 1:
             space = self.producer(name, conv.out_channels)
             self.emit(node, "conv", [x] if lay is not None else [], Layout(1, (Segment(space, conv.out_channels),)))
-        elif is_depthwise(conv) and lay is not None:
-            # depthwise: output channel o reads only input channel o -- both are cut together;
-            # the conv's own mask (if any) joins each input space it covers.
-            offset = 0
-            for seg in lay.segments:
-                if seg.space is not None:
-                    self.g.spaces[seg.space].owners.append(Owner(f"{name}.weight", offset, 1, required=False))
-                offset += seg.size
-            self.g.accounted.add(f"{name}.weight")
-            self.emit(node, "depthwise", [x], lay)
         elif is_depthwise(conv):
-            space = self.producer(name, conv.out_channels)
-            self.emit(node, "depthwise", [], Layout(1, (Segment(space, conv.out_channels),)))
+            self.visit_depthwise(node, conv, x, lay)
         else:
             what = f"grouped conv '{name}' (groups={conv.groups})"
             self.pin([lay], "op", f"{what}: cutting channels of a grouped convolution is not supported")
@@ -506,6 +542,37 @@ class _Builder:
             out = Layout(1, (Segment(space, conv.out_channels),))
             self.pin([out], "op", f"{what}: cutting channels of a grouped convolution is not supported")
             self.emit(node, "grouped", [x], out)
+
+    def visit_depthwise(self, node: fx.Node, conv: nn.Module, x: fx.Node, lay: Layout | None) -> None:
+        """Depthwise: output channel o reads only input channel o -- both are cut together.
+
+        The conv's own mask (if any) joins each input space it covers.  Input channels that
+        cannot be cut (the model input, the output of a barrier) keep the conv's rows that
+        read them: they get a space of their own, pinned whole, so the plan notes the mask
+        it cannot honour instead of building a conv that no longer matches its input.
+        """
+        name = node.target
+        readable = lay is not None
+        if lay is None:
+            lay = Layout(1, (Segment(None, conv.in_channels),))
+        offset, segments = 0, []
+        for seg in lay.segments:
+            owner = Owner(f"{name}.weight", offset, 1, required=False)
+            if seg.space is None:
+                space = self.new_space(seg.size, f"{name}[{offset}:{offset + seg.size}]", [owner])
+                seg = Segment(space, seg.size)
+                self.pin([Layout(1, (seg,))], "fixed",
+                         f"depthwise conv '{name}' channels {offset}..{offset + seg.size - 1} read input channels that "
+                         "cannot be cut (the model input or the output of an op shrink does not model), so its rows "
+                         "for them stay (as zeros)")
+            else:
+                self.g.spaces[seg.space].owners.append(owner)
+            segments.append(seg)
+            offset += seg.size
+        self.g.accounted.add(f"{name}.weight")
+        out = Layout(1, tuple(segments))
+        self.tie(name, out)
+        self.emit(node, "depthwise", [x] if readable else [], out)
 
     def visit_attention(self, node: fx.Node, attn: nn.Module, x: fx.Node | None, lay: Layout | None, rank: int) -> None:
         name = node.target
@@ -516,7 +583,9 @@ class _Builder:
             lay = None
         head_dim = attn.q_proj.out_features // attn.num_heads
         owners = [Owner(f"{name}.{p}.weight", 0, head_dim) for p in ("q_proj", "k_proj", "v_proj")]
-        heads = self.new_space(attn.num_heads, f"{name} heads", owners)
+        if name not in self.heads:  # one heads space per unit, however often it is called
+            self.heads[name] = self.new_space(attn.num_heads, f"{name} heads", owners)
+        heads = self.heads[name]
         self.g.accounted.update(o.param for o in owners)
         out_space = self.producer(f"{name}.out_proj", attn.out_proj.out_features)
         out = Layout(rank - 1, (Segment(out_space, attn.out_proj.out_features),))
@@ -540,7 +609,8 @@ class _Builder:
             if lay is not None and lay.dim != 1 or node.kwargs.get("return_indices"):
                 self.barrier(node)
             else:
-                self.emit(node, "pool_zero" if fn in AVGPOOL_FUNCTIONS else "pool", [x], lay)
+                padded = fn in AVGPOOL_FUNCTIONS and not averages_exactly(node)
+                self.emit(node, "pool_zero" if padded else "pool", [x], lay)
         elif fn is torch.flatten or fn is torch.reshape:
             self.visit_reshape(node, x, literal=fn is torch.reshape)
         elif fn in REDUCE_FUNCTIONS:
@@ -669,8 +739,10 @@ class _Builder:
             self.barrier(node, "the reduction covers the pruned channel dim")
             return
         new_dim = lay.dim if keepdim else lay.dim - sum(d < lay.dim for d in dims)
-        factor = math.prod(self.shape(x)[d] for d in dims) if how == "sum" else 1
-        self.emit(node, "reduce", [x], lay.moved(new_dim), factor=factor)
+        # mean / max of a constant is that constant; a sum is c * (summed length), which the
+        # example input fixes but another input need not share: its constants must be 0.
+        self.emit(node, "reduce", [x], lay.moved(new_dim), zero_required=how == "sum",
+                  site=f"over dim(s) {tuple(sorted(dims))} by {self.where(node)}")
 
 
 def build_graph(model: nn.Module, example_input: Any) -> ChannelGraph:

@@ -10,9 +10,11 @@ how many channels stay) and every problem, naming op, node and module.
 Coupling (see :mod:`prunelab.materialise.graph`): Linear -> act -> Linear, Conv -> BN ->
 act/pool -> Conv, flatten -> Linear (columns ``c*H*W .. (c+1)*H*W``), ``torch.cat``
 along channels (offsets per input), residual ``+`` / ``*`` (one channel set for all
-operands), depthwise convs (input and output channel ``o`` cut together) and attention
-units with ``q_proj/k_proj/v_proj/out_proj`` + ``num_heads`` (whole heads; ``num_heads``
-is updated).
+operands), depthwise convs (input and output channel ``o`` cut together; rows reading
+channels that cannot be cut -- the model input, a barrier's output -- are kept, and the
+plan notes it) and attention units with ``q_proj/k_proj/v_proj/out_proj`` +
+``num_heads`` (whole heads; ``num_heads`` is updated).  A BatchNorm or depthwise conv
+called more than once couples the channels of all its calls (one set of rows to cut).
 
 Residual groups keep the **union**: a channel is removed only if *every* member's mask
 prunes it (a member without a mask keeps all its channels).  A producer whose mask prunes
@@ -34,8 +36,10 @@ result is exact, not merely close:
   sum to one), folded into ``out_proj``'s bias the same way.
 
 Where a constant cannot be folded exactly -- a zero-padded conv (border pixels see only
-part of the kernel), a zero-padded average pool, a product with a tensor broadcast over
-channels -- the plan reports a problem unless the constant is 0.  Make it 0 with
+part of the kernel), an average pool counting zero padding or with ``divisor_override``,
+a product with a tensor broadcast over channels, a ``sum`` over positions (``c * n``
+depends on the actual input's length ``n``, not the example's) -- the plan reports a
+problem unless the constant is 0.  Make it 0 with
 :func:`silence_pruned_channels_` (zeroes the pruned channels' bias and BatchNorm
 scale/shift in place: the model changes, so re-check accuracy) -- the usual
 Conv -> BN -> ReLU -> padded Conv case of ResNets needs that.  Folding uses running
@@ -44,9 +48,10 @@ batch statistics.
 
 Unsupported (reported by the dry run, never silently wrong): nn.MultiheadAttention,
 grouped convolutions other than depthwise, LayerNorm/GroupNorm/softmax over channels,
-transposes/permutes/slicing/split of pruned channels, layers called more than once
-with pruned inputs, submodules torch.fx cannot trace (kept whole; pruning that reaches
-them is reported), and pruning the rows of a layer whose output is a model output.
+transposes/permutes/slicing/split of pruned channels, layers and attention units called
+more than once with pruned inputs, submodules torch.fx cannot trace (kept whole; pruning
+that reaches them is reported), and pruning the rows of a layer whose output is a model
+output.
 The original model is never modified: the shrink works on a deep copy.
 """
 
@@ -347,7 +352,7 @@ class _Planner:
         elif kind in ("identity", "pool"):
             self.const[node.name] = self.const_of(x)
         elif kind == "pool_zero":
-            self.require_zero(op, x, "reach a zero-padded average pool")
+            self.require_zero(op, x, "reach an average pool that pads with zeros or overrides its divisor")
             self.const[node.name] = self.const_of(x)
         elif kind == "reshape":
             if op.literal and not self.keep_positions(out).all():
@@ -356,7 +361,9 @@ class _Planner:
                                    "or exclude those layers from pruning")
             self.const[node.name] = self.const_of(x).repeat_interleave(op.factor)
         elif kind == "reduce":
-            self.const[node.name] = self.const_of(x) * op.factor
+            if op.zero_required:
+                self.require_sum_zero(op, x)
+            self.const[node.name] = self.const_of(x)  # mean / max of a constant; a sum's is 0 (or reported)
         elif kind == "cat":
             self.const[node.name] = torch.cat([
                 self.const_of(p) if self.g.layout(p) is not None
@@ -376,6 +383,17 @@ class _Planner:
             self.problem("constant", f"pruned channels of {self.layout_culprits(layout)} {what} at node '{op.node.name}' "
                                      f"with nonzero constant value (up to {float(c.abs().max()):.3g}); call "
                                      "silence_pruned_channels_(model, masks, example_input) first or exclude those layers from pruning")
+
+    def require_sum_zero(self, op: Op, x: fx.Node) -> None:
+        """A sum of a pruned constant ``c`` over ``n`` positions is ``c * n``: no bias absorbs it for every ``n``."""
+        layout = self.g.layout(x)
+        c = self.const_of(x)[~self.keep_positions(layout)]
+        if (c != 0).any():
+            self.problem("constant", f"pruned channels of {self.layout_culprits(layout)} are summed {op.site} with "
+                                     f"nonzero constant value (up to {float(c.abs().max()):.3g}); the sum grows with the "
+                                     "input's size, so no bias absorbs it for every size -- call silence_pruned_channels_"
+                                     "(model, masks, example_input) first, use mean() instead, or exclude those layers "
+                                     "from pruning")
 
     def evaluate(self, op: Op) -> torch.Tensor:
         """Apply a pointwise / binary op to the constant vectors of its operands."""
@@ -439,13 +457,26 @@ class _Planner:
             self.const[op.node.name] = shift.clone()
 
     def visit_attention(self, op: Op, name: str, x: fx.Node | None) -> None:
+        """Cut an attention unit's inputs, whole heads and outputs.
+
+        Its projections are called inside the unit (not counted as calls of their own), so
+        a unit called more than once is checked here: its removed input constants would be
+        folded into the q/k/v biases once per call, as for a shared layer.  The heads are
+        cut (and their value bias folded into ``out_proj``) once per unit.
+        """
         attn = self.module(name)
+        calls = self.g.calls[name]
         if x is not None:
+            layout = self.g.layout(x)
+            if calls > 1 and not self.keep_positions(layout).all():
+                self.problem("shared", f"attention unit {name!r} is called {calls} times in forward and its input "
+                                       f"channels are pruned by {self.layout_culprits(layout)}; a shared unit cannot be "
+                                       "shrunk -- exclude the layers feeding it from pruning")
             for proj in ("q_proj", "k_proj", "v_proj"):
                 self.fold_input(op, f"{name}.{proj}")
         heads = self.keep[self.g.find(op.heads)]
         head_dim = attn.q_proj.out_features // attn.num_heads
-        if not heads.all():
+        if not heads.all() and self.cut(name).heads is None:
             cols = heads.repeat_interleave(head_dim)
             for proj in ("q_proj", "k_proj", "v_proj"):
                 self.set_rows(f"{name}.{proj}", cols)
@@ -484,8 +515,10 @@ class _Planner:
             elif op.kind == "bn":
                 add(op.output, f"{name} (weight, bias, running_mean, running_var)")
             elif op.kind == "attention":
-                members.setdefault(self.g.find(op.heads), []).append(
-                    f"{name} heads: q_proj/k_proj/v_proj rows, out_proj inputs, num_heads")
+                entries = members.setdefault(self.g.find(op.heads), [])
+                label = f"{name} heads: q_proj/k_proj/v_proj rows, out_proj inputs, num_heads"
+                if label not in entries:
+                    entries.append(label)
                 if x is not None:
                     add(self.g.layout(x), f"{name}.q_proj/k_proj/v_proj.weight inputs")
                 add(op.output, f"{name}.out_proj.weight rows", ranged=False)
