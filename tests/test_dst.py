@@ -126,7 +126,8 @@ def test_rigl_grows_exactly_the_largest_grad_zero_weights():
     assert torch.all(weight[expected & ~mask] == 0)  # grown weights start at zero
 
 
-def test_rigl_never_regrows_just_dropped_weight():
+def test_rigl_regrows_a_just_dropped_weight_from_zero():
+    # RigL eq. 2: I_grow = ArgTopK over i not in (theta \ I_drop) -- the dropped position is a candidate again
     model = nn.Sequential(nn.Linear(4, 1, bias=False))
     sparsifier = RigL(model, 0.5).prepare()
     sparsifier.set_masks({"0.weight": torch.tensor([[True, True, False, False]])})
@@ -134,7 +135,12 @@ def test_rigl_never_regrows_just_dropped_weight():
         model[0].weight.copy_(torch.tensor([[0.01, 0.9, 0.0, 0.0]]))
     model[0].weight.grad = torch.tensor([[100.0, 0.0, 0.1, 0.2]])  # the dropped weight has the largest gradient
     new = sparsifier.rewire(0.5)["0.weight"]
-    assert new.tolist() == [[False, True, False, True]]
+    assert new.tolist() == [[True, True, False, False]]
+    assert model[0].weight.detach().tolist() == [[0.0, pytest.approx(0.9), 0.0, 0.0]]  # regrown: restarts at zero
+    model[0].weight.grad = torch.tensor([[0.0, 0.0, 0.1, 0.2]])
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[0.01, 0.9, 0.0, 0.0]]))
+    assert sparsifier.rewire(0.5)["0.weight"].tolist() == [[False, True, False, True]]  # else the largest zero
 
 
 def test_grown_weights_and_optimizer_state_start_at_zero():
@@ -261,6 +267,7 @@ def test_snfs_redistributes_by_mean_momentum():
     sparsifier.enforce()
     # momentum: layer 0's kept weights average 3, layer 1's average 1 -> 3/4 and 1/4 of the regrowth
     m0 = torch.full((4, 4), 3.0)
+    m0[0], m0[1] = 0.0, 6.0  # the row that will be dropped has no momentum, so it is not regrown
     m0[2:] = torch.arange(1.0, 9.0).view(2, 4)  # candidates ranked by |momentum|
     m1 = torch.ones(4, 4)
     m1[2:] = torch.arange(8.0, 0.0, -1.0).view(2, 4)

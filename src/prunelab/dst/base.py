@@ -13,9 +13,11 @@ One update (:meth:`DynamicSparsifier.rewire`), with ``M`` the mask before it:
 
 1. **drop** ``d_l`` kept weights per layer with the lowest *drop score* (``|w|`` for every
    method here), ``d_l = round(f * |M_l|)`` unless the method says otherwise (DSR);
-2. **grow** ``g_l`` weights among the positions that were zero *before* the drop
-   (``~M_l``, so a connection just dropped is never regrown in the same update, as in
-   RigL), those with the highest *grow score* (random, ``|dL/dw|`` or ``|momentum|``);
+2. **grow** ``g_l`` weights among the positions that are zero *after* the drop -- RigL's
+   ``i not in theta_l minus I_drop`` (eq. 2), also the candidate set of SET, DSR and SNFS's
+   reference code -- those with the highest *grow score* (random, ``|dL/dw|`` or
+   ``|momentum|``); a connection just dropped can be regrown, and then restarts like any
+   grown one;
    ``g_l = d_l`` keeps every layer's count (SET, RigL), DSR/SNFS reallocate
    ``sum_l d_l`` across layers;
 3. grown weights start at zero (or at a fresh draw, SET) and their optimizer state
@@ -238,7 +240,7 @@ class DynamicSparsifier(Sparsifier):
             grown[name] = torch.zeros_like(old[name])
             if grow[name] > 0:
                 score = self._reduced(self.grow_scores(name, param, generator))
-                score = torch.where(old[name], torch.full_like(score, -math.inf), score)  # zero before the drop only
+                score = torch.where(survivors[name], torch.full_like(score, -math.inf), score)  # zero after the drop
                 grown[name] = select_top_k(score, grow[name]).view(param.shape)
         self.masks = MaskSet({n: survivors[n] | grown[n] for n in self.params})
         self._start_grown(grown, generator)
@@ -259,12 +261,8 @@ class DynamicSparsifier(Sparsifier):
         raise NotImplementedError
 
     def drop_counts(self, fraction: float, old: Mapping[str, torch.Tensor]) -> dict[str, int]:
-        """``d_l = round(f * |M_l|)``, at most the layer's zeros so the same number can regrow."""
-        counts = {}
-        for name, mask in old.items():
-            kept = int(mask.sum())
-            counts[name] = min(_round_half_up(fraction * kept), mask.numel() - kept)
-        return counts
+        """``d_l = round(f * |M_l|)`` (the dropped positions are candidates again, so ``d_l`` can always regrow)."""
+        return {name: _round_half_up(fraction * int(mask.sum())) for name, mask in old.items()}
 
     def grow_counts(self, drop: Mapping[str, int], old: Mapping[str, torch.Tensor],
                     survivors: Mapping[str, torch.Tensor]) -> dict[str, int]:
@@ -355,7 +353,7 @@ class ReallocatingSparsifier(DynamicSparsifier):
     """DST whose growth is split across layers by :meth:`layer_shares` (DSR, SNFS).
 
     Drops are capped so every layer keeps at least ``max(1, min_keep)`` weights and can
-    regrow what it dropped; growth room per layer is ``min(zeros before the drop,
+    regrow what it dropped; growth room per layer is ``min(zeros after the drop,
     max_keep - survivors)``.  Fixed-sparsity / dense layers regrow exactly what they
     dropped; the rest of ``sum_l d_l`` goes to the others by :func:`proportional_counts`,
     so the global count is exact.
@@ -365,7 +363,7 @@ class ReallocatingSparsifier(DynamicSparsifier):
         kept = int(mask.sum())
         low, high = self.keep_limits[name]
         floor = 1 if low == high else max(low, 1)  # a fixed layer regrows exactly what it drops
-        return max(min(want, kept - floor, mask.numel() - kept), 0)
+        return max(min(want, kept - floor), 0)
 
     def layer_shares(self, old: Mapping[str, torch.Tensor], survivors: Mapping[str, torch.Tensor]) -> dict[str, float]:
         raise NotImplementedError
@@ -375,8 +373,7 @@ class ReallocatingSparsifier(DynamicSparsifier):
         fixed = [n for n in self.params if self.keep_limits[n][0] == self.keep_limits[n][1]]
         counts = {n: drop[n] for n in fixed}
         free = [n for n in self.params if n not in counts]
-        capacity = {n: min(old[n].numel() - int(old[n].sum()), self.keep_limits[n][1] - int(survivors[n].sum()))
-                    for n in free}
+        capacity = {n: min(old[n].numel(), self.keep_limits[n][1]) - int(survivors[n].sum()) for n in free}
         shares = self.layer_shares(old, survivors)
         counts.update(proportional_counts(sum(drop[n] for n in free), {n: shares[n] for n in free}, capacity))
         return counts
