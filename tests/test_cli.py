@@ -93,6 +93,9 @@ BAD = {
     "sparsity": (["--sparsity", "1.5"], r"\[0, 1\)"),
     "nm-not-dividing": (["--granularity", "3:5"], "does not divide"),
     "nm-n-ge-m": (["--granularity", "4:4"], "N < M"),
+    "nm-n-zero": (["--granularity", "0:4"], r"1 <= N < M, got 0:4"),
+    "nm-other-sparsity": (["--granularity", "2:4", "--method", "oneshot", "--sparsity", "0.9"],
+                          r"N:M fixes the sparsity at 1 - N/M = 0.5 for 2:4, but sparsity 0.9"),
     "unknown-criterion": (["--criterion", "magnitud"], "valid names: "),
     "unknown-model": (["--model", "resnet9000"], "valid names: "),
     "missing-data": (["--dataset", "mnist", "--data-dir", "/nonexistent/prunelab"], "PRUNELAB_DATA|--data-dir|download"),
@@ -221,3 +224,20 @@ def test_bench_latency_pooling_auto_reports_the_dense_pools(cli, pruned_run):
 def test_bench_latency_bad_input_is_one_line(cli, pruned_run, extra, message):
     code, _, err = cli("bench-latency", str(pruned_run), *extra)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_nm_granularity_without_sparsity_targets_one_minus_n_over_m(cli, tmp_path):
+    out = tmp_path / "nm"
+    code, _, err = cli("prune", *FAST, "--method", "oneshot", "--granularity", "2:4", "--out", str(out))
+    assert code == 0, err
+    record = json.loads((out / "results.json").read_text())
+    assert record["config"]["sparsity"] == 0.5
+    assert record["target_sparsity"] == 0.5 and record["achieved_sparsity"] == 0.5
+
+
+def test_sparsity_help_names_the_nm_default():
+    from prunelab.cli import build_parser
+
+    prune = build_parser()._subparsers._group_actions[0].choices["prune"]
+    text = " ".join(prune.format_help().split())
+    assert "(default 0.9; with an N:M --granularity, 1 - N/M)" in text

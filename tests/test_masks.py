@@ -85,3 +85,18 @@ def test_from_model_reads_zeros_and_fingerprint_changes():
     assert read.equal(masks)
     flipped = MaskSet({**dict(masks), "2.weight": ~masks["2.weight"]})
     assert flipped.fingerprint() != masks.fingerprint()
+
+
+def test_rank_check_tensor_follows_the_mask_device(monkeypatch):
+    masks = hand_masks()
+    digits = [int(c, 16) for c in masks.fingerprint()[:16]]
+    assert masks.collective_device("gloo") == torch.device("cpu")
+    assert masks.fingerprint_tensor(masks.collective_device("gloo")).tolist() == digits
+    assert masks.fingerprint_tensor().dtype == torch.int64
+    meta = MaskSet({"w": torch.ones(3, 4, dtype=torch.bool, device="meta")})
+    assert meta.collective_device("gloo") == torch.device("meta")  # a CUDA mask set gives its CUDA device
+    assert masks.fingerprint_tensor("meta").device == torch.device("meta")
+    assert MaskSet({}).collective_device(None) == torch.device("cpu")
+    # NCCL moves CUDA tensors only: the current CUDA device, even for CPU masks
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert masks.collective_device("nccl") == torch.device("cuda", 3)

@@ -71,3 +71,31 @@ def test_gradual_needs_room(digits):
     _, train_loader, test_loader = digits
     with pytest.raises(PrunelabError, match="train longer"):
         run_gradual(trained_mlp(digits), train_loader, test_loader, PruneSpec(num_updates=500), CONFIG)
+
+
+@pytest.mark.parametrize("end_fraction, last_step", [(1.0, 100), (0.75, 70)])
+def test_gradual_reaches_the_target_within_the_run(end_fraction, last_step):
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(100, 10), torch.randint(0, 2, (100,)))
+    loader = DataLoader(data, batch_size=10, shuffle=True)  # 10 batches x 10 epochs = 100 steps
+    model = nn.Sequential(nn.Linear(10, 200), nn.ReLU(), nn.Linear(200, 2))  # 2400 weights
+    spec = PruneSpec(sparsity=0.9, num_updates=10, end_fraction=end_fraction, finetune_epochs=0)
+    config = TrainConfig(epochs=10, batch_size=10, optimizer="sgd", lr=0.01, progress=False)
+    result = run_gradual(model, loader, loader, spec, config)
+    assert result.history[-1]["step"] == last_step and result.history[-1]["target_sparsity"] == 0.9
+    assert result.masks.stats().kept == 240  # achieved == target: 1 - 240 / 2400 = 0.9
+    assert result.masks.stats().sparsity == 1 - 240 / 2400
+
+
+def test_gradual_refuses_nm_before_training(digits):
+    from prunelab.errors import PrunelabError
+
+    _, train_loader, test_loader = digits
+    model = trained_mlp(digits)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(PrunelabError, match="N:M pattern \\(2:4\\) fixes it at 1 - N/M; use --method oneshot"):
+        run_gradual(model, train_loader, test_loader, PruneSpec(sparsity=0.5, granularity="2:4"), CONFIG)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -6,7 +6,7 @@ from torch import nn
 
 from prunelab import LayerRules, MaskSet, Sparsifier
 from prunelab.errors import PrunelabError
-from prunelab.schedules import Cubic
+from prunelab.schedules import Cubic, OneShot
 
 
 def mlp(seed=0):
@@ -192,3 +192,65 @@ def test_dense_first_layer_need_not_fit_nm():
     sparsifier = Sparsifier(model, granularity="2:4", rules=LayerRules(keep_first="dense")).prepare()
     masks = sparsifier.update(0.5)
     assert masks["0.weight"].all() and masks["2.weight"].reshape(-1, 4).sum(1).eq(2).all()
+
+
+def test_oneshot_at_step_zero_prunes_at_prepare():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 2))  # 120 weights
+    sparsifier = Sparsifier(model, schedule=OneShot(0.9)).prepare(None)
+    assert sparsifier.history == [{"step": 0, "target_sparsity": 0.9, "achieved_sparsity": 1 - 12 / 120}]
+    sparsifier.prepare(None)  # a second prepare at step 0 does not prune again
+    for _ in range(5):
+        sparsifier.step()
+    assert [h["step"] for h in sparsifier.history] == [0]
+    assert sparsifier.masks.stats().kept == 12
+    assert int(model[0].weight.count_nonzero() + model[1].weight.count_nonzero()) == 12
+
+
+def test_schedule_step_numbers_unchanged_after_step_zero():
+    model = mlp()
+    sparsifier = Sparsifier(model, schedule=OneShot(0.5, at_step=2)).prepare(None)
+    assert sparsifier.history == []
+    for _ in range(4):
+        sparsifier.step()
+    assert [h["step"] for h in sparsifier.history] == [2]  # the 2nd step() call, as before
+
+
+def test_cubic_initial_sparsity_at_start_step_zero():
+    model = mlp()  # 512 + 1024 + 128 = 1664 weights
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    schedule = Cubic(0.9, initial_sparsity=0.5, start_step=0, num_updates=2, frequency=3)
+    sparsifier = Sparsifier(model, schedule=schedule).prepare(optimizer)
+    assert sparsifier.history[0]["step"] == 0 and sparsifier.history[0]["target_sparsity"] == 0.5
+    assert sparsifier.masks.stats().kept == 832
+    train_steps(model, optimizer, sparsifier, steps=8)
+    assert [h["step"] for h in sparsifier.history] == [0, 3, 6]
+    assert [h["target_sparsity"] for h in sparsifier.history] == [schedule.sparsity_at(t) for t in (0, 3, 6)]
+    assert sparsifier.masks.stats().kept == round(0.1 * 1664)
+
+
+def test_nm_refuses_another_sparsity():
+    sparsifier = Sparsifier(mlp(), granularity="2:4").prepare()
+    with pytest.raises(PrunelabError, match=r"N:M fixes the sparsity at 1 - N/M = 0.5 for 2:4, but sparsity 0.9") as info:
+        sparsifier.update(0.9)
+    assert "\n" not in str(info.value)
+    assert sparsifier.masks.stats().kept == 1664  # nothing pruned
+    with pytest.raises(PrunelabError, match="N:M fixes the sparsity"):
+        Sparsifier(mlp(), granularity="1:4").prepare().update(0.5)
+    assert Sparsifier(mlp(), granularity="1:4").prepare().update(0.75).stats().kept == 416
+
+
+def test_nm_target_is_per_pattern_not_overall():
+    # the dense last layer lowers the overall sparsity below 0.5; the pattern target is still 0.5
+    sparsifier = Sparsifier(mlp(), granularity="2:4", rules=LayerRules(keep_last="dense")).prepare()
+    sparsifier.update(0.5)
+    sparsifier.update(0.5)  # again, now that the model's overall sparsity is 768 / 1664
+    assert sparsifier.masks.stats().kept == 256 + 512 + 128
+    assert sparsifier.history[-1]["achieved_sparsity"] == 768 / 1664
+
+
+def test_nm_with_a_schedule():
+    sparsifier = Sparsifier(mlp(), granularity="2:4", schedule=OneShot(0.5)).prepare()
+    assert sparsifier.masks.stats().kept == 832
+    with pytest.raises(PrunelabError, match="N:M fixes the sparsity"):
+        Sparsifier(mlp(), granularity="2:4", schedule=Cubic(0.5, initial_sparsity=0.1, start_step=0)).prepare()

@@ -92,6 +92,10 @@ def test_nm_parsing_and_errors():
         get_granularity("4:4")
     with pytest.raises(PrunelabError, match="N < M"):
         NM(5, 4)
+    for zero in (lambda: get_granularity("0:4"), lambda: NM(0, 4)):  # 0:4 would prune every weight
+        with pytest.raises(PrunelabError, match=r"N:M needs integers 1 <= N < M, got 0:4"):
+            zero()
+    assert NM(1, 4).sparsity == 0.75
     with pytest.raises(PrunelabError, match="does not divide"):
         NM(2, 4).check("conv1.weight", (20, 1, 5, 5))
     with pytest.raises(PrunelabError, match="does not divide"):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from prunelab import distributed
@@ -168,13 +169,27 @@ class MaskSet(Mapping[str, torch.Tensor]):
             digest.update(mask.numpy().tobytes())
         return digest.hexdigest()
 
+    def collective_device(self, backend: str | None = None) -> torch.device:
+        """Where a tensor broadcast about these masks must live for ``backend``.
+
+        NCCL only moves CUDA tensors, so under ``nccl`` it is the current CUDA device
+        (masks may be on the CPU, e.g. loaded from a file); otherwise the masks' own device
+        (the CPU for gloo runs and for an empty set).
+        """
+        if backend is not None and str(backend).lower() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        first = next(iter(self._masks.values()), None)
+        return first.device if first is not None else torch.device("cpu")
+
+    def fingerprint_tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """The first 16 hex digits of :meth:`fingerprint` as an int64 tensor ``(16,)`` on ``device``."""
+        return torch.tensor([int(c, 16) for c in self.fingerprint()[:16]], dtype=torch.int64, device=device)
+
     def verify_across_ranks(self) -> None:
         """Raise RuntimeError unless every rank holds bit-identical masks (DDP)."""
         if distributed.world_size() == 1:
             return
-        local = torch.tensor(
-            [int(c, 16) for c in self.fingerprint()[:16]], dtype=torch.int64
-        )
+        local = self.fingerprint_tensor(self.collective_device(dist.get_backend()))
         reference = distributed.broadcast_(local.clone())
         if not torch.equal(local, reference):
             raise RuntimeError(

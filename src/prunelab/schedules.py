@@ -3,7 +3,10 @@
 A schedule answers two questions for any step ``t`` -- is the mask updated at ``t``,
 and to what target sparsity -- without holding state, so a resumed run recomputes
 exactly the same targets.  What a "step" is depends on the method driving it:
-optimizer steps for ``gradual``, pruning rounds for ``iterative``.
+optimizer steps for ``gradual``, pruning rounds for ``iterative``.  Driven by a
+:class:`~prunelab.sparsifier.Sparsifier`, step ``t`` is the state after ``t`` optimizer
+steps: step 0 (before training) is applied by ``prepare()``, the ``t``-th ``step()``
+applies step ``t``.
 """
 
 from __future__ import annotations

@@ -9,6 +9,11 @@ Use it like an optimizer companion in any training loop::
         sparsifier.step()              # updates masks when the schedule says, keeps zeros zero
     masks = sparsifier.finalize()      # a MaskSet; the model holds real zeros
 
+Step numbering: schedule step ``t`` is the state after ``t`` optimizer steps.  Step 0 --
+before any training -- is applied by ``prepare()`` (so ``OneShot(s)`` prunes at once and
+``Cubic(s_f, initial_sparsity=s_i, start_step=0)`` starts at ``s_i``); the ``t``-th call
+of ``step()`` applies step ``t``.
+
 ``step()`` runs after ``optimizer.step()``: it re-zeroes masked weights *and* the
 optimizer state of masked entries (momentum buffers, Adam moments), so masked weights
 stay exactly zero under momentum, weight decay and Adam(W).  Masks are always decided
@@ -17,6 +22,7 @@ from scores averaged over all ranks, so every rank holds the identical mask.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -71,19 +77,40 @@ class Sparsifier:
 
     # --- life cycle ------------------------------------------------------------------
     def prepare(self, optimizer: torch.optim.Optimizer | None = None) -> "Sparsifier":
-        """Attach the optimizer whose state must respect the masks; apply current masks."""
+        """Attach the optimizer whose state must respect the masks; apply current masks.
+
+        Before any ``step()`` (``step_count == 0``) this also applies the schedule's step-0
+        update, e.g. ``OneShot(s)`` with its default ``at_step=0``.  It is applied once: a
+        second ``prepare()`` at step 0 (or a resumed step-0 state) does not prune again.
+        """
         self.optimizer = optimizer
+        if self.step_count == 0:
+            self._scheduled_update(0, once=True)
         self.enforce()
         return self
 
     def step(self) -> None:
-        """Call after ``optimizer.step()``: update masks if the schedule says so, then enforce."""
+        """Call after ``optimizer.step()``: update masks if the schedule says so, then enforce.
+
+        The ``t``-th call applies schedule step ``t`` (step 0 is applied by ``prepare()``).
+        """
         self.step_count += 1
-        if self.schedule is not None and self.schedule.is_update_step(self.step_count):
-            target = self.schedule.sparsity_at(self.step_count)
-            if target > 0.0:
-                self.update(target)
+        self._scheduled_update(self.step_count)
         self.enforce()
+
+    def _scheduled_update(self, step: int, once: bool = False) -> None:
+        """Update the masks to the schedule's target when ``step`` is one of its update steps.
+
+        ``once``: skip it when the history already records this step at this target.
+        """
+        if self.schedule is None or not self.schedule.is_update_step(step):
+            return
+        target = self.schedule.sparsity_at(step)
+        if target <= 0.0:
+            return
+        if once and any(h["step"] == step and h["target_sparsity"] == target for h in self.history):
+            return
+        self.update(target)
 
     def finalize(self) -> MaskSet:
         """Enforce the masks a last time and return them; the model keeps its real zeros."""
@@ -104,8 +131,14 @@ class Sparsifier:
 
     @torch.no_grad()
     def update(self, sparsity: float, data: ScoreData | None = None) -> MaskSet:
-        """Re-decide the masks at ``sparsity`` (pruning is monotone: pruned stays pruned)."""
+        """Re-decide the masks at ``sparsity`` (pruning is monotone: pruned stays pruned).
+
+        For an N:M pattern the sparsity is fixed at ``1 - N/M`` (Mishra et al. 2021), so
+        any other ``sparsity`` is refused rather than silently replaced.
+        """
         check_sparsity(sparsity)
+        if self.granularity.is_pattern:
+            self._check_pattern_sparsity(sparsity)
         with torch.enable_grad():
             scores = self.scores(data)
         if self.granularity.is_pattern:
@@ -133,6 +166,18 @@ class Sparsifier:
             layers.append(LayerBudget(name, group_scores, self.granularity.group_size(shape), shape, min_keep, max_keep))
         keep = allocate(self.allocation, layers, sparsity)
         return {n: self.granularity.from_groups(keep[n], tuple(p.shape)) for n, p in self.params.items()}
+
+    def _check_pattern_sparsity(self, sparsity: float) -> None:
+        # compared with the pattern's own sparsity, not the model's: layers kept dense by
+        # keep_first / keep_last lower the overall number but not what the pattern does
+        fixed = self.granularity.sparsity
+        if not math.isclose(sparsity, fixed, rel_tol=0.0, abs_tol=1e-6):
+            pattern = self.granularity.describe()
+            raise PrunelabError(
+                f"N:M fixes the sparsity at 1 - N/M = {fixed:.6g} for {pattern}, but sparsity {sparsity:.6g} was "
+                f"asked for; pass sparsity {fixed:.6g} (methods that raise the sparsity in steps, such as "
+                "iterative or gradual, cannot apply an N:M pattern: use oneshot), or another granularity"
+            )
 
     def _pattern_masks(self, scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         masks = {}

@@ -120,8 +120,11 @@ class NM(Granularity):
     is_pattern = True
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.n, int) and isinstance(self.m, int)) or self.m < 1 or self.n < 0:
-            raise PrunelabError(f"N:M needs integers 0 <= N < M, got {self.n}:{self.m}")
+        if not (isinstance(self.n, int) and isinstance(self.m, int)) or self.m < 1 or self.n < 1:
+            raise PrunelabError(
+                f"N:M needs integers 1 <= N < M, got {self.n}:{self.m}; N is how many of every M weights are kept "
+                "(N = 0 would prune every weight), e.g. 2:4"
+            )
         if self.n >= self.m:
             raise PrunelabError(
                 f"N:M needs N < M, got {self.n}:{self.m}; N is how many of every M weights are kept (e.g. 2:4)"

@@ -2,9 +2,12 @@
 
 The cubic schedule ``s_t = s_f + (s_i - s_f)(1 - (t - t0)/(n dt))^3`` raises the
 sparsity from ``start_epoch`` to ``end_fraction`` of the run in ``num_updates`` steps of
-``dt`` optimizer steps; the rest of the run trains at the final sparsity, followed by
-``finetune_epochs`` more epochs (0 for none).  With ``criterion="movement"`` the scores
-are accumulated over the training steps themselves (Sanh et al. 2020).
+``dt = (end - t0) // n`` optimizer steps, so the last update ``t0 + n dt`` lands at or
+before ``end <= total`` and the final sparsity is reached within the run (step ``t`` is
+the ``t``-th optimizer step; ``t0 = 0`` is applied before the first); the rest of the
+run trains at the final sparsity, followed by ``finetune_epochs`` more epochs (0 for
+none).  With ``criterion="movement"`` the scores are accumulated over the training
+steps themselves (Sanh et al. 2020).
 """
 
 from __future__ import annotations
@@ -34,8 +37,14 @@ def run_gradual(
             f"gradual pruning needs room for {spec.num_updates} updates between step {start} and {end} of "
             f"{total}; train longer (--epochs) or lower --num-updates / --start-epoch"
         )
-    schedule = Cubic(spec.sparsity, start_step=max(start, 1), num_updates=spec.num_updates, frequency=frequency)
+    # updates at start + k * frequency, k = 0..n: the last is at most end <= total, a step the run reaches
+    schedule = Cubic(spec.sparsity, start_step=start, num_updates=spec.num_updates, frequency=frequency)
     sparsifier = spec.sparsifier(model, score_data, schedule=schedule)
+    if sparsifier.granularity.is_pattern:
+        raise PrunelabError(
+            f"gradual pruning raises the sparsity in steps, but an N:M pattern ({sparsifier.granularity.describe()}) "
+            "fixes it at 1 - N/M; use --method oneshot, or another granularity"
+        )
     after_step = lambda _step: sparsifier.step()  # noqa: E731
     if spec.criterion == "movement":  # Sanh et al. 2020: scores accumulate over the fine-tuning steps
         accumulator = MovementAccumulator(sparsifier.params)
