@@ -64,3 +64,29 @@ def test_refusals_are_one_line_errors(cli, two_rounds, tmp_path):
     assert code == 2 and "past the end of training" in err and not (tmp_path / "r" / "config.json").exists()
     code, _, err = cli("lottery", *FAST, "--model", "nope", "--out", str(tmp_path / "m"))
     assert code == 2 and "valid names" in err
+
+
+def test_resume_from_a_damaged_round_is_a_one_line_error(cli, two_rounds, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(two_rounds, run)
+    weights = run / "round_002" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:7])  # an interrupted copy
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    code, out, err = cli("lottery", *FAST, "--rounds", "3", "--resume", str(run))
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert f"lottery run file '{weights}' is damaged" in err and f"delete '{run / 'round_002'}'" in err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing rewritten
+    shutil.rmtree(run / "round_002")  # what the message says: round 2 is redone, rounds 0 and 1 are reused
+    code, out, _ = cli("lottery", *FAST, "--rounds", "2", "--resume", str(run))
+    assert code == 0 and "2 finished rounds read back from the folder, 1 trained now" in out
+    assert (run / "round_001" / "weights.safetensors").read_bytes() == before[run / "round_001" / "weights.safetensors"]
+
+
+def test_prune_with_the_lottery_method_refuses_options_it_ignores(cli, tmp_path):
+    code, out, err = cli("prune", "--method", "lottery", "--granularity", "channel", "--pretrain-epochs", "0",
+                         "--rounds", "2", "--sparsity", "0.5", "--no-progress", "--out", str(tmp_path / "p"))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "lottery tickets prune single weights, got granularity 'channel'; pass --granularity unstructured" in err
+    assert not (tmp_path / "p").exists()

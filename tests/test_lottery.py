@@ -163,3 +163,135 @@ def test_lottery_method_fits_the_common_signature():
     assert result.masks.stats().sparsity == pytest.approx(0.5, abs=0.02)
     params = dict(model.named_parameters())
     assert all(torch.all(params[n][~m] == 0) for n, m in result.masks.items())
+
+
+# --- the lottery method honours keep_first / keep_last and refuses what it cannot do --------------
+@pytest.mark.parametrize("overrides, kept", [
+    ({"keep_first": "dense"}, {"0.weight": 192, "2.weight": 192, "4.weight": 24}),
+    ({"keep_last": "dense"}, {"0.weight": 96, "2.weight": 192, "4.weight": 48}),
+    ({"keep_first": "dense", "keep_last": "dense", "layer_rates": {"0": 0.4}}, {"0.weight": 192, "2.weight": 192,
+                                                                               "4.weight": 48}),
+    ({"keep_first": 0.25}, {"0.weight": 144, "2.weight": 192, "4.weight": 24}),  # at most 25% sparse after 2 rounds
+    ({"keep_first": 0.9}, {"0.weight": 96, "2.weight": 192, "4.weight": 24}),  # a ceiling above the target: no change
+])
+def test_lottery_method_keeps_the_first_and_last_layer_as_asked(overrides, kept):
+    train, test = loaders()
+    model = build_seeded(builder, 0)
+    result = METHODS.get("lottery")(model, train, test, PruneSpec(sparsity=0.5, rounds=2, **overrides), TRAIN)
+    assert {l.name: l.kept for l in result.masks.stats().layers} == kept
+    params = dict(model.named_parameters())
+    assert all(torch.all(params[n][~m] == 0) for n, m in result.masks.items())
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"criterion": "taylor"}, r"lottery tickets are found by weight magnitude .* got criterion 'taylor'; leave "
+                              r"--criterion at magnitude"),
+    ({"granularity": "channel"}, r"lottery tickets prune single weights, got granularity 'channel'; pass "
+                                 r"--granularity unstructured"),
+    ({"allocation": "erk"}, r"got allocation 'erk'; pass --allocation uniform"),
+    ({"keep_first": "dense", "criterion": "taylor", "granularity": "channel"}, "got criterion 'taylor'"),
+])
+def test_lottery_method_refuses_options_it_cannot_honour(overrides, match):
+    train, test = loaders()
+    model = build_seeded(builder, 0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PrunelabError, match=match) as info:
+        METHODS.get("lottery")(model, train, test, PruneSpec(sparsity=0.5, rounds=2, **overrides), TRAIN)
+    assert "\n" not in str(info.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # refused before any training
+
+
+def test_lottery_method_accepts_uniform_allocation_as_its_per_layer_rates():
+    train, test = loaders()
+    masks = [METHODS.get("lottery")(build_seeded(builder, 0), train, test,
+                                    PruneSpec(sparsity=0.5, rounds=2, allocation=a), TRAIN).masks
+             for a in ("global", "uniform")]
+    assert masks[0].equal(masks[1])
+
+
+# --- a damaged run folder stops the resume with a one-line error naming the file ------------------
+def _files(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("damaged, how", [
+    ("round_002/weights.safetensors", "truncate"),
+    ("round_002/weights.safetensors", "garbage"),
+    ("round_000/rewind.safetensors", "truncate"),
+    ("round_001/metrics.json", "truncate"),
+    ("round_001/mask.safetensors", "garbage"),
+])
+def test_resume_from_a_damaged_folder_names_the_file_and_keeps_the_rounds_before_it(tmp_path, damaged, how):
+    import shutil
+
+    train, test = loaders()
+    run = tmp_path / "run"
+    first = run_lottery(builder, train, test, config(rounds=2), run)
+    path = run / damaged
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if how == "truncate" else b"not a safetensors file at all")
+    before = _files(run)
+    folder = damaged.split("/")[0]
+    with pytest.raises(PrunelabError, match=rf"lottery run file '{path}' is damaged \(.+\); delete '{run / folder}' "
+                                            rf"and any later round_\* folders, then resume to redo the run from {folder}"
+                       ) as info:
+        run_lottery(builder, *loaders(), config(rounds=3), run, resume=True)
+    assert "\n" not in str(info.value)
+    assert _files(run) == before  # nothing written, config.json included
+    damaged_round = int(folder.removeprefix("round_"))
+    for r in range(damaged_round, 3):  # as the message says
+        shutil.rmtree(run / f"round_{r:03d}")
+    resumed = run_lottery(builder, *loaders(), config(rounds=2), run, resume=True)
+    assert resumed.resumed_rounds == damaged_round
+    assert resumed.rounds[:damaged_round] == first.rounds[:damaged_round]  # the rounds before it, read back as they were
+    assert [comparable(m) for m in resumed.rounds] == [comparable(m) for m in first.rounds]  # the rest redone identically
+    assert all(a.equal(b) for a, b in zip(resumed.masks, first.masks))
+
+
+# --- late rewinding: a round rewound to step k trains from k to T ---------------------------------
+def test_rewound_rounds_train_the_remaining_steps_with_the_schedule_and_data_continued(tmp_path, monkeypatch):
+    import math
+
+    from prunelab.methods import lottery
+
+    runs: list[dict[str, list]] = []  # one per training run: the lr of every optimizer step, the batches it saw
+    made = lottery.make_optimizer
+
+    def counting_optimizer(params, cfg):
+        optimizer = made(params, cfg)
+        run = {"lrs": [], "batches": []}
+        runs.append(run)
+        optimizer.register_step_pre_hook(lambda opt, args, kwargs: run["lrs"].append(opt.param_groups[0]["lr"]))
+        return optimizer
+
+    def recording_builder() -> nn.Module:
+        model = builder()
+        model.register_forward_pre_hook(
+            lambda module, inputs: runs[-1]["batches"].append(inputs[0].clone()) if module.training and runs else None)
+        return model
+
+    monkeypatch.setattr(lottery, "make_optimizer", counting_optimizer)
+    cosine = TrainConfig(epochs=2, batch_size=32, optimizer="sgd", lr=0.1, lr_schedule="cosine", seed=0, progress=False)
+    total, k = 8, 3  # 2 epochs x 4 batches; rewind to step 3 (inside the first epoch)
+    schedule = [0.1 * 0.5 * (1 + math.cos(math.pi * s / total)) for s in range(total)]  # lr of step s + 1
+
+    # rewind 0: every round trains all T steps from step 0 with the whole schedule
+    run_lottery(recording_builder, *loaders(), config(rounds=1, rewind_step=0, train=cosine, reinit_rounds=()),
+                tmp_path / "zero")
+    assert [len(r["lrs"]) for r in runs] == [total, total]
+    assert runs[0]["lrs"] == runs[1]["lrs"] == pytest.approx(schedule, abs=1e-12)
+    zero = runs[1]
+
+    runs.clear()
+    result = run_lottery(recording_builder, *loaders(), config(rounds=1, rewind_step=k, train=cosine, reinit_rounds=()),
+                         tmp_path / "late")
+    dense, rewound = runs
+    assert dense["lrs"] == pytest.approx(schedule, abs=1e-12)
+    assert len(rewound["lrs"]) == total - k and rewound["lrs"][0] == pytest.approx(schedule[k], abs=1e-12)
+    assert rewound["lrs"] == pytest.approx(schedule[k:], abs=1e-12)
+    # round 1's data order (seeded by the round) continued at step k: its batches k+1..T
+    assert len(rewound["batches"]) == total - k
+    assert all(torch.equal(a, b) for a, b in zip(rewound["batches"], zero["batches"][k:]))
+    ticket = result.rounds[1]["ticket"]
+    assert ticket["steps"] == total - k and [e[0] for e in ticket["evals"]] == [4, 6, 8]  # steps of the whole run
+    assert result.rounds[0]["ticket"]["steps"] == total

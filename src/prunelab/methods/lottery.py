@@ -7,18 +7,28 @@ repeat.  Frankle, Dziugaite, Roy & Carbin 2020 ("Linear Mode Connectivity and th
 Lottery Ticket Hypothesis") rewind to ``theta_k``, the weights after ``k`` steps of the
 first training run, instead of ``theta_0`` (late rewinding).
 
-Rounds: round 0 trains the dense network from ``theta_0`` and records ``theta_k``
-(``rewind_step = k``; ``k = 0`` is ``theta_0``).  Round ``r >= 1`` keeps, in every layer
-``l``, the ``round(n_l (1 - p_l)^r)`` largest-magnitude weights of round ``r - 1``'s
-trained ticket among its survivors (so layer ``l`` is pruned by ``p_l`` of its remaining
-weights per round: 20% by default, 10% for the output layer as in F&C's LeNet), resets
-every parameter and buffer to ``theta_k``, applies the mask and trains again.  The
-*random reinitialisation* control trains the same mask from a fresh initialisation
-(another seed) the same way.
+Rounds: round 0 trains the dense network from ``theta_0`` for all ``T`` steps
+(``T = train.epochs x len(train_loader)``) and records ``theta_k`` (``rewind_step = k``;
+``k = 0`` is ``theta_0``).  Round ``r >= 1`` keeps, in every layer ``l``, the
+``round(n_l (1 - p_l)^r)`` largest-magnitude weights of round ``r - 1``'s trained ticket
+among its survivors (so layer ``l`` is pruned by ``p_l`` of its remaining weights per
+round: 20% by default, 10% for the output layer as in F&C's LeNet), resets every
+parameter and buffer to ``theta_k``, applies the mask and trains again **from step k to
+T** (Frankle et al. 2020, Algorithm 2: ``W_T = A^{k->T}(m * W_k)``): it runs the
+remaining ``T - k`` optimizer steps, the learning-rate schedule continues at step ``k``
+and the batches are those of steps ``k+1 .. T`` of the round's own data order (its first
+``k`` batches are drawn and dropped, so epochs stay aligned with the run's steps).  The
+optimizer state is *not* rewound (it is not saved at step ``k``): every round starts a
+fresh optimizer (no momentum or Adam moments), as OpenLTH's reference implementation does
+when it trains from a rewind point.  For ``k = 0`` this is plain training from step 0.  The *random reinitialisation* control
+trains the same mask from a fresh initialisation (another seed) for all ``T`` steps from
+step 0.
 
 Every round records its sparsity, final test accuracy and the **early-stopping
 iteration**: the step of minimum test loss among evaluations every ``eval_every`` steps
-and at the end (F&C use a validation split; here the given ``test_loader``).
+and at the end (F&C use a validation split; here the given ``test_loader``).  Steps are
+iterations of the whole run (a round rewound to ``k`` evaluates at steps in ``k+1 .. T``);
+a round's ``steps`` is the number of optimizer steps it ran (``T - k`` after rewinding).
 
 Run folder (each file written atomically, each round folder swapped in whole)::
 
@@ -29,9 +39,12 @@ Run folder (each file written atomically, each round folder swapped in whole)::
     out_dir/round_RRR/metrics.json
 
 ``resume=True`` loads every finished round and continues after the last one;
-``rounds`` may grow between runs (it is the only field allowed to change).  Each round's
-randomness (data order, dropout) is seeded from ``(train.seed, round)``, so a resumed run
-computes the same numbers as an uninterrupted one (on the same machine and device).
+``rounds`` may grow between runs (it is the only field allowed to change).  A damaged
+file (unreadable, truncated) stops the resume with a PrunelabError naming it, before
+anything is written; deleting that round's folder (and the later ones) redoes the run
+from that round, reusing the rounds before it.  Each round's randomness (data order,
+dropout) is seeded from ``(train.seed, round)``, so a resumed run computes the same
+numbers as an uninterrupted one (on the same machine and device).
 """
 
 from __future__ import annotations
@@ -41,6 +54,7 @@ import hashlib
 import json
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,12 +206,51 @@ def _save_state(path: Path, state: Mapping[str, Tensor]) -> None:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": LOTTERY_FORMAT})
 
 
+def _damaged(path: Path, problem: object) -> PrunelabError:
+    """The error for an unusable file of round folder ``path.parent`` (one line, says how to recover)."""
+    reason = " ".join(str(problem).split())
+    folder = path.parent
+    return PrunelabError(
+        f"lottery run file {str(path)!r} is damaged ({reason}); delete {str(folder)!r} and any later round_* folders, "
+        f"then resume to redo the run from {folder.name} (the rounds before it are kept)"
+    )
+
+
 def _load_state(path: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if not path.is_file():
-        raise PrunelabError(f"lottery run file {str(path)!r} is missing; the folder is damaged, start a new out_dir")
-    return load_file(str(path))
+        raise _damaged(path, "the file is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise _damaged(path, exc) from None
+
+
+def _load_round(folder: Path, round_index: int) -> tuple[dict[str, Any], MaskSet]:
+    """Round ``round_index``'s metrics and mask as written by :func:`_run`."""
+    path = folder / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # ValueError: truncated or not UTF-8 / JSON
+        raise _damaged(path, exc) from None
+    if not isinstance(metrics, dict) or metrics.get("round") != round_index or not isinstance(metrics.get("ticket"), dict):
+        raise _damaged(path, f"it does not hold the metrics of round {round_index}")
+    path = folder / "mask.safetensors"
+    try:
+        mask = MaskSet.load(path)
+    except PrunelabError as exc:  # MaskSet.load's own message; the safetensors reason is shorter
+        raise _damaged(path, exc.__context__ or exc) from None
+    return metrics, mask
+
+
+def _load_weights(model: nn.Module, state: Mapping[str, Tensor], path: Path) -> None:
+    """``model.load_state_dict(state)``; ``state`` was read from ``path``."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # missing / unexpected keys, wrong shapes
+        raise _damaged(path, f"it does not fit the model: {str(exc).splitlines()[0]}") from None
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -211,12 +264,40 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 # --- one round ---------------------------------------------------------------------------------
+class _FromStep:
+    """``loader`` as :func:`train` should see it in a run that starts after ``start`` steps.
+
+    ``train`` iterates it once per epoch; the batches of the run's first ``start`` steps
+    (counted across epochs) are drawn and dropped, so the sampler's generator advances as
+    in an uninterrupted run and the remaining batches come in the same order.
+    """
+
+    def __init__(self, loader, start: int) -> None:
+        self.loader, self.start, self.epochs_begun = loader, start, 0
+
+    @property
+    def sampler(self):  # train() calls sampler.set_epoch(epoch) under DistributedSampler
+        return getattr(self.loader, "sampler", None)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        skip = self.start - self.epochs_begun * len(self.loader)
+        self.epochs_begun += 1
+        for index, batch in enumerate(self.loader):
+            if index >= skip:
+                yield batch
+
+
 def _train_round(
     model: nn.Module, masks: MaskSet, train_loader, test_loader, config: LotteryConfig, seed: int,
-    description: str, capture_step: int | None = None,
+    description: str, capture_step: int | None = None, start_step: int = 0,
 ) -> tuple[dict[str, Any], dict[str, Tensor] | None]:
-    """Train ``model`` under ``masks``; returns its metrics and, with ``capture_step``,
-    the state after that many optimizer steps (0: before training)."""
+    """Train ``model`` under ``masks`` from step ``start_step`` to the end of the run
+    (``T - start_step`` optimizer steps, learning-rate schedule and data order continued
+    from ``start_step``, a fresh optimizer); returns its metrics and, with
+    ``capture_step``, the state after that many optimizer steps (0: before training)."""
     cfg = config.train
     sparsifier = Sparsifier(model, exclude=config.exclude)
     sparsifier.set_masks(masks)
@@ -225,6 +306,7 @@ def _train_round(
 
     def after_step(step: int) -> None:
         nonlocal captured
+        step += start_step  # the run's iteration, not this call's
         sparsifier.step()
         if capture_step is not None and step == capture_step:
             captured = _state(model)
@@ -237,14 +319,19 @@ def _train_round(
     if cfg.epochs > 0:
         optimizer = make_optimizer(model.parameters(), cfg)
         sparsifier.prepare(optimizer)
+        scheduler = make_lr_scheduler(optimizer, cfg, len(train_loader))
+        with warnings.catch_warnings():  # stepping the schedule before the optimizer is the point here
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`", category=UserWarning)
+            for _ in range(start_step):
+                scheduler.step()  # the learning rate of step start_step + 1 (as in the uninterrupted run)
         _reseed_loader(train_loader, derived_seed(seed, "data", 0))
+        loader = _FromStep(train_loader, start_step) if start_step else train_loader
         with _seeded(derived_seed(seed, "train", 0)):
-            steps = train(model, train_loader, cfg, optimizer=optimizer,
-                          scheduler=make_lr_scheduler(optimizer, cfg, len(train_loader)),
+            steps = train(model, loader, cfg, optimizer=optimizer, scheduler=scheduler,
                           after_step=after_step, description=description)["steps"]
     final = evaluate(model, test_loader)
-    if not evals or evals[-1][0] != steps:
-        evals.append([steps, final["loss"], final["accuracy"]])
+    if not evals or evals[-1][0] != start_step + steps:
+        evals.append([start_step + steps, final["loss"], final["accuracy"]])
     best = min(evals, key=lambda e: (e[1], e[0]))  # minimum test loss, earliest on ties
     metrics = {
         "accuracy": final["accuracy"], "error_pct": final["error_pct"], "loss": final["loss"], "steps": steps,
@@ -352,20 +439,23 @@ def _run(
         _check_resume(out, wanted)
     else:
         finished = 0
-    write_json(out / "config.json", wanted)
 
     model = initial
     rounds: list[dict[str, Any]] = []
     masks: list[MaskSet] = []
     finished = min(finished, config.rounds + 1)
-    for r in range(finished):  # load what is done
-        folder = out / f"round_{r:03d}"
-        rounds.append(json.loads((folder / "metrics.json").read_text()))
-        masks.append(MaskSet.load(folder / "mask.safetensors"))
+    for r in range(finished):  # load what is done; a damaged file stops here, before anything is written
+        metrics, mask = _load_round(out / f"round_{r:03d}", r)
+        rounds.append(metrics)
+        masks.append(mask)
     rewind: dict[str, Tensor] | None = None
     if finished:
-        rewind = _load_state(out / "round_000" / "rewind.safetensors")
-        model.load_state_dict(_load_state(out / f"round_{finished - 1:03d}" / "weights.safetensors"))
+        path = out / "round_000" / "rewind.safetensors"
+        rewind = _load_state(path)
+        _load_weights(model, rewind, path)  # it must fit the model; the last ticket's weights replace it next
+        path = out / f"round_{finished - 1:03d}" / "weights.safetensors"
+        _load_weights(model, _load_state(path), path)
+    write_json(out / "config.json", wanted)
 
     for r in range(finished, config.rounds + 1):
         if r == 0:
@@ -379,7 +469,7 @@ def _run(
             mask = _next_masks(model, masks[-1], r, rates)
             model.load_state_dict(rewind)  # rewind every parameter and buffer to theta_k
             ticket, _ = _train_round(model, mask, train_loader, test_loader, config, derived_seed(seed, "ticket", r),
-                                     f"lottery round {r}/{config.rounds}")
+                                     f"lottery round {r}/{config.rounds}", start_step=config.rewind_step)
             reinit, reinit_seed = None, None
             if config.wants_reinit(r):
                 reinit_seed = derived_seed(seed, "reinit", r)
@@ -427,6 +517,37 @@ def run_lottery(
     return _run(initial, lambda s: build_seeded(model_builder, s), train_loader, test_loader, config, out_dir, resume)
 
 
+def _check_lottery_spec(spec: PruneSpec) -> None:
+    """Refuse the PruneSpec options the lottery procedure has no use for (instead of ignoring them)."""
+    if spec.criterion != "magnitude":
+        raise PrunelabError(f"lottery tickets are found by weight magnitude (Frankle & Carbin 2019), got criterion "
+                            f"{spec.criterion!r}; leave --criterion at magnitude, or use --method iterative for other "
+                            "criteria")
+    if spec.granularity != "unstructured":
+        raise PrunelabError(f"lottery tickets prune single weights, got granularity {spec.granularity!r}; pass "
+                            "--granularity unstructured, or use --method iterative for structured pruning")
+    if spec.allocation not in ("global", "uniform"):
+        raise PrunelabError(f"lottery prunes the same fraction of every layer's remaining weights each round, got "
+                            f"allocation {spec.allocation!r}; pass --allocation uniform (or global, which means the same "
+                            "here) and set per-layer rates with --layer-rates")
+
+
+def _spec_layer_rates(model: nn.Module, spec: PruneSpec, rate: float) -> dict[str, float]:
+    """``spec.layer_rates`` plus exact-name overrides lowering the first / last layer's per-round
+    rate so that ``spec.keep_first`` / ``spec.keep_last`` hold after ``spec.rounds`` rounds."""
+    names = list(prunable_parameters(model, spec.exclude))
+    uncapped = LotteryConfig(rounds=spec.rounds, rate=rate, output_rate=None, layer_rates=dict(spec.layer_rates),
+                             exclude=spec.exclude)
+    rates = _layer_rates(names, uncapped)
+    layer_rates = dict(spec.layer_rates)
+    for name, (_, ceiling) in spec.rules().bounds(names).items():
+        capped = min(rates[name], 1.0 - (1.0 - ceiling) ** (1.0 / spec.rounds))  # 'dense' (ceiling 0): rate 0
+        if capped < rates[name]:
+            layer_rates.pop(name, None)
+            layer_rates[name] = capped  # last, so it wins over every glob
+    return layer_rates
+
+
 def run_lottery_method(
     model: nn.Module, train_loader, test_loader, spec: PruneSpec, config: TrainConfig, *,
     score_data: ScoreData | None = None,
@@ -440,10 +561,20 @@ def run_lottery_method(
     CLI pass ``--pretrain-epochs 0`` so they are the initialisation).  No reinit control;
     the run folder is temporary (use :func:`run_lottery` to keep and resume it).
     ``model`` ends holding the last round's trained ticket.
+
+    ``spec.keep_first`` / ``spec.keep_last`` cap the first / last prunable layer's
+    sparsity: ``'dense'`` prunes it at rate 0, a number ``c`` lowers its per-round rate to
+    at most ``1 - (1 - c)^(1/rounds)`` (to the nearest weight).  The lottery procedure
+    (Frankle & Carbin 2019) prunes single weights by magnitude, the same fraction of each
+    layer: ``criterion`` must be ``'magnitude'``, ``granularity`` ``'unstructured'`` and
+    ``allocation`` ``'global'`` (the default, which means these per-layer rates here) or
+    ``'uniform'``; anything else raises PrunelabError before any training.
     """
+    _check_lottery_spec(spec)
     rate = Geometric(spec.sparsity, rounds=spec.rounds).rate
-    lottery = LotteryConfig(rounds=spec.rounds, rate=rate, output_rate=None, layer_rates=dict(spec.layer_rates),
-                            train=config, eval_every=max(len(train_loader), 1), reinit_rounds=(), exclude=spec.exclude)
+    lottery = LotteryConfig(rounds=spec.rounds, rate=rate, output_rate=None,
+                            layer_rates=_spec_layer_rates(model, spec, rate), train=config,
+                            eval_every=max(len(train_loader), 1), reinit_rounds=(), exclude=spec.exclude)
     _check_rewind(lottery, train_loader)
     with tempfile.TemporaryDirectory(prefix="prunelab-lottery-") as folder:
         result = _run(model, lambda s: fresh_init(model, s), train_loader, test_loader, lottery, folder, resume=False)
