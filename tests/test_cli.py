@@ -91,11 +91,13 @@ def _corrupt_mnist(tmp_path):
 
 BAD = {
     "sparsity": (["--sparsity", "1.5"], r"\[0, 1\)"),
-    "nm-not-dividing": (["--granularity", "3:5"], "does not divide"),
+    "nm-not-dividing": (["--granularity", "3:5", "--method", "oneshot"], "does not divide"),
     "nm-n-ge-m": (["--granularity", "4:4"], "N < M"),
     "nm-n-zero": (["--granularity", "0:4"], r"1 <= N < M, got 0:4"),
     "nm-other-sparsity": (["--granularity", "2:4", "--method", "oneshot", "--sparsity", "0.9"],
-                          r"N:M fixes the sparsity at 1 - N/M = 0.5 for 2:4, but sparsity 0.9"),
+                          r"the N:M pattern 2:4 fixes the sparsity at 1 - N/M = 0.5, but --sparsity 0.9 was given"),
+    "nm-stepped-method": (["--granularity", "2:4"],  # the default method, iterative
+                          r"--method iterative raises the sparsity in steps, but the N:M pattern 2:4 fixes it at 0.5"),
     "unknown-criterion": (["--criterion", "magnitud"], "valid names: "),
     "unknown-model": (["--model", "resnet9000"], "valid names: "),
     "missing-data": (["--dataset", "mnist", "--data-dir", "/nonexistent/prunelab"], "PRUNELAB_DATA|--data-dir|download"),

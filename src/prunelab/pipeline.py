@@ -25,6 +25,7 @@ from prunelab.checkpoint import save_checkpoint
 from prunelab.config import RunConfig
 from prunelab.criteria import CRITERIA, ScoreData, get_criterion
 from prunelab.criteria.slimming import SlimmingLoss
+from prunelab.errors import PrunelabError
 from prunelab.io import atomic_dir, check_replaceable, ensure_writable_dir, write_json, write_text
 from prunelab.measure.counting import measure_model
 from prunelab.measure.tables import model_cost_table
@@ -50,10 +51,31 @@ def validate(config: RunConfig) -> None:
     DATASETS.get(config.dataset)
     METHODS.get(config.method)
     CRITERIA.get(config.criterion)
-    get_granularity(config.granularity)
+    granularity = get_granularity(config.granularity)
     get_allocation(config.allocation)
     prune_spec(config)
     pretrain_config(config)
+    if granularity.is_pattern:
+        _check_pattern_method(config, granularity)
+
+
+# methods that prune through a series of lower targets: an N:M pattern fixes the sparsity, so they cannot use one
+STEPPED_METHODS = ("iterative", "gradual", "force", "synflow")
+
+
+def _check_pattern_method(config: RunConfig, pattern) -> None:
+    """N:M runs, refused before any training when the method or the sparsity cannot apply the pattern."""
+    name = pattern.describe()
+    if config.method in STEPPED_METHODS:
+        raise PrunelabError(
+            f"--method {config.method} raises the sparsity in steps, but the N:M pattern {name} fixes it at "
+            f"{pattern.sparsity:g}; use --method oneshot (or snip, grasp, random-uniform), or another granularity"
+        )
+    if abs(config.sparsity - pattern.sparsity) > 1e-6:
+        raise PrunelabError(
+            f"the N:M pattern {name} fixes the sparsity at 1 - N/M = {pattern.sparsity:g}, but --sparsity "
+            f"{config.sparsity:g} was given; drop --sparsity or pass {pattern.sparsity:g}"
+        )
 
 
 def pretrain_config(config: RunConfig) -> TrainConfig:
