@@ -43,3 +43,10 @@ def test_mapping_batches_such_as_a_tokenizer_output_are_passed_as_keywords():
 
     spread = input_norm_spread(Keywords(), [UserDict({"features": torch.ones(4, 3)})])
     assert list(spread) == ["fc"]
+
+
+def test_spread_summary_of_nothing_is_a_one_line_error():
+    from prunelab.errors import PrunelabError
+
+    with pytest.raises(PrunelabError, match="spread_summary got no layers"):
+        spread_summary({})

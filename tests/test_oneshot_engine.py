@@ -250,3 +250,8 @@ def test_bert_wrong_calibration_keys_raise_and_leave_no_hooks(transformers):
     with pytest.raises(PrunelabError, match="calibration item 0"):
         prune_oneshot(model, [{"input_idz": torch.zeros(1, 4, dtype=torch.long)}], OneShotConfig(), progress=False)
     assert _no_hooks(model)
+
+
+def test_an_unhashable_method_name_is_a_one_line_error():
+    with pytest.raises(PrunelabError, match="unknown one-shot method|valid names"):
+        OneShotConfig(method=["sparsegpt"])

@@ -61,7 +61,7 @@ class Registry(Generic[T]):
         """The object registered as ``name``; the error lists every valid name."""
         try:
             return self._entries[name].obj
-        except KeyError:
+        except (KeyError, TypeError):  # TypeError: an unhashable name such as a list
             raise PrunelabError(
                 f"unknown {self.kind} {name!r}; valid names: {', '.join(self.names())}"
             ) from None

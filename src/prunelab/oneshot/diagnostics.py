@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from prunelab.errors import PrunelabError
 from prunelab.oneshot.engine import eval_mode
 from prunelab.oneshot.stats import ColumnNormAccumulator
 
@@ -59,5 +60,7 @@ def input_norm_spread(model: nn.Module, calibration: Sequence[Any]) -> dict[str,
 
 def spread_summary(spread: dict[str, float]) -> dict[str, float]:
     """Median and max over layers of :func:`input_norm_spread`'s ratios."""
+    if not spread:
+        raise PrunelabError("spread_summary got no layers; input_norm_spread found no Linear/Conv inputs to measure")
     values = torch.tensor(list(spread.values()), dtype=torch.float64)
     return {"median_over_layers": float(values.median()), "max_over_layers": float(values.max())}
