@@ -49,6 +49,43 @@ def test_sparse_input_model_swaps_only_linears_after_activations():
     assert isinstance(model[2], nn.Linear)  # the original is untouched
 
 
+def test_topk_zeroes_unkept_infinities_instead_of_making_nan():
+    y = TopKActivation(2)(torch.tensor([[3.0, 1.0, -float("inf"), 2.0]]))
+    assert y.tolist() == [[3.0, 0.0, 0.0, 2.0]]  # x * keep gave -inf * 0 = nan
+
+
+def test_sparse_input_model_state_dict_loads_into_the_original_architecture():
+    from collections import OrderedDict
+
+    torch.manual_seed(3)
+    model = nn.Sequential(OrderedDict(fc1=nn.Linear(6, 8), act=nn.ReLU(), fc2=nn.Linear(8, 3),
+                                      top=TopKActivation(2), fc3=nn.Linear(3, 2, bias=False)))
+    new = sparse_input_model(model)
+    assert list(new._modules) == ["fc1", "act", "fc2", "top", "fc3"]
+    assert isinstance(new.fc2, SparseInputLinear) and isinstance(new.fc3, SparseInputLinear)
+    state = new.state_dict()
+    assert list(state) == list(model.state_dict()) == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias",
+                                                       "fc3.weight"]
+    assert state["fc2.weight"].shape == (3, 8)
+    fresh = nn.Sequential(OrderedDict(fc1=nn.Linear(6, 8), act=nn.ReLU(), fc2=nn.Linear(8, 3),
+                                      top=TopKActivation(2), fc3=nn.Linear(3, 2, bias=False)))
+    fresh.load_state_dict(state)  # strict
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+        torch.testing.assert_close(new(x), model(x), atol=1e-6, rtol=0)
+    # and back: a plain Linear state_dict loads into the sparse-input copy (its transposed weight follows)
+    other = sparse_input_model(fresh)
+    torch.manual_seed(4)
+    for p in fresh.parameters():
+        p.data.normal_()
+    other.load_state_dict(fresh.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), fresh(x), atol=1e-5, rtol=0)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        other.load_state_dict({k: v for k, v in fresh.state_dict().items() if k != "fc2.weight"})
+
+
 def test_bad_inputs():
     with pytest.raises(PrunelabError, match="k must be a positive integer"):
         TopKActivation(0)

@@ -118,6 +118,52 @@ def test_bad_inputs_say_what_to_do():
         head_importance(model, [])
 
 
+def _assert_unchanged(model: nn.Module, before: dict, modules: list) -> None:
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert list(model.modules()) == modules  # the same module objects: nothing was swapped in
+    assert model.a.num_heads == model.b.num_heads == 4
+
+
+def test_remove_heads_checks_every_unit_before_cutting_any():
+    torch.manual_seed(5)
+    model = TwoUnits()
+    model.b.out_proj = nn.Linear(16, 16, bias=False)  # b's value bias has nowhere to go
+    before, modules = {k: v.clone() for k, v in model.state_dict().items()}, list(model.modules())
+    keep = {"a": torch.tensor([True, False, True, True]), "b": torch.tensor([True, False, True, True])}
+    with pytest.raises(PrunelabError, match=r"'b.out_proj' has no bias"):
+        remove_heads_(model, keep)
+    _assert_unchanged(model, before, modules)  # unit a was cut before the error
+
+
+def test_remove_heads_refuses_an_int_keep_tensor_with_the_model_unchanged():
+    torch.manual_seed(7)
+    model = TwoUnits()
+    before, modules = {k: v.clone() for k, v in model.state_dict().items()}, list(model.modules())
+    good = torch.tensor([True, False, True, True])
+    with pytest.raises(PrunelabError, match=r"keep\['b'\] must be a \(4,\) bool tensor, got a torch.int64 tensor"):
+        remove_heads_(model, {"a": good, "b": torch.tensor([1, 0, 1, 1])})  # was a RuntimeError after passing
+    _assert_unchanged(model, before, modules)
+
+
+def test_remove_heads_refuses_unknown_units_and_bad_keep_with_the_model_unchanged():
+    torch.manual_seed(6)
+    model = TwoUnits()
+    before, modules = {k: v.clone() for k, v in model.state_dict().items()}, list(model.modules())
+    good = torch.tensor([True, False, True, True])
+    with pytest.raises(PrunelabError, match=r"unknown attention unit 'nope'; the model's units are \['a', 'b'\]"):
+        remove_heads_(model, {"a": good, "nope": good})  # was a bare KeyError
+    _assert_unchanged(model, before, modules)
+    with pytest.raises(PrunelabError, match=r"keep\['a'\] must be a \(4,\) bool tensor, got a torch.bool tensor "
+                                            r"of shape \(3,\)"):
+        remove_heads_(model, {"a": torch.tensor([True, False, True])})
+    with pytest.raises(PrunelabError, match=r"keep\['a'\] must be a \(4,\) bool tensor, got list"):
+        remove_heads_(model, {"a": [True, False, True, True]})
+    with pytest.raises(PrunelabError, match=r"keep\['b'\] keeps no head"):
+        remove_heads_(model, {"a": good, "b": torch.zeros(4, dtype=torch.bool)})
+    _assert_unchanged(model, before, modules)
+
+
 def _tiny_bert():
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,

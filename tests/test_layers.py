@@ -121,6 +121,54 @@ def test_transformers_model_reloads_with_fewer_layers(tmp_path):
         torch.testing.assert_close(reloaded(**batch).last_hidden_state, model(**batch).last_hidden_state)
 
 
+def test_gpt2_runs_with_its_kv_cache_after_a_block_is_dropped(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=50, n_positions=64)
+    torch.manual_seed(4)
+    model = transformers.GPT2Model(config).eval()
+    drop_blocks(model, ["h.1"])
+    assert [block.attn.layer_idx for block in model.h] == [0, 1, 2]  # was [0, 2, 3]: IndexError in the cache
+    x = torch.randint(0, 50, (2, 10))
+    with torch.no_grad():
+        out = model(x)  # use_cache defaults to True
+    model.save_pretrained(str(tmp_path))
+    reloaded = transformers.GPT2Model.from_pretrained(str(tmp_path), local_files_only=True).eval()
+    with torch.no_grad():
+        expected = reloaded(x)
+    assert torch.equal(out.last_hidden_state, expected.last_hidden_state)
+    assert len(out.past_key_values) == 3
+
+
+def test_per_layer_config_lists_lose_the_dropped_entries(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    types = ["full_attention", "sliding_attention", "full_attention", "sliding_attention"]
+    config = transformers.Qwen2Config(num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=50, layer_types=types, sliding_window=3,
+                                      use_sliding_window=True)
+    torch.manual_seed(5)
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    drop_blocks(model, ["model.layers.1"])
+    assert model.config.num_hidden_layers == 3
+    assert model.config.layer_types == ["full_attention", "full_attention", "sliding_attention"]
+    x = torch.randint(0, 50, (2, 10))
+    with torch.no_grad():
+        out = model(x).logits
+    model.save_pretrained(str(tmp_path))
+    reloaded = transformers.Qwen2ForCausalLM.from_pretrained(str(tmp_path), local_files_only=True).eval()
+    assert [layer.self_attn.sliding_window for layer in reloaded.model.layers] == [None, None, 3]
+    with torch.no_grad():
+        assert torch.equal(reloaded(x).logits, out)
+
+
+def test_a_module_used_twice_in_a_sequential_is_one_block_per_use():
+    relu = nn.ReLU()
+    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+    model = nn.Sequential(first, relu, second, relu)
+    drop_blocks(model, ["2"])
+    assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Identity, nn.ReLU]
+    assert model[0] is first and model[1] is relu and model[3] is relu
+
+
 def test_bad_inputs_say_what_to_do():
     model = Stack()
     with pytest.raises(PrunelabError, match="unknown blocks"):

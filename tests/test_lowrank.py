@@ -64,3 +64,21 @@ def test_bad_inputs():
         factorize_linear(nn.Linear(4, 6), 5)
     with pytest.raises(PrunelabError, match="no Linear layer"):
         low_rank_model(nn.Sequential(nn.ReLU(), nn.Tanh()), 0.5)
+
+
+def test_a_wrong_second_moment_or_keep_is_a_one_line_error():
+    linear = nn.Linear(12, 8)
+    with pytest.raises(PrunelabError, match=r"second_moment must be the \(12, 12\) input .* got \(5, 5\)"):
+        factorize_linear(linear, 2, torch.eye(5))  # was a RuntimeError from the matmul
+    with pytest.raises(PrunelabError, match=r"second_moment must be the \(12, 12\).* got \(12,\)"):
+        factorize_linear(linear, 2, torch.ones(12))
+    with pytest.raises(PrunelabError, match=r"second_moment must be .* got list"):
+        factorize_linear(linear, 2, [[1.0]])
+    for keep in ("a", None, True, float("nan"), 1.5):
+        with pytest.raises(PrunelabError, match=r"keep must be a fraction of the weights in \(0, 1\]"):
+            rank_for(12, 8, keep)  # "a" was a TypeError
+    assert rank_for(12, 8, 1) == 4  # an int 1 is a fraction too
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+    with pytest.raises(PrunelabError, match="keep must be a fraction"):
+        low_rank_model(model, "a", [torch.randn(3, 4)])
+    assert isinstance(model[0], nn.Linear)

@@ -55,3 +55,14 @@ def test_block_local_equals_masked_dense_attention(length, block):
     q, k, v = (torch.randn(2, 3, length, 8) for _ in range(3))
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=block_local_attention_mask(length, block))
     torch.testing.assert_close(block_local_attention(q, k, v, block), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("attention", "mask"), [(local_attention, local_attention_mask),
+                                                 (block_local_attention, block_local_attention_mask)])
+def test_values_may_have_another_head_size(attention, mask):
+    torch.manual_seed(3)
+    q, k, v = torch.randn(2, 40, 8), torch.randn(2, 40, 8), torch.randn(2, 40, 4)  # d_v = 4, d = 8
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask(40, 8))
+    got = attention(q, k, v, 8)
+    assert got.shape == (2, 40, 4)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)

@@ -15,13 +15,16 @@ multiply.
   input features that are nonzero somewhere in the batch: with ``c`` such columns,
   ``y = x[:, c] W^T[c] + b`` costs ``c / in`` of the dense product (plus the gather), the
   same numbers up to summation order.  :func:`sparse_input_model` swaps it in after
-  every activation module.
+  every activation module.  Its state_dict is an ``nn.Linear``'s (``weight`` ``(out, in)``,
+  ``bias``) and the copy keeps the children's names, so the copy's state_dict loads into
+  the original architecture and back.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -47,7 +50,7 @@ class TopKActivation(nn.Module):
             return x
         index = x.topk(self.k, dim=-1).indices  # (*, k)
         keep = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, index, True)
-        return x * keep
+        return x.masked_fill(~keep, 0)  # not x * keep: an unkept -inf or NaN times 0 is NaN
 
     def extra_repr(self) -> str:
         return f"k={self.k}"
@@ -90,13 +93,48 @@ def activation_sparsity(model: nn.Module, batches: Iterable, *, max_batches: int
 
 
 class SparseInputLinear(nn.Module):
-    """``linear`` computed from the input columns that are nonzero somewhere in the batch."""
+    """``linear`` computed from the input columns that are nonzero somewhere in the batch.
+
+    Holds the weight once, transposed (``weight_t``, ``(in, out)``: the rows of the active
+    inputs gather contiguously), but its state_dict is ``nn.Linear``'s: ``weight`` ``(out, in)``
+    and ``bias``, saved and loaded through the transpose.
+    """
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight_t", linear.weight.detach().T.contiguous())  # (in, out): rows gather contiguously
+        # (in, out), not in the state_dict: _save_to_state_dict writes it as weight (out, in)
+        self.register_buffer("weight_t", linear.weight.detach().T.contiguous(), persistent=False)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    @property
+    def weight(self) -> Tensor:  # (out, in), a view of weight_t
+        return self.weight_t.T
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        destination[prefix + "weight"] = self.weight_t.T.contiguous()  # nn.Linear's layout and key order
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict: Mapping, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        key = prefix + "weight"
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
+        if key not in state_dict:
+            if strict:
+                missing_keys.append(key)
+            return
+        weight = state_dict[key]
+        expected = (self.out_features, self.in_features)
+        if not isinstance(weight, Tensor) or tuple(weight.shape) != expected:
+            shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+            error_msgs.append(f"size mismatch for {key}: copying a param with shape {shape} from checkpoint, "
+                              f"the shape in current model is {expected}.")
+            return
+        with torch.no_grad():
+            self.weight_t.copy_(weight.T)
 
     def forward(self, x: Tensor) -> Tensor:  # (*, in) -> (*, out)
         rows = x.reshape(-1, self.in_features)  # (N, in)
@@ -113,11 +151,18 @@ class SparseInputLinear(nn.Module):
 def sparse_input_model(model: nn.Sequential, types: Sequence[type[nn.Module]] = (*ACTIVATIONS, TopKActivation)
                        ) -> nn.Sequential:
     """A copy of the ``nn.Sequential`` ``model`` whose Linears that follow an activation of
-    ``types`` (directly) are :class:`SparseInputLinear`; the others are untouched."""
+    ``types`` (directly) are :class:`SparseInputLinear`; the others are untouched.
+
+    The children keep their names, so the copy's state_dict has the keys (and shapes) of
+    ``model``'s and loads into it strictly.
+    """
     if not isinstance(model, nn.Sequential):
         raise PrunelabError(f"sparse_input_model needs an nn.Sequential, got {type(model).__name__}")
-    layers = list(copy.deepcopy(model).children())
-    new = [SparseInputLinear(layer) if isinstance(layer, nn.Linear) and i > 0 and isinstance(layers[i - 1], tuple(types))
-           else layer for i, layer in enumerate(layers)]
-    return nn.Sequential(*new).eval()
+    # _modules, not children(): children() skips a module object used twice, and each use is a step
+    layers = [(name, layer) for name, layer in copy.deepcopy(model)._modules.items() if layer is not None]
+    new = OrderedDict(
+        (name, SparseInputLinear(layer)
+         if isinstance(layer, nn.Linear) and i > 0 and isinstance(layers[i - 1][1], tuple(types)) else layer)
+        for i, (name, layer) in enumerate(layers))
+    return nn.Sequential(new).eval()
 

@@ -269,21 +269,39 @@ def remove_heads_(model: nn.Module, keep: Mapping[str, Tensor]) -> nn.Module:
 
     Gives the outputs of the head-masked model (:func:`head_masks` applied): a pruned head's
     constant output ``b_v`` goes through the output projection into its bias first.
+    ``keep``: unit name (:func:`attention_units`) -> ``(num_heads,)`` bool tensor; units not
+    named keep all their heads.  Every entry is checked before the model is changed, so on
+    an error the model is left as it was.
     """
     units = attention_units(model)
-    for name, kept in keep.items():
+    plan = []
+    for name, kept in keep.items():  # check everything first: nothing half-cut on an error
+        if name not in units:
+            raise PrunelabError(f"keep names an unknown attention unit {name!r}; the model's units are {list(units)}")
         unit = units[name]
-        if kept.shape != (unit.num_heads,) or not bool(kept.any()):
-            raise PrunelabError(f"keep[{name!r}] must be ({unit.num_heads},) bools with at least one True")
+        if not isinstance(kept, Tensor) or kept.dtype != torch.bool or tuple(kept.shape) != (unit.num_heads,):
+            given = (f"a {kept.dtype} tensor of shape {tuple(kept.shape)}" if isinstance(kept, Tensor)
+                     else type(kept).__name__)
+            raise PrunelabError(f"keep[{name!r}] must be a ({unit.num_heads},) bool tensor, got {given}; "
+                                "e.g. HeadChoice.keep from head_masks, or a comparison such as scores > t")
+        if not bool(kept.any()):
+            raise PrunelabError(f"keep[{name!r}] keeps no head; keep at least one per unit (or drop the block)")
         if bool(kept.all()):
             continue
+        width = unit.num_heads * unit.head_dim
+        shapes = [_get(model, p).out_features for p in (unit.q, unit.k, unit.v)] + [_get(model, unit.o).in_features]
+        if shapes != [width] * 4:
+            raise PrunelabError(f"unit {name!r} has q/k/v outputs and output-projection inputs {shapes}, expected "
+                                f"{width} each ({unit.num_heads} heads of {unit.head_dim}); cannot cut its heads")
+        if _get(model, unit.v).bias is not None and _get(model, unit.o).bias is None:
+            raise PrunelabError(f"{unit.o!r} has no bias to take the pruned heads' constant output (value bias of "
+                                f"{unit.v!r}); give it a zero bias or keep every head of {name!r}")
+        plan.append((name, unit, kept))
+    for name, unit, kept in plan:
         rows = kept.repeat_interleave(unit.head_dim).to(_get(model, unit.q).weight.device)  # (H*d,)
         value, out = _get(model, unit.v), _get(model, unit.o)
         if value.bias is not None:
-            constant = out.weight[:, ~rows] @ value.bias[~rows]  # (out,) what the pruned heads still add
-            if out.bias is None:
-                raise PrunelabError(f"{unit.o!r} has no bias to take the pruned heads' constant output")
-            out.bias.add_(constant)
+            out.bias.add_(out.weight[:, ~rows] @ value.bias[~rows])  # (out,) what the pruned heads still add
         for proj in (unit.q, unit.k, unit.v):
             _set(model, proj, _cut_rows(_get(model, proj), rows))
         new_out = nn.Linear(int(rows.sum()), out.out_features, bias=out.bias is not None, device=out.weight.device,

@@ -17,7 +17,11 @@ Apply -- :func:`drop_blocks` removes the named blocks from their ``nn.ModuleList
 blocks :func:`prunelab.oneshot.find_blocks` finds: BERT's ``encoder.layer``, GPT-2's
 ``transformer.h``, the char-GPT's ``blocks``) and lowers a ``config.num_hidden_layers`` /
 ``n_layer`` / ``num_layers`` to match, so a ``transformers`` model saved afterwards
-reloads with ``from_pretrained``.  Blocks of an ``nn.Sequential`` become ``nn.Identity``.
+reloads with ``from_pretrained``: per-layer config lists (``layer_types``,
+``mlp_layer_types``, ``num_attention_heads_per_layer``, ``no_rope_layers``) lose the
+dropped blocks' entries, and every ``layer_idx`` attribute inside a kept block (the index
+a ``transformers`` attention uses into the KV cache) becomes the block's new position.
+Blocks of an ``nn.Sequential`` become ``nn.Identity``.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from prunelab.oneshot.engine import find_blocks, hidden_states_of
 __all__ = ["block_influence", "drop_blocks", "lowest_influence"]
 
 _LAYER_COUNTS = ("num_hidden_layers", "n_layer", "num_layers")
+# config lists with one entry per layer (transformers validates some against num_hidden_layers)
+_PER_LAYER_LISTS = ("layer_types", "mlp_layer_types", "num_attention_heads_per_layer", "no_rope_layers")
 
 
 def _hidden_in(args: tuple, kwargs: Mapping[str, Any]) -> Tensor | None:
@@ -134,7 +140,8 @@ def drop_blocks(model: nn.Module, names: Sequence[str]) -> nn.Module:
         raise PrunelabError(f"dropping {len(set(names))} of {len(known)} blocks leaves none; keep at least one")
     if not names:
         return model
-    if isinstance(model, nn.Sequential) and known == [n for n, _ in model.named_children()]:
+    # not named_children(): it skips a module object used twice, as find_blocks does not
+    if isinstance(model, nn.Sequential) and known == [n for n, c in model._modules.items() if c is not None]:
         for name in names:
             model._modules[name] = nn.Identity()
         return model
@@ -143,19 +150,31 @@ def drop_blocks(model: nn.Module, names: Sequence[str]) -> nn.Module:
         raise PrunelabError("the model itself is the block list; wrap it in a module to drop blocks from it")
     owner_name, _, attr = list_name.rpartition(".")
     owner = model.get_submodule(owner_name) if owner_name else model
-    setattr(owner, attr, nn.ModuleList(block for name, block in blocks if name not in set(names)))
-    _set_layer_count_(model, len(known) - len(set(names)))
+    dropped = set(names)
+    kept = nn.ModuleList(block for name, block in blocks if name not in dropped)
+    setattr(owner, attr, kept)
+    for position, block in enumerate(kept):  # transformers attention indexes its KV-cache layer with it
+        for module in block.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = position
+    _set_layer_count_(model, [i for i, name in enumerate(known) if name not in dropped], len(known))
     return model
 
 
-def _set_layer_count_(model: nn.Module, count: int) -> None:
-    """Lower the layer count of ``model.config`` (a transformers config or a dataclass) to ``count``."""
+def _set_layer_count_(model: nn.Module, kept: list[int], old_count: int) -> None:
+    """Keep the layers ``kept`` (old indices) in ``model.config`` (a transformers config or a
+    dataclass): its layer counts become ``len(kept)``, and every per-layer list
+    (:data:`_PER_LAYER_LISTS`) of ``old_count`` entries keeps only the entries ``kept``."""
     config = getattr(model, "config", None)
-    fields = [f for f in _LAYER_COUNTS if isinstance(getattr(config, f, None), int)]
-    if not fields:
+    updates: dict[str, Any] = {f: len(kept) for f in _LAYER_COUNTS if isinstance(getattr(config, f, None), int)}
+    if not updates:
         return
+    for field in _PER_LAYER_LISTS:
+        values = getattr(config, field, None)
+        if isinstance(values, (list, tuple)) and len(values) == old_count:
+            updates[field] = type(values)(values[i] for i in kept)
     if dataclasses.is_dataclass(config) and getattr(type(config), "__dataclass_params__").frozen:
-        model.config = dataclasses.replace(config, **{f: count for f in fields})
+        model.config = dataclasses.replace(config, **updates)
     else:
-        for field in fields:
-            setattr(config, field, count)
+        for field, value in updates.items():
+            setattr(config, field, value)

@@ -28,6 +28,7 @@ factorised with the same ranks (``report.ranks``).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -58,10 +59,14 @@ class LowRankLinear(nn.Module):
         return self.second(self.first(x))
 
 
+def _check_keep(keep: float) -> None:
+    if isinstance(keep, bool) or not isinstance(keep, numbers.Real) or not 0.0 < keep <= 1.0:
+        raise PrunelabError(f"keep must be a fraction of the weights in (0, 1], got {keep!r}; e.g. 0.5")
+
+
 def rank_for(in_features: int, out_features: int, keep: float) -> int:
     """The largest rank whose two factors hold at most ``keep`` of the ``in * out`` weights (at least 1)."""
-    if not 0.0 < keep <= 1.0:
-        raise PrunelabError(f"keep must be a fraction of the weights in (0, 1], got {keep!r}; e.g. 0.5")
+    _check_keep(keep)
     return max(1, math.floor(keep * in_features * out_features / (in_features + out_features)))
 
 
@@ -76,6 +81,11 @@ def factorize_linear(linear: nn.Linear, rank: int, second_moment: Tensor | None 
     out_f, in_f = linear.weight.shape
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(in_f, out_f):
         raise PrunelabError(f"rank must be an integer in [1, {min(in_f, out_f)}] for a {out_f}x{in_f} weight, got {rank!r}")
+    if second_moment is not None and (not isinstance(second_moment, Tensor)
+                                      or tuple(second_moment.shape) != (in_f, in_f)):
+        given = tuple(second_moment.shape) if isinstance(second_moment, Tensor) else type(second_moment).__name__
+        raise PrunelabError(f"second_moment must be the ({in_f}, {in_f}) input second moment X X^T / n of this "
+                            f"{out_f}x{in_f} layer, got {given}; collect it from this layer's inputs, or pass None")
     W = linear.weight.detach().double()  # (out, in)
     if second_moment is None:
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
@@ -83,7 +93,7 @@ def factorize_linear(linear: nn.Linear, rank: int, second_moment: Tensor | None 
         first = root[:, None] * Vh[:rank]  # (r, in)
         second = U[:, :rank] * root  # (out, r)
     else:
-        L, _, _, _ = damped_cholesky(second_moment.double(), dampening)  # (in, in) lower, H' = L L^T
+        L, _, _, _ = damped_cholesky(second_moment.to(W.device).double(), dampening)  # (in, in) lower, H' = L L^T
         U, S, Vh = torch.linalg.svd(W @ L, full_matrices=False)
         # W' = U_r S_r V_r^T L^{-1}: first = M L^{-1} with M = S_r V_r^T (r, in), i.e. L^T first^T = M^T
         first = torch.linalg.solve_triangular(L.T, (S[:rank, None] * Vh[:rank]).T, upper=True).T  # (r, in)
@@ -158,6 +168,7 @@ def low_rank_model(model: nn.Module, keep: float, calibration: Sequence[Any] | N
     each layer's input second moment from one pass of the dense model; ``None``: plain SVD.
     A layer whose rank would not save weights (``keep`` close to 1) is left as it is.
     """
+    _check_keep(keep)  # before the calibration pass
     linears = _block_linears(model, tuple(exclude))
     moments = _second_moments(model, linears, list(calibration)) if calibration is not None else {}
     ranks, before, after = {}, 0, 0

@@ -61,7 +61,8 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
 def local_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
     """Causal sliding-window attention ``softmax(q k^T / sqrt(d) + mask) v`` in ``O(T window)``.
 
-    ``q, k, v``: ``(..., T, d)`` (e.g. ``(B, H, T, d)``).  Equal, up to summation order, to
+    ``q, k``: ``(..., T, d)`` (e.g. ``(B, H, T, d)``), ``v``: ``(..., T, d_v)``; returns
+    ``(..., T, d_v)``.  Equal, up to summation order, to
     ``scaled_dot_product_attention(q, k, v, attn_mask=local_attention_mask(T, window))``.
 
     The first ``window`` queries see every earlier key: plain causal attention.  The rest are
@@ -88,8 +89,9 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
     a = torch.arange(tile, device=q.device).unsqueeze(1)  # query offset in its tile
     c = torch.arange(span, device=q.device).unsqueeze(0)  # key offset in the tile's keys
     allowed = (c > a) & (c <= a + window)  # query window + i*tile + a, key i*tile + c: i - window < j <= i
-    out = F.scaled_dot_product_attention(queries, windows(k), windows(v), attn_mask=allowed)  # (..., tiles, tile, d)
-    return torch.cat((head, out.reshape(*lead, tiles * tile, dim)[..., :rest, :]), dim=-2)
+    out = F.scaled_dot_product_attention(queries, windows(k), windows(v), attn_mask=allowed)  # (..., tiles, tile, d_v)
+    out = out.reshape(*lead, tiles * tile, v.shape[-1])  # v's head size may differ from q's
+    return torch.cat((head, out[..., :rest, :]), dim=-2)
 
 
 def block_local_attention_mask(length: int, block: int, device: torch.device | str | None = None) -> Tensor:
@@ -104,11 +106,11 @@ def block_local_attention_mask(length: int, block: int, device: torch.device | s
 def block_local_attention(q: Tensor, k: Tensor, v: Tensor, block: int) -> Tensor:
     """Causal attention restricted to :func:`block_local_attention_mask` in ``O(T block)``.
 
-    ``q, k, v``: ``(..., T, d)``.  Block 0 runs causally on its own.  The queries of every
-    later block ``b`` attend to the key pair ``[block b-1, block b]``; they are cut into tiles
-    of ``t`` queries (:func:`_tile`), and the tile at offset ``o`` of its block scores only the
-    ``block + o + t`` keys up to its last query -- one fused call per tile offset, batched
-    over all blocks.
+    ``q, k``: ``(..., T, d)``, ``v``: ``(..., T, d_v)``; returns ``(..., T, d_v)``.  Block 0
+    runs causally on its own.  The queries of every later block ``b`` attend to the key pair
+    ``[block b-1, block b]``; they are cut into tiles of ``t`` queries (:func:`_tile`), and the
+    tile at offset ``o`` of its block scores only the ``block + o + t`` keys up to its last
+    query -- one fused call per tile offset, batched over all blocks.
     """
     _check_window(block)
     _check_qkv(q, k, v)
@@ -137,5 +139,5 @@ def block_local_attention(q: Tensor, k: Tensor, v: Tensor, block: int) -> Tensor
         allowed = c <= block + start + a  # causal inside the pair
         outs.append(F.scaled_dot_product_attention(queries[..., start:stop, :], keys[..., :span, :],
                                                    values[..., :span, :], attn_mask=allowed))
-    rest = torch.cat(outs, dim=-2).reshape(*lead, (blocks - 1) * block, dim)
+    rest = torch.cat(outs, dim=-2).reshape(*lead, (blocks - 1) * block, v.shape[-1])  # v's head size
     return torch.cat((head, rest), dim=-2)[..., :length, :]
