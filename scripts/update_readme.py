@@ -141,9 +141,11 @@ def cli_section() -> str:
         parts.append(block("prunelab " + " ".join(drop_args + ["--out", "runs/minilm-4-layers"]),
                            output.replace(str(drop_out), "runs/minilm-4-layers")))
         parts.append("### Bad input\n\nOne line on stderr, exit status 2, nothing written:\n")
-        bad = exe + ["prune", "--granularity", "2:3", "--model", "digits_mlp", "--no-progress", "--out", str(Path(tmp) / "bad")]
+        bad = exe + ["prune", "--granularity", "2:3", "--method", "oneshot", "--model", "digits_mlp", "--no-progress",
+                     "--out", str(Path(tmp) / "bad")]
         output = run(bad, check=False)
-        parts.append(block("prunelab prune --granularity 2:3 --model digits_mlp --no-progress; echo \"exit $?\"",
+        parts.append(block("prunelab prune --granularity 2:3 --method oneshot --model digits_mlp --no-progress; "
+                           "echo \"exit $?\"",
                            output + f"\nexit {subprocess.run(bad, capture_output=True).returncode}"))
     return "\n".join(parts)
 

@@ -90,7 +90,9 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
     directory = _resolve(path)
     try:
-        meta = json.loads((directory / META_FILE).read_text())
+        meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise PrunelabError(f"{directory / META_FILE} is not UTF-8 JSON; the checkpoint is corrupt") from None
     except json.JSONDecodeError as exc:
         raise PrunelabError(f"{directory / META_FILE} is not valid JSON ({exc.msg}); the checkpoint is corrupt") from None
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:

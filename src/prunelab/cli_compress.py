@@ -8,6 +8,7 @@ on the checkpoint's test set, so the size and error printed are those of the fil
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from prunelab.errors import PrunelabError
@@ -47,8 +48,19 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     if args.finetune_epochs < 0:
         raise PrunelabError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
+    out = Path(args.out)
+    if not args.out or out.is_dir():
+        raise PrunelabError(f"--out must name a file to write, got {args.out!r}; e.g. --out model.plc")
+    from prunelab.checkpoint import MASKS_FILE, META_FILE, MODEL_FILE
+
+    source = Path(args.checkpoint).resolve()
+    if out.resolve() in {source / name for name in (MODEL_FILE, MASKS_FILE, META_FILE)}:
+        raise PrunelabError(f"--out {args.out!r} would overwrite a file of the checkpoint being read; write elsewhere")
     ckpt = load_checkpoint(args.checkpoint)
     meta = ckpt.meta
+    if not isinstance(meta.get("dataset"), str):
+        raise PrunelabError(f"{args.checkpoint}/checkpoint.json names no 'dataset'; re-create the checkpoint with "
+                            "prunelab prune")
     splits = load_dataset(meta["dataset"], args.data_dir)
     train_loader, test_loader = make_loaders(splits, 128, seed=0)
     before = evaluate(ckpt.model, test_loader)

@@ -79,17 +79,64 @@ class RunConfig:
 FIELD_NAMES = tuple(f.name for f in fields(RunConfig))
 
 
+OPTIONAL_STRINGS = ("data_dir", "out")  # str or None
+
+
+def _checked_value(key: str, value: Any, source: str) -> Any:
+    """``value`` for field ``key`` as RunConfig holds it; a one-line error when YAML gave the wrong type."""
+    default = RunConfig.__dataclass_fields__[key]
+    kind = type(default.default) if default.default is not dataclasses.MISSING else None
+
+    def wrong(expected: str) -> PrunelabError:
+        return PrunelabError(f"{key} in {source} must be {expected}, got {value!r} ({type(value).__name__})")
+
+    if key == "exclude":
+        if value is None:
+            return ()
+        items = (value,) if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+            raise wrong("a layer-name glob or a list of them")
+        return tuple(items)
+    if key == "layer_rates":
+        if value is None:
+            return {}
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values()):
+            raise wrong("a mapping of layer-name glob to rate, e.g. {fc3: 0.1}")
+        return {k: float(v) for k, v in value.items()}
+    if key in ("keep_first", "keep_last"):
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise wrong("'dense', 'none' or a maximum sparsity")
+        return str(value)
+    if key == "finetune_lr":
+        if value is None:
+            return None
+        kind = float
+    if key in OPTIONAL_STRINGS:
+        if value is not None and not isinstance(value, str):
+            raise wrong("a path (a string)")
+        return value
+    if kind is bool and not isinstance(value, bool):
+        raise wrong("true or false")
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise wrong("an integer")
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong("a number")
+        return float(value)
+    if kind is str and not isinstance(value, str):
+        raise wrong("a string")
+    return value
+
+
 def config_from_mapping(values: dict[str, Any], source: str = "config") -> RunConfig:
-    """Build a RunConfig, refusing unknown keys with the list of valid ones."""
-    unknown = sorted(set(values) - set(FIELD_NAMES))
+    """Build a RunConfig, refusing unknown keys (with the list of valid ones) and values of the wrong type."""
+    unknown = sorted((str(k) for k in set(values) - set(FIELD_NAMES)), key=str)
     if unknown:
         raise PrunelabError(f"unknown key(s) {', '.join(unknown)} in {source}; valid keys: {', '.join(FIELD_NAMES)}")
-    values = dict(values)
-    if "exclude" in values and values["exclude"] is not None:
-        values["exclude"] = tuple(values["exclude"]) if not isinstance(values["exclude"], str) else (values["exclude"],)
-    for key in ("keep_first", "keep_last"):
-        if values.get(key) is not None:
-            values[key] = str(values[key])
+    values = {key: _checked_value(key, value, source) for key, value in values.items()}
     try:
         return RunConfig(**values)
     except TypeError as exc:
@@ -103,9 +150,11 @@ def load_yaml_config(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise PrunelabError(f"config file {str(path)!r} does not exist; pass a YAML file with RunConfig keys")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise PrunelabError(f"cannot parse {str(path)!r} as YAML ({str(exc).splitlines()[0]})") from None
+    except UnicodeDecodeError:
+        raise PrunelabError(f"{str(path)!r} is not UTF-8 text; pass a YAML file with RunConfig keys") from None
     if not isinstance(data, dict):
         raise PrunelabError(f"{str(path)!r} must hold a mapping of RunConfig keys, got {type(data).__name__}")
     return data

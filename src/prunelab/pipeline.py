@@ -8,6 +8,7 @@ checkpoint (``model.safetensors`` + ``masks.safetensors`` + ``checkpoint.json``)
 from __future__ import annotations
 
 import dataclasses
+import math
 import platform
 import time
 from pathlib import Path
@@ -53,8 +54,17 @@ def validate(config: RunConfig) -> None:
     CRITERIA.get(config.criterion)
     granularity = get_granularity(config.granularity)
     get_allocation(config.allocation)
+    if config.pretrain_epochs < 0:
+        raise PrunelabError(f"--pretrain-epochs must be >= 0, got {config.pretrain_epochs}")
+    if not (math.isfinite(config.slimming_strength) and config.slimming_strength >= 0):
+        raise PrunelabError(f"--slimming-strength must be a number >= 0, got {config.slimming_strength!r}; e.g. 1e-4")
+    if config.finetune_lr is not None and not (math.isfinite(config.finetune_lr) and config.finetune_lr > 0):
+        raise PrunelabError(f"--finetune-lr must be a positive number, got {config.finetune_lr!r}; e.g. 0.01")
+    if config.out is not None and not config.out.strip():
+        raise PrunelabError("--out is empty; name an output folder, or leave it out for runs/<model>-<method>-<hash>")
     prune_spec(config)
     pretrain_config(config)
+    finetune_config(config)
     if granularity.is_pattern:
         _check_pattern_method(config, granularity)
 

@@ -83,7 +83,8 @@ class LayerRules:
             if not 0.0 <= value < 1.0:
                 raise PrunelabError(f"fixed sparsity for {pattern!r} must be in [0, 1), got {value}")
             for n in _matching(names, pattern, "fixed_sparsity"):
-                bounds[n] = (value, value)
+                clamped = min(value, bounds[n][1])  # a keep rule / ceiling wins over a fixed rate
+                bounds[n] = (clamped, clamped)
         return bounds
 
 

@@ -53,6 +53,10 @@ class PruneSpec:
             raise PrunelabError(f"finetune_epochs must be >= 0, got {self.finetune_epochs}")
         if not 0.0 < self.end_fraction <= 1.0:
             raise PrunelabError(f"end_fraction must be in (0, 1], got {self.end_fraction}")
+        for name, minimum in (("num_updates", 1), ("score_batches", 1), ("delta_t", 1), ("start_epoch", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise PrunelabError(f"{name} must be an integer >= {minimum}, got {value!r}")
         for name, rate in self.layer_rates.items():
             check_sparsity(rate, f"per-round rate for {name!r}")
 

@@ -36,8 +36,8 @@ def run_iterative(
     for r in schedule.update_steps():
         base = schedule.sparsity_at(r)
         fixed = {n: per_round_sparsity(rate, r) for n, rate in overridden.items()}
-        target = sum(sizes[n] * fixed.get(n, base) for n in names) / sum(sizes.values())
-        sparsifier.bounds = spec.rules(fixed).bounds(names)
+        sparsifier.bounds = spec.rules(fixed).bounds(names)  # keep_first/keep_last cap a fixed rate
+        target = sum(sizes[n] * (sparsifier.bounds[n][0] if n in fixed else base) for n in names) / sum(sizes.values())
         sparsifier.update(target)
         if tune.epochs > 0:
             optimizer = make_optimizer(model.parameters(), tune)

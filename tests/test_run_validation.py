@@ -1,0 +1,95 @@
+"""prune/compress refuse bad configurations in one line, before any training, and keep rules win over rates."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import pytest
+
+from prunelab.config import config_from_mapping
+from prunelab.errors import PrunelabError
+from prunelab.methods import PruneSpec
+from prunelab.targets import LayerRules
+
+QUICK = ["--model", "digits_mlp", "--dataset", "digits", "--no-progress"]
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"exclude": 5}, "exclude in c.yaml must be a layer-name glob or a list of them, got 5"),
+    ({"exclude": ["fc1", 3]}, "exclude in c.yaml must be a layer-name glob"),
+    ({"layer_rates": [1, 2]}, "layer_rates in c.yaml must be a mapping"),
+    ({"rounds": 2.5}, "rounds in c.yaml must be an integer, got 2.5"),
+    ({"rounds": "3"}, "rounds in c.yaml must be an integer, got '3'"),
+    ({"download": "false"}, "download in c.yaml must be true or false, got 'false'"),
+    ({"sparsity": "0.5"}, "sparsity in c.yaml must be a number"),
+    ({1: 2}, "unknown key"),
+])
+def test_yaml_values_of_the_wrong_type_are_refused(values, message):
+    with pytest.raises(PrunelabError, match=message):
+        config_from_mapping(values, "c.yaml")
+
+
+def test_yaml_nulls_mean_empty_and_numbers_become_floats():
+    config = config_from_mapping({"exclude": None, "layer_rates": None, "lr": 1, "keep_first": 0.5}, "c.yaml")
+    assert config.exclude == () and config.layer_rates == {} and config.lr == 1.0 and config.keep_first == "0.5"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--pretrain-epochs", "-3"], "--pretrain-epochs must be >= 0, got -3"),
+    (["--slimming-strength", "nan"], "--slimming-strength must be a number >= 0"),
+    (["--finetune-lr", "nan"], "--finetune-lr must be a positive number"),
+    (["--out", " "], "--out is empty"),
+    (["--method", "gradual", "--num-updates", "0"], "num_updates must be an integer >= 1, got 0"),
+])
+def test_bad_numbers_are_refused_before_training(cli, tmp_path, extra, message):
+    started = time.perf_counter()
+    argv = ["prune", *QUICK, "--pretrain-epochs", "50", *extra]
+    if "--out" not in extra:
+        argv += ["--out", str(tmp_path / "out")]
+    code, _, err = cli(*argv)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert time.perf_counter() - started < 5.0  # 50 dense epochs were not run first
+    assert not (tmp_path / "out").exists()
+
+
+def test_keep_rules_cap_a_fixed_per_layer_rate():
+    rules = LayerRules(keep_first="dense", keep_last=0.3, fixed_sparsity={"fc1": 0.5, "fc3": 0.6, "fc2": 0.4})
+    assert rules.bounds(["fc1", "fc2", "fc3"]) == {"fc1": (0.0, 0.0), "fc2": (0.4, 0.4), "fc3": (0.3, 0.3)}
+
+
+def test_iterative_layer_rates_leave_a_keep_dense_layer_dense(cli, tmp_path):
+    import json
+
+    out = tmp_path / "kf"
+    code, _, err = cli("prune", *QUICK, "--method", "iterative", "--rounds", "2", "--pretrain-epochs", "1",
+                       "--finetune-epochs", "0", "--sparsity", "0.5", "--keep-first", "dense", "--layer-rates", "fc1=0.3",
+                       "--out", str(out))
+    assert code == 0, err
+    layers = {row["name"]: row for row in json.loads((out / "results.json").read_text())["layers"]}
+    assert layers["fc1.weight"]["kept"] == layers["fc1.weight"]["total"] == 8192
+
+
+def test_prunespec_integer_knobs_are_checked():
+    with pytest.raises(PrunelabError, match="delta_t must be an integer >= 1"):
+        PruneSpec(delta_t=0)
+    with pytest.raises(PrunelabError, match="score_batches must be an integer >= 1"):
+        PruneSpec(score_batches=-2)
+
+
+def test_compress_refuses_to_overwrite_the_checkpoint_it_reads(cli, tmp_path):
+    from prunelab.bench.models import build_model
+    from prunelab.checkpoint import save_checkpoint
+    from prunelab.masks import MaskSet
+
+    model = build_model("digits_mlp", (64,), 10)
+    checkpoint = tmp_path / "ckpt"
+    save_checkpoint(checkpoint, model, MaskSet.from_model(model, ["fc1.weight"]),
+                    {"model": "digits_mlp", "dataset": "digits", "input_shape": [64], "num_classes": 10})
+    before = (checkpoint / "model.safetensors").read_bytes()
+    code, _, err = cli("compress", str(checkpoint), "--out", str(checkpoint / "model.safetensors"), "--no-progress")
+    assert code == 2 and "would overwrite a file of the checkpoint" in err
+    assert (checkpoint / "model.safetensors").read_bytes() == before
+    code, _, err = cli("compress", str(checkpoint), "--out", str(tmp_path), "--no-progress")
+    assert code == 2 and "--out must name a file" in err
+    shutil.rmtree(checkpoint)
