@@ -88,8 +88,9 @@ def cli_section() -> str:
             shown = " ".join(prune_args + ["--data-dir", "../shared/data/mnist", "--out", "runs/lenet5"])
             parts.append(block(f"prunelab {shown}", output.replace(str(run_dir), "runs/lenet5")))
         parts.append("### `prunelab lottery`\n\nLottery tickets (Frankle & Carbin 2019): IMP rewinding the survivors to "
-                     "iteration `--rewind-iter` (0 = the initialisation), 20% of each hidden layer / 10% of the output "
-                     "layer per round, a random-reinitialisation control on every mask. Each finished round is kept in "
+                     "iteration `--rewind-iter` (0 = the initialisation; rewound to k, a round trains the remaining steps "
+                     "k..T with the learning-rate schedule continued, Frankle et al. 2020), 20% of each hidden layer / "
+                     "10% of the output layer per round, a random-reinitialisation control on every mask. Each finished round is kept in "
                      "the run folder; `--resume DIR` continues after the last one (only `--rounds` may change):\n")
         lot_out = Path(tmp) / "lottery"
         lot_args = ["lottery", "--model", "digits_mlp", "--dataset", "digits", "--rounds", "3", "--epochs", "3",
