@@ -93,3 +93,11 @@ def test_compress_refuses_to_overwrite_the_checkpoint_it_reads(cli, tmp_path):
     code, _, err = cli("compress", str(checkpoint), "--out", str(tmp_path), "--no-progress")
     assert code == 2 and "--out must name a file" in err
     shutil.rmtree(checkpoint)
+
+
+def test_an_unreachable_target_is_refused_before_training(cli, tmp_path):
+    started = time.perf_counter()
+    code, _, err = cli("prune", *QUICK, "--method", "oneshot", "--keep-first", "dense", "--keep-last", "dense",
+                       "--sparsity", "0.99", "--pretrain-epochs", "300", "--out", str(tmp_path / "out"))
+    assert code == 2 and "the layer rules (dense / floor layers) keep at least 8832" in err
+    assert time.perf_counter() - started < 5.0 and not (tmp_path / "out").exists()

@@ -127,7 +127,9 @@ def run(config: RunConfig) -> dict[str, Any]:
     model = build_model(config.model, splits.input_shape, splits.num_classes)
     train_loader, test_loader = make_loaders(splits, config.batch_size, config.seed)
     example = splits.test[0][0].unsqueeze(0)
-    prune_spec(config).sparsifier(model, None)  # layer-level checks (N:M fit, rules, exclude) before any training
+    checker = prune_spec(config).sparsifier(model, None)  # layer-level checks (N:M fit, rules, exclude) before training
+    if config.method in ("oneshot", "iterative", "gradual") and not config.layer_rates and not checker.granularity.is_pattern:
+        checker.check_target(config.sparsity)  # their last update asks exactly this: refuse an infeasible one now
 
     if config.pretrain_epochs > 0 and config.method not in FROM_SCRATCH:
         loss_fn = SlimmingLoss(model, config.slimming_strength) if config.slimming_strength > 0 else F.cross_entropy

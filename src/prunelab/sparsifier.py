@@ -167,6 +167,22 @@ class Sparsifier:
         keep = allocate(self.allocation, layers, sparsity)
         return {n: self.granularity.from_groups(keep[n], tuple(p.shape)) for n, p in self.params.items()}
 
+    def check_target(self, sparsity: float) -> None:
+        """Raise the allocator's one-line error now if the layer rules make ``sparsity`` unreachable.
+
+        Runs the allocation on placeholder scores (no data, no training needed), so a run
+        can refuse an infeasible ``--keep-first dense --sparsity 0.99`` before it trains.
+        """
+        check_sparsity(sparsity)
+        layers: list[LayerBudget] = []
+        for name, param in self.params.items():
+            shape = tuple(param.shape)
+            count = self.granularity.to_groups(torch.zeros(shape)).shape[0]
+            min_keep, max_keep = keep_bounds(count, *self.bounds[name])
+            layers.append(LayerBudget(name, torch.zeros(count), self.granularity.group_size(shape), shape,
+                                      min(min_keep, max_keep), max_keep))
+        allocate(self.allocation, layers, sparsity)
+
     def _check_pattern_sparsity(self, sparsity: float) -> None:
         # compared with the pattern's own sparsity, not the model's: layers kept dense by
         # keep_first / keep_last lower the overall number but not what the pattern does
