@@ -80,3 +80,16 @@ def test_materialise_refuses_to_overwrite_its_own_checkpoint(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "would replace the input" in err and len(err.strip().splitlines()) == 1
     assert sorted(os.listdir(checkpoint)) == before
+
+
+def test_a_config_json_counts_only_when_prunelab_wrote_it(tmp_path):
+    hf_model = tmp_path / "hf"
+    hf_model.mkdir()
+    (hf_model / "config.json").write_text('{"model_type": "bert"}')
+    (hf_model / "model.safetensors").write_bytes(b"")
+    with pytest.raises(PrunelabError, match="not written by prunelab"):
+        check_replaceable(hf_model)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "config.json").write_text('{"format": "prunelab.chargpt.v1"}')
+    check_replaceable(cache)

@@ -37,9 +37,23 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
 
 
 # A folder holding one of these was written by prunelab (a run, a checkpoint, a materialised or
-# shrunk model, a one-shot/drop-layers output, a lottery round, a model cache): atomic_dir may replace it.
+# shrunk model, a one-shot/drop-layers output, a lottery round): atomic_dir may replace it.  A
+# config.json counts only when prunelab wrote it (its "format" starts with "prunelab.", the char-GPT
+# cache): Hugging Face model folders hold one too.
 RECORD_FILES: tuple[str, ...] = ("checkpoint.json", "results.json", "architecture.json", "materialised.json",
-                                 "report.json", "metrics.json", "config.json")
+                                 "report.json", "metrics.json")
+
+
+def _written_by_prunelab(folder: Path, entries: list[str]) -> bool:
+    if any(name in entries for name in RECORD_FILES):
+        return True
+    if "config.json" not in entries:
+        return False
+    try:
+        record = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and str(record.get("format", "")).startswith("prunelab.")
 
 
 def _umask() -> int:
@@ -73,7 +87,7 @@ def check_replaceable(path: str | os.PathLike, inputs: tuple[str | os.PathLike, 
         raise PrunelabError(f"output path {str(path)!r} is a file; choose a folder for --out")
     if path.is_dir():
         entries = sorted(p.name for p in path.iterdir())
-        if entries and not any(name in entries for name in RECORD_FILES):
+        if entries and not _written_by_prunelab(path, entries):
             raise PrunelabError(
                 f"refusing to replace {str(path)!r}: it holds {', '.join(entries[:3])}"
                 f"{' ...' if len(entries) > 3 else ''} and was not written by prunelab; choose a new or empty folder"
