@@ -180,6 +180,7 @@ def main(argv=None) -> int:
                    "cuda": torch.version.cuda, "cusparselt": bool(torch.backends.cusparselt.is_available())}
     record = {"config": {"shapes": [list(s) for s in shapes], "tokens": list(tokens), "dtypes": list(DTYPES),
                          "reps": reps, "quick": quick},
+              "seeds": [0, 1, 2],  # weight draws of the shape sweep, the fp32 check and the MLP
               "environment": environment, "columns": COLUMNS, "rows": rows, "fp32": fp32, "mlp": mlp,
               "targets": targets, "total_wall_time_s": time.perf_counter() - started}
     publish("gpu_semi_structured", record, args.out)

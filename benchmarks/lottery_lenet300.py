@@ -12,8 +12,10 @@ seed noise (min over seeds of the ticket > max over seeds of the control).
 Setup: Adam, lr 1.2e-3, mini-batch 60 (as F&C), but only **5 epochs per round**
 (5,000 iterations; F&C train 50,000) so 15 rounds x 2 seeds, with the control at the
 reported rounds, fit in about 20 minutes on a free 2-core CPU.  Accuracies are taken at
-the *early-stopping iteration* (minimum test loss among evaluations every 500 iterations,
-F&C's measure; they use a validation split) and at the end of training.  Reported
+the end of training -- the targets use these -- and at the *early-stopping iteration*
+(minimum loss among evaluations every 500 iterations, F&C's measure).  F&C pick that
+iteration on a validation split; here it is picked on the test set, so the early-stop
+columns are test-selected (an optimistic number, shown for comparison with F&C's figures).  Reported
 rounds: 3, 7, 9, 12, 15 (51.3%, 21.1%, 13.5%, 7.0%, 3.6% of the weights remaining; the
 exact fractions are in the record).
 
@@ -65,14 +67,14 @@ def summarise(values: list[float]) -> tuple[float, float]:
 def plot(rows: list[dict], dense_pct: float, path: Path) -> None:
     with plot_axes(path, figsize=(6.5, 4.2)) as ax:
         x = [r["remaining_pct"] for r in rows]
-        for key, label in (("ticket_es_accuracy_pct", "winning ticket"), ("reinit_es_accuracy_pct", "random reinit")):
+        for key, label in (("ticket_final_accuracy_pct", "winning ticket"), ("reinit_final_accuracy_pct", "random reinit")):
             ax.errorbar(x, [r[key] for r in rows], yerr=[r[key.replace("_pct", "_std_pct")] for r in rows], marker="o",
                         capsize=3, label=label)
         ax.axhline(dense_pct, color="grey", linestyle="--", label="dense")
         ax.set_xscale("log")
         ax.invert_xaxis()
         ax.set_xlabel("weights remaining (%)")
-        ax.set_ylabel("test accuracy at early stop (%)")
+        ax.set_ylabel("test accuracy at the end of training (%)")
         ax.set_title("LeNet-300-100 / MNIST lottery tickets")
         ax.legend()
 
@@ -118,30 +120,32 @@ def main(argv=None) -> int:
                 row[f"{kind}_{key}_max_pct"] = max(100.0 * p[field] for p in parts)
             row[f"{kind}_early_stop_step"] = statistics.fmean(p["early_stop_step"] for p in parts)
         rows.append(row)
-        text = f"round {r}: {row['remaining_pct']:.1f}% remaining, ticket {row['ticket_es_accuracy_pct']:.2f}%"
-        if "reinit_es_accuracy_pct" in row:
-            text += f", reinit {row['reinit_es_accuracy_pct']:.2f}%"
+        text = f"round {r}: {row['remaining_pct']:.1f}% remaining, ticket {row['ticket_final_accuracy_pct']:.2f}%"
+        if "reinit_final_accuracy_pct" in row:
+            text += f", reinit {row['reinit_final_accuracy_pct']:.2f}%"
         print(text)
 
-    dense = rows[0]["ticket_es_accuracy_pct"]
+    dense = rows[0]["ticket_final_accuracy_pct"]
     plot_rows = [r for r in rows if "reinit_es_accuracy_pct" in r]
     total = time.perf_counter() - started
     targets = []
     at21 = next((r for r in rows if r["round"] == 7), None)
-    if at21 is not None:
-        targets.append(target("ticket - dense accuracy at 21.1% remaining (points, early stop)",
-                              round(at21["ticket_es_accuracy_pct"] - dense, 3), ">= 0",
-                              at21["ticket_es_accuracy_pct"] >= dense))
     deep = [r for r in plot_rows if r["remaining_pct"] <= 13.6]
-    if deep:
-        margin = min(r["ticket_es_accuracy_min_pct"] - r["reinit_es_accuracy_max_pct"] for r in deep)
-        targets.append(target("min over rounds <= 13.5% of (min-seed ticket - max-seed reinit) accuracy (points)",
-                              round(margin, 3), "> 0", margin > 0))
+    for key, label in (("final", "end of training"), ("es", "early stop, test-selected")):
+        if at21 is not None:
+            gain = at21[f"ticket_{key}_accuracy_pct"] - rows[0][f"ticket_{key}_accuracy_pct"]
+            targets.append(target(f"ticket - dense accuracy at 21.1% remaining (points, {label})",
+                                  round(gain, 3), ">= 0", gain >= 0))
+        if deep:
+            margin = min(r[f"ticket_{key}_accuracy_min_pct"] - r[f"reinit_{key}_accuracy_max_pct"] for r in deep)
+            targets.append(target(f"min over rounds <= 13.5% of (min-seed ticket - max-seed reinit) accuracy "
+                                  f"(points, {label})", round(margin, 3), "> 0", margin > 0))
     targets.append(target("total wall time (s)", round(total, 1), "<= 1800", total <= 1800))
     columns = [("round", "round"), ("remaining_pct", "remaining %"),
-               ("ticket_es_accuracy_pct", "ticket acc % (early stop)"), ("ticket_es_accuracy_std_pct", "std"),
-               ("reinit_es_accuracy_pct", "reinit acc % (early stop)"), ("reinit_es_accuracy_std_pct", "std"),
-               ("ticket_final_accuracy_pct", "ticket acc % (end)"), ("reinit_final_accuracy_pct", "reinit acc % (end)"),
+               ("ticket_final_accuracy_pct", "ticket acc % (end)"), ("ticket_final_accuracy_std_pct", "std"),
+               ("reinit_final_accuracy_pct", "reinit acc % (end)"), ("reinit_final_accuracy_std_pct", "std"),
+               ("ticket_es_accuracy_pct", "ticket acc % (early stop, test-selected)"),
+               ("reinit_es_accuracy_pct", "reinit acc % (early stop, test-selected)"),
                ("ticket_early_stop_step", "ticket early-stop iter"), ("reinit_early_stop_step", "reinit early-stop iter")]
     record = {
         "config": {**config.to_dict(), "seed": "per seed", "reported_rounds": reported, "quick": quick},

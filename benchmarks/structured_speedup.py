@@ -33,8 +33,9 @@ FLOP ratio counts) and ``other layers % of dense`` the share of the dense forwar
 the other leaves (pooling, BatchNorm, activations); the per-leaf times are in the record.  Target: latency ratio within 25%
 of the FLOP ratio (0.75 <= latency ratio / FLOP ratio <= 1.25).
 
-PyTorch's CPU max-pool over NCHW tensors is slow (in LeNet-5 it took a third or more of
-the dense forward).  For models with ``nn.MaxPool2d`` the dense and the shrunk model are
+PyTorch's CPU max-pool over NCHW tensors is slow (the record's ``maxpool_share_pct`` and
+``maxpool_ms`` / ``maxpool_pooled_ms`` give its share of the dense forward and each pool's
+time, native and separable).  For models with ``nn.MaxPool2d`` the dense and the shrunk model are
 therefore also timed with :func:`prunelab.materialise.pooling.speed_up_pooling_` applied to
 both (the exact separable pool wherever it measures faster at that batch size, the
 ``pooling="auto"`` of ``materialise``): ``latency x, separable max-pools`` is that ratio,
@@ -48,9 +49,11 @@ otherwise idle machine -- on a loaded CPU a multi-threaded op waits for deschedu
 threads and the ratios mean nothing (use ``--threads 1`` there).  Timing runs with
 subnormal floats flushed to zero (``torch.set_flush_denormal(True)``, the usual CPU inference
 setting; ``--keep-denormals`` turns it off): the trained ResidualCNN produces subnormal
-values, and without flushing its batch-1 forward measured 3.07 ms dense / 2.53 ms shrunk
-against 1.67 / 0.97 ms with it (2026-12-01; batch 64 and LeNet-5 were unaffected).  A pruned
-model deployed on CPU should run with the same setting.
+values, which slowed its batch-1 forward in one side-by-side check (2026-12-01, not part of
+the record: 3.07 / 2.53 ms dense / shrunk unflushed against 1.67 / 0.97 ms flushed).  Batch-1
+times on this shared machine also vary about 2x between runs with the setting unchanged
+(ResidualCNN dense 1.9-3.5 ms), so only the ratios in one record compare.  A pruned model
+deployed on CPU should run with flushing on.
 
     python benchmarks/structured_speedup.py            # full run (several minutes on 2 idle cores)
     python benchmarks/structured_speedup.py --quick    # a smoke run on 2,000 images
@@ -239,16 +242,18 @@ def run_setup(setup: Setup, splits, args, seed: int) -> tuple[list[dict], dict]:
         rounds = [model_latency_ms({"dense": model, "shrunk": shrunk, **pooled}, x, reps) for _ in range(ROUNDS)]
         ratios = [r["shrunk"] / r["dense"] for r in rounds]
         latency = rounds[ratios.index(statistics.median(ratios))]  # the median round (ROUNDS is odd)
+        layers = layer_latency_ms({"dense": model, "shrunk": shrunk, **pooled}, x, max(3, reps // 2))
+        modules = dict(model.named_modules())
+        max_pools = [n for n in layers if isinstance(modules[n], nn.MaxPool2d)]
         pooled_row = {}
         if pooled:
             pooled_ratios = [r["shrunk pooled"] / r["dense pooled"] for r in rounds]
             fast = rounds[pooled_ratios.index(statistics.median(pooled_ratios))]
             pooled_row = {"latency_dense_pooled_ms": fast["dense pooled"], "latency_shrunk_pooled_ms": fast["shrunk pooled"],
+                          "maxpool_pooled_ms": {n: layers[n]["dense pooled"] for n in max_pools},
                           "latency_ratio_pooled": fast["shrunk pooled"] / fast["dense pooled"],
                           "latency_ratio_pooled_rounds": pooled_ratios,
                           "dense_pool_gain": fast["dense"] / fast["dense pooled"], "pool_choices": pool_choices}
-        layers = layer_latency_ms({"dense": model, "shrunk": shrunk}, x, max(3, reps // 2))
-        modules = dict(model.named_modules())
         counted = [n for n in layers if isinstance(modules[n], (nn.Conv2d, nn.Linear))]  # what FLOPs count
         counted_ms = [sum(layers[n][v] for n in counted) for v in ("dense", "shrunk")]
         other_ms = sum(layers[n]["dense"] for n in layers if n not in counted)
@@ -261,6 +266,8 @@ def run_setup(setup: Setup, splits, args, seed: int) -> tuple[list[dict], dict]:
             "max_abs_error": error,
             "conv_fc_latency_ratio": counted_ms[1] / counted_ms[0],
             "uncounted_share_pct": 100 * other_ms / latency["dense"],
+            "maxpool_share_pct": 100 * sum(layers[n]["dense"] for n in max_pools) / latency["dense"],
+            "maxpool_ms": {n: layers[n]["dense"] for n in max_pools},
             "layers_ms": layers,
             "acc_dense_pct": dense_acc, "acc_masked_pct": masked_acc, "acc_shrunk_pct": shrunk_acc,
             **pooled_row,
@@ -310,13 +317,18 @@ def _why_not(rows: list[dict]) -> str:
                      f"{r['layers_ms'][slowest]['dense']:.3f} -> {r['layers_ms'][slowest]['shrunk']:.3f} ms)")
     batch64 = [f"{r['model']} x{r['conv_fc_latency_ratio']:.2f} for FLOPs x{r['flop_ratio']:.2f}"
                for r in rows if r["batch"] == 64]
+    pools = [r for r in rows if r["batch"] == 64 and r["maxpool_ms"]]
+    pool_text = "; ".join(
+        f"in {r['model']} at batch 64 the max-pools take {r['maxpool_share_pct']:.0f}% of the dense forward, "
+        + ", ".join(f"{n} {ms:.3f} ms native vs {r['maxpool_pooled_ms'][n]:.3f} ms separable"
+                    for n, ms in r["maxpool_ms"].items())
+        for r in pools if "maxpool_pooled_ms" in r)
     return ("Where the latency ratio stays above the FLOP ratio -- " + "; ".join(parts) + " -- the FLOP count "
             "covers conv/linear multiply-adds only; at batch 64 the layers it counts shrink about as their FLOPs "
             "do (conv/linear latency " + ", ".join(batch64) + "). "
             "Pooling, BatchNorm and activations cost time in proportion to their channel count (x0.5, not x0.25) "
-            "and count no FLOPs; PyTorch's CPU max-pool over NCHW tensors is slow enough that in LeNet-5 it takes "
-            "about a third of the dense forward (the separable max-pool rows remove most of that cost from both "
-            "models). At batch 1 a few-hundred-microsecond forward is dominated by "
+            "and count no FLOPs; PyTorch's CPU max-pool over NCHW tensors is slow (" + pool_text + "; the separable "
+            "max-pool rows time both models with it). At batch 1 a few-hundred-microsecond forward is dominated by "
             "fixed per-call costs (dispatch, oneDNN primitive set-up) that removing channels cannot shrink.")
 
 

@@ -116,7 +116,7 @@ def cli_section() -> str:
         output = run(exe + ["materialise", str(demo_out), "--form", "auto", "--out", str(mat_out)])
         parts.append(block("prunelab materialise runs/demo --form auto --out runs/demo-auto",
                            output.replace(str(mat_out), "runs/demo-auto").replace(str(demo_out), "runs/demo")))
-        parts.append("### `prunelab bench-latency`\n\nDense vs materialised, side by side (interleaved medians), batch 1/8/64; `--per-layer` times every leaf module on its own inputs at the largest batch, to show where the time goes. `--pooling auto` swaps each `nn.MaxPool2d`, in the dense model and every form alike, for an exact separable max-pool wherever it measures faster (PyTorch's CPU max-pool over NCHW tensors is slow: 2.19 -> 0.26 ms for LeNet-5's first pool at batch 64; from Python, `materialise(..., pooling=\"auto\")`). On the demo MLP:\n")
+        parts.append("### `prunelab bench-latency`\n\nDense vs materialised, side by side (interleaved medians), batch 1/8/64; `--per-layer` times every leaf module on its own inputs at the largest batch, to show where the time goes. `--pooling auto` swaps each `nn.MaxPool2d`, in the dense model and every form alike, for an exact separable max-pool wherever it measures faster (PyTorch's CPU max-pool over NCHW tensors is slow: the structured_speedup notes below give each pool's time both ways; from Python, `materialise(..., pooling=\"auto\")`). On the demo MLP:\n")
         output = run(exe + ["bench-latency", str(demo_out), "--forms", "auto,csr", "--per-layer"])
         parts.append(block("prunelab bench-latency runs/demo --forms auto,csr --per-layer", output.replace(str(demo_out), "runs/demo")))
         parts.append("### `prunelab oneshot`\n\nData-aware one-shot pruning of a pretrained transformer without retraining "
@@ -173,6 +173,10 @@ def record_section(path: Path) -> str:
     rows = record["rows"] + record.get("reference_rows", [])
     columns = [tuple(c) for c in record.get("columns", [])] or [(k, k) for k in rows[0]]
     parts.append(rows_table(rows, columns) + "\n")
+    if record.get("layer_rows"):  # a per-layer table (e.g. Deep Compression's, like Han et al.'s Table 2)
+        layer_rows = record["layer_rows"] + record.get("reference_layer_rows", [])
+        layer_columns = [tuple(c) for c in record.get("layer_columns", [])] or [(k, k) for k in layer_rows[0]]
+        parts.append(rows_table(layer_rows, layer_columns) + "\n")
     if record.get("notes"):
         parts.append(str(record["notes"]) + "\n")
     parts.append(targets_table(record["targets"]) + "\n")

@@ -2,10 +2,8 @@
 
 A channel-pruned CNN shrinks its convolutions about as its FLOPs promise, but its pooling
 layers shrink only with their channel count -- and PyTorch's CPU ``max_pool2d`` on NCHW
-tensors is slow (torch 2.13, 2 threads, 2026-12-01: a 2x2/2 pool over a (64, 20, 24, 24)
-tensor took 2.19 ms, longer than the LeNet-5 convolution after it; the same pool written
-as strided maxima took 0.26 ms, 8.5x less; a ResNet stem's 3x3/2 pool with padding 1 on
-(8, 64, 112, 112), 26.3 -> 6.5 ms).
+tensors is slow (torch 2.13): ``benchmarks/structured_speedup.py`` records LeNet-5's pools
+timed both ways, side by side.
 
 :class:`SeparableMaxPool2d` computes exactly ``F.max_pool2d``: a max over a window is a
 max of maxima, so the ``kh x kw`` window is reduced along the width (``kw`` strided
