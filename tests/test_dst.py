@@ -363,3 +363,17 @@ def test_registered_method_trains_at_exact_sparsity(name, digits):
         if n in result.masks:
             assert torch.all(p[~result.masks[n]] == 0)
     assert MaskSet.from_model(model, list(result.masks)).stats().kept <= stats.kept
+
+
+@pytest.mark.parametrize("method", [RigL, SET])
+def test_a_dense_layer_is_left_alone_by_rewiring(method):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8, bias=False), nn.ReLU(), nn.Linear(8, 2, bias=False))
+    sparsifier = method(model, 0.5).prepare()
+    sparsifier.set_masks({"0.weight": torch.rand(8, 8) > 0.5, "2.weight": torch.ones(2, 8, dtype=torch.bool)})
+    sparsifier.enforce()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    before = model[2].weight.detach().clone()
+    sparsifier.rewire(0.3)
+    assert torch.equal(model[2].weight.detach(), before) and bool(sparsifier.masks["2.weight"].all())

@@ -261,8 +261,12 @@ class DynamicSparsifier(Sparsifier):
         raise NotImplementedError
 
     def drop_counts(self, fraction: float, old: Mapping[str, torch.Tensor]) -> dict[str, int]:
-        """``d_l = round(f * |M_l|)`` (the dropped positions are candidates again, so ``d_l`` can always regrow)."""
-        return {name: _round_half_up(fraction * int(mask.sum())) for name, mask in old.items()}
+        """``d_l = round(f * |M_l|)``; a layer with no zeros (kept dense) is left alone, ``d_l = 0``.
+
+        The dropped positions are candidates again, so ``d_l`` can always regrow; a dense layer
+        would only drop and regrow the same weights, resetting them.
+        """
+        return {name: 0 if bool(mask.all()) else _round_half_up(fraction * int(mask.sum())) for name, mask in old.items()}
 
     def grow_counts(self, drop: Mapping[str, int], old: Mapping[str, torch.Tensor],
                     survivors: Mapping[str, torch.Tensor]) -> dict[str, int]:
@@ -363,6 +367,8 @@ class ReallocatingSparsifier(DynamicSparsifier):
         kept = int(mask.sum())
         low, high = self.keep_limits[name]
         floor = 1 if low == high else max(low, 1)  # a fixed layer regrows exactly what it drops
+        if kept == mask.numel():
+            return 0  # a dense layer is left alone (it would only drop and regrow, resetting, the same weights)
         return max(min(want, kept - floor), 0)
 
     def layer_shares(self, old: Mapping[str, torch.Tensor], survivors: Mapping[str, torch.Tensor]) -> dict[str, float]:
