@@ -242,4 +242,4 @@ def test_sparsity_help_names_the_nm_default():
 
     prune = build_parser()._subparsers._group_actions[0].choices["prune"]
     text = " ".join(prune.format_help().split())
-    assert "(default 0.9; with an N:M --granularity, 1 - N/M)" in text
+    assert "(default 0.9; with an N:M granularity, 1 - N/M)" in text

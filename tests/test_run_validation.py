@@ -101,3 +101,29 @@ def test_an_unreachable_target_is_refused_before_training(cli, tmp_path):
                        "--sparsity", "0.99", "--pretrain-epochs", "300", "--out", str(tmp_path / "out"))
     assert code == 2 and "the layer rules (dense / floor layers) keep at least 8832" in err
     assert time.perf_counter() - started < 5.0 and not (tmp_path / "out").exists()
+
+
+def test_an_unset_sparsity_means_one_minus_n_over_m_in_the_api_and_the_cli(cli, tmp_path):
+    from prunelab.config import RunConfig
+    from prunelab.pipeline import validate
+
+    assert RunConfig().sparsity == 0.9 and RunConfig(granularity="2:4").sparsity == 0.5
+    assert RunConfig(granularity="nm").sparsity == 0.5 and RunConfig(granularity="2:4", sparsity=0.5).sparsity == 0.5
+    validate(RunConfig(granularity="2:4", method="oneshot"))  # the API default is not refused
+    code, _, err = cli("prune", *QUICK, "--granularity", "nm", "--method", "oneshot", "--pretrain-epochs", "1",
+                       "--finetune-epochs", "0", "--out", str(tmp_path / "nm"))
+    assert code == 0, err
+
+
+def test_compress_given_checkpoint_json_still_protects_the_checkpoint(cli, tmp_path):
+    from prunelab.bench.models import build_model
+    from prunelab.checkpoint import save_checkpoint
+    from prunelab.masks import MaskSet
+
+    model = build_model("digits_mlp", (64,), 10)
+    checkpoint = tmp_path / "ckpt"
+    save_checkpoint(checkpoint, model, MaskSet.from_model(model, ["fc1.weight"]),
+                    {"model": "digits_mlp", "dataset": "digits", "input_shape": [64], "num_classes": 10})
+    code, _, err = cli("compress", str(checkpoint / "checkpoint.json"), "--out", str(checkpoint / "model.safetensors"),
+                       "--no-progress")
+    assert code == 2 and "would overwrite a file of the checkpoint" in err

@@ -50,8 +50,6 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         kind = _scalar_type(f.type)
         help_text = f.metadata.get("help", "")
-        if f.name == "sparsity":  # resolved in _config_from_args: N:M fixes it at 1 - N/M
-            help_text += f" (default {f.default}; with an N:M --granularity, 1 - N/M)"
         if kind is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif f.name == "layer_rates":
@@ -69,13 +67,7 @@ def _config_from_args(args: argparse.Namespace, defaults: dict[str, Any] | None 
     if getattr(args, "config", None):
         values.update(load_yaml_config(args.config))
     values.update({k: getattr(args, k) for k in FIELD_NAMES if getattr(args, k, None) is not None})
-    if values.get("sparsity") is None and ":" in str(values.get("granularity", "")):
-        from prunelab.structure import get_granularity
-
-        pattern = get_granularity(str(values["granularity"]))  # refuses 0:4, 4:4, ... in one line
-        if pattern.is_pattern:  # N:M fixes the sparsity: an unset --sparsity means 1 - N/M, not 0.9
-            values["sparsity"] = pattern.sparsity
-    return config_from_mapping(values, source="--config / flags")
+    return config_from_mapping(values, source="--config / flags")  # an unset sparsity: RunConfig resolves it
 
 
 def _print_run(record: dict[str, Any], out: str) -> None:

@@ -54,6 +54,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from prunelab.checkpoint import MASKS_FILE, META_FILE, MODEL_FILE
 
     source = Path(args.checkpoint).resolve()
+    if source.is_file():  # load_checkpoint also takes CKPT/checkpoint.json
+        source = source.parent
     if out.resolve() in {source / name for name in (MODEL_FILE, MASKS_FILE, META_FILE)}:
         raise PrunelabError(f"--out {args.out!r} would overwrite a file of the checkpoint being read; write elsewhere")
     ckpt = load_checkpoint(args.checkpoint)

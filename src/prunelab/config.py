@@ -35,7 +35,8 @@ class RunConfig:
     criterion: str = _opt("importance criterion (see 'prunelab list')", default="magnitude")
     granularity: str = _opt("unstructured | vector | kernel | channel | neuron | N:M such as 2:4", default="unstructured")
     allocation: str = _opt("global | uniform | erk | lamp", default="global")
-    sparsity: float = _opt("target fraction of weights removed, in [0, 1)", default=0.9)
+    sparsity: float | None = _opt("target fraction of weights removed, in [0, 1) (default 0.9; with an N:M "
+                                  "granularity, 1 - N/M)", default=None)
     rounds: int = _opt("pruning rounds for 'iterative'", default=5)
     layer_rates: dict[str, float] = _opt("per-round rate overrides for 'iterative', e.g. {fc3: 0.1}", default_factory=dict)
     keep_first: str | None = _opt("first layer: 'dense', 'none' or a maximum sparsity", default=None)
@@ -60,6 +61,10 @@ class RunConfig:
     out: str | None = _opt("output folder (default: runs/<model>-<method>-<config hash>)", default=None)
     progress: bool = _opt("show progress bars", default=True)
 
+    def __post_init__(self) -> None:
+        if self.sparsity is None:  # N:M fixes the sparsity: unset means 1 - N/M there, 0.9 elsewhere
+            object.__setattr__(self, "sparsity", _default_sparsity(self.granularity))
+
     def digest(self) -> str:
         """Hash of everything that changes the result (not out/progress)."""
         payload = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("out", "progress", "data_dir", "download")}
@@ -77,6 +82,17 @@ class RunConfig:
 
 
 FIELD_NAMES = tuple(f.name for f in fields(RunConfig))
+DEFAULT_SPARSITY = 0.9
+
+
+def _default_sparsity(granularity: str) -> float:
+    from prunelab.structure import get_granularity
+
+    try:
+        pattern = get_granularity(granularity)
+    except PrunelabError:
+        return DEFAULT_SPARSITY  # an unknown granularity is refused by validate(), with the valid names
+    return pattern.sparsity if pattern.is_pattern else DEFAULT_SPARSITY
 
 
 OPTIONAL_STRINGS = ("data_dir", "out")  # str or None
@@ -110,7 +126,7 @@ def _checked_value(key: str, value: Any, source: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise wrong("'dense', 'none' or a maximum sparsity")
         return str(value)
-    if key == "finetune_lr":
+    if key in ("finetune_lr", "sparsity"):
         if value is None:
             return None
         kind = float

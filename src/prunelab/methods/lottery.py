@@ -387,8 +387,11 @@ def _check_rewind(config: LotteryConfig, train_loader) -> None:
 
 
 def _folder_config(config: LotteryConfig, fingerprint: str, train_batches: int) -> dict[str, Any]:
-    return {"format": LOTTERY_FORMAT, "config": config.to_dict(), "init_fingerprint": fingerprint,
-            "train_batches": train_batches}
+    record = {"format": LOTTERY_FORMAT, "config": config.to_dict(), "init_fingerprint": fingerprint,
+              "train_batches": train_batches}
+    if config.rewind_step:  # folders from before 2026-12-01 trained all T steps after rewinding: refuse to mix
+        record["rewound_rounds_train"] = "steps k..T, learning-rate schedule continued (Frankle et al. 2020)"
+    return record
 
 
 def _check_resume(out: Path, wanted: dict[str, Any]) -> None:
