@@ -2,8 +2,8 @@
 
 A channel-pruned CNN shrinks its convolutions about as its FLOPs promise, but its pooling
 layers shrink only with their channel count -- and PyTorch's CPU ``max_pool2d`` on NCHW
-tensors is slow (torch 2.13): ``benchmarks/structured_speedup.py`` records LeNet-5's pools
-timed both ways, side by side.
+tensors is slow (torch 2.13): ``benchmarks/structured_speedup.py`` times LeNet-5 with native
+and with separable pools, side by side (and, from its next run, each pool's own time).
 
 :class:`SeparableMaxPool2d` computes exactly ``F.max_pool2d``: a max over a window is a
 max of maxima, so the ``kh x kw`` window is reduced along the width (``kw`` strided
