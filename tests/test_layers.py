@@ -181,3 +181,26 @@ def test_bad_inputs_say_what_to_do():
         block_influence(model, [])
     with pytest.raises(PrunelabError, match="no repeated blocks"):
         block_influence(nn.Linear(4, 4), [torch.randn(2, 4)])
+
+
+def test_moe_layer_indices_follow_the_dropped_blocks(tmp_path):
+    """Qwen-MoE picks dense MLP vs experts by layer index: after a drop the reloaded model must rebuild the same kinds."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen2MoeConfig(num_hidden_layers=5, hidden_size=16, intermediate_size=32,
+                                         moe_intermediate_size=8, shared_expert_intermediate_size=8, num_experts=2,
+                                         num_experts_per_tok=1, num_attention_heads=2, num_key_value_heads=1,
+                                         vocab_size=40, decoder_sparse_step=2, mlp_only_layers=[3])
+    torch.manual_seed(6)
+    model = transformers.Qwen2MoeForCausalLM(config).eval()
+    kinds = [type(layer.mlp).__name__ for layer in model.model.layers]  # experts at 1 only (3 is listed dense)
+    drop_blocks(model, ["model.layers.0"])
+    assert model.config.decoder_sparse_step == 1
+    assert model.config.mlp_only_layers == [1, 2, 3]  # old 2, 3, 4; old 1 (experts) is now 0
+    x = torch.randint(0, 40, (2, 6))
+    with torch.no_grad():
+        out = model(x).logits
+    model.save_pretrained(str(tmp_path))
+    reloaded = transformers.Qwen2MoeForCausalLM.from_pretrained(str(tmp_path), local_files_only=True).eval()
+    assert [type(layer.mlp).__name__ for layer in reloaded.model.layers] == kinds[1:]
+    with torch.no_grad():
+        assert torch.equal(reloaded(x).logits, out)

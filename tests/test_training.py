@@ -142,6 +142,36 @@ def test_train_restores_mode_and_zero_epochs_is_a_no_op(digits):
     assert not model.training
 
 
+def test_progress_total_leaves_out_skipped_steps(monkeypatch):
+    totals = []
+
+    class RecordingBar:
+        def __init__(self, total, **kwargs):
+            totals.append(total)
+            self.n = 0
+
+        def update(self, n):
+            self.n += n
+
+        def set_postfix(self, **kwargs):
+            pass
+
+        def close(self):
+            totals.append(self.n)
+
+    monkeypatch.setattr("prunelab.bench.training.tqdm", RecordingBar)
+    batches = [(torch.randn(4, 2), torch.zeros(4, dtype=torch.long))] * 3
+    train(nn.Linear(2, 2), batches, TrainConfig(epochs=2, progress=False))
+
+
+    class ResumedLoader(list):  # an epoch of 3 batches whose first one a resumed run has already taken
+        def __len__(self):
+            return 3
+
+    train(nn.Linear(2, 2), ResumedLoader(batches[1:]), TrainConfig(epochs=2, progress=False), skipped_steps=1)
+    assert totals == [6, 6, 5, 4]  # (bar total, steps shown) per call; this fake loader yields 2 batches per epoch
+
+
 def test_non_finite_loss_is_a_clear_error():
     model = nn.Linear(2, 2)
     loader = [(torch.randn(4, 2), torch.zeros(4, dtype=torch.long))]

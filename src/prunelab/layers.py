@@ -19,7 +19,9 @@ blocks :func:`prunelab.oneshot.find_blocks` finds: BERT's ``encoder.layer``, GPT
 ``n_layer`` / ``num_layers`` to match, so a ``transformers`` model saved afterwards
 reloads with ``from_pretrained``: per-layer config lists (``layer_types``,
 ``mlp_layer_types``, ``num_attention_heads_per_layer``, ``no_rope_layers``) lose the
-dropped blocks' entries, and every ``layer_idx`` attribute inside a kept block (the index
+dropped blocks' entries, a list of layer indices (``mlp_only_layers``, the dense layers of
+Qwen-MoE models) is renumbered, a ``decoder_sparse_step`` other than 1 is folded into
+``mlp_only_layers`` (which layers hold experts is decided by index, and the indices move), and every ``layer_idx`` attribute inside a kept block (the index
 a ``transformers`` attention uses into the KV cache) becomes the block's new position.
 Blocks of an ``nn.Sequential`` become ``nn.Identity``.
 """
@@ -41,6 +43,7 @@ __all__ = ["block_influence", "drop_blocks", "lowest_influence"]
 _LAYER_COUNTS = ("num_hidden_layers", "n_layer", "num_layers")
 # config lists with one entry per layer (transformers validates some against num_hidden_layers)
 _PER_LAYER_LISTS = ("layer_types", "mlp_layer_types", "num_attention_heads_per_layer", "no_rope_layers")
+_DENSE_LAYER_INDICES = "mlp_only_layers"  # Qwen2/3-MoE: indices of layers with a dense MLP instead of experts
 
 
 def _hidden_in(args: tuple, kwargs: Mapping[str, Any]) -> Tensor | None:
@@ -173,8 +176,27 @@ def _set_layer_count_(model: nn.Module, kept: list[int], old_count: int) -> None
         values = getattr(config, field, None)
         if isinstance(values, (list, tuple)) and len(values) == old_count:
             updates[field] = type(values)(values[i] for i in kept)
+    updates.update(_dense_layer_indices(config, kept))
     if dataclasses.is_dataclass(config) and getattr(type(config), "__dataclass_params__").frozen:
         model.config = dataclasses.replace(config, **updates)
     else:
         for field, value in updates.items():
             setattr(config, field, value)
+
+
+def _dense_layer_indices(config: Any, kept: list[int]) -> dict[str, Any]:
+    """Config updates that keep each kept layer's MLP kind when layer indices move.
+
+    Qwen-MoE builds layer ``i`` with experts iff ``i not in mlp_only_layers`` and
+    ``(i + 1) % decoder_sparse_step == 0``; both are index rules, so after a drop they
+    are rewritten as one explicit list of the new indices of dense layers (step 1)."""
+    dense = getattr(config, _DENSE_LAYER_INDICES, None)
+    if not isinstance(dense, (list, tuple)) or not all(isinstance(i, int) for i in dense):
+        return {}
+    step = getattr(config, "decoder_sparse_step", 1)
+    step = step if isinstance(step, int) and step > 0 else 1
+    new_dense = [new for new, old in enumerate(kept) if old in dense or (old + 1) % step != 0]
+    updates: dict[str, Any] = {_DENSE_LAYER_INDICES: type(dense)(new_dense)}
+    if step != 1:
+        updates["decoder_sparse_step"] = 1
+    return updates

@@ -147,13 +147,15 @@ def train(
     after_epoch: Callable[[int], None] | None = None,
     loss_fn: LossFn = F.cross_entropy,
     description: str = "train",
+    skipped_steps: int = 0,
 ) -> dict[str, Any]:
     """Train ``model`` for ``cfg.epochs`` epochs over ``train_loader``.
 
     Per batch: ``zero_grad`` -> forward -> loss -> backward -> ``optimizer.step()`` ->
     ``scheduler.step()`` -> ``after_step(global_step)``, where ``global_step`` counts the
     optimizer steps taken by this call (1, 2, ...).  ``after_epoch(epoch)`` receives the
-    number of completed epochs (1, 2, ...).  Without ``optimizer`` one is made from
+    number of completed epochs (1, 2, ...).  ``skipped_steps``: batches the loader leaves
+    out of its first epoch(s) (a resumed run), taken off the progress bar's total.  Without ``optimizer`` one is made from
     ``cfg``; without ``scheduler`` one is made from ``cfg`` for the optimizer in use.
     The model's train/eval mode is restored afterwards.
 
@@ -176,7 +178,7 @@ def train(
     was_training = model.training
     model.train()
     step, loss_value = 0, float("nan")
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=description, leave=False,
+    bar = tqdm(total=max(0, cfg.epochs * steps_per_epoch - skipped_steps), desc=description, leave=False,
                disable=not cfg.progress or not distributed.is_main_process())
     try:
         for epoch in range(cfg.epochs):

@@ -328,7 +328,7 @@ def _train_round(
         loader = _FromStep(train_loader, start_step) if start_step else train_loader
         with _seeded(derived_seed(seed, "train", 0)):
             steps = train(model, loader, cfg, optimizer=optimizer, scheduler=scheduler,
-                          after_step=after_step, description=description)["steps"]
+                          after_step=after_step, description=description, skipped_steps=start_step)["steps"]
     final = evaluate(model, test_loader)
     if not evals or evals[-1][0] != start_step + steps:
         evals.append([start_step + steps, final["loss"], final["accuracy"]])
