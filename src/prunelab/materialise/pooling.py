@@ -15,7 +15,7 @@ where several inputs tie for the maximum, autograd splits the gradient between t
 instead of giving it to one, so keep the native pool for training.
 
 :func:`speed_up_pooling_` times the native and the separable pool of every
-``nn.MaxPool2d`` on its real input at each batch size (interleaved rounds, median, the
+``nn.MaxPool2d`` on its real input at each batch size (interleaved rounds, fastest round, the
 injectable timer of :mod:`~prunelab.materialise.autotune`) and swaps in the separable one
 only where it is **no slower at every batch size** -- at batch 1 the few extra kernel
 launches can cost more than they save.  The choice is a property of the machine, so it is
@@ -26,7 +26,6 @@ not saved: a reloaded model has native pools until this runs again.  Pooling wri
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -113,7 +112,7 @@ class PoolChoice:
 
     name: str
     kernel: str                                 # "native" or "separable"
-    seconds: Mapping[str, Mapping[int, float]]  # kernel -> batch size -> median seconds
+    seconds: Mapping[str, Mapping[int, float]]  # kernel -> batch size -> seconds (fastest round)
     skipped: str = ""                           # why it was not timed
 
     def speedup(self, batch_size: int) -> float | None:
@@ -182,7 +181,7 @@ def speed_up_pooling_(model: nn.Module, example_inputs_by_batch: Mapping[int, to
                 for kernel, candidate in built.items():  # interleaved, as in choose_kernels
                     samples[kernel].append(float(timer(Trial(name, kernel, batch, candidate, captured[batch][name]))))
             for kernel in built:
-                seconds[kernel][batch] = statistics.median(samples[kernel])
+                seconds[kernel][batch] = min(samples[kernel])  # the fastest round, as in choose_kernels
         kernel = pick_fastest(seconds, POOL_KERNELS, baseline="native")
         if kernel == "separable":
             parent, _, child = name.rpartition(".")
