@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     seeds = SEEDS[:1] if quick else SEEDS
     run_root = Path(args.run_dir) if args.run_dir else ROOT / "runs" / f"lottery_lenet300{'-quick' if quick else ''}"
 
-    results = {}
+    results, resumed = {}, {}
     for seed in seeds:
         config = lottery_config(seed, quick)
         folder = run_root / f"seed{seed}"
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
         train_loader, test_loader = make_loaders(splits, config.train.batch_size, seed)
         result = run_lottery(lambda: build_model("lenet300", splits.input_shape, splits.num_classes),
                              train_loader, test_loader, config, folder, resume=True)
-        results[seed] = result.rounds
+        results[seed], resumed[seed] = result.rounds, result.resumed_rounds
         print(f"seed {seed}: {len(result.rounds)} rounds ({result.resumed_rounds} resumed from {folder})")
 
     config = lottery_config(seeds[0], quick)
@@ -140,7 +140,12 @@ def main(argv=None) -> int:
             margin = min(r[f"ticket_{key}_accuracy_min_pct"] - r[f"reinit_{key}_accuracy_max_pct"] for r in deep)
             targets.append(target(f"min over rounds <= 13.5% of (min-seed ticket - max-seed reinit) accuracy "
                                   f"(points, {label})", round(margin, 3), "> 0", margin > 0))
-    targets.append(target("total wall time (s)", round(total, 1), "<= 1800", total <= 1800))
+    # Rounds resumed from the run folders were trained by an earlier invocation: the cost of the benchmark is
+    # the training time stored in every round's record, not this invocation's wall time.
+    training = sum(m[kind]["wall_time_s"] for s in seeds for m in results[s] for kind in ("ticket", "reinit")
+                   if m[kind] is not None)
+    targets.append(target("training wall time, summed over every round's record (s)", round(training, 1), "<= 1800",
+                          training <= 1800))
     columns = [("round", "round"), ("remaining_pct", "remaining %"),
                ("ticket_final_accuracy_pct", "ticket acc % (end)"), ("ticket_final_accuracy_std_pct", "std"),
                ("reinit_final_accuracy_pct", "reinit acc % (end)"), ("reinit_final_accuracy_std_pct", "std"),
@@ -158,7 +163,9 @@ def main(argv=None) -> int:
                                         "ticket_early_stop_accuracy": m["ticket"]["early_stop_accuracy"]}
                                      for m in results[s]] for s in seeds},
         "targets": targets,
-        "total_wall_time_s": total,
+        "total_wall_time_s": total,  # this invocation, resumed rounds only loaded
+        "training_wall_time_s": training,
+        "resumed_rounds": {str(s): resumed[s] for s in seeds},
     }
     publish("lottery_lenet300", record, args.out, plot=lambda png: plot(plot_rows, dense, png))
     return 0
