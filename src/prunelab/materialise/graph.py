@@ -21,35 +21,35 @@ Every op a pruned channel may not pass is recorded as a :class:`Pin` (a *barrier
 planner (:mod:`prunelab.materialise.shrink`) turns pins that pruned channels actually
 reach into one-line problems naming the op, the node and the module.
 
-Tracing: a submodule whose ``forward`` torch.fx cannot trace (data-dependent control
-flow, iterating a tensor, ...) is re-traced as an *opaque* leaf; pruned channels that
-reach it are then reported.  A failure in the root ``forward`` raises PrunelabError.
+Tracing (:mod:`prunelab.materialise.tracing`): a submodule whose ``forward`` torch.fx
+cannot trace (data-dependent control flow, iterating a tensor, ...) is re-traced as an
+*opaque* leaf; pruned channels that reach it are then reported.  A failure in the root
+``forward`` raises PrunelabError.  The layout and graph types live in
+:mod:`prunelab.materialise.layouts`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import operator
-import traceback
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.fx.node import _get_qualified_name, map_aggregate
-from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import TensorMetadata
 
 from prunelab.errors import PrunelabError
+from prunelab.materialise.layouts import ChannelGraph, Layout, Op, Owner, Pin, Segment, Space
+from prunelab.materialise.tracing import (
+    as_inputs, describe_target, is_attention_unit, propagate_shapes, trace_model,
+)
 
 LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear,)
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BN_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-MAX_OPAQUE = 16  # at most this many untraceable submodules are turned into opaque leaves
 
 POINTWISE_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh,
@@ -90,154 +90,7 @@ RESHAPE_METHODS = frozenset({"view", "reshape", "flatten"})
 REDUCE_METHODS = {"mean": "mean", "sum": "sum", "amax": "max"}
 
 
-# --- layouts -----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Segment:
-    """A run of ``size`` channels of one channel space along a tensor's channel dim.
-
-    ``space`` is a channel-space id, or None for channels that can never be removed (the
-    model input, outputs of ops the planner does not understand).  Each channel occupies
-    ``inner`` consecutive positions (1 for conv/linear outputs, ``H*W`` after a flatten).
-    """
-
-    space: int | None
-    size: int
-    inner: int = 1
-
-    @property
-    def length(self) -> int:
-        return self.size * self.inner
-
-
-@dataclass(frozen=True)
-class Layout:
-    """The channel dim ``dim`` (non-negative) of a tensor and the segments along it."""
-
-    dim: int
-    segments: tuple[Segment, ...]
-
-    @property
-    def length(self) -> int:
-        return sum(s.length for s in self.segments)
-
-    def scaled(self, factor: int, dim: int) -> Layout:
-        """The layout after merging this dim with trailing dims of total size ``factor``."""
-        return Layout(dim, tuple(Segment(s.space, s.size, s.inner * factor) for s in self.segments))
-
-    def moved(self, dim: int) -> Layout:
-        return Layout(dim, self.segments)
-
-    def same_structure(self, other: Layout) -> bool:
-        return [(s.size, s.inner) for s in self.segments] == [(s.size, s.inner) for s in other.segments]
-
-    def spaces(self) -> list[int]:
-        return [s.space for s in self.segments if s.space is not None]
-
-
-@dataclass(frozen=True)
-class Owner:
-    """A weight whose row mask decides a channel space: rows ``offset + c*inner ..`` of ``param``.
-
-    ``required``: without a mask the owner keeps every channel (a producer layer); a
-    pass-through owner (a depthwise conv) without a mask has no opinion.
-    """
-
-    param: str
-    offset: int
-    inner: int
-    required: bool = True
-
-
-@dataclass
-class Space:
-    """The output channels of one producer (a Linear/Conv's rows, or the heads of an attention unit)."""
-
-    size: int
-    label: str
-    owners: list[Owner] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Pin:
-    """Channels of ``spaces`` may not be removed: ``kind`` is 'output', 'op' (a barrier) or 'fixed'."""
-
-    spaces: tuple[int, ...]
-    kind: str
-    what: str
-
-
-@dataclass(frozen=True)
-class Op:
-    """One traced op the planner visits in graph order.
-
-    ``kind``: linear, conv, depthwise, grouped, bn, attention, pointwise, identity, pool,
-    pool_zero (an average pool that pads with zeros or overrides its divisor: pruned
-    constants must be 0), reshape, reduce, cat, binary, barrier.  ``inputs``: the tensor
-    operands (fx nodes) whose layouts matter.  ``factor``: reshape multiplier.
-    ``literal``: a reshape with a fixed size at the channel dim.  ``zero_required``: pruned
-    constants must be 0 -- a product with a tensor broadcast over channels, or a ``sum``
-    (its value ``c * n`` depends on the summed length ``n`` of the actual input, not the
-    example's).  ``site``: where and by which op a sum reduces, for messages.
-    """
-
-    node: fx.Node
-    kind: str
-    target: str | None
-    inputs: tuple[fx.Node, ...]
-    output: Layout | None
-    factor: int = 1
-    literal: bool = False
-    zero_required: bool = False
-    heads: int | None = None  # attention units: the heads' channel space
-    site: str = ""
-
-
-@dataclass
-class ChannelGraph:
-    """The traced model, its channel spaces, couplings, ops and pins."""
-
-    module: fx.GraphModule
-    spaces: list[Space]
-    parent: list[int]
-    ops: list[Op]
-    layouts: dict[str, Layout | None]
-    pins: list[Pin]
-    opaque: dict[str, str]
-    calls: Counter
-    producers: dict[str, int]  # module FQN -> the space of its output rows
-    scopes: dict[str, str]     # node name -> FQN of the module whose forward created it
-    accounted: set[str] = field(default_factory=set)  # weights whose rows the graph can cut
-
-    def find(self, space: int) -> int:
-        while self.parent[space] != space:
-            self.parent[space] = self.parent[self.parent[space]]
-            space = self.parent[space]
-        return space
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-
-    def layout(self, node: fx.Node) -> Layout | None:
-        return self.layouts.get(node.name)
-
-
 # --- helpers -------------------------------------------------------------------------------
-def is_attention_unit(module: nn.Module) -> bool:
-    """A self-attention unit shrink handles as a whole: Linear ``q_proj/k_proj/v_proj/out_proj`` + int ``num_heads``.
-
-    Its forward must compute ``softmax(q k^T / sqrt(d)) v`` per head of ``head_dim =
-    q_proj.out_features // num_heads`` channels and read ``self.num_heads`` at call time.
-    """
-    projections = [getattr(module, n, None) for n in ("q_proj", "k_proj", "v_proj", "out_proj")]
-    heads = getattr(module, "num_heads", None)
-    if not all(isinstance(p, nn.Linear) for p in projections) or isinstance(heads, bool) or not isinstance(heads, int):
-        return False
-    q, k, v, out = projections
-    return heads > 0 and q.out_features == k.out_features == v.out_features == out.in_features and q.out_features % heads == 0
-
-
 def is_depthwise(conv: nn.Module) -> bool:
     return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
 
@@ -273,124 +126,6 @@ def averages_exactly(node_or_pool: fx.Node | nn.Module) -> bool:
     pads = padding if isinstance(padding, (tuple, list)) else (padding,)
     unpadded = all(isinstance(p, int) and not isinstance(p, bool) and p == 0 for p in pads)
     return divisor is None and (unpadded or include is False)
-
-
-def describe_target(node: fx.Node, gm: fx.GraphModule) -> str:
-    """``call_function torch.roll``, ``call_method .view()``, ``call_module LayerNorm 'ln'``."""
-    if node.op == "call_function":
-        return f"call_function {_get_qualified_name(node.target).replace('_operator.', 'operator.')}"
-    if node.op == "call_method":
-        return f"call_method .{node.target}()"
-    if node.op == "call_module":
-        return f"call_module {type(gm.get_submodule(node.target)).__name__} '{node.target}'"
-    return f"{node.op} {node.target}"
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every module in eval mode; restore each module's own flag afterwards."""
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        yield model
-    finally:
-        for module, training in modes.items():
-            module.training = training
-
-
-def as_inputs(example_input: Any) -> tuple[Any, ...]:
-    return tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
-
-
-# --- tracing -------------------------------------------------------------------------------
-class ShrinkTracer(fx.Tracer):
-    """fx tracer whose leaves are torch.nn modules, attention units and ``opaque`` modules.
-
-    Records the module path at the first failure so a trace error can name its module.
-    """
-
-    def __init__(self, opaque: frozenset[str]) -> None:
-        super().__init__()
-        self.opaque = opaque
-        self.stack: list[str] = []
-        self.failed_in: list[str] | None = None
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if module_qualified_name in self.opaque or is_attention_unit(m):
-            return True
-        return super().is_leaf_module(m, module_qualified_name)
-
-    def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        try:
-            name = self.path_of_module(m)
-        except NameError:
-            name = f"<unregistered {type(m).__name__}>"
-        self.stack.append(name)
-        try:
-            result = super().call_module(m, forward, args, kwargs)
-        except Exception:
-            if self.failed_in is None:
-                self.failed_in = list(self.stack)
-            raise
-        finally:
-            self.stack.pop()
-        return result
-
-
-def _failure_site(exc: BaseException) -> str:
-    """``file.py:12 `if x.sum() > 0:``` for the innermost frame outside torch."""
-    torch_dir = str(Path(torch.__file__).parent)
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(torch_dir)]
-    frames = [f for f in frames if not f.filename.endswith(("materialise/graph.py",))]
-    if not frames:
-        return ""
-    frame = frames[-1]
-    code = f" `{frame.line.strip()}`" if frame.line else ""
-    return f" at {Path(frame.filename).name}:{frame.lineno}{code}"
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
-
-
-def trace_model(model: nn.Module) -> tuple[fx.GraphModule, dict[str, str], dict[str, str]]:
-    """Trace ``model``; untraceable submodules become opaque leaves.
-
-    Returns the GraphModule, ``{opaque module FQN: why}`` and ``{node name: scope FQN}``.
-    """
-    opaque: dict[str, str] = {}
-    for _ in range(MAX_OPAQUE + 1):
-        tracer = ShrinkTracer(frozenset(opaque))
-        try:
-            graph = tracer.trace(model)
-        except Exception as exc:  # noqa: BLE001 -- user forward code may raise anything under tracing
-            where = [p for p in (tracer.failed_in or []) if p]
-            why = f"{_reason(exc)}{_failure_site(exc)}"
-            if not where or where[-1] in opaque or where[-1].startswith("<") or len(opaque) >= MAX_OPAQUE:
-                raise PrunelabError(
-                    f"cannot trace {type(model).__name__} with torch.fx ({why}); structured shrink needs an fx-traceable "
-                    "forward: move the data-dependent code into a submodule (shrink then keeps it whole; exclude the "
-                    "layers feeding it from pruning) or rewrite it without Python control flow on tensors"
-                ) from None
-            opaque[where[-1]] = why
-            continue
-        scopes = {name: scope[0] for name, scope in tracer.node_name_to_scope.items()}
-        return fx.GraphModule(tracer.root, graph, type(model).__name__), opaque, scopes
-    raise AssertionError("unreachable")
-
-
-def propagate_shapes(gm: fx.GraphModule, model: nn.Module, inputs: tuple[Any, ...]) -> None:
-    """Run ShapeProp in eval mode without gradients (BatchNorm statistics stay untouched)."""
-    try:
-        with eval_mode(model), torch.no_grad():
-            ShapeProp(gm).propagate(*inputs)
-    except Exception as exc:  # noqa: BLE001 -- the user's model may raise anything on a bad input
-        shapes = ", ".join(str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs)
-        raise PrunelabError(
-            f"the model cannot run example_input {shapes} ({_reason(exc)}); pass an input the model accepts, "
-            "e.g. one batch of its data"
-        ) from None
 
 
 # --- pass 1: layouts, couplings, pins ------------------------------------------------------

@@ -38,7 +38,7 @@ from torch import nn
 
 from prunelab.errors import PrunelabError
 from prunelab.io import atomic_dir
-from prunelab.materialise.graph import is_attention_unit
+from prunelab.materialise.tracing import is_attention_unit
 
 SHRUNK_FORMAT = "prunelab.shrunk.v1"
 MODEL_FILE, ARCH_FILE = "model.safetensors", "architecture.json"

@@ -67,16 +67,17 @@ from prunelab.allocation import check_sparsity, select_top_k
 from prunelab.bench.training import TrainConfig, evaluate, make_lr_scheduler, make_optimizer, train
 from prunelab.criteria import ScoreData
 from prunelab.errors import PrunelabError
-from prunelab.io import atomic_dir, atomic_path, ensure_writable_dir, write_json
+from prunelab.io import atomic_dir, ensure_writable_dir, write_json
 from prunelab.masks import MaskSet
 from prunelab.methods.base import MethodResult, PruneSpec
+from prunelab.methods.lottery_folder import (
+    check_resume, finished_rounds, fingerprint, folder_config, load_round, load_state, load_weights, save_state,
+    snapshot,
+)
 from prunelab.methods.pai import fresh_init
 from prunelab.schedules import Geometric
 from prunelab.sparsifier import Sparsifier
 from prunelab.targets import _matching, prunable_parameters
-
-LOTTERY_FORMAT = "prunelab.lottery.v1"
-RESUMABLE_KEYS = ("rounds", "train.progress")  # may differ between a folder and a resuming config
 
 # Frankle & Carbin 2019, LeNet-300-100: Adam, lr 1.2e-3, mini-batches of 60.
 LOTTERY_TRAIN = TrainConfig(epochs=5, batch_size=60, optimizer="adam", lr=1.2e-3, lr_schedule="constant",
@@ -184,85 +185,6 @@ def _reseed_loader(loader, seed: int) -> None:
         generator.manual_seed(seed)
 
 
-def _state(model: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
-
-
-def _fingerprint(state: Mapping[str, Tensor]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
-        digest.update(name.encode())
-        digest.update(str(tensor.dtype).encode())
-        digest.update(json.dumps(list(tensor.shape)).encode())
-        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
-
-
-def _save_state(path: Path, state: Mapping[str, Tensor]) -> None:
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": LOTTERY_FORMAT})
-
-
-def _damaged(path: Path, problem: object) -> PrunelabError:
-    """The error for an unusable file of round folder ``path.parent`` (one line, says how to recover)."""
-    reason = " ".join(str(problem).split())
-    folder = path.parent
-    return PrunelabError(
-        f"lottery run file {str(path)!r} is damaged ({reason}); delete {str(folder)!r} and any later round_* folders, "
-        f"then resume to redo the run from {folder.name} (the rounds before it are kept)"
-    )
-
-
-def _load_state(path: Path) -> dict[str, Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise _damaged(path, "the file is missing")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise _damaged(path, exc) from None
-
-
-def _load_round(folder: Path, round_index: int) -> tuple[dict[str, Any], MaskSet]:
-    """Round ``round_index``'s metrics and mask as written by :func:`_run`."""
-    path = folder / "metrics.json"
-    try:
-        metrics = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:  # ValueError: truncated or not UTF-8 / JSON
-        raise _damaged(path, exc) from None
-    if not isinstance(metrics, dict) or metrics.get("round") != round_index or not isinstance(metrics.get("ticket"), dict):
-        raise _damaged(path, f"it does not hold the metrics of round {round_index}")
-    path = folder / "mask.safetensors"
-    try:
-        mask = MaskSet.load(path)
-    except PrunelabError as exc:  # MaskSet.load's own message; the safetensors reason is shorter
-        raise _damaged(path, exc.__context__ or exc) from None
-    return metrics, mask
-
-
-def _load_weights(model: nn.Module, state: Mapping[str, Tensor], path: Path) -> None:
-    """``model.load_state_dict(state)``; ``state`` was read from ``path``."""
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:  # missing / unexpected keys, wrong shapes
-        raise _damaged(path, f"it does not fit the model: {str(exc).splitlines()[0]}") from None
-
-
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, Mapping) and key != "layer_rates":
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 # --- one round ---------------------------------------------------------------------------------
 class _FromStep:
     """``loader`` as :func:`train` should see it in a run that starts after ``start`` steps.
@@ -302,14 +224,14 @@ def _train_round(
     sparsifier = Sparsifier(model, exclude=config.exclude)
     sparsifier.set_masks(masks)
     evals: list[list[float]] = []
-    captured: dict[str, Tensor] | None = _state(model) if capture_step == 0 else None
+    captured: dict[str, Tensor] | None = snapshot(model) if capture_step == 0 else None
 
     def after_step(step: int) -> None:
         nonlocal captured
         step += start_step  # the run's iteration, not this call's
         sparsifier.step()
         if capture_step is not None and step == capture_step:
-            captured = _state(model)
+            captured = snapshot(model)
         if step % config.eval_every == 0:
             metrics = evaluate(model, test_loader)
             evals.append([step, metrics["loss"], metrics["accuracy"]])
@@ -386,41 +308,6 @@ def _check_rewind(config: LotteryConfig, train_loader) -> None:
         )
 
 
-def _folder_config(config: LotteryConfig, fingerprint: str, train_batches: int) -> dict[str, Any]:
-    record = {"format": LOTTERY_FORMAT, "config": config.to_dict(), "init_fingerprint": fingerprint,
-              "train_batches": train_batches}
-    if config.rewind_step:  # folders from before 2026-12-01 trained all T steps after rewinding: refuse to mix
-        record["rewound_rounds_train"] = "steps k..T, learning-rate schedule continued (Frankle et al. 2020)"
-    return record
-
-
-def _check_resume(out: Path, wanted: dict[str, Any]) -> None:
-    path = out / "config.json"
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise PrunelabError(f"cannot read {str(path)!r} ({exc}); resume only from a folder written by run_lottery") from None
-    if saved.get("format") != LOTTERY_FORMAT:
-        raise PrunelabError(f"{str(path)!r} is not a {LOTTERY_FORMAT} run config; resume only from a run_lottery folder")
-    old = _flatten({k: v for k, v in saved.items() if k != "format"})
-    new = _flatten({k: v for k, v in json.loads(json.dumps(wanted)).items() if k != "format"})
-    differ = sorted(k for k in set(old) | set(new)
-                    if k.removeprefix("config.") not in RESUMABLE_KEYS and old.get(k) != new.get(k))
-    if differ:
-        shown = ", ".join(f"{k} ({old.get(k)!r} in the folder, {new.get(k)!r} now)" for k in differ)
-        raise PrunelabError(
-            f"cannot resume {str(out)!r}: it was written by another config; keys that differ: {shown}; "
-            "resume with the same config (only rounds may change) or use a new out_dir"
-        )
-
-
-def _finished_rounds(out: Path) -> int:
-    count = 0
-    while (out / f"round_{count:03d}" / "metrics.json").is_file():
-        count += 1
-    return count
-
-
 def _run(
     initial: nn.Module, reinit_builder: Callable[[int], nn.Module], train_loader, test_loader, config: LotteryConfig,
     out_dir: str | Path, resume: bool,
@@ -430,16 +317,16 @@ def _run(
     seed = config.train.seed
     names = list(prunable_parameters(initial, config.exclude))
     rates = _layer_rates(names, config)
-    theta0 = _state(initial)
-    wanted = _folder_config(config, _fingerprint(theta0), len(train_loader))
-    finished = _finished_rounds(out)
+    theta0 = snapshot(initial)
+    wanted = folder_config(config, fingerprint(theta0), len(train_loader))
+    finished = finished_rounds(out)
     if (out / "config.json").exists() or finished:
         if not resume:
             raise PrunelabError(
                 f"{str(out)!r} already holds a lottery run; resume it (resume=True, CLI --resume {out}) or choose an empty "
                 "out_dir"
             )
-        _check_resume(out, wanted)
+        check_resume(out, wanted)
     else:
         finished = 0
 
@@ -448,16 +335,16 @@ def _run(
     masks: list[MaskSet] = []
     finished = min(finished, config.rounds + 1)
     for r in range(finished):  # load what is done; a damaged file stops here, before anything is written
-        metrics, mask = _load_round(out / f"round_{r:03d}", r)
+        metrics, mask = load_round(out / f"round_{r:03d}", r)
         rounds.append(metrics)
         masks.append(mask)
     rewind: dict[str, Tensor] | None = None
     if finished:
         path = out / "round_000" / "rewind.safetensors"
-        rewind = _load_state(path)
-        _load_weights(model, rewind, path)  # it must fit the model; the last ticket's weights replace it next
+        rewind = load_state(path)
+        load_weights(model, rewind, path)  # it must fit the model; the last ticket's weights replace it next
         path = out / f"round_{finished - 1:03d}" / "weights.safetensors"
-        _load_weights(model, _load_state(path), path)
+        load_weights(model, load_state(path), path)
     write_json(out / "config.json", wanted)
 
     for r in range(finished, config.rounds + 1):
@@ -482,9 +369,9 @@ def _run(
         metrics = _round_metrics(r, mask, ticket, reinit, reinit_seed)
         with atomic_dir(out / f"round_{r:03d}") as tmp:
             if r == 0:
-                _save_state(tmp / "rewind.safetensors", rewind)
+                save_state(tmp / "rewind.safetensors", rewind)
             mask.save(tmp / "mask.safetensors")
-            _save_state(tmp / "weights.safetensors", _state(model))
+            save_state(tmp / "weights.safetensors", snapshot(model))
             write_json(tmp / "metrics.json", metrics)
         rounds.append(json.loads(json.dumps(metrics)))  # exactly what a resumed run reads back
         masks.append(mask)
