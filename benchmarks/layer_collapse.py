@@ -14,7 +14,7 @@ Each point prunes a freshly initialised LeNet-300-100 (seed 0) to ``1 / ratio`` 
 SynFlow in 100 rounds keeping ``ratio^(-k/100)`` after round k.  It then trains 3 epochs
 (SGD, momentum 0.9, lr 0.1, weight decay 1e-4, cosine) with the masks fixed, and records
 the test accuracy, whether a layer keeps no weight, and whether any input-output path
-survives.  About 10 minutes on a free 2-core CPU.
+survives.  About 6-7 minutes on a free 2-core CPU (387 s in the record).
 
     python benchmarks/layer_collapse.py            # writes benchmarks/results/layer_collapse.{json,png}
     python benchmarks/layer_collapse.py --quick    # 3 ratios, 1 epoch

@@ -52,7 +52,7 @@ setting; ``--keep-denormals`` turns it off): the trained ResidualCNN produces su
 values, which slowed its batch-1 forward in one side-by-side check (2026-12-01, not part of
 the record: 3.07 / 2.53 ms dense / shrunk unflushed against 1.67 / 0.97 ms flushed).  Batch-1
 times on this shared machine also vary about 2x between runs with the setting unchanged
-(ResidualCNN dense 1.9-3.5 ms), so only the ratios in one record compare.  A pruned model
+(ResidualCNN dense 1.9-4.1 ms over the runs of 2026-12-01), so only the ratios in one record compare.  A pruned model
 deployed on CPU should run with flushing on.
 
     python benchmarks/structured_speedup.py            # full run (several minutes on 2 idle cores)

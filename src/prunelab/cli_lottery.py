@@ -33,7 +33,7 @@ def add_lottery_parser(subparsers: Any) -> None:
         description="Iterative magnitude pruning with rewinding (Frankle & Carbin 2019; Frankle et al. 2020).")
     parser.add_argument("--model", default="lenet300", help="zoo model (prunelab list), default lenet300")
     parser.add_argument("--dataset", default="mnist", help="zoo dataset, default mnist")
-    parser.add_argument("--data-dir", default=None, help="MNIST folder (default: $PRUNELAB_DATA or ../shared/data)")
+    parser.add_argument("--data-dir", default=None, help="MNIST folder (default: $PRUNELAB_DATA, else ~/.cache/prunelab/mnist)")
     parser.add_argument("--download", action="store_true", help="fetch and sha256-check MNIST when missing")
     parser.add_argument("--rounds", type=int, default=5, help="pruning rounds after the dense round 0 (default 5)")
     parser.add_argument("--rate", type=float, default=0.2, help="fraction of each layer's remaining weights pruned per round")

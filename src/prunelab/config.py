@@ -29,9 +29,11 @@ class RunConfig:
 
     model: str = _opt("zoo model name (see 'prunelab list')", default="digits_mlp")
     dataset: str = _opt("dataset name (see 'prunelab list')", default="digits")
-    data_dir: str | None = _opt("folder with the MNIST IDX .gz files (default: $PRUNELAB_DATA)", default=None)
+    data_dir: str | None = _opt("folder with the MNIST IDX .gz files (default: $PRUNELAB_DATA, else "
+                                   "~/.cache/prunelab/mnist)", default=None)
     download: bool = _opt("download missing dataset files (checksum-verified)", default=False)
-    method: str = _opt("oneshot | iterative | gradual", default="iterative")
+    method: str = _opt("pruning method, e.g. oneshot, iterative, gradual, snip, lottery, rigl (all: 'prunelab list')",
+                        default="iterative")
     criterion: str = _opt("importance criterion (see 'prunelab list')", default="magnitude")
     granularity: str = _opt("unstructured | vector | kernel | channel | neuron | N:M such as 2:4", default="unstructured")
     allocation: str = _opt("global | uniform | erk | lamp", default="global")
