@@ -253,3 +253,184 @@ def test_missing_file_and_bad_arguments(tmp_path):
     with pytest.raises(PrunelabError, match="bn.weight"):
         write_compressed(tmp_path / "x.plc", model, {"bn.weight": torch.ones(4, dtype=torch.bool)})
     assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+# --- regressions: tied weights, half precision, odd tensors, odd layers -----------------------
+class _Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(4, 3), nn.Linear(4, 3)
+        self.second.weight = self.first.weight  # one tensor, two layers (each keeps its own bias)
+
+    def forward(self, x):
+        return self.first(x) + self.second(x)
+
+
+def _tied_model():
+    model = _Tied()
+    mask = torch.tensor([[True, False, True, False], [False, True, True, False], [True, True, False, True]])
+    with torch.no_grad():
+        model.first.weight.copy_(torch.arange(1.0, 13.0).reshape(3, 4))  # pruned entries NOT zeroed
+    return model, mask
+
+
+def test_tied_weight_is_quantised_once_with_its_mask_under_either_name(tmp_path):
+    for key in ("first.weight", "second.weight"):
+        model, mask = _tied_model()
+        books = quantize_model(model, {key: mask}, bits=2)
+        assert list(books) == ["first.weight"]                     # one tensor, one codebook
+        weight = model.first.weight.detach()
+        assert model.second.weight is model.first.weight
+        assert torch.equal(weight, books["first.weight"].decode())
+        assert torch.all(weight[~mask] == 0) and books["first.weight"].kept == 7
+    # fine-tuning finds the tied tensor under either name and trains it once
+    loader = DataLoader(TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,))), batch_size=4)
+    new = finetune_centroids(model, {"second.weight": books["first.weight"]}, loader, epochs=1, lr=0.05)
+    assert torch.equal(new["second.weight"].decode(), model.first.weight.detach())
+    assert not torch.equal(new["second.weight"].centroids, books["first.weight"].centroids)
+    with pytest.raises(PrunelabError, match="more than once"):
+        finetune_centroids(model, {"first.weight": new["second.weight"], "second.weight": new["second.weight"]},
+                           loader, epochs=1, lr=0.05)
+    model, mask = _tied_model()
+    report = write_compressed(tmp_path / "tied.plc", model, {"second.weight": mask}, bits=2, index_bits=2)
+    state = read_compressed(tmp_path / "tied.plc")
+    assert torch.equal(state["first.weight"], state["second.weight"])
+    assert torch.all(state["first.weight"][~mask] == 0)
+    assert [l.kept for l in report.layers] == [7, 7]
+    fresh = _Tied()
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.second.weight, state["first.weight"])
+
+
+@pytest.mark.parametrize("dtype, ulp", [(torch.bfloat16, 2.0 ** -7), (torch.float16, 2.0 ** -10)])
+def test_half_precision_codebook_decodes_to_the_weight_exactly(dtype, ulp):
+    # k=2, linear init 1 and 4: cluster {1, 1+ulp} has mean 1+ulp/2, which the dtype cannot hold
+    # (it rounds, half to even, to 1.0); the codebook must say 1.0, what the weight holds
+    layer = nn.Linear(4, 1, bias=False).to(dtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 1.0 + ulp, 4.0, 4.0]]))
+    books = quantize_model(layer, bits=1)
+    assert books["weight"].centroids.tolist() == [1.0, 4.0]
+    assert books["weight"].assignments.tolist() == [[0, 0, 1, 1]]
+    assert torch.equal(books["weight"].decode(), layer.weight.detach().float())
+    # fine-tuning: the returned codebook is what the half-precision weight holds
+    opt = CentroidSGD([layer.weight], [books["weight"]], lr=0.1)
+    layer.weight.grad = torch.tensor([[0.03, 0.03, 0.0, 0.0]], dtype=dtype)
+    opt.step()
+    new = opt.codebooks()[0]
+    assert torch.equal(new.decode(), layer.weight.detach().float())
+    assert new.centroids[0].item() == layer.weight[0, 0].item() < 1.0  # it moved, by what the dtype holds
+
+
+def test_finetune_accepts_a_bfloat16_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 3)).to(torch.bfloat16)
+    books = quantize_model(model, bits=2)
+    x, y = torch.randn(8, 6).to(torch.bfloat16), torch.randint(0, 3, (8,))
+    new = finetune_centroids(model, books, DataLoader(TensorDataset(x, y), batch_size=4), epochs=1, lr=0.05)
+    assert torch.equal(new["0.weight"].decode(), model[0].weight.detach().float())
+
+
+def test_centroid_sgd_on_a_non_contiguous_weight():
+    weight = nn.Parameter(torch.tensor([[1.0, 1.0], [2.0, 0.0]]).t())  # (2, 2), not contiguous
+    assert not weight.is_contiguous()
+    book = quantize_weight(weight, None, bits=1)
+    assert book.assignments.tolist() == [[0, 1], [0, -1]]
+    opt = CentroidSGD([weight], [book], lr=0.5)
+    weight.grad = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    opt.step()
+    # cluster 0 = entries (0,0), (1,0) with grads 1, 3: mean 2 -> 1 - 1 = 0; cluster 1 = (0,1): 2 -> 2 - 1 = 1
+    assert weight.detach().tolist() == [[0.0, 1.0], [0.0, 0.0]]
+    assert torch.equal(opt.codebooks()[0].decode(), weight.detach())
+
+
+def test_non_finite_weight_is_a_prunelab_error(tmp_path):
+    with pytest.raises(PrunelabError, match="nan/inf"):
+        quantize_weight(torch.tensor([1.0, float("nan"), 2.0, 3.0]), None, bits=1)
+    layer = nn.Linear(3, 2)
+    with torch.no_grad():
+        layer.weight[0, 0] = float("inf")
+    with pytest.raises(PrunelabError, match="'weight' holds 1 nan/inf"):
+        write_compressed(tmp_path / "x.plc", layer, bits=1)
+    assert not any(tmp_path.iterdir())
+
+
+def test_non_tensor_state_entry_is_a_prunelab_error(tmp_path):
+    class WithExtraState(nn.Linear):
+        def get_extra_state(self):
+            return {"note": "not a tensor"}
+
+        def set_extra_state(self, state):
+            pass
+
+    with pytest.raises(PrunelabError, match="_extra_state.*not a tensor"):
+        write_compressed(tmp_path / "x.plc", WithExtraState(3, 2), bits=1)
+    assert not any(tmp_path.iterdir())
+
+
+def test_empty_and_fully_pruned_layers_round_trip_and_report(tmp_path):
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.empty = nn.Linear(3, 0, bias=False)       # no weights at all
+            self.pruned = nn.Linear(3, 2)                  # every weight pruned
+            self.one = nn.Linear(3, 2, bias=False)         # a single distinct value: one cluster
+
+    with pytest.warns(UserWarning, match="zero-element"):  # torch's init of the empty weight
+        model = Odd()
+    with torch.no_grad():
+        model.one.weight.fill_(0.5)
+    masks = {"pruned.weight": torch.zeros(2, 3, dtype=torch.bool)}
+    report = write_compressed(tmp_path / "odd.plc", model, masks, bits=1, index_bits=1)
+    state = read_compressed(tmp_path / "odd.plc")
+    assert state["empty.weight"].shape == (0, 3)
+    assert torch.equal(state["pruned.weight"], torch.zeros(2, 3))
+    assert torch.equal(state["one.weight"], torch.full((2, 3), 0.5))
+    rows = {r["layer"]: r for r in report.to_rows()}
+    assert rows["empty"]["compress_rate_pct"] == 0.0 and rows["empty"]["weights"] == 0
+    assert (rows["pruned"]["kept"], rows["one"]["kept"], rows["one"]["clusters"]) == (0, 6, 1)
+    assert report.layers[2].weight_codes_bytes == 0  # one symbol costs no bits
+    assert report.total_bytes == os.path.getsize(tmp_path / "odd.plc")
+
+
+def test_unreadable_file_is_a_prunelab_error(written, monkeypatch):
+    _, _, path, _ = written
+
+    def refuse(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(type(path), "read_bytes", refuse)
+    with pytest.raises(PrunelabError, match="cannot read.*Permission denied"):
+        read_compressed(path)
+
+
+def test_finetune_with_no_quantised_layer_is_a_no_op():
+    model = nn.Sequential(nn.LayerNorm(3))
+    books = quantize_model(model, bits=2)
+    assert books == {}
+    loader = DataLoader(TensorDataset(torch.randn(4, 3), torch.randint(0, 3, (4,))), batch_size=2)
+    before = copy.deepcopy(model.state_dict())
+    assert finetune_centroids(model, books, loader, epochs=1, lr=0.1) == {}
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_shape_too_large_for_memory_is_a_prunelab_error(written, monkeypatch):
+    import prunelab.compress.container as container
+
+    _, _, path, _ = written
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate 144. GiB")
+
+    monkeypatch.setattr(container.np, "zeros", no_memory)
+    with pytest.raises(PrunelabError, match="too large to decode here"):
+        read_compressed(path)
+
+
+def test_parametrized_weight_is_a_prunelab_error(tmp_path):
+    layer = nn.utils.parametrizations.weight_norm(nn.Linear(3, 2))  # weight computed, not a parameter
+    with pytest.raises(PrunelabError, match="'weight' is not a parameter"):
+        quantize_model(layer, bits=2)
+    with pytest.raises(PrunelabError, match="remove_parametrizations"):
+        write_compressed(tmp_path / "x.plc", layer, bits=2)
+    assert not any(tmp_path.iterdir())

@@ -298,3 +298,38 @@ def test_tied_weights_are_stored_once_but_computed_twice():
     assert [layer.shares_storage for layer in cost.layers] == [False, True]
     assert cost.dense_macs == 2 * 30  # both layers multiply
     assert cost.dense_bytes == 4 * 42 and cost.weight_params == 30
+
+
+def test_mask_of_a_tied_weight_applies_under_either_name():
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.second = nn.Linear(4, 3, bias=False), nn.Linear(4, 3, bias=False)
+            self.second.weight = self.first.weight
+            nn.init.ones_(self.first.weight)  # every value nonzero: only the mask prunes
+
+        def forward(self, x):
+            return self.first(x) + self.second(x)
+
+    for key in ("first.weight", "second.weight"):
+        cost = measure_model(Tied(), torch.randn(1, 4), {key: _mask_5_of_12()})
+        assert [l.weight_nonzeros for l in cost.layers] == [5, 5], key
+        assert cost.sparse_macs == 2 * 5 and cost.weight_nonzeros == 5 and cost.weight_params == 12
+
+
+def test_layer_with_zero_outputs_counts_without_crashing():
+    class WithEmpty(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.full, self.empty = nn.Linear(4, 3), nn.Linear(4, 0)
+
+        def forward(self, x):
+            return torch.cat([self.full(x), self.empty(x)], dim=-1)
+
+    with pytest.warns(UserWarning, match="zero-element"):  # torch's init of the empty weight
+        model = WithEmpty()
+    cost = measure_model(model, torch.randn(2, 5, 4))  # (B, T, C): 5 positions per sample
+    full, empty = cost.layers
+    assert (full.output_positions, full.dense_macs) == (5, 60)
+    assert (empty.output_positions, empty.dense_macs, empty.params, empty.csr_bytes) == (5, 0, 0, 4)
+    assert cost.dense_macs == 60 and cost.params == 15 and cost.sparsity == 0.0

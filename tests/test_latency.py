@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from prunelab.errors import PrunelabError
 from prunelab.measure.latency import interleaved_latency, layer_latency_ms
 
 
@@ -50,3 +51,9 @@ def test_layer_latency_times_each_leaf_of_every_model_on_its_own_inputs():
     assert all(set(times) == {"wide", "narrow"} and all(t > 0 for t in times.values()) for times in layers.values())
     assert all(shape == (3, 8) for shape in seen)  # narrow.out was timed on narrow's own (3, 8) inputs
     assert not wide._forward_pre_hooks and not wide.fc._forward_pre_hooks  # hooks removed
+
+
+@pytest.mark.parametrize("kwargs", [{"reps": 0}, {"reps": 1.5}, {"reps": True}, {"warmup": -1}])
+def test_bad_repetition_counts_are_prunelab_errors(kwargs):
+    with pytest.raises(PrunelabError, match="reps|warmup"):
+        interleaved_latency({"a": lambda: None}, **kwargs)

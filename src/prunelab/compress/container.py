@@ -47,7 +47,7 @@ from torch import nn
 
 from prunelab.compress import huffman
 from prunelab.compress.quantize import (
-    DEFAULT_BITS, Codebook, _check_masks, quantizable_layers, quantize_weight, resolve_bits,
+    DEFAULT_BITS, Codebook, _layer_weights, quantizable_layers, quantize_weight, resolve_bits,
 )
 from prunelab.compress.sparse_index import relative_decode, relative_encode
 from prunelab.errors import PrunelabError
@@ -71,6 +71,11 @@ REPORT_COLUMNS = (
     ("index_bits_huffman", "index bits (Huffman)"), ("compress_rate_pq_pct", "compress rate P+Q %"),
     ("compress_rate_pct", "compress rate P+Q+H %"), ("size_bytes", "bytes"), ("compression_x", "compression x"),
 )
+
+
+def _pct(part: int, whole: int) -> float:
+    """``100 * part / whole``; 0.0 for an empty whole (a layer without weights or bias)."""
+    return 100.0 * part / whole if whole else 0.0
 
 
 @dataclass(frozen=True)
@@ -125,8 +130,8 @@ class LayerReport:
             "index_bits_huffman": 8.0 * self.index_codes_bytes / entries,
             **{f"{part}_bytes": getattr(self, f"{part}_bytes") for part in PARTS},
             "size_bytes": self.total_bytes, "dense_bytes": self.dense_bytes,
-            "compress_rate_pq_pct": 100.0 * self.fixed_length_bytes / self.dense_bytes,
-            "compress_rate_pct": 100.0 * self.total_bytes / self.dense_bytes,
+            "compress_rate_pq_pct": _pct(self.fixed_length_bytes, self.dense_bytes),
+            "compress_rate_pct": _pct(self.total_bytes, self.dense_bytes),
             "compression_x": self.dense_bytes / self.total_bytes,
         }
 
@@ -175,8 +180,8 @@ class CompressionReport:
             "weight_bits_huffman": 8.0 * sum(l.weight_codes_bytes for l in self.layers) / entries,
             "index_bits_huffman": 8.0 * sum(l.index_codes_bytes for l in self.layers) / entries,
             **self.part_totals(), "size_bytes": self.total_bytes, "dense_bytes": self.dense_bytes,
-            "compress_rate_pq_pct": 100.0 * fixed / self.dense_bytes,
-            "compress_rate_pct": 100.0 * self.total_bytes / self.dense_bytes, "compression_x": self.compression_x,
+            "compress_rate_pq_pct": _pct(fixed, self.dense_bytes),
+            "compress_rate_pct": _pct(self.total_bytes, self.dense_bytes), "compression_x": self.compression_x,
         })
         return rows
 
@@ -236,6 +241,9 @@ def _encode_quantised(parts: _Parts, name: str, book: Codebook, index_bits: int)
 
 
 def _encode_raw(parts: _Parts, part: str, name: str, tensor: torch.Tensor) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise PrunelabError(f"state_dict entry {name!r} is a {type(tensor).__name__}, not a tensor (module extra "
+                            "state?); the compressed format stores tensors only -- drop it from the model")
     if tensor.dtype not in _DTYPES:
         raise PrunelabError(f"tensor {name!r} has dtype {tensor.dtype}, which the format does not store; "
                             f"supported: {', '.join(str(d).removeprefix('torch.') for d in _DTYPES)}")
@@ -270,8 +278,7 @@ def write_compressed(
     layer is k-means quantised here.  :func:`read_compressed` returns the quantised weights.
     """
     layers = quantizable_layers(model)
-    params = dict(model.named_parameters())
-    _check_masks(masks, params, layers)
+    weights, keeps = _layer_weights(model, masks, layers)
     weight_bits = resolve_bits(bits, layers, DEFAULT_BITS, "bits")
     idx_bits = resolve_bits(index_bits, layers, DEFAULT_INDEX_BITS, "index_bits")
     state = model.state_dict()
@@ -284,10 +291,14 @@ def write_compressed(
     body.pack("file", "I", len(state))
     per_layer: dict[str, dict[str, Any]] = {}
     other_bytes = 0
+    books: dict[tuple[int, int], Codebook] = {}  # (parameter id, bits): a tied weight is clustered once
     for name, tensor in state.items():
         parts = _Parts()
         if name in layers:
-            book = quantize_weight(tensor, (masks or {}).get(name), weight_bits[name], max_iter)
+            key = (id(weights[name]), weight_bits[name])
+            if key not in books:
+                books[key] = quantize_weight(tensor, keeps[name], weight_bits[name], max_iter, name=name)
+            book = books[key]
             kept, fillers = _encode_quantised(parts, name, book, idx_bits[name])
             info = per_layer.setdefault(name, {"bias_params": 0, "sizes": {}})
             info.update(shape=tuple(tensor.shape), kept=kept, fillers=fillers, clusters=book.centroids.numel())
@@ -396,7 +407,11 @@ def read_compressed(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise PrunelabError(f"compressed model {str(path)!r} does not exist; pass the file write_compressed wrote")
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise PrunelabError(f"cannot read compressed model {str(path)!r} ({exc.strerror or exc}); check its "
+                            "permissions") from None
 
     def corrupt(reason: str) -> PrunelabError:
         return PrunelabError(f"{str(path)!r} is corrupt or truncated ({reason}); re-create it with prunelab compress")
@@ -431,4 +446,7 @@ def read_compressed(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise PrunelabError(f"{len(payload) - reader.pos} unread bytes after the last entry")
     except (PrunelabError, struct.error, UnicodeDecodeError, ValueError, IndexError, RuntimeError) as exc:
         raise corrupt(str(exc).split(";")[0]) from None
+    except MemoryError as exc:  # a shape field claiming a tensor larger than this machine's memory
+        raise PrunelabError(f"{str(path)!r} holds a tensor too large to decode here ({exc}); the file is corrupt "
+                            "or needs a machine with more memory") from None
     return state

@@ -109,13 +109,14 @@ def kmeans_1d(values: torch.Tensor, k: int, max_iter: int = 100) -> tuple[torch.
     return c32, assignments
 
 
-def quantize_weight(weight: torch.Tensor, keep: torch.Tensor | None, bits: int, max_iter: int = 100) -> Codebook:
+def quantize_weight(weight: torch.Tensor, keep: torch.Tensor | None, bits: int, max_iter: int = 100, *,
+                    name: str = "weight") -> Codebook:
     """Share the kept weights of one layer among at most ``2^bits`` float32 centroids.
 
     Kept = ``keep & (weight != 0)`` (``weight != 0`` without a mask).  If the kept weights
     already take at most ``2^bits`` distinct float32 values (an already-quantised layer,
     e.g. after :func:`finetune_centroids`), those values ARE the codebook and the layer is
-    reproduced exactly; otherwise :func:`kmeans_1d` clusters them.
+    reproduced exactly; otherwise :func:`kmeans_1d` clusters them.  ``name`` only labels errors.
     """
     _check_bits(bits, "bits")
     w = weight.detach().to(torch.float32).cpu()
@@ -124,6 +125,10 @@ def quantize_weight(weight: torch.Tensor, keep: torch.Tensor | None, bits: int, 
         kept &= keep.detach().to(torch.bool).cpu()
     flat_kept = kept.reshape(-1)
     values = w.reshape(-1)[flat_kept]
+    bad = int((~torch.isfinite(values)).sum())
+    if bad:
+        raise PrunelabError(f"{name!r} holds {bad} nan/inf value(s) among its kept weights; k-means needs finite "
+                            "weights -- fix or re-train the model before quantising")
     distinct, inverse = torch.unique(values, sorted=True, return_inverse=True)
     if distinct.numel() <= 2**bits:
         centroids, ids = distinct, inverse
@@ -184,17 +189,51 @@ def resolve_bits(
     return out
 
 
-def _check_masks(masks: Mapping[str, torch.Tensor] | None, params: Mapping[str, torch.Tensor],
-                 layers: Mapping[str, str]) -> None:
+def _layer_weights(
+    model: nn.Module, masks: Mapping[str, torch.Tensor] | None, layers: Mapping[str, str]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None]]:
+    """Each layer's weight parameter and keep-mask (``None`` = no mask), both keyed by weight FQN.
+
+    Parameters are looked up with ``remove_duplicate=False``, so a TIED weight (one tensor
+    shared by two layers, or by an embedding and a Linear head) is found under every name,
+    and a mask given under any of its names applies to every layer using it (several masks
+    of one tensor are ANDed).
+    """
+    named = dict(model.named_parameters(remove_duplicate=False))
+    for name in layers:
+        if name not in named:
+            raise PrunelabError(f"layer weight {name!r} is not a parameter of the model (a parametrization?); "
+                                "remove it (torch.nn.utils.parametrize.remove_parametrizations) before compressing")
+    layer_ids = {id(named[n]) for n in layers}
+    by_id: dict[int, torch.Tensor] = {}
     for name, mask in (masks or {}).items():
-        if name not in layers:
+        param = named.get(name)
+        if param is None or id(param) not in layer_ids:
             raise PrunelabError(
                 f"mask {name!r} is not the weight of a Linear/Conv layer of the model; valid names: "
                 f"{', '.join(list(layers)[:6])}{'...' if len(layers) > 6 else ''} -- pass the masks of this model"
             )
-        if tuple(mask.shape) != tuple(params[name].shape):
+        if tuple(mask.shape) != tuple(param.shape):
             raise PrunelabError(f"mask {name!r} has shape {tuple(mask.shape)} but the weight has "
-                                f"{tuple(params[name].shape)}; pass the masks saved with this model")
+                                f"{tuple(param.shape)}; pass the masks saved with this model")
+        keep = mask.detach().to(device="cpu", dtype=torch.bool)
+        by_id[id(param)] = keep if id(param) not in by_id else by_id[id(param)] & keep
+    return {n: named[n] for n in layers}, {n: by_id.get(id(named[n])) for n in layers}
+
+
+def _in_dtype(book: Codebook, dtype: torch.dtype) -> Codebook:
+    """``book`` with its centroids rounded to ``dtype`` (fp16/bf16 weights) and equal centroids merged.
+
+    A half-precision weight cannot hold a float32 centroid; after rounding, the codebook
+    decodes to exactly what the weight holds.
+    """
+    rounded = book.centroids.to(dtype).to(torch.float32)
+    if torch.equal(rounded, book.centroids):
+        return book
+    centroids, inverse = torch.unique(rounded, sorted=True, return_inverse=True)  # rounding is monotone
+    flat = book.assignments.reshape(-1)
+    ids = torch.where(flat >= 0, inverse[flat.clamp(min=0)], flat)
+    return Codebook(centroids.contiguous(), ids.reshape(book.assignments.shape), book.bits)
 
 
 @torch.no_grad()
@@ -208,16 +247,22 @@ def quantize_model(
     """Weight-share every Linear/Conv weight of ``model`` IN PLACE; returns ``weight FQN -> Codebook``.
 
     ``bits``: int or mapping (see :func:`resolve_bits`; default 8 conv / 5 fc).  After the
-    call each weight equals ``codebook.decode()`` exactly; pruned weights stay zero.
+    call each weight equals ``codebook.decode()`` exactly (an fp16/bf16 weight gets its
+    centroids rounded to its dtype); pruned weights stay zero.  A tied weight (one tensor
+    used by several layers) is quantised once, under the first layer's name and bits.
     """
     layers = quantizable_layers(model)
-    params = dict(model.named_parameters())
-    _check_masks(masks, params, layers)
+    weights, keeps = _layer_weights(model, masks, layers)
     per_layer = resolve_bits(bits, layers, DEFAULT_BITS)
     codebooks = {}
+    done: set[int] = set()
     for name in layers:
-        weight = params[name]
-        book = quantize_weight(weight, (masks or {}).get(name), per_layer[name], max_iter)
+        weight = weights[name]
+        if id(weight) in done:
+            continue
+        done.add(id(weight))
+        book = quantize_weight(weight, keeps[name], per_layer[name], max_iter, name=name)
+        book = _in_dtype(book, weight.dtype)
         weight.copy_(book.decode().to(device=weight.device, dtype=weight.dtype))
         codebooks[name] = book
     return codebooks
@@ -264,19 +309,29 @@ class CentroidSGD(torch.optim.Optimizer):
                 sums = torch.zeros_like(state["centroids"]).index_add_(0, state["ids"], grad)  # (K,)
                 buffer = state["buffer"].mul_(group["momentum"]).add_(sums / state["counts"])
                 state["centroids"].sub_(group["lr"] * buffer)
-                param.view(-1)[state["kept_idx"]] = state["centroids"][state["ids"]].to(param.dtype)
+                values = state["centroids"][state["ids"]].to(param.dtype)
+                if param.is_contiguous():
+                    param.view(-1)[state["kept_idx"]] = values
+                else:  # e.g. a transposed weight: view(-1) is impossible, write through a flat copy
+                    flat = param.detach().reshape(-1).clone()
+                    flat[state["kept_idx"]] = values
+                    param.copy_(flat.view(param.shape))
         return loss
 
     def codebooks(self) -> list[Codebook]:
-        """The current codebooks (copies), in parameter order."""
+        """The current codebooks (copies), in parameter order.
+
+        Centroids are rounded to the weight's dtype (the float32 state is the master copy of
+        an fp16/bf16 weight), so ``codebook.decode()`` equals the weight exactly.
+        """
         out = []
         for group in self.param_groups:
             for param in group["params"]:
                 state = self.state[param]
                 assignments = torch.full((param.numel(),), -1, dtype=torch.int64)
                 assignments[state["kept_idx"].cpu()] = state["ids"].cpu()
-                out.append(Codebook(state["centroids"].detach().cpu().clone(), assignments.reshape(param.shape),
-                                    state["bits"]))
+                centroids = state["centroids"].detach().to(param.dtype).to(torch.float32).cpu().clone()
+                out.append(Codebook(centroids, assignments.reshape(param.shape), state["bits"]))
         return out
 
 
@@ -302,7 +357,7 @@ def finetune_centroids(
     """
     from prunelab.bench.training import TrainConfig, train
 
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # a tied weight under any of its names
     names = list(codebooks)
     for name in names:
         if name not in params:
@@ -313,18 +368,23 @@ def finetune_centroids(
         if decoded.shape != weight.shape or not torch.equal(decoded, weight):
             raise PrunelabError(f"weight {name!r} differs from its codebook; run quantize_model on this model "
                                 f"first and pass the codebooks it returned")
+    if not names:  # no Linear/Conv layer: no centroid to tune (an empty optimizer would be an error)
+        return {}
+    targets = {id(params[n]) for n in names}
+    if len(targets) != len(names):
+        raise PrunelabError(f"the codebooks {names} name one tied weight more than once; pass one codebook per "
+                            "tensor, as quantize_model returns them")
     cfg = TrainConfig(epochs=epochs, batch_size=getattr(train_loader, "batch_size", None) or 1, lr=lr,
                       momentum=momentum, lr_schedule=lr_schedule, seed=seed, progress=progress)
     optimizer = CentroidSGD([params[n] for n in names], [codebooks[n] for n in names], lr=lr, momentum=momentum)
-    flags = {n: p.requires_grad for n, p in params.items()}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        for n, p in params.items():
-            p.requires_grad_(n in codebooks)
+        for p, _ in flags:
+            p.requires_grad_(id(p) in targets)
         train(model, train_loader, cfg, optimizer=optimizer, loss_fn=loss_fn, description="centroids")
     finally:
-        for n, p in params.items():
-            p.requires_grad_(flags[n])
-            if n in codebooks:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+            if id(p) in targets:
                 p.grad = None
     return dict(zip(names, optimizer.codebooks()))
-

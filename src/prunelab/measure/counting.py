@@ -227,24 +227,38 @@ class ModelCost:
         }
 
 
-def _check_masks(model: nn.Module, masks: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
+def _masks_by_weight(
+    model: nn.Module, masks: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor]
+) -> dict[int, torch.Tensor]:
+    """Check ``masks`` and key them by the weight tensor they mask (``id``).
+
+    Parameters are looked up with ``remove_duplicate=False``: a TIED weight (shared by two
+    layers, or by an embedding and a Linear head) may be masked under any of its names, and
+    the mask applies to every layer that uses it (several masks of one tensor are ANDed).
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))
+    weight_ids = {id(w) for w in weights.values()}
+    by_id: dict[int, torch.Tensor] = {}
     for name, mask in masks.items():
         if name not in params:
             raise PrunelabError(
                 f"mask {name!r} names no parameter of the model; mask keys must be parameter FQNs such as "
                 f"{next(iter(weights), 'fc1.weight')!r} -- build the masks from this model"
             )
-        if name not in weights:
+        param = params[name]
+        if id(param) not in weight_ids:
             raise PrunelabError(
                 f"mask {name!r} is not the weight of a Linear/Conv layer; measure_model counts masks on "
                 f"Linear/Conv weights only -- drop that mask or apply it to the model before measuring"
             )
-        if tuple(mask.shape) != tuple(weights[name].shape):
+        if tuple(mask.shape) != tuple(param.shape):
             raise PrunelabError(
                 f"mask {name!r} has shape {tuple(mask.shape)} but the weight has shape "
-                f"{tuple(weights[name].shape)}; pass masks built from this model"
+                f"{tuple(param.shape)}; pass masks built from this model"
             )
+        keep = mask.detach().to(device=param.device, dtype=torch.bool)
+        by_id[id(param)] = keep if id(param) not in by_id else by_id[id(param)] & keep
+    return by_id
 
 
 def _weight_nonzeros(weight: torch.Tensor, mask: torch.Tensor | None) -> int:
@@ -287,16 +301,16 @@ def measure_model(
         if isinstance(module, MEASURED_TYPES) and isinstance(getattr(module, "weight", None), torch.Tensor)
     }
     weights = {f"{name}.weight" if name else "weight": module.weight for name, module in layers.items()}
-    if masks is not None:
-        _check_masks(model, masks, weights)
+    keeps = _masks_by_weight(model, masks, weights) if masks is not None else {}
 
     positions: dict[str, int] = {name: 0 for name in layers}
     called: set[str] = set()
 
     def make_hook(name: str, channels: int):
         def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            # Linear: (..., out_features); Conv: (B, C_out, *spatial) -- positions = numel / channels.
-            positions[name] += output.numel() // channels
+            # Linear: (..., out_features); Conv: (B, C_out, *spatial) -- positions = numel / channels;
+            # a Linear(in, 0) (torch refuses a conv without output channels) has (...,) positions
+            positions[name] += output.numel() // channels if channels else math.prod(output.shape[:-1])
             called.add(name)
         return hook
 
@@ -324,7 +338,7 @@ def measure_model(
     measured_ids: set[int] = set()
     for name, module in layers.items():
         weight_name = f"{name}.weight" if name else "weight"
-        weight = module.weight
+        weight = weights[weight_name]
         bias = getattr(module, "bias", None)
         bias_params = bias.numel() if isinstance(bias, torch.Tensor) else 0
         tied = id(weight) in measured_ids
@@ -341,7 +355,7 @@ def measure_model(
                 f"layer {name!r} computed {total_positions} output positions for a batch of {batch}, which does not "
                 f"divide; example_input's first dimension must be the batch (got shape {tuple(example_input.shape)})"
             )
-        mask = masks.get(weight_name) if masks is not None else None
+        mask = keeps.get(id(weight))  # a tied weight's mask, under whichever name it was given
         costs.append(LayerCost(
             name=name,
             kind=type(module).__name__,

@@ -8,6 +8,7 @@ so that drift of the machine (frequency, other load) hits every variant alike
 
 from __future__ import annotations
 
+import numbers
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -15,6 +16,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from prunelab.errors import PrunelabError
 
 
 def interleaved_latency(variants: Mapping[str, Callable[[], Any]], reps: int = 15, min_sample_s: float = 2e-3,
@@ -24,8 +27,10 @@ def interleaved_latency(variants: Mapping[str, Callable[[], Any]], reps: int = 1
     ``sync`` runs before each clock read (e.g. ``torch.cuda.synchronize`` for GPU work,
     whose calls return before the kernels finish).
     """
-    if reps < 1:
-        raise ValueError(f"reps must be >= 1, got {reps}")
+    if isinstance(reps, bool) or not isinstance(reps, numbers.Integral) or reps < 1:
+        raise PrunelabError(f"reps must be >= 1, got {reps!r}; pass e.g. reps=15")
+    if isinstance(warmup, bool) or not isinstance(warmup, numbers.Integral) or warmup < 0:
+        raise PrunelabError(f"warmup must be an integer >= 0, got {warmup!r}; pass e.g. warmup=2")
     wait = sync if sync is not None else (lambda: None)
     inner: dict[str, int] = {}
     for name, fn in variants.items():
