@@ -75,6 +75,26 @@ def test_unknown_method_and_indivisible_pattern_exit_2(cli, tmp_path, tiny_bert,
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("damage", ["corrupt", "mismatched"])
+def test_unloadable_weights_exit_2_without_a_traceback(cli, tmp_path, tiny_bert, damage):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_bert, folder)
+    if damage == "corrupt":
+        (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    else:  # config.json no longer matches the saved weights
+        config = json.loads((folder / "config.json").read_text())
+        config["intermediate_size"] = 48
+        (folder / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    code, _, err = cli("oneshot", "--model", str(folder), "--method", "magnitude", "--out", str(out), "--no-progress")
+    assert code == 2 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: cannot load a transformers model from"), err
+    assert not out.exists()
+
+
 # --- a real run --------------------------------------------------------------------------------
 def test_pruned_tiny_bert_reloads_with_zeros_where_masks_say(cli, tmp_path, tiny_bert, data_dir):
     pytest.importorskip("prunelab.oneshot")

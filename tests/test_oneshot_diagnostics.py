@@ -23,11 +23,17 @@ def test_spread_equals_hand_computation_over_batches():
 
 
 def test_hooks_are_removed_even_when_the_forward_fails():
+    from prunelab.errors import PrunelabError
+
     model = nn.Sequential(nn.Linear(3, 2))
-    with pytest.raises(RuntimeError):
-        input_norm_spread(model, [torch.ones(1, 5)])
+    with pytest.raises(PrunelabError, match=r"calibration item 1 \(Tensor of shape \(1, 5\)\) fails") as info:
+        input_norm_spread(model, [torch.ones(1, 3), torch.ones(1, 5)])
+    assert "\n" not in str(info.value)
     assert not model[0]._forward_pre_hooks
     assert model.training  # train/eval flag restored
+    for calibration, text in [([], "empty"), ([torch.ones(0, 3)], "empty Tensor"), (["text"], "item 0 is a str")]:
+        with pytest.raises(PrunelabError, match=text):
+            input_norm_spread(model, calibration)
 
 
 def test_mapping_batches_such_as_a_tokenizer_output_are_passed_as_keywords():
@@ -50,3 +56,19 @@ def test_spread_summary_of_nothing_is_a_one_line_error():
 
     with pytest.raises(PrunelabError, match="spread_summary got no layers"):
         spread_summary({})
+
+
+def test_padding_positions_are_left_out():
+    class Padded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(2, 1)
+
+        def forward(self, features, attention_mask):
+            return self.fc(features)
+
+    features = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [1000.0, 0.0]]])  # (1, 3, 2): position 2 is padding
+    mask = torch.tensor([[1, 1, 0]])
+    spread = input_norm_spread(Padded(), [{"features": features, "attention_mask": mask}])
+    # real rows [1, 2], [3, 4]: norms sqrt10, sqrt20; median (lower middle) sqrt10
+    assert spread["fc"] == pytest.approx(math.sqrt(2.0))

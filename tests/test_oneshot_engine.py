@@ -255,3 +255,106 @@ def test_bert_wrong_calibration_keys_raise_and_leave_no_hooks(transformers):
 def test_an_unhashable_method_name_is_a_one_line_error():
     with pytest.raises(PrunelabError, match="unknown one-shot method|valid names"):
         OneShotConfig(method=["sparsegpt"])
+
+
+# --- padding, empty and non-finite calibration data, half precision -------------------------
+class _TokenModel(nn.Module):
+    """Embedding + a ModuleList of two MLP blocks, called like a transformers model: padding
+    token 0 has a huge embedding, so its rows would dominate any statistic they enter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(6, 4)
+        self.layers = nn.ModuleList([nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4)) for _ in range(2)])
+        with torch.no_grad():
+            self.emb.weight[0] = 100.0
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids)  # (B, T, 4)
+        for layer in self.layers:
+            h = layer(h)
+        return h
+
+
+_IDS = torch.tensor([[1, 2, 3, 4, 5, 1], [2, 3, 0, 0, 0, 0]])  # the second sequence is padded to 6
+_PADDED = [{"input_ids": _IDS, "attention_mask": (_IDS != 0).long()}]
+_UNPADDED = [{"input_ids": _IDS[:1]}, {"input_ids": _IDS[1:, :2]}]
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda", "obs"])
+def test_padding_positions_are_left_out_of_the_statistics(method):
+    padded, unpadded = _TokenModel(), _TokenModel()
+    a = prune_oneshot(padded, _PADDED, OneShotConfig(method=method), progress=False)
+    b = prune_oneshot(unpadded, _UNPADDED, OneShotConfig(method=method), progress=False)
+    assert all(torch.equal(a.masks[name], b.masks[name]) for name in b.masks)
+    for p, q in zip(padded.parameters(), unpadded.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+    assert [row.error for row in a.rows] == pytest.approx([row.error for row in b.rows], rel=1e-6)
+
+
+def test_reported_error_counts_real_tokens_only():
+    model = _TokenModel()
+    dense = model.layers[0][0].weight.detach().clone()
+    report = prune_oneshot(model, _PADDED, OneShotConfig(method="magnitude", sparsity=0.5), progress=False)
+    with torch.no_grad():
+        X = model.emb(_IDS)[_IDS != 0]  # (8, 4): the real tokens' inputs of layers.0.0
+        expected = F.linear(X, dense - model.layers[0][0].weight).square().sum() / F.linear(X, dense).square().sum()
+    assert report.rows[0].name == "layers.0.0"
+    assert report.rows[0].error == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_padded_tiny_bert_prunes_like_its_unpadded_sequences(transformers):
+    gen = torch.Generator().manual_seed(0)
+    lengths = [10, 6, 3]
+    mask = torch.zeros(3, 10, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    ids = torch.randint(5, 100, (3, 10), generator=gen) * mask
+    padded = [{"input_ids": ids, "attention_mask": mask}]
+    single = [{"input_ids": ids[i:i + 1, :n], "attention_mask": mask[i:i + 1, :n]} for i, n in enumerate(lengths)]
+    a, b = _tiny_bert(transformers), _tiny_bert(transformers)
+    ra = prune_oneshot(a, padded, OneShotConfig(method="wanda"), progress=False)
+    rb = prune_oneshot(b, single, OneShotConfig(method="wanda"), progress=False)
+    assert all(torch.equal(ra.masks[name], rb.masks[name]) for name in rb.masks)
+
+
+def test_empty_or_all_padding_calibration_is_a_one_line_error_and_nothing_is_pruned():
+    model = _mlp()
+    before = [p.detach().clone() for p in model.parameters()]
+    for method in ("sparsegpt", "magnitude"):
+        with pytest.raises(PrunelabError, match=r"calibration item 1 is an empty Tensor of shape \(0, 16\)"):
+            prune_oneshot(model, [torch.randn(4, 16), torch.randn(0, 16)], OneShotConfig(method=method), progress=False)
+    tokens = _TokenModel()
+    dense = [p.detach().clone() for p in tokens.parameters()]
+    all_padding = [{"input_ids": _IDS, "attention_mask": torch.zeros_like(_IDS)}]
+    with pytest.raises(PrunelabError, match="'layers.0.0' received no input rows") as info:
+        prune_oneshot(tokens, all_padding, OneShotConfig(method="sparsegpt"), progress=False)
+    assert "\n" not in str(info.value)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    assert all(torch.equal(p, q) for p, q in zip(tokens.parameters(), dense, strict=True))
+    assert _no_hooks(model) and _no_hooks(tokens)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "lobs"])
+def test_non_finite_calibration_inputs_are_a_one_line_error(method):
+    model = _mlp()
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(16, 16)
+    x[3, 2] = float("inf")
+    with pytest.raises(PrunelabError, match="'0' received non-finite inputs"):
+        prune_oneshot(model, [x], OneShotConfig(method=method), progress=False)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    assert _no_hooks(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_layers_report_the_exact_error(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64)).to(dtype)
+    x = torch.randn(256, 64).to(dtype)
+    dense = model[0].weight.detach().double()
+    report = prune_oneshot(model, [x], OneShotConfig(method="magnitude", sparsity=0.1), progress=False)
+    X, pruned = x.double(), model[0].weight.detach().double()
+    expected = float((X @ (dense - pruned).T).square().sum() / (X @ dense.T).square().sum())
+    assert report.rows[0].error == pytest.approx(expected, rel=1e-5)

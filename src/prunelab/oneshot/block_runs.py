@@ -98,7 +98,29 @@ def check_calibration(calibration: Sequence[Any]) -> list[Tensor | Mapping[str, 
                 f"calibration item {i} is a {type(item).__name__}; expected a Tensor (model(x)) or a dict (model(**x)), "
                 "e.g. tokenizer outputs"
             )
+        elif item.numel() == 0:
+            raise PrunelabError(
+                f"calibration item {i} is an empty Tensor of shape {tuple(item.shape)}; every item needs at least "
+                "one sample (drop empty batches)"
+            )
     return items
+
+
+def token_masks(items: Sequence[Any], device: torch.device) -> list[Tensor | None]:
+    """Per calibration item, the ``(B, T)`` bool mask of its real (not padding) positions:
+    a dict item's 2-D 0/1 ``attention_mask`` (tokenizer outputs), ``None`` when it has none
+    (or an additive float mask, which is not read) or every position is real.
+
+    A padded batch runs its padding positions through every layer; their rows carry no
+    data, so they are left out of each layer's statistics (``H``, ``||X_j||``, ``E[x]``) and
+    of the reported error (:meth:`LayerTarget.inputs2d`)."""
+    masks: list[Tensor | None] = []
+    for item in items:
+        mask = item.get("attention_mask") if isinstance(item, Mapping) else None
+        binary = isinstance(mask, Tensor) and mask.dim() == 2 and bool(((mask == 0) | (mask == 1)).all())
+        real = mask.to(device) != 0 if binary else None
+        masks.append(None if real is None or bool(real.all()) else real)
+    return masks
 
 
 def _to(value: Any, device: torch.device) -> Any:
@@ -207,13 +229,13 @@ class Reference:
 
 
 def _feed_inputs(block: nn.Module, module: nn.Module, target: LayerTarget, item, where: str, index: int,
-                 stop_early: bool, consume: Callable[[Tensor], None]) -> None:
+                 stop_early: bool, consume: Callable[[Tensor], None], tokens: Tensor | None = None) -> None:
     """One forward of ``block`` on ``item``; ``consume`` gets ``target``'s input rows
-    ``(n, cols)`` at each call of ``module``, inside the forward (so a shape error raised
-    there is reported as a calibration item that does not fit)."""
+    ``(n, cols)`` (real positions of ``tokens`` only) at each call of ``module``, inside the
+    forward (so a shape error raised there is reported as a calibration item that does not fit)."""
 
     def hook(_: nn.Module, args: tuple) -> None:
-        consume(target.inputs2d(args[0]))
+        consume(target.inputs2d(args[0], tokens))
         if stop_early:
             raise _Stop
 
@@ -222,42 +244,66 @@ def _feed_inputs(block: nn.Module, module: nn.Module, target: LayerTarget, item,
 
 
 def collect_stats(block: nn.Module, where: str, target: LayerTarget, inputs: Inputs, needs: str, stop_early: bool,
-             reference: Reference | None = None) -> InputStats:
+             reference: Reference | None = None, tokens: Sequence[Tensor | None] | None = None) -> InputStats:
     """Accumulate ``target``'s input statistics over every item (forward cut after it if
-    ``stop_early``); with a ``reference``, the pruned inputs paired with the dense ones."""
+    ``stop_early``); with a ``reference``, the pruned inputs paired with the dense ones.
+    ``tokens``: per item, the real positions (:func:`token_masks`); padding rows are left out.
+    Raises PrunelabError when no row reached the layer or a row is not finite."""
     cols = target.weight2d().shape[1]
     device = target.module.weight.device
+    real = [None] * len(inputs) if tokens is None else tokens
     if reference is not None:
         paired = PairedHessianAccumulator(cols, device)
         dense_module = reference.modules[target.name]
         for i, (item, dense_item) in enumerate(zip(inputs, reference.inputs, strict=True)):
             dense: list[Tensor] = []  # the dense model's rows, one entry per call
-            _feed_inputs(reference.block, dense_module, target, dense_item, where, i, stop_early, dense.append)
+            _feed_inputs(reference.block, dense_module, target, dense_item, where, i, stop_early, dense.append, real[i])
             _feed_inputs(block, target.module, target, item, where, i, stop_early,
-                         lambda rows: paired.add(rows, dense.pop(0)))
-        return paired.result()
+                         lambda rows: paired.add(rows, dense.pop(0)), real[i])
+        return _checked(paired.result(), target)
     acc = HessianAccumulator(cols, device) if needs == "hessian" else ColumnNormAccumulator(cols, device)
     for i, item in enumerate(inputs):
-        _feed_inputs(block, target.module, target, item, where, i, stop_early, acc.add)
-    return acc.result()
+        _feed_inputs(block, target.module, target, item, where, i, stop_early, acc.add, real[i])
+    return _checked(acc.result(), target)
+
+
+def _checked(stats: InputStats, target: LayerTarget) -> InputStats:
+    """``stats`` (summed over ranks, so every rank decides alike), refused when empty or not finite:
+    no rows would zero every weight (all inputs "dead"), inf/NaN would give an arbitrary mask."""
+    if stats.count == 0:
+        raise PrunelabError(
+            f"layer {target.name!r} received no input rows from the calibration data (every item empty or all "
+            "padding); pass calibration items with at least one real sample or token"
+        )
+    sums = [t for t in (stats.hessian, stats.sq_norms, stats.cross) if t is not None]
+    if not all(bool(torch.isfinite(t).all()) for t in sums):
+        raise PrunelabError(
+            f"layer {target.name!r} received non-finite inputs (inf or NaN) on the calibration data; check the "
+            "calibration inputs, or run the model in float32 if float16 activations overflow"
+        )
+    return stats
 
 
 def propagate(block: nn.Module, where: str, inputs: Inputs, dense: Mapping[LayerTarget, tuple[Tensor, Tensor | None]],
-               keep_outputs: bool, reference: Reference | None = None) -> dict[LayerTarget, float]:
+               keep_outputs: bool, reference: Reference | None = None, tokens: Sequence[Tensor | None] | None = None
+               ) -> dict[LayerTarget, float]:
     """Run ``block`` on every item (pruned weights), measure each pruned layer's relative
     reconstruction error and, if ``keep_outputs``, replace the items' hidden states by the
     block's outputs in place.  ``dense``: target -> (dense ``W``, bias correction or None).
 
     The error is ``||W X - W' X - c||^2 / ||W X||^2`` on the pruned model's inputs; with a
     ``reference`` it is ``||W X - W' X~ - c||^2 / ||W X||^2`` against the dense model's
-    outputs (``X`` dense inputs, ``X~`` pruned ones), and the reference's inputs move on too."""
+    outputs (``X`` dense inputs, ``X~`` pruned ones), and the reference's inputs move on too.
+    Padding rows (``tokens``, :func:`token_masks`) are left out; float16 / bfloat16 layers are
+    measured in float32 (in half precision ``W X - W' X`` loses most of its digits)."""
+    current: list[Tensor | None] = [None]  # the real positions of the item being run
     num = {t: 0.0 for t in dense}
     den = {t: 0.0 for t in dense}
     wanted: dict[LayerTarget, list[Tensor]] = {t: [] for t in dense}  # dense outputs W X per call (reference)
 
     def measure(target: LayerTarget, W: Tensor, pruned: Tensor, shift: Tensor | None) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
-            x = target.inputs2d(args[0]).to(W.dtype)  # (n, cols)
+            x = target.inputs2d(args[0], current[0]).to(W.dtype)  # (n, cols)
             goal = wanted[target].pop(0) if reference is not None else x @ W.T  # (n, rows) W X
             change = goal - x @ pruned.T if shift is None else goal - x @ pruned.T - shift  # (n, rows)
             num[target] += float(change.double().square().sum())  # ||W X - W' X - c||^2
@@ -266,17 +312,20 @@ def propagate(block: nn.Module, where: str, inputs: Inputs, dense: Mapping[Layer
 
     def record(target: LayerTarget, W: Tensor) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
-            wanted[target].append(target.inputs2d(args[0]).to(W.dtype) @ W.T)
+            wanted[target].append(target.inputs2d(args[0], current[0]).to(W.dtype) @ W.T)
         return hook
 
     hooks, dense_hooks = [], []
     for target, (W, shift) in dense.items():
+        if W.dtype in (torch.float16, torch.bfloat16):
+            W = W.float()
         pruned = target.weight2d().to(W.dtype)
         hooks.append((target.module, measure(target, W, pruned, None if shift is None else shift.to(W.dtype))))
         if reference is not None:
             dense_hooks.append((reference.modules[target.name], record(target, W)))
     with _pre_hooks(hooks), _pre_hooks(dense_hooks):
         for i, item in enumerate(inputs):
+            current[0] = None if tokens is None else tokens[i]
             if reference is not None:
                 dense_output = _run(reference.block, reference.inputs[i], where, i)
                 if keep_outputs:

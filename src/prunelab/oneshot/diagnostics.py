@@ -18,7 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from prunelab.errors import PrunelabError
+from prunelab.oneshot.block_runs import _USER_ERRORS, _first_line, check_calibration, token_masks
 from prunelab.oneshot.engine import eval_mode
+from prunelab.oneshot.layer_targets import LayerTarget
 from prunelab.oneshot.stats import ColumnNormAccumulator
 
 
@@ -26,25 +28,41 @@ def input_norm_spread(model: nn.Module, calibration: Sequence[Any]) -> dict[str,
     """``{Linear name: max_j ||X_j||_2 / median_j ||X_j||_2}`` over the calibration inputs.
 
     ``calibration``: model inputs, each a Tensor (``model(x)``) or a dict (``model(**x)``).
-    The model is not changed; hooks are removed even if the forward raises.
+    Padding positions of a dict item with a 2-D ``attention_mask`` are left out, as the
+    one-shot engine leaves them out of its statistics.
+    The model is not changed; hooks are removed even if the forward raises.  Calibration
+    that is empty or does not fit the model is a :class:`PrunelabError` naming the item.
     """
     accumulators: dict[str, ColumnNormAccumulator] = {}
     handles = []
+    items = check_calibration(calibration)
+    tokens = token_masks(items, torch.device("cpu"))  # per item: real positions, or None
+    current: list[Tensor | None] = [None]
 
-    def hook(name: str):
+    def hook(name: str, module: nn.Module):
+        target = LayerTarget(name, module, "linear")
+
         def record(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
-            x = args[0].detach()
-            accumulators[name].add(x.reshape(-1, x.shape[-1]))  # (tokens, in_features)
+            accumulators[name].add(target.inputs2d(args[0].detach(), current[0]))  # (tokens, in_features)
         return record
 
     try:
         for name, module in model.named_modules():
             if isinstance(module, nn.Linear):
                 accumulators[name] = ColumnNormAccumulator(module.in_features, module.weight.device)
-                handles.append(module.register_forward_pre_hook(hook(name)))
+                handles.append(module.register_forward_pre_hook(hook(name, module)))
         with eval_mode(model), torch.no_grad():
-            for item in calibration:
-                model(**item) if isinstance(item, Mapping) else model(item)
+            for i, (item, real) in enumerate(zip(items, tokens, strict=True)):
+                current[0] = real
+                try:
+                    model(**item) if isinstance(item, Mapping) else model(item)
+                except _USER_ERRORS as exc:
+                    what = (f"Tensor of shape {tuple(item.shape)}" if isinstance(item, Tensor)
+                            else f"dict with keys {sorted(item)}")
+                    raise PrunelabError(
+                        f"calibration item {i} ({what}) fails in the model's forward ({_first_line(exc)}); "
+                        "pass inputs the model accepts, as for model(x) or model(**x)"
+                    ) from None
     finally:
         for handle in handles:
             handle.remove()

@@ -43,6 +43,11 @@ error report); with ``dense_targets`` also the dense model's block activations a
 copy of the current block.  Every hook is removed in ``finally`` blocks, also when a solver or the
 model raises.  Layers outside the blocks (e.g. a pooler, classifier or ``lm_head`` after
 the blocks, embeddings before) stay dense; ``exclude`` globs keep more layers dense.
+Padding: for a dict item with a 2-D ``attention_mask`` ``(B, T)`` (tokenizer outputs), only
+the rows of real positions of a Linear / Conv1D input ``(B, T, ...)`` enter the statistics
+and the reported error -- padding tokens carry no data but would otherwise weigh as much as
+real ones.  A layer that receives no row, or an inf/NaN row, is a PrunelabError (no weight is
+written).
 Layers the engine cannot express as ``W X`` stay dense too and are listed in
 ``OneShotReport.dense_layers``: grouped / non-zero-padded / asymmetric-``'same'``
 ``Conv2d``, ``Conv1d``, ``Conv3d``.  The model runs in eval mode under ``torch.no_grad``;
@@ -84,6 +89,7 @@ from prunelab.oneshot.block_runs import (
     hidden_states_of,
     probe_call_order,
     propagate,
+    token_masks,
 )
 from prunelab.oneshot.layer_targets import LayerTarget, block_targets, find_blocks
 from prunelab.oneshot.stats import InputStats, Solution, dense_target_weight
@@ -284,6 +290,7 @@ def prune_oneshot(model: nn.Module, calibration: Sequence[Any], config: OneShotC
     masks: dict[str, Tensor] = {}
     with eval_mode(model), torch.no_grad():
         inputs = capture_block_inputs(model, blocks[0], items, first.device)
+        tokens = token_masks(items, first.device)  # per item: real (not padding) positions, or None
         check_hidden_position(blocks[0][0], inputs)
         dense_inputs = list(inputs) if config.dense_targets else None  # the dense model's block inputs
         last = max(i for i, ts in enumerate(per_block) if ts)
@@ -291,10 +298,10 @@ def prune_oneshot(model: nn.Module, calibration: Sequence[Any], config: OneShotC
             if b > last:  # nothing left to prune: the rest of the model need not run
                 break
             reference = None if dense_inputs is None else Reference.of(block, block_name, dense_inputs)
-            solved, uncalled = _prune_block(block, block_name, targets, inputs, solver, config, reference)
+            solved, uncalled = _prune_block(block, block_name, targets, inputs, solver, config, reference, tokens)
             dense_layers += uncalled
             errors = propagate(block, block_name, inputs, {t: (dense, shift) for t, dense, _, shift, _ in solved},
-                                keep_outputs=b < last, reference=reference)
+                                keep_outputs=b < last, reference=reference, tokens=tokens)
             del reference  # one dense block copy at a time
             for target, _, solution, _, (seconds, solve_seconds) in solved:
                 keep = solution.mask  # (rows, cols)
@@ -311,13 +318,14 @@ def prune_oneshot(model: nn.Module, calibration: Sequence[Any], config: OneShotC
 
 
 def _prune_block(block: nn.Module, block_name: str, targets: list[LayerTarget], inputs: Inputs, solver: Solver,
-                 config: OneShotConfig, reference: Reference | None = None
+                 config: OneShotConfig, reference: Reference | None = None,
+                 tokens: Sequence[Tensor | None] | None = None
                  ) -> tuple[list[tuple[LayerTarget, Tensor, Solution, Tensor | None, tuple[float, float]]], list[str]]:
     """Prune ``targets`` one after the other in execution order, each from the inputs it
     receives with the earlier ones already pruned (and, with a ``reference``, towards the
     dense model's outputs).  Returns ``(target, dense W, solution, bias correction or None,
     (seconds, solver seconds))`` per pruned layer and the names of targets the block never
-    called."""
+    called.  ``tokens``: per item, the real positions whose rows enter the statistics."""
     if not targets:
         return [], []
     called = probe_call_order(block, block_name, targets, inputs[0])
@@ -329,7 +337,8 @@ def _prune_block(block: nn.Module, block_name: str, targets: list[LayerTarget], 
         correct = config.bias_correction and getattr(target.module, "bias", None) is not None
         if solver.needs != "none" or correct:
             needs = "norms" if solver.needs == "none" else solver.needs
-            stats = collect_stats(block, block_name, target, inputs, needs, stop_early=count == 1, reference=reference)
+            stats = collect_stats(block, block_name, target, inputs, needs, stop_early=count == 1, reference=reference,
+                                  tokens=tokens)
         mean = stats.mean if correct else None  # (cols,) float64
         dense_mean = stats.dense_mean if correct and reference is not None else mean  # E[x] in the dense model
         W = target.weight2d().clone()  # (rows, cols) dense

@@ -85,8 +85,12 @@ class LayerTarget:
         weight = self.module.weight
         weight.copy_(self.to_param_layout(value2d).to(device=weight.device, dtype=weight.dtype))
 
-    def inputs2d(self, x: Tensor) -> Tensor:
-        """The layer input as rows of ``X^T``: ``(n, cols)``."""
+    def inputs2d(self, x: Tensor, tokens: Tensor | None = None) -> Tensor:
+        """The layer input as rows of ``X^T``: ``(n, cols)``.
+
+        ``tokens``: optional ``(B, T)`` bool mask of the real (not padding) positions of the
+        calibration item; a Linear / Conv1D input ``(B, T, ..., in)`` then keeps only the rows
+        of real positions (an input of another leading shape keeps all rows)."""
         if self.kind == "conv2d":
             conv = self.module
             batched = x if x.dim() == 4 else x.unsqueeze(0)  # (B, C, H, W)
@@ -95,6 +99,8 @@ class LayerTarget:
             c = conv.in_channels
             cols = cols.view(b, c, -1, length).permute(0, 3, 2, 1)  # (B, L, K, C)
             return cols.reshape(b * length, -1)  # (B*L, K*C)
+        if tokens is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(tokens.shape):
+            x = x[tokens.to(x.device)]  # (n_real, ..., in): padding positions dropped
         return x.reshape(-1, x.shape[-1])  # (n, in)
 
 
