@@ -67,12 +67,13 @@ def load_transformers_model(path: str | os.PathLike, progress: bool = True) -> t
             f"{os.fspath(folder)!r} holds no transformers config.json; pass a folder written by save_pretrained"
         )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from safetensors import SafetensorError
     from transformers import AutoModel, AutoTokenizer
 
     try:
         with _progress_bars(progress):
             model = AutoModel.from_pretrained(os.fspath(folder), local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:  # RuntimeError: shapes differ
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PrunelabError(
             f"cannot load a transformers model from {os.fspath(folder)!r} ({first}); "
@@ -98,8 +99,8 @@ def tokenized_batches(tokenizer: Any, lines: Sequence[str], batch_size: int = 16
                       max_length: int = 128) -> list[dict[str, torch.Tensor]]:
     """Calibration input for one-shot pruning: lines grouped by length, tokenised, padded per batch.
 
-    Sorting by token count keeps padding (whose activations would enter the Hessian and
-    activation statistics) to a minimum.  Each dict holds ``input_ids``, ``attention_mask``
+    Sorting by token count keeps padding to a minimum: the one-shot engine leaves padded
+    positions out of its statistics (by ``attention_mask``), but they still cost compute.  Each dict holds ``input_ids``, ``attention_mask``
     (and ``token_type_ids`` when the tokenizer makes them), all ``(b, L)``.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
