@@ -93,3 +93,12 @@ def test_bad_inputs():
         activation_sparsity(nn.Sequential(nn.Linear(2, 2)), [torch.randn(1, 2)])
     with pytest.raises(PrunelabError, match="needs an nn.Sequential"):
         sparse_input_model(nn.Linear(2, 2))
+
+
+def test_activation_sparsity_restores_each_module_mode():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.ReLU(), nn.Linear(8, 2))
+    model.train()
+    model[1].eval()
+    modes = [m.training for m in model.modules()]
+    activation_sparsity(model, [torch.randn(3, 4)])
+    assert [m.training for m in model.modules()] == modes  # was: all modules set to train

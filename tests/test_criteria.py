@@ -299,3 +299,54 @@ def test_bad_data_raises():
     with pytest.raises(PrunelabError, match="not in the model"):
         get_criterion("taylor")(layer, {"fc.weight": layer.weight}, ScoreData([batch], loss_fn=mse))
     assert layer.training and all(p.grad is None for p in params.values())
+
+
+# --- tied weights ----------------------------------------------------------------------------
+class TiedNet(nn.Module):
+    """``emb`` and ``dec`` are two Linear modules sharing one weight (prunable_parameters lists both)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(11)
+        self.emb = nn.Linear(3, 4, bias=False)
+        self.hid = nn.Linear(4, 3, bias=False)
+        self.dec = nn.Linear(3, 4, bias=False)
+        self.dec.weight = self.emb.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, 3) -> (N, 4)
+        return self.dec(torch.tanh(self.hid(torch.relu(self.emb(x)))))
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [("taylor", {}), ("snip", {}), ("grasp", {"temperature": 1.0}), ("obd", {"hessian": "exact"}),
+     ("obd", {"hessian": "fisher"}), ("movement", {}), ("synflow", {})],
+)
+def test_tied_weight_aliases_score_as_the_one_shared_tensor(name, kwargs):
+    # Both FQNs of a tied weight used to crash functional_call ("got multiple values for keys ...
+    # which are tied"; synflow: KeyError).  Now both aliases get the score of the shared tensor
+    # (all its uses), exactly what scoring the first FQN alone gives.
+    model = TiedNet()
+    gen = torch.Generator().manual_seed(12)
+    x, y = torch.randn(6, 3, generator=gen), torch.randn(6, 4, generator=gen)
+    data = ScoreData([(x[:3], y[:3]), (x[3:], y[3:])], loss_fn=mse)
+    both = {"emb.weight": model.emb.weight, "hid.weight": model.hid.weight, "dec.weight": model.dec.weight}
+    first = {"emb.weight": model.emb.weight, "hid.weight": model.hid.weight}
+    criterion = get_criterion(name, **kwargs)
+    scores, alone = criterion(model, both, data), criterion(model, first, data)
+    torch.testing.assert_close(scores["dec.weight"], scores["emb.weight"], rtol=0, atol=0)
+    if name != "snip":  # snip's normalising sum counts the shared tensor once per FQN: same ranking
+        for n in first:
+            torch.testing.assert_close(scores[n], alone[n], rtol=1e-5, atol=1e-7)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_synflow_scores_a_tied_alias_that_named_parameters_skips():
+    # A tied lm_head: prunable_parameters gives "dec.weight", named_parameters() only "emb.weight"
+    # (was a KeyError 'dec.weight').
+    model = TiedNet()
+    synflow = get_criterion("synflow")
+    alias = synflow(model, {"hid.weight": model.hid.weight, "dec.weight": model.dec.weight})
+    canonical = synflow(model, {"hid.weight": model.hid.weight, "emb.weight": model.emb.weight})
+    torch.testing.assert_close(alias["dec.weight"], canonical["emb.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(alias["hid.weight"], canonical["hid.weight"], rtol=0, atol=0)

@@ -76,6 +76,24 @@ def test_apoz_counts_spatial_positions_of_conv_channels():
     torch.testing.assert_close(scores["weight"].reshape(2), torch.tensor([2 / 4, 1 / 4]))
 
 
+def test_apoz_scores_a_transposed_conv_along_its_output_channel_dim():
+    # ConvTranspose2d weight is (in, out, kh, kw): the score of output channel c belongs to
+    # weight[:, c], not to row weight[c] (which was filled silently when in == out).
+    deconv = nn.ConvTranspose2d(3, 3, 2, stride=2)
+    with torch.no_grad():
+        deconv.weight.zero_()
+        deconv.bias.copy_(torch.tensor([1.0, -1.0, 1.0]))  # output channel 1 is always <= 0
+    data = ScoreData([(torch.randn(2, 3, 4, 4), torch.zeros(2))])
+    scores = get_criterion("apoz")(deconv, dict(deconv.named_parameters()), data)
+    expected = torch.tensor([1.0, 0.0, 1.0])
+    torch.testing.assert_close(scores["weight"], expected.reshape(1, 3, 1, 1).expand(3, 3, 2, 2))
+    torch.testing.assert_close(scores["bias"], expected)
+    grouped = nn.ConvTranspose2d(4, 4, 2, groups=2)
+    with pytest.raises(PrunelabError, match="transposed conv with groups=2"):
+        get_criterion("apoz")(grouped, {"weight": grouped.weight},
+                              ScoreData([(torch.randn(1, 4, 3, 3), torch.zeros(1))]))
+
+
 def test_apoz_neuron_pruning_removes_the_dead_neuron():
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     with torch.no_grad():

@@ -191,3 +191,37 @@ def test_bert_attention_is_found_masked_and_cut_to_the_same_outputs():
     kept = [int(choice.keep[name].sum()) for name in units]
     assert [masked.get_submodule(u.q).out_features for u in units.values()] == [4 * k for k in kept]
     assert sum(kept) == 4
+
+
+def test_importance_restores_each_module_mode_and_runs_under_no_grad():
+    torch.manual_seed(8)
+    model = TwoUnits()
+    model.train()
+    model.a.eval()  # a mixed-mode model (e.g. a frozen sub-module) must come back exactly so
+    modes = [m.training for m in model.modules()]
+    x, y = torch.randn(5, 3, 6), torch.tensor([0, 1, 2, 0, 1])
+    expected = head_importance(model, [(x, y)])
+    assert [m.training for m in model.modules()] == modes  # was: every module left in train mode
+    with torch.no_grad():  # was: RuntimeError "element 0 of tensors does not require grad"
+        got = head_importance(model, [(x, y)])
+    model.head.weight.grad = grad = torch.ones_like(model.head.weight)
+    head_importance(model, [(x, y)])
+    assert model.head.weight.grad is grad  # was replaced by a clone (breaks DDP gradient bucket views)
+    assert torch.equal(grad, torch.ones_like(grad))
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(PrunelabError, match=r"head_importance got max_batches=.*; expected a positive int"):
+            head_importance(model, [(x, y)], max_batches=bad)  # 0 was "got no batches"
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)
+
+
+def test_remove_heads_keeps_the_layers_mode_and_frozen_weights():
+    torch.manual_seed(9)
+    model = TwoUnits().eval()
+    model.a.q_proj.weight.requires_grad_(False)
+    model.a.out_proj.bias.requires_grad_(False)
+    remove_heads_(model, {"a": torch.tensor([True, False, True, True])})
+    assert model.a.q_proj.out_features == 12 and model.a.out_proj.in_features == 12
+    assert not any(m.training for m in model.modules())  # the new Linears were created in train mode
+    assert not model.a.q_proj.weight.requires_grad and model.a.q_proj.bias.requires_grad
+    assert model.a.out_proj.weight.requires_grad and not model.a.out_proj.bias.requires_grad

@@ -82,3 +82,31 @@ def test_a_wrong_second_moment_or_keep_is_a_one_line_error():
     with pytest.raises(PrunelabError, match="keep must be a fraction"):
         low_rank_model(model, "a", [torch.randn(3, 4)])
     assert isinstance(model[0], nn.Linear)
+
+
+def test_calibration_restores_modes_and_new_layers_keep_mode_and_frozen_weights():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Dropout(0.5), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(),
+                          nn.Linear(24, 4))
+    model.eval()
+    model[1].train()  # mixed modes come back as they were
+    model[3].weight.requires_grad_(False)
+    low_rank_model(model, 0.5, [torch.randn(10, 16)])
+    assert isinstance(model[0], LowRankLinear) and isinstance(model[3], LowRankLinear)
+    assert model[1].training  # was: every module set to eval
+    assert not any(m.training for i, layer in enumerate(model) if i != 1 for m in layer.modules())
+    assert not model[3].first.weight.requires_grad and not model[3].second.weight.requires_grad
+    assert model[3].second.bias.requires_grad and model[0].first.weight.requires_grad
+
+
+def test_bad_dampening_and_calibration_items_are_one_line_errors():
+    linear = nn.Linear(4, 3)
+    for dampening in ("a", -1.0, float("nan"), True):
+        with pytest.raises(PrunelabError, match=r"dampening must be a finite number >= 0"):
+            factorize_linear(linear, 2, torch.eye(4), dampening=dampening)  # "a" was a TypeError, -1 accepted
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+    with pytest.raises(PrunelabError, match=r"dampening must be"):
+        low_rank_model(model, 0.5, [torch.randn(3, 4)], dampening=-0.5)
+    with pytest.raises(PrunelabError, match=r"calibration item 0 is a tuple; expected model inputs"):
+        low_rank_model(model, 0.5, [(torch.randn(3, 4), torch.zeros(3))])  # was an AttributeError in a hook
+    assert isinstance(model[0], nn.Linear)

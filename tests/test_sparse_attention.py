@@ -43,6 +43,12 @@ def test_bad_inputs():
         local_attention(torch.zeros(1, 4, 2), torch.zeros(1, 5, 2), torch.zeros(1, 5, 2), 2)
 
 
+@pytest.mark.parametrize("attention", [local_attention, block_local_attention])
+def test_non_tensor_inputs_are_a_one_line_error(attention):
+    with pytest.raises(PrunelabError, match=r"q, k, v must be tensors .* got list, Tensor, Tensor"):
+        attention([[0.0]], torch.zeros(4, 2), torch.zeros(4, 2), 2)  # was an AttributeError
+
+
 def test_block_local_mask_by_hand():
     assert block_local_attention_mask(6, 2).int().tolist() == [
         [1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],

@@ -29,6 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from prunelab.criteria.base import eval_mode
 from prunelab.errors import PrunelabError
 
 __all__ = ["SparseInputLinear", "TopKActivation", "activation_sparsity", "sparse_input_model"]
@@ -61,7 +62,8 @@ def activation_sparsity(model: nn.Module, batches: Iterable, *, max_batches: int
                         types: Sequence[type[nn.Module]] = (*ACTIVATIONS, TopKActivation)) -> dict[str, float]:
     """Module name -> fraction of exact zeros in its outputs, for every module of ``types``.
 
-    ``batches`` yields inputs or ``(inputs, targets)`` pairs; the model runs in eval mode.
+    ``batches`` yields inputs or ``(inputs, targets)`` pairs; the model runs in eval mode
+    (every module's own train/eval flag is restored afterwards).
     """
     zeros: dict[str, int] = {}
     total: dict[str, int] = {}
@@ -76,17 +78,15 @@ def activation_sparsity(model: nn.Module, batches: Iterable, *, max_batches: int
     if not handles:
         raise PrunelabError(f"{type(model).__name__} has no activation module of types "
                             f"{[t.__name__ for t in types]}; activations must be modules (nn.ReLU, TopKActivation)")
-    was_training = model.training
     try:
-        model.eval()
-        for i, batch in enumerate(batches):
-            if max_batches is not None and i >= max_batches:
-                break
-            model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+        with eval_mode(model):  # restores every module's own train/eval flag
+            for i, batch in enumerate(batches):
+                if max_batches is not None and i >= max_batches:
+                    break
+                model(batch[0] if isinstance(batch, (tuple, list)) else batch)
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     if not total:
         raise PrunelabError("activation_sparsity saw no batch; pass an iterable of inputs or (inputs, targets)")
     return {name: zeros[name] / total[name] for name in total}

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prunelab.allocation import check_sparsity
+from prunelab.criteria.base import eval_mode
 from prunelab.errors import PrunelabError
 from prunelab.masks import MaskSet
 from prunelab.materialise.graph import is_attention_unit
@@ -136,9 +137,15 @@ def head_importance(
 
     ``batches`` yields ``(inputs, targets)``; the loss is ``loss_fn(model(inputs), targets)``,
     or ``loss_fn(model(**inputs), targets)`` when ``inputs`` is a dict.  Each unit's output
-    projection must run once per forward.  The model runs in eval mode; its gradients are
-    left as they were.
+    projection must run once per forward.  The model runs in eval mode (every module's own
+    train/eval flag is restored afterwards) with gradients enabled, even when called under
+    ``torch.no_grad()``; gradients come from ``torch.autograd.grad``, so every parameter's
+    ``.grad`` is left untouched (the same tensor object: DDP's bucket views stay intact).
     """
+    if max_batches is not None and (
+        isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
+    ):
+        raise PrunelabError(f"head_importance got max_batches={max_batches!r}; expected a positive int or None (all)")
     units = attention_units(model)
     totals = {name: torch.zeros(unit.num_heads, dtype=torch.float64) for name, unit in units.items()}
     gates: dict[str, Tensor] = {}
@@ -151,30 +158,25 @@ def head_importance(
             return (context * gate.repeat_interleave(unit.head_dim), *args[1:])
         return hook
 
-    was_training = model.training
-    saved = {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
     handles = [_get(model, unit.o).register_forward_pre_hook(gate_hook(name, unit)) for name, unit in units.items()]
     seen = 0
     try:
-        model.eval()
-        for inputs, targets in batches:
-            if max_batches is not None and seen >= max_batches:
-                break
-            gates.clear()
-            output = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
-            loss = loss_fn(output, targets)
-            called = [name for name in units if name in gates]  # a unit the forward skipped scores 0
-            grads = torch.autograd.grad(loss, [gates[name] for name in called], allow_unused=True)
-            for name, grad in zip(called, grads, strict=True):
-                if grad is not None:
-                    totals[name] += grad.detach().double().abs().cpu()
-            seen += 1
-    finally:
+        with eval_mode(model), torch.enable_grad():  # per-module modes restored on exit
+            for inputs, targets in batches:
+                if max_batches is not None and seen >= max_batches:
+                    break
+                gates.clear()
+                output = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+                loss = loss_fn(output, targets)
+                called = [name for name in units if name in gates]  # a unit the forward skipped scores 0
+                grads = torch.autograd.grad(loss, [gates[name] for name in called], allow_unused=True)
+                for name, grad in zip(called, grads, strict=True):
+                    if grad is not None:
+                        totals[name] += grad.detach().double().abs().cpu()
+                seen += 1
+    finally:  # .grad is never written (autograd.grad, not backward), so nothing to restore
         for handle in handles:
             handle.remove()
-        model.train(was_training)
-        for n, p in model.named_parameters():
-            p.grad = saved[n]
     if seen == 0:
         raise PrunelabError("head_importance got no batches; pass an iterable of (inputs, targets), e.g. a DataLoader")
     scores = {name: total / seen for name, total in totals.items()}
@@ -253,9 +255,11 @@ def _cut_rows(linear: nn.Linear, rows: Tensor) -> nn.Linear:
     new = nn.Linear(linear.in_features, int(rows.sum()), bias=linear.bias is not None,
                     device=linear.weight.device, dtype=linear.weight.dtype)
     new.weight.copy_(linear.weight[rows])
+    new.weight.requires_grad_(linear.weight.requires_grad)
     if linear.bias is not None:
         new.bias.copy_(linear.bias[rows])
-    return new
+        new.bias.requires_grad_(linear.bias.requires_grad)
+    return new.train(linear.training)
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -307,9 +311,11 @@ def remove_heads_(model: nn.Module, keep: Mapping[str, Tensor]) -> nn.Module:
         new_out = nn.Linear(int(rows.sum()), out.out_features, bias=out.bias is not None, device=out.weight.device,
                             dtype=out.weight.dtype)
         new_out.weight.copy_(out.weight[:, rows])
+        new_out.weight.requires_grad_(out.weight.requires_grad)
         if out.bias is not None:
             new_out.bias.copy_(out.bias)
-        _set(model, unit.o, new_out)
+            new_out.bias.requires_grad_(out.bias.requires_grad)
+        _set(model, unit.o, new_out.train(out.training))
         module = model.get_submodule(name)
         heads = int(kept.sum())
         for attr, value_ in (("num_heads", heads), ("num_attention_heads", heads),

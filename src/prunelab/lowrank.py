@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from prunelab.criteria.base import eval_mode
 from prunelab.errors import PrunelabError
 from prunelab.oneshot.engine import find_blocks
 from prunelab.oneshot.stats import HessianAccumulator, damped_cholesky
@@ -64,6 +65,16 @@ def _check_keep(keep: float) -> None:
         raise PrunelabError(f"keep must be a fraction of the weights in (0, 1], got {keep!r}; e.g. 0.5")
 
 
+def _check_dampening(dampening: float) -> None:
+    if isinstance(dampening, bool) or not isinstance(dampening, numbers.Real) or not (
+        math.isfinite(dampening) and dampening >= 0
+    ):
+        raise PrunelabError(
+            f"dampening must be a finite number >= 0 (a fraction of the mean diagonal of X X^T / n), "
+            f"got {dampening!r}; e.g. 0.01"
+        )
+
+
 def rank_for(in_features: int, out_features: int, keep: float) -> int:
     """The largest rank whose two factors hold at most ``keep`` of the ``in * out`` weights (at least 1)."""
     _check_keep(keep)
@@ -86,6 +97,7 @@ def factorize_linear(linear: nn.Linear, rank: int, second_moment: Tensor | None 
         given = tuple(second_moment.shape) if isinstance(second_moment, Tensor) else type(second_moment).__name__
         raise PrunelabError(f"second_moment must be the ({in_f}, {in_f}) input second moment X X^T / n of this "
                             f"{out_f}x{in_f} layer, got {given}; collect it from this layer's inputs, or pass None")
+    _check_dampening(dampening)
     W = linear.weight.detach().double()  # (out, in)
     if second_moment is None:
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
@@ -100,10 +112,14 @@ def factorize_linear(linear: nn.Linear, rank: int, second_moment: Tensor | None 
         second = U[:, :rank]  # (out, r)
     module = LowRankLinear(in_f, out_f, rank, bias=linear.bias is not None)
     module.to(device=linear.weight.device, dtype=linear.weight.dtype)
+    module.train(linear.training)  # the replacement keeps the layer's mode and frozen-ness
     module.first.weight.copy_(first)
     module.second.weight.copy_(second)
+    module.first.weight.requires_grad_(linear.weight.requires_grad)
+    module.second.weight.requires_grad_(linear.weight.requires_grad)
     if linear.bias is not None:
         module.second.bias.copy_(linear.bias)
+        module.second.bias.requires_grad_(linear.bias.requires_grad)
     return module
 
 
@@ -143,15 +159,13 @@ def _second_moments(model: nn.Module, linears: Mapping[str, nn.Linear], calibrat
         return record
 
     handles = [lin.register_forward_pre_hook(hook(name)) for name, lin in linears.items()]
-    was_training = model.training
     try:
-        model.eval()
-        for item in calibration:
-            model(**item) if isinstance(item, Mapping) else model(item)
+        with eval_mode(model):  # restores every module's own train/eval flag
+            for item in calibration:
+                model(**item) if isinstance(item, Mapping) else model(item)
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     moments = {}
     for name, acc in accs.items():
         if acc.count == 0:
@@ -169,8 +183,17 @@ def low_rank_model(model: nn.Module, keep: float, calibration: Sequence[Any] | N
     A layer whose rank would not save weights (``keep`` close to 1) is left as it is.
     """
     _check_keep(keep)  # before the calibration pass
+    _check_dampening(dampening)
     linears = _block_linears(model, tuple(exclude))
-    moments = _second_moments(model, linears, list(calibration)) if calibration is not None else {}
+    if calibration is not None:
+        calibration = list(calibration)
+        for i, item in enumerate(calibration):
+            if not isinstance(item, (Tensor, Mapping)):
+                raise PrunelabError(
+                    f"calibration item {i} is a {type(item).__name__}; expected model inputs (a Tensor, or a dict "
+                    "of keyword inputs) -- drop the targets, e.g. [x for x, _ in loader]"
+                )
+    moments = _second_moments(model, linears, calibration) if calibration is not None else {}
     ranks, before, after = {}, 0, 0
     for name, linear in linears.items():
         out_f, in_f = linear.weight.shape

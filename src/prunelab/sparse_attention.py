@@ -53,6 +53,9 @@ def _tile(span: int) -> int:
 
 
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    if not all(isinstance(t, Tensor) for t in (q, k, v)):
+        given = ", ".join(type(t).__name__ for t in (q, k, v))
+        raise PrunelabError(f"q, k, v must be tensors of shape (..., T, d), got {given}")
     if q.shape != k.shape or k.shape[:-1] != v.shape[:-1] or q.dim() < 2:
         raise PrunelabError(f"q, k, v must be (..., T, d) with the same T, got {tuple(q.shape)}, {tuple(k.shape)}, "
                             f"{tuple(v.shape)}")

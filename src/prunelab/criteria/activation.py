@@ -90,7 +90,8 @@ class APoZ(Criterion):
 
     Runs the model in eval mode under ``torch.no_grad``; hooks are always removed.
     Parameters whose first dimension is not the owning module's output channels (e.g.
-    an embedding) cannot be scored and raise PrunelabError.
+    an embedding) cannot be scored and raise PrunelabError; a transposed conv's weight
+    ``(in, out, *kernel)`` gets its scores along dim 1 (groups=1 only).
     """
 
     name = "apoz"
@@ -104,6 +105,15 @@ class APoZ(Criterion):
         for fqn, param in params.items():
             owner = owners[fqn]
             fraction = zeros[owner.module_name]  # (C,)
+            if isinstance(owner.module, nn.modules.conv._ConvTransposeNd) and owner.attr == "weight":
+                # (in, out / groups, *kernel): output channels are dim 1, not the rows
+                if owner.module.groups != 1 or param.shape[1] != fraction.numel():
+                    raise PrunelabError(
+                        f"apoz cannot map the output channels of {owner.module_name!r} (a transposed conv with "
+                        f"groups={owner.module.groups}) onto {fqn!r} (shape {tuple(param.shape)}); exclude it"
+                    )
+                out[fqn] = broadcast_rows(1.0 - fraction, param.transpose(0, 1)).transpose(0, 1).contiguous()
+                continue
             if param.dim() == 0 or param.shape[0] != fraction.numel():
                 raise PrunelabError(
                     f"apoz scores output channels, but {fqn!r} (shape {tuple(param.shape)}) has no row per output "

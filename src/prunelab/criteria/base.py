@@ -126,9 +126,13 @@ class FunctionalModel:
         prefix = ""
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model, prefix = model.module, "module."
-        own = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+        own = dict(model.named_parameters(remove_duplicate=False))
         self.module = model
         self.local: dict[str, str] = {}  # FQN as given -> FQN inside self.module
+        # FQN as given -> the first given FQN of the same (tied) parameter: functional_call
+        # takes one tensor per tied parameter, so only representatives are passed.
+        self.representative: dict[str, str] = {}
+        first_name: dict[int, str] = {}
         for name in params:
             local = name[len(prefix):] if prefix and name.startswith(prefix) else name
             if local not in own:
@@ -136,12 +140,20 @@ class FunctionalModel:
                     f"parameter {name!r} is not in the model; pass FQNs from model.named_parameters()"
                 )
             self.local[name] = local
+            self.representative[name] = first_name.setdefault(id(own[local]), name)
         first = next(iter(params.values()))
         self.device = first.device
 
     def __call__(self, tensors: Mapping[str, Tensor], inputs: Tensor) -> Tensor:
-        """Forward ``inputs`` with ``tensors`` (keyed by the given FQNs) in place of the parameters."""
-        replaced = {self.local[name]: t for name, t in tensors.items()}
+        """Forward ``inputs`` with ``tensors`` (keyed by the given FQNs) in place of the parameters.
+
+        Of several FQNs of one tied parameter only the first given one's tensor is used (it
+        replaces every alias); give aliases the same tensor (:func:`leaves` does) so each
+        gets the gradient of all uses.
+        """
+        replaced = {
+            self.local[name]: t for name, t in tensors.items() if self.representative.get(name, name) == name
+        }
         return torch.func.functional_call(self.module, replaced, (inputs,))
 
 
@@ -178,7 +190,14 @@ def batch_loss(data: ScoreData, outputs: Tensor, targets: Tensor) -> Tensor:
     return loss
 
 
-def leaves(params: Mapping[str, nn.Parameter]) -> dict[str, Tensor]:
+def leaves(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Detached aliases of ``params`` (no copy) that require grad: gradient targets that
-    leave the parameters' ``.grad`` and ``requires_grad`` untouched."""
-    return {name: p.detach().requires_grad_(True) for name, p in params.items()}
+    leave the parameters' ``.grad`` and ``requires_grad`` untouched.  FQNs of one tied
+    parameter (the same tensor object) share one leaf, so each gets the full gradient."""
+    shared: dict[int, Tensor] = {}
+    out = {}
+    for name, p in params.items():
+        if id(p) not in shared:
+            shared[id(p)] = p.detach().requires_grad_(True)
+        out[name] = shared[id(p)]
+    return out

@@ -153,7 +153,7 @@ def _fisher_sum(
 ) -> tuple[dict[str, Tensor], bool]:
     """``sum_n (d l_n / dw)^2`` over the samples of one batch, per parameter (float32),
     and whether ``vmap`` still works on this model."""
-    detached = {n: p.detach() for n, p in params.items()}
+    detached = {n: p.detach() for n, p in params.items() if forward.representative[n] == n}  # one per tied weight
     total = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
     size = _num_samples(inputs)
     numel = sum(p.numel() for p in params.values())
@@ -172,8 +172,8 @@ def _fisher_sum(
                 use_vmap = False  # e.g. an op without a batching rule: loop below
         if not use_vmap:
             grads = _looped_grads(forward, params, data, x, y)
-        for name, g in grads.items():
-            total[name] += g.float().square().sum(0)
+        for name in total:  # an alias of a tied weight gets its representative's gradient
+            total[name] += grads[forward.representative[name]].float().square().sum(0)
     return total, use_vmap
 
 

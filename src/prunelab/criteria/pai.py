@@ -141,7 +141,11 @@ class GraSP(Criterion):
             grads = torch.autograd.grad(
                 loss_of(tensors, inputs, targets), list(tensors.values()), create_graph=True, allow_unused=True
             )
-            inner = sum((gr * g[n].to(gr.dtype)).sum() for n, gr in zip(tensors, grads) if gr is not None)
+            inner = sum(  # tied FQNs share one leaf: count each parameter once
+                (gr * g[n].to(gr.dtype)).sum()
+                for n, gr in zip(tensors, grads)
+                if gr is not None and forward.representative[n] == n
+            )
             if not isinstance(inner, Tensor) or not inner.requires_grad:
                 continue  # the loss is at most linear in every scored weight: H g = 0
             products = torch.autograd.grad(inner, list(tensors.values()), allow_unused=True)
@@ -233,12 +237,16 @@ class SynFlow(Criterion):
         module = forward.module
         with eval_mode(model), torch.enable_grad():
             tensors: dict[str, Tensor] = {}
+            canonical: dict[int, str] = {}  # id(parameter) -> its first FQN (the one named_parameters gives)
             for local, p in module.named_parameters():
                 tensors[local] = p.detach().double().abs()
+                canonical[id(p)] = local
             for local, b in module.named_buffers():
                 if b.is_floating_point():
                     tensors[local] = b.detach().double().abs()
-            scored = {name: forward.local[name] for name in params}
+            own = dict(module.named_parameters(remove_duplicate=False))
+            # a tied weight's alias (e.g. lm_head.weight tied to the embedding) is scored as the shared tensor
+            scored = {name: canonical[id(own[forward.local[name]])] for name in params}
             for local in scored.values():
                 tensors[local].requires_grad_(True)
             ones = torch.ones((1, *shape), dtype=torch.float64, device=forward.device)  # (1, *input_shape)
