@@ -358,3 +358,20 @@ def test_half_precision_layers_report_the_exact_error(dtype):
     X, pruned = x.double(), model[0].weight.detach().double()
     expected = float((X @ (dense - pruned).T).square().sum() / (X @ dense.T).square().sum())
     assert report.rows[0].error == pytest.approx(expected, rel=1e-5)
+
+
+def test_find_blocks_prefers_the_list_holding_most_layers_over_a_longer_nested_one():
+    """An MoE-style block holds more experts than there are blocks: the blocks are still the outer list."""
+
+    class MoEBlock(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.Linear(4, 4)
+            self.experts = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(MoEBlock() for _ in range(2))
+
+    assert [name for name, _ in find_blocks(Model())] == ["layers.0", "layers.1"]

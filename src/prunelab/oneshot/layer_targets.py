@@ -124,19 +124,22 @@ def classify_layer(name: str, module: nn.Module) -> LayerTarget | None | str:
 def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The blocks the engine walks through, as ``(qualified name, module)`` in order.
 
-    The longest ``nn.ModuleList`` whose children share one class and contain a prunable
-    layer; else an ``nn.Sequential``'s top-level children; else ``[("", model)]``.
+    The ``nn.ModuleList`` whose children share one class and hold the most prunable
+    layers (ties: the longer list, then the first) -- so a decoder's layer list wins over
+    the expert list inside one of its MoE layers, and an outer list of stages over the
+    blocks of one stage; else an ``nn.Sequential``'s top-level children; else
+    ``[("", model)]``.
     """
     best: tuple[str, nn.ModuleList] | None = None
+    best_key = (0, 0)
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
         if len({type(child) for child in module}) != 1:
             continue
-        if not any(isinstance(classify_layer("", m), LayerTarget) for child in module for m in child.modules()):
-            continue
-        if best is None or len(module) > len(best[1]):
-            best = (name, module)
+        layers = sum(isinstance(classify_layer("", m), LayerTarget) for child in module for m in child.modules())
+        if layers and (layers, len(module)) > best_key:
+            best, best_key = (name, module), (layers, len(module))
     if best is not None:
         prefix = f"{best[0]}." if best[0] else ""
         return [(f"{prefix}{i}", child) for i, child in enumerate(best[1])]
