@@ -7,7 +7,9 @@ magnitude, Wanda (Sun et al., ICLR 2024) and SparseGPT (Frantar & Alistarh, ICML
 embeddings, pooler and LayerNorms stay dense.
 
 Calibration: ``--calib-samples`` (2048) distinct lines of the Tiny Shakespeare training
-split (~25k tokens), tokenised in batches of 16.  Lines are short (~12 tokens), so 128 lines
+split (~25k tokens), tokenised in batches of 16, padded per batch (the engine leaves padded
+positions out of every statistic; doing so, since 2026-12-01, moved the 50% mean cosine by
+under 0.001: Wanda 0.8752 -> 0.8751, SparseGPT 0.9317 -> 0.9320).  Lines are short (~12 tokens), so 128 lines
 give fewer tokens than the 1536 inputs of the MLP output layers.  Measured SparseGPT mean
 cosine at 50% while choosing this: 0.918 (128 lines) and 0.934 (512) on 200 held-out lines;
 0.929 (512 lines), 0.932 (2048 lines), 0.929 (512 lines, dampening 0.1% instead of 1%) and
