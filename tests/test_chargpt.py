@@ -220,3 +220,46 @@ def test_save_load_round_trip_and_errors(tmp_path):
     with pytest.raises(PrunelabError) as exc:
         load_chargpt(tmp_path / "missing")
     assert "not a char-GPT checkpoint" in _one_line(exc)
+
+
+@pytest.mark.parametrize("damage", ["weights", "config", "weights_missing"])
+def test_damaged_cache_entry_is_trained_again_not_fatal(small_data, tmp_path, damage):
+    cache = tmp_path / "cache"
+    model, meta = load_or_train_chargpt(small_data, cache, progress=False, train_config=TINY_TRAIN)
+    folder = Path(meta["folder"])
+    if damage == "weights":
+        (folder / "model.safetensors").write_bytes(b"\x00garbage")
+    elif damage == "config":
+        (folder / "config.json").write_text("{ not json")
+    else:
+        (folder / "model.safetensors").unlink()
+    again, meta2 = load_or_train_chargpt(small_data, cache, progress=False, train_config=TINY_TRAIN)
+    assert meta2["cached"] is False and meta2["folder"] == meta["folder"]
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name  # the same recipe trains the same model
+    assert load_or_train_chargpt(small_data, cache, progress=False, train_config=TINY_TRAIN)[1]["cached"] is True
+
+
+def test_training_with_dropout_is_seeded_and_leaves_the_global_rng_alone(small_data):
+    from prunelab.bench.chargpt import train_chargpt
+
+    corpus = load_tinyshakespeare(small_data)
+    config = dataclasses.replace(TINY_TRAIN, model=dataclasses.replace(TINY, dropout=0.2))
+    state = torch.get_rng_state()
+    a, _ = train_chargpt(corpus, config, progress=False)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.rand(5)  # whatever the caller's RNG did in between
+    b, _ = train_chargpt(corpus, config, progress=False)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+
+
+def test_evaluate_loss_restores_train_mode_on_error_and_rejects_no_windows():
+    model = CharGPT(TINY).train()
+    with pytest.raises(PrunelabError, match="longer than block_size"):
+        evaluate_loss(model, torch.zeros(2, 20, dtype=torch.long), torch.zeros(2, 20, dtype=torch.long))
+    assert model.training
+    empty = torch.zeros(0, 16, dtype=torch.long)
+    with pytest.raises(PrunelabError, match="no tokens"):
+        evaluate_loss(model, empty, empty)
+    assert model.training

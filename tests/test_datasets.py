@@ -14,7 +14,7 @@ from prunelab.bench.datasets import (
     DATASETS, MNIST_FILES, download_mnist, find_mnist_files, load_dataset, load_digits, load_mnist, make_loaders,
     read_idx_images, read_idx_labels,
 )
-from prunelab.bench.download import sha256_file
+from prunelab.bench.download import fetch, sha256_file
 from prunelab.errors import PrunelabError
 
 
@@ -181,3 +181,28 @@ def test_make_loaders_shuffle_deterministically():
 def test_make_loaders_rejects_bad_batch_size(batch_size):
     with pytest.raises(PrunelabError, match="batch_size must be a positive integer"):
         make_loaders(load_digits(), batch_size=batch_size, seed=0)
+
+
+def test_download_from_a_mirror_that_is_not_a_url_is_a_clear_error(tmp_path):
+    dest = tmp_path / "dest"
+    with pytest.raises(PrunelabError, match=r"cannot download .*train-images-idx3-ubyte.gz .*file:// URL"):
+        download_mnist(dest, base_url=str(tmp_path / "mirror"))  # a plain path, no scheme
+    assert list(dest.iterdir()) == []
+    with pytest.raises(PrunelabError, match="cannot write into .*writable --data-dir"):
+        fetch((tmp_path / "x").as_uri(), tmp_path / "missing" / "x", "0" * 64)
+
+
+def test_downloaded_file_gets_the_umask_mode_not_mkstemps_0600(tmp_path):
+    import hashlib
+    import os
+
+    source = tmp_path / "mirror.bin"
+    source.write_bytes(b"payload")
+    old = os.umask(0o022)
+    try:
+        fetch(source.as_uri(), tmp_path / "copy.bin", hashlib.sha256(b"payload").hexdigest())
+    finally:
+        os.umask(old)
+    assert (tmp_path / "copy.bin").read_bytes() == b"payload"
+    assert (tmp_path / "copy.bin").stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.bin", "mirror.bin"]

@@ -93,3 +93,22 @@ def test_a_config_json_counts_only_when_prunelab_wrote_it(tmp_path):
     cache.mkdir()
     (cache / "config.json").write_text('{"format": "prunelab.chargpt.v1"}')
     check_replaceable(cache)
+
+
+@pytest.mark.parametrize("record", [
+    {},  # no builder
+    {"builder": {"zoo": "digits_mlp", "input_shape": [1, 8, 8], "num_classes": 10}},  # no layers
+    {"builder": {"zoo": "digits_mlp", "input_shape": [1, 8, 8], "num_classes": 10}, "layers": {"fc1": {}}},
+    {"builder": "digits_mlp", "layers": {}},
+])
+def test_load_of_a_damaged_shrunk_folder_is_a_one_line_error(tmp_path, record):
+    import json
+
+    import prunelab
+    from prunelab.materialise.spec import SHRUNK_FORMAT
+
+    (tmp_path / "architecture.json").write_text(json.dumps({"format": SHRUNK_FORMAT, **record}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(PrunelabError, match="architecture.json.* is damaged .*re-create the folder") as exc:
+        prunelab.load(tmp_path)
+    assert "\n" not in str(exc.value)

@@ -69,3 +69,16 @@ def test_unknown_model_lists_valid_names():
 def test_bad_shapes_are_clear_errors(name, shape, classes, message):
     with pytest.raises(PrunelabError, match=message):
         build_model(name, shape, classes)
+
+
+def test_row_transformer_rejects_bad_shapes_and_head_counts_clearly():
+    from prunelab.bench.row_transformer import RowTransformer, SelfAttention
+
+    assert RowTransformer((1, 8, 8), 10, dim=16, num_heads=4)(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    with pytest.raises(PrunelabError, match=r"one-channel images .*\(3, 8, 8\)"):
+        RowTransformer((3, 8, 8), 10)
+    with pytest.raises(PrunelabError, match="one-channel images"):
+        RowTransformer((64,), 10)
+    for heads in (3, 0):
+        with pytest.raises(PrunelabError, match="not a multiple of num_heads"):
+            SelfAttention(16, heads)

@@ -204,3 +204,9 @@ def test_seed_everything_reproduces_all_generators():
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == first
     with pytest.raises(PrunelabError, match="seed must be an integer"):
         seed_everything(2**32)
+
+
+@pytest.mark.parametrize("name", ["momentum", "weight_decay", "gamma"])
+def test_config_rejects_non_numbers_in_one_line(name):
+    with pytest.raises(PrunelabError, match=f"{name} must be a number, got str '0.1'"):
+        TrainConfig(**{name: "0.1"})

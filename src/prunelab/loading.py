@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -18,6 +20,21 @@ from prunelab.errors import PrunelabError
 
 MATERIALISED_META, MATERIALISED_STATE = "materialised.json", "materialised.pt"
 
+_T = TypeVar("_T")
+
+
+def _rebuild(folder: Path, record: str, rebuild: Callable[[], _T]) -> _T:
+    """``rebuild()``; a damaged record (a missing key, a wrong type) becomes a one-line error, not a traceback."""
+    try:
+        return rebuild()
+    except PrunelabError:
+        raise
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError, RuntimeError) as exc:
+        raise PrunelabError(
+            f"{str(folder / record)!r} is damaged ({type(exc).__name__}: {exc}); re-create the folder with the "
+            "prunelab command that wrote it"
+        ) from None
+
 
 def load(path: str | os.PathLike) -> nn.Module:
     """The model stored in folder ``path`` (see module docstring), in eval mode."""
@@ -25,13 +42,13 @@ def load(path: str | os.PathLike) -> nn.Module:
     if (folder / "architecture.json").is_file():
         from prunelab.materialise.spec import load_shrunk
 
-        return load_shrunk(folder).eval()
+        return _rebuild(folder, "architecture.json", lambda: load_shrunk(folder)).eval()
     if (folder / MATERIALISED_META).is_file():
         return load_sparse_folder(folder).eval()
     if (folder / "checkpoint.json").is_file():
         from prunelab.checkpoint import load_checkpoint
 
-        return load_checkpoint(folder).model.eval()
+        return _rebuild(folder, "checkpoint.json", lambda: load_checkpoint(folder)).model.eval()
     raise PrunelabError(
         f"{str(folder)!r} holds no prunelab model (checkpoint.json, architecture.json or {MATERIALISED_META}); "
         "pass a folder written by prune, demo or materialise"
@@ -40,9 +57,8 @@ def load(path: str | os.PathLike) -> nn.Module:
 
 def load_sparse_folder(folder: Path) -> nn.Module:
     from prunelab.bench.models import build_model
-    from prunelab.materialise import load_materialised
-
     from prunelab.checkpoint import model_args
+    from prunelab.materialise import load_materialised
 
     try:
         meta = json.loads((folder / MATERIALISED_META).read_text())
@@ -54,4 +70,4 @@ def load_sparse_folder(folder: Path) -> nn.Module:
         raise PrunelabError(f"{folder / MATERIALISED_STATE} holds a {type(state).__name__}, not a state_dict; "
                             "re-create it with prunelab materialise")
     skeleton = build_model(*model_args(meta, folder / MATERIALISED_META))
-    return load_materialised(skeleton, state)
+    return _rebuild(folder, MATERIALISED_STATE, lambda: load_materialised(skeleton, state))

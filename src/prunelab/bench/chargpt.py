@@ -189,14 +189,19 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 128) -> dict[str, float]:
     """Mean token loss (nats) and perplexity ``exp(loss)`` of ``model`` on windows ``x, y (W, T)``."""
+    if y.numel() == 0:
+        raise PrunelabError(f"evaluate_loss got no tokens (windows of shape {tuple(y.shape)}); "
+                            "pass at least one window")
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
-        logits = model(xb)  # (b, T, V)
-        total += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), yb.reshape(-1), reduction="sum"))
-        count += yb.numel()
-    model.train(was_training)
+    try:
+        for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
+            logits = model(xb)  # (b, T, V)
+            total += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), yb.reshape(-1), reduction="sum"))
+            count += yb.numel()
+    finally:
+        model.train(was_training)
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(loss)}
 
@@ -272,19 +277,24 @@ def train_chargpt(corpus: CharCorpus, config: CharGPTTrainConfig, progress: bool
     model.train()
     running = None
     bar = tqdm(range(config.iters), desc="train char-GPT", leave=False, disable=not progress, mininterval=1.0)
-    for it in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr_at(it)
-        x, y = next(batches)  # (B, T), (B, T)
-        loss = lm_loss(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        value = loss.item()
-        running = value if running is None else 0.95 * running + 0.05 * value
-        if it % 50 == 0:
-            bar.set_postfix(loss=f"{running:.3f}")
+    # dropout draws from the global RNG: seed a private copy of it so that the recipe (and so the
+    # cache key) fixes the model, and the caller's RNG state is left as it was
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        for it in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr_at(it)
+            x, y = next(batches)  # (B, T), (B, T)
+            loss = lm_loss(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            value = loss.item()
+            running = value if running is None else 0.95 * running + 0.05 * value
+            if it % 50 == 0:
+                bar.set_postfix(loss=f"{running:.3f}")
+    bar.close()
     train_time = time.perf_counter() - started
     model.eval()
     val = evaluate_loss(model, *eval_windows(corpus.val, config.model.block_size, config.eval_windows))
@@ -346,6 +356,21 @@ def chargpt_cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(root) / "prunelab" / "chargpt"
 
 
+_CACHE_FILES = ("config.json", "model.safetensors")
+
+
+def _discard_cache_entry(folder: Path) -> None:
+    """Empty an unreadable cache folder so :func:`atomic_dir` may replace it.
+
+    A damaged ``config.json`` no longer shows that prunelab wrote the folder, so the
+    cache's own files are removed first -- only when the folder holds nothing else.
+    """
+    entries = [p for p in folder.iterdir()]
+    if all(p.name in _CACHE_FILES and p.is_file() for p in entries):
+        for path in entries:
+            path.unlink(missing_ok=True)
+
+
 def load_or_train_chargpt(data_dir: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
                           quick: bool = False, progress: bool = True, *,
                           train_config: CharGPTTrainConfig | None = None) -> tuple[CharGPT, dict[str, Any]]:
@@ -363,10 +388,16 @@ def load_or_train_chargpt(data_dir: str | os.PathLike | None = None, cache_dir: 
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=corpus.vocab_size))
     sha = config.digest(corpus.sha256)
     folder = chargpt_cache_root(cache_dir) / sha[:12]
-    if (folder / "config.json").is_file():
-        model, meta = load_chargpt(folder)
-        if meta.get("sha256") == sha:
-            return model, {**meta, "folder": os.fspath(folder), "cached": True}
+    if folder.is_dir():
+        try:
+            model, meta = load_chargpt(folder)
+        except PrunelabError as exc:  # a damaged or half-deleted cache entry: train again and replace it
+            if progress:
+                print(f"note: ignoring the char-GPT cache in {os.fspath(folder)} ({exc})")
+            _discard_cache_entry(folder)
+        else:
+            if meta.get("sha256") == sha and meta.get("model_args") == dataclasses.asdict(config.model):
+                return model, {**meta, "folder": os.fspath(folder), "cached": True}
     if progress:
         print(f"training the char-GPT ({config.iters} iterations) and caching it in {os.fspath(folder)}")
     model, metrics = train_chargpt(corpus, config, progress=progress)

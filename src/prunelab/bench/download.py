@@ -8,9 +8,9 @@ Windows), so an interrupted or corrupt download never leaves a file that looks v
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import tempfile
-import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
@@ -51,10 +51,24 @@ def verify_sha256(path: str | os.PathLike, expected: str) -> None:
         )
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def fetch(url: str, dest: str | os.PathLike, sha256: str, timeout: float = 60.0) -> Path:
-    """Download ``url`` to ``dest`` via a temporary file; keep it only if its sha256 matches."""
+    """Download ``url`` to ``dest`` via a temporary file; keep it only if its sha256 matches.
+
+    The kept file gets the mode a plain ``open()`` would give it (``mkstemp`` creates 0600).
+    """
     dest = Path(dest)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    except OSError as exc:
+        raise PrunelabError(
+            f"cannot write into {os.fspath(dest.parent)!r} ({exc.strerror}); pass an existing, writable --data-dir"
+        ) from None
     tmp = Path(tmp_name)
     try:
         digest = hashlib.sha256()
@@ -64,11 +78,13 @@ def fetch(url: str, dest: str | os.PathLike, sha256: str, timeout: float = 60.0)
                     for chunk in iter(lambda: response.read(_CHUNK), b""):
                         digest.update(chunk)
                         out.write(chunk)
-            except (urllib.error.URLError, OSError) as exc:
+            # URLError and socket errors are OSErrors; a URL without a scheme is a ValueError;
+            # a connection cut mid-body (IncompleteRead) or a garbled reply is an HTTPException
+            except (OSError, ValueError, http.client.HTTPException) as exc:
                 reason = getattr(exc, "reason", None) or exc
                 raise PrunelabError(
-                    f"cannot download {url} ({reason}); check the network or --download mirror, or copy "
-                    f"{dest.name} by hand into {os.fspath(dest.parent)}"
+                    f"cannot download {url} ({type(exc).__name__}: {reason}); check the network or --download mirror "
+                    f"(an http://, https:// or file:// URL), or copy {dest.name} by hand into {os.fspath(dest.parent)}"
                 ) from None
         if digest.hexdigest() != sha256:
             raise PrunelabError(
@@ -76,6 +92,7 @@ def fetch(url: str, dest: str | os.PathLike, sha256: str, timeout: float = 60.0)
                 f"download or fetch {dest.name} from another mirror; expected {sha256[:16]}..., "
                 f"got {digest.hexdigest()[:16]}..."
             )
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)

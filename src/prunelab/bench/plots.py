@@ -14,20 +14,19 @@ from prunelab.io import atomic_path
 def plot_axes(path: str | Path, figsize: tuple[float, float] = (6, 4)) -> Iterator[Any]:
     """Yield a matplotlib ``Axes``; on leaving, lay out the figure and save it to ``path`` (PNG, 120 dpi).
 
-    Uses the non-interactive ``Agg`` backend; the file appears whole or not at all.
+    The figure is a bare :class:`matplotlib.figure.Figure` drawn by the Agg canvas, not a
+    pyplot figure: matplotlib's global backend and pyplot's figure list are left alone.
+    The file appears whole or not at all.
     """
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=figsize)
-    try:
-        yield ax
-        fig.tight_layout()
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(target) as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
-    finally:
-        plt.close(fig)
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    yield ax
+    fig.tight_layout()
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")

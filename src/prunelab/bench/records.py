@@ -10,6 +10,7 @@ never typed by hand.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import time
@@ -58,10 +59,30 @@ def benchmark_args(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def _json_safe(value: Any) -> Any:
+    """``value`` as strict JSON data: NaN/inf become ``null`` (``json`` would write the invalid
+    ``NaN``/``Infinity``), numpy and 0-d torch scalars become Python numbers, tuples lists."""
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    elif hasattr(value, "item") and hasattr(value, "dtype") and getattr(value, "ndim", None) == 0:  # numpy scalar
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def write_record(name: str, record: Mapping[str, Any], out: str | os.PathLike | None) -> Path:
+    """Write ``{"benchmark": name, **record}`` atomically to ``<out or RESULTS_DIR>/<name>.json``.
+
+    Non-finite numbers (a diverged run) are stored as ``null``, so the file is valid JSON.
+    """
     folder = Path(out) if out else RESULTS_DIR
     path = folder / f"{name}.json"
-    write_json(path, {"benchmark": name, **record})
+    write_json(path, _json_safe({"benchmark": name, **record}))
     return path
 
 

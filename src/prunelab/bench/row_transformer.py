@@ -21,6 +21,8 @@ import math
 import torch
 from torch import nn
 
+from prunelab.errors import PrunelabError
+
 __all__ = ["RowTransformer", "SelfAttention"]
 
 
@@ -29,8 +31,9 @@ class SelfAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not a multiple of num_heads {num_heads}")
+        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 or dim % num_heads:
+            raise PrunelabError(f"dim {dim} is not a multiple of num_heads {num_heads!r}; "
+                                "pick num_heads among the divisors of dim")
         self.num_heads = num_heads
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim)
@@ -74,6 +77,9 @@ class RowTransformer(nn.Module):
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, dim: int = 64, num_heads: int = 8,
                  depth: int = 2, mlp_dim: int = 128) -> None:
         super().__init__()
+        if len(input_shape) != 3 or input_shape[0] != 1:
+            raise PrunelabError(f"RowTransformer reads one-channel images (1, height, width), got input_shape "
+                                f"{tuple(input_shape)!r}; use a grey-scale dataset such as mnist or digits")
         _, height, width = input_shape
         self.embed = nn.Linear(width, dim)
         self.pos = nn.Parameter(torch.zeros(1, height, dim))

@@ -13,6 +13,7 @@ module, whose parameters DDP keeps identical on every rank.
 from __future__ import annotations
 
 import math
+import numbers
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -69,7 +70,12 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise PrunelabError(f"{name} must be an integer >= {minimum}, got {value!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+        for name in ("lr", "momentum", "weight_decay", "gamma"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise PrunelabError(f"{name} must be a number, got {type(value).__name__} {value!r}; "
+                                    "pass a float such as 0.1")
+        if not (math.isfinite(self.lr) and self.lr > 0):
             raise PrunelabError(f"lr must be a positive number, got {self.lr!r}; try e.g. --lr 0.05")
         if not 0.0 <= self.momentum < 1.0:
             raise PrunelabError(f"momentum must be in [0, 1), got {self.momentum!r}")
