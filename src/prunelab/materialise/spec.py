@@ -190,7 +190,11 @@ def _skeleton(builder: Mapping[str, Any]) -> nn.Module:
 
 
 def load_shrunk(directory: str | os.PathLike) -> nn.Module:
-    """Rebuild the shrunk model saved by :func:`save_shrunk` (in training mode, like a fresh model)."""
+    """Rebuild the shrunk model saved by :func:`save_shrunk` (in training mode, like a fresh model).
+
+    A ``callable`` builder is imported and called, as ``trust_remote_code`` does in
+    ``transformers``: load only folders you trust (zoo builders import nothing else).
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -205,8 +209,13 @@ def load_shrunk(directory: str | os.PathLike) -> nn.Module:
     if not isinstance(record, dict) or record.get("format") != SHRUNK_FORMAT:
         got = record.get("format") if isinstance(record, dict) else type(record).__name__
         raise PrunelabError(f"{directory / ARCH_FILE} has format {got!r}, expected {SHRUNK_FORMAT!r}; pass a folder written by save_shrunk")
-    model = _skeleton(record["builder"])
-    for name, spec in record["layers"].items():
+    builder, layers = record.get("builder"), record.get("layers")
+    if not isinstance(builder, dict) or not isinstance(layers, dict) or not all(
+            isinstance(spec, dict) and isinstance(spec.get("type"), str) for spec in layers.values()):
+        raise PrunelabError(f"{str(directory / ARCH_FILE)!r} is damaged (it needs a builder object and a layers object "
+                            "of typed layer specs); re-create the folder with save_shrunk")
+    model = _skeleton(builder)
+    for name, spec in layers.items():
         try:
             current = model.get_submodule(name)
         except AttributeError:
