@@ -141,3 +141,42 @@ def test_unreachable_target_is_explained():
 def test_unknown_allocation_lists_names():
     with pytest.raises(PrunelabError, match="erk, global, lamp, uniform"):
         get_allocation("per-layer")
+
+
+def test_select_top_k_keeps_exactly_k_of_close_float64_scores():
+    # distinct in float64, equal once rounded to float32: still exactly the k largest
+    s = torch.tensor([1.0, 1.0 + 3e-12, 1.0 + 1e-12, 1.0 + 2e-12, 0.5], dtype=torch.float64)
+    assert select_top_k(s, 2).tolist() == [False, True, False, True, False]
+
+
+@pytest.mark.parametrize("name", ALLOCATIONS.names())
+def test_nan_scores_are_refused_by_every_allocation(name):
+    layers = [layer("a", [1.0, float("nan"), 3.0, 2.0]), layer("b", [1.0, 2.0])]
+    with pytest.raises(PrunelabError, match="NaN"):
+        allocate(get_allocation(name), layers, 0.5)
+    with pytest.raises(PrunelabError, match="NaN"):
+        select_top_k(torch.tensor([1.0, float("nan")]), 1)
+
+
+@pytest.mark.parametrize("name", ALLOCATIONS.names())
+def test_zero_size_layer_in_every_allocation(name):
+    empty = LayerBudget("empty", torch.zeros(0), 1, (4, 0), 0, 0)
+    empty_rows = LayerBudget("empty_rows", torch.zeros(4), 0, (4, 0), 0, 4)  # channels of a (4, 0) weight
+    layers = [empty, empty_rows, layer("a", [4.0, 1.0, 3.0, 2.0])]
+    keep = allocate(get_allocation(name), layers, 0.5)
+    assert keep["empty"].numel() == 0 and keep["a"].tolist() == [True, False, True, False]
+
+
+def test_lamp_positive_infinity_is_kept_not_pruned():
+    scores = lamp_scores(torch.tensor([math.inf, 1.0, 2.0, -math.inf]))
+    # +inf: must stay; the finite scores are LAMP among themselves: 1/(1+4), 4/4; -inf: pruned
+    assert scores.tolist() == [math.inf, pytest.approx(0.2), 1.0, -math.inf]
+    keep = allocate(get_allocation("lamp"), [layer("a", [math.inf, 1.0, 2.0, -math.inf], max_keep=3)], 0.5)
+    assert keep["a"].tolist() == [True, False, True, False]
+
+
+def test_lamp_refuses_signed_scores_instead_of_reordering_them():
+    # squaring would rank -10 (the first to prune) above 1 and 2
+    with pytest.raises(PrunelabError, match=r"LAMP .* non-negative scores .* 'a' has scores down to -10"):
+        allocate(get_allocation("lamp"), [layer("a", [-10.0, 1.0, 2.0]), layer("b", [1.0, 2.0])], 0.4)
+    assert lamp_scores(torch.tensor([0.0, -0.0, 2.0])).tolist() == [0.0, 0.0, 1.0]

@@ -100,3 +100,55 @@ def test_rank_check_tensor_follows_the_mask_device(monkeypatch):
     # NCCL moves CUDA tensors only: the current CUDA device, even for CPU masks
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     assert masks.collective_device("nccl") == torch.device("cuda", 3)
+
+
+def test_save_load_keeps_names_order_and_equal_ignores_order(tmp_path):
+    # module order is not alphabetical (layer10 before layer2); names carry dots
+    masks = MaskSet({
+        "layer10.block.weight": torch.tensor([[True, False]]),
+        "layer2.weight": torch.tensor([False, True, True]),
+        "a.b.c.weight": torch.zeros(2, 1, 3, dtype=torch.bool),
+    })
+    loaded = MaskSet.load(masks.save(tmp_path / "masks.safetensors"))
+    assert list(loaded) == list(masks)
+    assert all(loaded[n].dtype == torch.bool and torch.equal(loaded[n], masks[n]) for n in masks)
+    assert loaded.equal(masks) and loaded.fingerprint() == masks.fingerprint()
+    reordered = MaskSet({n: masks[n] for n in reversed(list(masks))})
+    assert reordered.equal(masks)  # same names and bits: order does not matter (as for fingerprint)
+    assert not MaskSet({n: masks[n] for n in list(masks)[:2]}).equal(masks)
+
+
+def test_save_masks_sharing_memory(tmp_path):
+    shared = torch.tensor([[True, False], [False, True]])
+    masks = MaskSet({"enc.weight": shared, "dec.weight": shared})  # one tied weight under two names
+    loaded = MaskSet.load(masks.save(tmp_path / "masks.safetensors"))
+    assert loaded.equal(masks)
+
+
+def test_load_onto_a_device_and_refuse_other_prunelab_files(tmp_path):
+    from safetensors.torch import save_file
+
+    path = hand_masks().save(tmp_path / "masks.safetensors")
+    meta = MaskSet.load(path, device="meta")
+    assert all(m.device == torch.device("meta") and m.dtype == torch.bool for m in meta.values())
+    other = tmp_path / "model.safetensors"
+    save_file({"0.weight": torch.ones(3, 4)}, str(other), metadata={"format": "prunelab.checkpoint.v1"})
+    with pytest.raises(PrunelabError, match="is a prunelab.checkpoint.v1 file, not a mask file"):
+        MaskSet.load(other)
+
+
+def tied():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    model[2].weight = model[0].weight
+    return model
+
+
+def test_masks_may_name_a_tied_weight_by_any_of_its_names():
+    model = tied()
+    mask = torch.tensor([[True, False, True, False]] * 4)
+    MaskSet({"2.weight": mask}).apply_(model)  # "2.weight" is not in the deduplicated named_parameters()
+    assert torch.equal(model[0].weight != 0, mask)
+    assert MaskSet.from_model(model, ["2.weight"]).equal({"2.weight": mask})
+    with pytest.raises(PrunelabError, match="names no parameter"):
+        MaskSet.from_model(model, ["9.weight"])

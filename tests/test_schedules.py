@@ -42,3 +42,17 @@ def test_schedule_errors():
         Cubic(0.5, frequency=0)
     with pytest.raises(PrunelabError, match="rounds"):
         Geometric(0.5, rounds=0)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: OneShot(0.5, at_step=-1),  # would never prune
+    lambda: OneShot(0.5, at_step=1.5),
+    lambda: Cubic(0.5, num_updates=2.5),
+    lambda: Cubic(0.5, frequency=True),
+    lambda: Cubic(0.5, initial_sparsity=0.8),  # would ask to un-prune
+    lambda: Geometric(0.5, rounds=2.5),
+])
+def test_schedule_arguments_that_could_never_run_are_refused(make):
+    with pytest.raises(PrunelabError) as info:
+        make()
+    assert "\n" not in str(info.value)

@@ -168,6 +168,9 @@ def _every_criterion():
     return CRITERIA.names()
 
 
+SIGNED_CRITERIA = ("grasp", "movement")  # scores of either sign (see their docstrings)
+
+
 def _every_allocation():
     from prunelab.allocation import ALLOCATIONS
 
@@ -179,6 +182,11 @@ def _every_allocation():
 def test_every_criterion_and_allocation_hits_the_target(criterion, allocation):
     model = mlp()
     sparsifier = Sparsifier(model, criterion=criterion, allocation=allocation, data=_score_data()).prepare()
+    if allocation == "lamp" and criterion in SIGNED_CRITERIA:  # LAMP squares scores: refused, not reordered
+        with pytest.raises(PrunelabError, match="LAMP .* non-negative scores"):
+            sparsifier.update(0.75)
+        assert sparsifier.masks.stats().kept == sparsifier.masks.stats().total  # nothing pruned
+        return
     masks = sparsifier.update(0.75)
     stats = masks.stats()
     assert stats.kept == round(0.25 * stats.total)
@@ -254,3 +262,92 @@ def test_nm_with_a_schedule():
     assert sparsifier.masks.stats().kept == 832
     with pytest.raises(PrunelabError, match="N:M fixes the sparsity"):
         Sparsifier(mlp(), granularity="2:4", schedule=Cubic(0.5, initial_sparsity=0.1, start_step=0)).prepare()
+
+
+def tied_mlp():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    model[2].weight = model[0].weight  # one weight, two layers
+    return model
+
+
+def test_tied_weight_is_one_target_and_meets_the_target():
+    model = tied_mlp()
+    sparsifier = Sparsifier(model).prepare()
+    assert list(sparsifier.params) == ["0.weight", "4.weight"]  # the tied weight once, by its first name
+    masks = sparsifier.update(0.5)
+    assert masks.stats().total == 64 + 16 and masks.stats().kept == 40
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]  # the real tensors
+    assert sum(int(w.count_nonzero()) for w in weights) == 40
+    excluded = Sparsifier(tied_mlp(), exclude=["2"])  # excluding either name keeps the shared weight dense
+    assert list(excluded.params) == ["4.weight"]
+
+
+def test_zero_size_layers_are_left_alone():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"a": nn.Linear(8, 4), "empty_in": nn.Linear(0, 4), "empty_out": nn.Linear(8, 0)})
+    for granularity in ("unstructured", "channel"):
+        for allocation in ("global", "uniform", "erk", "lamp"):
+            sparsifier = Sparsifier(model, criterion="l1", granularity=granularity, allocation=allocation).prepare()
+            masks = sparsifier.update(0.5)
+            assert masks["empty_in.weight"].shape == (4, 0) and masks["empty_out.weight"].shape == (0, 8)
+            assert masks.stats().kept == 16, (granularity, allocation)
+            sparsifier.check_target(0.5)
+
+
+def test_set_masks_moves_masks_to_the_parameters_device():
+    model = nn.Linear(4, 4, device="meta")  # stands for a CUDA model: masks loaded from a file are on the CPU
+    sparsifier = Sparsifier(model)
+    sparsifier.set_masks({"weight": torch.ones(4, 4, dtype=torch.bool)})
+    assert sparsifier.masks["weight"].device == torch.device("meta")
+
+
+def test_bad_masks_and_state_leave_the_sparsifier_unchanged():
+    model = mlp()
+    sparsifier = Sparsifier(model, criterion="random").prepare()
+    before = sparsifier.update(0.5)
+    wrong = {**dict(before), "2.weight": torch.ones(3, 3, dtype=torch.bool)}
+    with pytest.raises(PrunelabError, match=r"shape \(3, 3\)"):
+        sparsifier.set_masks(wrong)
+    assert sparsifier.masks.equal(before)
+    with pytest.raises(PrunelabError, match="not a tensor"):
+        sparsifier.set_masks({**dict(before), "2.weight": [[1]]})
+    with pytest.raises(PrunelabError, match="needs 'step_count' and 'masks'"):
+        sparsifier.load_state_dict({"masks": dict(before)})
+    with pytest.raises(PrunelabError, match="step_count"):
+        sparsifier.load_state_dict({"step_count": -1, "masks": dict(before)})
+    assert sparsifier.masks.equal(before) and sparsifier.step_count == 0
+
+
+def test_layer_capped_below_the_nm_pattern_need_not_fit_it():
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))  # 6 inputs: no 2:4 blocks
+    sparsifier = Sparsifier(model, granularity="2:4", rules=LayerRules(keep_first=0.3)).prepare()
+    masks = sparsifier.update(0.5)  # a 30% ceiling is below 2:4's 50%: the layer stays as it is
+    assert masks["0.weight"].all() and masks["2.weight"].reshape(-1, 4).sum(1).eq(2).all()
+
+
+@pytest.mark.parametrize("rules,match", [
+    (LayerRules(max_sparsity={"0": 1.5}), r"max_sparsity for '0' must be in \[0, 1\)"),
+    (LayerRules(max_sparsity={"0": -0.2}), r"max_sparsity for '0' must be in \[0, 1\)"),
+    (LayerRules(fixed_sparsity={"0": "0.5"}), r"fixed sparsity for '0' must be in \[0, 1\)"),
+    (LayerRules(fixed_sparsity={"0": float("nan")}), r"fixed sparsity for '0' must be in \[0, 1\)"),
+])
+def test_bad_layer_rules_are_one_line_errors(rules, match):
+    with pytest.raises(PrunelabError, match=match):
+        Sparsifier(mlp(), rules=rules)
+
+
+def test_weights_recomputed_by_hooks_are_refused():
+    import torch.nn.utils.prune
+    # torch.nn.utils.prune recomputes .weight from weight_orig * weight_mask before every forward:
+    # zeros written into it would come back, so such a layer is refused, not silently "pruned"
+    model = mlp()
+    torch.nn.utils.prune.l1_unstructured(model[0], "weight", amount=0.5)
+    with pytest.raises(PrunelabError, match="0.weight is not a plain initialised nn.Parameter"):
+        Sparsifier(model)
+    assert list(Sparsifier(model, exclude=["0"]).params) == ["2.weight", "4.weight"]
+
+
+def test_exclude_given_as_one_string_is_one_glob():
+    model = nn.ModuleDict({"fc": nn.Linear(4, 4), "f": nn.Linear(4, 4), "c": nn.Linear(4, 4)})
+    assert list(Sparsifier(model, exclude="fc").params) == ["f.weight", "c.weight"]  # not the globs 'f' and 'c'

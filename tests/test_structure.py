@@ -106,3 +106,34 @@ def test_nm_parsing_and_errors():
 def test_unknown_granularity_lists_valid_names():
     with pytest.raises(PrunelabError, match="valid names: channel, kernel"):
         get_granularity("filters")
+
+
+@pytest.mark.parametrize("name", ["unstructured", "vector", "kernel", "channel", "neuron"])
+@pytest.mark.parametrize("shape", [(4, 0), (0, 4), (3, 0, 3, 3), (0, 2, 3, 3)])
+def test_zero_size_weights_have_empty_groups(name, shape):
+    g = get_granularity(name)
+    groups = g.to_groups(torch.zeros(shape))
+    assert groups.numel() == 0 and groups.shape == (g.num_groups(shape), g.group_size(shape))
+    mask = g.from_groups(torch.ones(g.num_groups(shape), dtype=torch.bool), shape)
+    assert mask.shape == shape
+
+
+def test_nm_refuses_blocks_that_would_straddle_rows():
+    # 2 x 6: 12 entries split into blocks of 4 would mix rows; the pattern needs 4 | inputs
+    with pytest.raises(PrunelabError, match="does not divide the input dimension 6"):
+        NM(2, 4).pattern_mask(torch.randn(2, 6))
+    with pytest.raises(PrunelabError, match="does not divide the input dimension 2"):
+        NM(2, 4).pattern_mask(torch.randn(4, 2, 3, 3))  # 72 entries, but only 2 input channels
+    assert NM(2, 4).pattern_mask(torch.zeros(0, 8)).shape == (0, 8)
+
+
+def test_nm_float64_scores_keep_their_precision():
+    scores = torch.tensor([[1.0, 1.0 + 1e-12, 1.0 + 2e-12, 1.0]], dtype=torch.float64)
+    assert NM(2, 4).pattern_mask(scores).tolist() == [[False, True, True, False]]
+
+
+def test_registry_membership_of_unhashable_names():
+    assert "channel" in GRANULARITIES and "filters" not in GRANULARITIES
+    assert ["channel"] not in GRANULARITIES  # was a TypeError traceback
+    with pytest.raises(PrunelabError, match="unknown granularity"):
+        GRANULARITIES.get(["channel"])

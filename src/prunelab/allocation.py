@@ -13,7 +13,8 @@ groups of each layer.  Neither step sorts all weights (DESIGN.md decision 4):
   scale factor, layers that would exceed their bounds are clipped and the rest
   rescaled -- exactly RigL's ERK redistribution step), then round to whole groups and
   settle the rounding remainder one group at a time.
-* ``lamp`` rescales scores per layer (a per-layer sort) and then thresholds globally.
+* ``lamp`` rescales scores per layer (a per-layer sort) and then thresholds globally; it
+  needs non-negative scores (the paper squares magnitudes) and refuses signed ones.
 
 Already pruned groups carry the score ``-inf``: they are never selected again, which
 keeps iterative pruning monotone.
@@ -90,21 +91,27 @@ def _check_bounds(layers: Sequence[LayerBudget], budget: int) -> None:
 def select_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask keeping the ``k`` highest scores; ties go to the lower index.
 
-    Uses ``kthvalue`` (linear time), not a sort.
+    Uses ``kthvalue`` (linear time), not a sort.  The k-th value is found in the scores'
+    own precision (float16/bfloat16 are widened to float32 exactly), so float64 scores
+    that differ only beyond float32 precision are still told apart and exactly ``k`` are
+    kept.  NaN scores are refused: no threshold orders them.
     """
     n = scores.numel()
     if not 0 <= k <= n:
         raise ValueError(f"k={k} outside [0, {n}]")
     flat = scores.reshape(-1)
+    if flat.is_floating_point() and bool(torch.isnan(flat).any()):
+        raise PrunelabError("scores contain NaN; check the criterion's inputs (NaN or inf weights, gradients or data)")
     if k == 0:
         return torch.zeros(n, dtype=torch.bool, device=scores.device)
     if k == n:
         return torch.ones(n, dtype=torch.bool, device=scores.device)
-    kth = torch.kthvalue(flat.float().cpu(), n - k + 1).values.to(flat.device)
-    keep = flat > kth
+    exact = flat if flat.dtype == torch.float64 or not flat.is_floating_point() else flat.float()
+    kth = torch.kthvalue(exact.cpu(), n - k + 1).values.to(flat.device)
+    keep = exact > kth
     need = k - int(keep.sum())
     if need > 0:
-        tied = torch.nonzero(flat == kth).reshape(-1)[:need]
+        tied = torch.nonzero(exact == kth).reshape(-1)[:need]
         keep[tied] = True
     return keep
 
@@ -129,12 +136,16 @@ def _clamped_kept(layers: Sequence[LayerBudget], counts: list[int]) -> list[int]
     return [min(max(c, l.min_keep), l.max_keep) for c, l in zip(counts, layers)]
 
 
+def _check_no_nan(layers: Sequence[LayerBudget]) -> None:
+    for layer in layers:
+        if layer.scores.is_floating_point() and bool(torch.isnan(layer.scores).any()):
+            raise PrunelabError(f"scores of {layer.name!r} contain NaN; check the criterion's inputs (NaN or inf weights, gradients or data)")
+
+
 def global_threshold_counts(layers: Sequence[LayerBudget], budget: int) -> list[int]:
     """Groups kept per layer for one global score threshold meeting ``budget`` weights."""
     _check_bounds(layers, budget)
-    for layer in layers:
-        if torch.isnan(layer.scores).any():
-            raise PrunelabError(f"scores of {layer.name!r} contain NaN; check the criterion's inputs")
+    _check_no_nan(layers)
 
     def kept_weights(key: int) -> tuple[list[int], int]:
         kept = _clamped_kept(layers, _count_above(layers, _key_to_float(key)))
@@ -156,6 +167,8 @@ def global_threshold_counts(layers: Sequence[LayerBudget], budget: int) -> list[
     wider, _ = kept_weights(hi - 1)  # also keeps the groups whose score equals the threshold
     remaining = budget - used
     for i, layer in enumerate(layers):  # hand the boundary budget out in a fixed order
+        if layer.group_size == 0:  # a zero-size layer: its groups hold no weight
+            continue
         extra = min(wider[i] - kept[i], remaining // layer.group_size)
         kept[i] += extra
         remaining -= extra * layer.group_size
@@ -170,8 +183,8 @@ def water_fill_counts(layers: Sequence[LayerBudget], budget: int, raw_density: S
     redistribution), then rounds to whole groups and settles the remainder.
     """
     _check_bounds(layers, budget)
-    lo_d = [l.min_keep / l.num_groups for l in layers]
-    hi_d = [l.max_keep / l.num_groups for l in layers]
+    lo_d = [l.min_keep / l.num_groups if l.num_groups else 0.0 for l in layers]  # a zero-size layer: no groups
+    hi_d = [l.max_keep / l.num_groups if l.num_groups else 0.0 for l in layers]
 
     def total(eps: float) -> float:
         return sum(min(max(eps * r, a), b) * l.numel for r, a, b, l in zip(raw_density, lo_d, hi_d, layers))
@@ -193,7 +206,7 @@ def water_fill_counts(layers: Sequence[LayerBudget], budget: int, raw_density: S
     order = sorted(range(len(layers)), key=lambda i: (-(exact[i] - math.floor(exact[i])), i))
     for i in order:
         layer = layers[i]
-        if remaining >= layer.group_size and kept[i] < layer.max_keep:
+        if 0 < layer.group_size <= remaining and kept[i] < layer.max_keep:
             kept[i] += 1
             remaining -= layer.group_size
     return kept
@@ -240,7 +253,8 @@ def erk_raw_density(shape: tuple[int, ...]) -> float:
     of Mocanu et al. 2018; for a conv ``(n_out, n_in, kh, kw)`` the kernel dimensions join
     the sum.  Layer density is ``eps * factor``, with ``eps`` set by the global budget.
     """
-    return sum(shape) / math.prod(shape)
+    size = math.prod(shape)
+    return sum(shape) / size if size else 0.0  # a zero-size layer keeps nothing either way
 
 
 @dataclass(frozen=True)
@@ -254,18 +268,31 @@ class ERKAllocation(Allocation):
         return water_fill_counts(layers, keep_budget(layers, sparsity), raw)
 
 
-def lamp_scores(scores: torch.Tensor) -> torch.Tensor:
+def lamp_scores(scores: torch.Tensor, name: str = "a layer") -> torch.Tensor:
     """LAMP score (Lee et al. 2021, "Layer-adaptive sparsity for the magnitude-based pruning").
 
     With the layer's scores sorted ascending, ``s[1] <= ... <= s[n]``:
     ``lamp(u) = s[u]^2 / sum_{v >= u} s[v]^2``.  For the magnitude criterion ``s = |W|``,
     exactly the paper's score.  Ties are ordered by index (stable sort); ``-inf`` stays
-    ``-inf`` (already pruned).  Needs a per-layer sort, never a global one.
+    ``-inf`` (already pruned) and ``+inf`` stays ``+inf`` (kept first; the finite scores
+    are rescaled among themselves).  Needs a per-layer sort, never a global one.
+
+    The formula is monotone in ``s`` only for ``s >= 0`` (squaring would rank a score of
+    -10 above one of 1), so signed scores (``grasp``, ``movement``) and NaN are refused
+    with a one-line error instead of being silently reordered.
     """
     flat = scores.reshape(-1).double()
-    alive = torch.isfinite(flat)
-    out = torch.full_like(flat, -math.inf)
+    if bool(torch.isnan(flat).any()):
+        raise PrunelabError(f"LAMP got NaN scores in {name}; check the criterion's inputs (NaN or inf weights, gradients or data)")
+    alive = torch.isfinite(flat)  # -inf: already pruned; +inf: must stay
     values = flat[alive]
+    if values.numel() and float(values.min()) < 0.0:
+        raise PrunelabError(
+            f"LAMP (Lee et al. 2021) rescales non-negative scores (magnitudes), but {name} has scores down to "
+            f"{float(values.min()):.4g}; use a non-negative criterion (magnitude, l1, taylor, ...) or "
+            "--allocation global, uniform or erk for signed criteria such as grasp or movement"
+        )
+    out = torch.where(torch.isposinf(flat), flat, torch.full_like(flat, -math.inf))
     order = torch.sort(values, stable=True).indices
     squared = values[order] ** 2
     suffix = torch.flip(torch.cumsum(torch.flip(squared, [0]), 0), [0])
@@ -284,7 +311,7 @@ class LAMPAllocation(Allocation):
 
     def prepare_scores(self, layers: Sequence[LayerBudget]) -> list[LayerBudget]:
         return [
-            LayerBudget(l.name, lamp_scores(l.scores), l.group_size, l.shape, l.min_keep, l.max_keep)
+            LayerBudget(l.name, lamp_scores(l.scores, repr(l.name)), l.group_size, l.shape, l.min_keep, l.max_keep)
             for l in layers
         ]
 
@@ -305,6 +332,7 @@ def get_allocation(spec: str | Allocation) -> Allocation:
 
 def allocate(allocation: Allocation, layers: Sequence[LayerBudget], sparsity: float) -> dict[str, torch.Tensor]:
     """Group keep-decisions per layer: ``name -> (G,) bool``."""
+    _check_no_nan(layers)  # every allocation: NaN scores would make select_top_k keep too few
     counts = allocation.keep_counts(layers, sparsity)
     ranked = allocation.prepare_scores(layers)
     return {l.name: select_top_k(l.scores, k) for l, k in zip(ranked, counts)}

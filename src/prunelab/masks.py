@@ -111,14 +111,21 @@ class MaskSet(Mapping[str, torch.Tensor]):
     @classmethod
     def from_model(cls, model: nn.Module, names: list[str] | None = None) -> "MaskSet":
         """Masks read off the model's zeros: kept where the weight is nonzero."""
-        params = dict(model.named_parameters())
-        names = names if names is not None else [n for n in params if n.endswith("weight")]
+        if names is None:  # each (tied) weight once, under its first name
+            names = [n for n, _ in model.named_parameters() if n.endswith("weight")]
+        params = dict(model.named_parameters(remove_duplicate=False))  # names may use any alias
+        unknown = [n for n in names if n not in params]
+        if unknown:
+            raise PrunelabError(
+                f"from_model got {unknown[0]!r}, which names no parameter of the model; pass names from "
+                "model.named_parameters()"
+            )
         return cls({n: params[n].detach() != 0 for n in names})
 
     # --- use -------------------------------------------------------------------------
     def check_model(self, model: nn.Module) -> None:
         """Raise PrunelabError unless every mask names a parameter of matching shape."""
-        params = dict(model.named_parameters())
+        params = dict(model.named_parameters(remove_duplicate=False))  # a tied weight under any of its names
         for name, mask in self._masks.items():
             if name not in params:
                 raise PrunelabError(
@@ -136,7 +143,7 @@ class MaskSet(Mapping[str, torch.Tensor]):
     def apply_(self, model: nn.Module) -> nn.Module:
         """Zero every pruned weight of ``model`` in place; returns the model."""
         self.check_model(model)
-        params = dict(model.named_parameters())
+        params = dict(model.named_parameters(remove_duplicate=False))
         for name, mask in self._masks.items():
             param = params[name]
             param.mul_(mask.to(device=param.device, dtype=param.dtype))
@@ -152,12 +159,15 @@ class MaskSet(Mapping[str, torch.Tensor]):
         return self.stats().sparsity
 
     def equal(self, other: Mapping[str, torch.Tensor]) -> bool:
-        return list(self) == list(other) and all(
+        """Same names and bits (the order of the names does not matter, as for :meth:`fingerprint`)."""
+        return len(self) == len(other) and set(self) == set(other) and all(
             torch.equal(self[n].cpu(), other[n].to(torch.bool).cpu()) for n in self
         )
 
     def intersect(self, other: Mapping[str, torch.Tensor]) -> "MaskSet":
-        return MaskSet({n: m & other[n].to(torch.bool) if n in other else m for n, m in self.items()})
+        return MaskSet({
+            n: m & other[n].to(device=m.device, dtype=torch.bool) if n in other else m for n, m in self.items()
+        })
 
     def fingerprint(self) -> str:
         """sha256 over names, shapes and bits: equal fingerprints <=> equal masks."""
@@ -199,25 +209,50 @@ class MaskSet(Mapping[str, torch.Tensor]):
 
     # --- files -----------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the masks as safetensors (bool tensors keyed by FQN), atomically."""
+        """Write the masks as safetensors (bool tensors keyed by FQN), atomically.
+
+        The metadata records the names in order, so :meth:`load` returns the same mapping
+        in the same order (safetensors itself stores tensors sorted by name).
+        """
         from safetensors.torch import save_file
 
         path = Path(path)
-        tensors = {n: m.cpu().contiguous() for n, m in self._masks.items()}
+        # clone: safetensors refuses tensors sharing memory (one mask under two tied names)
+        tensors = {n: m.detach().cpu().clone().contiguous() for n, m in self._masks.items()}
+        metadata = {"format": MASK_FORMAT, "names": json.dumps(list(self._masks))}
         with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": MASK_FORMAT})
+            save_file(tensors, str(tmp), metadata=metadata)
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "MaskSet":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+    def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> "MaskSet":
+        """Read masks written by :meth:`save` (on the CPU, or on ``device``), in their saved order."""
+        from safetensors import SafetensorError, safe_open
 
         path = Path(path)
         if not path.is_file():
             raise PrunelabError(f"mask file {str(path)!r} does not exist; pass the masks.safetensors written next to the model")
         try:
-            tensors = load_file(str(path))
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         except (SafetensorError, OSError, ValueError) as exc:
             raise PrunelabError(f"cannot read masks from {str(path)!r} ({exc}); the file is corrupt or not a safetensors mask file") from None
-        return cls(tensors)
+        kind = metadata.get("format")
+        if kind is not None and kind != MASK_FORMAT:
+            raise PrunelabError(
+                f"{str(path)!r} is a {kind} file, not a mask file ({MASK_FORMAT}); pass the masks.safetensors "
+                "written next to the model"
+            )
+        try:
+            order = json.loads(metadata.get("names", "[]"))
+        except ValueError:
+            order = []
+        if not isinstance(order, list) or sorted(map(str, order)) != sorted(tensors):
+            order = list(tensors)  # no (usable) recorded order: the file's own
+        masks = cls({name: tensors[name] for name in order})
+        return masks.to(device) if device is not None else masks
+
+    def to(self, device: torch.device | str) -> "MaskSet":
+        """The same masks on ``device``."""
+        return MaskSet({n: m.to(device) for n, m in self._masks.items()})

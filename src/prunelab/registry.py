@@ -78,7 +78,10 @@ class Registry(Generic[T]):
             yield self._entries[name]
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        try:
+            return name in self._entries
+        except TypeError:  # an unhashable name such as a list is simply not registered
+            return False
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -18,6 +18,10 @@ from prunelab.errors import PrunelabError
 from prunelab.registry import Registry
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class Schedule:
     final_sparsity: float
@@ -40,6 +44,11 @@ class OneShot(Schedule):
     """Prune once, to ``final_sparsity``, at ``at_step``."""
 
     at_step: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not _is_int(self.at_step) or self.at_step < 0:  # a negative or fractional step never comes
+            raise PrunelabError(f"one-shot schedule needs an integer at_step >= 0, got {self.at_step!r}")
 
     def sparsity_at(self, step: int) -> float:
         return self.final_sparsity if step >= self.at_step else 0.0
@@ -68,10 +77,16 @@ class Cubic(Schedule):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_sparsity(self.initial_sparsity, "initial sparsity")
-        if self.num_updates < 1 or self.frequency < 1 or self.start_step < 0:
+        steps = (self.num_updates, self.frequency, self.start_step)
+        if not all(_is_int(v) for v in steps) or self.num_updates < 1 or self.frequency < 1 or self.start_step < 0:
             raise PrunelabError(
                 f"cubic schedule needs num_updates >= 1, frequency >= 1, start_step >= 0; got "
-                f"{self.num_updates}, {self.frequency}, {self.start_step}"
+                f"{self.num_updates!r}, {self.frequency!r}, {self.start_step!r} (integers)"
+            )
+        if self.initial_sparsity > self.final_sparsity:
+            raise PrunelabError(
+                f"cubic schedule raises the sparsity from initial_sparsity to final_sparsity, but {self.initial_sparsity} "
+                f"> {self.final_sparsity}; pass initial_sparsity <= final_sparsity (pruned weights never come back)"
             )
 
     @property
@@ -107,8 +122,8 @@ class Geometric(Schedule):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.rounds < 1:
-            raise PrunelabError(f"iterative pruning needs rounds >= 1, got {self.rounds}")
+        if not _is_int(self.rounds) or self.rounds < 1:
+            raise PrunelabError(f"iterative pruning needs an integer rounds >= 1, got {self.rounds!r}")
 
     @property
     def rate(self) -> float:

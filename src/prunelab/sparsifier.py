@@ -68,7 +68,7 @@ class Sparsifier:
         self.params = prunable_parameters(model, exclude)
         self.bounds = self.rules.bounds(list(self.params))
         for name, param in self.params.items():
-            if self.bounds[name][1] > 0.0:  # layers kept dense by a rule need not fit the granularity
+            if not self._kept_as_is(name):  # layers a rule keeps dense (or below an N:M pattern) need not fit
                 self.granularity.check(name, tuple(param.shape))
         self.masks = MaskSet.ones(self.params)
         self.optimizer: torch.optim.Optimizer | None = None
@@ -154,10 +154,12 @@ class Sparsifier:
     def _allocated_masks(self, scores: Mapping[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
         layers: list[LayerBudget] = []
         for name, param in self.params.items():
+            if param.numel() == 0:  # a zero-size layer (e.g. Linear(0, n)) has nothing to prune
+                continue
             shape = tuple(param.shape)
             groups = self.granularity.to_groups(scores[name].to(param.device))  # (G, group_size)
             group_scores = self.criterion.reduce_group(groups).float()  # (G,)
-            alive = self.granularity.to_groups(self.masks[name]).any(dim=1)  # a group is pruned when all of it is
+            alive = self.granularity.to_groups(self.masks[name].to(param.device)).any(dim=1)  # pruned = all of it pruned
             group_scores = torch.where(alive, group_scores, torch.full_like(group_scores, float("-inf")))
             lo_s, hi_s = self.bounds[name]
             min_keep, max_keep = keep_bounds(group_scores.numel(), lo_s, hi_s)
@@ -165,7 +167,8 @@ class Sparsifier:
             min_keep = min(min_keep, max_keep)
             layers.append(LayerBudget(name, group_scores, self.granularity.group_size(shape), shape, min_keep, max_keep))
         keep = allocate(self.allocation, layers, sparsity)
-        return {n: self.granularity.from_groups(keep[n], tuple(p.shape)) for n, p in self.params.items()}
+        return {n: self.granularity.from_groups(keep[n], tuple(p.shape)) if n in keep else self.masks[n]
+                for n, p in self.params.items()}
 
     def check_target(self, sparsity: float) -> None:
         """Raise the allocator's one-line error now if the layer rules make ``sparsity`` unreachable.
@@ -177,11 +180,23 @@ class Sparsifier:
         layers: list[LayerBudget] = []
         for name, param in self.params.items():
             shape = tuple(param.shape)
-            count = self.granularity.to_groups(torch.zeros(shape)).shape[0]
+            if param.numel() == 0:
+                continue
+            count = self.granularity.num_groups(shape)  # no placeholder copy of the weight
             min_keep, max_keep = keep_bounds(count, *self.bounds[name])
             layers.append(LayerBudget(name, torch.zeros(count), self.granularity.group_size(shape), shape,
                                       min(min_keep, max_keep), max_keep))
         allocate(self.allocation, layers, sparsity)
+
+    def _kept_as_is(self, name: str) -> bool:
+        """True for a layer no update changes: kept dense by a rule, capped below an N:M
+        pattern's fixed sparsity, or zero-size (nothing to prune)."""
+        if self.params[name].numel() == 0:
+            return True
+        hi_s = self.bounds[name][1]
+        if self.granularity.is_pattern:
+            return hi_s < self.granularity.sparsity
+        return hi_s <= 0.0
 
     def _check_pattern_sparsity(self, sparsity: float) -> None:
         # compared with the pattern's own sparsity, not the model's: layers kept dense by
@@ -198,8 +213,7 @@ class Sparsifier:
     def _pattern_masks(self, scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         masks = {}
         for name in self.params:
-            lo_s, hi_s = self.bounds[name]
-            if hi_s < getattr(self.granularity, "sparsity", 1.0):  # a dense / capped layer keeps its mask
+            if self._kept_as_is(name):  # a dense / capped layer keeps its mask
                 masks[name] = self.masks[name]
                 continue
             score = torch.where(self.masks[name], scores[name], torch.full_like(scores[name], float("-inf")))
@@ -207,12 +221,24 @@ class Sparsifier:
         return masks
 
     def set_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
-        """Adopt externally decided masks (e.g. loaded from a checkpoint)."""
+        """Adopt externally decided masks (e.g. loaded from a checkpoint).
+
+        Each mask moves to its parameter's device (masks read from a file are on the CPU),
+        and nothing changes unless every mask fits its parameter.
+        """
+        if not isinstance(masks, Mapping):
+            raise PrunelabError(f"set_masks needs a mapping FQN -> bool tensor, got {type(masks).__name__}")
         missing = set(self.params) - set(masks)
         if missing:
             raise PrunelabError(f"masks are missing layers {sorted(missing)}; load masks saved for this model")
-        self.masks = MaskSet({n: masks[n] for n in self.params})
-        self.masks.check_model(self.model)
+        wrong = [n for n in self.params if not isinstance(masks[n], torch.Tensor)]
+        if wrong:
+            raise PrunelabError(
+                f"mask {wrong[0]!r} is a {type(masks[wrong[0]]).__name__}, not a tensor; pass bool tensors (e.g. a MaskSet)"
+            )
+        adopted = MaskSet({n: masks[n].to(self.params[n].device) for n in self.params})
+        adopted.check_model(self.model)  # before adopting: a wrong shape leaves the old masks in place
+        self.masks = adopted
         self.enforce()
 
     # --- enforcement -----------------------------------------------------------------
@@ -234,6 +260,15 @@ class Sparsifier:
         return {"step_count": self.step_count, "masks": dict(self.masks), "history": list(self.history)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.step_count = int(state["step_count"])
-        self.history = list(state.get("history", []))
+        """Restore :meth:`state_dict`'s step count, history and masks (all or nothing)."""
+        if not isinstance(state, Mapping) or "step_count" not in state or "masks" not in state:
+            got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+            raise PrunelabError(
+                f"sparsifier state needs 'step_count' and 'masks' (from Sparsifier.state_dict()), got {got}"
+            )
+        step_count = state["step_count"]
+        if isinstance(step_count, bool) or not isinstance(step_count, int) or step_count < 0:
+            raise PrunelabError(f"sparsifier state has step_count={step_count!r}; expected an int >= 0")
         self.set_masks(state["masks"])
+        self.step_count = step_count
+        self.history = [dict(h) for h in state.get("history", [])]

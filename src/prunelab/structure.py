@@ -51,8 +51,13 @@ class Granularity:
         return 1
 
     def to_groups(self, tensor: torch.Tensor) -> torch.Tensor:
-        """View ``tensor`` as ``(num_groups, group_size)``."""
-        return tensor.reshape(-1, self.group_size(tuple(tensor.shape)))
+        """View ``tensor`` as ``(num_groups, group_size)``.
+
+        Both sizes are explicit (no ``-1``), so a zero-size weight such as a
+        ``Linear(0, n)``'s ``(n, 0)`` gives ``(n, 0)`` groups instead of a reshape error.
+        """
+        shape = tuple(tensor.shape)
+        return tensor.reshape(self.num_groups(shape), self.group_size(shape))
 
     def from_groups(self, keep: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         """Expand a ``(num_groups,)`` bool decision back to an element mask of ``shape``."""
@@ -60,7 +65,12 @@ class Granularity:
         return keep.reshape(-1, 1).expand(-1, size).reshape(shape)
 
     def num_groups(self, shape: tuple[int, ...]) -> int:
-        return math.prod(shape) // self.group_size(shape)
+        size = self.group_size(shape)
+        return math.prod(shape) // size if size else self._groups_of_empty(shape)
+
+    def _groups_of_empty(self, shape: tuple[int, ...]) -> int:
+        """Groups of a weight whose groups hold no element (a zero-size fan-in)."""
+        return 0
 
     def check(self, name: str, shape: tuple[int, ...]) -> None:
         """Raise PrunelabError if this granularity cannot apply to ``name``'s shape."""
@@ -83,6 +93,9 @@ class Vector(Granularity):
     def group_size(self, shape: tuple[int, ...]) -> int:
         return shape[-1] if _conv_shape(shape) else 1
 
+    def _groups_of_empty(self, shape: tuple[int, ...]) -> int:
+        return math.prod(shape[:-1])
+
 
 @dataclass(frozen=True)
 class Kernel(Granularity):
@@ -93,6 +106,9 @@ class Kernel(Granularity):
     def group_size(self, shape: tuple[int, ...]) -> int:
         return math.prod(shape[2:]) if _conv_shape(shape) else 1
 
+    def _groups_of_empty(self, shape: tuple[int, ...]) -> int:
+        return math.prod(shape[:2])
+
 
 @dataclass(frozen=True)
 class Channel(Granularity):
@@ -102,6 +118,9 @@ class Channel(Granularity):
 
     def group_size(self, shape: tuple[int, ...]) -> int:
         return math.prod(shape[1:])
+
+    def _groups_of_empty(self, shape: tuple[int, ...]) -> int:
+        return shape[0]
 
 
 @dataclass(frozen=True)
@@ -151,9 +170,11 @@ class NM(Granularity):
 
     def _blocked(self, tensor: torch.Tensor) -> torch.Tensor:
         # (O, I, *k) -> (O, *k, I) -> (O * prod(k) * I/m, m)
+        # a block must never straddle two rows / kernel positions: the input dimension must be a multiple of m
+        self.check("a tensor", tuple(tensor.shape))
         if tensor.dim() > 2:
             tensor = tensor.movedim(1, -1)
-        return tensor.reshape(-1, self.m)
+        return tensor.reshape(tensor.numel() // self.m, self.m)  # explicit: a zero-size weight gives (0, m)
 
     def to_groups(self, tensor: torch.Tensor) -> torch.Tensor:
         return self._blocked(tensor)
@@ -164,7 +185,7 @@ class NM(Granularity):
     def pattern_mask(self, scores: torch.Tensor) -> torch.Tensor:
         """Keep the ``n`` highest-scoring entries of every block of ``m`` (ties: lower index)."""
         shape = tuple(scores.shape)
-        blocks = self._blocked(scores.float())  # (B, m)
+        blocks = self._blocked(scores if scores.dtype == torch.float64 else scores.float())  # (B, m)
         # stable descending sort inside each block of m: ties keep the lower index
         order = torch.sort(blocks, dim=1, descending=True, stable=True).indices[:, : self.n]
         keep = torch.zeros_like(blocks, dtype=torch.bool).scatter_(1, order, True)

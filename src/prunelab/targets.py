@@ -22,14 +22,34 @@ PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, 
 
 
 def prunable_parameters(model: nn.Module, exclude: Sequence[str] = ()) -> dict[str, nn.Parameter]:
-    """``FQN -> weight`` of every Linear/Conv layer, in module order, minus ``exclude`` globs."""
+    """``FQN -> weight`` of every Linear/Conv layer, in module order, minus ``exclude`` globs.
+
+    A weight shared by several layers (tied) is one target, under its first name: pruning
+    it under two names would count its weights twice and multiply two masks into it.  It
+    is excluded when ``exclude`` matches any of its names.
+    """
+    if isinstance(exclude, str):  # a bare glob would be iterated letter by letter
+        exclude = (exclude,)
     found: dict[str, nn.Parameter] = {}
-    for module_name, module in model.named_modules():
+    names_of: dict[int, str] = {}  # id(weight) -> the name it is found under
+    excluded: set[int] = set()
+    for module_name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, PRUNABLE_TYPES) and getattr(module, "weight", None) is not None:
             name = f"{module_name}.weight" if module_name else "weight"
+            weight = module.weight
             if any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(module_name, p) for p in exclude):
+                excluded.add(id(weight))
                 continue
-            found[name] = module.weight
+            if not isinstance(weight, nn.Parameter) or isinstance(weight, nn.parameter.UninitializedParameter):
+                raise PrunelabError(
+                    f"{name} is not a plain initialised nn.Parameter ({type(weight).__name__}: a lazy module before its "
+                    "first forward, a parametrization or torch.nn.utils.prune); run one forward pass or remove the "
+                    f"parametrization / prune hooks, or exclude {module_name or 'it'!r}"
+                )
+            if id(weight) not in names_of:
+                names_of[id(weight)] = name
+                found[name] = weight
+    found = {n: p for n, p in found.items() if id(p) not in excluded}
     if not found:
         raise PrunelabError(
             "the model has no Linear or Conv layers left to prune; check --exclude or pass a model built from nn.Linear/nn.Conv"
@@ -73,6 +93,7 @@ class LayerRules:
         bounds = {n: (0.0, 1.0) for n in names}
         first, last = _parse_keep(self.keep_first, "first"), _parse_keep(self.keep_last, "last")
         for pattern, ceiling in self.max_sparsity.items():
+            ceiling = _rate(ceiling, f"max_sparsity for {pattern!r}")
             for n in _matching(names, pattern, "max_sparsity"):
                 bounds[n] = (0.0, min(bounds[n][1], ceiling))
         if first is not None and names:
@@ -80,12 +101,18 @@ class LayerRules:
         if last is not None and names:
             bounds[names[-1]] = (0.0, min(bounds[names[-1]][1], last))
         for pattern, value in self.fixed_sparsity.items():
-            if not 0.0 <= value < 1.0:
-                raise PrunelabError(f"fixed sparsity for {pattern!r} must be in [0, 1), got {value}")
+            value = _rate(value, f"fixed sparsity for {pattern!r}")
             for n in _matching(names, pattern, "fixed_sparsity"):
                 clamped = min(value, bounds[n][1])  # a keep rule / ceiling wins over a fixed rate
                 bounds[n] = (clamped, clamped)
         return bounds
+
+
+def _rate(value: object, what: str) -> float:
+    """A sparsity in [0, 1) from a rule, or a one-line error naming the rule."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not 0.0 <= value < 1.0:
+        raise PrunelabError(f"{what} must be in [0, 1) (a number: the fraction of weights removed), got {value!r}")
+    return float(value)
 
 
 def _matching(names: Sequence[str], pattern: str, what: str) -> list[str]:
