@@ -43,7 +43,6 @@ import time
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from prunelab.bench.records import benchmark_args, benchmark_environment, publish, run_guarded, target
