@@ -168,3 +168,12 @@ def test_double_precision_round_trip():
     w = _sparse((8, 12), 0.5).double()
     for fmt in (CSR.from_dense(w), BSR.from_dense(w, block_size=(2, 2))):
         assert fmt.values.dtype == torch.float64 and torch.equal(fmt.to_dense(), w)
+
+
+@pytest.mark.parametrize("fmt", ["csr", "bsr", "2:4"])
+def test_weight_with_zero_rows_round_trips(fmt):
+    # a (0, 8) weight has a well-defined (0, 8) matrix view; reshape(0, -1) is ambiguous and used to raise
+    cls = {"csr": CSR, "bsr": BSR, "2:4": SemiStructured24}[fmt]
+    w = torch.zeros(0, 8)
+    back = cls.from_dense(w).to_dense()
+    assert back.shape == (0, 8) and torch.equal(back, w)

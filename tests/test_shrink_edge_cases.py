@@ -339,3 +339,26 @@ def test_average_pool_with_counted_padding_or_divisor_needs_zero_constants(pool)
     model, masks, plan = _plan_with_nonzero_constants(pool)
     assert len(plan.problems) == 1 and plan.problem_kinds == ("constant",)
     assert "pruned channels of 'c.weight' reach an average pool that pads with zeros or overrides its divisor" in plan.problems[0]
+
+
+# --- an example input the model cannot run ------------------------------------------------------
+class WrongWidth(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.c = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.a(x))
+
+
+def test_example_input_the_model_cannot_run_names_node_and_real_error_without_a_traceback(capsys):
+    # torch's ShapeProp printed a full traceback to stderr and the message quoted its wrapper
+    # ("ShapeProp error for: node=... meta=...") instead of the model's own error
+    model = WrongWidth()
+    with pytest.raises(PrunelabError) as info:
+        plan_shrink(model, {"a.weight": drop_rows(model.a.weight, [1])}, torch.randn(2, 4))
+    message = str(info.value)
+    assert "\n" not in message and "node 'c'" in message and "Linear 'c'" in message
+    assert "mat1 and mat2 shapes cannot be multiplied" in message and "ShapeProp error" not in message
+    assert "Traceback" not in capsys.readouterr().err

@@ -423,3 +423,55 @@ def test_shrink_form_delegates_lazily(monkeypatch):
     assert set(got_masks) == {"0.weight", "2.weight", "4.weight"}
     assert torch.equal(got_masks["0.weight"], model[0].weight != 0)
     assert new.materialise_report.form == "shrink" and new.materialise_report.max_abs_error == 0.0
+
+
+@pytest.mark.parametrize("block", [(8, 1), (1, 4), (2, 4)])
+def test_bsr_linear_with_non_square_blocks_runs_on_cpu(block):
+    # MKL takes square blocks only; a non-square BSR used to raise RuntimeError at forward
+    linear = _block_prune_(nn.Linear(16, 8), block=block, keep_every=2)
+    sparse = BSRLinear.from_linear(linear, block_size=block)
+    x = torch.randn(5, 3, 16)
+    for inputs in (x, x[0], x[0, :1]):
+        assert torch.allclose(sparse(inputs), linear(inputs), atol=1e-5)
+    loaded = load_materialised(nn.Sequential(nn.Linear(16, 8)), nn.Sequential(sparse).state_dict())
+    assert torch.allclose(loaded(x), linear(x), atol=1e-5)
+    with torch.no_grad():  # in-place edits of the stored blocks show through the CSR stand-in
+        sparse.values.mul_(2)
+    assert torch.allclose(sparse(x), 2 * (linear(x) - linear.bias) + linear.bias, atol=1e-5)
+    new = materialise(nn.Sequential(linear), "bsr", block_size=block, example_input=x[0])
+    assert new.materialise_report.layers[0].kernel == "bsr"
+
+
+@pytest.mark.parametrize("form", ["csr", "bsr", "auto"])
+def test_multihead_attention_out_proj_stays_dense(form):
+    # MultiheadAttention reads out_proj.weight itself; swapping out_proj used to raise AttributeError
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.fc = nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.fc(self.att(x, x, x)[0])
+
+    model = Attn()
+    _prune_(model.att.out_proj, 0.5)
+    _prune_(model.fc, 0.5)
+    timer = FakeTimer({}) if form == "auto" else None
+    new = materialise(model, form, example_input=torch.randn(2, 3, 16), timer=timer)
+    forms = {f.name: f for f in new.materialise_report.layers}
+    assert forms["att.out_proj"].kernel == "dense" and "MultiheadAttention" in forms["att.out_proj"].note
+    assert isinstance(new.att.out_proj, nn.Linear)
+
+
+def test_cli_materialise_failure_leaves_no_output_folder(tmp_path):
+    # `prunelab materialise` created --out before loading anything, leaving an empty folder on failure
+    import argparse
+
+    from prunelab.cli_materialise import cmd_materialise
+
+    out = tmp_path / "new" / "out"
+    args = argparse.Namespace(checkpoint=str(tmp_path / "missing"), form="csr", out=str(out), data_dir=None)
+    with pytest.raises(PrunelabError):
+        cmd_materialise(args)
+    assert not out.exists()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -78,7 +79,9 @@ def cmd_materialise(args: argparse.Namespace) -> int:
 
     FORMS.get(args.form)  # unknown form: one line listing the valid ones, before any work
     check_replaceable(args.out, inputs=(args.checkpoint,))
-    ensure_writable_dir(args.out)
+    # probe the parent, not --out itself: creating --out up front left an empty folder behind
+    # whenever loading or materialising failed; atomic_dir/save_shrunk create it on success
+    ensure_writable_dir(Path(args.out).parent if str(Path(args.out).parent) else Path("."))
     ckpt, inputs = _checkpoint_and_inputs(args.checkpoint, args.data_dir)
     new = _materialise(ckpt, inputs, args.form)
     report = new.materialise_report

@@ -136,12 +136,28 @@ def _swap(model: nn.Module, request: _Request, kernel_of: Callable[[str, nn.Modu
     forms = []
     for name in request.targets:
         module = model.get_submodule(name)
-        kernel, note = kernel_of(name, module)
+        reader = _weight_reader(model, name)
+        if reader:  # the parent uses `.weight` itself, not the layer's forward: a swap would break it
+            kernel, note = "dense", f"kept dense: {reader} reads this layer's weight directly"
+        else:
+            kernel, note = kernel_of(name, module)
         new = build_sparse(module, kernel, name=f"{name}.weight", block_size=request.block_size)
         if new is not module:
             _set_submodule(model, name, new)
         forms.append(_layer_form(name, module, new, kernel, note))
     return forms
+
+
+def _weight_reader(model: nn.Module, name: str) -> str:
+    """The parent module type that reads layer ``name``'s weight tensor directly ("" if none).
+
+    ``nn.MultiheadAttention`` passes ``out_proj.weight``/``.bias`` to
+    ``F.multi_head_attention_forward`` instead of calling ``out_proj``; a sparse module there
+    (no ``.weight``) would fail with an AttributeError.
+    """
+    parent_name, _, _ = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    return type(parent).__name__ if isinstance(parent, nn.MultiheadAttention) else ""
 
 
 def _fixed_kernel(kernel: str, request: _Request) -> Callable[[str, nn.Module], tuple[str, str]]:
@@ -193,7 +209,8 @@ def _form_auto(model: nn.Module, request: _Request):
         device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
         candidates = ("dense", "csr", "bsr") + (("2:4",) if semi_structured_available(device) else ())
     inputs = {b: _batched(request.example_input, b) for b in request.batch_sizes}
-    report = choose_kernels(model, inputs, candidates, request.timer, layers=request.targets,
+    tuned = tuple(n for n in request.targets if not _weight_reader(model, n))  # the rest stay dense (_swap)
+    report = choose_kernels(model, inputs, candidates, request.timer, layers=tuned,
                             block_size=request.block_size)
     choice = report.choices()
     by_name = {c.name: c for c in report.layers}

@@ -58,7 +58,7 @@ def _matrix(weight: torch.Tensor, what: str, name: str) -> torch.Tensor:
         )
     if not weight.dtype.is_floating_point:
         raise PrunelabError(f"{what} stores floating-point weights, but {name!r} has dtype {weight.dtype}; cast it first")
-    return weight.detach().reshape(weight.shape[0], -1)
+    return weight.detach().reshape(weight.shape[0], math.prod(weight.shape[1:]))  # not -1: rows may be 0
 
 
 def _crow(counts: torch.Tensor) -> torch.Tensor:
@@ -245,7 +245,7 @@ class SemiStructured24:
         values = torch.gather(groups, -1, kept).reshape(rows, cols // 2).contiguous()
         nibbles = kept[..., 0] | (kept[..., 1] << 2)              # (R, G) in 0..15
         pad = (-nibbles.shape[1]) % 4
-        nibbles = torch.nn.functional.pad(nibbles, (0, pad)).reshape(rows, -1, 4)  # (R, ceil(G/4), 4)
+        nibbles = torch.nn.functional.pad(nibbles, (0, pad)).reshape(rows, (cols // 4 + pad) // 4, 4)  # (R, ceil(G/4), 4)
         shifts = torch.arange(4, device=matrix.device) * 4
         packed = (nibbles << shifts).sum(-1)                       # (R, ceil(G/4)) in 0..65535
         metadata = torch.where(packed >= 2**15, packed - 2**16, packed).to(torch.int16)
@@ -268,7 +268,7 @@ class SemiStructured24:
         rows, cols = self.matrix_shape
         meta = self.metadata.to(torch.int64) & 0xFFFF                       # (R, M) unsigned
         shifts = torch.arange(4, device=meta.device) * 4
-        nibbles = ((meta.unsqueeze(-1) >> shifts) & 0xF).reshape(rows, -1)[:, : cols // 4]  # (R, G)
+        nibbles = ((meta.unsqueeze(-1) >> shifts) & 0xF).reshape(rows, 4 * meta.shape[1])[:, : cols // 4]  # (R, G)
         return torch.stack((nibbles & 0x3, (nibbles >> 2) & 0x3), dim=-1)  # (R, G, 2)
 
     def to_dense(self) -> torch.Tensor:

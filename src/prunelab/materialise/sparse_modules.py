@@ -18,6 +18,8 @@ measures whole models):
   contiguous; a following CSR layer reads it without a copy).  Per-call overhead is
   ~6-10 us, so tiny layers (LeNet's 100x10) stay faster dense.
 * **bsr** -- the same over ``torch.sparse_bsr``; pays only for block-pruned weights.
+  MKL takes square blocks only, so on CPU a non-square block (e.g. 8x1) runs its stored
+  blocks as an int32 CSR matrix (same result; storage and ``state_dict`` stay BSR).
   On unstructured sparsity most 4x4 blocks keep a nonzero (81% at 90% sparsity) and it
   is 2-4x *slower* than dense.  No autograd on CPU (torch has no BSC x dense kernel).
 * **2:4** -- on CUDA with compute capability >= 8.0, ``torch.sparse.to_sparse_semi_structured``
@@ -264,7 +266,14 @@ class BSRLinear(_SparseLinearBase):
         return cls(fmt, linear.bias, {"block_size": tuple(fmt.block_size)})
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self._cached(lambda: (self.format().to_torch(), self.bias))  # (out, in) sparse_bsr, (out,)
+        bh, bw = self.config.get("block_size", (4, 4))
+        if bh != bw and self.values.device.type == "cpu":
+            # MKL takes square blocks only ("MKL Sparse doesn't support matrices with non-square
+            # blocks"): run the same stored blocks as an int32 CSR matrix (a copy, so keyed on versions)
+            key = (self.crow_indices._version, self.col_indices._version, self.values._version)
+            weight, bias = self._cached(lambda: (CSR.from_dense(self.format().to_dense()).to_torch(), self.bias), key)
+        else:
+            weight, bias = self._cached(lambda: (self.format().to_torch(), self.bias))  # (out, in) sparse_bsr, (out,)
         return _sparse_linear(weight, bias, x)
 
 

@@ -10,6 +10,7 @@ is re-traced as an *opaque* leaf (at most :data:`MAX_OPAQUE`), and a failure in 
 from __future__ import annotations
 
 import contextlib
+import io
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -146,14 +147,34 @@ def trace_model(model: nn.Module) -> tuple[fx.GraphModule, dict[str, str], dict[
     raise AssertionError("unreachable")
 
 
+class _ShapeProp(ShapeProp):
+    """ShapeProp that remembers the node it is running (to name it when it fails)."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.current: fx.Node | None = None
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.current = n
+        return super().run_node(n)
+
+
 def propagate_shapes(gm: fx.GraphModule, model: nn.Module, inputs: tuple[Any, ...]) -> None:
-    """Run ShapeProp in eval mode without gradients (BatchNorm statistics stay untouched)."""
+    """Run ShapeProp in eval mode without gradients (BatchNorm statistics stay untouched).
+
+    A failure is one line naming the node, its op and the model's own error.  (torch's
+    ShapeProp prints a full traceback to stderr before re-raising; that print is silenced.)
+    """
+    prop = _ShapeProp(gm)
     try:
-        with eval_mode(model), torch.no_grad():
-            ShapeProp(gm).propagate(*inputs)
+        with eval_mode(model), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            prop.propagate(*inputs)
     except Exception as exc:  # noqa: BLE001 -- the user's model may raise anything on a bad input
         shapes = ", ".join(str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs)
+        node = prop.current
+        where = f" at node '{node.name}', {describe_target(node, gm)}" if node is not None else ""
+        cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc  # ShapeProp wraps the real error
         raise PrunelabError(
-            f"the model cannot run example_input {shapes} ({_reason(exc)}); pass an input the model accepts, "
-            "e.g. one batch of its data"
+            f"the model cannot run example_input {shapes}{where} ({_reason(cause)}); pass an input the model "
+            "accepts, e.g. one batch of its data"
         ) from None
