@@ -92,6 +92,22 @@ def test_schedule_must_fit_the_run():
         UpdateSchedule.for_run(200, delta_t=190, end_fraction=0.75)
 
 
+@pytest.mark.parametrize("end_fraction, end_step", [(0.29, 29), (0.57, 57), (0.58, 58), (0.75, 75), (1.0, 100)])
+def test_t_end_is_the_fraction_of_the_run_despite_float_rounding(end_fraction, end_step):
+    # 0.29 * 100 = 28.999999999999996 and 0.57 * 100 = 56.99999999999999 in floats: int() was one step short
+    assert UpdateSchedule.for_run(100, delta_t=1, end_fraction=end_fraction).end_step == end_step
+
+
+def test_dst_config_fields_left_unset_defer_to_the_spec():
+    spec = PruneSpec(sparsity=0.9, delta_t=7, alpha=0.2, end_fraction=0.5)
+    schedule = build_dst_sparsifier("rigl", mlp(), spec, 100, dst=DSTConfig(sparse_init=True)).rewiring
+    assert (schedule.delta_t, schedule.alpha, schedule.end_step) == (7, 0.2, 50)  # was RigL's 100 / 0.3, silently
+    schedule = build_dst_sparsifier("rigl", mlp(), spec, 100, dst=DSTConfig(delta_t=5, end_fraction=0.8)).rewiring
+    assert (schedule.delta_t, schedule.alpha, schedule.end_step) == (5, 0.2, 80)
+    schedule = build_dst_sparsifier("rigl", mlp(), PruneSpec(sparsity=0.9), 1000).rewiring
+    assert (schedule.delta_t, schedule.alpha, schedule.end_step) == (100, 0.3, 750)  # RigL's defaults
+
+
 def test_method_level_bad_inputs():
     spec = PruneSpec(sparsity=0.9)
     with pytest.raises(PrunelabError, match="exceeds the run"):
@@ -104,6 +120,12 @@ def test_method_level_bad_inputs():
         build_dst_sparsifier("rigl", mlp(), spec, 500, dst=DSTConfig(options={"momentum": 0.5}))
     with pytest.raises(PrunelabError, match="allocation"):
         build_dst_sparsifier("set", mlp(), PruneSpec(allocation="lamp"), 500)
+    with pytest.raises(PrunelabError, match="options must be a mapping"):
+        build_dst_sparsifier("snfs", mlp(), spec, 500, dst=DSTConfig(options=None))
+    with pytest.raises(PrunelabError, match="sparse FLOPs must be a finite number, got '10'"):
+        flops_per_sample("rigl", "10", 100.0)
+    with pytest.raises(PrunelabError, match="dense FLOPs must be a finite number, got nan"):
+        flops_per_sample("set", 10.0, float("nan"))
 
 
 # --- RigL --------------------------------------------------------------------------------
@@ -277,6 +299,39 @@ def test_snfs_redistributes_by_mean_momentum():
     assert new["0.weight"][2:].reshape(-1).tolist() == [False, False, True, True, True, True, True, True]
     assert new["1.weight"][2:].reshape(-1).tolist() == [True, True, False, False, False, False, False, False]
     assert new["0.weight"][:2].reshape(-1).tolist() == [False] * 4 + [True] * 4  # smallest |w| dropped
+
+
+def test_snfs_layer_shares_are_averaged_over_ranks(monkeypatch):
+    """The per-layer momentum means decide the growth counts, so they are all-reduced too (decision 3)."""
+    from prunelab import distributed
+
+    model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
+    sparsifier = SNFS(model, 0.5).prepare()
+    sparsifier.momentum = {"0.weight": torch.full((4, 4), 3.0), "1.weight": torch.ones(4, 4)}
+    reduced = []
+
+    def other_rank_mean_(tensor):  # a second rank whose layer means are (1, 3): the average is (2, 2)
+        if tensor.dim() == 1:
+            reduced.append(tensor.tolist())
+            tensor.add_(torch.tensor([1.0, 3.0], dtype=tensor.dtype)).div_(2)
+        return tensor
+
+    monkeypatch.setattr(distributed, "all_reduce_mean_", other_rank_mean_)
+    masks = dict(sparsifier.masks)
+    assert sparsifier.layer_shares(masks, masks) == {"0.weight": 2.0, "1.weight": 2.0}
+    assert reduced == [[3.0, 1.0]]
+
+
+def test_snfs_state_with_foreign_momentum_is_a_one_line_error():
+    sparsifier = SNFS(mlp(), 0.8).prepare()
+    state = sparsifier.state_dict()
+    before = dict(sparsifier.masks)
+    for momentum in ({"0.weight": torch.zeros(3, 3)}, {"missing.weight": torch.zeros(40, 20)}):
+        with pytest.raises(PrunelabError, match="matches no prunable weight of this model"):
+            sparsifier.load_state_dict({**state, "momentum": momentum})
+    assert all(torch.equal(before[n], m) for n, m in sparsifier.masks.items())
+    sparsifier.load_state_dict({**state, "momentum": {"0.weight": torch.ones(40, 20, dtype=torch.float64)}})
+    assert sparsifier.momentum["0.weight"].dtype == torch.float32
 
 
 def test_snfs_needs_dense_grad_before_zero_grad():

@@ -99,3 +99,41 @@ def test_gradual_refuses_nm_before_training(digits):
     with pytest.raises(PrunelabError, match="N:M pattern \\(2:4\\) fixes it at 1 - N/M; use --method oneshot"):
         run_gradual(model, train_loader, test_loader, PruneSpec(sparsity=0.5, granularity="2:4"), CONFIG)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"rounds": "3"}, "rounds must be an integer >= 1, got '3'"),
+    ({"rounds": 2.5}, "rounds must be an integer >= 1"),
+    ({"finetune_epochs": None}, "finetune_epochs must be an integer >= 0, got None"),
+    ({"end_fraction": "0.5"}, "end_fraction must be a number in \\(0, 1\\], got '0.5'"),
+    ({"alpha": 0.0}, "alpha must be a number in \\(0, 1\\]"),
+    ({"layer_rates": None}, "layer_rates must map layer names"),
+])
+def test_prune_spec_bad_inputs_are_one_line_errors(kwargs, match):
+    from prunelab.errors import PrunelabError
+
+    with pytest.raises(PrunelabError, match=match):
+        PruneSpec(**kwargs)
+
+
+def test_gradual_end_is_the_fraction_of_the_run_despite_float_rounding():
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    loader = DataLoader(TensorDataset(torch.randn(100, 10), torch.randint(0, 2, (100,))), batch_size=10)
+    model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 2))
+    # 0.57 * 100 = 56.99999999999999 in floats: the end is step 57, so 3 updates every 19 steps
+    spec = PruneSpec(sparsity=0.5, num_updates=3, end_fraction=0.57, finetune_epochs=0)
+    config = TrainConfig(epochs=10, batch_size=10, optimizer="sgd", lr=0.01, progress=False)
+    result = run_gradual(model, loader, loader, spec, config)
+    assert [h["step"] for h in result.history] == [19, 38, 57]
+
+
+@pytest.mark.parametrize("name", ["oneshot", "iterative", "gradual", "rigl"])
+def test_training_methods_without_a_train_loader_are_one_line_errors(name, digits):
+    from prunelab.errors import PrunelabError
+
+    _, _, test_loader = digits
+    with pytest.raises(PrunelabError, match="needs a training loader .* got NoneType; pass the training DataLoader"):
+        METHODS.get(name)(trained_mlp(digits), None, test_loader, PruneSpec(sparsity=0.5, rounds=1), CONFIG)

@@ -334,3 +334,35 @@ def test_data_loader_score_data_is_used_when_given(digits):
     a = run_snip(fresh_mlp(splits), train_loader, test_loader, PruneSpec(sparsity=0.9), none, score_data=data)
     b = run_snip(fresh_mlp(splits), train_loader, test_loader, PruneSpec(sparsity=0.9), none, score_data=data)
     assert a.masks.equal(b.masks)
+
+
+@pytest.mark.parametrize("name", ["snip", "grasp", "force", "pai"])
+def test_scoring_without_any_data_is_a_one_line_error(name, digits):
+    splits, _, test_loader = digits
+    spec = PruneSpec(sparsity=0.5, criterion="snip")  # "pai" with a data-driven criterion
+    with pytest.raises(PrunelabError, match="needs data to score on but got NoneType; pass a training DataLoader"):
+        METHODS.get(name)(fresh_mlp(splits), None, test_loader, spec, CONFIG)
+
+
+@pytest.mark.parametrize("name", ["synflow", "random-erk", "pai-reinit"])
+def test_training_without_a_train_loader_is_a_one_line_error(name, digits):
+    splits, _, test_loader = digits
+    with pytest.raises(PrunelabError, match="needs a training loader to train the pruned network but got NoneType"):
+        METHODS.get(name)(fresh_mlp(splits), None, test_loader, PruneSpec(sparsity=0.5), CONFIG)
+    with pytest.raises(PrunelabError, match="needs a test loader"):  # synflow's input shape then comes from the model
+        METHODS.get(name)(fresh_mlp(splits), None, None, PruneSpec(sparsity=0.5), TrainConfig(epochs=0, progress=False))
+
+
+def test_shuffle_keeps_a_structured_mask_structured(digits):
+    splits, train_loader, test_loader = digits
+    spec = PruneSpec(sparsity=0.5, granularity="channel", criterion="magnitude")
+    no_training = TrainConfig(epochs=0, progress=False)
+    plain = run_pai(fresh_mlp(splits), train_loader, test_loader, spec, no_training)
+    shuffled = METHODS.get("pai-shuffled")(fresh_mlp(splits), train_loader, test_loader, spec, no_training)
+    assert not shuffled.masks.equal(plain.masks)
+    for name, mask in shuffled.masks.items():
+        rows = mask.reshape(mask.shape[0], -1)  # (out, fan_in): a channel is kept whole or not at all
+        assert bool((rows.all(dim=1) | ~rows.any(dim=1)).all()), name
+        assert int(rows.all(dim=1).sum()) == int(plain.masks[name].reshape(mask.shape[0], -1).all(dim=1).sum())
+    with pytest.raises(PrunelabError, match="N:M pattern with none to permute"):
+        shuffle_within_layers(plain.masks, 0, "2:4")

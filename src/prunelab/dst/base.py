@@ -102,7 +102,11 @@ class UpdateSchedule:
         if not _is_number(end_fraction) or not 0.0 < end_fraction <= 1.0:
             raise PrunelabError(f"T_end fraction must be in (0, 1] of the run, got {end_fraction!r}; T_end beyond the "
                                 "run never ends the updates, RigL uses 0.75")
-        schedule = cls(end_step=max(int(end_fraction * total_steps), 1), delta_t=delta_t, alpha=alpha)
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int):
+            raise PrunelabError(f"the run's length must be an integer number of optimizer steps, got {total_steps!r}")
+        # floor of the product, read to 6 decimals: 0.29 * 100 is 28.999999999999996 in floats, T_end is 29
+        end_step = math.floor(round(end_fraction * total_steps, 6))
+        schedule = cls(end_step=max(end_step, 1), delta_t=delta_t, alpha=alpha)
         schedule.check_run(total_steps)
         return schedule
 

@@ -26,7 +26,8 @@ class DSR(ReallocatingSparsifier):
       ``K > (1 + delta) N_p`` (default ``delta = 0.1``, ``H(0) = 0.001`` as in the paper);
     * regrow ``K`` zero-initialised weights, layer ``l`` receiving
       ``G_l = K * R_l / sum_j R_j`` (``R_l`` = its surviving weights; largest remainder,
-      so ``sum G_l = K`` exactly) at random positions that were zero before the prune.
+      so ``sum G_l = K`` exactly) at random positions that are zero after the prune (a weight
+      just pruned may come back, at zero).
 
     So the global count is exact while per-layer counts move.  The paper fixes ``N_p``;
     here ``N_p = f(t) * (kept weights)`` follows the shared cosine schedule.  A layer

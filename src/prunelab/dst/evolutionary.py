@@ -20,7 +20,8 @@ class SET(DynamicSparsifier):
     from the global target, layers that would exceed density 1 are capped and the rest
     rescaled).  Every update: remove the fraction ``zeta = f(t)`` of each layer's kept
     weights with the smallest ``|w|`` and add as many connections at uniformly random
-    positions among those that were zero before the removal.
+    positions among those that are zero after the removal (a connection just removed may
+    be re-added, with a fresh draw).
 
     Choices, documented: (1) the paper removes the ``zeta`` fraction of the smallest
     *positive* weights and of the largest *negative* weights separately; here positive and

@@ -19,6 +19,7 @@ convolutions.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,10 @@ def flops_per_sample(method: str, sparse_flops: float, dense_flops: float, *, de
         raise PrunelabError(f"no training-cost formula for {method!r}; valid names: {', '.join(TRAINING_COSTS)}")
     if isinstance(delta_t, bool) or not isinstance(delta_t, int) or delta_t < 1:
         raise PrunelabError(f"delta T must be an integer >= 1, got {delta_t!r}")
+    for what, value in (("sparse", sparse_flops), ("dense", dense_flops)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise PrunelabError(f"{what} FLOPs must be a finite number, got {value!r}; pass f_S and f_D from "
+                                "measure_model")
     if not 0 <= sparse_flops <= dense_flops:
         raise PrunelabError(f"sparse FLOPs {sparse_flops} must be in [0, dense FLOPs {dense_flops}]; pass f_S <= f_D")
     f_s, f_d = float(sparse_flops), float(dense_flops)

@@ -33,7 +33,8 @@ class SNFS(ReallocatingSparsifier):
       ``K = sum_l`` of those;
     * regrow ``g_l = K * c_l`` (largest remainder, capped at the layer's room and the
       overflow re-split, so ``sum g_l = K``) zero-initialised weights at the positions that
-      were zero before the prune with the largest ``|M|``.
+      are zero after the prune with the largest ``|M|`` (the reference code's candidates: a
+      weight just pruned may come back, at zero).
 
     The paper reads the optimizer's momentum buffer; prunelab zeroes optimizer state of
     masked weights, so SNFS keeps its own dense EMA (one extra copy of the weights) -- the
@@ -77,11 +78,17 @@ class SNFS(ReallocatingSparsifier):
         return {n: self._capped(n, _round_half_up(fraction * int(m.sum())), m) for n, m in old.items()}
 
     def layer_shares(self, old: Mapping[str, torch.Tensor], survivors: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        shares = {}
+        means = []
         for name, param in self.params.items():
             magnitude = self._momentum(name, param).abs()[old[name]]
-            shares[name] = float(magnitude.mean()) if magnitude.numel() else 0.0
-        return shares
+            means.append(float(magnitude.mean()) if magnitude.numel() else 0.0)
+        # averaged over ranks like every other statistic that decides a mask (DESIGN.md decision 3)
+        reduced = self._reduced(torch.tensor(means, dtype=torch.float64, device=self._device()))
+        return dict(zip(self.params, reduced.tolist()))
+
+    def _device(self) -> torch.device:
+        first = next(iter(self.params.values()), None)
+        return first.device if first is not None else torch.device("cpu")
 
     def grow_scores(self, name: str, param: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return self._momentum(name, param).abs()
@@ -90,5 +97,13 @@ class SNFS(ReallocatingSparsifier):
         return {**super().state_dict(), "momentum": {n: m.clone() for n, m in self.momentum.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        momentum = state.get("momentum", {}) if isinstance(state, Mapping) else {}
+        for name, buffer in momentum.items():  # checked before anything changes
+            param = self.params.get(name)
+            if param is None or not isinstance(buffer, torch.Tensor) or tuple(buffer.shape) != tuple(param.shape):
+                got = tuple(buffer.shape) if isinstance(buffer, torch.Tensor) else type(buffer).__name__
+                raise PrunelabError(f"snfs state has momentum for {name!r} of {got}, which matches no prunable weight "
+                                    "of this model; load the state saved for this model")
         super().load_state_dict(state)
-        self.momentum = {n: m.clone() for n, m in state.get("momentum", {}).items()}
+        # on the weights' devices: a checkpoint read with map_location="cpu" resumes on the GPU
+        self.momentum = {n: m.detach().clone().float().to(self.params[n].device) for n, m in momentum.items()}

@@ -47,16 +47,18 @@ class PruneSpec:
 
     def __post_init__(self) -> None:
         check_sparsity(self.sparsity)
-        if self.rounds < 1:
-            raise PrunelabError(f"rounds must be >= 1, got {self.rounds}")
-        if self.finetune_epochs < 0:
-            raise PrunelabError(f"finetune_epochs must be >= 0, got {self.finetune_epochs}")
-        if not 0.0 < self.end_fraction <= 1.0:
-            raise PrunelabError(f"end_fraction must be in (0, 1], got {self.end_fraction}")
-        for name, minimum in (("num_updates", 1), ("score_batches", 1), ("delta_t", 1), ("start_epoch", 0)):
+        for name, low, high in (("end_fraction", 0.0, 1.0), ("alpha", 0.0, 1.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high:
+                raise PrunelabError(f"{name} must be a number in ({low:g}, {high:g}], got {value!r}")
+        for name, minimum in (("rounds", 1), ("finetune_epochs", 0), ("num_updates", 1), ("score_batches", 1),
+                              ("delta_t", 1), ("start_epoch", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise PrunelabError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        if not isinstance(self.layer_rates, Mapping):
+            raise PrunelabError(f"layer_rates must map layer names to per-round rates, got {self.layer_rates!r}; "
+                                "e.g. {'fc3': 0.1}")
         for name, rate in self.layer_rates.items():
             check_sparsity(rate, f"per-round rate for {name!r}")
 
@@ -85,8 +87,15 @@ class MethodResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def require_loader(loader: Any, role: str, method: str, fix: str) -> None:
+    """Raise a one-line PrunelabError when ``loader`` (the ``role`` data of ``method``) is missing."""
+    if loader is None or not hasattr(loader, "__iter__"):
+        raise PrunelabError(f"{method} needs {role} but got {type(loader).__name__}; {fix}")
+
+
 def stage_row(stage: str, model: nn.Module, masks: MaskSet, test_loader, **extra: Any) -> dict[str, Any]:
     """Evaluate the model now and describe the stage in one flat record."""
+    require_loader(test_loader, "a test loader to evaluate the stage", stage, "pass the test DataLoader")
     metrics = evaluate(model, test_loader)
     stats = masks.stats()
     return {

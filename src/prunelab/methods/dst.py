@@ -36,20 +36,21 @@ from prunelab.bench.training import (
 from prunelab.criteria import ScoreData
 from prunelab.dst import DST_SPARSIFIERS, DynamicSparsifier, UpdateSchedule
 from prunelab.errors import PrunelabError
-from prunelab.methods.base import MethodResult, PruneSpec, stage_row
+from prunelab.methods.base import MethodResult, PruneSpec, require_loader, stage_row
 
 
 @dataclass(frozen=True)
 class DSTConfig:
-    """DST hyper-parameters: ``delta_t`` steps between updates (RigL: 100), ``alpha`` the
-    initial update fraction (RigL: 0.3), ``end_fraction`` of the run at which updates stop
-    (``None``: ``spec.end_fraction``), ``sparse_init`` rescales the initial kept weights
+    """DST hyper-parameters: ``delta_t`` steps between updates, ``alpha`` the initial update
+    fraction and ``end_fraction`` of the run at which updates stop (``None``, the default:
+    the :class:`PruneSpec`'s ``delta_t`` / ``alpha`` / ``end_fraction``, RigL's 100 / 0.3 /
+    0.75 unless set there), ``sparse_init`` rescales the initial kept weights
     by ``sqrt(fan_in / kept fan_in)`` per unit (Evci et al. 2022; for untrained models),
     ``options`` for the method's own constructor (``dsr``: ``threshold``, ``tolerance``;
     ``snfs``: ``momentum``)."""
 
-    delta_t: int = 100
-    alpha: float = 0.3
+    delta_t: int | None = None
+    alpha: float | None = None
     end_fraction: float | None = None
     sparse_init: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)
@@ -59,7 +60,7 @@ def build_dst_sparsifier(
     name: str, model: nn.Module, spec: PruneSpec, total_steps: int, *, seed: int = 0, dst: DSTConfig | None = None
 ) -> DynamicSparsifier:
     """The DST sparsifier ``name`` for a run of ``total_steps`` optimizer steps, all inputs checked."""
-    dst = dst if dst is not None else DSTConfig(delta_t=spec.delta_t, alpha=spec.alpha)
+    dst = dst if dst is not None else DSTConfig()
     cls = DST_SPARSIFIERS.get(name)
     if spec.granularity != "unstructured":
         raise PrunelabError(f"dynamic sparse training ({name}) rewires single weights, got granularity "
@@ -70,6 +71,9 @@ def build_dst_sparsifier(
     if spec.allocation not in ("global", "erk", "uniform"):
         raise PrunelabError(f"{name} starts from a random mask with erk or uniform layer counts, got allocation "
                             f"{spec.allocation!r}; pass --allocation erk (or global, which means erk here) or uniform")
+    if not isinstance(dst.options, Mapping):
+        raise PrunelabError(f"{name} options must be a mapping of keyword -> value, got {dst.options!r}; e.g. "
+                            "DSTConfig(options={'momentum': 0.9}) for snfs")
     common = ("self", "model", "sparsity", "schedule", "allocation", "rules", "exclude", "seed", "sparse_init")
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in common]
     unknown = sorted(set(dst.options) - set(accepted))
@@ -81,8 +85,11 @@ def build_dst_sparsifier(
                             "pass --epochs >= 1 and a non-empty training set")
     schedule = None
     if name != "static":
+        # a DSTConfig field left at None defers to the spec (DSTConfig(sparse_init=True) keeps spec.delta_t)
         end = dst.end_fraction if dst.end_fraction is not None else spec.end_fraction
-        schedule = UpdateSchedule.for_run(total_steps, delta_t=dst.delta_t, alpha=dst.alpha, end_fraction=end)
+        delta_t = dst.delta_t if dst.delta_t is not None else spec.delta_t
+        alpha = dst.alpha if dst.alpha is not None else spec.alpha
+        schedule = UpdateSchedule.for_run(total_steps, delta_t=delta_t, alpha=alpha, end_fraction=end)
     allocation = "erk" if spec.allocation == "global" else spec.allocation
     return cls(model, spec.sparsity, schedule=schedule, allocation=allocation, rules=spec.rules(),
                exclude=spec.exclude, seed=seed, sparse_init=dst.sparse_init, **dict(dst.options))
@@ -93,6 +100,8 @@ def run_dst(
     dst: DSTConfig | None = None,
 ) -> MethodResult:
     """Train ``model`` sparse from the first step with the DST method ``name``."""
+    require_loader(train_loader, "a training loader (it trains sparse from the first step)", name,
+                   "pass the training DataLoader")
     steps_per_epoch = len(train_loader)
     sparsifier = build_dst_sparsifier(name, model, spec, config.epochs * steps_per_epoch, seed=config.seed, dst=dst)
     optimizer = make_optimizer(model.parameters(), config)

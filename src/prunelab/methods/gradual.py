@@ -13,6 +13,7 @@ steps themselves (Sanh et al. 2020).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from torch import nn
 
@@ -20,17 +21,19 @@ from prunelab.bench.training import TrainConfig, make_lr_scheduler, make_optimiz
 from prunelab.criteria import ScoreData
 from prunelab.criteria.movement import Movement, MovementAccumulator
 from prunelab.errors import PrunelabError
-from prunelab.methods.base import MethodResult, PruneSpec, stage_row
+from prunelab.methods.base import MethodResult, PruneSpec, require_loader, stage_row
 from prunelab.schedules import Cubic
 
 
 def run_gradual(
     model: nn.Module, train_loader, test_loader, spec: PruneSpec, config: TrainConfig, *, score_data: ScoreData | None = None
 ) -> MethodResult:
+    require_loader(train_loader, "a training loader (it prunes while training)", "gradual",
+                   "pass the training DataLoader")
     steps_per_epoch = len(train_loader)
     total = config.epochs * steps_per_epoch
     start = spec.start_epoch * steps_per_epoch
-    end = int(spec.end_fraction * total)
+    end = math.floor(round(spec.end_fraction * total, 6))  # 0.29 * 100 is 28.999...: the end is step 29
     frequency = (end - start) // spec.num_updates
     if frequency < 1:
         raise PrunelabError(

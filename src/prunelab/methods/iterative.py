@@ -18,7 +18,7 @@ from torch import nn
 
 from prunelab.bench.training import TrainConfig, make_lr_scheduler, make_optimizer, train
 from prunelab.criteria import ScoreData
-from prunelab.methods.base import MethodResult, PruneSpec, stage_row
+from prunelab.methods.base import MethodResult, PruneSpec, require_loader, stage_row
 from prunelab.schedules import Geometric, per_round_sparsity
 from prunelab.targets import _matching
 
@@ -32,6 +32,9 @@ def run_iterative(
     sizes = {n: p.numel() for n, p in sparsifier.params.items()}
     overridden = {n: rate for pattern, rate in spec.layer_rates.items() for n in _matching(names, pattern, "layer_rates")}
     tune = dataclasses.replace(config, epochs=spec.finetune_epochs)
+    if tune.epochs > 0:
+        require_loader(train_loader, "a training loader to retrain after each round", "iterative",
+                       "pass the training DataLoader (or finetune_epochs=0)")
     rows = []
     for r in schedule.update_steps():
         base = schedule.sparsity_at(r)

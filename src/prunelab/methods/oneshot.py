@@ -8,7 +8,7 @@ from torch import nn
 
 from prunelab.bench.training import TrainConfig, make_optimizer, make_lr_scheduler, train
 from prunelab.criteria import ScoreData
-from prunelab.methods.base import MethodResult, PruneSpec, stage_row
+from prunelab.methods.base import MethodResult, PruneSpec, require_loader, stage_row
 
 
 def run_oneshot(
@@ -19,6 +19,8 @@ def run_oneshot(
     sparsifier.update(spec.sparsity)
     rows = [stage_row("pruned", model, sparsifier.masks, test_loader, round=1, target_sparsity=spec.sparsity)]
     if spec.finetune_epochs > 0:
+        require_loader(train_loader, "a training loader to fine-tune", "oneshot",
+                       "pass the training DataLoader (or finetune_epochs=0)")
         tune = dataclasses.replace(config, epochs=spec.finetune_epochs)
         optimizer = make_optimizer(model.parameters(), tune)
         sparsifier.prepare(optimizer)

@@ -50,9 +50,10 @@ from prunelab.criteria import Criterion, ScoreData, get_criterion
 from prunelab.criteria.pai import SynFlow, loss_gradients
 from prunelab.errors import PrunelabError
 from prunelab.masks import MaskSet
-from prunelab.methods.base import MethodResult, PruneSpec, stage_row
+from prunelab.methods.base import MethodResult, PruneSpec, require_loader, stage_row
 from prunelab.schedules import Geometric
 from prunelab.sparsifier import Sparsifier
+from prunelab.structure import Granularity, get_granularity
 from prunelab.targets import prunable_parameters
 
 FORCE_STEPS = 20  # de Jorge et al. run many more; 20 keeps the method cheap (pass steps=... in Python)
@@ -66,22 +67,36 @@ def _check_seed(seed: object, what: str) -> int:
     return seed
 
 
-def shuffle_within_layers(masks: Mapping[str, Tensor], seed: int) -> MaskSet:
+def shuffle_within_layers(masks: Mapping[str, Tensor], seed: int,
+                          granularity: str | Granularity = "unstructured") -> MaskSet:
     """Randomly permute each layer's mask: per-layer kept counts stay exactly the same.
 
     Frankle et al. 2021's "random shuffling" ablation: if a PaI method's accuracy
     survives it, the method only chose *how many* weights each layer keeps, not which.
-    Deterministic: one CPU generator seeded with ``seed`` draws ``randperm(numel)`` layer
-    by layer in the order of ``masks``.
+    Deterministic: one CPU generator seeded with ``seed`` draws ``randperm(num_groups)``
+    layer by layer in the order of ``masks``.  ``granularity``: the structure the mask was
+    decided in; whole groups (weights, kernels, channels...) are permuted, so a structured
+    mask stays structured.  An N:M pattern has no groups to permute and is refused.
     """
     _check_seed(seed, "shuffle_within_layers")
+    structure = _shuffle_granularity(granularity)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     shuffled = {}
     for name, mask in masks.items():
-        flat = mask.detach().reshape(-1).to(device="cpu", dtype=torch.bool)
-        perm = torch.randperm(flat.numel(), generator=generator)
-        shuffled[name] = flat[perm].reshape(mask.shape).to(mask.device)
+        shape = tuple(mask.shape)
+        groups = structure.to_groups(mask.detach().to(device="cpu", dtype=torch.bool))  # (G, group_size)
+        alive = groups.any(dim=1) if groups.shape[1] else torch.zeros(groups.shape[0], dtype=torch.bool)  # (G,)
+        perm = torch.randperm(alive.numel(), generator=generator)
+        shuffled[name] = structure.from_groups(alive[perm], shape).contiguous().to(mask.device)
     return MaskSet(shuffled)
+
+
+def _shuffle_granularity(granularity: str | Granularity) -> Granularity:
+    structure = get_granularity(granularity)
+    if structure.is_pattern:
+        raise PrunelabError(f"shuffling within layers permutes whole groups, but {structure.describe()} is an N:M "
+                            "pattern with none to permute; use an unstructured or structured granularity")
+    return structure
 
 
 def fresh_init(model: nn.Module, seed: int) -> nn.Module:
@@ -154,12 +169,18 @@ def _sparsifier(model: nn.Module, spec: PruneSpec, criterion: Criterion, data: S
                       rules=spec.rules(), exclude=spec.exclude, data=data)
 
 
-def _score_data(score_data: ScoreData | None, train_loader, spec: PruneSpec) -> ScoreData:
-    return score_data if score_data is not None else ScoreData(train_loader, max_batches=spec.score_batches)
+def _score_data(score_data: ScoreData | None, train_loader, spec: PruneSpec, method: str) -> ScoreData:
+    if score_data is not None:
+        return score_data
+    require_loader(train_loader, "data to score on", method,
+                   "pass a training DataLoader or score_data=ScoreData(batches)")
+    return ScoreData(train_loader, max_batches=spec.score_batches)
 
 
 def _input_shape(score_data: ScoreData | None, test_loader) -> tuple[int, ...] | None:
     source = score_data.batches if score_data is not None else test_loader
+    if source is None or not hasattr(source, "__iter__"):
+        return None  # SynFlow then infers it from the model or says how to pass input_shape
     for batch in source:
         if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor) and batch[0].dim() >= 2:
             return tuple(int(d) for d in batch[0].shape[1:])
@@ -182,6 +203,8 @@ def train_sparse(model: nn.Module, sparsifier: Sparsifier, train_loader, config:
     """Train ``model`` for ``config.epochs`` epochs with the sparsifier's masks held fixed."""
     if config.epochs == 0:
         return
+    require_loader(train_loader, "a training loader to train the pruned network", description,
+                   "pass the training DataLoader (or TrainConfig(epochs=0) to skip training)")
     optimizer = make_optimizer(model.parameters(), config)
     sparsifier.schedule = None
     sparsifier.prepare(optimizer)
@@ -212,14 +235,14 @@ def _one_shot(model, train_loader, test_loader, spec, config, criterion: Criteri
 def run_snip(model: nn.Module, train_loader, test_loader, spec: PruneSpec, config: TrainConfig, *,
              score_data: ScoreData | None = None) -> MethodResult:
     """SNIP at init (Lee et al. 2019): keep the top ``1 - s`` of ``|w dL/dw| / sum``, one shot, then train."""
-    data = _score_data(score_data, train_loader, spec)
+    data = _score_data(score_data, train_loader, spec, "snip")
     return _one_shot(model, train_loader, test_loader, spec, config, get_criterion("snip"), data, "snip")
 
 
 def run_grasp(model: nn.Module, train_loader, test_loader, spec: PruneSpec, config: TrainConfig, *,
               score_data: ScoreData | None = None) -> MethodResult:
     """GraSP at init (Wang et al. 2020): remove the highest ``-w ⊙ Hg`` in one shot, then train."""
-    data = _score_data(score_data, train_loader, spec)
+    data = _score_data(score_data, train_loader, spec, "grasp")
     return _one_shot(model, train_loader, test_loader, spec, config, get_criterion("grasp"), data, "grasp")
 
 
@@ -236,7 +259,7 @@ def run_force(model: nn.Module, train_loader, test_loader, spec: PruneSpec, conf
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise PrunelabError(f"force got steps={steps!r}; expected an int >= 1 (e.g. {FORCE_STEPS})")
-    data = _score_data(score_data, train_loader, spec)
+    data = _score_data(score_data, train_loader, spec, "force")
     initial = {n: p.detach().clone() for n, p in prunable_parameters(model, spec.exclude).items()}  # theta
     sparsifier = _sparsifier(model, spec, ForceSaliency(initial), data)
     sparsifier.prepare()
@@ -288,7 +311,7 @@ def run_random_uniform(model: nn.Module, train_loader, test_loader, spec: PruneS
 def _pai_mask(model, train_loader, test_loader, spec, config, score_data) -> tuple[Sparsifier, dict[str, Tensor]]:
     """Prune at init with ``spec.criterion`` in one shot; returns the sparsifier and the weights before pruning."""
     criterion = _criterion(spec.criterion, config.seed, score_data, test_loader)
-    data = _score_data(score_data, train_loader, spec) if criterion.needs_data else None
+    data = _score_data(score_data, train_loader, spec, f"pai {spec.criterion}") if criterion.needs_data else None
     sparsifier = _sparsifier(model, spec, criterion, data)
     before = {n: p.detach().clone() for n, p in sparsifier.params.items()}
     sparsifier.prepare()
@@ -307,8 +330,9 @@ def run_pai_shuffled(model: nn.Module, train_loader, test_loader, spec: PruneSpe
                      score_data: ScoreData | None = None) -> MethodResult:
     """``pai``'s mask with each layer permuted (:func:`shuffle_within_layers`, seed ``config.seed``),
     on the original initial weights, then train (Frankle et al. 2021)."""
+    structure = _shuffle_granularity(spec.granularity)  # refused before any scoring
     sparsifier, before = _pai_mask(model, train_loader, test_loader, spec, config, score_data)
-    shuffled = shuffle_within_layers(sparsifier.masks, config.seed)
+    shuffled = shuffle_within_layers(sparsifier.masks, config.seed, structure)
     with torch.no_grad():
         for name, param in sparsifier.params.items():
             param.copy_(before[name])
