@@ -243,3 +243,62 @@ def test_sparsity_help_names_the_nm_default():
     prune = build_parser()._subparsers._group_actions[0].choices["prune"]
     text = " ".join(prune.format_help().split())
     assert "(default 0.9; with an N:M granularity, 1 - N/M)" in text
+
+
+def test_demo_refuses_an_empty_out(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli("demo", "--out", "", "--no-progress")
+    assert code == 2 and "--out is empty" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()  # not a silent run into runs/demo
+
+
+def test_checkpoint_meta_that_does_not_fit_the_weights_names_the_mismatch(cli, tmp_path, pruned_run):
+    import shutil
+
+    edited = tmp_path / "ckpt"
+    shutil.copytree(pruned_run, edited)
+    meta = json.loads((edited / "checkpoint.json").read_text())
+    (edited / "checkpoint.json").write_text(json.dumps({**meta, "input_shape": [32]}))
+    code, _, err = cli("inspect", str(edited))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "size mismatch for fc1.weight" in err and "input_shape [32]" in err  # not just "Error(s) in loading"
+    (edited / "checkpoint.json").write_text(json.dumps({**meta, "input_shape": "64"}))  # a string, not a list
+    code, _, err = cli("inspect", str(edited))
+    assert code == 2 and "lacks a valid 'model', 'input_shape' or 'num_classes' entry" in err
+
+
+def test_sparsity_plot_labels_an_untrained_dense_line_and_keeps_the_callers_backend(cli, tmp_path, monkeypatch):
+    import matplotlib
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    legends = []
+    savefig = Figure.savefig
+
+    def recording_savefig(fig, *args, **kwargs):
+        legends.append([t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()])
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", recording_savefig)
+    before = matplotlib.get_backend()
+    plt.switch_backend("svg")  # a user's own (non-Agg) backend
+    try:
+        code, _, err = cli("prune", "--model", "digits_mlp", "--dataset", "digits", "--method", "snip", "--epochs", "1",
+                           "--no-progress", "--out", str(tmp_path / "snip"))
+        assert code == 0, err
+        assert matplotlib.get_backend() == "svg" and plt.get_fignums() == []
+    finally:
+        plt.switch_backend(before)
+    assert legends == [["pruned", "dense at init (untrained)"]]  # the gray line is the untrained init, not "dense"
+
+
+def test_checkpoint_meta_asking_for_an_impossible_model_is_one_line(cli, tmp_path, pruned_run):
+    import shutil
+
+    edited = tmp_path / "ckpt"
+    shutil.copytree(pruned_run, edited)
+    meta = json.loads((edited / "checkpoint.json").read_text())
+    (edited / "checkpoint.json").write_text(json.dumps({**meta, "input_shape": [10**12]}))  # terabytes of fc1 weight
+    code, _, err = cli("inspect", str(edited))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "input_shape [1000000000000]" in err and "re-create" in err

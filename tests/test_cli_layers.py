@@ -38,3 +38,17 @@ def test_bad_inputs_exit_2_with_one_line_and_nothing_written(cli, tmp_path, tiny
                        "--out", str(out), "--no-progress", *argv)  # argparse keeps the last value of a flag
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_a_count_of_every_block_is_refused_before_calibration(cli, tmp_path, tiny_bert, data_dir, monkeypatch):
+    import prunelab.cli_layers
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibration ran before --count was checked")
+
+    monkeypatch.setattr(prunelab.cli_layers, "calibration_for", no_calibration)
+    out = tmp_path / "never"
+    code, _, err = cli("drop-layers", "--model", str(tiny_bert), "--count", "5", "--data-dir", str(data_dir),
+                       "--out", str(out), "--no-progress")
+    assert code == 2 and "--count 5 would drop all 2 blocks" in err and "use at most 1" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()

@@ -90,3 +90,45 @@ def test_prune_with_the_lottery_method_refuses_options_it_ignores(cli, tmp_path)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "lottery tickets prune single weights, got granularity 'channel'; pass --granularity unstructured" in err
     assert not (tmp_path / "p").exists()
+
+
+def test_lottery_refuses_an_empty_out_or_resume(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for flag in ("--out", "--resume"):
+        code, out, err = cli("lottery", *FAST, "--rounds", "1", flag, "")
+        assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+        assert f"{flag} is empty; name the run folder" in err
+    assert not (tmp_path / "runs").exists()  # it did not quietly run into runs/lottery
+
+
+def test_lottery_out_that_is_a_file_says_so(cli, tmp_path):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("keep me")
+    code, _, err = cli("lottery", *FAST, "--rounds", "1", "--out", str(blocker))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"run folder '{blocker}' is a file; choose a new folder for --out" in err
+    assert blocker.read_text() == "keep me"
+
+
+def test_resume_with_fewer_rounds_than_finished_is_refused(cli, tmp_path, two_rounds):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(two_rounds, run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    code, out, err = cli("lottery", *FAST, "--rounds", "1", "--resume", str(run))
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert "already holds rounds up to 2, but --rounds is 1" in err and "pass --rounds 2 or more" in err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # the last ticket is still round 2's
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--rounds", "-1", "--rounds must be an integer >= 0, got -1"),
+    ("--epochs", "0", "--epochs must be an integer >= 1 (a ticket is found by training), got 0"),
+    ("--eval-every", "0", "--eval-every must be an integer >= 1, got 0"),
+    ("--rewind-iter", "-2", "--rewind-iter must be an integer >= 0, got -2"),
+])
+def test_lottery_bad_numbers_name_the_flag(cli, tmp_path, flag, value, message):
+    code, _, err = cli("lottery", *FAST, flag, value, "--out", str(tmp_path / "o"))
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()

@@ -112,3 +112,28 @@ def test_load_of_a_damaged_shrunk_folder_is_a_one_line_error(tmp_path, record):
     with pytest.raises(PrunelabError, match="architecture.json.* is damaged .*re-create the folder") as exc:
         prunelab.load(tmp_path)
     assert "\n" not in str(exc.value)
+
+
+def test_the_current_folder_or_one_holding_it_is_never_replaced(tmp_path, monkeypatch):
+    here = tmp_path / "work"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for out in (".", str(here), "..", ""):
+        with pytest.raises(PrunelabError, match="replacing it would delete the folder you are working in"):
+            check_replaceable(out)
+    with pytest.raises(PrunelabError, match="is the current folder"):
+        with atomic_dir("."):
+            raise AssertionError("the body must not run")
+    assert sorted(os.listdir(here)) == []  # no temporary folder left behind
+    check_replaceable("sub")  # a folder below it is fine
+
+
+def test_prune_into_the_current_folder_is_refused_before_training(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    started = time.perf_counter()
+    code = main(["prune", "--model", "digits_mlp", "--dataset", "digits", "--pretrain-epochs", "2000", "--no-progress",
+                 "--out", "."])
+    assert code == 2 and time.perf_counter() - started < 5.0
+    assert sorted(os.listdir(tmp_path)) == []

@@ -127,3 +127,94 @@ def test_compress_given_checkpoint_json_still_protects_the_checkpoint(cli, tmp_p
     code, _, err = cli("compress", str(checkpoint / "checkpoint.json"), "--out", str(checkpoint / "model.safetensors"),
                        "--no-progress")
     assert code == 2 and "would overwrite a file of the checkpoint" in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "snip", "--slimming-strength", "1e-4"],
+     "--slimming-strength applies to dense pre-training, but --method snip trains sparse from scratch"),
+    (["--method", "oneshot", "--pretrain-epochs", "0", "--slimming-strength", "1e-4"],
+     "--slimming-strength applies to dense pre-training, but --pretrain-epochs is 0"),
+    (["--method", "rigl", "--finetune-lr", "0.01"],
+     "--finetune-lr sets the retraining rate after pruning a trained model, but --method rigl trains sparse"),
+])
+def test_options_the_run_would_silently_ignore_are_refused(cli, tmp_path, extra, message):
+    code, out, err = cli("prune", *QUICK, "--model", "lenet5", "--epochs", "1", *extra, "--out", str(tmp_path / "o"))
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and out == ""
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("extra", [
+    ["--layer-rates", "nope=0.1"],   # refused by the layer-level checks (the model is needed for them)
+    ["--keep-first", "nan"],
+    ["--method", "oneshot", "--keep-first", "dense", "--keep-last", "dense", "--sparsity", "0.99"],
+])
+def test_input_refused_by_the_layer_checks_leaves_no_empty_output_parent(cli, tmp_path, extra, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli("prune", *QUICK, "--pretrain-epochs", "1", *extra, "--out", "a/b/run")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    code, _, err = cli("prune", *QUICK, "--pretrain-epochs", "1", *extra)  # the default runs/<model>-<method>-<hash>
+    assert code == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither a/b/ nor runs/ was created
+
+
+def test_a_layer_rate_glob_naming_no_layer_is_refused_before_the_dense_training(cli, tmp_path):
+    started = time.perf_counter()
+    code, out, err = cli("prune", *QUICK, "--method", "iterative", "--pretrain-epochs", "2000", "--layer-rates",
+                         "nope=0.1", "--out", str(tmp_path / "o"))
+    assert code == 2 and "layer_rates pattern 'nope' matches no prunable layer" in err
+    assert time.perf_counter() - started < 5.0 and not (tmp_path / "o").exists()  # 2000 dense epochs were not run
+
+
+def test_layer_rates_with_a_method_without_rounds_are_refused(cli, tmp_path):
+    code, _, err = cli("prune", *QUICK, "--method", "oneshot", "--pretrain-epochs", "1", "--layer-rates", "fc3=0.1",
+                       "--out", str(tmp_path / "o"))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--layer-rates sets per-round rates of --method iterative / lottery, but --method oneshot has no rounds" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_yaml_out_under_the_home_folder_is_expanded(cli, tmp_path, monkeypatch):
+    from prunelab.config import load_yaml_config
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    config = work / "run.yaml"
+    config.write_text("out: ~/runs/r\n")
+    assert config_from_mapping(load_yaml_config(config)).out_dir() == home / "runs" / "r"
+    code, out, err = cli("prune", "--config", str(config), *QUICK, "--method", "oneshot", "--pretrain-epochs", "1",
+                         "--finetune-epochs", "0")
+    assert code == 0, err
+    assert (home / "runs" / "r" / "results.json").is_file() and not (work / "~").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "snip", "--criterion", "taylor"],
+     "--method snip scores with its own criterion (snip), so --criterion taylor would be ignored"),
+    (["--method", "random-uniform", "--criterion", "magnitude", "--allocation", "erk"],
+     "--method random-uniform fixes the allocation (uniform), so --allocation erk would be ignored"),
+])
+def test_a_criterion_or_allocation_the_method_replaces_is_refused(cli, tmp_path, extra, message):
+    code, _, err = cli("prune", *QUICK, "--epochs", "1", *extra, "--out", str(tmp_path / "o"))
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_report_names_the_criterion_the_method_scored_with(cli, tmp_path):
+    import json
+
+    out = tmp_path / "grasp"
+    code, _, err = cli("prune", *QUICK, "--method", "grasp", "--epochs", "1", "--out", str(out))
+    assert code == 0, err
+    record = json.loads((out / "results.json").read_text())
+    assert record["criterion"] == "grasp" and record["config"]["criterion"] == "magnitude"
+    report = (out / "report.md").read_text()
+    assert "Method `grasp`, criterion `grasp`" in report and "criterion `magnitude`" not in report
+
+
+def test_a_config_that_is_a_folder_says_so(cli, tmp_path):
+    code, _, err = cli("prune", "--config", str(tmp_path))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"config file '{tmp_path}' is a folder; pass a YAML file" in err and "does not exist" not in err

@@ -73,7 +73,13 @@ def _resolve(path: str | os.PathLike) -> Path:
 def model_args(meta: Any, source: str | os.PathLike) -> tuple[str, tuple[int, ...], int]:
     """``(zoo name, input shape, classes)`` from a checkpoint-style record; one-line error if they are missing."""
     try:
-        return str(meta["model"]), tuple(int(d) for d in meta["input_shape"]), int(meta["num_classes"])
+        shape, classes = meta["input_shape"], meta["num_classes"]
+        if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0
+                                                           for d in shape):
+            raise ValueError("input_shape must be a list of positive integers")
+        if isinstance(classes, bool) or not isinstance(classes, int):
+            raise ValueError("num_classes must be an integer")
+        return str(meta["model"]), tuple(shape), classes
     except (KeyError, TypeError, ValueError):
         raise PrunelabError(
             f"{os.fspath(source)} lacks a valid 'model', 'input_shape' or 'num_classes' entry; the record is corrupt -- "
@@ -98,7 +104,14 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise PrunelabError(f"{directory / META_FILE} has format {found!r}, expected {CHECKPOINT_FORMAT!r}")
-    model = build_model(*model_args(meta, directory / META_FILE))
+    name, input_shape, num_classes = model_args(meta, directory / META_FILE)
+    try:
+        model = build_model(name, input_shape, num_classes)
+    except (RuntimeError, MemoryError) as exc:  # e.g. an edited input_shape asking for terabytes
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise PrunelabError(f"cannot build model {name!r} with input_shape {list(input_shape)} and num_classes "
+                            f"{num_classes} from {directory / META_FILE} ({first}); the record is corrupt -- "
+                            "re-create the checkpoint") from None
     try:
         state = load_file(str(directory / MODEL_FILE))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -106,8 +119,12 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise PrunelabError(f"{directory / MODEL_FILE} does not fit model {meta['model']!r}: {first}") from None
+        # the first line is only "Error(s) in loading state_dict for X:"; the lines after it say what differs
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        detail = "; ".join(lines[1:4] if len(lines) > 1 else lines)
+        raise PrunelabError(f"{directory / MODEL_FILE} does not fit model {meta['model']!r} with input_shape "
+                            f"{list(meta['input_shape'])} and num_classes {meta['num_classes']} ({detail}); "
+                            f"the checkpoint is corrupt or {META_FILE} was edited -- re-create it") from None
     masks = MaskSet.load(directory / MASKS_FILE)
     masks.check_model(model)
     return Checkpoint(model, masks, meta)

@@ -99,7 +99,7 @@ def cmd_prune(args: argparse.Namespace, defaults: dict[str, Any] | None = None) 
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    defaults = dict(DEMO_DEFAULTS, out=args.out or "runs/demo", seed=args.seed, progress=args.progress)
+    defaults = dict(DEMO_DEFAULTS, out="runs/demo" if args.out is None else args.out, seed=args.seed, progress=args.progress)
     print("prunelab demo: train an MLP on scikit-learn's 8x8 digits, then prune it to 90% sparsity "
           "in 5 rounds of magnitude pruning + retraining")
     from prunelab import pipeline

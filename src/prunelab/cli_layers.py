@@ -53,6 +53,11 @@ def cmd_drop_layers(args: argparse.Namespace) -> int:
     from prunelab.layers import block_influence, drop_blocks, lowest_influence
 
     model, tokenizer, meta = load_model(spec, args)
+    from prunelab.oneshot.engine import find_blocks
+
+    blocks = len(find_blocks(model))  # refuse an impossible --count before calibrating and scoring every block
+    if blocks >= 2 and args.count >= blocks:
+        raise PrunelabError(f"--count {args.count} would drop all {blocks} blocks of {args.model}; use at most {blocks - 1}")
     samples = args.calib_samples or DEFAULT_CALIB_SAMPLES[spec.kind]
     calibration, calib_info = calibration_for(spec, model, tokenizer, samples, args)
     started = time.perf_counter()

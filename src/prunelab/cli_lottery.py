@@ -86,12 +86,29 @@ def cmd_lottery(args: argparse.Namespace) -> int:
     from prunelab.measure.tables import markdown_table
     from prunelab.methods.lottery import run_lottery
 
+    for flag, value, minimum in (("--rounds", args.rounds, 0), ("--epochs", args.epochs, 1),
+                                 ("--eval-every", args.eval_every, 1), ("--rewind-iter", args.rewind_iter, 0),
+                                 ("--batch-size", args.batch_size, 1)):
+        if value < minimum:
+            why = " (a ticket is found by training)" if flag == "--epochs" else ""
+            raise PrunelabError(f"{flag} must be an integer >= {minimum}{why}, got {value}")
+    for flag, value in (("--out", args.out), ("--resume", args.resume)):
+        if value is not None and not value.strip():
+            raise PrunelabError(f"{flag} is empty; name the run folder, or leave {flag} out "
+                                "(a new run goes to runs/lottery)")
     if args.resume and args.out and Path(args.out) != Path(args.resume):
         raise PrunelabError(f"--out {args.out!r} and --resume {args.resume!r} name different folders; pass only --resume DIR")
     if args.resume and not (Path(args.resume) / "config.json").is_file():
         raise PrunelabError(f"--resume {args.resume!r} holds no lottery run (no config.json); "
                             "pass the folder of an earlier 'prunelab lottery' run, or --out to start one")
     out = Path(args.resume or args.out or "runs/lottery")
+    if out.exists() and not out.is_dir():
+        raise PrunelabError(f"run folder {str(out)!r} is a file; choose a new folder for --out")
+    finished = [int(p.name[6:]) for p in out.glob("round_*") if p.is_dir() and p.name[6:].isdigit()] if args.resume else []
+    if finished and max(finished) > args.rounds:
+        raise PrunelabError(f"--resume {str(out)!r} already holds rounds up to {max(finished)}, but --rounds is "
+                            f"{args.rounds}: that would replace its results and last-ticket checkpoint with round "
+                            f"{args.rounds}'s; pass --rounds {max(finished)} or more (earlier tickets are in round_NNN/)")
     if not args.resume and out.exists() and any(out.iterdir()):
         raise PrunelabError(f"{str(out)!r} is not empty; pass --resume {out} to continue the run there, or a new --out")
     config = _config(args)

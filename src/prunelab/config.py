@@ -74,7 +74,7 @@ class RunConfig:
 
     def out_dir(self) -> Path:
         if self.out:
-            return Path(self.out)
+            return Path(self.out).expanduser()  # a YAML 'out: ~/runs/x' means the home folder, as data_dir does
         return Path("runs") / f"{self.model}-{self.method}-{self.digest()}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -165,6 +165,8 @@ def load_yaml_config(path: str | os.PathLike) -> dict[str, Any]:
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise PrunelabError(f"config file {str(path)!r} is a folder; pass a YAML file with RunConfig keys (e.g. run.yaml)")
     if not path.is_file():
         raise PrunelabError(f"config file {str(path)!r} does not exist; pass a YAML file with RunConfig keys")
     try:

@@ -85,6 +85,13 @@ def check_replaceable(path: str | os.PathLike, inputs: tuple[str | os.PathLike, 
             )
     if path.is_file():
         raise PrunelabError(f"output path {str(path)!r} is a file; choose a folder for --out")
+    here = Path.cwd().resolve()
+    if target == here or target in here.parents:
+        # the new folder is built beside the old one and swapped in: that would delete the folder you are in
+        raise PrunelabError(
+            f"--out {str(path)!r} is the current folder{'' if target == here else ' or holds it'}; replacing it would "
+            "delete the folder you are working in -- name a subfolder such as runs/my-run"
+        )
     if path.is_dir():
         entries = sorted(p.name for p in path.iterdir())
         if entries and not _written_by_prunelab(path, entries):

@@ -33,6 +33,7 @@ from prunelab.measure.tables import model_cost_table
 from prunelab.methods import FROM_SCRATCH, METHODS, PruneSpec
 from prunelab.report import plot_sparsity_curve, render_report
 from prunelab.structure import get_granularity
+from prunelab.targets import _matching
 
 
 def environment() -> dict[str, Any]:
@@ -62,11 +63,64 @@ def validate(config: RunConfig) -> None:
         raise PrunelabError(f"--finetune-lr must be a positive number, got {config.finetune_lr!r}; e.g. 0.01")
     if config.out is not None and not config.out.strip():
         raise PrunelabError("--out is empty; name an output folder, or leave it out for runs/<model>-<method>-<hash>")
+    _check_ignored_options(config)
     prune_spec(config)
     pretrain_config(config)
     finetune_config(config)
     if granularity.is_pattern:
         _check_pattern_method(config, granularity)
+
+
+# methods that score with their own fixed criterion / allocation: --criterion / --allocation would be ignored
+OWN_CRITERION = {"snip": "snip", "grasp": "grasp", "force": "force", "synflow": "synflow", "random-erk": "random",
+                 "random-uniform": "random", "static": "random"}
+OWN_ALLOCATION = {"random-erk": "erk", "random-uniform": "uniform"}
+DEFAULT_CRITERION, DEFAULT_ALLOCATION = "magnitude", "global"
+
+
+def criterion_used(config: RunConfig) -> str:
+    """The criterion the method really scores with (``snip`` for ``--method snip``, ...)."""
+    return OWN_CRITERION.get(config.method, config.criterion)
+
+
+# methods that read RunConfig.layer_rates (per-round rates of their rounds)
+LAYER_RATE_METHODS = ("iterative", "lottery")
+
+
+def _check_ignored_options(config: RunConfig) -> None:
+    """Refuse options the run would silently not use (they only act on a step this method/config skips)."""
+    if config.slimming_strength > 0:
+        if config.method in FROM_SCRATCH:
+            raise PrunelabError(
+                f"--slimming-strength applies to dense pre-training, but --method {config.method} trains sparse from "
+                "scratch (no dense training); drop --slimming-strength or use e.g. --method oneshot / iterative"
+            )
+        if config.pretrain_epochs == 0:
+            raise PrunelabError(
+                "--slimming-strength applies to dense pre-training, but --pretrain-epochs is 0; "
+                "drop --slimming-strength or pass --pretrain-epochs >= 1"
+            )
+    if config.method in OWN_CRITERION and config.criterion != DEFAULT_CRITERION:
+        raise PrunelabError(
+            f"--method {config.method} scores with its own criterion ({OWN_CRITERION[config.method]}), so --criterion "
+            f"{config.criterion} would be ignored; drop --criterion, or use --method pai --criterion {config.criterion} "
+            "to prune at init with it"
+        )
+    if config.method in OWN_ALLOCATION and config.allocation != DEFAULT_ALLOCATION:
+        raise PrunelabError(
+            f"--method {config.method} fixes the allocation ({OWN_ALLOCATION[config.method]}), so --allocation "
+            f"{config.allocation} would be ignored; drop --allocation"
+        )
+    if config.layer_rates and config.method not in LAYER_RATE_METHODS:
+        raise PrunelabError(
+            f"--layer-rates sets per-round rates of --method {' / '.join(LAYER_RATE_METHODS)}, but --method "
+            f"{config.method} has no rounds; drop --layer-rates, or use --exclude / --keep-first / --keep-last"
+        )
+    if config.finetune_lr is not None and config.method in FROM_SCRATCH:
+        raise PrunelabError(
+            f"--finetune-lr sets the retraining rate after pruning a trained model, but --method {config.method} "
+            "trains sparse from scratch at --lr; drop --finetune-lr (set --lr instead)"
+        )
 
 
 # methods that prune through a series of lower targets: an N:M pattern fixes the sparsity, so they cannot use one
@@ -119,8 +173,7 @@ def run(config: RunConfig) -> dict[str, Any]:
     """Run ``config`` and write its results folder; returns the ``results.json`` record."""
     validate(config)
     out = config.out_dir()
-    ensure_writable_dir(out.parent if str(out.parent) else Path("."))
-    check_replaceable(out)  # before training, not after
+    check_replaceable(out)  # before training, not after (creates nothing)
     started = time.perf_counter()
     seed_everything(config.seed)
     splits = load_dataset(config.dataset, config.data_dir, config.download)
@@ -130,9 +183,14 @@ def run(config: RunConfig) -> dict[str, Any]:
     checker = prune_spec(config).sparsifier(model, None)  # layer-level checks (N:M fit, rules, exclude) before training
     if config.method in ("oneshot", "iterative", "gradual") and not config.layer_rates and not checker.granularity.is_pattern:
         checker.check_target(config.sparsity)  # their last update asks exactly this: refuse an infeasible one now
+    for pattern in config.layer_rates:  # a glob naming no layer: refused now, not after the dense training
+        _matching(list(checker.params), pattern, "layer_rates")
+    pretrain = config.pretrain_epochs > 0 and config.method not in FROM_SCRATCH
+    loss_fn = SlimmingLoss(model, config.slimming_strength) if pretrain and config.slimming_strength > 0 else F.cross_entropy
+    # only now, with every check passed, create the parent folder: bad input leaves no empty runs/ behind
+    ensure_writable_dir(out.parent if str(out.parent) else Path("."))
 
-    if config.pretrain_epochs > 0 and config.method not in FROM_SCRATCH:
-        loss_fn = SlimmingLoss(model, config.slimming_strength) if config.slimming_strength > 0 else F.cross_entropy
+    if pretrain:
         train(model, train_loader, pretrain_config(config), loss_fn=loss_fn, description="dense")
     dense_metrics = evaluate(model, test_loader)
     dense_cost = measure_model(model, example)
@@ -153,6 +211,7 @@ def run(config: RunConfig) -> dict[str, Any]:
         "wall_time_s": wall,
         "dense": {**dense_metrics, "cost": dense_cost.to_dict()},
         "pruned": {**pruned_metrics, "cost": pruned_cost.to_dict()},
+        "criterion": criterion_used(config),  # what scored the weights (config["criterion"] is what was passed)
         "target_sparsity": config.sparsity,
         "achieved_sparsity": stats.sparsity,
         "dense_label": "dense at init (untrained)" if config.method in FROM_SCRATCH else "dense",
@@ -175,5 +234,5 @@ def write_results(out: Path, record: dict[str, Any], model, masks, splits, confi
         save_checkpoint(tmp, model, masks, meta)
         write_json(tmp / "results.json", record)
         write_text(tmp / "report.md", render_report(record, model_cost_table(cost)))
-        plot_sparsity_curve(points, tmp / "sparsity_curve.png", f"{config.model} / {config.method} / {config.criterion}",
-                            record["dense"]["accuracy"])
+        plot_sparsity_curve(points, tmp / "sparsity_curve.png", f"{config.model} / {config.method} / {record['criterion']}",
+                            record["dense"]["accuracy"], record["dense_label"])

@@ -44,7 +44,7 @@ def render_report(result: Mapping[str, Any], layer_table: str) -> str:
     lines = [
         f"# prunelab run: {config['model']} on {config['dataset']}",
         "",
-        f"Method `{config['method']}`, criterion `{config['criterion']}`, granularity `{config['granularity']}`, "
+        f"Method `{config['method']}`, criterion `{result.get('criterion', config['criterion'])}`, granularity `{config['granularity']}`, "
         f"allocation `{config['allocation']}`, target sparsity {config['sparsity']:.4f}, seed {config['seed']}. "
         f"Wall time {result['wall_time_s']:.1f} s on {result['environment']['threads']} threads.",
         "",
@@ -68,18 +68,24 @@ def render_report(result: Mapping[str, Any], layer_table: str) -> str:
     return "\n".join(lines)
 
 
-def plot_sparsity_curve(points: Sequence[tuple[float, float]], path: str | os.PathLike, title: str, dense_accuracy: float) -> None:
-    """Accuracy vs sparsity, one marker per pruning stage, dense accuracy as a line."""
-    import matplotlib
+def plot_sparsity_curve(points: Sequence[tuple[float, float]], path: str | os.PathLike, title: str, dense_accuracy: float,
+                        dense_label: str = "dense") -> None:
+    """Accuracy vs sparsity, one marker per pruning stage, dense accuracy as a line labelled ``dense_label``
+    (``"dense at init (untrained)"`` for methods that never train the dense model).
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    Draws on its own Agg canvas (no pyplot): the caller's matplotlib backend and open
+    figures are left as they were.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig = Figure(figsize=(6, 4), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     xs = [100.0 * s for s, _ in points]
     ys = [100.0 * a for _, a in points]
     ax.plot(xs, ys, marker="o", label="pruned")
-    ax.axhline(100.0 * dense_accuracy, color="gray", linestyle="--", label="dense")
+    ax.axhline(100.0 * dense_accuracy, color="gray", linestyle="--", label=dense_label)
     ax.set_xlabel("sparsity (% of weights removed)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
@@ -88,4 +94,3 @@ def plot_sparsity_curve(points: Sequence[tuple[float, float]], path: str | os.Pa
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
