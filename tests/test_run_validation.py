@@ -210,6 +210,7 @@ def test_the_report_names_the_criterion_the_method_scored_with(cli, tmp_path):
     assert code == 0, err
     record = json.loads((out / "results.json").read_text())
     assert record["criterion"] == "grasp" and record["config"]["criterion"] == "magnitude"
+    assert record["pretrain_epochs_run"] == 0  # grasp prunes at init: no dense training ran, whatever the flag says
     report = (out / "report.md").read_text()
     assert "Method `grasp`, criterion `grasp`" in report and "criterion `magnitude`" not in report
 

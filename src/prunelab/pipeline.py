@@ -214,6 +214,7 @@ def run(config: RunConfig) -> dict[str, Any]:
         "criterion": criterion_used(config),  # what scored the weights (config["criterion"] is what was passed)
         "target_sparsity": config.sparsity,
         "achieved_sparsity": stats.sparsity,
+        "pretrain_epochs_run": config.pretrain_epochs if pretrain else 0,  # from-scratch methods never pretrain
         "dense_label": "dense at init (untrained)" if config.method in FROM_SCRATCH else "dense",
         "stages": [{"stage": "dense at init" if config.method in FROM_SCRATCH else "dense", "target_sparsity": 0.0, "sparsity": 0.0, **{k: dense_metrics[k] for k in ("accuracy", "error_pct")}}]
         + result.rows,
