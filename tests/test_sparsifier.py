@@ -351,3 +351,11 @@ def test_weights_recomputed_by_hooks_are_refused():
 def test_exclude_given_as_one_string_is_one_glob():
     model = nn.ModuleDict({"fc": nn.Linear(4, 4), "f": nn.Linear(4, 4), "c": nn.Linear(4, 4)})
     assert list(Sparsifier(model, exclude="fc").params) == ["f.weight", "c.weight"]  # not the globs 'f' and 'c'
+
+
+def test_a_fixed_sparsity_above_the_nm_pattern_is_refused_not_lowered():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    with pytest.raises(PrunelabError, match=r"layer '0.weight' has a fixed sparsity of 0.7, above the 0.5 \(1 - N/M\)"):
+        Sparsifier(model, granularity="2:4", rules=LayerRules(fixed_sparsity={"0": 0.7}))
+    masks = Sparsifier(model, granularity="2:4", rules=LayerRules(fixed_sparsity={"0": 0.5})).prepare().update(0.5)
+    assert masks["0.weight"].reshape(-1, 4).sum(1).eq(2).all()

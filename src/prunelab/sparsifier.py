@@ -67,6 +67,8 @@ class Sparsifier:
         self.data = data
         self.params = prunable_parameters(model, exclude)
         self.bounds = self.rules.bounds(list(self.params))
+        if self.granularity.is_pattern:
+            self._check_pattern_rules()
         for name, param in self.params.items():
             if not self._kept_as_is(name):  # layers a rule keeps dense (or below an N:M pattern) need not fit
                 self.granularity.check(name, tuple(param.shape))
@@ -197,6 +199,18 @@ class Sparsifier:
         if self.granularity.is_pattern:
             return hi_s < self.granularity.sparsity
         return hi_s <= 0.0
+
+    def _check_pattern_rules(self) -> None:
+        """Under an N:M pattern a layer is at the pattern's sparsity, or left dense when a rule
+        caps it below that: a fixed sparsity *above* the pattern's cannot be met, so it is
+        refused rather than silently lowered to ``1 - N/M``."""
+        fixed = self.granularity.sparsity
+        for name, (lo_s, _) in self.bounds.items():
+            if lo_s > fixed + 1e-6:
+                raise PrunelabError(
+                    f"layer {name!r} has a fixed sparsity of {lo_s:.6g}, above the {fixed:.6g} (1 - N/M) that "
+                    f"{self.granularity.describe()} removes; fix it at {fixed:.6g} or use another granularity"
+                )
 
     def _check_pattern_sparsity(self, sparsity: float) -> None:
         # compared with the pattern's own sparsity, not the model's: layers kept dense by
