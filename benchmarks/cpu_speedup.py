@@ -3,9 +3,10 @@
 Issue 3 ("Make sparsity pay") targets, on the CPU at ``torch.get_num_threads()`` threads:
 an MLP of 4096x4096 Linear layers at 90% unstructured sparsity, batch 1, is >= 3x
 faster than dense; at 95% >= 5x; and the ``auto`` form is never slower than dense at any
-sparsity.  That last target is judged on the rows where ``auto`` chose a sparse kernel for
-some layer: where it kept every layer dense, its model is the dense computation, and the
-measured ratio (recorded in ``notes``) is the run's timing noise.  Also LeNet-300-100 (``lenet300``; untrained weights -- latency does not depend
+sparsity.  That last target is judged over all rows, as the issue states it, and again over
+the rows where ``auto`` chose a sparse kernel for some layer: where it kept every layer
+dense, its model is the dense computation, and the measured ratio (recorded in ``notes``)
+is the run's timing noise.  Also LeNet-300-100 (``lenet300``; untrained weights -- latency does not depend
 on training).  Each layer is pruned by magnitude to the same sparsity (50/80/90/95/99%
 unstructured, and 2:4 = 50% in NVIDIA's pattern).
 
@@ -188,6 +189,9 @@ def main(argv=None) -> int:
     # this run's timing noise, so the target judges the rows where auto chose a sparse kernel.
     chose_sparse = [r for r in rows if any(k != "dense" for k in r["kernels"].split(","))]
     kept_dense = [r["auto_speedup_x"] for r in rows if r not in chose_sparse]
+    overall = min(r["auto_speedup_x"] for r in rows)
+    targets.append(target("auto never slower than dense, min speedup over all rows (as the issue states it; "
+                          "5% timing noise allowed)", round(overall, 3), ">= 0.95x", overall >= 0.95))
     slowest = min((r["auto_speedup_x"] for r in chose_sparse), default=None)
     if slowest is not None:
         targets.append(target("auto never slower than dense where it chose a sparse kernel (min speedup over "
@@ -197,7 +201,7 @@ def main(argv=None) -> int:
     if kept_dense:
         notes = (f"In {len(kept_dense)} rows auto kept every layer dense, so its model computes exactly what dense "
                  f"does; their measured ratios, {min(kept_dense):.3f}x to {max(kept_dense):.3f}x, are this run's "
-                 "timing noise and are left out of the never-slower target.")
+                 "timing noise; the second never-slower target leaves them out.")
     record = {
         "config": {"quick": args.quick, "batches": list(batches), "reps": reps, "layers": "3 x Linear(4096, 4096)",
                    "threads": torch.get_num_threads(),

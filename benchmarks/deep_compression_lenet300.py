@@ -21,7 +21,8 @@ Defaults differ from Han's Table 2 in two places, both to reach 40x at Han's 92%
 sparsity: 5-bit weights (Han: 6) and 8-bit relative indices (Han: 5).  Once the gaps are
 Huffman-coded, a wider index field costs almost nothing (the code adapts to the gap
 distribution) while it removes most filler zeros, each of which costs a gap code AND a
-weight code; at 92% sparsity 8-bit indices save ~8% of the file over 5-bit ones.  The energy of
+weight code; at 92% sparsity 8-bit indices saved ~8% of the file over 5-bit ones (measured
+while choosing the default, not part of the record).  The energy of
 one inference (Horowitz 45 nm table) is estimated for the dense, pruned, sparse and
 compressed forms.
 

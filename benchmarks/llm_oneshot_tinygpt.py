@@ -31,8 +31,11 @@ dense are each at most one third of magnitude's; Wanda prunes at least 10x faste
 SparseGPT, timed as Sun et al. 2023 (Table 4) time it: the accumulated time for computing
 the pruning metric (and, for SparseGPT, its weight update) over all layers, *excluding*
 the calibration forward passes both methods share (``solver s``).  The whole
-``prune_oneshot`` wall time, forward passes included, is reported beside it (``prune s``):
-on a model this small those forward passes dominate and the whole-run ratio is far smaller.
+``prune_oneshot`` wall time, forward passes included, is reported beside it (``prune s``)
+and judged by the same 10x as a second target, since the issue speaks of "pruning wall
+time": on a model this small those forward passes dominate and the whole-run ratio is far
+smaller.  Each time is one sequential run per method (not interleaved repetitions), so the
+millisecond solver times carry noise.
 
     python benchmarks/llm_oneshot_tinygpt.py           # writes benchmarks/results/llm_oneshot_tinygpt.json
     python benchmarks/llm_oneshot_tinygpt.py --quick   # 200-iteration model, 50% and 2:4 only
@@ -159,7 +162,8 @@ def main(argv=None) -> int:
     targets.append(target("Wanda speed-up over SparseGPT at 50% (x, pruning-metric time, Sun et al. Table 4)",
                           round(speedup, 2), ">= 10", speedup >= 10))
     whole = row("sparsegpt")["prune_time_s"] / row("wanda")["prune_time_s"]
-    print(f"whole prune_oneshot wall-time ratio SparseGPT / Wanda (calibration forwards included): {whole:.2f}x")
+    targets.append(target("Wanda speed-up over SparseGPT at 50% (x, whole pruning wall time, calibration forwards "
+                          "included: the issue's wording)", round(whole, 2), ">= 10", whole >= 10))
     notes = _why_not(targets, rows, spread_summary(spread))
     if notes:
         print(notes)

@@ -36,8 +36,8 @@ each layer reconstructs the *dense* model's layer output from the pruned model's
 ``min ||W X - W' X~||^2``, the asymmetric calibration of Li et al. 2025 (GPTAQ), so the
 errors of earlier layers are compensated instead of carried to the embedding.  Measured
 while adding it (2048 calibration lines, 1000 held-out lines): mean cosine at 50% 0.932 ->
-0.952 (0.953 with bias correction as well), 2:4 0.884 -> 0.918; pruning takes ~1.8x as long
-(33.7 -> 59.2 s at 50% in the record).
+0.952 (0.953 with bias correction as well, a run not in the record), 2:4 0.884 -> 0.918;
+pruning takes ~1.7x as long (40.5 -> 69.4 s at 50% in the 2026-12-01 record, on a shared CPU).
 
 Targets: at 50% unstructured, SparseGPT and Wanda each keep mean cosine >= 0.95 and beat
 magnitude on both measures (the plain methods, as published); the same targets are shown

@@ -23,9 +23,11 @@ retraining**, to 50/60/70/80/90% sparsity (every layer at the same sparsity) wit
 
 Calibration: 1024 training images (512 with ``--quick``), shared by all data-aware methods.
 Target (the claim): at every sparsity from 50% to 90%, the OBS-family test error (L-OBS and
-OBS) is <= that of magnitude and of OBD.  At 50% and 60% every method is still within a few
-test images of the dense network, so there the target allows a tie of 2 of the 10,000 test
-images (0.02 points; the binomial standard error of a 1.5% error on 10,000 images is 0.12).
+OBS) is <= that of magnitude and of OBD, judged strictly.  At 50% and 60% every method is
+still within a few test images of the dense network (the binomial standard error of a 1.5%
+error on 10,000 images is 0.12 points), so a miss there by 1-2 images says the methods tie,
+not that magnitude wins; an earlier version allowed a 0.02-point tie, chosen after seeing
+the errors, and was dropped for that reason.
 
     python benchmarks/obs_lenet.py            # full run, writes benchmarks/results/obs_lenet.json
     python benchmarks/obs_lenet.py --quick    # 2 dense epochs, 50/70/90% only, 512 images (< 2 minutes)
@@ -53,7 +55,6 @@ from prunelab.oneshot import OneShotConfig, prune_oneshot
 SPARSITIES = (0.5, 0.6, 0.7, 0.8, 0.9)
 QUICK_SPARSITIES = (0.5, 0.7, 0.9)
 LAYERS = ("fc1", "fc2", "fc3")
-TIE_POINTS = 0.02  # 2 of 10,000 test images: the tie allowed at 50-60%, where every method is near dense
 
 
 def _calibration(splits, count: int, seed: int, batch: int = 128) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -136,13 +137,11 @@ def main(argv=None) -> int:
     targets = []
     for sparsity in sparsities:
         pct = int(round(100 * sparsity))
-        tie = TIE_POINTS if sparsity < 0.7 else 0.0
         bar = min(errors["magnitude", sparsity], errors["OBD", sparsity])
         for family in ("L-OBS", "OBS"):
             value = errors[family, sparsity]
-            wanted = f"<= magnitude and OBD ({bar:.2f})" + (f" + {tie:g} (a tie)" if tie else "")
-            targets.append(target(f"{family} test error at {pct}% (%)", round(value, 2), wanted,
-                                  value <= bar + tie + 1e-9))
+            targets.append(target(f"{family} test error at {pct}% (%)", round(value, 2),
+                                  f"<= magnitude and OBD ({bar:.2f})", value <= bar + 1e-9))
     columns = [("method", "method")] + [(f"error_{int(round(100 * s))}_pct", f"err % @{int(round(100 * s))}%")
                                         for s in sparsities] + [("prune_time_s", "prune s (all levels)")]
     record = {

@@ -25,6 +25,7 @@ from pathlib import Path
 from prunelab.bench.chargpt import (
     CharGPTTrainConfig,
     chargpt_cache_root,
+    evaluate_loss,
     load_or_train_chargpt,
 )
 from prunelab.bench.records import (
@@ -37,7 +38,7 @@ from prunelab.bench.records import (
     targets_table,
     write_record,
 )
-from prunelab.bench.text import load_tinyshakespeare
+from prunelab.bench.text import eval_windows, load_tinyshakespeare
 
 COLUMNS = [("recipe", "recipe"), ("iters", "iterations"), ("batch_size", "batch"), ("params", "parameters"),
            ("train_loss", "train loss"), ("val_loss", "val loss"), ("val_ppl", "val ppl"),
@@ -59,7 +60,11 @@ def main(argv=None) -> int:
         if folder.is_dir():
             shutil.rmtree(folder)
     model, meta = load_or_train_chargpt(data_dir, args.cache_dir, quick=args.quick)
-    metrics = meta["metrics"]
+    metrics = dict(meta["metrics"])
+    # the target is measured on the model as loaded now, never read back from the cache's stored metrics
+    corpus = load_tinyshakespeare(data_dir)
+    val = evaluate_loss(model, *eval_windows(corpus.val, config.model.block_size, config.eval_windows))
+    metrics["val_loss"], metrics["val_perplexity"] = val["loss"], val["perplexity"]
     rows = [{"recipe": "quick" if args.quick else "full", "iters": metrics["iters"],
              "batch_size": meta["train_config"]["batch_size"], "params": model.num_params(),
              "train_loss": metrics["train_loss"], "val_loss": metrics["val_loss"],
