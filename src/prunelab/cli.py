@@ -79,8 +79,9 @@ def _print_run(record: dict[str, Any], out: str) -> None:
     print()
     print(markdown_table(summary_rows(record), SUMMARY_COLUMNS))
     print()
-    print(f"target sparsity {record['target_sparsity']:.4f}, achieved {record['achieved_sparsity']:.4f} over the "
-          "masked weights (--exclude'd layers do not count; the table above counts every weight); "
+    scope = (" over the masked weights (--exclude'd layers do not count; the table above counts every weight)"
+             if record["config"].get("exclude") else "")
+    print(f"target sparsity {record['target_sparsity']:.4f}, achieved {record['achieved_sparsity']:.4f}{scope}; "
           f"wall time {record['wall_time_s']:.1f} s")
     print(f"results: {out}/results.json, {out}/report.md, {out}/sparsity_curve.png; checkpoint: {out}/")
 

@@ -33,7 +33,7 @@ from prunelab.measure.tables import model_cost_table
 from prunelab.methods import FROM_SCRATCH, METHODS, PruneSpec
 from prunelab.report import plot_sparsity_curve, render_report
 from prunelab.structure import get_granularity
-from prunelab.targets import _matching
+from prunelab.targets import matching_layers
 
 
 def environment() -> dict[str, Any]:
@@ -75,7 +75,8 @@ def validate(config: RunConfig) -> None:
 OWN_CRITERION = {"snip": "snip", "grasp": "grasp", "force": "force", "synflow": "synflow", "random-erk": "random",
                  "random-uniform": "random", "static": "random"}
 OWN_ALLOCATION = {"random-erk": "erk", "random-uniform": "uniform"}
-DEFAULT_CRITERION, DEFAULT_ALLOCATION = "magnitude", "global"
+DEFAULT_CRITERION = RunConfig.__dataclass_fields__["criterion"].default  # an unchanged default was not asked for
+DEFAULT_ALLOCATION = RunConfig.__dataclass_fields__["allocation"].default
 
 
 def criterion_used(config: RunConfig) -> str:
@@ -184,7 +185,7 @@ def run(config: RunConfig) -> dict[str, Any]:
     if config.method in ("oneshot", "iterative", "gradual") and not config.layer_rates and not checker.granularity.is_pattern:
         checker.check_target(config.sparsity)  # their last update asks exactly this: refuse an infeasible one now
     for pattern in config.layer_rates:  # a glob naming no layer: refused now, not after the dense training
-        _matching(list(checker.params), pattern, "layer_rates")
+        matching_layers(list(checker.params), pattern, "layer_rates")
     pretrain = config.pretrain_epochs > 0 and config.method not in FROM_SCRATCH
     loss_fn = SlimmingLoss(model, config.slimming_strength) if pretrain and config.slimming_strength > 0 else F.cross_entropy
     # only now, with every check passed, create the parent folder: bad input leaves no empty runs/ behind

@@ -94,7 +94,7 @@ class LayerRules:
         first, last = _parse_keep(self.keep_first, "first"), _parse_keep(self.keep_last, "last")
         for pattern, ceiling in self.max_sparsity.items():
             ceiling = _rate(ceiling, f"max_sparsity for {pattern!r}")
-            for n in _matching(names, pattern, "max_sparsity"):
+            for n in matching_layers(names, pattern, "max_sparsity"):
                 bounds[n] = (0.0, min(bounds[n][1], ceiling))
         if first is not None and names:
             bounds[names[0]] = (0.0, min(bounds[names[0]][1], first))
@@ -102,7 +102,7 @@ class LayerRules:
             bounds[names[-1]] = (0.0, min(bounds[names[-1]][1], last))
         for pattern, value in self.fixed_sparsity.items():
             value = _rate(value, f"fixed sparsity for {pattern!r}")
-            for n in _matching(names, pattern, "fixed_sparsity"):
+            for n in matching_layers(names, pattern, "fixed_sparsity"):
                 clamped = min(value, bounds[n][1])  # a keep rule / ceiling wins over a fixed rate
                 bounds[n] = (clamped, clamped)
         return bounds
@@ -115,7 +115,8 @@ def _rate(value: object, what: str) -> float:
     return float(value)
 
 
-def _matching(names: Sequence[str], pattern: str, what: str) -> list[str]:
+def matching_layers(names: Sequence[str], pattern: str, what: str) -> list[str]:
+    """The ``names`` a glob ``pattern`` matches (with or without ``.weight``); a one-line error naming ``what`` if none."""
     hits = [n for n in names if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n.rsplit(".", 1)[0], pattern)]
     if not hits:
         raise PrunelabError(f"{what} pattern {pattern!r} matches no prunable layer; layers are {', '.join(names)}")

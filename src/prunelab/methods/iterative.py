@@ -20,7 +20,7 @@ from prunelab.bench.training import TrainConfig, make_lr_scheduler, make_optimiz
 from prunelab.criteria import ScoreData
 from prunelab.methods.base import MethodResult, PruneSpec, require_loader, stage_row
 from prunelab.schedules import Geometric, per_round_sparsity
-from prunelab.targets import _matching
+from prunelab.targets import matching_layers
 
 
 def run_iterative(
@@ -30,7 +30,7 @@ def run_iterative(
     sparsifier = spec.sparsifier(model, score_data)
     names = list(sparsifier.params)
     sizes = {n: p.numel() for n, p in sparsifier.params.items()}
-    overridden = {n: rate for pattern, rate in spec.layer_rates.items() for n in _matching(names, pattern, "layer_rates")}
+    overridden = {n: rate for pattern, rate in spec.layer_rates.items() for n in matching_layers(names, pattern, "layer_rates")}
     tune = dataclasses.replace(config, epochs=spec.finetune_epochs)
     if tune.epochs > 0:
         require_loader(train_loader, "a training loader to retrain after each round", "iterative",

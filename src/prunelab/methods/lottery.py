@@ -77,7 +77,7 @@ from prunelab.methods.lottery_folder import (
 from prunelab.methods.pai import fresh_init
 from prunelab.schedules import Geometric
 from prunelab.sparsifier import Sparsifier
-from prunelab.targets import _matching, prunable_parameters
+from prunelab.targets import matching_layers, prunable_parameters
 
 # Frankle & Carbin 2019, LeNet-300-100: Adam, lr 1.2e-3, mini-batches of 60.
 LOTTERY_TRAIN = TrainConfig(epochs=5, batch_size=60, optimizer="adam", lr=1.2e-3, lr_schedule="constant",
@@ -268,7 +268,7 @@ def _layer_rates(names: list[str], config: LotteryConfig) -> dict[str, float]:
     if config.output_rate is not None and names:
         rates[names[-1]] = config.output_rate
     for pattern, rate in config.layer_rates.items():
-        for name in _matching(names, pattern, "layer_rates"):
+        for name in matching_layers(names, pattern, "layer_rates"):
             rates[name] = rate
     return rates
 
