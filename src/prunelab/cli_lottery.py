@@ -85,6 +85,7 @@ def cmd_lottery(args: argparse.Namespace) -> int:
     from prunelab.io import write_json, write_text
     from prunelab.measure.tables import markdown_table
     from prunelab.methods.lottery import run_lottery
+    from prunelab.methods.lottery_folder import finished_rounds
 
     for flag, value, minimum in (("--rounds", args.rounds, 0), ("--epochs", args.epochs, 1),
                                  ("--eval-every", args.eval_every, 1), ("--rewind-iter", args.rewind_iter, 0),
@@ -104,11 +105,11 @@ def cmd_lottery(args: argparse.Namespace) -> int:
     out = Path(args.resume or args.out or "runs/lottery")
     if out.exists() and not out.is_dir():
         raise PrunelabError(f"run folder {str(out)!r} is a file; choose a new folder for --out")
-    finished = [int(p.name[6:]) for p in out.glob("round_*") if p.is_dir() and p.name[6:].isdigit()] if args.resume else []
-    if finished and max(finished) > args.rounds:
-        raise PrunelabError(f"--resume {str(out)!r} already holds rounds up to {max(finished)}, but --rounds is "
+    last = finished_rounds(out) - 1 if args.resume else -1  # the last finished round, -1 for none
+    if last > args.rounds:
+        raise PrunelabError(f"--resume {str(out)!r} already holds rounds up to {last}, but --rounds is "
                             f"{args.rounds}: that would replace its results and last-ticket checkpoint with round "
-                            f"{args.rounds}'s; pass --rounds {max(finished)} or more (earlier tickets are in round_NNN/)")
+                            f"{args.rounds}'s; pass --rounds {last} or more (earlier tickets are in round_NNN/)")
     if not args.resume and out.exists() and any(out.iterdir()):
         raise PrunelabError(f"{str(out)!r} is not empty; pass --resume {out} to continue the run there, or a new --out")
     config = _config(args)
