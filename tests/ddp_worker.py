@@ -1,8 +1,9 @@
 """Worker for tests/test_distributed.py: one rank of a 2-process gloo DDP run.
 
 Each rank sees a different shard of the data, scores the model with a data-driven
-criterion (taylor), prunes, trains several DDP steps and writes what it holds to
-``<out>/rank<r>.json`` so the test can compare ranks.
+criterion (taylor), prunes, trains several DDP steps in two train() calls (as a round of
+retraining does; each epoch records its DistributedSampler epoch and this rank's sample
+order) and writes what it holds to ``<out>/rank<r>.json`` so the test can compare ranks.
 """
 
 import json
@@ -16,6 +17,7 @@ from prunelab import distributed
 from prunelab.bench.datasets import load_dataset, make_loaders
 from prunelab.bench.training import TrainConfig, make_optimizer, seed_everything, train
 from prunelab.criteria import ScoreData, get_criterion
+from prunelab.errors import PrunelabError
 from prunelab.sparsifier import Sparsifier
 from torchrun_exit import finish  # tests/ helper (this script runs from tests/)
 
@@ -37,8 +39,26 @@ def main(out: Path) -> None:
     optimizer = make_optimizer(model.parameters(), config)
     sparsifier = Sparsifier(model, criterion="taylor", data=data).prepare(optimizer)
     sparsifier.update(0.75)
-    train(model, train_loader, config, optimizer=optimizer, after_step=lambda _s: sparsifier.step())
+    sampler = train_loader.sampler
+    epochs, orders = [], []
+
+    def after_epoch(_epoch: int) -> None:
+        epochs.append(sampler.epoch)
+        orders.append(list(iter(sampler)))  # this rank's indices in the epoch just trained
+
+    for call in range(2):  # two train() calls, as rounds of retraining make (each with a fresh optimizer)
+        if call:
+            optimizer = make_optimizer(model.parameters(), config)
+            sparsifier.prepare(optimizer)
+        train(model, train_loader, config, optimizer=optimizer, after_step=lambda _s: sparsifier.step(),
+              after_epoch=after_epoch)
     masks = sparsifier.finalize()
+    ints = torch.arange(3)
+    try:
+        distributed.all_reduce_mean_(ints)
+        int_mean_refused = False
+    except PrunelabError:
+        int_mean_refused = torch.equal(ints, torch.arange(3))  # refused before any communication
     zeros_held = all(bool(torch.all(p[~masks[n]] == 0)) for n, p in sparsifier.params.items())
     record = {
         "rank": rank,
@@ -49,6 +69,10 @@ def main(out: Path) -> None:
         "zeros_held": zeros_held,
         "steps": sparsifier.step_count,
         "weight_sum": float(sum(p.double().sum() for p in model.parameters())),
+        "epochs": epochs,
+        "orders": orders,
+        "dataset_size": len(splits.train),
+        "int_mean_refused": int_mean_refused,
     }
     (out / f"rank{rank}.json").write_text(json.dumps(record))
     finish()

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from prunelab.bench.training import TrainConfig
 from prunelab.errors import PrunelabError
@@ -295,3 +295,46 @@ def test_rewound_rounds_train_the_remaining_steps_with_the_schedule_and_data_con
     ticket = result.rounds[1]["ticket"]
     assert ticket["steps"] == total - k and [e[0] for e in ticket["evals"]] == [4, 6, 8]  # steps of the whole run
     assert result.rounds[0]["ticket"]["steps"] == total
+
+
+# --- under DDP (a DistributedSampler) every round draws its own order, and a resume repeats it ------
+class RecordingSampler(DistributedSampler):
+    """A DistributedSampler that records the epoch of every pass over it."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.epochs: list[int] = []
+
+    def __iter__(self):
+        self.epochs.append(self.epoch)
+        return super().__iter__()
+
+
+def sharded_loaders(rank: int = 0):
+    """``loaders()`` with the training set sharded as rank ``rank`` of 2 (2 steps per epoch); no process group."""
+    train, test = loaders()
+    sampler = RecordingSampler(train.dataset, num_replicas=2, rank=rank, shuffle=True, seed=0)
+    return DataLoader(train.dataset, batch_size=32, sampler=sampler), test
+
+
+def test_under_a_distributed_sampler_every_round_draws_its_own_order_and_a_resume_repeats_it(tmp_path):
+    two_epochs = TrainConfig(**{**TRAIN.__dict__, "epochs": 2})
+
+    def run(rounds, folder, resume=False, rank=0):
+        train, test = sharded_loaders(rank)  # a fresh loader, as in a new process
+        result = run_lottery(builder, train, test, config(rounds=rounds, rewind_step=1, train=two_epochs), folder,
+                             resume=resume)
+        return result, train.sampler.epochs
+
+    straight, epochs = run(2, tmp_path / "straight")
+    # round 0, round 1 + its reinit control, round 2 + its control: 5 trainings x 2 epochs, each its own order
+    assert len(epochs) == 10 and len(set(epochs)) == 10
+    assert run(2, tmp_path / "rank1", rank=1)[1] == epochs  # the same epochs (so one permutation) on every rank
+    _, first = run(1, tmp_path / "run")
+    assert first == epochs[:6]
+    resumed, rest = run(2, tmp_path / "run", resume=True)
+    assert rest == epochs[6:]  # round 2 and its control draw the orders of the uninterrupted run
+    assert comparable(straight.rounds[2]) == comparable(resumed.rounds[2])
+    assert straight.masks[2].equal(resumed.masks[2])
+    s, t = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(s[k], t[k]) for k in s)

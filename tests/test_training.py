@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, TensorDataset
 
 from prunelab.bench.datasets import load_digits, make_loaders
 from prunelab.bench.models import build_model
 from prunelab.bench.training import (
-    TrainConfig, evaluate, make_lr_scheduler, make_optimizer, seed_everything, train,
+    TrainConfig, distributed_sampler, evaluate, make_lr_scheduler, make_optimizer, seed_everything, train,
 )
 from prunelab.errors import PrunelabError
 
@@ -210,3 +210,80 @@ def test_seed_everything_reproduces_all_generators():
 def test_config_rejects_non_numbers_in_one_line(name):
     with pytest.raises(PrunelabError, match=f"{name} must be a number, got str '0.1'"):
         TrainConfig(**{name: "0.1"})
+
+
+# --- DistributedSampler epochs across calls (DDP shuffling; no process group needed) --------------
+def sharded_loader(rank, batch_sampler=False, n=24):
+    """Rank ``rank`` of 2 over ``n`` samples whose inputs are their indices; 3 batches of 4 per epoch."""
+    data = TensorDataset(torch.arange(n, dtype=torch.float32).unsqueeze(1), torch.zeros(n, dtype=torch.long))
+    sampler = DistributedSampler(data, num_replicas=2, rank=rank, shuffle=True, seed=0)
+    if batch_sampler:
+        return DataLoader(data, batch_sampler=BatchSampler(sampler, batch_size=4, drop_last=False))
+    return DataLoader(data, batch_size=4, sampler=sampler)
+
+
+def epoch_orders(loader, calls=2, epochs=2):
+    """The sample indices of every epoch over ``calls`` consecutive train() calls."""
+    model, seen, orders = nn.Linear(1, 2), [], []
+    model.register_forward_pre_hook(lambda module, inputs: seen.extend(int(i) for i in inputs[0].flatten()))
+    for _ in range(calls):
+        train(model, loader, TrainConfig(epochs=epochs, lr=0.01, progress=False),
+              after_epoch=lambda _e: (orders.append(list(seen)), seen.clear()))
+    return orders
+
+
+@pytest.mark.parametrize("batch_sampler", [False, True])
+def test_consecutive_train_calls_draw_fresh_rank_consistent_distributed_orders(batch_sampler):
+    loaders = [sharded_loader(rank, batch_sampler) for rank in (0, 1)]
+    per_rank = [epoch_orders(loader) for loader in loaders]
+    assert [distributed_sampler(loader).epoch for loader in loaders] == [4, 4]  # the next call starts at epoch 4
+    for rank, orders in enumerate(per_rank):
+        assert len(orders) == 4 and all(len(order) == 12 for order in orders)
+        assert len({tuple(order) for order in orders}) == 4, f"rank {rank} repeated a shuffle order"
+    for first, second in zip(*per_rank):  # the same permutation on both ranks: each epoch shards all 24 samples
+        assert sorted(first + second) == list(range(24))
+    # the 4 epochs of 2 calls are epochs 0..3 of one uninterrupted 4-epoch call
+    assert epoch_orders(sharded_loader(0, batch_sampler), calls=1, epochs=4) == per_rank[0]
+
+
+def test_a_pinned_distributed_sampler_epoch_reproduces_the_order():
+    loader = sharded_loader(0)
+    first = epoch_orders(loader, calls=1)
+    distributed_sampler(loader).set_epoch(0)
+    assert epoch_orders(loader, calls=1) == first
+    assert epoch_orders(loader, calls=1) != first  # left at epoch 2: a fresh order
+
+
+def test_a_failed_call_leaves_the_sampler_at_the_next_unused_epoch_and_restores_modes():
+    loader = sharded_loader(0)
+    model = nn.Sequential(nn.Linear(1, 2), nn.BatchNorm1d(2)).eval()
+    model[0].train()  # mixed modes
+    calls = []
+
+    def loss_fn(out, y):
+        calls.append(1)
+        return nn.functional.cross_entropy(out, y) * (float("nan") if len(calls) == 5 else 1.0)  # 2nd epoch, 2nd batch
+
+    with pytest.raises(PrunelabError, match="training loss became nan at step 5"):
+        train(model, loader, TrainConfig(epochs=3, lr=0.01, progress=False), loss_fn=loss_fn)
+    assert distributed_sampler(loader).epoch == 2  # epochs 0 and 1 were (partly) drawn
+    assert [m.training for m in model.modules()] == [False, True, False]
+
+
+def test_single_process_loaders_have_no_distributed_sampler(digits):
+    loader, _ = make_loaders(digits, 64, 0)
+    assert distributed_sampler(loader) is None and distributed_sampler([1, 2]) is None
+
+
+def test_train_and_evaluate_restore_mixed_submodule_modes():
+    model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.Sequential(nn.Dropout(0.1), nn.Linear(3, 3)))
+    model.train()
+    model[1].eval()  # a frozen BatchNorm inside a training model
+    model[2].eval()
+    model[2][1].train()
+    expected = [m.training for m in model.modules()]
+    loader = [(torch.randn(4, 2), torch.tensor([0, 1, 2, 0]))]
+    train(model, loader, TrainConfig(epochs=1, lr=0.01, progress=False))
+    assert [m.training for m in model.modules()] == expected
+    evaluate(model, loader)
+    assert [m.training for m in model.modules()] == expected

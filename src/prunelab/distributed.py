@@ -12,6 +12,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from prunelab.errors import PrunelabError
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -44,7 +46,15 @@ def init_from_env(backend: str = "gloo") -> bool:
 
 
 def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
-    """Average ``tensor`` in place over all ranks (identity for world size 1)."""
+    """Average ``tensor`` in place over all ranks: ``x <- (1/W) sum_r x_r`` (identity for world size 1).
+
+    Needs a floating-point (or complex) tensor, checked before any communication, on every
+    world size: an integer one cannot hold the mean, and would otherwise be left holding
+    the sum when the division failed.
+    """
+    if not (tensor.is_floating_point() or tensor.is_complex()):
+        raise PrunelabError(f"all_reduce_mean_ needs a floating-point tensor, got dtype {tensor.dtype}; "
+                            "pass tensor.float() (or .double() for exact integer sums)")
     if is_distributed() and world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         tensor.div_(world_size())

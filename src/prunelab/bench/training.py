@@ -7,7 +7,10 @@ No pruning logic lives here.  A sparsifier (or any other hook) runs in
 
 Under ``torch.distributed`` the model is wrapped in ``DistributedDataParallel`` for the
 forward/backward only; the caller keeps (and hooks operate on) the same underlying
-module, whose parameters DDP keeps identical on every rank.
+module, whose parameters DDP keeps identical on every rank.  A ``DistributedSampler``
+shuffles by ``seed + epoch`` (the same on every rank), so :func:`train` numbers its epochs
+on from the sampler's current epoch: consecutive calls draw fresh orders, as a
+single-process shuffling loader (one generator advancing) does.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ from tqdm import tqdm
 from prunelab import distributed
 from prunelab.errors import PrunelabError
 
-__all__ = ["OPTIMIZERS", "LR_SCHEDULES", "TrainConfig", "evaluate", "make_lr_scheduler", "make_optimizer",
-           "seed_everything", "train"]
+__all__ = ["OPTIMIZERS", "LR_SCHEDULES", "TrainConfig", "distributed_sampler", "evaluate", "make_lr_scheduler",
+           "make_optimizer", "seed_everything", "train"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine", "step")
@@ -142,6 +145,25 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """Every submodule with its train/eval flag, to restore mixed modes (a frozen BatchNorm) exactly."""
+    return [(module, module.training) for module in model.modules()]
+
+
+def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
+    for module, training in modes:  # parents before children: each call fixes a subtree, children win
+        if module.training != training:
+            module.train(training)
+
+
+def distributed_sampler(loader: Any) -> DistributedSampler | None:
+    """The ``DistributedSampler`` behind ``loader`` (its ``sampler`` or its ``batch_sampler``'s), else None."""
+    for sampler in (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+        if isinstance(sampler, DistributedSampler):
+            return sampler
+    return None
+
+
 def train(
     model: nn.Module,
     train_loader: DataLoader,
@@ -163,7 +185,13 @@ def train(
     number of completed epochs (1, 2, ...).  ``skipped_steps``: batches the loader leaves
     out of its first epoch(s) (a resumed run), taken off the progress bar's total.  Without ``optimizer`` one is made from
     ``cfg``; without ``scheduler`` one is made from ``cfg`` for the optimizer in use.
-    The model's train/eval mode is restored afterwards.
+    The train/eval mode of the model and of each submodule is restored afterwards.
+
+    With a ``DistributedSampler`` (:func:`distributed_sampler`), epoch ``e`` of this call
+    shuffles with ``set_epoch(e0 + e)``, ``e0`` the sampler's epoch on entry, and the
+    sampler is left at the next unused epoch (``e0`` + epochs begun, also after an error):
+    every epoch of a multi-call run (rounds of retraining) gets its own order, the same on
+    every rank.  To pin the order (a resumed run), ``set_epoch`` before calling.
 
     Returns ``{"steps", "epochs", "final_loss"}`` (``final_loss``: the last batch's loss
     on this rank, NaN if no step ran).
@@ -180,16 +208,19 @@ def train(
     if distributed.is_distributed():
         device_ids = [device.index] if device.type == "cuda" else None
         net = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    sampler = getattr(train_loader, "sampler", None)
-    was_training = model.training
+    sampler = distributed_sampler(train_loader)
+    first_epoch = sampler.epoch if sampler is not None else 0
+    epochs_begun = 0
+    modes = _modes(model)
     model.train()
     step, loss_value = 0, float("nan")
     bar = tqdm(total=max(0, cfg.epochs * steps_per_epoch - skipped_steps), desc=description, leave=False,
                disable=not cfg.progress or not distributed.is_main_process())
     try:
         for epoch in range(cfg.epochs):
-            if isinstance(sampler, DistributedSampler):
-                sampler.set_epoch(epoch)
+            if sampler is not None:
+                sampler.set_epoch(first_epoch + epoch)
+            epochs_begun = epoch + 1
             for inputs, targets in train_loader:
                 inputs = inputs.to(device, non_blocking=True)
                 targets = targets.to(device, non_blocking=True)
@@ -214,7 +245,9 @@ def train(
                 after_epoch(epoch + 1)
     finally:
         bar.close()
-        model.train(was_training)
+        _restore_modes(modes)
+        if sampler is not None:
+            sampler.set_epoch(first_epoch + epochs_begun)  # the next call draws a fresh order
     return {"steps": step, "epochs": cfg.epochs, "final_loss": loss_value}
 
 
@@ -222,11 +255,11 @@ def train(
 def evaluate(model: nn.Module, loader: DataLoader, loss_fn: LossFn = F.cross_entropy) -> dict[str, float | int]:
     """Top-1 ``accuracy`` (fraction), ``error_pct``, mean ``loss`` and sample count ``n``.
 
-    Runs in eval mode under ``torch.no_grad`` and restores the model's previous mode.
-    ``loss_fn`` must accept ``reduction="sum"``.
+    Runs in eval mode under ``torch.no_grad`` and restores the previous mode of the model
+    and of each submodule.  ``loss_fn`` must accept ``reduction="sum"``.
     """
     device = _device_of(model)
-    was_training = model.training
+    modes = _modes(model)
     model.eval()
     correct, total, loss_sum = 0, 0, 0.0
     try:
@@ -237,7 +270,7 @@ def evaluate(model: nn.Module, loader: DataLoader, loss_fn: LossFn = F.cross_ent
             correct += int((logits.argmax(dim=1) == targets).sum())
             total += targets.numel()
     finally:
-        model.train(was_training)
+        _restore_modes(modes)
     if total == 0:
         raise PrunelabError("the evaluation loader yields no samples; check the dataset split")
     return {"accuracy": correct / total, "error_pct": 100.0 * (total - correct) / total, "loss": loss_sum / total,

@@ -42,9 +42,10 @@ Run folder (each file written atomically, each round folder swapped in whole)::
 ``rounds`` may grow between runs (it is the only field allowed to change).  A damaged
 file (unreadable, truncated) stops the resume with a PrunelabError naming it, before
 anything is written; deleting that round's folder (and the later ones) redoes the run
-from that round, reusing the rounds before it.  Each round's randomness (data order,
-dropout) is seeded from ``(train.seed, round)``, so a resumed run computes the same
-numbers as an uninterrupted one (on the same machine and device).
+from that round, reusing the rounds before it.  Each round's randomness (data order:
+the sampler's generator, or a ``DistributedSampler``'s epoch under DDP; dropout) is seeded
+from ``(train.seed, round)``, so a resumed run computes the same numbers as an
+uninterrupted one (on the same machine and device).
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ import torch
 from torch import Tensor, nn
 
 from prunelab.allocation import check_sparsity, select_top_k
-from prunelab.bench.training import TrainConfig, evaluate, make_lr_scheduler, make_optimizer, train
+from prunelab.bench.training import (
+    TrainConfig, distributed_sampler, evaluate, make_lr_scheduler, make_optimizer, train,
+)
 from prunelab.criteria import ScoreData
 from prunelab.errors import PrunelabError
 from prunelab.io import atomic_dir, ensure_writable_dir, write_json
@@ -179,7 +182,15 @@ class _seeded:
 
 
 def _reseed_loader(loader, seed: int) -> None:
-    """Make the loader's shuffling a function of ``seed`` (its sampler's generator, if it has one)."""
+    """Make the loader's shuffling a function of ``seed``: its sampler's generator, if it has one;
+    a ``DistributedSampler`` (which shuffles epoch ``e`` by ``sampler.seed + e``, the same on every
+    rank) is set to epoch ``seed``, where :func:`train` numbers the round's epochs from.  Either way
+    a round's order does not depend on the rounds run before it in this process, so a resumed run
+    draws the orders of an uninterrupted one."""
+    sampler = distributed_sampler(loader)
+    if sampler is not None:
+        sampler.set_epoch(seed)
+        return
     generator = getattr(getattr(loader, "sampler", None), "generator", None)
     if isinstance(generator, torch.Generator):
         generator.manual_seed(seed)
@@ -198,8 +209,9 @@ class _FromStep:
         self.loader, self.start, self.epochs_begun = loader, start, 0
 
     @property
-    def sampler(self):  # train() calls sampler.set_epoch(epoch) under DistributedSampler
-        return getattr(self.loader, "sampler", None)
+    def sampler(self):  # train() numbers epochs on from the DistributedSampler's (pinned by _reseed_loader)
+        sampler = distributed_sampler(self.loader)
+        return sampler if sampler is not None else getattr(self.loader, "sampler", None)
 
     def __len__(self) -> int:
         return len(self.loader)
