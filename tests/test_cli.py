@@ -10,8 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from prunelab.cli import main
 
-FAST = ["--model", "digits_mlp", "--dataset", "digits", "--pretrain-epochs", "3", "--finetune-epochs", "1",
-        "--rounds", "2", "--no-progress"]
+# no --rounds: oneshot runs (below) refuse an option they would ignore
+FAST = ["--model", "digits_mlp", "--dataset", "digits", "--pretrain-epochs", "3", "--finetune-epochs", "1", "--no-progress"]
 
 
 def test_list_shows_every_registered_name(cli):
@@ -34,7 +34,7 @@ def test_list_shows_every_registered_name(cli):
 @pytest.fixture(scope="module")
 def pruned_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "digits"
-    assert main(["prune", *FAST, "--sparsity", "0.8", "--out", str(out)]) == 0
+    assert main(["prune", *FAST, "--rounds", "2", "--sparsity", "0.8", "--out", str(out)]) == 0
     return out
 
 
@@ -149,6 +149,40 @@ def test_checkpoint_masks_not_matching_model(cli, tmp_path, pruned_run):
     save_file(masks, str(broken / "masks.safetensors"))
     code, _, err = cli("inspect", str(broken))
     assert code == 2 and "shape" in err and len(err.strip().splitlines()) == 1
+
+
+def _other_masks(masks):
+    """Masks of the same shapes that disagree with the weights: another run's (here: the complement)."""
+    return {name: ~mask for name, mask in masks.items()}
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda masks: {**masks, "conv9.weight": torch.ones(3, dtype=torch.bool)},
+     r"holds a mask for 'conv9.weight', but model 'digits_mlp' has no such parameter \(it has fc1.weight, "
+     r".*was this checkpoint saved from another model\?"),
+    (lambda masks: {**masks, "fc2.weight": torch.ones(3, 3, dtype=torch.bool)},
+     r"mask 'fc2.weight' has shape \(3, 3\), but that parameter of model 'digits_mlp' has \(64, 128\); "
+     r"was this checkpoint saved from another model\?"),
+    (_other_masks, r"mask 'fc1.weight' marks \d+ weights pruned that are nonzero in model.safetensors \(expected real "
+     r"zeros wherever the mask is False\).*copied from another model or run\?"),
+])
+def test_a_checkpoint_with_masks_of_another_model_is_refused(cli, tmp_path, pruned_run, edit, message):
+    import re
+    import shutil
+
+    from prunelab.checkpoint import load_checkpoint
+    from prunelab.errors import PrunelabError
+
+    foreign = tmp_path / "ckpt"
+    shutil.copytree(pruned_run, foreign)
+    masks = load_file(str(foreign / "masks.safetensors"))
+    save_file(edit(masks), str(foreign / "masks.safetensors"), metadata={"format": "prunelab.maskset.v1"})
+    with pytest.raises(PrunelabError, match=message):
+        load_checkpoint(foreign)
+    code, _, err = cli("inspect", str(foreign))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and re.search(message, err), err
+    assert str(foreign / "masks.safetensors") in err  # names the file the first offending mask is in
+    assert load_checkpoint(pruned_run).masks.sparsity == pytest.approx(0.8, abs=1e-4)  # the real one still loads
 
 
 def test_unknown_config_key(cli, tmp_path):

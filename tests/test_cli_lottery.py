@@ -132,3 +132,18 @@ def test_lottery_bad_numbers_name_the_flag(cli, tmp_path, flag, value, message):
     code, _, err = cli("lottery", *FAST, flag, value, "--out", str(tmp_path / "o"))
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_prune_refuses_to_replace_a_lottery_run_folder(cli, two_rounds, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(two_rounds, run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    code, out, err = cli("prune", "--model", "digits_mlp", "--dataset", "digits", "--method", "oneshot",
+                         "--pretrain-epochs", "1", "--finetune-epochs", "0", "--no-progress", "--out", str(run))
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert f"--out {str(run)!r} holds a lottery run (written by prunelab lottery) (config.json, round_000, " in err
+    assert "choose a new or empty folder for --out" in err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing deleted or rewritten
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary folder left beside it

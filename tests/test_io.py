@@ -137,3 +137,22 @@ def test_prune_into_the_current_folder_is_refused_before_training(tmp_path, monk
                  "--out", "."])
     assert code == 2 and time.perf_counter() - started < 5.0
     assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_prune_replaces_its_own_earlier_results_but_not_a_folder_with_other_files(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "run"
+    argv = ["prune", "--model", "digits_mlp", "--dataset", "digits", "--method", "oneshot", "--pretrain-epochs", "1",
+            "--finetune-epochs", "0", "--no-progress", "--out", str(out)]
+    assert main([*argv, "--sparsity", "0.5"]) == 0
+    assert main([*argv, "--sparsity", "0.7"]) == 0  # re-running into its own output folder replaces it
+    assert json.loads((out / "results.json").read_text())["target_sparsity"] == 0.7
+    capsys.readouterr()
+    (out / "notes.txt").write_text("precious")  # prune did not write this: replacing the folder would delete it
+    before = sorted(os.listdir(out))
+    assert main([*argv, "--sparsity", "0.6"]) == 2
+    err = capsys.readouterr().err
+    assert "holds files prune does not write (notes.txt), not an earlier prune run" in err
+    assert len(err.strip().splitlines()) == 1
+    assert sorted(os.listdir(out)) == before and (out / "notes.txt").read_text() == "precious"

@@ -219,3 +219,57 @@ def test_a_config_that_is_a_folder_says_so(cli, tmp_path):
     code, _, err = cli("prune", "--config", str(tmp_path))
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert f"config file '{tmp_path}' is a folder; pass a YAML file" in err and "does not exist" not in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "snip", "--pretrain-epochs", "5"],
+     "--pretrain-epochs 5 would be ignored: --method snip prunes at init and trains sparse from scratch for --epochs"),
+    (["--method", "rigl", "--finetune-epochs", "2"],
+     "--finetune-epochs 2 would be ignored: --method rigl prunes at init and trains sparse from scratch"),
+    (["--method", "oneshot", "--epochs", "3"],
+     "--epochs 3 would be ignored: it sets the training of --method gradual and of the sparse-from-scratch methods"),
+    (["--method", "oneshot", "--rounds", "3"],
+     "--rounds 3 would be ignored: it sets the pruning rounds of --method iterative / lottery, but --method oneshot"),
+    (["--method", "iterative", "--num-updates", "4"],
+     "--num-updates 4 would be ignored: it sets the mask updates of --method gradual's cubic schedule"),
+    (["--method", "static", "--delta-t", "50"],
+     "--delta-t 50 would be ignored: it drives the mask updates of dynamic sparse training (--method set / dsr"),
+    (["--method", "gradual", "--alpha", "0.2"], "--alpha 0.2 would be ignored: "),
+    (["--method", "iterative", "--score-batches", "4"],
+     "--score-batches 4 would be ignored: --method iterative with criterion magnitude scores without batches"),
+    (["--method", "synflow", "--score-batches", "4"], "--method synflow with criterion synflow scores without"),
+    (["--method", "oneshot", "--finetune-epochs", "0", "--finetune-lr", "0.01"],
+     "--finetune-lr 0.01 would be ignored: --finetune-epochs is 0, so nothing is retrained"),
+    (["--optimizer", "adam", "--momentum", "0.5"],
+     "--momentum 0.5 would be ignored: --optimizer adam has no momentum setting"),
+    (["--data-dir", "/tmp"], "--data-dir /tmp would be ignored: --dataset digits is bundled with scikit-learn"),
+    (["--download"], "--download would be ignored: --dataset digits is bundled with scikit-learn and reads no files"),
+])
+def test_a_given_option_the_method_would_ignore_is_refused_before_training(cli, tmp_path, extra, message):
+    started = time.perf_counter()
+    code, out, err = cli("prune", *QUICK, *extra, "--out", str(tmp_path / "o"))
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and message in err, err
+    assert time.perf_counter() - started < 5.0 and not (tmp_path / "o").exists()
+
+
+def test_options_left_at_their_defaults_or_used_by_the_method_are_not_refused(cli, tmp_path):
+    from prunelab.config import RunConfig
+    from prunelab.pipeline import validate
+
+    for method in ("snip", "rigl", "static", "lottery", "oneshot", "gradual"):
+        validate(RunConfig(method=method))  # the API's defaults (pretrain_epochs=30, rounds=5, ...) are not "given"
+    validate(RunConfig(method="rigl", delta_t=50, alpha=0.2, epochs=3, pretrain_epochs=0, finetune_epochs=0))
+    validate(RunConfig(method="gradual", num_updates=4, epochs=3, finetune_epochs=2, score_batches=2, criterion="taylor"))
+    validate(RunConfig(method="snip", score_batches=2, optimizer="adam"))
+    with pytest.raises(PrunelabError, match="--pretrain-epochs 5 would be ignored"):
+        validate(RunConfig(method="snip", pretrain_epochs=5))  # the API: a non-default value counts as asked for
+    # a YAML file may repeat every default (e.g. results.json's "config"): only values that differ count
+    config = tmp_path / "run.yaml"
+    config.write_text("method: snip\npretrain_epochs: 30\nrounds: 5\nfinetune_epochs: 8\nnum_updates: 10\n"
+                      "momentum: 0.9\nepochs: 1\nscore_batches: 2\nprogress: false\n")
+    code, _, err = cli("prune", "--config", str(config), "--model", "digits_mlp", "--pretrain-epochs", "0",
+                       "--out", str(tmp_path / "snip"))
+    assert code == 0, err
+    config.write_text("method: snip\npretrain_epochs: 3\n")
+    code, _, err = cli("prune", "--config", str(config), *QUICK, "--out", str(tmp_path / "o"))
+    assert code == 2 and "--pretrain-epochs 3 would be ignored" in err

@@ -126,6 +126,32 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
                             f"{list(meta['input_shape'])} and num_classes {meta['num_classes']} ({detail}); "
                             f"the checkpoint is corrupt or {META_FILE} was edited -- re-create it") from None
     masks = MaskSet.load(directory / MASKS_FILE)
-    masks.check_model(model)
+    check_masks_fit(masks, model, directory, name)
     return Checkpoint(model, masks, meta)
 
+
+def check_masks_fit(masks: MaskSet, model: nn.Module, directory: Path, name: str) -> None:
+    """Refuse masks that do not belong to the weights loaded from checkpoint ``directory`` (zoo model ``name``).
+
+    Every mask must name a parameter of ``model`` with its shape, and the weights must be
+    real zeros wherever their mask says pruned (DESIGN decision 1; a kept weight may be
+    zero), so masks copied from another run of the same architecture are refused too.
+    """
+    source = directory / MASKS_FILE
+    params = dict(model.named_parameters(remove_duplicate=False))  # a tied weight under any of its names
+    for fqn, mask in masks.items():
+        if fqn not in params:
+            known = ", ".join(list(params)[:4]) + (" ..." if len(params) > 4 else "")
+            raise PrunelabError(f"{source} holds a mask for {fqn!r}, but model {name!r} has no such parameter "
+                                f"(it has {known}); was this checkpoint saved from another model? re-create it")
+        weight = params[fqn].detach()
+        if tuple(mask.shape) != tuple(weight.shape):
+            raise PrunelabError(f"{source}: mask {fqn!r} has shape {tuple(mask.shape)}, but that parameter of model "
+                                f"{name!r} has {tuple(weight.shape)}; was this checkpoint saved from another model? re-create it")
+        stray = int(((weight != 0) & ~weight.isnan() & ~mask.to(weight.device)).sum())  # NaN * 0 stays NaN
+        if stray:
+            raise PrunelabError(
+                f"{source}: mask {fqn!r} marks {stray} weights pruned that are nonzero in {MODEL_FILE} (expected real "
+                "zeros wherever the mask is False); the masks do not belong to these weights -- was this checkpoint's "
+                f"{MASKS_FILE} copied from another model or run? re-create the checkpoint"
+            )

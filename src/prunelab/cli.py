@@ -61,13 +61,18 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _config_from_args(args: argparse.Namespace, defaults: dict[str, Any] | None = None):
-    from prunelab.config import FIELD_NAMES, config_from_mapping, load_yaml_config
+    """``(RunConfig, names the user gave)``: every flag on the command line, and each ``--config`` key
+    whose value is not RunConfig's default (a YAML file may repeat every default, e.g. a results.json
+    ``config``); ``defaults`` count as not given."""
+    from prunelab.config import FIELD_NAMES, config_from_mapping, load_yaml_config, non_default_fields
 
     values: dict[str, Any] = dict(defaults or {})
-    if getattr(args, "config", None):
-        values.update(load_yaml_config(args.config))
-    values.update({k: getattr(args, k) for k in FIELD_NAMES if getattr(args, k, None) is not None})
-    return config_from_mapping(values, source="--config / flags")  # an unset sparsity: RunConfig resolves it
+    from_file: dict[str, Any] = load_yaml_config(args.config) if getattr(args, "config", None) else {}
+    values.update(from_file)
+    flags = {k: getattr(args, k) for k in FIELD_NAMES if getattr(args, k, None) is not None}
+    values.update(flags)
+    config = config_from_mapping(values, source="--config / flags")  # an unset sparsity: RunConfig resolves it
+    return config, frozenset(flags) | (frozenset(from_file) & non_default_fields(config))
 
 
 def _print_run(record: dict[str, Any], out: str) -> None:
@@ -89,10 +94,10 @@ def _print_run(record: dict[str, Any], out: str) -> None:
 def cmd_prune(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> int:
     from prunelab import distributed, pipeline
 
-    config = _config_from_args(args, defaults)
+    config, given = _config_from_args(args, defaults)
     distributed.init_from_env()  # under torchrun: DDP training, masks from scores reduced across ranks
     try:
-        record = pipeline.run(config)
+        record = pipeline.run(config, given=given)
         if distributed.is_main_process():
             _print_run(record, str(config.out_dir()))
     finally:

@@ -84,6 +84,23 @@ class RunConfig:
 
 
 FIELD_NAMES = tuple(f.name for f in fields(RunConfig))
+
+
+def field_default(name: str) -> Any:
+    """RunConfig's default for field ``name`` (a fresh one for ``default_factory`` fields)."""
+    spec = RunConfig.__dataclass_fields__[name]
+    return spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+
+
+def non_default_fields(config: RunConfig) -> frozenset[str]:
+    """Names of the fields whose value differs from RunConfig's default (``sparsity`` by its resolved value).
+
+    What an API caller (or a YAML file, which may repeat every default, e.g. a results.json
+    ``config``) asked for; the CLI adds every flag given on the command line.
+    """
+    resolved = {"sparsity": _default_sparsity(config.granularity)}
+    return frozenset(f.name for f in fields(RunConfig)
+                     if getattr(config, f.name) != resolved.get(f.name, field_default(f.name)))
 DEFAULT_SPARSITY = 0.9
 
 
