@@ -362,3 +362,93 @@ def test_example_input_the_model_cannot_run_names_node_and_real_error_without_a_
     assert "\n" not in message and "node 'c'" in message and "Linear 'c'" in message
     assert "mat1 and mat2 shapes cannot be multiplied" in message and "ShapeProp error" not in message
     assert "Traceback" not in capsys.readouterr().err
+
+
+# --- a cut layer's tensors used outside its own call ----------------------------------------
+class ReadsWeight(nn.Module):
+    """``fc -> relu -> out``, plus a use of ``fc``'s (or ``out``'s) tensors outside their calls."""
+
+    def __init__(self, use: str) -> None:
+        super().__init__()
+        self.use = use
+        self.fc = nn.Linear(4, 6)
+        self.bn = nn.BatchNorm1d(6)
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 4) -> (B, 2)
+        y = self.out(torch.relu(self.bn(self.fc(x))))
+        if self.use == "F.linear":
+            return y + F.linear(x, self.fc.weight, self.fc.bias)[:, :2]
+        if self.use == "matmul":
+            return y + (x @ self.fc.weight.t())[:, 4:]
+        if self.use == "sum":
+            return y * self.fc.weight.sum()
+        if self.use == "bn buffer":
+            return y + self.bn.running_mean[:2]
+        if self.use == "consumer":  # out's input columns are cut: its weight changes too
+            return y + self.out.weight.sum(1)
+        return y
+
+
+OUTSIDE_USES = {
+    "F.linear": ("call_function torch._C._nn.linear at node 'linear'", "fc.weight", "fc"),
+    "matmul": ("call_method .t() at node 't'", "fc.weight", "fc"),
+    "sum": ("call_method .sum() at node 'sum_1'", "fc.weight", "fc"),
+    "bn buffer": ("call_function operator.getitem at node 'getitem'", "bn.running_mean", "bn"),
+    "consumer": ("call_method .sum() at node 'sum_1'", "out.weight", "out"),
+}
+
+
+@pytest.mark.parametrize("use", OUTSIDE_USES, ids=OUTSIDE_USES)
+def test_a_cut_layers_tensor_read_outside_its_call_is_reported_before_cutting(use):
+    # was: planned as fine, cut, and caught only by the final output check (or a shape error)
+    torch.manual_seed(10)
+    model = ReadsWeight(use).eval()
+    masks = {"fc.weight": drop_rows(model.fc.weight, [1])}
+    op, tensor, layer = OUTSIDE_USES[use]
+    expected = (f"{op} reads '{tensor}' outside a call of layer '{layer}': shrink cannot cut a layer whose tensors "
+                "the forward uses itself; exclude 'fc.weight' from pruning")
+    plan = plan_shrink(model, masks, torch.randn(3, 4))
+    assert plan.problems == (expected,) and plan.problem_kinds == ("op",)
+    assert not plan.cuts  # the pinned channels stay: nothing is planned to be cut
+    with pytest.raises(PrunelabError) as info:
+        shrink_model(model, masks, torch.randn(3, 4))
+    assert str(info.value) == expected
+
+
+@pytest.mark.parametrize("use", OUTSIDE_USES, ids=OUTSIDE_USES)
+def test_reading_the_tensors_of_a_layer_that_is_not_cut_is_fine(use):
+    torch.manual_seed(11)
+    model = ReadsWeight(use).eval()
+    masks = {"out.weight": torch.ones_like(model.out.weight, dtype=torch.bool)}
+    assert plan_shrink(model, masks, torch.randn(3, 4)).ok
+
+
+class TiedLayers(nn.Module):
+    """Two branches ``a -> out`` and ``b -> out2``; ``b`` shares ``a``'s weight (or is ``a`` under a second name)."""
+
+    def __init__(self, alias: bool) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        if alias:
+            self.b = self.a
+        else:
+            self.b = nn.Linear(4, 4)
+            self.b.weight = self.a.weight
+        self.out = nn.Linear(4, 2)
+        self.out2 = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.a(x))) + self.out2(torch.relu(self.b(x)))
+
+
+@pytest.mark.parametrize("alias", [False, True], ids=["tied weight", "second name"])
+def test_a_cut_layer_sharing_its_weight_with_another_module_is_reported(alias):
+    # was: a cut replaced 'a' only, silently untying it from 'b' (or leaving the alias 'b' uncut)
+    torch.manual_seed(12)
+    model = TiedLayers(alias).eval()
+    masks = {"a.weight": drop_rows(model.a.weight, [2])}
+    plan = plan_shrink(model, masks, torch.randn(3, 4))
+    assert len(plan.problems) == 1 and plan.problem_kinds == ("op",)
+    assert plan.problems[0].startswith("'a.weight' is also 'b.weight' (a tied tensor, or a second name of module 'a')")
+    assert plan.problems[0].endswith("; exclude 'a.weight' from pruning")

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from prunelab import distributed
 from prunelab.criteria.activation import broadcast_rows, owning_modules, unwrap
 from prunelab.criteria.base import Criterion, ScoreData, eval_mode, iter_batches
-from prunelab.criteria.slimming import FALLBACKS, consumers
+from prunelab.criteria.slimming import FALLBACKS, channel_links
 from prunelab.errors import PrunelabError
 from prunelab.targets import PRUNABLE_TYPES
 
@@ -380,7 +380,7 @@ def regression_channel_prune(
     reach through channel-wise ops only).  An explicit consumer must take the producer's
     channel ``c`` as its input channel ``c``.  ``keep``: channels to keep (int) or a
     fraction of them (float in (0, 1]).  Supports Linear -> Linear and Conv2d -> Conv2d
-    (groups=1; also Conv -> Linear without a flatten in between).
+    (groups=1).
 
     Pure: the model is run in eval mode and not modified; call ``result.apply(model)`` to
     write the masks' zeros and the reconstructed consumer weights into it.
@@ -398,7 +398,9 @@ def regression_channel_prune(
             f"pass one of {', '.join(n for n, m in modules.items() if isinstance(m, PRUNABLE_TYPES))}"
         )
     if consumer is None:
-        found = consumers(root).get(producer)
+        links = channel_links(root)
+        links.check("consumer", [producer])
+        found = links.consumer.get(producer)
         if found is None:
             raise PrunelabError(
                 f"regression_channel_prune found no consumer for {producer!r} (no Linear/Conv2d reached through "
@@ -476,7 +478,9 @@ class Regression(Criterion):
     def score(self, model: nn.Module, params: Mapping[str, nn.Parameter], data: ScoreData | None) -> dict[str, Tensor]:
         assert data is not None
         owners = owning_modules(model, params)
-        links = consumers(model)
+        found = channel_links(model)
+        found.check("consumer", sorted({o.module_name for o in owners.values() if isinstance(o.module, PRUNABLE_TYPES)}))
+        links = found.consumer
         root, _ = unwrap(model)
         modules = dict(root.named_modules())
         producers = sorted({

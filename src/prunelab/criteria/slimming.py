@@ -1,11 +1,17 @@
 """Network slimming (Liu et al. 2017): BatchNorm scales as channel importance.
 
-Also home of the layer-graph helpers :func:`bn_pairs` and :func:`consumers` (which
-BatchNorm directly follows a layer, which Linear/Conv consumes its channels), shared with
-the ``regression`` criterion.  Both read the graph from ``torch.fx.symbolic_trace`` and,
-where the model cannot be traced (data-dependent control flow), fall back to module
-registration order -- which assumes the forward pass calls the leaf modules in the order
-they are registered, as ``nn.Sequential`` and the zoo models do.
+Also home of the layer-graph helpers :func:`channel_links`, :func:`bn_pairs` and
+:func:`consumers` (which BatchNorm directly follows a layer, which Linear/Conv consumes
+its channels), shared with the ``regression`` criterion.  The links follow the dataflow
+of the model traced by :func:`prunelab.materialise.tracing.trace_model` (the tracer of
+structured shrink: a submodule torch.fx cannot trace becomes an opaque leaf): a partner
+is linked only when the producer's output reaches it along a chain of single-user,
+channel-wise ops *and* the partner reads the producer's channel axis (a Linear reads the
+last axis, a Conv / BatchNorm axis 1, so Conv -> Linear without a flatten is no link even
+when the widths agree).  Where the root ``forward`` (or an opaque submodule) cannot be
+traced, module registration order is used, but only for links no other layer of the same
+width could make; the others are *ambiguous* and scoring such a layer raises a one-line
+PrunelabError, as does a layer called more than once whose calls disagree on the partner.
 """
 
 from __future__ import annotations
@@ -17,12 +23,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from prunelab.criteria.activation import broadcast_rows, owning_modules, unwrap
 from prunelab.criteria.base import Criterion, ScoreData
 from prunelab.errors import PrunelabError
+from prunelab.materialise.tracing import UntraceableError, trace_model
 from prunelab.targets import PRUNABLE_TYPES
 
 FALLBACKS = ("l1", "error")
@@ -40,6 +47,7 @@ _CHANNELWISE_FUNCTIONS: tuple[Callable, ...] = (
     F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
 )
 _CHANNELWISE_METHODS = ("relu", "relu_", "tanh", "sigmoid", "contiguous")
+_SPATIAL = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3, nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
 
 
 def is_batchnorm(module: nn.Module) -> bool:
@@ -60,14 +68,34 @@ def _in_channels(module: nn.Module) -> int | None:
     return None
 
 
-def _trace(root: nn.Module) -> torch.fx.Graph | None:
-    try:
-        return torch.fx.symbolic_trace(root).graph
-    except Exception:  # noqa: BLE001 -- any tracing failure means: use module order
-        return None
+def _spatial_dims(module: nn.Module) -> int | None:
+    """Trailing axes after the channel axis: 0 for Linear (channels last), 2 for Conv2d / BatchNorm2d, None if any."""
+    if isinstance(module, nn.Linear):
+        return 0
+    return next((d for t, d in _SPATIAL.items() if isinstance(module, t)), None)
 
 
-def _is_channelwise(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> bool:
+def _reads_channels(producer: nn.Module, partner: nn.Module) -> bool:
+    """Whether ``partner`` reads ``producer``'s output channels as its own channels (same axis, same count).
+
+    Channel-wise ops keep a tensor's rank, so the axes agree iff both have as many axes
+    after the channel axis -- except BatchNorm1d, which takes ``(N, C)`` (after a Linear;
+    assumed 2-D, the only case where its axis 1 is the Linear's last) or ``(N, C, L)``.
+    """
+    if is_batchnorm(partner):
+        if partner.num_features != _out_channels(producer):
+            return False
+    elif _in_channels(partner) != _out_channels(producer):
+        return False
+    mine, theirs = _spatial_dims(producer), _spatial_dims(partner)
+    if isinstance(partner, nn.BatchNorm1d) and mine == 0:
+        return True
+    return mine is None or theirs is None or mine == theirs
+
+
+def _is_channelwise(node: fx.Node, previous: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
+    if not node.args or node.args[0] is not previous:  # the channels must be the op's own input
+        return False
     if node.op == "call_module":
         return isinstance(modules.get(str(node.target)), _CHANNELWISE_MODULES)
     if node.op == "call_function":
@@ -77,89 +105,138 @@ def _is_channelwise(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> bo
     return False
 
 
-def _graph_links(root: nn.Module) -> tuple[dict[str, str], dict[str, str]] | None:
-    """From an fx trace: ``(producer -> BN directly after it, producer -> consumer)``.
+@dataclass(frozen=True)
+class ChannelLinks:
+    """Where each Linear/Conv layer's output channels go, from the model's dataflow.
 
-    A link is only made along a chain where every node has a single user, so the
-    producer's channels reach nothing else; a layer called more than once is linked only
-    when every call agrees.
+    ``bn``: layer -> the affine BatchNorm that directly normalises its output (its only
+    user).  ``consumer``: layer -> the Linear / Conv2d (groups=1) that reads its channels
+    as input channels through single-user channel-wise ops (activations, BatchNorm,
+    dropout, pooling).  ``ambiguous``: ``"bn"`` / ``"consumer"`` -> layer -> a one-line
+    reason why no single partner of that kind can be named; :meth:`check` raises it for
+    the layers a caller needs.
     """
-    graph = _trace(root)
-    if graph is None:
-        return None
-    modules = dict(root.named_modules())
-    bns: dict[str, set[str | None]] = {}
-    cons: dict[str, set[str | None]] = {}
+
+    bn: Mapping[str, str]
+    consumer: Mapping[str, str]
+    ambiguous: Mapping[str, Mapping[str, str]]
+
+    def check(self, kind: str, layers: list[str]) -> None:
+        """Raise PrunelabError with the reason of the first layer in ``layers`` whose ``kind`` link is ambiguous."""
+        for name in layers:
+            if name in self.ambiguous[kind]:
+                raise PrunelabError(self.ambiguous[kind][name])
+
+
+def _graph_links(graph: fx.Graph, modules: Mapping[str, nn.Module], found: dict[str, dict[str, set[str | None]]]) -> None:
+    """Add every call's partners to ``found[kind][producer]`` (``None``: no partner on that call)."""
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(str(node.target)), PRUNABLE_TYPES):
+        producer = modules.get(str(node.target)) if node.op == "call_module" else None
+        if not isinstance(producer, PRUNABLE_TYPES):
             continue
         name = str(node.target)
         users = list(node.users)
-        direct = users[0] if len(users) == 1 else None
-        is_bn = direct is not None and direct.op == "call_module" and is_batchnorm(modules[str(direct.target)])
-        bns.setdefault(name, set()).add(str(direct.target) if is_bn else None)
-        consumer = None
-        current = node
-        while len(current.users) == 1:
-            current = next(iter(current.users))
-            if current.op == "call_module" and isinstance(modules.get(str(current.target)), PRUNABLE_TYPES):
-                consumer = str(current.target)
+        direct = modules.get(str(users[0].target)) if len(users) == 1 and users[0].op == "call_module" else None
+        is_bn = direct is not None and is_batchnorm(direct) and users[0].args[:1] == (node,)
+        found["bn"].setdefault(name, set()).add(str(users[0].target) if is_bn and _reads_channels(producer, direct) else None)
+        consumer, previous = None, node
+        while len(previous.users) == 1:
+            current = next(iter(previous.users))
+            partner = modules.get(str(current.target)) if current.op == "call_module" else None
+            if isinstance(partner, PRUNABLE_TYPES):
+                if current.args[:1] == (previous,) and _reads_channels(producer, partner):
+                    consumer = str(current.target)
                 break
-            if not _is_channelwise(current, modules):
+            if not _is_channelwise(current, previous, modules):
                 break
-        cons.setdefault(name, set()).add(consumer)
-    return _agreed(bns), _agreed(cons)
+            previous = current
+        found["consumer"].setdefault(name, set()).add(consumer)
 
 
-def _agreed(found: Mapping[str, set[str | None]]) -> dict[str, str]:
-    """Keep the links on which every call of the producer agrees."""
-    return {k: next(iter(v)) for k, v in found.items() if len(v) == 1 and None not in v}
+def _order_links(scope: nn.Module, prefix: str, why: str, found: dict[str, dict[str, set[str | None]]],
+                 ambiguous: dict[str, dict[str, str]]) -> None:
+    """Module-registration-order links inside an untraceable ``scope``, where no other layer could make them.
 
+    The BatchNorm right after a layer in registration order, and the next Linear/Conv
+    after it past channel-wise modules only, are linked only when no other layer of
+    ``scope`` could feed them (has that many channels on that axis); otherwise each such
+    layer is marked ambiguous.
+    """
+    leaves = [(prefix + n, m) for n, m in scope.named_modules() if not any(True for _ in m.children())]
+    layers = [(n, m) for n, m in leaves if isinstance(m, PRUNABLE_TYPES)]
 
-def _order_links(root: nn.Module) -> tuple[dict[str, str], dict[str, str]]:
-    """Module-registration-order fallback of :func:`_graph_links` (leaf modules only)."""
-    leaves = [(n, m) for n, m in root.named_modules() if n and not any(True for _ in m.children())]
-    bns: dict[str, str] = {}
-    cons: dict[str, str] = {}
+    def link(kind: str, name: str, partner: str, module: nn.Module) -> None:
+        rivals = [n for n, m in layers if n != partner and _reads_channels(m, module)]
+        if rivals == [name]:
+            found[kind].setdefault(name, set()).add(partner)
+            return
+        listed = ", ".join(repr(r) for r in rivals)
+        for rival in rivals:
+            ambiguous[kind].setdefault(rival, (
+                f"cannot tell which layer feeds {partner!r}: {why}, and by module order it follows {name!r}, but "
+                f"{listed} all have its channels; make the forward fx-traceable (move the data-dependent code into "
+                f"a submodule) or exclude {rival!r}"))
+
     for i, (name, module) in enumerate(leaves):
         if not isinstance(module, PRUNABLE_TYPES):
             continue
-        if i + 1 < len(leaves) and is_batchnorm(leaves[i + 1][1]):
-            bns[name] = leaves[i + 1][0]
-        for other_name, other in leaves[i + 1:]:
-            if isinstance(other, PRUNABLE_TYPES):
-                cons[name] = other_name
+        if i + 1 < len(leaves) and is_batchnorm(leaves[i + 1][1]) and _reads_channels(module, leaves[i + 1][1]):
+            link("bn", name, *leaves[i + 1])
+        for other, partner in leaves[i + 1:]:
+            if isinstance(partner, PRUNABLE_TYPES):
+                if _reads_channels(module, partner):
+                    link("consumer", name, other, partner)
                 break
-            if not isinstance(other, _CHANNELWISE_MODULES):
+            if not isinstance(partner, _CHANNELWISE_MODULES):
                 break
-    return bns, cons
 
 
-def _links(model: nn.Module) -> tuple[dict[str, str], dict[str, str]]:
+def channel_links(model: nn.Module) -> ChannelLinks:
+    """The :class:`ChannelLinks` of ``model`` (a DistributedDataParallel wrapper is unwrapped)."""
     root, _ = unwrap(model)
-    links = _graph_links(root)
-    return links if links is not None else _order_links(root)
+    modules = dict(root.named_modules())
+    found: dict[str, dict[str, set[str | None]]] = {"bn": {}, "consumer": {}}
+    ambiguous: dict[str, dict[str, str]] = {"bn": {}, "consumer": {}}
+    try:
+        gm, opaque, _ = trace_model(root)
+    except UntraceableError as exc:
+        scopes = {"": f"{type(root).__name__}.forward cannot be traced by torch.fx ({exc.why})"}
+    else:
+        _graph_links(gm.graph, modules, found)
+        scopes = {name: f"module {name!r} cannot be traced by torch.fx ({why})" for name, why in opaque.items()}
+    scopes = {n: why for n, why in scopes.items() if any(isinstance(m, PRUNABLE_TYPES) for m in modules[n].modules())}
+    for name, why in scopes.items():
+        _order_links(modules[name], f"{name}." if name else "", why, found, ambiguous)
+    if scopes:
+        warnings.warn(f"channel links: {'; '.join(scopes.values())}; its layers are linked by module order where "
+                      "no other layer has the channel count", stacklevel=3)
+    links: dict[str, dict[str, str]] = {"bn": {}, "consumer": {}}
+    for kind, partners in found.items():
+        what = "BatchNorm" if kind == "bn" else "consumer"
+        for name, seen in partners.items():
+            named = sorted(p for p in seen if p is not None)
+            if name in ambiguous[kind] or not named:
+                continue
+            if len(seen) == 1:
+                links[kind][name] = named[0]
+            else:
+                others = ", ".join(repr(p) if p is not None else "none" for p in sorted(seen, key=str))
+                ambiguous[kind][name] = (f"layer {name!r} is called more than once in forward and its calls disagree on its "
+                                   f"{what} ({others}); exclude {name!r} or call it once")
+    return ChannelLinks(links["bn"], links["consumer"], ambiguous)
 
 
 def bn_pairs(model: nn.Module) -> dict[str, str]:
     """``Linear/Conv module name -> name of the affine BatchNorm that directly consumes
-    its output`` (and nothing else does), with matching channel counts."""
-    root, _ = unwrap(model)
-    modules = dict(root.named_modules())
-    return {
-        p: bn for p, bn in _links(model)[0].items() if modules[bn].num_features == _out_channels(modules[p])
-    }
+    its output`` (and nothing else does), reading its channels (see :func:`channel_links`)."""
+    return dict(channel_links(model).bn)
 
 
 def consumers(model: nn.Module) -> dict[str, str]:
     """``Linear/Conv module name -> the Linear or Conv2d (groups=1) that consumes its output
     channels`` through channel-wise ops only (activations, BatchNorm, dropout, pooling),
-    with the producer's output channels equal to the consumer's input channels."""
-    root, _ = unwrap(model)
-    modules = dict(root.named_modules())
-    return {
-        p: c for p, c in _links(model)[1].items() if _in_channels(modules[c]) == _out_channels(modules[p])
-    }
+    as its own input channels (see :func:`channel_links`)."""
+    return dict(channel_links(model).consumer)
 
 
 def _batchnorms(model: nn.Module) -> list[nn.Module]:
@@ -237,8 +314,10 @@ class BNScale(Criterion):
         s_c = |gamma_c|    of the affine BatchNorm that directly consumes the layer's output
 
     broadcast to its row ``w[c]`` (and bias ``b[c]``); a BatchNorm's own ``weight``/``bias``
-    get ``|gamma|`` too.  The pairing comes from the fx graph (conv -> bn edge, the conv's
-    only user), or from module order when the model cannot be traced (see module doc).
+    get ``|gamma|`` too.  The pairing follows the traced dataflow (conv -> bn edge, the
+    conv's only user, reading its channel axis), or module order where the model cannot be
+    traced and no other layer has the width (see module doc); a layer whose BatchNorm is
+    ambiguous raises PrunelabError.
 
     Layers with no such BatchNorm (e.g. the classifier), and any other parameter:
     ``fallback='l1'`` (default) scores them by magnitude ``|w|``, so a channel's group
@@ -263,7 +342,10 @@ class BNScale(Criterion):
 
     def score(self, model: nn.Module, params: Mapping[str, nn.Parameter], data: ScoreData | None) -> dict[str, Tensor]:
         owners = owning_modules(model, params)
-        pairs = bn_pairs(model) if any(isinstance(o.module, PRUNABLE_TYPES) for o in owners.values()) else {}
+        layers = sorted({o.module_name for o in owners.values() if isinstance(o.module, PRUNABLE_TYPES)})
+        links = channel_links(model) if layers else ChannelLinks({}, {}, {"bn": {}, "consumer": {}})
+        links.check("bn", layers)
+        pairs = links.bn
         root, _ = unwrap(model)
         modules = dict(root.named_modules())
         out: dict[str, Tensor] = {}

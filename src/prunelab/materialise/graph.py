@@ -21,6 +21,13 @@ Every op a pruned channel may not pass is recorded as a :class:`Pin` (a *barrier
 planner (:mod:`prunelab.materialise.shrink`) turns pins that pruned channels actually
 reach into one-line problems naming the op, the node and the module.
 
+A weight, bias or buffer of a layer shrink cuts that the forward also uses outside the
+layer's own call (``F.linear(x, self.fc.weight)``, ``x @ self.fc.weight.t()``,
+``self.conv.weight.sum()``, a weight tied to another module's, a second name of the same
+module) would change under the forward's feet: :meth:`_Builder.pin_outside_uses` pins
+every channel a cut of that layer follows, so the dry run reports the use before anything
+is cut.
+
 Tracing (:mod:`prunelab.materialise.tracing`): a submodule whose ``forward`` torch.fx
 cannot trace (data-dependent control flow, iterating a tensor, ...) is re-traced as an
 *opaque* leaf; pruned channels that reach it are then reported.  A failure in the root
@@ -216,6 +223,56 @@ class _Builder:
             else:
                 self.visit_method(node)
         return self.g
+
+    # pass 1b: tensors of cut layers used outside their own call
+    def layer_spaces(self) -> dict[str, set[int]]:
+        """Layer FQN -> the channel spaces whose cut changes its tensors (output rows, input channels, heads)."""
+        found: dict[str, set[int]] = {}
+        for op in self.g.ops:
+            if op.target is None or op.kind not in ("linear", "conv", "grouped", "depthwise", "bn", "attention"):
+                continue
+            rows = set(op.output.spaces()) if op.output is not None else set()
+            cols = set(self.g.layout(op.inputs[0]).spaces()) if op.inputs and self.g.layout(op.inputs[0]) else set()
+            if op.kind == "attention":
+                found.setdefault(f"{op.target}.out_proj", set()).update(rows | {op.heads})
+                for proj in ("q_proj", "k_proj", "v_proj"):
+                    found.setdefault(f"{op.target}.{proj}", set()).update(cols | {op.heads})
+            else:
+                found.setdefault(op.target, set()).update(rows | cols)
+        return {name: spaces for name, spaces in found.items() if spaces}
+
+    def pin_outside_uses(self, model: nn.Module) -> None:
+        """Pin the channels of every layer whose parameter or buffer is used outside the layer's own call.
+
+        A ``get_attr`` of ``fc.weight`` (``F.linear(x, self.fc.weight)``, ``self.fc.weight.t()``)
+        would read the cut tensor, and a tensor also held by another module (tied weights,
+        or the same module under a second name) would no longer be shared once the layer is
+        replaced; either way the cut layer no longer computes what the forward expects.
+        """
+        spaces = self.layer_spaces()
+        if not spaces:
+            return
+        for node in self.gm.graph.nodes:
+            owner, _, attr = str(node.target).rpartition(".")
+            if node.op != "get_attr" or owner not in spaces or attr == "num_batches_tracked" or not node.users:
+                continue
+            users = ", ".join(self.where(user) for user in node.users)
+            what = (f"{users} reads '{node.target}' outside a call of layer '{owner}': shrink cannot cut a layer "
+                    "whose tensors the forward uses itself")
+            self.g.pins.append(Pin(tuple(sorted(spaces[owner])), "op", what))
+        holders: dict[int, list[str]] = {}
+        for name, module in model.named_modules(remove_duplicate=False):
+            for attr, tensor in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)):
+                holders.setdefault(id(tensor), []).append(f"{name}.{attr}" if name else attr)
+        for owner, sids in spaces.items():
+            layer = model.get_submodule(owner)
+            for attr, tensor in (*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)):
+                others = [h for h in holders.get(id(tensor), []) if h.rpartition(".")[0] != owner]
+                if others and attr != "num_batches_tracked":
+                    what = (f"'{owner}.{attr}' is also '{others[0]}' (a tied tensor, or a second name of module "
+                            f"'{owner}'): shrink cannot cut a layer whose tensors another module shares")
+                    self.g.pins.append(Pin(tuple(sorted(sids)), "op", what))
+                    break
 
     # modules
     def visit_module(self, node: fx.Node, module: nn.Module) -> None:
@@ -492,4 +549,7 @@ def build_graph(model: nn.Module, example_input: Any) -> ChannelGraph:
         )
     gm, opaque, scopes = trace_model(model)
     propagate_shapes(gm, model, inputs)
-    return _Builder(gm, opaque, scopes).build()
+    builder = _Builder(gm, opaque, scopes)
+    graph = builder.build()
+    builder.pin_outside_uses(model)
+    return graph

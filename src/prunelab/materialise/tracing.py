@@ -3,7 +3,7 @@
 :func:`trace_model` traces a model with :class:`ShrinkTracer`; a submodule whose
 ``forward`` torch.fx cannot trace (data-dependent control flow, iterating a tensor, ...)
 is re-traced as an *opaque* leaf (at most :data:`MAX_OPAQUE`), and a failure in the root
-``forward`` is a one-line PrunelabError naming the op and the source line.
+``forward`` is a one-line :class:`UntraceableError` (a PrunelabError) naming the op and the source line.
 :func:`propagate_shapes` runs ``ShapeProp`` on the example input in eval mode.
 """
 
@@ -23,10 +23,18 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from prunelab.errors import PrunelabError
 
-__all__ = ["MAX_OPAQUE", "ShrinkTracer", "as_inputs", "describe_target", "eval_mode", "is_attention_unit",
-           "propagate_shapes", "trace_model"]
+__all__ = ["MAX_OPAQUE", "ShrinkTracer", "UntraceableError", "as_inputs", "describe_target", "eval_mode",
+           "is_attention_unit", "propagate_shapes", "trace_model"]
 
 MAX_OPAQUE = 16  # at most this many untraceable submodules are turned into opaque leaves
+
+
+class UntraceableError(PrunelabError):
+    """The root ``forward`` cannot be traced; ``why`` is the cause alone (error, file, line) for other messages."""
+
+    def __init__(self, message: str, why: str) -> None:
+        super().__init__(message)
+        self.why = why
 
 
 def is_attention_unit(module: nn.Module) -> bool:
@@ -74,7 +82,12 @@ class ShrinkTracer(fx.Tracer):
     """fx tracer whose leaves are torch.nn modules, attention units and ``opaque`` modules.
 
     Records the module path at the first failure so a trace error can name its module.
+    Buffers read in a traced ``forward`` (``self.bn.running_mean``) become ``get_attr``
+    nodes, as parameters do, instead of constants baked in at trace time, so a use of a
+    cut layer's buffer outside its call can be found.
     """
+
+    proxy_buffer_attributes = True
 
     def __init__(self, opaque: frozenset[str]) -> None:
         super().__init__()
@@ -124,7 +137,8 @@ def _reason(exc: BaseException) -> str:
 def trace_model(model: nn.Module) -> tuple[fx.GraphModule, dict[str, str], dict[str, str]]:
     """Trace ``model``; untraceable submodules become opaque leaves.
 
-    Returns the GraphModule, ``{opaque module FQN: why}`` and ``{node name: scope FQN}``.
+    Returns the GraphModule, ``{opaque module FQN: why}`` and ``{node name: scope FQN}``;
+    raises :class:`UntraceableError` when the root ``forward`` itself cannot be traced.
     """
     opaque: dict[str, str] = {}
     for _ in range(MAX_OPAQUE + 1):
@@ -135,10 +149,10 @@ def trace_model(model: nn.Module) -> tuple[fx.GraphModule, dict[str, str], dict[
             where = [p for p in (tracer.failed_in or []) if p]
             why = f"{_reason(exc)}{_failure_site(exc)}"
             if not where or where[-1] in opaque or where[-1].startswith("<") or len(opaque) >= MAX_OPAQUE:
-                raise PrunelabError(
+                raise UntraceableError(
                     f"cannot trace {type(model).__name__} with torch.fx ({why}); structured shrink needs an fx-traceable "
                     "forward: move the data-dependent code into a submodule (shrink then keeps it whole; exclude the "
-                    "layers feeding it from pruning) or rewrite it without Python control flow on tensors"
+                    "layers feeding it from pruning) or rewrite it without Python control flow on tensors", why
                 ) from None
             opaque[where[-1]] = why
             continue

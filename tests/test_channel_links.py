@@ -1,0 +1,216 @@
+"""Channel links of slimming / regression follow the dataflow, not channel counts or module order.
+
+Each model here has two layers of equal width where matching by count (or by the next
+module in registration order) picks the wrong partner; the links must come from the
+traced graph, and where they cannot, scoring the layer is a one-line PrunelabError.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from prunelab.criteria import ScoreData, get_criterion
+from prunelab.criteria.regression import regression_channel_prune
+from prunelab.criteria.slimming import bn_pairs, channel_links, consumers
+from prunelab.errors import PrunelabError
+
+
+def data_for(shape: tuple[int, ...], n: int = 8) -> ScoreData:
+    x = torch.randn((n, *shape), generator=torch.Generator().manual_seed(0))
+    return ScoreData([(x, torch.zeros(n))])
+
+
+def quietly(fn, *args):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args)
+
+
+# --- traced: the partner must read the producer's channel axis -----------------------------------
+class ConvThenLinearOverWidth(nn.Module):
+    """A Linear applied to the *width* axis of a conv output whose width equals its channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)  # reads W = 4, not the 4 channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, 2, 4, 4) -> (N, 4, 4, 3)
+        return self.fc(torch.relu(self.conv(x)))
+
+
+class LinearThenConv(nn.Module):
+    """A Linear over the last axis of an image, then a Conv over its channel axis (both of width 4)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.conv = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, 4, 3, 4) -> (N, 2, 3, 4)
+        return self.conv(torch.relu(self.fc(x)))
+
+
+def test_conv_to_linear_over_the_width_axis_is_no_link():
+    # was: consumers() == {"conv": "fc"} because fc.in_features == conv.out_channels
+    model = ConvThenLinearOverWidth()
+    assert consumers(model) == {}
+    with pytest.raises(PrunelabError, match="found no consumer for 'conv'"):
+        regression_channel_prune(model, "conv", None, data_for((2, 4, 4)), 2)
+
+
+def test_linear_to_conv_is_no_link():
+    assert consumers(LinearThenConv()) == {}  # was {"fc": "conv"}
+
+
+def test_regression_criterion_scores_a_layer_without_a_real_consumer_by_magnitude():
+    model = ConvThenLinearOverWidth()
+    params = {"conv.weight": model.conv.weight}
+    with pytest.warns(UserWarning, match="conv.weight have no consumer"):
+        scores = get_criterion("regression")(model, params, data_for((2, 4, 4)))
+    weight = model.conv.weight.detach().abs()
+    torch.testing.assert_close(scores["conv.weight"], weight / weight.max())
+
+
+# --- traced: the graph, not module order, pairs a BatchNorm with its conv ------------------------
+class CrossRegistered(nn.Module):
+    """``conv_a -> bn_a -> conv_b -> bn_b``, registered as conv_a, bn_b, conv_b, bn_a (all width 4)."""
+
+    def __init__(self, branchy: bool = False) -> None:
+        super().__init__()
+        self.branchy = branchy
+        self.conv_a = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn_b = nn.BatchNorm2d(4)
+        self.conv_b = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn_a = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn_b(self.conv_b(torch.relu(self.bn_a(self.conv_a(x)))))
+        if self.branchy and bool(h.sum() > 1e9):  # data-dependent control flow: fx cannot trace it
+            h = -h
+        return self.head(h.mean((2, 3)))
+
+
+def test_traced_pairs_follow_the_dataflow_not_registration_order():
+    model = CrossRegistered()
+    assert bn_pairs(model) == {"conv_a": "bn_a", "conv_b": "bn_b"}
+    assert consumers(model) == {"conv_a": "conv_b"}
+
+
+# --- untraceable: module order only where no other layer has the width ----------------------------
+class ParallelBranches(nn.Module):
+    """Two parallel conv -> bn branches of equal width, registered conv_a, conv_b, bn_a, bn_b."""
+
+    def __init__(self, branchy: bool = True) -> None:
+        super().__init__()
+        self.branchy = branchy
+        self.conv_a = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv_b = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn_a = nn.BatchNorm2d(8)
+        self.bn_b = nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn_a(self.conv_a(x)) + self.bn_b(self.conv_b(x))
+        return -y if self.branchy and bool(y.sum() > 1e9) else y
+
+
+def test_parallel_branches_traced_pair_each_conv_with_its_own_batchnorm():
+    assert bn_pairs(ParallelBranches(branchy=False)) == {"conv_a": "bn_a", "conv_b": "bn_b"}
+
+
+def test_untraceable_parallel_branches_are_ambiguous_not_paired_by_module_order():
+    # was: bn_pairs() == {"conv_b": "bn_a"} -- bn_a is the leaf after conv_b in registration order
+    model = ParallelBranches()
+    with pytest.warns(UserWarning, match=r"ParallelBranches.forward cannot be traced by torch.fx"):
+        links = channel_links(model)
+    assert dict(links.bn) == {}
+    assert set(links.ambiguous["bn"]) == {"conv_a", "conv_b"}
+    params = {"conv_b.weight": model.conv_b.weight}
+    with pytest.raises(PrunelabError) as info:
+        quietly(get_criterion("slimming"), model, params)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("cannot tell which layer feeds 'bn_a'")
+    assert "'conv_a', 'conv_b' all have its channels" in message and message.endswith("or exclude 'conv_b'")
+
+
+def test_untraceable_cross_registered_batchnorm_is_ambiguous():
+    model = CrossRegistered(branchy=True)
+    links = quietly(channel_links, model)
+    assert dict(links.bn) == {}  # was {"conv_a": "bn_b", "conv_b": "bn_a"}: both wrong
+    assert set(links.ambiguous["bn"]) == {"conv_a", "conv_b"}
+
+
+class ParallelMLP(nn.Module):
+    """``out_a(fc_a(x)) + out_b(fc_b(x))`` registered fc_a, fc_b, out_a, out_b, with control flow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc_a, self.fc_b = nn.Linear(4, 6), nn.Linear(4, 6)
+        self.out_a, self.out_b = nn.Linear(6, 2), nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.out_a(torch.relu(self.fc_a(x))) + self.out_b(torch.relu(self.fc_b(x)))
+        return -y if bool(y.sum() > 1e9) else y
+
+
+def test_untraceable_consumer_by_module_order_is_ambiguous_for_regression():
+    # was: consumers() == {"fc_b": "out_a"} and regression reconstructed the wrong layer
+    model = ParallelMLP()
+    assert quietly(consumers, model) == {}
+    with pytest.raises(PrunelabError) as info:
+        quietly(regression_channel_prune, model, "fc_b", None, data_for((4,)), 3)
+    assert "\n" not in str(info.value) and str(info.value).startswith("cannot tell which layer feeds 'out_a'")
+    result = quietly(regression_channel_prune, model, "fc_b", "out_b", data_for((4,)), 3)  # explicit: fine
+    assert result.consumer == "out_b" and int(result.keep.sum()) == 3
+
+
+class WithUntraceableBlock(nn.Module):
+    """A traceable root (ParallelBranches' layers) plus a submodule fx cannot trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = ParallelBranches()
+        self.conv_a = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv_b = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn_a = nn.BatchNorm2d(8)
+        self.bn_b = nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.block(x)
+        return self.bn_a(self.conv_a(h)) + self.bn_b(self.conv_b(h))
+
+
+def test_an_untraceable_submodule_does_not_send_the_whole_model_to_module_order():
+    # was: symbolic_trace failed on the block, so every pair came from module order
+    # ({"block.conv_b": "block.bn_a", "conv_b": "bn_a"})
+    with pytest.warns(UserWarning, match="module 'block' cannot be traced"):
+        links = channel_links(WithUntraceableBlock())
+    assert dict(links.bn) == {"conv_a": "bn_a", "conv_b": "bn_b"}
+    assert set(links.ambiguous["bn"]) == {"block.conv_a", "block.conv_b"}
+
+
+# --- a layer called twice with different partners -------------------------------------------------
+class SharedConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn1(self.conv(x)) + self.bn2(self.conv(2 * x))
+
+
+def test_a_layer_whose_calls_disagree_on_its_batchnorm_raises_one_line():
+    # was: silently unpaired, scored by |w| with a warning that it has no following BatchNorm
+    model = SharedConv()
+    assert bn_pairs(model) == {}
+    with pytest.raises(PrunelabError) as info:
+        get_criterion("slimming")(model, {"conv.weight": model.conv.weight})
+    assert str(info.value) == ("layer 'conv' is called more than once in forward and its calls disagree on its "
+                               "BatchNorm ('bn1', 'bn2'); exclude 'conv' or call it once")
