@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from prunelab.criteria import ScoreData, get_criterion
+from prunelab.criteria import links as links_module
+from prunelab.criteria.links import bn_pairs, channel_links, consumers
 from prunelab.criteria.regression import regression_channel_prune
-from prunelab.criteria.slimming import bn_pairs, channel_links, consumers
 from prunelab.errors import PrunelabError
 
 
@@ -214,3 +215,74 @@ def test_a_layer_whose_calls_disagree_on_its_batchnorm_raises_one_line():
         get_criterion("slimming")(model, {"conv.weight": model.conv.weight})
     assert str(info.value) == ("layer 'conv' is called more than once in forward and its calls disagree on its "
                                "BatchNorm ('bn1', 'bn2'); exclude 'conv' or call it once")
+
+
+# --- one scoring pass traces the model once -----------------------------------------------------
+class UntraceableChain(nn.Module):
+    """``conv1 -> bn1 -> conv2 -> bn2 -> conv3 -> bn3 -> head`` (widths 4, 6, 8) with control flow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.relu1 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
+        self.conv2, self.bn2, self.relu2 = nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU()
+        self.conv3, self.bn3, self.relu3 = nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.relu1(self.bn1(self.conv1(x)))
+        h = self.relu2(self.bn2(self.conv2(h)))
+        h = self.relu3(self.bn3(self.conv3(h)))
+        if bool(h.sum() > 1e9):  # data-dependent control flow: fx cannot trace it
+            h = -h
+        return self.head(h.mean((2, 3)))
+
+
+def counting_traces(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the calls of the tracer channel links use; returns the (growing) list of calls."""
+    calls: list[int] = []
+    real = links_module.trace_model
+
+    def counted(model):
+        calls.append(1)
+        return real(model)
+
+    monkeypatch.setattr(links_module, "trace_model", counted)
+    return calls
+
+
+def link_warnings(fn, *args, **kwargs) -> tuple[object, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fn(*args, **kwargs)
+    return result, [str(w.message) for w in caught if str(w.message).startswith("channel links:")]
+
+
+@pytest.mark.parametrize("criterion", ["slimming", "regression"])
+def test_a_score_over_several_layers_traces_and_warns_once(monkeypatch, criterion):
+    model = UntraceableChain()
+    calls = counting_traces(monkeypatch)
+    params = dict(model.named_parameters())
+    data = data_for((3, 5, 5)) if criterion == "regression" else None
+    scores, warned = link_warnings(get_criterion(criterion), model, params, data)
+    assert len(calls) == 1 and len(warned) == 1
+    assert "UntraceableChain.forward cannot be traced by torch.fx" in warned[0]
+    assert set(scores) == set(params)
+
+
+def test_untraceable_chain_links_by_module_order():
+    links, warned = link_warnings(channel_links, UntraceableChain())
+    assert dict(links.bn) == {"conv1": "bn1", "conv2": "bn2", "conv3": "bn3"}
+    assert dict(links.consumer) == {"conv1": "conv2", "conv2": "conv3"} and len(warned) == 1
+
+
+def test_regression_channel_prune_with_given_links_does_not_trace_again(monkeypatch):
+    model, data = UntraceableChain(), data_for((3, 5, 5))
+    links = quietly(channel_links, model)
+    calls = counting_traces(monkeypatch)
+    results, warned = link_warnings(
+        lambda: [regression_channel_prune(model, p, None, data, 2, links=links) for p in ("conv1", "conv2")]
+    )
+    assert calls == [] and warned == []
+    assert [(r.producer, r.consumer) for r in results] == [("conv1", "conv2"), ("conv2", "conv3")]
+    again = quietly(regression_channel_prune, model, "conv1", None, data, 2)
+    assert len(calls) == 1 and torch.equal(again.keep, results[0].keep)

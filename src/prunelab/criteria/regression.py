@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from prunelab import distributed
 from prunelab.criteria.activation import broadcast_rows, owning_modules, unwrap
 from prunelab.criteria.base import Criterion, ScoreData, eval_mode, iter_batches
-from prunelab.criteria.slimming import FALLBACKS, channel_links
+from prunelab.criteria.links import FALLBACKS, ChannelLinks, channel_links
 from prunelab.errors import PrunelabError
 from prunelab.targets import PRUNABLE_TYPES
 
@@ -134,7 +134,9 @@ def collect_input_grams(model: nn.Module, names: list[str], data: ScoreData) -> 
             handle.remove()
     missing = sorted(set(names) - set(sums))
     if missing:
-        raise PrunelabError(f"regression: consumer(s) {', '.join(missing)} did not run on the ScoreData batches; check the model")
+        raise PrunelabError(
+            f"regression: consumer(s) {', '.join(missing)} did not run on the ScoreData batches; check the model"
+        )
     out = {}
     for name, (gram, rows) in sums.items():
         stats = torch.cat([gram.reshape(-1), torch.tensor([float(rows)], dtype=gram.dtype, device=gram.device)])
@@ -356,11 +358,14 @@ def _module_name(name: str) -> str:
 def _keep_count(keep: int | float, channels: int, producer: str) -> int:
     if isinstance(keep, bool) or not isinstance(keep, (int, float)):
         raise PrunelabError(
-            f"regression_channel_prune got keep={keep!r} for {producer!r}; expected a channel count (int) or a fraction in (0, 1]"
+            f"regression_channel_prune got keep={keep!r} for {producer!r}; "
+            "expected a channel count (int) or a fraction in (0, 1]"
         )
     if isinstance(keep, float):
         if not 0.0 < keep <= 1.0:
-            raise PrunelabError(f"regression_channel_prune got keep={keep} for {producer!r}; a fraction must be in (0, 1]")
+            raise PrunelabError(
+                f"regression_channel_prune got keep={keep} for {producer!r}; a fraction must be in (0, 1]"
+            )
         return max(1, round(keep * channels))
     if not 1 <= keep <= channels:
         raise PrunelabError(
@@ -370,7 +375,8 @@ def _keep_count(keep: int | float, channels: int, producer: str) -> int:
 
 
 def regression_channel_prune(
-    model: nn.Module, producer: str, consumer: str | None, data: ScoreData, keep: int | float
+    model: nn.Module, producer: str, consumer: str | None, data: ScoreData, keep: int | float,
+    *, links: ChannelLinks | None = None,
 ) -> ChannelPruneResult:
     """He, Zhang & Sun 2017 ("Channel Pruning for Accelerating Very Deep Neural Networks")
     on one pair: LASSO channel selection, then least-squares reconstruction (module doc).
@@ -380,7 +386,9 @@ def regression_channel_prune(
     reach through channel-wise ops only).  An explicit consumer must take the producer's
     channel ``c`` as its input channel ``c``.  ``keep``: channels to keep (int) or a
     fraction of them (float in (0, 1]).  Supports Linear -> Linear and Conv2d -> Conv2d
-    (groups=1).
+    (groups=1).  ``links``: the model's :func:`~prunelab.criteria.links.channel_links`,
+    when the caller has them (pruning several pairs then traces the model once); computed
+    here when ``consumer`` is None and none are given.
 
     Pure: the model is run in eval mode and not modified; call ``result.apply(model)`` to
     write the masks' zeros and the reconstructed consumer weights into it.
@@ -398,7 +406,7 @@ def regression_channel_prune(
             f"pass one of {', '.join(n for n, m in modules.items() if isinstance(m, PRUNABLE_TYPES))}"
         )
     if consumer is None:
-        links = channel_links(root)
+        links = links if links is not None else channel_links(root)
         links.check("consumer", [producer])
         found = links.consumer.get(producer)
         if found is None:
@@ -478,14 +486,13 @@ class Regression(Criterion):
     def score(self, model: nn.Module, params: Mapping[str, nn.Parameter], data: ScoreData | None) -> dict[str, Tensor]:
         assert data is not None
         owners = owning_modules(model, params)
-        found = channel_links(model)
-        found.check("consumer", sorted({o.module_name for o in owners.values() if isinstance(o.module, PRUNABLE_TYPES)}))
+        layers = sorted({o.module_name for o in owners.values() if isinstance(o.module, PRUNABLE_TYPES)})
+        found = channel_links(model)  # one trace for the whole pass
+        found.check("consumer", layers)
         links = found.consumer
         root, _ = unwrap(model)
         modules = dict(root.named_modules())
-        producers = sorted({
-            o.module_name for o in owners.values() if isinstance(o.module, PRUNABLE_TYPES) and o.module_name in links
-        })
+        producers = [p for p in layers if p in links]
         grams = collect_input_grams(root, sorted({links[p] for p in producers}), data) if producers else {}
         channel_scores = {
             p: torch.from_numpy(

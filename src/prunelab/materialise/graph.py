@@ -24,9 +24,9 @@ reach into one-line problems naming the op, the node and the module.
 A weight, bias or buffer of a layer shrink cuts that the forward also uses outside the
 layer's own call (``F.linear(x, self.fc.weight)``, ``x @ self.fc.weight.t()``,
 ``self.conv.weight.sum()``, a weight tied to another module's, a second name of the same
-module) would change under the forward's feet: :meth:`_Builder.pin_outside_uses` pins
-every channel a cut of that layer follows, so the dry run reports the use before anything
-is cut.
+module) would change under the forward's feet:
+:func:`prunelab.materialise.graph_uses.pin_outside_uses` pins every channel a cut of that
+layer follows, so the dry run reports the use before anything is cut.
 
 Tracing (:mod:`prunelab.materialise.tracing`): a submodule whose ``forward`` torch.fx
 cannot trace (data-dependent control flow, iterating a tensor, ...) is re-traced as an
@@ -49,6 +49,7 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from prunelab.errors import PrunelabError
+from prunelab.materialise.graph_uses import pin_outside_uses
 from prunelab.materialise.layouts import ChannelGraph, Layout, Op, Owner, Pin, Segment, Space
 from prunelab.materialise.tracing import (
     as_inputs, describe_target, is_attention_unit, propagate_shapes, trace_model,
@@ -90,7 +91,9 @@ POOL_FUNCTIONS = frozenset({
 AVGPOOL_FUNCTIONS = frozenset({F.avg_pool1d, F.avg_pool2d, F.avg_pool3d})
 REDUCE_FUNCTIONS = {torch.mean: "mean", torch.sum: "sum", torch.amax: "max"}
 
-POINTWISE_METHODS = frozenset({"relu", "relu_", "sigmoid", "tanh", "exp", "abs", "neg", "clamp", "clamp_min", "clamp_max"})
+POINTWISE_METHODS = frozenset({
+    "relu", "relu_", "sigmoid", "tanh", "exp", "abs", "neg", "clamp", "clamp_min", "clamp_max",
+})
 IDENTITY_METHODS = frozenset({"contiguous", "clone", "detach", "float", "double", "half", "to", "type_as"})
 BINARY_METHODS = frozenset({"add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_"})
 RESHAPE_METHODS = frozenset({"view", "reshape", "flatten"})
@@ -129,7 +132,8 @@ def averages_exactly(node_or_pool: fx.Node | nn.Module) -> bool:
     def arg(index: int, key: str, default: Any) -> Any:
         return node_or_pool.args[index] if len(node_or_pool.args) > index else node_or_pool.kwargs.get(key, default)
 
-    padding, include, divisor = arg(3, "padding", 0), arg(5, "count_include_pad", True), arg(6, "divisor_override", None)
+    padding, include = arg(3, "padding", 0), arg(5, "count_include_pad", True)
+    divisor = arg(6, "divisor_override", None)
     pads = padding if isinstance(padding, (tuple, list)) else (padding,)
     unpadded = all(isinstance(p, int) and not isinstance(p, bool) and p == 0 for p in pads)
     return divisor is None and (unpadded or include is False)
@@ -224,56 +228,6 @@ class _Builder:
                 self.visit_method(node)
         return self.g
 
-    # pass 1b: tensors of cut layers used outside their own call
-    def layer_spaces(self) -> dict[str, set[int]]:
-        """Layer FQN -> the channel spaces whose cut changes its tensors (output rows, input channels, heads)."""
-        found: dict[str, set[int]] = {}
-        for op in self.g.ops:
-            if op.target is None or op.kind not in ("linear", "conv", "grouped", "depthwise", "bn", "attention"):
-                continue
-            rows = set(op.output.spaces()) if op.output is not None else set()
-            cols = set(self.g.layout(op.inputs[0]).spaces()) if op.inputs and self.g.layout(op.inputs[0]) else set()
-            if op.kind == "attention":
-                found.setdefault(f"{op.target}.out_proj", set()).update(rows | {op.heads})
-                for proj in ("q_proj", "k_proj", "v_proj"):
-                    found.setdefault(f"{op.target}.{proj}", set()).update(cols | {op.heads})
-            else:
-                found.setdefault(op.target, set()).update(rows | cols)
-        return {name: spaces for name, spaces in found.items() if spaces}
-
-    def pin_outside_uses(self, model: nn.Module) -> None:
-        """Pin the channels of every layer whose parameter or buffer is used outside the layer's own call.
-
-        A ``get_attr`` of ``fc.weight`` (``F.linear(x, self.fc.weight)``, ``self.fc.weight.t()``)
-        would read the cut tensor, and a tensor also held by another module (tied weights,
-        or the same module under a second name) would no longer be shared once the layer is
-        replaced; either way the cut layer no longer computes what the forward expects.
-        """
-        spaces = self.layer_spaces()
-        if not spaces:
-            return
-        for node in self.gm.graph.nodes:
-            owner, _, attr = str(node.target).rpartition(".")
-            if node.op != "get_attr" or owner not in spaces or attr == "num_batches_tracked" or not node.users:
-                continue
-            users = ", ".join(self.where(user) for user in node.users)
-            what = (f"{users} reads '{node.target}' outside a call of layer '{owner}': shrink cannot cut a layer "
-                    "whose tensors the forward uses itself")
-            self.g.pins.append(Pin(tuple(sorted(spaces[owner])), "op", what))
-        holders: dict[int, list[str]] = {}
-        for name, module in model.named_modules(remove_duplicate=False):
-            for attr, tensor in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)):
-                holders.setdefault(id(tensor), []).append(f"{name}.{attr}" if name else attr)
-        for owner, sids in spaces.items():
-            layer = model.get_submodule(owner)
-            for attr, tensor in (*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)):
-                others = [h for h in holders.get(id(tensor), []) if h.rpartition(".")[0] != owner]
-                if others and attr != "num_batches_tracked":
-                    what = (f"'{owner}.{attr}' is also '{others[0]}' (a tied tensor, or a second name of module "
-                            f"'{owner}'): shrink cannot cut a layer whose tensors another module shares")
-                    self.g.pins.append(Pin(tuple(sorted(sids)), "op", what))
-                    break
-
     # modules
     def visit_module(self, node: fx.Node, module: nn.Module) -> None:
         name = node.target
@@ -283,7 +237,8 @@ class _Builder:
         if name in self.g.opaque:
             self.barrier(node, f"torch.fx could not trace it ({self.g.opaque[name]}); cannot propagate channel pruning")
         elif isinstance(module, nn.MultiheadAttention):
-            self.barrier(node, "nn.MultiheadAttention is not supported (use an attention unit with q_proj/k_proj/v_proj/out_proj)")
+            self.barrier(node, "nn.MultiheadAttention is not supported "
+                               "(use an attention unit with q_proj/k_proj/v_proj/out_proj)")
         elif is_attention_unit(module):
             self.visit_attention(node, module, x, lay, out_rank)
         elif isinstance(module, LINEAR_TYPES):
@@ -369,7 +324,8 @@ class _Builder:
     def visit_attention(self, node: fx.Node, attn: nn.Module, x: fx.Node | None, lay: Layout | None, rank: int) -> None:
         name = node.target
         extra = [n for n in self.tensor_inputs(node) if n is not x]
-        self.pin([self.g.layout(n) for n in extra], "op", f"{self.where(node)}: only its first input may carry pruned channels")
+        self.pin([self.g.layout(n) for n in extra], "op",
+                 f"{self.where(node)}: only its first input may carry pruned channels")
         if lay is not None and lay.dim != len(self.shape(x)) - 1:
             self.pin([lay], "op", f"{self.where(node)}: the pruned channels are not its input features")
             lay = None
@@ -446,14 +402,16 @@ class _Builder:
                 if a.space is not None and b.space is not None:
                     self.g.union(a.space, b.space)
                 elif a.space is not None or b.space is not None:
-                    self.pin([Layout(0, (a, b))], "fixed", f"added to channels without a prunable producer at node '{node.name}'")
+                    self.pin([Layout(0, (a, b))], "fixed",
+                             f"added to channels without a prunable producer at node '{node.name}'")
         zero_required = False
         for a in tensors:
             if self.g.layout(a) is not None:
                 continue
             size = (1,) * (rank - len(self.shape(a))) + self.shape(a)
             if size[first.dim] == first.length:
-                self.pin([first], "fixed", f"combined with tensor '{a.name}' (no prunable channels) at node '{node.name}'")
+                self.pin([first], "fixed",
+                         f"combined with tensor '{a.name}' (no prunable channels) at node '{node.name}'")
             elif fn in MULTIPLICATIVE:
                 zero_required = True
             else:
@@ -551,5 +509,5 @@ def build_graph(model: nn.Module, example_input: Any) -> ChannelGraph:
     propagate_shapes(gm, model, inputs)
     builder = _Builder(gm, opaque, scopes)
     graph = builder.build()
-    builder.pin_outside_uses(model)
+    pin_outside_uses(graph, model, builder.where)
     return graph
