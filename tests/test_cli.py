@@ -146,7 +146,7 @@ def test_checkpoint_masks_not_matching_model(cli, tmp_path, pruned_run):
     masks = load_file(str(broken / "masks.safetensors"))
     first = next(iter(masks))
     masks[first] = torch.ones(3, 3, dtype=torch.bool)
-    save_file(masks, str(broken / "masks.safetensors"))
+    save_file(masks, str(broken / "masks.safetensors"), metadata={"format": "prunelab.maskset.v1"})
     code, _, err = cli("inspect", str(broken))
     assert code == 2 and "shape" in err and len(err.strip().splitlines()) == 1
 
@@ -232,6 +232,35 @@ def test_materialise_writes_a_model_that_loads_and_matches(cli, tmp_path, pruned
     x = torch.randn(5, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), ckpt.model.eval()(x), atol=1e-5, rtol=0)
+
+
+def _tree(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_materialise_refuses_to_replace_a_prune_run(cli, tmp_path, pruned_run):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(pruned_run, run)
+    before = _tree(run)
+    code, out, err = cli("materialise", str(pruned_run), "--form", "csr", "--out", str(run))
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert f"--out {str(run)!r} holds a prune / demo run (checkpoint.json, masks.safetensors, report.md ...), not an " \
+           "earlier materialise output; materialise replaces its whole --out folder and would delete it" in err
+    assert _tree(run) == before and sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing deleted or left
+
+
+def test_materialise_replaces_its_own_earlier_output_but_not_other_files(cli, tmp_path, pruned_run):
+    out = tmp_path / "csr"
+    for _ in range(2):  # re-running into its own folder replaces it
+        code, _, err = cli("materialise", str(pruned_run), "--form", "csr", "--out", str(out))
+        assert code == 0, err
+    (out / "notes.txt").write_text("keep me")
+    code, _, err = cli("materialise", str(pruned_run), "--form", "csr", "--out", str(out))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "holds files materialise does not write (notes.txt), not an earlier materialise output" in err
+    assert (out / "notes.txt").read_text() == "keep me"
 
 
 def test_bench_latency_prints_ratios_and_per_layer_times(cli, pruned_run):

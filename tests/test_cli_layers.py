@@ -52,3 +52,42 @@ def test_a_count_of_every_block_is_refused_before_calibration(cli, tmp_path, tin
                        "--out", str(out), "--no-progress")
     assert code == 2 and "--count 5 would drop all 2 blocks" in err and "use at most 1" in err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_drop_layers_and_oneshot_replace_their_own_output_but_not_each_others(cli, tmp_path, tiny_bert, data_dir):
+    pytest.importorskip("prunelab.oneshot")
+    common = ["--model", str(tiny_bert), "--calib-samples", "2", "--data-dir", str(data_dir), "--no-progress"]
+    shallow, pruned = tmp_path / "shallow", tmp_path / "pruned"
+    for _ in range(2):  # re-running into its own folder replaces it
+        code, _, err = cli("drop-layers", *common, "--count", "1", "--out", str(shallow))
+        assert code == 0, err
+    code, _, err = cli("oneshot", *common, "--method", "magnitude", "--out", str(pruned))
+    assert code == 0, err
+    for argv, out, message in (
+        (["oneshot", *common, "--method", "magnitude"], shallow,
+         "holds a drop-layers output (report.json), not an earlier oneshot output"),  # same file names, other record
+        (["drop-layers", *common, "--count", "1"], pruned,
+         "holds a oneshot output (masks.safetensors), not an earlier drop-layers output"),
+    ):
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        code, stdout, err = cli(*argv, "--out", str(out))
+        assert code == 2 and stdout == "" and len(err.strip().splitlines()) == 1, err
+        assert f"--out {str(out)!r} {message}; {argv[0]} replaces its whole --out folder" in err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned", "shallow"]  # no temporary folder left
+
+
+def test_drop_layers_refuses_to_replace_a_prune_checkpoint(cli, tmp_path, tiny_bert, data_dir):
+    from prunelab.bench.models import build_model
+    from prunelab.checkpoint import save_checkpoint
+    from prunelab.masks import MaskSet
+
+    model = build_model("digits_mlp", (64,), 10)
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, MaskSet.from_model(model, ["fc1.weight"]),
+                           {"model": "digits_mlp", "dataset": "digits", "input_shape": [64], "num_classes": 10})
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    code, _, err = cli("drop-layers", "--model", str(tiny_bert), "--count", "1", "--calib-samples", "2",
+                       "--data-dir", str(data_dir), "--no-progress", "--out", str(ckpt))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "holds a prune / demo run (checkpoint.json, masks.safetensors), not an earlier drop-layers output" in err
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before

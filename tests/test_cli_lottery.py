@@ -147,3 +147,35 @@ def test_prune_refuses_to_replace_a_lottery_run_folder(cli, two_rounds, tmp_path
     assert "choose a new or empty folder for --out" in err
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing deleted or rewritten
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary folder left beside it
+
+
+def test_out_and_resume_naming_one_folder_differently_is_accepted(cli, two_rounds, tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copytree(two_rounds, tmp_path / "runs" / "x")
+    monkeypatch.chdir(tmp_path)
+    for out_flag, resume_flag in (("runs/x", str(tmp_path / "runs" / "x")), ("runs/../runs/x", "./runs/x")):
+        code, out, err = cli("lottery", *FAST, "--rounds", "2", "--out", out_flag, "--resume", resume_flag)
+        assert code == 0, err
+        assert "3 finished rounds read back from the folder, 0 trained now" in out
+    code, _, err = cli("lottery", *FAST, "--rounds", "2", "--out", "runs/y", "--resume", "runs/x")
+    assert code == 2 and "name different folders" in err  # really different folders stay refused
+
+
+@pytest.mark.parametrize("command", [
+    ["materialise", "{run}", "--form", "csr"],
+    ["oneshot", "--model", "{tiny_bert}", "--method", "magnitude", "--calib-samples", "2", "--no-progress"],
+])
+def test_other_commands_refuse_to_replace_a_lottery_run_folder(cli, two_rounds, tmp_path, tiny_bert, command):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(two_rounds, run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    argv = [part.format(run=two_rounds, tiny_bert=tiny_bert) for part in command]
+    code, out, err = cli(*argv, "--out", str(run))
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert f"--out {str(run)!r} holds a lottery run (written by prunelab lottery) (" in err
+    assert f"not an earlier {command[0]} output; {command[0]} replaces its whole --out folder" in err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing deleted or rewritten
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary folder left beside it

@@ -248,6 +248,28 @@ def test_resume_from_a_damaged_folder_names_the_file_and_keeps_the_rounds_before
     assert all(a.equal(b) for a, b in zip(resumed.masks, first.masks))
 
 
+@pytest.mark.parametrize("foreign, message", [
+    ({"0.weight": torch.ones(24, 8, dtype=torch.bool), "9.weight": torch.ones(3, dtype=torch.bool)},
+     r"it masks '9\.weight', which is no prunable parameter of the model \(it has 0\.weight, 2\.weight, 4\.weight\)"),
+    ({"0.weight": torch.ones(24, 8, dtype=torch.bool)}, r"it has no mask for the model's '2\.weight'"),
+    ({"0.weight": torch.ones(24, 8, dtype=torch.bool), "2.weight": torch.ones(16, 24, dtype=torch.bool),
+      "4.weight": torch.ones(3, 8, dtype=torch.bool)},
+     r"mask '4\.weight' has shape \(3, 8\), but the parameter has \(3, 16\)"),
+])
+def test_resume_refuses_a_round_mask_that_does_not_fit_the_model(tmp_path, foreign, message):
+    train, test = loaders()
+    run = tmp_path / "run"
+    run_lottery(builder, train, test, config(rounds=2, reinit_rounds=()), run)
+    MaskSet(foreign).save(run / "round_001" / "mask.safetensors")  # another run's mask, copied in
+    before = _files(run)
+    with pytest.raises(PrunelabError, match=rf"lottery run file '{run / 'round_001' / 'mask.safetensors'}' is damaged "
+                                            rf"\(it does not fit the model: {message}\); delete '{run / 'round_001'}'"
+                       ) as info:
+        run_lottery(builder, *loaders(), config(rounds=3, reinit_rounds=()), run, resume=True)
+    assert "\n" not in str(info.value)
+    assert _files(run) == before  # refused before anything was written
+
+
 # --- late rewinding: a round rewound to step k trains from k to T ---------------------------------
 def test_rewound_rounds_train_the_remaining_steps_with_the_schedule_and_data_continued(tmp_path, monkeypatch):
     import math

@@ -152,3 +152,30 @@ def test_masks_may_name_a_tied_weight_by_any_of_its_names():
     assert MaskSet.from_model(model, ["2.weight"]).equal({"2.weight": mask})
     with pytest.raises(PrunelabError, match="names no parameter"):
         MaskSet.from_model(model, ["9.weight"])
+
+
+def test_integer_and_float_masks_of_0_and_1_become_bool_and_other_values_are_refused():
+    masks = MaskSet({"a.weight": torch.tensor([0.0, 1.0, 1.0]), "b.weight": torch.tensor([[1, 0]], dtype=torch.int8)})
+    assert masks["a.weight"].dtype == torch.bool and masks["a.weight"].tolist() == [False, True, True]
+    assert masks["b.weight"].tolist() == [[True, False]]
+    for bad, shown in ((torch.tensor([0.0, 0.3]), "0.3"), (torch.tensor([1, 2]), "2"),
+                       (torch.tensor([float("nan")]), "nan")):
+        with pytest.raises(PrunelabError, match=rf"mask 'fc.weight' \(torch\.\w+\) holds values other than 0 and 1 "
+                                                rf"such as {shown}; a mask is bool") as info:
+            MaskSet({"fc.weight": bad})
+        assert "\n" not in str(info.value)
+
+
+def test_load_refuses_files_without_mask_metadata_and_non_boolean_values(tmp_path):
+    from safetensors.torch import save_file
+
+    bare = tmp_path / "bare.safetensors"
+    save_file({"0.weight": torch.ones(3, 4, dtype=torch.bool)}, str(bare))  # not written by MaskSet.save
+    with pytest.raises(PrunelabError, match=r"has no prunelab format metadata, so MaskSet.save did not write it"):
+        MaskSet.load(bare)
+    soft = tmp_path / "soft.safetensors"
+    save_file({"0.weight": torch.full((2,), 0.5)}, str(soft), metadata={"format": "prunelab.maskset.v1"})
+    with pytest.raises(PrunelabError, match=rf"^'{soft}': mask '0\.weight' \(torch\.float32\) holds values other "
+                                            r"than 0 and 1 such as 0\.5"):
+        MaskSet.load(soft)
+    assert MaskSet.load(hand_masks().save(tmp_path / "masks.safetensors")).equal(hand_masks())  # save's files load

@@ -195,3 +195,34 @@ def test_chargpt_from_cache_prunes_and_reloads(cli, tmp_path, monkeypatch, data_
     assert len(masks) == 16 and "lm_head.weight" not in masks
     for name, mask in masks.items():
         assert torch.all(params[name][~mask] == 0) and float(mask.float().mean()) == pytest.approx(0.5)
+
+
+def _checkpoint(folder):
+    """A prune-style checkpoint folder (what prune / demo / materialise read), written directly."""
+    from prunelab.bench.models import build_model
+    from prunelab.checkpoint import save_checkpoint
+    from prunelab.masks import MaskSet
+
+    model = build_model("digits_mlp", (64,), 10)
+    masks = MaskSet.from_model(model, [n for n, p in model.named_parameters() if p.dim() > 1])
+    save_checkpoint(folder, model, masks, {"model": "digits_mlp", "dataset": "digits", "input_shape": [64],
+                                           "num_classes": 10})
+    return folder
+
+
+def test_oneshot_replaces_its_own_output_but_not_a_prune_checkpoint(cli, tmp_path, tiny_bert, data_dir):
+    pytest.importorskip("prunelab.oneshot")
+    argv = ["oneshot", "--model", str(tiny_bert), "--method", "magnitude", "--calib-samples", "2",
+            "--data-dir", str(data_dir), "--no-progress"]
+    out = tmp_path / "pruned"
+    for sparsity in ("0.5", "0.6"):  # re-running into its own folder replaces it
+        code, _, err = cli(*argv, "--sparsity", sparsity, "--out", str(out))
+        assert code == 0, err
+    assert json.loads((out / "report.json").read_text())["config"]["sparsity"] == 0.6
+    ckpt = _checkpoint(tmp_path / "ckpt")
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    code, stdout, err = cli(*argv, "--out", str(ckpt))
+    assert code == 2 and stdout == "" and len(err.strip().splitlines()) == 1
+    assert f"--out {str(ckpt)!r} holds a prune / demo run (checkpoint.json), not an earlier oneshot output" in err
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "pruned"]

@@ -20,10 +20,14 @@ from typing import Any
 
 from prunelab.errors import PrunelabError
 from prunelab.oneshot_cli import (
-    DEFAULT_CALIB_SAMPLES, add_model_args, calibration_for, load_model, resolve_model, save_model,
+    DEFAULT_CALIB_SAMPLES, MODEL_FILES, add_model_args, calibration_for, load_model, resolve_model, save_model,
 )
+from prunelab.out_folders import OutFiles, check_out_folder
 
-__all__ = ["add_drop_layers_parser", "cmd_drop_layers"]
+__all__ = ["DROP_LAYERS_OUTPUT", "add_drop_layers_parser", "cmd_drop_layers"]
+
+# what cmd_drop_layers writes: the shallower model (save_model) and its report
+DROP_LAYERS_OUTPUT = OutFiles("drop-layers", (*MODEL_FILES, "report.json", "report.md"), record=("report.json", "dropped"))
 
 
 def _markdown(record: dict[str, Any]) -> str:
@@ -41,7 +45,7 @@ def _markdown(record: dict[str, Any]) -> str:
 
 def cmd_drop_layers(args: argparse.Namespace) -> int:
     """Score, drop ``--count`` blocks of ``--model`` and write ``--out`` (see the module docstring)."""
-    from prunelab.io import atomic_dir, check_replaceable, ensure_writable_dir, write_json, write_text
+    from prunelab.io import atomic_dir, ensure_writable_dir, write_json, write_text
 
     if isinstance(args.count, bool) or args.count < 1:
         raise PrunelabError(f"--count must be a positive integer (blocks to drop), got {args.count}")
@@ -49,7 +53,7 @@ def cmd_drop_layers(args: argparse.Namespace) -> int:
         raise PrunelabError(f"--calib-samples must be a positive integer, got {args.calib_samples}")
     spec = resolve_model(args.model)
     ensure_writable_dir(Path(args.out).resolve().parent)  # fail before loading anything
-    check_replaceable(args.out, inputs=(spec.path,) if spec.path is not None else ())
+    check_out_folder(args.out, DROP_LAYERS_OUTPUT, inputs=(spec.path,) if spec.path is not None else ())
     from prunelab.layers import block_influence, drop_blocks, lowest_influence
 
     model, tokenizer, meta = load_model(spec, args)
@@ -81,6 +85,7 @@ def cmd_drop_layers(args: argparse.Namespace) -> int:
     }
     for name, score in scores.items():
         print(f"{name:<24} block influence {score:.4f}{'  <- dropped' if name in dropped else ''}")
+    check_out_folder(args.out, DROP_LAYERS_OUTPUT)  # again: another command may have written there meanwhile
     with atomic_dir(args.out) as tmp:
         save_model(spec, model, tokenizer, tmp, {"dropped_blocks": dropped}, args.progress)
         write_json(tmp / "report.json", record)

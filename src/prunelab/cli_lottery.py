@@ -97,7 +97,8 @@ def cmd_lottery(args: argparse.Namespace) -> int:
         if value is not None and not value.strip():
             raise PrunelabError(f"{flag} is empty; name the run folder, or leave {flag} out "
                                 "(a new run goes to runs/lottery)")
-    if args.resume and args.out and Path(args.out) != Path(args.resume):
+    # resolved: runs/x, /abs/path/to/runs/x and runs/../runs/x (or a symlink to it) are one folder
+    if args.resume and args.out and Path(args.out).resolve() != Path(args.resume).resolve():
         raise PrunelabError(f"--out {args.out!r} and --resume {args.resume!r} name different folders; pass only --resume DIR")
     if args.resume and not (Path(args.resume) / "config.json").is_file():
         raise PrunelabError(f"--resume {args.resume!r} holds no lottery run (no config.json); "

@@ -18,7 +18,13 @@ from typing import Any
 
 import torch
 
+from prunelab.checkpoint import MODEL_FILE
 from prunelab.errors import PrunelabError
+from prunelab.loading import MATERIALISED_META, MATERIALISED_STATE
+from prunelab.out_folders import OutFiles, check_out_folder
+
+# what materialise writes: save_shrunk's model + architecture (--form shrink), or the sparse-format model
+MATERIALISE_OUTPUT = OutFiles("materialise", (MODEL_FILE, "architecture.json", MATERIALISED_STATE, MATERIALISED_META))
 
 
 def add_materialise_parsers(subparsers: Any) -> None:
@@ -70,15 +76,15 @@ def _materialise(ckpt, inputs: torch.Tensor, form: str, pooling: str = "native")
 
 
 def cmd_materialise(args: argparse.Namespace) -> int:
-    from prunelab.io import atomic_dir, check_replaceable, ensure_writable_dir, write_json
-    from prunelab.loading import MATERIALISED_META, MATERIALISED_STATE
+    from prunelab.io import atomic_dir, ensure_writable_dir, write_json
     from prunelab.materialise import FORMS
     from prunelab.materialise.spec import save_shrunk
     from prunelab.measure.counting import measure_model
     from prunelab.measure.tables import markdown_table
 
     FORMS.get(args.form)  # unknown form: one line listing the valid ones, before any work
-    check_replaceable(args.out, inputs=(args.checkpoint,))
+    # another command's run there (a prune run, a lottery run) would be deleted: refused before any work
+    check_out_folder(args.out, MATERIALISE_OUTPUT, inputs=(args.checkpoint,))
     # probe the parent, not --out itself: creating --out up front left an empty folder behind
     # whenever loading or materialising failed; atomic_dir/save_shrunk create it on success
     ensure_writable_dir(Path(args.out).parent if str(Path(args.out).parent) else Path("."))
@@ -86,6 +92,7 @@ def cmd_materialise(args: argparse.Namespace) -> int:
     new = _materialise(ckpt, inputs, args.form)
     report = new.materialise_report
     meta = {k: ckpt.meta[k] for k in ("model", "dataset", "input_shape", "num_classes")}
+    check_out_folder(args.out, MATERIALISE_OUTPUT)  # again: another command may have written there meanwhile
     if args.form == "shrink":
         save_shrunk(args.out, new, list(inputs.shape[1:]), meta)
         dense_cost, new_cost = measure_model(ckpt.model, inputs[:1]), measure_model(new, inputs[:1])

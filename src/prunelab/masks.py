@@ -78,15 +78,35 @@ class MaskStats:
         }
 
 
+def _as_bool(name: str, mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` as a bool tensor; an integer or float mask must hold only 0 and 1 (a 0.3 is no keep/prune bit)."""
+    mask = mask.detach()
+    if mask.dtype == torch.bool or mask.device.type == "meta":  # a meta tensor has no values to check
+        return mask.to(torch.bool)
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        bad = mask[(mask != 0) & (mask != 1)].flatten()
+        shown = f" such as {bad[0].item():g}" if bad.numel() else ""
+        raise PrunelabError(
+            f"mask {name!r} ({mask.dtype}) holds values other than 0 and 1{shown}; a mask is bool (True = kept) or "
+            "0/1 -- threshold scores into one first, e.g. scores > t"
+        )
+    return mask.to(torch.bool)
+
+
 class MaskSet(Mapping[str, torch.Tensor]):
-    """An immutable mapping ``parameter FQN -> bool tensor`` (True = kept)."""
+    """An immutable mapping ``parameter FQN -> bool tensor`` (True = kept).
+
+    Masks may be given as bool tensors or as integer / float tensors holding only 0 and
+    1 (``torch.nn.utils.prune``'s float ``weight_mask``); any other value is refused with
+    a PrunelabError naming the mask instead of being rounded to True.
+    """
 
     def __init__(self, masks: Mapping[str, torch.Tensor]) -> None:
         checked: dict[str, torch.Tensor] = {}
         for name, mask in masks.items():
             if not isinstance(mask, torch.Tensor):
                 raise TypeError(f"mask for {name!r} must be a tensor, got {type(mask).__name__}")
-            checked[name] = mask.detach().to(torch.bool)
+            checked[name] = _as_bool(name, mask)
         self._masks = checked
 
     # --- Mapping -------------------------------------------------------------------
@@ -226,7 +246,13 @@ class MaskSet(Mapping[str, torch.Tensor]):
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> "MaskSet":
-        """Read masks written by :meth:`save` (on the CPU, or on ``device``), in their saved order."""
+        """Read masks written by :meth:`save` (on the CPU, or on ``device``), in their saved order.
+
+        The file must carry :meth:`save`'s ``format`` metadata (:data:`MASK_FORMAT`; every
+        version of prunelab has written it): a safetensors file without it, or with another
+        prunelab format (a model's weights), is refused, as is a mask holding values other
+        than 0 and 1.
+        """
         from safetensors import SafetensorError, safe_open
 
         path = Path(path)
@@ -239,7 +265,12 @@ class MaskSet(Mapping[str, torch.Tensor]):
         except (SafetensorError, OSError, ValueError) as exc:
             raise PrunelabError(f"cannot read masks from {str(path)!r} ({exc}); the file is corrupt or not a safetensors mask file") from None
         kind = metadata.get("format")
-        if kind is not None and kind != MASK_FORMAT:
+        if kind is None:
+            raise PrunelabError(
+                f"{str(path)!r} has no prunelab format metadata, so MaskSet.save did not write it; pass the "
+                f"masks.safetensors written next to the model, or build a MaskSet from the tensors and save it"
+            )
+        if kind != MASK_FORMAT:
             raise PrunelabError(
                 f"{str(path)!r} is a {kind} file, not a mask file ({MASK_FORMAT}); pass the masks.safetensors "
                 "written next to the model"
@@ -250,7 +281,10 @@ class MaskSet(Mapping[str, torch.Tensor]):
             order = []
         if not isinstance(order, list) or sorted(map(str, order)) != sorted(tensors):
             order = list(tensors)  # no (usable) recorded order: the file's own
-        masks = cls({name: tensors[name] for name in order})
+        try:
+            masks = cls({name: tensors[name] for name in order})
+        except PrunelabError as exc:
+            raise PrunelabError(f"{str(path)!r}: {exc}") from None
         return masks.to(device) if device is not None else masks
 
     def to(self, device: torch.device | str) -> "MaskSet":

@@ -32,15 +32,25 @@ from typing import TYPE_CHECKING, Any
 
 from prunelab.errors import PrunelabError
 from prunelab.measure.memory import peak_rss_mb
+from prunelab.out_folders import OutFiles, check_out_folder
 
 if TYPE_CHECKING:  # importing the CLI must stay cheap: torch is imported only when a command runs
     from torch import nn
 
-__all__ = ["ModelSpec", "add_oneshot_parser", "build_parser", "cmd_oneshot", "main", "parse_pattern", "resolve_model"]
+__all__ = ["MODEL_FILES", "ONESHOT_OUTPUT", "ModelSpec", "add_oneshot_parser", "build_parser", "cmd_oneshot", "main",
+           "parse_pattern", "resolve_model"]
 
 KNOWN_MODELS = ("chargpt", "minilm")
 DEFAULT_CALIB_SAMPLES = {"chargpt": 64, "transformers": 128}
 PATTERN_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+# what save_model writes: save_chargpt's two files, or save_pretrained's model and tokenizer files
+# (transformers versions differ in which; sharded weights come as model-NNNNN-of-NNNNN.safetensors + index)
+MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", "model-*-of-*.safetensors",
+               "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "*.model", "chat_template.jinja",
+               "chat_template.json")
+ONESHOT_OUTPUT = OutFiles("oneshot", (*MODEL_FILES, "masks.safetensors", "report.json", "report.md"),
+                          record=("report.json", "oneshot"))
 
 
 @dataclass(frozen=True)
@@ -195,9 +205,8 @@ def cmd_oneshot(args: argparse.Namespace) -> int:
     """Prune ``--model`` one-shot with ``--method`` and write ``--out`` (see the module docstring)."""
     spec = resolve_model(args.model)
     sparsity, pattern = _validate_args(args)
-    from prunelab.io import check_replaceable
-
-    check_replaceable(args.out, inputs=(spec.path,) if spec.path is not None else ())  # before loading anything
+    # before loading anything; another command's run there would be deleted by the swap
+    check_out_folder(args.out, ONESHOT_OUTPUT, inputs=(spec.path,) if spec.path is not None else ())
     exclude = tuple(args.exclude or ())
     from prunelab.oneshot import OneShotConfig, prune_oneshot
 
@@ -239,6 +248,7 @@ def cmd_oneshot(args: argparse.Namespace) -> int:
 
     record["environment"] = benchmark_environment()
     rows = _report_rows(report)
+    check_out_folder(args.out, ONESHOT_OUTPUT)  # again: another command may have written there while this ran
     with atomic_dir(args.out) as tmp:
         note = {"pruned": {"method": config.method, "sparsity": stats.sparsity, "pattern": pattern}}
         save_model(spec, model, tokenizer, tmp, note, args.progress)

@@ -80,7 +80,9 @@ def load_digits(data_dir: str | os.PathLike | None = None, download: bool = Fals
 
     Pixels (0..16) are scaled to [0, 1], then standardised with the *training* set's
     mean and std.  The split is stratified by class with a fixed seed, so it is identical
-    on every machine.  ``data_dir`` and ``download`` are accepted and ignored.
+    on every machine.  ``data_dir`` and ``download`` are not read (the data is bundled
+    with scikit-learn); they keep the signature of the other loaders.  ``prunelab prune``
+    refuses ``--data-dir`` / ``--download`` with ``--dataset digits`` instead of ignoring them.
     """
     from sklearn.datasets import load_digits as sklearn_digits
     from sklearn.model_selection import train_test_split

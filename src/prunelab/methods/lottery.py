@@ -40,8 +40,8 @@ Run folder (each file written atomically, each round folder swapped in whole)::
 
 ``resume=True`` loads every finished round and continues after the last one;
 ``rounds`` may grow between runs (it is the only field allowed to change).  A damaged
-file (unreadable, truncated) stops the resume with a PrunelabError naming it, before
-anything is written; deleting that round's folder (and the later ones) redoes the run
+file (unreadable, truncated, a round mask not fitting the model's prunable layers) stops
+the resume with a PrunelabError naming it, before anything is written; deleting that round's folder (and the later ones) redoes the run
 from that round, reusing the rounds before it.  Each round's randomness (data order:
 the sampler's generator, or a ``DistributedSampler``'s epoch under DDP; dropout) is seeded
 from ``(train.seed, round)``, so a resumed run computes the same numbers as an
@@ -327,7 +327,8 @@ def _run(
     _check_rewind(config, train_loader)
     out = ensure_writable_dir(out_dir)
     seed = config.train.seed
-    names = list(prunable_parameters(initial, config.exclude))
+    targets = prunable_parameters(initial, config.exclude)
+    names = list(targets)
     rates = _layer_rates(names, config)
     theta0 = snapshot(initial)
     wanted = folder_config(config, fingerprint(theta0), len(train_loader))
@@ -346,8 +347,8 @@ def _run(
     rounds: list[dict[str, Any]] = []
     masks: list[MaskSet] = []
     finished = min(finished, config.rounds + 1)
-    for r in range(finished):  # load what is done; a damaged file stops here, before anything is written
-        metrics, mask = load_round(out / f"round_{r:03d}", r)
+    for r in range(finished):  # load what is done; a damaged or foreign file stops here, before anything is written
+        metrics, mask = load_round(out / f"round_{r:03d}", r, targets)
         rounds.append(metrics)
         masks.append(mask)
     rewind: dict[str, Tensor] | None = None
@@ -460,7 +461,8 @@ def run_lottery_method(
     rounds, each pruning ``p = 1 - (1 - spec.sparsity)^(1/rounds)`` of every layer's
     remaining weights (``spec.layer_rates`` override per layer; no special output rate),
     ``config`` trains every round, rewinding to ``model``'s weights as given (through the
-    CLI pass ``--pretrain-epochs 0`` so they are the initialisation).  No reinit control;
+    CLI they are the initialisation: the pipeline never pre-trains a from-scratch method,
+    and refuses ``--pretrain-epochs`` > 0 with ``--method lottery``).  No reinit control;
     the run folder is temporary (use :func:`run_lottery` to keep and resume it).
     ``model`` ends holding the last round's trained ticket.
 

@@ -74,8 +74,13 @@ def load_state(path: Path) -> dict[str, Tensor]:
         raise damaged(path, exc) from None
 
 
-def load_round(folder: Path, round_index: int) -> tuple[dict[str, Any], MaskSet]:
-    """Round ``round_index``'s metrics and mask as the lottery run writes them."""
+def load_round(folder: Path, round_index: int, params: Mapping[str, Tensor]) -> tuple[dict[str, Any], MaskSet]:
+    """Round ``round_index``'s metrics and mask as the lottery run writes them.
+
+    ``params``: the run's prunable parameters (FQN -> weight).  The mask must hold exactly
+    these names with their shapes: a ``mask.safetensors`` copied from another run (another
+    model, other ``exclude`` globs) is refused, naming the file and its round folder.
+    """
     path = folder / "metrics.json"
     try:
         metrics = json.loads(path.read_text())
@@ -88,7 +93,29 @@ def load_round(folder: Path, round_index: int) -> tuple[dict[str, Any], MaskSet]
         mask = MaskSet.load(path)
     except PrunelabError as exc:  # MaskSet.load's own message; the safetensors reason is shorter
         raise damaged(path, exc.__context__ or exc) from None
+    problem = _mask_misfit(mask, params)
+    if problem:
+        raise damaged(path, f"it does not fit the model: {problem}")
     return metrics, mask
+
+
+def _mask_misfit(mask: MaskSet, params: Mapping[str, Tensor]) -> str | None:
+    """Why ``mask`` is not a mask of exactly ``params`` (names and shapes); None when it is."""
+    extra = [name for name in mask if name not in params]
+    if extra:
+        return f"it masks {extra[0]!r}, which is no prunable parameter of the model (it has {_names(params)})"
+    missing = [name for name in params if name not in mask]
+    if missing:
+        return f"it has no mask for the model's {missing[0]!r}"
+    for name, weight in params.items():
+        if tuple(mask[name].shape) != tuple(weight.shape):
+            return f"mask {name!r} has shape {tuple(mask[name].shape)}, but the parameter has {tuple(weight.shape)}"
+    return None
+
+
+def _names(params: Mapping[str, Tensor]) -> str:
+    names = list(params)
+    return ", ".join(names[:4]) + (" ..." if len(names) > 4 else "")
 
 
 def load_weights(model: nn.Module, state: Mapping[str, Tensor], path: Path) -> None:
