@@ -333,3 +333,103 @@ def test_layer_with_zero_outputs_counts_without_crashing():
     assert (full.output_positions, full.dense_macs) == (5, 60)
     assert (empty.output_positions, empty.dense_macs, empty.params, empty.csr_bytes) == (5, 0, 0, 4)
     assert cost.dense_macs == 60 and cost.params == 15 and cost.sparsity == 0.0
+
+
+def test_conv_transpose_macs_are_weight_times_input_positions():
+    # ConvTranspose2d(4, 2, 3, stride=2): weight (in=4, out=2, 3, 3) = 72; every one of the
+    # 5 x 5 input positions multiplies the whole weight: 72 * 25 = 1800 MACs (output is 11 x 11)
+    model = nn.Sequential(nn.ConvTranspose2d(4, 2, 3, stride=2))
+    cost = measure_model(model, torch.randn(2, 4, 5, 5))
+    (layer,) = cost.layers
+    assert layer.kind == "ConvTranspose2d" and layer.weight_shape == (4, 2, 3, 3)
+    assert layer.output_positions == 25 and layer.dense_macs == 4 * 2 * 9 * 25 == 1800
+    assert cost.other_params == 0 and cost.params == 72 + 2
+    # grouped: weight (4, 6 / 2, 3, 3) = 108 per input position, 7 x 7 positions
+    grouped = measure_model(nn.ConvTranspose2d(4, 6, 3, groups=2, padding=1), torch.randn(1, 4, 7, 7)).layers[0]
+    assert grouped.weight_shape == (4, 3, 3, 3) and grouped.dense_macs == 108 * 49 == 5292
+    conv1d = measure_model(nn.ConvTranspose1d(3, 2, 4, stride=2), torch.randn(1, 3, 6)).layers[0]
+    assert conv1d.output_positions == 6 and conv1d.dense_macs == 3 * 2 * 4 * 6
+
+
+def test_mask_on_conv_transpose_weight_counts_sparse_macs():
+    model = nn.Sequential(nn.ConvTranspose2d(2, 1, 2, bias=False))
+    nn.init.ones_(model[0].weight)
+    mask = torch.zeros(2, 1, 2, 2, dtype=torch.bool)
+    mask[0, 0, 0, 0] = mask[1, 0, 1, 1] = True
+    layer = measure_model(model, torch.randn(1, 2, 3, 3), {"0.weight": mask}).layers[0]
+    assert (layer.weight_params, layer.weight_nonzeros) == (8, 2)
+    assert (layer.dense_macs, layer.sparse_macs) == (8 * 9, 2 * 9)
+    # CSR of the (in, out * k * k) = (2, 4) view: 2 values + 2 column indices + 3 row pointers
+    assert layer.csr_bytes == 2 * 4 + 2 * 4 + 3 * 4
+
+
+def _half_zero_linear() -> nn.Linear:
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 4)
+    with torch.no_grad():
+        layer.weight[:, ::2] = 0.0  # 16 of 32 weights zero, every 2:4 group has 2 nonzeros
+        layer.weight[:, 1::2] = torch.rand(4, 4) + 0.5
+    return layer
+
+
+def test_materialised_sparse_modules_are_counted():
+    from prunelab.materialise.sparse_modules import BSRLinear, CSRLinear, SemiStructuredLinear
+
+    x = torch.randn(1, 3, 8)  # (B, T, C): 3 positions per sample
+    dense = measure_model(nn.Sequential(_half_zero_linear()), x).layers[0]
+    # hand count: 32 weights, 16 nonzero, 4 bias; 3 positions
+    expected_bytes = {
+        CSRLinear: 16 * 4 + 16 * 4 + (4 + 1) * 4 + 4 * 4,       # values + int32 cols + int32 row pointers + bias = 164
+        BSRLinear: 2 * 16 * 4 + 2 * 4 + (1 + 1) * 4 + 4 * 4,    # two 4x4 blocks, 2 block cols, 2 row ptrs, bias = 160
+        SemiStructuredLinear: 16 * 4 + 4 * 1 * 2 + 4 * 4,       # 2 of 4 values + 16-bit metadata per 16 cols + bias = 88
+    }
+    for cls, nbytes in expected_bytes.items():
+        module = cls.from_linear(_half_zero_linear())
+        cost = measure_model(nn.Sequential(module), x)
+        (layer,) = cost.layers
+        assert layer.kind == cls.__name__ and layer.weight_shape == (4, 8), cls
+        assert (layer.weight_params, layer.weight_nonzeros, layer.bias_params) == (32, 16, 4), cls
+        assert (layer.output_positions, layer.dense_macs, layer.sparse_macs) == (3, 96, 48), cls
+        assert layer.format_bytes == nbytes == module.nbytes, cls
+        assert (cost.params, cost.nonzeros) == (36, 20), cls
+        assert cost.stored_bytes == nbytes and cost.dense_bytes == dense.dense_bytes == 144, cls
+        assert cost.sparse_macs == dense.sparse_macs and cost.to_dict()["size_stored_bytes"] == nbytes, cls
+    # a mask under the dense layer's weight name still applies
+    masked = measure_model(nn.Sequential(CSRLinear.from_linear(_half_zero_linear())), x,
+                           {"0.weight": torch.zeros(4, 8, dtype=torch.bool)}).layers[0]
+    assert masked.weight_nonzeros == 0 and masked.sparse_macs == 0
+
+
+def test_materialised_csr_conv_is_counted():
+    from prunelab.materialise.sparse_modules import CSRConv2d
+
+    conv = nn.Conv2d(2, 3, 3, padding=1, stride=2)
+    with torch.no_grad():
+        conv.weight[1:] = 0.0  # only output channel 0 keeps its 18 weights
+    sparse = CSRConv2d.from_conv(conv)
+    cost = measure_model(nn.Sequential(sparse), torch.randn(1, 2, 6, 6))
+    (layer,) = cost.layers
+    assert layer.kind == "CSRConv2d" and layer.output_positions == 9  # 3 x 3 output
+    assert (layer.dense_macs, layer.sparse_macs) == (54 * 9, 18 * 9)
+    assert layer.format_bytes == 18 * 4 + 18 * 4 + 4 * 4 + 3 * 4 == sparse.nbytes
+    # a dense model's stored bytes are its dense bytes
+    plain = measure_model(nn.Sequential(conv), torch.randn(1, 2, 6, 6))
+    assert plain.stored_bytes == plain.dense_bytes and plain.layers[0].format_bytes is None
+    assert "size_stored_bytes" not in plain.to_dict() and "size_format_bytes" not in plain.to_dict()["layers"][0]
+
+
+def test_model_cost_table_marks_tied_layers_left_out_of_the_total():
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.second = nn.Linear(5, 6, bias=False), nn.Linear(5, 6, bias=False)
+            self.second.weight = self.first.weight
+
+        def forward(self, x):
+            return self.first(x) + self.second(x)
+
+    lines = model_cost_table(measure_model(Tied(), torch.randn(1, 5))).splitlines()
+    names = [line.strip("|").split("|")[0].strip() for line in lines[2:]]
+    # the total's 30 params store the tied weight once; the second row must say why it is not added
+    assert names == ["first", "second (tied: stored with an earlier layer)", "total"]
+    assert [c.strip() for c in lines[4].strip("|").split("|")][2] == "30"

@@ -72,3 +72,27 @@ def test_conv_activations_and_custom_table():
         energy.total("compressed")
     with pytest.raises(PrunelabError, match="EnergyTable"):
         estimate_energy(conv, torch.randn(1, 1, 5, 5), table={"dram_pj": 1})
+
+
+def test_conv_transpose_is_estimated_by_input_positions():
+    # (1, 3, 3) -> (2, 6, 6): weight (1, 2, 2, 2) = 8 applied at 9 input positions = 72 MACs
+    layer = nn.ConvTranspose2d(1, 2, 2, stride=2, bias=False)
+    table = EnergyTable(float_add_pj=1.0, float_mult_pj=1.0, dram_pj=4.0, sram_pj=4.0)
+    dense = {r.form: r for r in estimate_energy(layer, torch.randn(1, 1, 3, 3), table=table).layers}["dense"]
+    assert (dense.macs, dense.weight_bytes, dense.activation_bytes) == (72, 32, 4 * (9 + 72))
+    assert dense.compute_pj == pytest.approx(144.0) and dense.weight_pj == pytest.approx(32.0)
+    assert dense.total_pj == pytest.approx(144.0 + 32.0 + 324.0)
+
+
+def test_materialised_csr_layer_fetches_its_real_format():
+    from prunelab.materialise.sparse_modules import CSRLinear
+
+    layer, masks = _linear_with_five_nonzeros()
+    sparse = CSRLinear.from_linear(layer)
+    rows = {r.form: r for r in estimate_energy(nn.Sequential(sparse), torch.randn(1, 4)).layers}
+    assert set(rows) == {"dense", "pruned", "sparse"}
+    assert (rows["dense"].macs, rows["dense"].weight_bytes, rows["dense"].activation_bytes) == (12, 60, 28)
+    assert (rows["pruned"].macs, rows["pruned"].weight_bytes) == (5, 32)
+    # the CSR it stores: 5 values + 5 int32 columns + 4 int32 row pointers + 3 biases = 68 bytes (not the 34 of a bitmap)
+    assert rows["sparse"].weight_bytes == 5 * 4 + 5 * 4 + 4 * 4 + 3 * 4 == sparse.nbytes == 68
+    assert rows["sparse"].weight_pj == pytest.approx(68 / 4 * 640)

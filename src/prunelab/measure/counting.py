@@ -1,14 +1,24 @@
 """Count what a (masked) model costs: parameters, nonzeros, MACs/FLOPs and storage bytes.
 
-One forward pass of an example input, with forward hooks on every ``nn.Linear`` and
-``nn.Conv1d/2d/3d``, tells each layer how many output positions it computes per sample
-(a conv's ``H_out * W_out`` whatever its stride, padding, dilation or groups; a Linear
-applied to ``(B, T, C)`` inputs computes ``T``).  Everything else follows from the weight
-and its nonzeros:
+One forward pass of an example input, with forward hooks on every ``nn.Linear``,
+``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` and materialised sparse module
+(:mod:`prunelab.materialise.sparse_modules`: ``CSRLinear``, ``BSRLinear``,
+``SemiStructuredLinear``, ``CSRConv2d``), tells each layer how many positions it applies
+its whole weight at per sample (a conv's ``H_out * W_out`` whatever its stride, padding,
+dilation or groups; a Linear applied to ``(B, T, C)`` inputs computes ``T``; a transposed
+conv scatters the whole weight from every INPUT position, so ``H_in * W_in``).  Everything
+else follows from the weight and its nonzeros:
 
-* ``dense_macs  = weight.numel() * output_positions``  (``out * in/groups * k...`` per position)
+* ``dense_macs  = weight.numel() * output_positions``  (``out * in/groups * k...`` per position;
+  ``in * out/groups * k...`` per input position for a transposed conv)
 * ``sparse_macs = nnz(weight)    * output_positions``  (pruned weights are skipped)
 * FLOPs are ``2 * MACs``.  Bias additions are not counted (the usual convention).
+
+A materialised sparse module counts like the dense layer it replaced (its weight is the
+exact dense weight of its format, its buffers are not parameters but are counted as the
+layer's params); ``format_bytes`` adds what its format really stores (``nbytes``: CSR/BSR
+values + int32 column indices + int32 row pointers, 2:4 values + 16-bit metadata per 16
+columns, plus the bias).
 
 Nonzeros.  A weight counts as nonzero when its value is nonzero **and** its mask (if one is
 given) keeps it: ``nnz = (mask & (w != 0)).sum()``.  The model holds real zeros where a
@@ -41,7 +51,8 @@ from torch import nn
 
 from prunelab.errors import PrunelabError
 
-MEASURED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+TRANSPOSED_TYPES: tuple[type[nn.Module], ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+MEASURED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *TRANSPOSED_TYPES)
 BYTES_PER_VALUE = 4  # fp32 values
 BYTES_PER_INDEX = 4  # int32 indices
 
@@ -50,7 +61,7 @@ __all__ = ["LayerCost", "ModelCost", "format_bytes", "measure_model"]
 
 @dataclass(frozen=True)
 class LayerCost:
-    """Per-sample cost of one Linear/Conv layer.
+    """Per-sample cost of one Linear/Conv layer (or materialised sparse module).
 
     Stored fields are the raw counts; every derived number (params, MACs, FLOPs, bytes,
     sparsity) is a property, so a ``LayerCost`` can never be internally inconsistent.
@@ -63,9 +74,11 @@ class LayerCost:
     weight_params: int
     weight_nonzeros: int            # nonzero AND kept by the mask
     bias_params: int                # counted dense
-    output_positions: int           # per sample: 1 for Linear on (B, C), T on (B, T, C), H_out*W_out for Conv2d
+    output_positions: int           # per sample: 1 for Linear on (B, C), T on (B, T, C), H_out*W_out for Conv2d,
+                                    # H_in*W_in for ConvTranspose2d (positions the whole weight is applied at)
     reached: bool = True
     shares_storage: bool = False    # its weight is an earlier layer's (tied): MACs count, storage does not
+    format_bytes: int | None = None  # a materialised sparse module: bytes its format + bias really store
 
     @property
     def params(self) -> int:
@@ -118,7 +131,14 @@ class LayerCost:
         """The smaller of CSR and bitmap (dense is not considered: compare with ``dense_bytes``)."""
         return min(self.csr_bytes, self.bitmap_bytes)
 
+    @property
+    def stored_bytes(self) -> int:
+        """What the layer stores as it is: ``format_bytes`` when materialised, else ``dense_bytes``."""
+        return self.dense_bytes if self.format_bytes is None else self.format_bytes
+
     def to_dict(self) -> dict[str, Any]:
+        """Flat JSON-ready numbers; ``size_format_bytes`` only for a materialised sparse module."""
+        extra = {} if self.format_bytes is None else {"size_format_bytes": self.format_bytes}
         return {
             "name": self.name, "kind": self.kind, "weight_shape": list(self.weight_shape), "reached": self.reached,
             "params": self.params, "weight_params": self.weight_params, "weight_nonzeros": self.weight_nonzeros,
@@ -127,7 +147,7 @@ class LayerCost:
             "dense_macs": self.dense_macs, "sparse_macs": self.sparse_macs,
             "dense_flops": self.dense_flops, "sparse_flops": self.sparse_flops,
             "size_dense_bytes": self.dense_bytes, "size_csr_bytes": self.csr_bytes,
-            "size_bitmap_bytes": self.bitmap_bytes, "size_best_sparse_bytes": self.best_sparse_bytes,
+            "size_bitmap_bytes": self.bitmap_bytes, "size_best_sparse_bytes": self.best_sparse_bytes, **extra,
         }
 
 
@@ -203,6 +223,11 @@ class ModelCost:
         return sum(l.best_sparse_bytes for l in self.stored_layers) + self.other_bytes
 
     @property
+    def stored_bytes(self) -> int:
+        """Bytes the model stores as it is: materialised layers at their format's size, the rest dense."""
+        return sum(l.stored_bytes for l in self.stored_layers) + self.other_bytes
+
+    @property
     def compression_x(self) -> float:
         """``params / nonzeros``, the compression rate of Han et al. (2015)."""
         return self.params / self.nonzeros if self.nonzeros else math.inf
@@ -214,7 +239,12 @@ class ModelCost:
         return self.dense_bytes / best if best else math.inf
 
     def to_dict(self) -> dict[str, Any]:
-        """Flat JSON-ready numbers with units in the keys, plus a ``layers`` list of per-layer dicts."""
+        """Flat JSON-ready numbers with units in the keys, plus a ``layers`` list of per-layer dicts.
+
+        ``size_stored_bytes`` is present only when some layer is a materialised sparse module.
+        """
+        materialised = any(l.format_bytes is not None for l in self.stored_layers)
+        extra = {"size_stored_bytes": self.stored_bytes} if materialised else {}
         return {
             "params": self.params, "nonzeros": self.nonzeros, "weight_params": self.weight_params,
             "weight_nonzeros": self.weight_nonzeros, "other_params": self.other_params, "sparsity": self.sparsity,
@@ -222,9 +252,37 @@ class ModelCost:
             "dense_flops": self.dense_flops, "sparse_flops": self.sparse_flops,
             "size_dense_bytes": self.dense_bytes, "size_csr_bytes": self.csr_bytes,
             "size_bitmap_bytes": self.bitmap_bytes, "size_best_sparse_bytes": self.best_sparse_bytes,
-            "compression_x": self.compression_x, "storage_ratio_x": self.storage_ratio_x,
+            "compression_x": self.compression_x, "storage_ratio_x": self.storage_ratio_x, **extra,
             "layers": [l.to_dict() for l in self.layers],
         }
+
+
+def _sparse_module_type() -> type[nn.Module]:
+    # imported on use: prunelab.materialise imports prunelab.measure.tables, which imports this module
+    from prunelab.materialise.sparse_modules import SparseModule
+
+    return SparseModule
+
+
+def measured_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers whose MACs are counted, by FQN: Linear/Conv/ConvTranspose with a weight, and sparse modules."""
+    sparse = _sparse_module_type()
+    return {
+        name: module for name, module in model.named_modules()
+        if isinstance(module, sparse)
+        or (isinstance(module, MEASURED_TYPES) and isinstance(getattr(module, "weight", None), torch.Tensor))
+    }
+
+
+def _apply_width(module: nn.Module) -> tuple[int, bool]:
+    """``(channels, from_input)``: positions = elements / channels of the output (input for a transposed conv)."""
+    if isinstance(module, _sparse_module_type()):
+        return module.weight_shape[0], False
+    if isinstance(module, nn.Linear):
+        return module.out_features, False
+    if isinstance(module, TRANSPOSED_TYPES):
+        return module.in_channels, True
+    return module.out_channels, False
 
 
 def _masks_by_weight(
@@ -235,8 +293,10 @@ def _masks_by_weight(
     Parameters are looked up with ``remove_duplicate=False``: a TIED weight (shared by two
     layers, or by an embedding and a Linear head) may be masked under any of its names, and
     the mask applies to every layer that uses it (several masks of one tensor are ANDed).
+    A materialised sparse module's weight (a buffer format, not a parameter) is masked under
+    the dense layer's name, ``"<module>.weight"``.
     """
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params = {**weights, **dict(model.named_parameters(remove_duplicate=False))}
     weight_ids = {id(w) for w in weights.values()}
     by_id: dict[int, torch.Tensor] = {}
     for name, mask in masks.items():
@@ -273,6 +333,9 @@ def measure_model(
 ) -> ModelCost:
     """Per-sample parameters, nonzeros, MACs/FLOPs and storage of ``model``'s Linear/Conv layers.
 
+    Linear/Conv here means ``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``
+    and the materialised sparse modules (see the module docstring).
+
     Runs ONE forward pass of ``example_input`` (leading dimension = batch; batch 1 is
     typical) in eval mode under ``torch.no_grad``; the hooks are always removed and every
     module's train/eval flag restored, even if the forward raises.  ``masks`` maps weight
@@ -296,21 +359,24 @@ def measure_model(
             f"example_input has batch size 0 (shape {tuple(example_input.shape)}); pass at least one sample"
         )
 
-    layers: dict[str, nn.Module] = {
-        name: module for name, module in model.named_modules()
-        if isinstance(module, MEASURED_TYPES) and isinstance(getattr(module, "weight", None), torch.Tensor)
+    layers = measured_layers(model)
+    sparse = _sparse_module_type()
+    weights = {  # a sparse module's dense weight is rebuilt from its format (once, here)
+        f"{name}.weight" if name else "weight": module.dense_weight() if isinstance(module, sparse) else module.weight
+        for name, module in layers.items()
     }
-    weights = {f"{name}.weight" if name else "weight": module.weight for name, module in layers.items()}
     keeps = _masks_by_weight(model, masks, weights) if masks is not None else {}
 
     positions: dict[str, int] = {name: 0 for name in layers}
     called: set[str] = set()
 
-    def make_hook(name: str, channels: int):
+    def make_hook(name: str, channels: int, from_input: bool):
         def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
             # Linear: (..., out_features); Conv: (B, C_out, *spatial) -- positions = numel / channels;
+            # ConvTranspose: its input (B, C_in, *spatial) -- every input position scatters the whole weight;
             # a Linear(in, 0) (torch refuses a conv without output channels) has (...,) positions
-            positions[name] += output.numel() // channels if channels else math.prod(output.shape[:-1])
+            tensor = inputs[0] if from_input else output
+            positions[name] += tensor.numel() // channels if channels else math.prod(tensor.shape[:-1])
             called.add(name)
         return hook
 
@@ -322,8 +388,7 @@ def measure_model(
     handles = []
     try:
         for name, module in layers.items():
-            channels = module.out_features if isinstance(module, nn.Linear) else module.out_channels
-            handles.append(module.register_forward_hook(make_hook(name, channels)))
+            handles.append(module.register_forward_hook(make_hook(name, *_apply_width(module))))
         model.eval()
         with torch.no_grad():
             model(example_input)
@@ -366,6 +431,7 @@ def measure_model(
             output_positions=total_positions // batch,
             reached=name in called,
             shares_storage=tied,
+            format_bytes=int(module.nbytes) if isinstance(module, sparse) else None,
         ))
         tied_own_bias += other_bias
     other = sum(p.numel() for p in model.parameters() if id(p) not in measured_ids) + tied_own_bias

@@ -9,14 +9,17 @@ about it)", ISSCC 2014, 45 nm at 0.9 V -- the table Han et al. use to motivate p
             + activation_bytes / 4 * E_SRAM             inputs read once, outputs written once
             (+ decode ops for the compressed form, see ASSUMPTIONS)
 
-per layer (every Linear/Conv layer; other parameters are not modelled), for several
-storage forms of the same model:
+per layer (every Linear/Conv/ConvTranspose layer and materialised sparse module, as
+counted by :func:`~prunelab.measure.counting.measure_model`; other parameters are not
+modelled), for several storage forms of the same model:
 
 * ``dense``      -- every MAC, every weight fetched as fp32.
 * ``pruned``     -- only nonzero MACs; only nonzero weights fetched, as fp32 with no index
                     overhead (the ideal a sparse format can approach).
 * ``sparse``     -- nonzero MACs; weights fetched at the smaller of CSR and bitmap size
-                    (:attr:`prunelab.measure.counting.LayerCost.best_sparse_bytes`).
+                    (:attr:`prunelab.measure.counting.LayerCost.best_sparse_bytes`), or, for a
+                    layer already materialised in a sparse format (CSR/BSR/2:4), at the
+                    bytes that format stores (:attr:`~prunelab.measure.counting.LayerCost.format_bytes`).
 * ``compressed`` -- nonzero MACs; weights fetched at their Deep Compression file size
                     (given a :class:`~prunelab.compress.CompressionReport`), plus one
                     register-file read (codebook lookup) and one int add (relative index)
@@ -36,7 +39,7 @@ import torch
 from torch import nn
 
 from prunelab.errors import PrunelabError
-from prunelab.measure.counting import MEASURED_TYPES, BYTES_PER_VALUE, measure_model
+from prunelab.measure.counting import BYTES_PER_VALUE, measure_model, measured_layers
 
 __all__ = ["ASSUMPTIONS", "FORMS", "HOROWITZ_45NM", "EnergyReport", "EnergyTable", "LayerEnergy", "estimate_energy"]
 
@@ -144,7 +147,7 @@ def _weight_name(module_name: str) -> str:
 
 
 def _activation_elements(model: nn.Module, example_input: torch.Tensor) -> dict[str, tuple[int, int]]:
-    """Per-sample (input, output) element counts of every Linear/Conv layer, from one forward pass."""
+    """Per-sample (input, output) element counts of every measured layer, from one forward pass."""
     sizes: dict[str, list[int]] = {}
     handles = []
 
@@ -157,9 +160,8 @@ def _activation_elements(model: nn.Module, example_input: torch.Tensor) -> dict[
 
     modes = {module: module.training for module in model.modules()}
     try:
-        for name, module in model.named_modules():
-            if isinstance(module, MEASURED_TYPES):
-                handles.append(module.register_forward_hook(make_hook(name)))
+        for name, module in measured_layers(model).items():
+            handles.append(module.register_forward_hook(make_hook(name)))
         model.eval()
         with torch.no_grad():
             param = next(model.parameters(), None)
@@ -218,7 +220,7 @@ def estimate_energy(
             elif form == "pruned":
                 weight_bytes = BYTES_PER_VALUE * layer.weight_nonzeros + bias_bytes
             elif form == "sparse":
-                weight_bytes = layer.best_sparse_bytes
+                weight_bytes = layer.best_sparse_bytes if layer.format_bytes is None else layer.format_bytes
             else:
                 stored = file_layers[_weight_name(layer.name)]
                 weight_bytes = stored.total_bytes

@@ -113,8 +113,9 @@ def model_cost_table(cost: ModelCost) -> str:
     """Per-layer markdown table of a :class:`ModelCost` (per sample; KB = 1000 bytes, fp32).
 
     One row per Linear/Conv layer (``(not run)`` after the name when the forward never
-    reached it), a row for the other parameters (stored dense) when there are any, and a
-    total row.  FLOPs count 2 per multiply-accumulate; nonzeros include the dense biases.
+    reached it; ``(tied: stored with an earlier layer)`` when its weight is another layer's,
+    whose params and KB the total counts once), a row for the other parameters (stored
+    dense) when there are any, and a total row.  FLOPs count 2 per multiply-accumulate; nonzeros include the dense biases.
     """
     if not isinstance(cost, ModelCost):
         raise PrunelabError(
@@ -122,8 +123,10 @@ def model_cost_table(cost: ModelCost) -> str:
         )
     rows: list[dict[str, object]] = []
     for layer in cost.layers:
+        notes = ([] if layer.reached else ["not run"]) + (["tied: stored with an earlier layer"]
+                                                          if layer.shares_storage else [])
         rows.append({
-            "layer": layer.name if layer.reached else f"{layer.name} (not run)",
+            "layer": f"{layer.name} ({', '.join(notes)})" if notes else layer.name,
             "shape": "x".join(map(str, layer.weight_shape)),
             "params": layer.params, "nonzeros": layer.nonzeros, "sparsity_pct": 100.0 * layer.sparsity,
             "dense_mflops": layer.dense_flops / 1e6, "sparse_mflops": layer.sparse_flops / 1e6,
