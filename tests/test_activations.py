@@ -102,3 +102,29 @@ def test_activation_sparsity_restores_each_module_mode():
     modes = [m.training for m in model.modules()]
     activation_sparsity(model, [torch.randn(3, 4)])
     assert [m.training for m in model.modules()] == modes  # was: all modules set to train
+
+
+def test_activation_sparsity_draws_no_batch_beyond_max_batches_and_refuses_a_bad_count():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+    drawn = []
+
+    def batches():
+        for i in range(5):
+            drawn.append(i)
+            yield torch.randn(3, 4)
+
+    stream = batches()
+    activation_sparsity(model, stream, max_batches=2)
+    assert drawn == [0, 1]  # was [0, 1, 2]: batch 3 was drawn and thrown away
+    assert next(stream) is not None and drawn == [0, 1, 2]  # the caller's stream resumes where it stopped
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(PrunelabError, match=r"max_batches=.*; expected a positive int or None"):
+            activation_sparsity(model, [torch.randn(3, 4)], max_batches=bad)  # 0 was "saw no batch"
+
+
+def test_topk_keeps_k_features_but_a_kept_zero_is_still_a_zero():
+    # the documented sparsity 1 - k / features is a floor: a row with fewer than k nonzeros keeps zeros
+    model = nn.Sequential(nn.ReLU(), TopKActivation(2))
+    x = torch.tensor([[-1.0, -2.0, 3.0, -4.0]])  # one positive feature after the ReLU
+    assert activation_sparsity(model, [x])["1"] == 0.75 > 1 - 2 / 4
+    assert int((TopKActivation(2)(torch.randn(5, 9)) != 0).sum(1).max()) <= 2

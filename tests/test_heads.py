@@ -225,3 +225,29 @@ def test_remove_heads_keeps_the_layers_mode_and_frozen_weights():
     assert not any(m.training for m in model.modules())  # the new Linears were created in train mode
     assert not model.a.q_proj.weight.requires_grad and model.a.q_proj.bias.requires_grad
     assert model.a.out_proj.weight.requires_grad and not model.a.out_proj.bias.requires_grad
+
+
+def test_importance_draws_no_batch_beyond_max_batches():
+    torch.manual_seed(10)
+    model = TwoUnits()
+    x, y = torch.randn(5, 3, 6), torch.tensor([0, 1, 2, 0, 1])
+    drawn = []
+
+    def batches():
+        for i in range(4):
+            drawn.append(i)
+            yield x, y
+
+    stream = batches()
+    scores = head_importance(model, stream, max_batches=2)
+    assert drawn == [0, 1]  # was [0, 1, 2]: a third batch was drawn from the caller's stream and dropped
+    torch.testing.assert_close(scores["a"], head_importance(model, [(x, y)])["a"])
+
+
+@pytest.mark.parametrize("allocation", ["global", "uniform"])
+def test_nan_scores_are_refused_instead_of_scrambling_the_order(allocation):
+    # global sorted (0.3, nan, 0.1, 0.2) as if nan were low and pruned 0.3 before 0.1
+    scores = {"a": torch.tensor([0.3, float("nan"), 0.1, 0.2]), "b": torch.tensor([5.0, 6.0, 7.0, 8.0])}
+    with pytest.raises(PrunelabError, match=r"scores\['a'\] contain NaN") as info:
+        head_masks(TwoUnits(), scores, 0.25, allocation=allocation)
+    assert "\n" not in str(info.value)

@@ -110,3 +110,32 @@ def test_bad_dampening_and_calibration_items_are_one_line_errors():
     with pytest.raises(PrunelabError, match=r"calibration item 0 is a tuple; expected model inputs"):
         low_rank_model(model, 0.5, [(torch.randn(3, 4), torch.zeros(3))])  # was an AttributeError in a hook
     assert isinstance(model[0], nn.Linear)
+
+
+def test_whitened_svd_spends_no_rank_on_inputs_dead_on_the_calibration_data():
+    # input 2 is zero on every row (a dead ReLU unit) but its weight column is huge; its H_ii
+    # is set to 1 for the Cholesky, which made the rank-1 SVD of W L pick that column:
+    # output error 9.98 of 10.37 (nothing approximated) instead of the optimum 2.83
+    torch.manual_seed(0)
+    linear = nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([[1.0, 0.5, 100.0], [0.5, 1.0, -100.0]]))
+    x = torch.randn(50, 3)
+    x[:, 2] = 0.0
+    moment = (x.T @ x) / 50
+    low = factorize_linear(linear, 1, moment, dampening=0.0)
+    with torch.no_grad():
+        error = (low(x) - linear(x)).norm()
+        L = torch.linalg.cholesky(moment[:2, :2].double())  # the live inputs' second moment
+        floor = torch.linalg.svdvals(linear.weight.double()[:, :2] @ L)[1:].norm() * 50 ** 0.5
+        approx = low.second.weight @ low.first.weight
+    assert float(error) == pytest.approx(float(floor), rel=1e-4)
+    assert approx[:, 2].abs().max() == 0.0  # SparseGPT's convention: a dead input's column is zero
+
+
+@pytest.mark.parametrize(("in_f", "out_f", "keep", "rank"), [(12, 15, 0.3, 2), (10, 15, 1 / 3, 2), (28, 21, 1 / 6, 2),
+                                                              (24, 20, 11 / 30, 4), (16, 32, 0.5, 5)])
+def test_rank_for_is_exact_for_decimal_keeps(in_f, out_f, keep, rank):
+    # 0.3 * 12 * 15 / 27 = 2 exactly, but the float 0.3 is a hair below 0.3: floor gave 1
+    assert rank_for(in_f, out_f, keep) == rank
+    assert rank * (in_f + out_f) <= keep * in_f * out_f * (1 + 1e-9)

@@ -56,3 +56,11 @@ def test_schedule_arguments_that_could_never_run_are_refused(make):
     with pytest.raises(PrunelabError) as info:
         make()
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True])
+def test_per_round_sparsity_refuses_a_round_that_is_not_a_count(bad):
+    with pytest.raises(PrunelabError, match=r"round_index must be an integer >= 0") as info:
+        per_round_sparsity(0.2, bad)  # -1 returned -0.25, a negative sparsity
+    assert "\n" not in str(info.value)
+    assert per_round_sparsity(0.2, 0) == 0.0

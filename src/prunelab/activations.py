@@ -7,8 +7,10 @@ multiply.
 * :class:`TopKActivation` -- k-winners-take-all: keep the ``k`` largest features of each
   sample, zero the rest (Makhzani & Frey 2014, "k-Sparse Autoencoders"; Ahmad &
   Scheinkman 2019, "How Can We Be So Dense? The Benefits of Using Highly Sparse
-  Representations").  Gradients flow through the kept features only.  The activation
-  sparsity is exactly ``1 - k / features``, by construction.
+  Representations").  Gradients flow through the kept features only.  Exactly ``k``
+  features of each row are kept, so the activation sparsity is at least ``1 - k / features``
+  -- exactly that unless a kept feature is itself 0 (a row with fewer than ``k`` nonzeros,
+  e.g. after a ReLU, keeps some zeros).
 * :func:`activation_sparsity` -- the fraction of exact zeros each activation module
   outputs over some batches (ReLU's "lazy neuron" sparsity, Li et al. 2023).
 * :class:`SparseInputLinear` -- a Linear that multiplies only the weight rows of the
@@ -23,6 +25,7 @@ multiply.
 from __future__ import annotations
 
 import copy
+import itertools
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -62,9 +65,13 @@ def activation_sparsity(model: nn.Module, batches: Iterable, *, max_batches: int
                         types: Sequence[type[nn.Module]] = (*ACTIVATIONS, TopKActivation)) -> dict[str, float]:
     """Module name -> fraction of exact zeros in its outputs, for every module of ``types``.
 
-    ``batches`` yields inputs or ``(inputs, targets)`` pairs; the model runs in eval mode
-    (every module's own train/eval flag is restored afterwards).
+    ``batches`` yields inputs or ``(inputs, targets)`` pairs, of which the first
+    ``max_batches`` (all when ``None``) are read -- no batch beyond them is drawn; the model
+    runs in eval mode (every module's own train/eval flag is restored afterwards).
     """
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
+                                    or max_batches < 1):
+        raise PrunelabError(f"activation_sparsity got max_batches={max_batches!r}; expected a positive int or None (all)")
     zeros: dict[str, int] = {}
     total: dict[str, int] = {}
 
@@ -80,9 +87,7 @@ def activation_sparsity(model: nn.Module, batches: Iterable, *, max_batches: int
                             f"{[t.__name__ for t in types]}; activations must be modules (nn.ReLU, TopKActivation)")
     try:
         with eval_mode(model):  # restores every module's own train/eval flag
-            for i, batch in enumerate(batches):
-                if max_batches is not None and i >= max_batches:
-                    break
+            for batch in itertools.islice(batches, max_batches):  # stops before drawing batch max_batches + 1
                 model(batch[0] if isinstance(batch, (tuple, list)) else batch)
     finally:
         for handle in handles:

@@ -35,6 +35,7 @@ layer, so such a model is smaller and faster in memory but is saved as a state_d
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -135,7 +136,8 @@ def head_importance(
 ) -> dict[str, Tensor]:
     """Unit name -> ``(num_heads,)`` Michel et al. 2019 importance ``E |dL/dxi_h|``.
 
-    ``batches`` yields ``(inputs, targets)``; the loss is ``loss_fn(model(inputs), targets)``,
+    ``batches`` yields ``(inputs, targets)``, of which the first ``max_batches`` (all when
+    ``None``) are drawn; the loss is ``loss_fn(model(inputs), targets)``,
     or ``loss_fn(model(**inputs), targets)`` when ``inputs`` is a dict.  Each unit's output
     projection must run once per forward.  The model runs in eval mode (every module's own
     train/eval flag is restored afterwards) with gradients enabled, even when called under
@@ -162,9 +164,7 @@ def head_importance(
     seen = 0
     try:
         with eval_mode(model), torch.enable_grad():  # per-module modes restored on exit
-            for inputs, targets in batches:
-                if max_batches is not None and seen >= max_batches:
-                    break
+            for inputs, targets in itertools.islice(batches, max_batches):  # draws no batch beyond max_batches
                 gates.clear()
                 output = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
                 loss = loss_fn(output, targets)
@@ -223,6 +223,8 @@ def head_masks(
     for name, unit in units.items():
         if tuple(scores[name].shape) != (unit.num_heads,):
             raise PrunelabError(f"scores[{name!r}] has shape {tuple(scores[name].shape)}, expected ({unit.num_heads},)")
+        if bool(torch.isnan(torch.as_tensor(scores[name], dtype=torch.float64)).any()):  # NaN breaks the sort order
+            raise PrunelabError(f"scores[{name!r}] contain NaN; check the loss and inputs the scores came from")
     if isinstance(min_heads, bool) or not isinstance(min_heads, int) or min_heads < 1:
         raise PrunelabError(f"min_heads must be a positive integer, got {min_heads!r}")
     keep = {name: torch.ones(unit.num_heads, dtype=torch.bool) for name, unit in units.items()}

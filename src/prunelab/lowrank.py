@@ -16,7 +16,8 @@ matrices, by Eckart & Young 1936):
   input second moment ``H = X X^T / n = L L^T`` (Cholesky, dampened like SparseGPT's
   Hessian), take the SVD of ``W L = U S V^T`` and set ``W' = U_r S_r V_r^T L^{-1}``;
   since ``||(W - W') X||_F^2 = n ||(W - W') L||_F^2`` this minimises the output error on
-  the calibration inputs.
+  the calibration inputs.  An input that is zero on every calibration row (a dead ReLU
+  unit) has no say in that error; its column of ``W'`` is zero (SparseGPT's convention).
 
 :func:`low_rank_model` factorises every Linear of a model's blocks (the blocks
 :func:`prunelab.oneshot.find_blocks` finds) at a parameter ``keep`` ratio, collecting ``H``
@@ -76,9 +77,15 @@ def _check_dampening(dampening: float) -> None:
 
 
 def rank_for(in_features: int, out_features: int, keep: float) -> int:
-    """The largest rank whose two factors hold at most ``keep`` of the ``in * out`` weights (at least 1)."""
+    """The largest rank whose two factors hold at most ``keep`` of the ``in * out`` weights (at least 1).
+
+    ``r = floor(keep * in * out / (in + out))``, floored with a relative tolerance of 1e-9 so
+    that a decimal ``keep`` whose float is a hair below it (0.3 is 0.29999...) still gives
+    the exact quotient (``keep=0.3``, 12 x 15: ``0.3 * 180 / 27 = 2``, not 1).
+    """
     _check_keep(keep)
-    return max(1, math.floor(keep * in_features * out_features / (in_features + out_features)))
+    exact = keep * in_features * out_features / (in_features + out_features)
+    return max(1, math.floor(exact * (1.0 + 1e-9)))
 
 
 @torch.no_grad()
@@ -105,7 +112,11 @@ def factorize_linear(linear: nn.Linear, rank: int, second_moment: Tensor | None 
         first = root[:, None] * Vh[:rank]  # (r, in)
         second = U[:, :rank] * root  # (out, r)
     else:
-        L, _, _, _ = damped_cholesky(second_moment.to(W.device).double(), dampening)  # (in, in) lower, H' = L L^T
+        L, _, _, dead = damped_cholesky(second_moment.to(W.device).double(), dampening)  # (in, in) lower, H' = L L^T
+        # a dead input (zero on every calibration row) had H_ii set to 1 to keep H' invertible;
+        # its column of W never reached the outputs, so, as in SparseGPT, it is zeroed rather than
+        # left to take singular directions (rank) from the inputs that did
+        W = W.masked_fill(dead.to(W.device).unsqueeze(0), 0.0)
         U, S, Vh = torch.linalg.svd(W @ L, full_matrices=False)
         # W' = U_r S_r V_r^T L^{-1}: first = M L^{-1} with M = S_r V_r^T (r, in), i.e. L^T first^T = M^T
         first = torch.linalg.solve_triangular(L.T, (S[:rank, None] * Vh[:rank]).T, upper=True).T  # (r, in)

@@ -143,6 +143,8 @@ class Geometric(Schedule):
 def per_round_sparsity(rate: float, round_index: int) -> float:
     """Sparsity after ``round_index`` rounds that each remove ``rate`` of the remaining weights."""
     check_sparsity(rate, "per-round pruning rate")
+    if not _is_int(round_index) or round_index < 0:  # -1 gave a negative sparsity, 1.5 a fractional round
+        raise PrunelabError(f"round_index must be an integer >= 0 (rounds done), got {round_index!r}")
     return 1.0 - (1.0 - rate) ** round_index
 
 
