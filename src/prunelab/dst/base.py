@@ -362,17 +362,22 @@ class ReallocatingSparsifier(DynamicSparsifier):
 
     Drops are capped so every layer keeps at least ``max(1, min_keep)`` weights and can
     regrow what it dropped; growth room per layer is ``min(zeros after the drop,
-    max_keep - survivors)``.  Fixed-sparsity / dense layers regrow exactly what they
+    max_keep - survivors)``.  Fixed-sparsity / dense-rule layers regrow exactly what they
     dropped; the rest of ``sum_l d_l`` goes to the others by :func:`proportional_counts`,
-    so the global count is exact.
+    so the global count is exact.  A free layer that reallocation has filled up (or that
+    ERK started dense) still prunes like every other layer -- DSR prunes ``|w| < H`` in
+    all sparse layers, SNFS ``p`` of every layer -- so its weights can move out again.
     """
 
     def _capped(self, name: str, want: int, mask: torch.Tensor) -> int:
         kept = int(mask.sum())
         low, high = self.keep_limits[name]
-        floor = 1 if low == high else max(low, 1)  # a fixed layer regrows exactly what it drops
-        if kept == mask.numel():
-            return 0  # a dense layer is left alone (it would only drop and regrow, resetting, the same weights)
+        if low == high:  # a fixed layer regrows exactly what it drops
+            if kept == mask.numel():
+                return 0  # fixed and dense: it would only drop and regrow, resetting, the same weights
+            floor = 1
+        else:
+            floor = max(low, 1)
         return max(min(want, kept - floor), 0)
 
     def layer_shares(self, old: Mapping[str, torch.Tensor], survivors: Mapping[str, torch.Tensor]) -> dict[str, float]:

@@ -21,8 +21,10 @@ class RigL(DynamicSparsifier):
         I_drop = ArgTopK(-|theta_l|, k)
         I_grow = ArgTopK_{i not in theta_l \\ I_drop}(|grad_{Theta_l} L_t|, k)
 
-    i.e. among the positions not kept after the drop (one just dropped included, as in
-    RigL's reference code, where it then restarts at zero) the ``k`` with the largest gradient of the current batch's loss with respect to *all* weights.
+    i.e. among the positions not kept after the drop (one just dropped included, eq. 2) the
+    ``k`` with the largest gradient of the current batch's loss with respect to *all* weights.
+    A just-dropped weight that is regrown restarts at zero like any grown one; RigL's
+    reference code (``reinit_when_same=False``) instead leaves its value and momentum as they were.
     Masked weights are zero, so this dense gradient is the ordinary ``.grad`` before the
     mask re-zeroes it: :meth:`step` reads it right after ``optimizer.step()`` and before
     ``enforce``.  New connections start at zero with zero optimizer state, so they do not

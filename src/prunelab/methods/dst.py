@@ -75,7 +75,9 @@ def build_dst_sparsifier(
         raise PrunelabError(f"{name} options must be a mapping of keyword -> value, got {dst.options!r}; e.g. "
                             "DSTConfig(options={'momentum': 0.9}) for snfs")
     common = ("self", "model", "sparsity", "schedule", "allocation", "rules", "exclude", "seed", "sparse_init")
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in common]
+    keywords = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)  # not **common / *args
+    accepted = [n for n, p in inspect.signature(cls.__init__).parameters.items()
+                if n not in common and p.kind in keywords]
     unknown = sorted(set(dst.options) - set(accepted))
     if unknown:
         raise PrunelabError(f"{name} got unknown option(s) {', '.join(unknown)}; it accepts: "
