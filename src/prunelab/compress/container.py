@@ -13,7 +13,8 @@ File format, version 1 (all integers little-endian)::
 
     quantised Linear/Conv weight (kind 0)
       u8 kind | u16 name length | name utf-8 | u8 ndim | u32 x ndim shape |
-      u8 weight bits | u8 index bits | u32 K | u64 entries (kept + fillers)   -- headers
+      u8 weight bits (low 5 bits) + dtype << 5 | u8 index bits | u32 K |
+      u64 entries (kept + fillers)                                            -- headers
       K x f32 centroids                                                       -- codebook
       u32 A_w | A_w x u8 code lengths (cluster ids 0..K-1, filler = K)       -- Huffman tables
       u32 A_i | A_i x u8 code lengths (gaps 0..2^index_bits-1)
@@ -25,7 +26,13 @@ File format, version 1 (all integers little-endian)::
 Decisions.  Biases (and every non-Linear/Conv tensor) are stored raw in their own dtype
 (fp32 for the usual model): they are <1% of the weights and the paper does not quantise
 them.  Kept = ``mask & (weight != 0)``; pruned weights are not stored and decode to
-exactly 0.  A filler decodes to an explicit 0.  Quantised weights decode as float32.
+exactly 0.  A filler decodes to an explicit 0.  A quantised weight decodes in the dtype
+it had (3 bits beside the weight bits: 0 float32 -- what files without them read as --,
+1 float64, 2 float16, 3 bfloat16); an fp16/bf16 layer's centroids are rounded to its
+dtype first (as :func:`~prunelab.compress.quantize.quantize_model` does), so the file
+holds exactly what the weight holds.  A state_dict entry that is the SAME tensor as a
+quantised weight (a tied weight, an embedding tied to a Linear head) is stored with that
+weight's codebook, quantised once under the first layer's name and bits.
 Canonical Huffman tables are stored as code lengths only.  The sha256 covers the whole
 payload, so a truncated file, a flipped byte or a foreign file is rejected with a
 :class:`PrunelabError` before anything is decoded, and nothing is returned half-read.
@@ -47,7 +54,7 @@ from torch import nn
 
 from prunelab.compress import huffman
 from prunelab.compress.quantize import (
-    DEFAULT_BITS, Codebook, _layer_weights, quantizable_layers, quantize_weight, resolve_bits,
+    DEFAULT_BITS, Codebook, _in_dtype, _layer_weights, quantizable_layers, quantize_weight, resolve_bits,
 )
 from prunelab.compress.sparse_index import relative_decode, relative_encode
 from prunelab.errors import PrunelabError
@@ -61,6 +68,8 @@ FORMAT_VERSION = 1
 _HEADER = struct.Struct("<8sHHQ32s")
 DEFAULT_INDEX_BITS = {"conv": 8, "fc": 5}
 _KIND_QUANTISED, _KIND_RAW = 0, 1
+_QUANTISED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # code = index, << 5
+_BITS_MASK, _DTYPE_SHIFT = 0x1F, 5
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
            torch.int8, torch.uint8, torch.bool)
 PARTS = ("headers", "codebook", "tables", "weight_codes", "index_codes", "bias")
@@ -115,9 +124,19 @@ class LayerReport:
         return 4 * (self.numel + self.bias_params)
 
     @property
+    def fixed_weight_bits(self) -> int:
+        """Bits of a fixed-length weight code: ``weight_bits``, or more when the filler symbol does not fit.
+
+        The weight stream's alphabet is the ``clusters`` ids plus the filler (id K) when
+        fillers occur; ``2^bits`` clusters and a filler need ``bits + 1`` bits.
+        """
+        alphabet = self.clusters + (1 if self.fillers else 0)
+        return max(self.weight_bits, (alphabet - 1).bit_length())
+
+    @property
     def fixed_length_bytes(self) -> int:
         """This layer's size with fixed-length codes instead of Huffman (Han's "P+Q")."""
-        codes = -(-self.entries * self.weight_bits // 8) + -(-self.entries * self.index_bits // 8)
+        codes = -(-self.entries * self.fixed_weight_bits // 8) + -(-self.entries * self.index_bits // 8)
         return self.headers_bytes + self.codebook_bytes + codes + self.bias_bytes
 
     def to_row(self) -> dict[str, Any]:
@@ -141,9 +160,11 @@ class CompressionReport:
     """What :func:`write_compressed` wrote: bytes per part per layer, totals, ratio to dense fp32.
 
     ``total_bytes == file_header_bytes + sum(layer.total_bytes) + other_bytes`` is the
-    file's size; ``other_bytes`` is every raw tensor that is not a quantised layer's bias
-    (entry headers included).  ``dense_bytes`` is the state_dict in fp32 (4 bytes per
-    floating-point element; other dtypes at their own size).
+    file's size; ``other_bytes`` is every entry that is not a quantised layer or its bias
+    (raw tensors, and aliases of a quantised weight such as a tied embedding; entry headers
+    included).  ``dense_bytes`` is the state_dict in fp32 (4 bytes per floating-point
+    element; other dtypes at their own size).  "P+Q" sizes use fixed-length codes of
+    :attr:`LayerReport.fixed_weight_bits` and ``index_bits`` bits.
     """
 
     path: str
@@ -218,7 +239,8 @@ def _name_and_shape(parts: _Parts, part: str, kind: int, name: str, shape: tuple
     parts.pack(part, f"B{len(shape)}I", len(shape), *shape)
 
 
-def _encode_quantised(parts: _Parts, name: str, book: Codebook, index_bits: int) -> tuple[int, int]:
+def _encode_quantised(parts: _Parts, name: str, book: Codebook, index_bits: int,
+                      dtype: torch.dtype) -> tuple[int, int]:
     flat = book.assignments.reshape(-1).numpy()
     positions = np.flatnonzero(flat >= 0)
     index = relative_encode(positions, index_bits)
@@ -228,7 +250,8 @@ def _encode_quantised(parts: _Parts, name: str, book: Codebook, index_bits: int)
     weight_lengths = huffman.code_lengths(np.bincount(symbols, minlength=k + 1))
     index_lengths = huffman.code_lengths(np.bincount(index.gaps, minlength=1 << index_bits))
     _name_and_shape(parts, "headers", _KIND_QUANTISED, name, tuple(book.assignments.shape), None)
-    parts.pack("headers", "BBIQ", book.bits, index_bits, k, index.gaps.size)
+    code = _QUANTISED_DTYPES.index(dtype) if dtype in _QUANTISED_DTYPES else 0
+    parts.pack("headers", "BBIQ", book.bits | code << _DTYPE_SHIFT, index_bits, k, index.gaps.size)
     parts.add("codebook", book.centroids.to(torch.float32).numpy().astype("<f4").tobytes())
     for lengths in (weight_lengths, index_lengths):
         parts.pack("tables", "I", lengths.size)
@@ -282,6 +305,19 @@ def write_compressed(
     weight_bits = resolve_bits(bits, layers, DEFAULT_BITS, "bits")
     idx_bits = resolve_bits(index_bits, layers, DEFAULT_INDEX_BITS, "index_bits")
     state = model.state_dict()
+    path = Path(path)
+    if path.is_dir():
+        raise PrunelabError(f"{str(path)!r} is a directory; pass a file path to write, e.g. {str(path / 'model.plc')!r}")
+    # one codebook per TENSOR, made under the first layer's name and bits (as quantize_model does);
+    # every state_dict entry that is that tensor (tied layers, a tied embedding) is stored with it
+    named = dict(model.named_parameters(remove_duplicate=False))
+    books: dict[int, Codebook] = {}
+    first: dict[int, str] = {}
+    for name in layers:
+        weight = weights[name]
+        if id(weight) not in books:
+            book = quantize_weight(weight, keeps[name], weight_bits[name], max_iter, name=name)
+            books[id(weight)], first[id(weight)] = _in_dtype(book, weight.dtype), name
     owner = {}  # bias FQN -> weight FQN of its quantised layer
     for weight_name in layers:
         bias_name = weight_name.removesuffix("weight") + "bias"
@@ -291,17 +327,19 @@ def write_compressed(
     body.pack("file", "I", len(state))
     per_layer: dict[str, dict[str, Any]] = {}
     other_bytes = 0
-    books: dict[tuple[int, int], Codebook] = {}  # (parameter id, bits): a tied weight is clustered once
     for name, tensor in state.items():
         parts = _Parts()
+        param = named.get(name)
         if name in layers:
-            key = (id(weights[name]), weight_bits[name])
-            if key not in books:
-                books[key] = quantize_weight(tensor, keeps[name], weight_bits[name], max_iter, name=name)
-            book = books[key]
-            kept, fillers = _encode_quantised(parts, name, book, idx_bits[name])
+            book = books[id(param)]
+            kept, fillers = _encode_quantised(parts, name, book, idx_bits[name], param.dtype)
             info = per_layer.setdefault(name, {"bias_params": 0, "sizes": {}})
-            info.update(shape=tuple(tensor.shape), kept=kept, fillers=fillers, clusters=book.centroids.numel())
+            info.update(shape=tuple(tensor.shape), kept=kept, fillers=fillers, clusters=book.centroids.numel(),
+                        bits=book.bits)
+        elif param is not None and id(param) in books:  # e.g. an embedding tied to a Linear head
+            _encode_quantised(parts, name, books[id(param)], idx_bits[first[id(param)]], param.dtype)
+            other_bytes += sum(parts.sizes.values())
+            info = None
         elif name in owner:
             _encode_raw(parts, "bias", name, tensor)
             info = per_layer.setdefault(owner[name], {"bias_params": 0, "sizes": {}})
@@ -318,15 +356,18 @@ def write_compressed(
     payload = b"".join(body.chunks)
     digest = hashlib.sha256(payload).digest()
     header = _HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(payload), digest)
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            handle.write(header)
-            handle.write(payload)
+    try:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as handle:
+                handle.write(header)
+                handle.write(payload)
+    except OSError as exc:  # disk full, a directory appearing at path meanwhile, ...
+        raise PrunelabError(f"cannot write compressed model {str(path)!r} ({exc.strerror or exc}); "
+                            "check the disk space and permissions of its folder") from None
     reports = tuple(
         LayerReport(name=name, shape=per_layer[name]["shape"], kept=per_layer[name]["kept"],
                     fillers=per_layer[name]["fillers"], clusters=per_layer[name]["clusters"],
-                    weight_bits=weight_bits[name], index_bits=idx_bits[name],
+                    weight_bits=per_layer[name]["bits"], index_bits=idx_bits[name],
                     bias_params=per_layer[name]["bias_params"],
                     **{f"{part}_bytes": per_layer[name]["sizes"].get(part, 0) for part in PARTS})
         for name in layers if name in per_layer
@@ -366,7 +407,10 @@ class _Reader:
 
 def _decode_quantised(reader: _Reader) -> tuple[str, torch.Tensor]:
     name, _, shape = reader.name_and_shape(with_dtype=False)
-    _bits, index_bits, k, entries = reader.unpack("BBIQ")
+    bits_and_dtype, index_bits, k, entries = reader.unpack("BBIQ")
+    if bits_and_dtype >> _DTYPE_SHIFT >= len(_QUANTISED_DTYPES) or not 1 <= bits_and_dtype & _BITS_MASK <= 16:
+        raise PrunelabError(f"layer {name!r} has an invalid weight-bits/dtype byte {bits_and_dtype}")
+    dtype = _QUANTISED_DTYPES[bits_and_dtype >> _DTYPE_SHIFT]
     centroids = np.frombuffer(reader.take(4 * k), dtype="<f4").astype(np.float32)
     tables = [np.frombuffer(reader.take(reader.unpack("I")[0]), dtype=np.uint8) for _ in range(2)]
     streams = [reader.take(reader.unpack("Q")[0]) for _ in range(2)]
@@ -381,7 +425,7 @@ def _decode_quantised(reader: _Reader) -> tuple[str, torch.Tensor]:
     values = np.concatenate([centroids, np.zeros(1, dtype=np.float32)])  # id K = filler zero
     weight = np.zeros(numel, dtype=np.float32)
     weight[positions] = values[symbols]
-    return name, torch.from_numpy(weight).reshape(shape)
+    return name, torch.from_numpy(weight).reshape(shape).to(dtype)
 
 
 def _decode_raw(reader: _Reader) -> tuple[str, torch.Tensor]:
@@ -399,7 +443,7 @@ def _decode_raw(reader: _Reader) -> tuple[str, torch.Tensor]:
 
 
 def read_compressed(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The state_dict stored by :func:`write_compressed`: quantised weights (float32) and raw tensors.
+    """The state_dict stored by :func:`write_compressed`: quantised weights (in their dtype) and raw tensors.
 
     Raises PrunelabError, and returns nothing, for a missing, foreign, truncated or
     corrupt file (bad magic, length or sha256 mismatch, undecodable stream).

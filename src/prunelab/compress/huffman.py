@@ -61,6 +61,9 @@ def _huffman_lengths(freqs: np.ndarray) -> np.ndarray:
 
 def code_lengths(freqs: Sequence[int] | np.ndarray, max_length: int = MAX_CODE_LENGTH) -> np.ndarray:
     """Huffman code length per symbol up to the highest used one (0 = unused, or the only used one), uint8."""
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or not 1 <= max_length <= MAX_CODE_LENGTH:
+        raise PrunelabError(f"max_length must be an integer in [1, {MAX_CODE_LENGTH}] (what decode reads), "
+                            f"got {max_length!r}")
     freqs = np.asarray(freqs, dtype=np.int64).reshape(-1)
     if freqs.size and freqs.min() < 0:
         raise PrunelabError(f"symbol frequencies must be >= 0, got a minimum of {freqs.min()}; pass counts")

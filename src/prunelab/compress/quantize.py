@@ -88,6 +88,9 @@ def kmeans_1d(values: torch.Tensor, k: int, max_iter: int = 100) -> tuple[torch.
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise PrunelabError(f"k-means needs k >= 1 clusters, got {k!r}; pass bits >= 0")
     x = values.detach().reshape(-1).to(torch.float64).cpu()
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:  # a NaN/inf min or max would make every linearly initialised centroid NaN
+        raise PrunelabError(f"k-means got {bad} nan/inf value(s) among {x.numel()}; pass finite weights")
     if x.numel() == 0:
         return torch.zeros(k, dtype=torch.float32), torch.zeros(0, dtype=torch.int64)
     centroids = torch.linspace(float(x.min()), float(x.max()), k, dtype=torch.float64)  # linear init
@@ -122,6 +125,9 @@ def quantize_weight(weight: torch.Tensor, keep: torch.Tensor | None, bits: int, 
     w = weight.detach().to(torch.float32).cpu()
     kept = w != 0
     if keep is not None:
+        if tuple(keep.shape) != tuple(w.shape):  # `&=` would broadcast a (1, n) mask silently
+            raise PrunelabError(f"mask for {name!r} has shape {tuple(keep.shape)} but the weight has "
+                                f"{tuple(w.shape)}; pass the mask saved with this weight")
         kept &= keep.detach().to(torch.bool).cpu()
     flat_kept = kept.reshape(-1)
     values = w.reshape(-1)[flat_kept]
