@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from prunelab.errors import PrunelabError
-from prunelab.measure import LayerCost, ModelCost, format_bytes, markdown_table, measure_model, model_cost_table
+from prunelab.measure import (
+    LayerCost, ModelCost, format_bytes, format_float, markdown_table, measure_model, model_cost_table,
+)
 
 
 def _tiny_mlp() -> nn.Sequential:
@@ -28,7 +30,9 @@ def _mask_5_of_12() -> torch.Tensor:
 
 
 def _all_hooks_removed(model: nn.Module) -> bool:
-    return all(not m._forward_hooks for m in model.modules())
+    hooks = all(not m._forward_hooks and not m._forward_pre_hooks and not m._forward_hooks_always_called
+                for m in model.modules())
+    return hooks and not torch.overrides.has_torch_function((torch.zeros(1),))  # no TorchFunctionMode left
 
 
 def test_tiny_mlp_with_mask_exact_counts():
@@ -229,6 +233,9 @@ def test_format_bytes_uses_powers_of_1000():
     assert format_bytes(1_020_000) == "1.02 MB"
     assert format_bytes(999_999) == "1.00 MB"
     assert format_bytes(3 * 10**9) == "3.00 GB"
+    # a size that rounds up to 1000 of a unit is written in the next unit
+    assert format_bytes(999.94) == "999.9 B" and format_bytes(999.96) == "1.00 KB"
+    assert format_bytes(999_994) == "999.99 KB" and format_bytes(999_996) == "1.00 MB"
     with pytest.raises(PrunelabError, match=">= 0"):
         format_bytes(-1)
 
@@ -433,3 +440,20 @@ def test_model_cost_table_marks_tied_layers_left_out_of_the_total():
     # the total's 30 params store the tied weight once; the second row must say why it is not added
     assert names == ["first", "second (tied: stored with an earlier layer)", "total"]
     assert [c.strip() for c in lines[4].strip("|").split("|")][2] == "30"
+
+
+def test_format_float_picks_the_format_by_the_printed_size():
+    assert format_float(999.996) == "1,000" and format_float(-999.996) == "-1,000"  # not "1000.00"
+    assert format_float(999.994) == "999.99" and format_float(1234.4) == "1,234"
+    assert format_float(0.99996) == "1.00" and format_float(0.99994) == "0.9999"  # not "1"
+    assert format_float(1.5) == "1.50" and format_float(0.0001234) == "0.0001234" and format_float(0.0) == "0"
+    assert format_float(float("nan")) == "nan" and format_float(2.0, ".3f") == "2.000"
+
+
+def test_public_names_stay_importable_from_their_old_modules():
+    from prunelab.measure import costs, counting, tables
+
+    assert counting.LayerCost is costs.LayerCost and counting.ModelCost is costs.ModelCost
+    assert counting.BYTES_PER_VALUE == costs.BYTES_PER_VALUE == 4 and counting.BYTES_PER_INDEX == 4
+    assert counting.format_bytes is tables.format_bytes is format_bytes
+    assert callable(counting.measured_layers) and counting.MEASURED_TYPES and counting.TRANSPOSED_TYPES

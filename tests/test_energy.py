@@ -96,3 +96,29 @@ def test_materialised_csr_layer_fetches_its_real_format():
     # the CSR it stores: 5 values + 5 int32 columns + 4 int32 row pointers + 3 biases = 68 bytes (not the 34 of a bitmap)
     assert rows["sparse"].weight_bytes == 5 * 4 + 5 * 4 + 4 * 4 + 3 * 4 == sparse.nbytes == 68
     assert rows["sparse"].weight_pj == pytest.approx(68 / 4 * 640)
+
+
+def test_attention_projections_are_estimated_and_stored_raw_in_the_compressed_file(tmp_path):
+    class SelfAttention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.att = nn.MultiheadAttention(4, 2, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.att(x, x, x)[0]
+
+    model = SelfAttention()
+    report = write_compressed(tmp_path / "a.plc", model, bits=2, index_bits=2)
+    energy = estimate_energy(model, torch.randn(1, 3, 4), compressed=report)
+    rows = {(r.layer, r.form): r for r in energy.layers}
+    assert {layer for layer, _ in rows} == {"att.in_proj.q", "att.in_proj.k", "att.in_proj.v", "att.out_proj"}
+    for layer in ("att.in_proj.q", "att.in_proj.k", "att.in_proj.v", "att.out_proj"):
+        dense = rows[(layer, "dense")]
+        # 16 MACs per token, 3 tokens; (16 + 4) fp32 words; 3 x 4 inputs + 3 x 4 outputs in SRAM
+        assert (dense.macs, dense.weight_bytes, dense.activation_bytes) == (48, 80, 4 * 24), layer
+    # the file stores in_proj_weight raw (not a Linear/Conv weight): its compressed form reads dense bytes
+    raw = rows[("att.in_proj.q", "compressed")]
+    assert raw.weight_bytes == 80 and raw.compute_pj == pytest.approx(48 * HOROWITZ_45NM.mac_pj)
+    out = rows[("att.out_proj", "compressed")]
+    (stored,) = report.layers
+    assert stored.name == "att.out_proj.weight" and out.weight_bytes == stored.total_bytes

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from prunelab.errors import PrunelabError
-from prunelab.measure.latency import interleaved_latency, layer_latency_ms
+from prunelab.measure.latency import interleaved_latency, layer_latency_ms, model_latency_ms
 
 
 def test_sync_runs_before_every_clock_read():
@@ -57,3 +57,45 @@ def test_layer_latency_times_each_leaf_of_every_model_on_its_own_inputs():
 def test_bad_repetition_counts_are_prunelab_errors(kwargs):
     with pytest.raises(PrunelabError, match="reps|warmup"):
         interleaved_latency({"a": lambda: None}, **kwargs)
+
+
+class _RecordsMode(nn.Module):
+    """Remembers whether each forward ran in training mode; its dropout child starts in eval mode."""
+
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.drop = nn.Dropout(0.5)
+        self.fail = fail
+        self.seen: list[tuple[bool, bool]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append((self.training, self.drop.training))
+        if self.fail:
+            raise RuntimeError("boom")
+        return self.drop(self.fc(x))
+
+
+def _train_with_eval_child(model: _RecordsMode) -> _RecordsMode:
+    model.train()
+    model.drop.eval()
+    return model
+
+
+@pytest.mark.parametrize("timer", ["model", "layer"])
+def test_latency_runs_models_in_eval_mode_and_restores_their_modes(timer):
+    a, b = _train_with_eval_child(_RecordsMode()), _RecordsMode().eval()
+    if timer == "model":
+        model_latency_ms({"a": a, "b": b}, torch.randn(2, 4), reps=1)
+    else:
+        layer_latency_ms({"a": a, "b": b}, torch.randn(2, 4), reps=1)
+    assert a.seen and set(a.seen) == {(False, False)} and set(b.seen) == {(False, False)}
+    assert a.training and a.fc.training and not a.drop.training  # as they came in
+    assert not b.training and not b.fc.training
+
+
+def test_model_latency_restores_modes_when_a_forward_raises():
+    model = _train_with_eval_child(_RecordsMode(fail=True))
+    with pytest.raises(RuntimeError, match="boom"):
+        model_latency_ms({"broken": model}, torch.randn(2, 4), reps=1)
+    assert model.training and model.fc.training and not model.drop.training

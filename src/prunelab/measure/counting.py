@@ -25,7 +25,8 @@ given) keeps it: ``nnz = (mask & (w != 0)).sum()``.  The model holds real zeros 
 mask prunes (DESIGN.md decision 1), so both agree in the normal case; taking the
 intersection means a kept weight that happens to be exactly zero, or a pruned weight that
 has not been zeroed yet, is never counted as work or storage.  Biases and every parameter
-outside Linear/Conv layers (norms, embeddings, ...) are counted dense.
+outside Linear/Conv layers and attention in-projections (norms, embeddings, ...) are
+counted dense.
 
 Storage (fp32 values, per layer; the bias is always stored dense, ``4 * bias.numel()``):
 
@@ -34,14 +35,27 @@ Storage (fp32 values, per layer; the bias is always stored dense, ``4 * bias.num
   ``4 * nnz`` values + ``4 * nnz`` int32 column indices + ``4 * (rows + 1)`` int32 row pointers
 * bitmap: ``4 * nnz`` values + ``ceil(numel / 8)`` bytes of 1-bit keep-map
 
+Attention (:mod:`prunelab.measure.attention`).  An ``nn.MultiheadAttention``'s q/k/v
+in-projection is counted as three layers ``"<mha>.in_proj.q"``, ``".k"``, ``".v"`` (kind
+``"MultiheadAttention.in_proj"``, weights = the rows of ``in_proj_weight``, or
+``q/k/v_proj_weight``; masks are given under those parameters' names; each is stored as
+its own ``(E, in)`` matrix, so CSR counts ``E + 1`` row pointers per projection) applied to
+``N*L``, ``N*S``, ``N*S`` tokens, and its ``out_proj`` (which it calls functionally) to
+``N*L`` tokens -- ``4 * E^2`` MACs per token for self-attention.  The attention products, Q K^T
+and A V, multiply two activations: they are reported apart, as ``ModelCost.attention``
+(``2 * heads * L * S * head_dim`` per batch element for ``nn.MultiheadAttention``;
+``F.scaled_dot_product_attention`` calls and batched matmuls of two activations are
+counted by a ``TorchFunctionMode`` active only during the pass), so ``dense_macs`` and
+``sparse_macs`` keep meaning weight MACs and ``dense_macs_with_attention`` adds them.
+
 Costs are per sample: the pass's counts are divided by ``example_input.shape[0]``, so the
-first dimension of the example input must be the batch dimension.
+first dimension of the example input must be the batch dimension.  The records are the
+frozen dataclasses of :mod:`prunelab.measure.costs`.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -50,215 +64,22 @@ import torch
 from torch import nn
 
 from prunelab.errors import PrunelabError
+from prunelab.measure.attention import (
+    IN_PROJECTION_KIND, ActivationProductCounter, attention_modules, child_name, in_projections,
+    mha_attention_macs, mha_call,
+)
+from prunelab.measure.costs import BYTES_PER_INDEX, BYTES_PER_VALUE, AttentionCost, LayerCost, ModelCost
+from prunelab.measure.tables import format_bytes  # imported from here before the split: kept importable
 
 TRANSPOSED_TYPES: tuple[type[nn.Module], ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 MEASURED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *TRANSPOSED_TYPES)
-BYTES_PER_VALUE = 4  # fp32 values
-BYTES_PER_INDEX = 4  # int32 indices
 
-__all__ = ["LayerCost", "ModelCost", "format_bytes", "measure_model"]
-
-
-@dataclass(frozen=True)
-class LayerCost:
-    """Per-sample cost of one Linear/Conv layer (or materialised sparse module).
-
-    Stored fields are the raw counts; every derived number (params, MACs, FLOPs, bytes,
-    sparsity) is a property, so a ``LayerCost`` can never be internally inconsistent.
-    ``reached`` is False when the forward pass never called this layer; its MACs are 0.
-    """
-
-    name: str                       # module FQN, e.g. "features.0"
-    kind: str                       # "Linear", "Conv2d", ...
-    weight_shape: tuple[int, ...]
-    weight_params: int
-    weight_nonzeros: int            # nonzero AND kept by the mask
-    bias_params: int                # counted dense
-    output_positions: int           # per sample: 1 for Linear on (B, C), T on (B, T, C), H_out*W_out for Conv2d,
-                                    # H_in*W_in for ConvTranspose2d (positions the whole weight is applied at)
-    reached: bool = True
-    shares_storage: bool = False    # its weight is an earlier layer's (tied): MACs count, storage does not
-    format_bytes: int | None = None  # a materialised sparse module: bytes its format + bias really store
-
-    @property
-    def params(self) -> int:
-        return self.weight_params + self.bias_params
-
-    @property
-    def nonzeros(self) -> int:
-        """Weight nonzeros plus the (dense) bias."""
-        return self.weight_nonzeros + self.bias_params
-
-    @property
-    def sparsity(self) -> float:
-        """Fraction of the weight that is zero or pruned (the bias is not included)."""
-        return 1.0 - self.weight_nonzeros / self.weight_params if self.weight_params else 0.0
-
-    @property
-    def dense_macs(self) -> int:
-        return self.weight_params * self.output_positions
-
-    @property
-    def sparse_macs(self) -> int:
-        return self.weight_nonzeros * self.output_positions
-
-    @property
-    def dense_flops(self) -> int:
-        return 2 * self.dense_macs
-
-    @property
-    def sparse_flops(self) -> int:
-        return 2 * self.sparse_macs
-
-    @property
-    def dense_bytes(self) -> int:
-        return BYTES_PER_VALUE * self.params
-
-    @property
-    def csr_bytes(self) -> int:
-        rows = self.weight_shape[0] if self.weight_shape else 1
-        nnz = self.weight_nonzeros
-        weight = BYTES_PER_VALUE * nnz + BYTES_PER_INDEX * nnz + BYTES_PER_INDEX * (rows + 1)
-        return weight + BYTES_PER_VALUE * self.bias_params
-
-    @property
-    def bitmap_bytes(self) -> int:
-        weight = BYTES_PER_VALUE * self.weight_nonzeros + math.ceil(self.weight_params / 8)
-        return weight + BYTES_PER_VALUE * self.bias_params
-
-    @property
-    def best_sparse_bytes(self) -> int:
-        """The smaller of CSR and bitmap (dense is not considered: compare with ``dense_bytes``)."""
-        return min(self.csr_bytes, self.bitmap_bytes)
-
-    @property
-    def stored_bytes(self) -> int:
-        """What the layer stores as it is: ``format_bytes`` when materialised, else ``dense_bytes``."""
-        return self.dense_bytes if self.format_bytes is None else self.format_bytes
-
-    def to_dict(self) -> dict[str, Any]:
-        """Flat JSON-ready numbers; ``size_format_bytes`` only for a materialised sparse module."""
-        extra = {} if self.format_bytes is None else {"size_format_bytes": self.format_bytes}
-        return {
-            "name": self.name, "kind": self.kind, "weight_shape": list(self.weight_shape), "reached": self.reached,
-            "params": self.params, "weight_params": self.weight_params, "weight_nonzeros": self.weight_nonzeros,
-            "bias_params": self.bias_params, "nonzeros": self.nonzeros, "sparsity": self.sparsity,
-            "output_positions": self.output_positions,
-            "dense_macs": self.dense_macs, "sparse_macs": self.sparse_macs,
-            "dense_flops": self.dense_flops, "sparse_flops": self.sparse_flops,
-            "size_dense_bytes": self.dense_bytes, "size_csr_bytes": self.csr_bytes,
-            "size_bitmap_bytes": self.bitmap_bytes, "size_best_sparse_bytes": self.best_sparse_bytes, **extra,
-        }
-
-
-@dataclass(frozen=True)
-class ModelCost:
-    """Per-sample cost of a whole model: its Linear/Conv layers plus ``other_params`` counted dense."""
-
-    layers: tuple[LayerCost, ...]
-    other_params: int = 0  # parameters outside Linear/Conv layers (norms, embeddings, ...), stored dense
-
-    @property
-    def stored_layers(self) -> tuple[LayerCost, ...]:
-        """The layers that own their weight (a tied weight is stored, and counted, once)."""
-        return tuple(l for l in self.layers if not l.shares_storage)
-
-    @property
-    def weight_params(self) -> int:
-        return sum(l.weight_params for l in self.stored_layers)
-
-    @property
-    def weight_nonzeros(self) -> int:
-        return sum(l.weight_nonzeros for l in self.stored_layers)
-
-    @property
-    def params(self) -> int:
-        return sum(l.params for l in self.stored_layers) + self.other_params
-
-    @property
-    def nonzeros(self) -> int:
-        return sum(l.nonzeros for l in self.stored_layers) + self.other_params
-
-    @property
-    def sparsity(self) -> float:
-        """Fraction of Linear/Conv weights that are zero or pruned (biases and other params excluded)."""
-        total = self.weight_params
-        return 1.0 - self.weight_nonzeros / total if total else 0.0
-
-    @property
-    def dense_macs(self) -> int:
-        return sum(l.dense_macs for l in self.layers)
-
-    @property
-    def sparse_macs(self) -> int:
-        return sum(l.sparse_macs for l in self.layers)
-
-    @property
-    def dense_flops(self) -> int:
-        return 2 * self.dense_macs
-
-    @property
-    def sparse_flops(self) -> int:
-        return 2 * self.sparse_macs
-
-    @property
-    def other_bytes(self) -> int:
-        return BYTES_PER_VALUE * self.other_params
-
-    @property
-    def dense_bytes(self) -> int:
-        return sum(l.dense_bytes for l in self.stored_layers) + self.other_bytes
-
-    @property
-    def csr_bytes(self) -> int:
-        return sum(l.csr_bytes for l in self.stored_layers) + self.other_bytes
-
-    @property
-    def bitmap_bytes(self) -> int:
-        return sum(l.bitmap_bytes for l in self.stored_layers) + self.other_bytes
-
-    @property
-    def best_sparse_bytes(self) -> int:
-        """Each layer in the smaller of CSR and bitmap, other parameters dense."""
-        return sum(l.best_sparse_bytes for l in self.stored_layers) + self.other_bytes
-
-    @property
-    def stored_bytes(self) -> int:
-        """Bytes the model stores as it is: materialised layers at their format's size, the rest dense."""
-        return sum(l.stored_bytes for l in self.stored_layers) + self.other_bytes
-
-    @property
-    def compression_x(self) -> float:
-        """``params / nonzeros``, the compression rate of Han et al. (2015)."""
-        return self.params / self.nonzeros if self.nonzeros else math.inf
-
-    @property
-    def storage_ratio_x(self) -> float:
-        """``dense_bytes / best_sparse_bytes``: how much smaller the file really gets (below 1 when sparse is bigger)."""
-        best = self.best_sparse_bytes
-        return self.dense_bytes / best if best else math.inf
-
-    def to_dict(self) -> dict[str, Any]:
-        """Flat JSON-ready numbers with units in the keys, plus a ``layers`` list of per-layer dicts.
-
-        ``size_stored_bytes`` is present only when some layer is a materialised sparse module.
-        """
-        materialised = any(l.format_bytes is not None for l in self.stored_layers)
-        extra = {"size_stored_bytes": self.stored_bytes} if materialised else {}
-        return {
-            "params": self.params, "nonzeros": self.nonzeros, "weight_params": self.weight_params,
-            "weight_nonzeros": self.weight_nonzeros, "other_params": self.other_params, "sparsity": self.sparsity,
-            "dense_macs": self.dense_macs, "sparse_macs": self.sparse_macs,
-            "dense_flops": self.dense_flops, "sparse_flops": self.sparse_flops,
-            "size_dense_bytes": self.dense_bytes, "size_csr_bytes": self.csr_bytes,
-            "size_bitmap_bytes": self.bitmap_bytes, "size_best_sparse_bytes": self.best_sparse_bytes,
-            "compression_x": self.compression_x, "storage_ratio_x": self.storage_ratio_x, **extra,
-            "layers": [l.to_dict() for l in self.layers],
-        }
+__all__ = ["BYTES_PER_INDEX", "BYTES_PER_VALUE", "AttentionCost", "LayerCost", "ModelCost", "format_bytes",
+           "measure_model", "measured_layers"]
 
 
 def _sparse_module_type() -> type[nn.Module]:
-    # imported on use: prunelab.materialise imports prunelab.measure.tables, which imports this module
+    # imported on use: prunelab.materialise imports prunelab.measure.tables, whose package imports this module
     from prunelab.materialise.sparse_modules import SparseModule
 
     return SparseModule
@@ -309,7 +130,8 @@ def _masks_by_weight(
         if id(param) not in weight_ids:
             raise PrunelabError(
                 f"mask {name!r} is not the weight of a Linear/Conv layer; measure_model counts masks on "
-                f"Linear/Conv weights only -- drop that mask or apply it to the model before measuring"
+                f"Linear/Conv weights only (nn.MultiheadAttention's in-projection included) -- drop that mask or "
+                f"apply it to the model before measuring"
             )
         if tuple(mask.shape) != tuple(param.shape):
             raise PrunelabError(
@@ -328,22 +150,78 @@ def _weight_nonzeros(weight: torch.Tensor, mask: torch.Tensor | None) -> int:
     return int(nonzero.sum())
 
 
+@dataclass(frozen=True)
+class _Weighted:
+    """One weight whose MACs are counted: a measured layer, or the rows of an attention in-projection."""
+
+    name: str
+    kind: str
+    weight: torch.Tensor            # the whole tensor: masks and ties are keyed by it
+    rows: slice | None              # the rows this unit multiplies (None: all of them)
+    bias: torch.Tensor | None
+    bias_rows: slice | None
+    format_bytes: int | None = None
+
+    def part(self, tensor: torch.Tensor, rows: slice | None) -> torch.Tensor:
+        return tensor if rows is None else tensor[rows]
+
+    def key(self, tensor: torch.Tensor, rows: slice | None) -> tuple[int, int | None, int | None]:
+        """Identifies storage: the same tensor rows in two units are stored once (tied)."""
+        return (id(tensor), None, None) if rows is None else (id(tensor), rows.start, rows.stop)
+
+
+def _weighted_units(model: nn.Module, layers: Mapping[str, nn.Module],
+                    weights: Mapping[str, torch.Tensor]) -> list[_Weighted]:
+    """Measured layers and attention in-projections in module order (an attention's projections before its out_proj)."""
+    sparse = _sparse_module_type()
+    units = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            units.extend(_Weighted(p.name, IN_PROJECTION_KIND, p.weight, p.rows, p.bias, p.bias_rows)
+                         for p in in_projections(name, module))
+        if name in layers:
+            bias = getattr(module, "bias", None)
+            units.append(_Weighted(
+                name, type(module).__name__, weights[child_name(name, "weight")], None,
+                bias if isinstance(bias, torch.Tensor) else None, None,
+                int(module.nbytes) if isinstance(module, sparse) else None,
+            ))
+    return units
+
+
+def _per_sample(what: str, total: int, counted: str, batch: int, example_input: torch.Tensor) -> int:
+    """``total / batch``; a count the batch does not divide means the first dimension is not the batch."""
+    if total % batch:
+        raise PrunelabError(
+            f"{what} computed {total} {counted} for a batch of {batch}, which does not divide; example_input's first "
+            f"dimension must be the batch (got shape {tuple(example_input.shape)})"
+        )
+    return total // batch
+
+
 def measure_model(
     model: nn.Module, example_input: torch.Tensor, masks: Mapping[str, torch.Tensor] | None = None
 ) -> ModelCost:
-    """Per-sample parameters, nonzeros, MACs/FLOPs and storage of ``model``'s Linear/Conv layers.
+    """Per-sample parameters, nonzeros, MACs/FLOPs and storage of ``model``'s Linear/Conv layers, and its attention.
 
-    Linear/Conv here means ``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``
-    and the materialised sparse modules (see the module docstring).
+    Linear/Conv here means ``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``,
+    the materialised sparse modules and the q/k/v in-projections of ``nn.MultiheadAttention``
+    (see the module docstring).  Attention products (Q K^T, A V) go to ``ModelCost.attention``:
+    ``2 * heads * L * S * head_dim`` MACs per batch element for an ``nn.MultiheadAttention``
+    (``S`` keys, ``L`` queries), ``prod(batch dims) * L * S * (E + E_v)`` for an
+    ``F.scaled_dot_product_attention`` call, ``out.numel() * a.shape[-1]`` for a batched matmul
+    of two activations (see :mod:`prunelab.measure.attention`).
 
     Runs ONE forward pass of ``example_input`` (leading dimension = batch; batch 1 is
-    typical) in eval mode under ``torch.no_grad``; the hooks are always removed and every
-    module's train/eval flag restored, even if the forward raises.  ``masks`` maps weight
-    FQNs (``"fc1.weight"``) to bool keep-masks; a weight counts as nonzero when it is
+    typical) in eval mode under ``torch.no_grad``; the hooks and the ``TorchFunctionMode``
+    that counts functional attention are always removed and every module's train/eval flag
+    restored, even if the forward raises.  ``masks`` maps weight FQNs (``"fc1.weight"``,
+    ``"attn.in_proj_weight"``) to bool keep-masks; a weight counts as nonzero when it is
     nonzero and kept.  Layers the forward never calls are listed with ``reached=False``
     and 0 MACs.  Layers whose module is called more than once add up their positions.
-    Weights used outside their module's ``forward`` (e.g. ``nn.MultiheadAttention``'s
-    ``out_proj``) show as not reached; their MACs are not counted.
+    Weights used outside their module's ``forward`` (``F.linear(x, fc.weight)``) show as
+    not reached and their MACs are not counted; ``nn.MultiheadAttention``'s ``out_proj`` is
+    the exception: it is counted for each call of its attention module.
     """
     if not isinstance(model, nn.Module):
         raise PrunelabError(f"measure_model needs an nn.Module, got {type(model).__name__}; pass the model itself")
@@ -360,15 +238,24 @@ def measure_model(
         )
 
     layers = measured_layers(model)
+    mhas = attention_modules(model)
     sparse = _sparse_module_type()
     weights = {  # a sparse module's dense weight is rebuilt from its format (once, here)
-        f"{name}.weight" if name else "weight": module.dense_weight() if isinstance(module, sparse) else module.weight
+        child_name(name, "weight"): module.dense_weight() if isinstance(module, sparse) else module.weight
         for name, module in layers.items()
     }
+    weights.update({p.weight_name: p.weight for name, m in mhas.items() for p in in_projections(name, m)})
     keeps = _masks_by_weight(model, masks, weights) if masks is not None else {}
+    units = _weighted_units(model, layers, weights)
 
-    positions: dict[str, int] = {name: 0 for name in layers}
+    positions: dict[str, int] = {unit.name: 0 for unit in units}
     called: set[str] = set()
+    running: list[str] = []  # FQNs of the modules whose forward is running, innermost last
+    inside_mha = [0]         # > 0 while an nn.MultiheadAttention runs: its products are counted from its shapes
+    counter = ActivationProductCounter(
+        [id(t) for t in (*model.parameters(), *model.buffers())],
+        where=lambda: None if inside_mha[0] else (running[-1] if running else ""),
+    )
 
     def make_hook(name: str, channels: int, from_input: bool):
         def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
@@ -380,6 +267,35 @@ def measure_model(
             called.add(name)
         return hook
 
+    def enter_mha(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        inside_mha[0] += 1
+
+    def leave_mha(module: nn.Module, args: tuple, output: Any) -> None:
+        inside_mha[0] -= 1
+
+    def make_mha_hook(name: str):
+        projections = in_projections(name, mhas[name])
+        out_proj = child_name(name, "out_proj")
+
+        def hook(module: nn.MultiheadAttention, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+            call = mha_call(module, args, kwargs)
+            for projection in projections:
+                positions[projection.name] += projection.positions(call)
+                called.add(projection.name)
+            if out_proj in positions:
+                positions[out_proj] += call.batch * call.query_len
+                called.add(out_proj)
+            counter.add(name, "MultiheadAttention", mha_attention_macs(module, call))
+        return hook
+
+    def make_running_hooks(name: str):
+        def push(module: nn.Module, args: Any) -> None:
+            running.append(name)
+
+        def pop(module: nn.Module, args: Any, output: Any) -> None:
+            running.pop()
+        return push, pop
+
     param = next(model.parameters(), None)
     if param is not None and example_input.device != param.device:
         example_input = example_input.to(param.device)
@@ -387,10 +303,17 @@ def measure_model(
     modes = {module: module.training for module in model.modules()}
     handles = []
     try:
+        for name, module in model.named_modules():
+            push, pop = make_running_hooks(name)  # pop even when the forward raises (a caller may catch it)
+            handles += [module.register_forward_pre_hook(push), module.register_forward_hook(pop, always_call=True)]
         for name, module in layers.items():
             handles.append(module.register_forward_hook(make_hook(name, *_apply_width(module))))
+        for name, module in mhas.items():
+            handles.append(module.register_forward_pre_hook(enter_mha, with_kwargs=True))
+            handles.append(module.register_forward_hook(make_mha_hook(name), with_kwargs=True))
+            handles.append(module.register_forward_hook(leave_mha, always_call=True))
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), counter:
             model(example_input)
     finally:
         for handle in handles:
@@ -400,56 +323,39 @@ def measure_model(
 
     costs = []
     tied_own_bias = 0
-    measured_ids: set[int] = set()
-    for name, module in layers.items():
-        weight_name = f"{name}.weight" if name else "weight"
-        weight = weights[weight_name]
-        bias = getattr(module, "bias", None)
-        bias_params = bias.numel() if isinstance(bias, torch.Tensor) else 0
-        tied = id(weight) in measured_ids
-        if tied and isinstance(bias, torch.Tensor) and id(bias) not in measured_ids:
-            other_bias = bias_params  # a tied weight with a bias of its own: the bias is stored
-        else:
-            other_bias = 0
-        measured_ids.add(id(weight))
-        if isinstance(bias, torch.Tensor):
-            measured_ids.add(id(bias))
-        total_positions = positions[name]
-        if total_positions % batch:
-            raise PrunelabError(
-                f"layer {name!r} computed {total_positions} output positions for a batch of {batch}, which does not "
-                f"divide; example_input's first dimension must be the batch (got shape {tuple(example_input.shape)})"
-            )
-        mask = keeps.get(id(weight))  # a tied weight's mask, under whichever name it was given
+    stored: set[tuple[int, int | None, int | None]] = set()  # weight/bias storage already counted
+    measured_ids: set[int] = set()                           # parameters counted in some unit
+    for unit in units:
+        weight = unit.part(unit.weight, unit.rows)
+        bias = None if unit.bias is None else unit.part(unit.bias, unit.bias_rows)
+        bias_params = bias.numel() if bias is not None else 0
+        weight_key = unit.key(unit.weight, unit.rows)
+        tied = weight_key in stored
+        if tied and bias is not None and unit.key(unit.bias, unit.bias_rows) not in stored:
+            tied_own_bias += bias_params  # a tied weight with a bias of its own: the bias is stored
+        stored.add(weight_key)
+        measured_ids.add(id(unit.weight))
+        if unit.bias is not None:
+            stored.add(unit.key(unit.bias, unit.bias_rows))
+            measured_ids.add(id(unit.bias))
+        mask = keeps.get(id(unit.weight))  # a tied weight's mask, under whichever name it was given
         costs.append(LayerCost(
-            name=name,
-            kind=type(module).__name__,
+            name=unit.name,
+            kind=unit.kind,
             weight_shape=tuple(weight.shape),
             weight_params=weight.numel(),
-            weight_nonzeros=_weight_nonzeros(weight, mask),
+            weight_nonzeros=_weight_nonzeros(weight, None if mask is None else unit.part(mask, unit.rows)),
             bias_params=bias_params,
-            output_positions=total_positions // batch,
-            reached=name in called,
+            output_positions=_per_sample(f"layer {unit.name!r}", positions[unit.name], "output positions", batch,
+                                          example_input),
+            reached=unit.name in called,
             shares_storage=tied,
-            format_bytes=int(module.nbytes) if isinstance(module, sparse) else None,
+            format_bytes=unit.format_bytes,
         ))
-        tied_own_bias += other_bias
     other = sum(p.numel() for p in model.parameters() if id(p) not in measured_ids) + tied_own_bias
-    return ModelCost(layers=tuple(costs), other_params=other)
-
-
-def format_bytes(n: float) -> str:
-    """Human-readable size in decimal (SI) units, powers of 1000: ``1024 -> "1.02 KB"``, ``999 -> "999 B"``.
-
-    "KB" here means 1000 bytes, matching the ``size_kb = bytes / 1000`` columns of the reports.
-    """
-    if isinstance(n, bool) or not isinstance(n, numbers.Real) or math.isnan(n) or n < 0:
-        raise PrunelabError(f"format_bytes needs a byte count >= 0, got {n!r}; pass e.g. cost.dense_bytes")
-    if n < 1000:
-        return f"{int(n)} B" if float(n).is_integer() else f"{n:.1f} B"
-    value = float(n)
-    for unit in ("KB", "MB", "GB", "TB", "PB"):
-        value /= 1000.0
-        if value < 999.995 or unit == "PB":
-            return f"{value:.2f} {unit}"
-    raise AssertionError("unreachable")
+    attention = tuple(
+        AttentionCost(name=name, kind=kind, calls=calls,
+                      macs=_per_sample(f"attention in {name!r} ({kind})", macs, "MACs", batch, example_input))
+        for (name, kind), (calls, macs) in counter.totals.items()
+    )
+    return ModelCost(layers=tuple(costs), other_params=other, attention=attention)

@@ -39,7 +39,9 @@ import torch
 from torch import nn
 
 from prunelab.errors import PrunelabError
-from prunelab.measure.counting import BYTES_PER_VALUE, measure_model, measured_layers
+from prunelab.measure.attention import IN_PROJECTION_KIND, attention_modules, child_name, in_projections, mha_call
+from prunelab.measure.costs import BYTES_PER_VALUE
+from prunelab.measure.counting import measure_model, measured_layers
 
 __all__ = ["ASSUMPTIONS", "FORMS", "HOROWITZ_45NM", "EnergyReport", "EnergyTable", "LayerEnergy", "estimate_energy"]
 
@@ -158,10 +160,27 @@ def _activation_elements(model: nn.Module, example_input: torch.Tensor) -> dict[
             entry[1] += output.numel()
         return hook
 
+    def make_attention_hook(name: str, module: nn.MultiheadAttention):
+        # its q/k/v projections read (tokens, in) and write (tokens, E); its out_proj (N*L, E) -> (N*L, E)
+        projections = in_projections(name, module)
+
+        def hook(module: nn.MultiheadAttention, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+            call = mha_call(module, args, kwargs)
+            for p in projections:
+                entry = sizes.setdefault(p.name, [0, 0])
+                entry[0] += p.positions(call) * p.weight.shape[1]
+                entry[1] += p.positions(call) * module.embed_dim
+            entry = sizes.setdefault(child_name(name, "out_proj"), [0, 0])
+            entry[0] += call.batch * call.query_len * module.embed_dim
+            entry[1] += call.batch * call.query_len * module.embed_dim
+        return hook
+
     modes = {module: module.training for module in model.modules()}
     try:
         for name, module in measured_layers(model).items():
             handles.append(module.register_forward_hook(make_hook(name)))
+        for name, module in attention_modules(model).items():
+            handles.append(module.register_forward_hook(make_attention_hook(name, module), with_kwargs=True))
         model.eval()
         with torch.no_grad():
             param = next(model.parameters(), None)
@@ -190,6 +209,10 @@ def estimate_energy(
     :class:`~prunelab.compress.CompressionReport` of this model adds the ``compressed``
     form (its per-layer file bytes, bias and headers included, are the DRAM traffic).
     ``example_input``'s first dimension is the batch; costs are per sample.
+
+    ``nn.MultiheadAttention``'s q/k/v in-projections count as layers (the compressed file
+    stores them raw, so their compressed form reads their dense bytes); the attention
+    products Q K^T and A V (``ModelCost.attention_macs``) are not modelled.
     """
     if not isinstance(table, EnergyTable):
         raise PrunelabError(f"table must be an EnergyTable, got {type(table).__name__}; pass e.g. HOROWITZ_45NM")
@@ -202,7 +225,8 @@ def estimate_energy(
             raise PrunelabError(f"compressed must be a CompressionReport, got {type(compressed).__name__}; "
                                 "pass what write_compressed returned")
         file_layers = {l.name: l for l in layers}  # keyed by weight FQN
-        missing = [_weight_name(l.name) for l in cost.layers if _weight_name(l.name) not in file_layers]
+        missing = [_weight_name(l.name) for l in cost.layers
+                   if l.kind != IN_PROJECTION_KIND and _weight_name(l.name) not in file_layers]
         if missing:
             raise PrunelabError(f"the CompressionReport has no layer {missing[0]!r}; pass the report written for "
                                 "this model")
@@ -221,6 +245,8 @@ def estimate_energy(
                 weight_bytes = BYTES_PER_VALUE * layer.weight_nonzeros + bias_bytes
             elif form == "sparse":
                 weight_bytes = layer.best_sparse_bytes if layer.format_bytes is None else layer.format_bytes
+            elif layer.kind == IN_PROJECTION_KIND:  # not a Linear/Conv weight: the file stores it raw
+                weight_bytes = layer.dense_bytes
             else:
                 stored = file_layers[_weight_name(layer.name)]
                 weight_bytes = stored.total_bytes

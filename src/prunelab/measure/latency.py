@@ -4,14 +4,17 @@ Speed claims are ratios of variants timed in the same process, alternating betwe
 so that drift of the machine (frequency, other load) hits every variant alike
 (DESIGN.md decision 6).  Each sample runs a variant enough times to last at least
 ``min_sample_s``, so sub-millisecond calls are not dominated by timer resolution.
+Models are timed as they serve: in eval mode under ``torch.inference_mode`` (dropout off,
+batch norm on its running statistics), and handed back in the train/eval mode they came in.
 """
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -56,9 +59,30 @@ def interleaved_latency(variants: Mapping[str, Callable[[], Any]], reps: int = 1
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+@contextlib.contextmanager
+def eval_mode(models: Iterable[nn.Module]) -> Iterator[None]:
+    """Every module of ``models`` in eval mode inside the block; each module's own train/eval flag restored after.
+
+    Restored even when the block raises; a model that is not an ``nn.Module`` is left alone.
+    """
+    modules = [model for model in models if isinstance(model, nn.Module)]
+    modes = {m: m.training for model in modules for m in model.modules()}
+    try:
+        for model in modules:
+            model.eval()
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
 def model_latency_ms(models: Mapping[str, nn.Module], example: torch.Tensor, reps: int = 15) -> dict[str, float]:
-    """Median milliseconds per forward of each model on ``example``, measured side by side."""
-    with torch.inference_mode():
+    """Median milliseconds per forward of each model on ``example``, measured side by side.
+
+    Each model runs in eval mode under ``torch.inference_mode`` (as it would serve); its
+    modules' train/eval flags are restored afterwards, even if a forward raises.
+    """
+    with eval_mode(models.values()), torch.inference_mode():
         seconds = interleaved_latency({k: (lambda m=m: m(example)) for k, m in models.items()}, reps=reps)
     return {k: 1000.0 * v for k, v in seconds.items()}
 
@@ -73,8 +97,15 @@ def layer_latency_ms(models: Mapping[str, nn.Module], example: torch.Tensor, rep
     dense model's module names).  Leaves called more than once per forward are skipped (their
     inputs are ambiguous), and so is work a model does outside its modules (functional calls
     in ``forward``): the whole-model latency minus the sum of the leaves is that remainder.
-    Returns ``{leaf name: {model name: ms}}`` in the first model's call order.
+    Returns ``{leaf name: {model name: ms}}`` in the first model's call order.  As in
+    :func:`model_latency_ms`, models run in eval mode and get their train/eval flags back.
     """
+    with eval_mode(models.values()):
+        return _layer_latency_ms(models, example, reps)
+
+
+def _layer_latency_ms(models: Mapping[str, nn.Module], example: torch.Tensor, reps: int
+                      ) -> dict[str, dict[str, float]]:
     recorded: dict[str, dict[str, tuple[nn.Module, tuple, int]]] = {}  # leaf -> model -> (module, args, calls)
     order: list[str] = []
     for variant, model in models.items():

@@ -1,4 +1,4 @@
-"""GitHub-flavoured markdown tables for records and reports.
+"""GitHub-flavoured markdown tables for records and reports, and the number formats they use.
 
 ``markdown_table`` renders rows of flat values; numeric columns are right-aligned
 (``---:``), text columns left-aligned, and cells are padded so the table also reads well
@@ -13,9 +13,9 @@ import numbers
 from collections.abc import Mapping, Sequence
 
 from prunelab.errors import PrunelabError
-from prunelab.measure.counting import ModelCost
+from prunelab.measure.costs import ModelCost
 
-__all__ = ["format_float", "markdown_table", "model_cost_table"]
+__all__ = ["format_bytes", "format_float", "markdown_table", "model_cost_table"]
 
 
 def _is_number(value: object) -> bool:
@@ -27,7 +27,9 @@ def format_float(value: float, floatfmt: str | None = None) -> str:
 
     By size: ``|x| >= 1000`` -> no decimals with thousands separators (``"266,200"``);
     ``|x| >= 1`` -> two decimals (``"1.58"``, ``"92.00"``); smaller -> 4 significant digits
-    (``"0.9214"``); zero -> ``"0"``; nan/inf as ``"nan"``/``"inf"``.
+    (``"0.9214"``); zero -> ``"0"``; nan/inf as ``"nan"``/``"inf"``.  The size is that of the
+    value as printed: ``999.996`` rounds to 1000 and prints ``"1,000"`` (not ``"1000.00"``),
+    ``0.99996`` prints ``"1.00"`` (not ``"1"``).
     """
     if floatfmt is not None:
         return format(value, floatfmt)
@@ -36,11 +38,32 @@ def format_float(value: float, floatfmt: str | None = None) -> str:
         return str(x)
     if x == 0:
         return "0"
-    if abs(x) >= 1000:
+    if abs(x) >= 1000 or abs(float(f"{x:.2f}")) >= 1000:
         return f"{x:,.0f}"
-    if abs(x) >= 1:
+    if abs(x) >= 1 or abs(float(f"{x:.4g}")) >= 1:
         return f"{x:.2f}"
     return f"{x:.4g}"
+
+
+def format_bytes(n: float) -> str:
+    """Human-readable size in decimal (SI) units, powers of 1000: ``1024 -> "1.02 KB"``, ``999 -> "999 B"``.
+
+    "KB" here means 1000 bytes, matching the ``size_kb = bytes / 1000`` columns of the reports.
+    A size that rounds up to 1000 of a unit prints in the next one (``999.96 -> "1.00 KB"``,
+    ``999_996 -> "1.00 MB"``).
+    """
+    if isinstance(n, bool) or not isinstance(n, numbers.Real) or math.isnan(n) or n < 0:
+        raise PrunelabError(f"format_bytes needs a byte count >= 0, got {n!r}; pass e.g. cost.dense_bytes")
+    if n < 1000:
+        text = f"{int(n)}" if float(n).is_integer() else f"{n:.1f}"
+        if float(text) < 1000:
+            return f"{text} B"
+    value = float(n)
+    for unit in ("KB", "MB", "GB", "TB", "PB"):
+        value /= 1000.0
+        if float(f"{value:.2f}") < 1000 or unit == "PB":
+            return f"{value:.2f} {unit}"
+    raise AssertionError("unreachable")
 
 
 def _cell(value: object, floatfmt: str | None, thousands: bool) -> str:
@@ -115,7 +138,11 @@ def model_cost_table(cost: ModelCost) -> str:
     One row per Linear/Conv layer (``(not run)`` after the name when the forward never
     reached it; ``(tied: stored with an earlier layer)`` when its weight is another layer's,
     whose params and KB the total counts once), a row for the other parameters (stored
-    dense) when there are any, and a total row.  FLOPs count 2 per multiply-accumulate; nonzeros include the dense biases.
+    dense) when there are any, one row per module that computed attention products
+    (``"<module> (attention products: Q K^T, A V)"``: FLOPs only, the same dense and sparse,
+    since no weight mask removes them), and a total row -- ``"total (with attention products)"``
+    when there are attention rows, whose FLOPs it then includes (``dense_flops_with_attention``).
+    FLOPs count 2 per multiply-accumulate; nonzeros include the dense biases.
     """
     if not isinstance(cost, ModelCost):
         raise PrunelabError(
@@ -137,10 +164,14 @@ def model_cost_table(cost: ModelCost) -> str:
         kb = cost.other_bytes / 1000.0
         rows.append({"layer": "other params (dense)", "params": cost.other_params, "nonzeros": cost.other_params,
                      "dense_kb": kb, "csr_kb": kb, "bitmap_kb": kb})
+    for attention in cost.attention:
+        mflops = attention.flops / 1e6
+        rows.append({"layer": f"{attention.name or '(model)'} (attention products: Q K^T, A V)",
+                     "dense_mflops": mflops, "sparse_mflops": mflops})
     rows.append({
-        "layer": "total", "shape": "", "params": cost.params, "nonzeros": cost.nonzeros,
-        "sparsity_pct": 100.0 * cost.sparsity,
-        "dense_mflops": cost.dense_flops / 1e6, "sparse_mflops": cost.sparse_flops / 1e6,
+        "layer": "total (with attention products)" if cost.attention else "total", "shape": "",
+        "params": cost.params, "nonzeros": cost.nonzeros, "sparsity_pct": 100.0 * cost.sparsity,
+        "dense_mflops": cost.dense_flops_with_attention / 1e6, "sparse_mflops": cost.sparse_flops_with_attention / 1e6,
         "dense_kb": cost.dense_bytes / 1000.0, "csr_kb": cost.csr_bytes / 1000.0,
         "bitmap_kb": cost.bitmap_bytes / 1000.0,
     })
