@@ -6,8 +6,10 @@ retraining does; each epoch records its DistributedSampler epoch and this rank's
 order) and writes what it holds to ``<out>/rank<r>.json`` so the test can compare ranks.
 """
 
+import gc
 import json
 import sys
+import weakref
 from pathlib import Path
 
 import torch
@@ -46,12 +48,24 @@ def main(out: Path) -> None:
         epochs.append(sampler.epoch)
         orders.append(list(iter(sampler)))  # this rank's indices in the epoch just trained
 
+    wrappers = []  # a weak reference to the DDP wrapper each train() call builds
+
+    class RecordedDDP(nn.parallel.DistributedDataParallel):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            wrappers.append(weakref.ref(self))
+
+    nn.parallel.DistributedDataParallel = RecordedDDP  # train() looks the class up at call time
+    gc.disable()  # so a wrapper found freed was freed by train() itself
+    wrappers_freed = []
     for call in range(2):  # two train() calls, as rounds of retraining make (each with a fresh optimizer)
         if call:
             optimizer = make_optimizer(model.parameters(), config)
             sparsifier.prepare(optimizer)
         train(model, train_loader, config, optimizer=optimizer, after_step=lambda _s: sparsifier.step(),
               after_epoch=after_epoch)
+        wrappers_freed.append(len(wrappers) == call + 1 and wrappers[-1]() is None)
+    gc.enable()
     masks = sparsifier.finalize()
     ints = torch.arange(3)
     try:
@@ -73,6 +87,8 @@ def main(out: Path) -> None:
         "orders": orders,
         "dataset_size": len(splits.train),
         "int_mean_refused": int_mean_refused,
+        "int_sum": distributed.all_reduce_sum_(torch.tensor([rank + 1])).tolist(),
+        "wrappers_freed": wrappers_freed,
     }
     (out / f"rank{rank}.json").write_text(json.dumps(record))
     finish()

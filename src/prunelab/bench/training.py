@@ -15,9 +15,11 @@ single-process shuffling loader (one generator advancing) does.
 
 from __future__ import annotations
 
+import gc
 import math
 import numbers
 import random
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -164,6 +166,36 @@ def distributed_sampler(loader: Any) -> DistributedSampler | None:
     return None
 
 
+def _check_finite(loss_value: float, step: int, description: str, optimizer: torch.optim.Optimizer) -> None:
+    """Raise the same one-line error on every rank at the same step if any rank's loss is not finite.
+
+    All ranks take part in one 1-element all-reduce per step (a rank raising alone would
+    leave its peers blocked in the next backward's gradient all-reduce).
+    """
+    bad = distributed.first_rank_where(not math.isfinite(loss_value))
+    if bad is None:
+        return
+    seen = (f"{loss_value}" if distributed.world_size() == 1
+            else f"non-finite on rank {bad} (first of {distributed.world_size()})")
+    raise PrunelabError(
+        f"training loss became {seen} at step {step} ({description}); lower the learning "
+        f"rate (--lr, now {optimizer.param_groups[0]['lr']:.3g}) or check the data"
+    )
+
+
+def _release(wrapper: weakref.ref | None) -> None:
+    """Free the DDP wrapper (its reducer holds gradient buckets the size of the model) now.
+
+    Once :func:`train` has dropped its references only a reference cycle can keep it: the
+    first ``DistributedDataParallel`` of a process imports ``torch._dynamo`` lazily from its
+    ``__init__``; that import leaves its frames in cyclic garbage, and the chain of frames
+    (``f_back``) reaches the ``__init__`` frame, whose ``self`` cell is the wrapper.  Only the
+    cyclic collector frees it, so it runs then (once per process in practice), not per call.
+    """
+    if wrapper is not None and wrapper() is not None:
+        gc.collect()
+
+
 def train(
     model: nn.Module,
     train_loader: DataLoader,
@@ -193,6 +225,11 @@ def train(
     every epoch of a multi-call run (rounds of retraining) gets its own order, the same on
     every rank.  To pin the order (a resumed run), ``set_epoch`` before calling.
 
+    A non-finite loss raises :class:`PrunelabError` before its backward pass (the weights
+    keep the last finite step); under ``torch.distributed`` the ranks agree on it each step
+    (a 1-element all-reduce), so every rank raises the same error at the same step.  The
+    DDP wrapper is released before :func:`train` returns or raises.
+
     Returns ``{"steps", "epochs", "final_loss"}`` (``final_loss``: the last batch's loss
     on this rank, NaN if no step ran).
     """
@@ -208,6 +245,7 @@ def train(
     if distributed.is_distributed():
         device_ids = [device.index] if device.type == "cuda" else None
         net = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    wrapper = weakref.ref(net) if net is not model else None  # the DDP wrapper, to check it is freed
     sampler = distributed_sampler(train_loader)
     first_epoch = sampler.epoch if sampler is not None else 0
     epochs_begun = 0
@@ -226,6 +264,8 @@ def train(
                 targets = targets.to(device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn(net(inputs), targets)
+                loss_value = loss.item()
+                _check_finite(loss_value, step + 1, description, optimizer)  # before backward: same step everywhere
                 loss.backward()
                 optimizer.step()
                 if scheduler is not None:
@@ -233,12 +273,6 @@ def train(
                 step += 1
                 if after_step is not None:
                     after_step(step)
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    raise PrunelabError(
-                        f"training loss became {loss_value} at step {step} ({description}); lower the learning "
-                        f"rate (--lr, now {optimizer.param_groups[0]['lr']:.3g}) or check the data"
-                    )
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
             if after_epoch is not None:
@@ -248,6 +282,8 @@ def train(
         _restore_modes(modes)
         if sampler is not None:
             sampler.set_epoch(first_epoch + epochs_begun)  # the next call draws a fresh order
+        loss = net = None  # an error's traceback keeps this frame: drop the DDP wrapper (and the graph) now
+        _release(wrapper)
     return {"steps": step, "epochs": cfg.epochs, "final_loss": loss_value}
 
 

@@ -170,11 +170,10 @@ def _reduce_(total: Tensor, count: int) -> int:
     """Sum ``total`` over ranks in place and return the row count summed over ranks
     (DESIGN.md decision 3: every rank then decides the same masks from the same statistics;
     the identity for a single process)."""
-    world = distributed.world_size()
-    counts = torch.tensor([float(count)], dtype=torch.float64, device=total.device)
-    distributed.all_reduce_mean_(total).mul_(world)
-    distributed.all_reduce_mean_(counts).mul_(world)
-    return int(round(float(counts)))
+    counts = torch.tensor([count], dtype=torch.int64, device=total.device)
+    distributed.all_reduce_sum_(total)
+    distributed.all_reduce_sum_(counts)  # exact: an integer sum, on any world size
+    return int(counts.item())
 
 
 def dampening_schedule(percdamp: float, retries: int = DAMPENING_RETRIES) -> list[float]:
