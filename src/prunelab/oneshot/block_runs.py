@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import math
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -73,6 +74,33 @@ def _strip_caches(value: Any) -> Any:
     cache_utils = sys.modules.get("transformers.cache_utils")
     cache_type = getattr(cache_utils, "Cache", None)
     return None if cache_type is not None and isinstance(value, cache_type) else value
+
+
+def _first_parameter(module: nn.Module) -> str | None:
+    """The name of the first parameter of ``module.forward`` that can be passed by position."""
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):  # no signature to read
+        return None
+    return next((p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)), None)
+
+
+def layer_input(module: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> Tensor:
+    """The input a layer's forward receives (a forward pre-hook's ``args, kwargs``): its first
+    positional argument, else the keyword argument of the forward's first parameter
+    (``linear(input=x)``, Conv1D's ``x=``), else the only Tensor passed by keyword."""
+    if args:
+        return args[0]
+    name = _first_parameter(module)
+    if name is not None and isinstance(kwargs.get(name), Tensor):
+        return kwargs[name]
+    tensors = [v for v in kwargs.values() if isinstance(v, Tensor)]
+    if len(tensors) == 1:
+        return tensors[0]
+    raise PrunelabError(
+        f"a {type(module).__name__} layer was called without its input (keywords {sorted(kwargs)}); "
+        "call it with the input as its first argument"
+    )
 
 
 def check_calibration(calibration: Sequence[Any]) -> list[Tensor | Mapping[str, Any]]:
@@ -181,34 +209,64 @@ def _hidden_of(output: Any) -> Tensor:
     return hidden
 
 
-def _with_hidden(item: tuple[tuple[Any, ...], dict[str, Any]], hidden: Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def _hidden_key(block: nn.Module, kwargs: Mapping[str, Any]) -> str | None:
+    """The keyword that carries a block's hidden states when none comes by position:
+    ``hidden_states`` (transformers), else the name of the forward's first parameter."""
+    if isinstance(kwargs.get("hidden_states"), Tensor):
+        return "hidden_states"
+    name = _first_parameter(block)
+    return name if name is not None and isinstance(kwargs.get(name), Tensor) else None
+
+
+def _with_hidden(block: nn.Module, item: tuple[tuple[Any, ...], dict[str, Any]], hidden: Tensor
+                 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``item`` with its hidden states (first positional argument, or their keyword) replaced."""
     args, kwargs = item
     if args:
         return (hidden, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
+    return args, {**kwargs, _hidden_key(block, kwargs) or "hidden_states": hidden}
 
 
-def check_hidden_position(block_name: str, inputs: Inputs) -> None:
+def check_hidden_position(block_name: str, block: nn.Module, inputs: Inputs) -> None:
     args, kwargs = inputs[0]
-    if not (args and isinstance(args[0], Tensor)) and not isinstance(kwargs.get("hidden_states"), Tensor):
+    if not (args and isinstance(args[0], Tensor)) and _hidden_key(block, kwargs) is None:
         raise PrunelabError(
-            f"block {block_name or '<model>'!r} receives no tensor as its first positional argument or as "
-            "hidden_states=; the engine cannot feed one block's output to the next"
+            f"block {block_name or '<model>'!r} receives no tensor as its first positional argument, as "
+            "hidden_states= or as its forward's first parameter; the engine cannot feed one block's output to the next"
         )
 
 
-def probe_call_order(block: nn.Module, where: str, targets: list[LayerTarget], item) -> list[tuple[LayerTarget, int]]:
-    """The targets in first-call order with their call counts in one block forward."""
-    calls: dict[LayerTarget, int] = {}
+def probe_call_order(block: nn.Module, where: str, targets: list[LayerTarget], inputs: Inputs
+                     ) -> list[tuple[LayerTarget, int]]:
+    """The targets in first-call order with their most calls in one block forward.
+
+    One forward on item 0; only if it leaves some target uncalled (conditional computation,
+    e.g. an MoE expert no token of item 0 was routed to) do the other items run too, until
+    every target has been called -- a later item's new target goes right after the target
+    called just before it there.  Targets no item calls are left out."""
+    order: list[LayerTarget] = []
+    most: dict[LayerTarget, int] = {}
+    calls: dict[LayerTarget, int] = {}  # in the current item
+    last: list[LayerTarget | None] = [None]  # the target called last in the current item
 
     def counter(target: LayerTarget) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
             calls[target] = calls.get(target, 0) + 1
+            if target not in most:
+                order.insert(0 if last[0] is None else order.index(last[0]) + 1, target)
+                most[target] = 0
+            most[target] = max(most[target], calls[target])
+            last[0] = target
         return hook
 
     with _pre_hooks([(t.module, counter(t)) for t in targets]):
-        _run(block, item, where, 0)
-    return list(calls.items())
+        for i, item in enumerate(inputs):
+            if i > 0 and len(most) == len(targets):
+                break
+            calls.clear()
+            last[0] = None
+            _run(block, item, where, i)
+    return [(t, most[t]) for t in order]
 
 
 @dataclass
@@ -234,12 +292,12 @@ def _feed_inputs(block: nn.Module, module: nn.Module, target: LayerTarget, item,
     ``(n, cols)`` (real positions of ``tokens`` only) at each call of ``module``, inside the
     forward (so a shape error raised there is reported as a calibration item that does not fit)."""
 
-    def hook(_: nn.Module, args: tuple) -> None:
-        consume(target.inputs2d(args[0], tokens))
+    def hook(layer: nn.Module, args: tuple, kwargs: dict) -> None:
+        consume(target.inputs2d(layer_input(layer, args, kwargs), tokens))
         if stop_early:
             raise _Stop
 
-    with _pre_hooks([(module, hook)]):
+    with _pre_hooks([(module, hook)], with_kwargs=True):
         _run(block, item, where, index)
 
 
@@ -302,8 +360,8 @@ def propagate(block: nn.Module, where: str, inputs: Inputs, dense: Mapping[Layer
     wanted: dict[LayerTarget, list[Tensor]] = {t: [] for t in dense}  # dense outputs W X per call (reference)
 
     def measure(target: LayerTarget, W: Tensor, pruned: Tensor, shift: Tensor | None) -> Callable:
-        def hook(module: nn.Module, args: tuple) -> None:
-            x = target.inputs2d(args[0], current[0]).to(W.dtype)  # (n, cols)
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = target.inputs2d(layer_input(module, args, kwargs), current[0]).to(W.dtype)  # (n, cols)
             goal = wanted[target].pop(0) if reference is not None else x @ W.T  # (n, rows) W X
             change = goal - x @ pruned.T if shift is None else goal - x @ pruned.T - shift  # (n, rows)
             num[target] += float(change.double().square().sum())  # ||W X - W' X - c||^2
@@ -311,8 +369,9 @@ def propagate(block: nn.Module, where: str, inputs: Inputs, dense: Mapping[Layer
         return hook
 
     def record(target: LayerTarget, W: Tensor) -> Callable:
-        def hook(module: nn.Module, args: tuple) -> None:
-            wanted[target].append(target.inputs2d(args[0], current[0]).to(W.dtype) @ W.T)
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = target.inputs2d(layer_input(module, args, kwargs), current[0])  # (n, cols)
+            wanted[target].append(x.to(W.dtype) @ W.T)
         return hook
 
     hooks, dense_hooks = [], []
@@ -323,14 +382,14 @@ def propagate(block: nn.Module, where: str, inputs: Inputs, dense: Mapping[Layer
         hooks.append((target.module, measure(target, W, pruned, None if shift is None else shift.to(W.dtype))))
         if reference is not None:
             dense_hooks.append((reference.modules[target.name], record(target, W)))
-    with _pre_hooks(hooks), _pre_hooks(dense_hooks):
+    with _pre_hooks(hooks, with_kwargs=True), _pre_hooks(dense_hooks, with_kwargs=True):
         for i, item in enumerate(inputs):
             current[0] = None if tokens is None else tokens[i]
             if reference is not None:
                 dense_output = _run(reference.block, reference.inputs[i], where, i)
                 if keep_outputs:
-                    reference.inputs[i] = _with_hidden(reference.inputs[i], _hidden_of(dense_output))
+                    reference.inputs[i] = _with_hidden(reference.block, reference.inputs[i], _hidden_of(dense_output))
             output = _run(block, item, where, i)
             if keep_outputs:
-                inputs[i] = _with_hidden(item, _hidden_of(output))
+                inputs[i] = _with_hidden(block, item, _hidden_of(output))
     return {t: (num[t] / den[t] if den[t] > 0 else (0.0 if num[t] == 0 else math.inf)) for t in dense}

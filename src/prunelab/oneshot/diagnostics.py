@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from prunelab.errors import PrunelabError
-from prunelab.oneshot.block_runs import _USER_ERRORS, _first_line, check_calibration, token_masks
+from prunelab.oneshot.block_runs import _USER_ERRORS, _first_line, check_calibration, layer_input, token_masks
 from prunelab.oneshot.engine import eval_mode
 from prunelab.oneshot.layer_targets import LayerTarget
 from prunelab.oneshot.stats import ColumnNormAccumulator
@@ -42,15 +42,16 @@ def input_norm_spread(model: nn.Module, calibration: Sequence[Any]) -> dict[str,
     def hook(name: str, module: nn.Module):
         target = LayerTarget(name, module, "linear")
 
-        def record(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
-            accumulators[name].add(target.inputs2d(args[0].detach(), current[0]))  # (tokens, in_features)
+        def record(layer: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Any]) -> None:
+            x = layer_input(layer, args, kwargs).detach()  # also linear(input=x)
+            accumulators[name].add(target.inputs2d(x, current[0]))  # (tokens, in_features)
         return record
 
     try:
         for name, module in model.named_modules():
             if isinstance(module, nn.Linear):
                 accumulators[name] = ColumnNormAccumulator(module.in_features, module.weight.device)
-                handles.append(module.register_forward_pre_hook(hook(name, module)))
+                handles.append(module.register_forward_pre_hook(hook(name, module), with_kwargs=True))
         with eval_mode(model), torch.no_grad():
             for i, (item, real) in enumerate(zip(items, tokens, strict=True)):
                 current[0] = real

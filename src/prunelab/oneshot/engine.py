@@ -17,8 +17,9 @@ activations at once would need the memory of a training step; the engine instead
    exception to stop the forward, so the layers before the first block (embeddings) run
    once per item.  ``transformers`` cache objects in those arguments are replaced by
    ``None`` and ``use_cache`` by ``False`` (re-running a block must not grow a KV cache).
-3. **Per block**, one probe forward (item 0) records the execution order of the block's
-   prunable layers.  Then, **sequentially inside the block**, for each layer in that order:
+3. **Per block**, one probe forward (item 0; more items only while some layer is still
+   uncalled, e.g. an MoE expert item 0 does not route to) records the execution order of the
+   block's prunable layers.  Then, **sequentially inside the block**, for each layer in that order:
    a forward pre-hook on that layer alone accumulates its input statistics (``H = 2 X X^T
    / n`` or ``||X_j||^2``, :mod:`prunelab.oneshot.stats`) over all items -- the forward is
    stopped right after the layer when it is called once per block forward -- the solver
@@ -29,7 +30,9 @@ activations at once would need the memory of a training step; the engine instead
 4. **Propagate**: the block runs once more on every item with the pruned weights; hooks
    measure each layer's relative reconstruction error ``||W X - W' X||^2 / ||W X||^2`` on
    exactly the inputs it was pruned on, and the block's outputs replace the hidden states
-   (``args[0]`` or ``kwargs["hidden_states"]``) as the next block's inputs, item by item.
+   (``args[0]``, else ``kwargs["hidden_states"]`` or the keyword named like the block forward's
+   first parameter) as the next block's inputs, item by item.  A layer's input is likewise its
+   first positional argument or that keyword (``linear(input=x)``).
 
 With ``dense_targets`` the dense model runs beside the pruned one: a dense copy of the
 current block is made before it is pruned, fed the dense model's own block inputs (a
@@ -291,7 +294,7 @@ def prune_oneshot(model: nn.Module, calibration: Sequence[Any], config: OneShotC
     with eval_mode(model), torch.no_grad():
         inputs = capture_block_inputs(model, blocks[0], items, first.device)
         tokens = token_masks(items, first.device)  # per item: real (not padding) positions, or None
-        check_hidden_position(blocks[0][0], inputs)
+        check_hidden_position(*blocks[0], inputs)
         dense_inputs = list(inputs) if config.dense_targets else None  # the dense model's block inputs
         last = max(i for i, ts in enumerate(per_block) if ts)
         for b, ((block_name, block), targets) in enumerate(zip(blocks, per_block, strict=True)):
@@ -328,7 +331,7 @@ def _prune_block(block: nn.Module, block_name: str, targets: list[LayerTarget], 
     called.  ``tokens``: per item, the real positions whose rows enter the statistics."""
     if not targets:
         return [], []
-    called = probe_call_order(block, block_name, targets, inputs[0])
+    called = probe_call_order(block, block_name, targets, inputs)
     uncalled = [t.name for t in targets if t not in dict(called)]
     solved = []
     for target, count in called:
