@@ -95,6 +95,28 @@ def test_bad_inputs():
         sparse_input_model(nn.Linear(2, 2))
 
 
+class FunctionalRelu(nn.Module):
+    """Holds an nn.ReLU but calls torch.relu in forward: the module never runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.act = nn.Linear(4, 3), nn.ReLU()
+
+    def forward(self, x):
+        return torch.relu(self.fc(x))
+
+
+def test_activation_sparsity_says_no_activation_module_ran_and_what_it_looked_for():
+    with pytest.raises(PrunelabError) as info:
+        activation_sparsity(FunctionalRelu(), [torch.randn(2, 4), torch.randn(2, 4)])
+    message = str(info.value)
+    assert "\n" not in message and "saw no batch" not in message  # it saw two batches
+    assert message.startswith("no activation module ran in 2 forward pass(es) of FunctionalRelu: it has 'act' of "
+                              "types ['ReLU', ") and "its forward never calls them" in message
+    with pytest.raises(PrunelabError, match="saw no batch"):  # really no batch: still says so
+        activation_sparsity(FunctionalRelu(), [])
+
+
 def test_activation_sparsity_restores_each_module_mode():
     model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.ReLU(), nn.Linear(8, 2))
     model.train()

@@ -126,10 +126,22 @@ def test_achieved_equals_target_up_to_one_group_per_layer(name, sparsity):
     assert abs(kept - keep_budget(layers, sparsity)) <= max(l.group_size for l in layers)
 
 
-@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan")])
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan"), False, True])
 def test_bad_sparsity(bad):
     with pytest.raises(PrunelabError, match=r"\[0, 1\)"):
         keep_budget([layer("a", [1.0])], bad)
+
+
+def test_check_sparsity_refuses_booleans_but_not_the_numbers_they_equal():
+    from prunelab.allocation import check_sparsity
+
+    for bad in (False, True):
+        with pytest.raises(PrunelabError, match=rf"sparsity must be in \[0, 1\) \(the fraction of weights removed\), "
+                                                rf"got {bad}; e.g. 0.9"):
+            check_sparsity(bad)  # False was taken as sparsity 0
+    check_sparsity(0)
+    check_sparsity(0.0)
+    assert keep_budget([layer("a", [1.0, 2.0])], 0) == 2
 
 
 def test_unreachable_target_is_explained():

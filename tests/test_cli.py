@@ -219,6 +219,26 @@ def test_compress_bad_bits_is_one_line(cli, tmp_path, pruned_run):
     assert code == 2 and len(err.strip().splitlines()) == 1 and not (tmp_path / "m.plc").exists()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--bits", "fc=5,fc=6"], "--bits gives 'fc' twice (fc=5 and fc=6) in 'fc=5,fc=6'; give each name once"),
+    (["--index-bits", "fc1=4, fc1=8"], "--index-bits gives 'fc1' twice (fc1=4 and fc1=8)"),
+    (["--bits", "fc=five"], "--bits expects BITS or NAME=BITS[,NAME=BITS...], got 'fc=five'"),
+    (["--finetune-lr", "0", "--finetune-epochs", "1"], "--finetune-lr must be a positive number, got 0.0; e.g. 0.01"),
+    (["--finetune-lr", "-0.01"], "--finetune-lr must be a positive number, got -0.01"),
+    (["--finetune-lr", "nan"], "--finetune-lr must be a positive number, got nan"),
+    (["--finetune-lr", "inf"], "--finetune-lr must be a positive number, got inf"),
+])
+def test_compress_bad_options_are_one_line_errors_before_any_work(cli, tmp_path, pruned_run, monkeypatch, argv,
+                                                                  message):
+    from prunelab import checkpoint
+
+    monkeypatch.setattr(checkpoint, "load_checkpoint", lambda *a, **k: pytest.fail("work before the check"))
+    code, out, err = cli("compress", str(pruned_run), "--out", str(tmp_path / "m.plc"), *argv, "--no-progress")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert message in err, err
+    assert not (tmp_path / "m.plc").exists()
+
+
 def test_materialise_writes_a_model_that_loads_and_matches(cli, tmp_path, pruned_run):
     import prunelab
     from prunelab.checkpoint import load_checkpoint
@@ -258,6 +278,31 @@ def test_materialise_replaces_its_own_earlier_output_but_not_other_files(cli, tm
         assert code == 0, err
     (out / "notes.txt").write_text("keep me")
     code, _, err = cli("materialise", str(pruned_run), "--form", "csr", "--out", str(out))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "holds files materialise does not write (notes.txt), not an earlier materialise output" in err
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_materialise_forms_replace_each_others_output(cli, tmp_path, monkeypatch):
+    import prunelab
+    from prunelab import cli_materialise
+
+    pruned_run = tmp_path / "neurons"  # whole neurons pruned: both shrink and csr apply
+    code, _, err = cli("prune", *FAST, "--method", "oneshot", "--granularity", "neuron", "--sparsity", "0.5",
+                       "--out", str(pruned_run))
+    assert code == 0, err
+    out = tmp_path / "mat"
+    for form, files in (("csr", ["materialised.json", "materialised.pt"]),
+                        ("shrink", ["architecture.json", "model.safetensors"]),
+                        ("csr", ["materialised.json", "materialised.pt"])):
+        code, _, err = cli("materialise", str(pruned_run), "--form", form, "--out", str(out))
+        assert code == 0, err  # a shrink into an earlier csr output was refused after the work was done
+        assert sorted(p.name for p in out.iterdir()) == files  # the new form only, nothing of the old one left
+        prunelab.load(str(out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mat", "neurons"]  # no temporary folder left beside it
+    (out / "notes.txt").write_text("keep me")
+    monkeypatch.setattr(cli_materialise, "_checkpoint_and_inputs", lambda *a: pytest.fail("work before the check"))
+    code, _, err = cli("materialise", str(pruned_run), "--form", "shrink", "--out", str(out))
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "holds files materialise does not write (notes.txt), not an earlier materialise output" in err
     assert (out / "notes.txt").read_text() == "keep me"

@@ -179,3 +179,18 @@ def test_other_commands_refuse_to_replace_a_lottery_run_folder(cli, two_rounds, 
     assert f"not an earlier {command[0]} output; {command[0]} replaces its whole --out folder" in err
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing deleted or rewritten
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary folder left beside it
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data-dir", "/tmp"], "--data-dir /tmp would be ignored: --dataset digits is bundled with scikit-learn and "
+                             "reads no files; drop --data-dir"),
+    (["--download"], "--download would be ignored: --dataset digits is bundled with scikit-learn and reads no files; "
+                     "drop --download"),
+])
+def test_lottery_refuses_file_options_of_a_fileless_dataset_as_prune_does(cli, tmp_path, argv, message):
+    code, out, err = cli("lottery", *FAST, "--rounds", "1", *argv, "--out", str(tmp_path / "o"))
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and message in err
+    assert not (tmp_path / "o").exists()  # refused before any training
+    code, _, prune_err = cli("prune", "--model", "digits_mlp", "--dataset", "digits", *argv, "--out",
+                             str(tmp_path / "p"))
+    assert code == 2 and prune_err == err  # the same check, the same words

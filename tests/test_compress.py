@@ -98,6 +98,38 @@ def test_finetune_centroids_keeps_weights_equal_to_codebooks():
     assert all(p.requires_grad for p in model.parameters())
 
 
+def _bn_dropout_net() -> nn.Module:
+    return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
+
+
+def test_finetune_centroids_retrains_in_train_mode_and_restores_every_modules_mode():
+    # Han et al. 2016 Sec. 3.3: centroid fine-tuning is retraining, so BatchNorm re-estimates its running
+    # statistics for the quantised weights (stored raw in the file); its affine parameters stay frozen
+    torch.manual_seed(0)
+    model = _bn_dropout_net().eval()
+    model[1].train()  # mixed modes, as a user may set them: each comes back as it was
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    books = quantize_model(model, bits=2)
+    running, affine = model[1].running_mean.clone(), model[1].weight.detach().clone()
+    modes = [m.training for m in model.modules()]
+    new = finetune_centroids(model, books, DataLoader(TensorDataset(x, y), batch_size=16), epochs=1, lr=0.05)
+    assert [m.training for m in model.modules()] == modes
+    assert not torch.equal(model[1].running_mean, running)                 # documented: statistics re-estimated
+    assert torch.equal(model[1].weight.detach(), affine)                   # only centroids learn
+    assert all(torch.equal(dict(model.named_parameters())[n].detach(), b.decode()) for n, b in new.items())
+
+
+def test_finetune_centroids_restores_modes_after_an_error():
+    torch.manual_seed(0)
+    model = _bn_dropout_net().eval()
+    books = quantize_model(model, bits=2)
+    batches = [(torch.randn(4, 8), torch.randint(0, 3, (4,))), (torch.randn(4, 5), torch.randint(0, 3, (4,)))]
+    with pytest.raises(RuntimeError):  # the second batch does not fit the first layer
+        finetune_centroids(model, books, batches, epochs=1, lr=0.05)
+    assert not any(m.training for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+
+
 def test_finetune_rejects_unquantised_model():
     model = nn.Linear(4, 3)
     books = quantize_model(copy.deepcopy(model), bits=1)

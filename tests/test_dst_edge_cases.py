@@ -138,3 +138,50 @@ def test_invariants_through_training(name, optim):
     assert [h["step"] for h in updates] == schedule.update_steps() == [3, 6, 9, 12, 15, 18]  # none at 0 or >= T_end
     assert [h["update_fraction"] for h in updates] == [schedule.fraction_at(t) for t in schedule.update_steps()]
     assert all(h["dropped"] == h["grown"] for h in updates)
+
+
+# --- options and saved states that would silently mean something else -------------------
+@pytest.mark.parametrize("method, options, message", [
+    (DSR, {"threshold": float("inf")}, "DSR initial threshold H(0) must be a finite number > 0, got inf"),
+    (DSR, {"threshold": float("nan")}, "DSR initial threshold H(0) must be a finite number > 0, got nan"),
+    (DSR, {"threshold": True}, "DSR initial threshold H(0) must be a finite number > 0, got True"),
+    (DSR, {"tolerance": False}, "DSR tolerance delta must be a number in [0, 1), got False"),
+    (DSR, {"tolerance": True}, "DSR tolerance delta must be a number in [0, 1), got True"),
+    (SNFS, {"momentum": False}, "SNFS momentum beta must be a number in [0, 1), got False"),
+])
+def test_dst_refuses_booleans_and_infinite_options(method, options, message):
+    with pytest.raises(PrunelabError) as info:
+        method(two_layers(), 0.5, **options)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_dst_load_state_dict_refuses_another_methods_state():
+    from prunelab.dst import RigL
+
+    source = RigL(two_layers(), 0.5, seed=1).prepare()
+    source.step_count = 7
+    for target in (SNFS(two_layers(), 0.5).prepare(), DSR(two_layers(), 0.5).prepare()):
+        before, steps = dict(target.masks), target.step_count
+        for state, what in ((source.state_dict(), "method 'rigl'"),
+                            ({k: v for k, v in source.state_dict().items() if k != "name"}, "no method name")):
+            with pytest.raises(PrunelabError, match=rf"^{target.name} cannot load a sparsifier state of {what}; load "
+                                                    rf"the state_dict\(\) of a {target.name} sparsifier"):
+                target.load_state_dict(state)
+            assert target.step_count == steps and all(torch.equal(before[n], m) for n, m in target.masks.items())
+    same = RigL(two_layers(), 0.5).prepare()
+    same.load_state_dict(source.state_dict())  # its own method's state still loads
+    assert same.step_count == 7 and same.masks.equal(source.masks)
+
+
+@pytest.mark.parametrize("threshold", [float("inf"), 0.0, -1e-3, True, "0.001", None])
+def test_dsr_load_state_dict_refuses_a_bad_threshold_before_changing_anything(threshold):
+    saved = DSR(two_layers(), 0.5, seed=1).prepare()
+    saved.step_count = 3
+    target = DSR(two_layers(), 0.5, threshold=0.02).prepare()
+    before = dict(target.masks)
+    with pytest.raises(PrunelabError, match="DSR state's threshold H must be a finite number > 0, got "):
+        target.load_state_dict({**saved.state_dict(), "threshold": threshold})
+    assert target.threshold == 0.02 and target.step_count == 0
+    assert all(torch.equal(before[n], m) for n, m in target.masks.items())
+    target.load_state_dict({**saved.state_dict(), "threshold": 0.004})
+    assert target.threshold == 0.004 and target.step_count == 3

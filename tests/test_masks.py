@@ -166,6 +166,16 @@ def test_integer_and_float_masks_of_0_and_1_become_bool_and_other_values_are_ref
         assert "\n" not in str(info.value)
 
 
+def test_a_mask_that_is_no_tensor_is_a_one_line_error_naming_it():
+    import numpy as np
+
+    for bad, kind in (([True, False], "list"), (np.array([True, False]), "ndarray"), (None, "NoneType")):
+        with pytest.raises(PrunelabError, match=rf"mask 'fc.weight' is a {kind}, not a torch.Tensor; pass a bool "
+                                                r"tensor \(True = kept\), e.g. torch.as_tensor") as info:
+            MaskSet({"ok.weight": torch.ones(2, dtype=torch.bool), "fc.weight": bad})
+        assert "\n" not in str(info.value)
+
+
 def test_load_refuses_files_without_mask_metadata_and_non_boolean_values(tmp_path):
     from safetensors.torch import save_file
 

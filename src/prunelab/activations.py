@@ -85,15 +85,25 @@ def activation_sparsity(model: nn.Module, batches: Iterable, *, max_batches: int
     if not handles:
         raise PrunelabError(f"{type(model).__name__} has no activation module of types "
                             f"{[t.__name__ for t in types]}; activations must be modules (nn.ReLU, TopKActivation)")
+    read = 0
     try:
         with eval_mode(model):  # restores every module's own train/eval flag
             for batch in itertools.islice(batches, max_batches):  # stops before drawing batch max_batches + 1
                 model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+                read += 1
     finally:
         for handle in handles:
             handle.remove()
-    if not total:
+    if not read:
         raise PrunelabError("activation_sparsity saw no batch; pass an iterable of inputs or (inputs, targets)")
+    if not total:  # the modules exist, but the forward never called them (it uses F.relu / torch.relu instead?)
+        names = [n for n, m in model.named_modules() if isinstance(m, tuple(types))]
+        shown = ", ".join(repr(n) for n in names[:4]) + (" ..." if len(names) > 4 else "")
+        raise PrunelabError(
+            f"no activation module ran in {read} forward pass(es) of {type(model).__name__}: it has {shown} of types "
+            f"{[t.__name__ for t in types]}, but its forward never calls them (a functional F.relu / torch.relu is "
+            "not seen); call the activation modules in forward, or measure a model that does"
+        )
     return {name: zeros[name] / total[name] for name in total}
 
 

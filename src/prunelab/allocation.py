@@ -66,7 +66,9 @@ def keep_budget(layers: Sequence[LayerBudget], sparsity: float) -> int:
 
 
 def check_sparsity(sparsity: float, what: str = "sparsity") -> None:
-    if not isinstance(sparsity, (int, float)) or not (0.0 <= float(sparsity) < 1.0) or math.isnan(sparsity):
+    """Refuse a ``sparsity`` that is no number in [0, 1) (a bool, ``False`` for 0, included)."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not (0.0 <= float(sparsity) < 1.0) \
+            or math.isnan(sparsity):
         raise PrunelabError(
             f"{what} must be in [0, 1) (the fraction of weights removed), got {sparsity!r}; e.g. 0.9 for 90%"
         )

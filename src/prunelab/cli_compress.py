@@ -8,28 +8,42 @@ on the checkpoint's test set, so the size and error printed are those of the fil
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
 from prunelab.errors import PrunelabError
 
 
-def _parse_bits(text: str) -> int | dict[str, int]:
-    """``5`` or ``fc=5,conv=8`` or ``fc1.weight=6,...``."""
+def _parse_bits(flag: str, text: str | None) -> int | dict[str, int] | None:
+    """``flag``'s value: ``5`` or ``fc=5,conv=8`` or ``fc1.weight=6,...`` (None: the defaults).
+
+    Malformed text and a name given twice (which value would win?) are one-line PrunelabErrors.
+    """
+    if text is None:
+        return None
     try:
         if "=" not in text:
             return int(text)
-        return {k.strip(): int(v) for k, v in (part.split("=", 1) for part in text.split(",") if part.strip())}
+        pairs = [(k.strip(), int(v)) for k, v in (part.split("=", 1) for part in text.split(",") if part.strip())]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected BITS or NAME=BITS[,NAME=BITS...], got {text!r}") from None
+        raise PrunelabError(f"{flag} expects BITS or NAME=BITS[,NAME=BITS...], got {text!r}; e.g. {flag} "
+                            "fc=5,conv=8") from None
+    bits: dict[str, int] = {}
+    for name, value in pairs:
+        if name in bits:
+            raise PrunelabError(f"{flag} gives {name!r} twice ({name}={bits[name]} and {name}={value}) in {text!r}; "
+                                "give each name once")
+        bits[name] = value
+    return bits
 
 
 def add_compress_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser("compress", help="Deep Compression (Han et al. 2016): quantise + Huffman-code a checkpoint")
     parser.add_argument("checkpoint", help="checkpoint folder written by prune/demo")
     parser.add_argument("--out", required=True, help="compressed file to write (e.g. model.plc)")
-    parser.add_argument("--bits", type=_parse_bits, default=None, help="weight bits: N, or fc=5,conv=8 (default 5 fc / 8 conv)")
-    parser.add_argument("--index-bits", type=_parse_bits, default=None, help="relative-index bits (default 5 fc / 8 conv)")
+    parser.add_argument("--bits", default=None, help="weight bits: N, or fc=5,conv=8 (default 5 fc / 8 conv)")
+    parser.add_argument("--index-bits", default=None, help="relative-index bits (default 5 fc / 8 conv)")
     parser.add_argument("--finetune-epochs", type=int, default=0, help="epochs of centroid fine-tuning (needs the dataset)")
     parser.add_argument("--finetune-lr", type=float, default=0.01)
     parser.add_argument("--data-dir", default=None, help="dataset folder for evaluation (default: $PRUNELAB_DATA)")
@@ -48,6 +62,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     if args.finetune_epochs < 0:
         raise PrunelabError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
+    if not (math.isfinite(args.finetune_lr) and args.finetune_lr > 0):  # as prune's --finetune-lr
+        raise PrunelabError(f"--finetune-lr must be a positive number, got {args.finetune_lr!r}; e.g. 0.01")
+    bits, index_bits = _parse_bits("--bits", args.bits), _parse_bits("--index-bits", args.index_bits)
     out = Path(args.out)
     if not args.out or out.is_dir():
         raise PrunelabError(f"--out must name a file to write, got {args.out!r}; e.g. --out model.plc")
@@ -66,10 +83,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
     splits = load_dataset(meta["dataset"], args.data_dir)
     train_loader, test_loader = make_loaders(splits, 128, seed=0)
     before = evaluate(ckpt.model, test_loader)
-    codebooks = quantize_model(ckpt.model, ckpt.masks, bits=args.bits)
+    codebooks = quantize_model(ckpt.model, ckpt.masks, bits=bits)
     if args.finetune_epochs:
         finetune_centroids(ckpt.model, codebooks, train_loader, args.finetune_epochs, args.finetune_lr, progress=args.progress)
-    report = write_compressed(args.out, ckpt.model, ckpt.masks, bits=args.bits, index_bits=args.index_bits)
+    report = write_compressed(args.out, ckpt.model, ckpt.masks, bits=bits, index_bits=index_bits)
     decoded = build_model(meta["model"], tuple(meta["input_shape"]), int(meta["num_classes"]))
     decoded.load_state_dict(read_compressed(args.out))
     after = evaluate(decoded, test_loader)

@@ -86,6 +86,7 @@ def cmd_lottery(args: argparse.Namespace) -> int:
     from prunelab.measure.tables import markdown_table
     from prunelab.methods.lottery import run_lottery
     from prunelab.methods.lottery_folder import finished_rounds
+    from prunelab.run_checks import check_dataset_files
 
     for flag, value, minimum in (("--rounds", args.rounds, 0), ("--epochs", args.epochs, 1),
                                  ("--eval-every", args.eval_every, 1), ("--rewind-iter", args.rewind_iter, 0),
@@ -116,6 +117,7 @@ def cmd_lottery(args: argparse.Namespace) -> int:
     config = _config(args)
     MODELS.get(args.model)  # unknown names fail here, before any data is read, listing the valid ones
     DATASETS.get(args.dataset)
+    check_dataset_files(args.dataset, args.data_dir, args.download)  # as prune: digits reads no files
     splits = load_dataset(args.dataset, args.data_dir, args.download)
     train_loader, test_loader = make_loaders(splits, config.train.batch_size, args.seed)
     result = run_lottery(lambda: build_model(args.model, splits.input_shape, splits.num_classes),

@@ -23,7 +23,8 @@ from prunelab.errors import PrunelabError
 from prunelab.loading import MATERIALISED_META, MATERIALISED_STATE
 from prunelab.out_folders import OutFiles, check_out_folder
 
-# what materialise writes: save_shrunk's model + architecture (--form shrink), or the sparse-format model
+# what materialise writes: write_shrunk's model + architecture (--form shrink), or the sparse-format model;
+# any of these folders is replaced by a re-run of any form
 MATERIALISE_OUTPUT = OutFiles("materialise", (MODEL_FILE, "architecture.json", MATERIALISED_STATE, MATERIALISED_META))
 
 
@@ -78,7 +79,7 @@ def _materialise(ckpt, inputs: torch.Tensor, form: str, pooling: str = "native")
 def cmd_materialise(args: argparse.Namespace) -> int:
     from prunelab.io import atomic_dir, ensure_writable_dir, write_json
     from prunelab.materialise import FORMS
-    from prunelab.materialise.spec import save_shrunk
+    from prunelab.materialise.spec import write_shrunk
     from prunelab.measure.counting import measure_model
     from prunelab.measure.tables import markdown_table
 
@@ -86,24 +87,28 @@ def cmd_materialise(args: argparse.Namespace) -> int:
     # another command's run there (a prune run, a lottery run) would be deleted: refused before any work
     check_out_folder(args.out, MATERIALISE_OUTPUT, inputs=(args.checkpoint,))
     # probe the parent, not --out itself: creating --out up front left an empty folder behind
-    # whenever loading or materialising failed; atomic_dir/save_shrunk create it on success
+    # whenever loading or materialising failed; atomic_dir creates it on success
     ensure_writable_dir(Path(args.out).parent if str(Path(args.out).parent) else Path("."))
     ckpt, inputs = _checkpoint_and_inputs(args.checkpoint, args.data_dir)
     new = _materialise(ckpt, inputs, args.form)
     report = new.materialise_report
     meta = {k: ckpt.meta[k] for k in ("model", "dataset", "input_shape", "num_classes")}
     check_out_folder(args.out, MATERIALISE_OUTPUT)  # again: another command may have written there meanwhile
-    if args.form == "shrink":
-        save_shrunk(args.out, new, list(inputs.shape[1:]), meta)
-        dense_cost, new_cost = measure_model(ckpt.model, inputs[:1]), measure_model(new, inputs[:1])
-        print(f"shrunk: {dense_cost.params:,} -> {new_cost.params:,} parameters, "
-              f"{dense_cost.dense_flops:,} -> {new_cost.dense_flops:,} FLOPs per sample")
-    else:
-        with atomic_dir(args.out) as tmp:
+    # every form replaces the whole folder the same way, so any earlier materialise output (shrunk or
+    # sparse-format) gives way to the new one; the folder checks above are the only ones
+    with atomic_dir(args.out) as tmp:
+        if args.form == "shrink":
+            write_shrunk(tmp, new, list(inputs.shape[1:]), meta)
+        else:
             torch.save(new.state_dict(), tmp / MATERIALISED_STATE)
             write_json(tmp / MATERIALISED_META, {**meta, "form": args.form, "max_abs_error": report.max_abs_error,
                                                   "layers": report.rows()})
-    print(markdown_table(report.rows(), None))
+    if args.form == "shrink":
+        dense_cost, new_cost = measure_model(ckpt.model, inputs[:1]), measure_model(new, inputs[:1])
+        print(f"shrunk: {dense_cost.params:,} -> {new_cost.params:,} parameters, "
+              f"{dense_cost.dense_flops:,} -> {new_cost.dense_flops:,} FLOPs per sample")
+    if report.rows():  # shrink has no per-layer sparse forms (an empty table was an error after the write)
+        print(markdown_table(report.rows(), None))
     print(f"max abs error vs the masked model on {inputs.shape[0]} test inputs: {report.max_abs_error:.3g} "
           f"(output scale {report.output_scale:.3g}); written to {args.out}/ -- load with prunelab.load({args.out!r})")
     return 0

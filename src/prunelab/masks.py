@@ -97,15 +97,19 @@ class MaskSet(Mapping[str, torch.Tensor]):
     """An immutable mapping ``parameter FQN -> bool tensor`` (True = kept).
 
     Masks may be given as bool tensors or as integer / float tensors holding only 0 and
-    1 (``torch.nn.utils.prune``'s float ``weight_mask``); any other value is refused with
-    a PrunelabError naming the mask instead of being rounded to True.
+    1 (``torch.nn.utils.prune``'s float ``weight_mask``); any other value, or a mask that is
+    no tensor (a list, a numpy array), is refused with a PrunelabError naming the mask
+    instead of being rounded to True.
     """
 
     def __init__(self, masks: Mapping[str, torch.Tensor]) -> None:
         checked: dict[str, torch.Tensor] = {}
         for name, mask in masks.items():
             if not isinstance(mask, torch.Tensor):
-                raise TypeError(f"mask for {name!r} must be a tensor, got {type(mask).__name__}")
+                raise PrunelabError(
+                    f"mask {name!r} is a {type(mask).__name__}, not a torch.Tensor; pass a bool tensor (True = kept), "
+                    "e.g. torch.as_tensor(mask, dtype=torch.bool)"
+                )
             checked[name] = _as_bool(name, mask)
         self._masks = checked
 

@@ -17,8 +17,8 @@ from prunelab.errors import PrunelabError
 from prunelab.methods import FROM_SCRATCH
 
 __all__ = ["DST_SCHEDULED", "EPOCH_METHODS", "FILELESS_DATASETS", "FINETUNE_METHODS", "LAYER_RATE_METHODS",
-           "OWN_ALLOCATION", "OWN_CRITERION", "ROUND_METHODS", "STEPPED_METHODS", "check_ignored_options",
-           "check_pattern_method", "criterion_used"]
+           "OWN_ALLOCATION", "OWN_CRITERION", "ROUND_METHODS", "STEPPED_METHODS", "check_dataset_files",
+           "check_ignored_options", "check_pattern_method", "criterion_used"]
 
 
 # methods that score with their own fixed criterion / allocation: --criterion / --allocation would be ignored
@@ -132,12 +132,23 @@ def check_ignored_options(config: RunConfig, given: frozenset[str]) -> None:
     if "momentum" in given and config.optimizer != "sgd":
         raise _refuse("momentum", config.momentum, f"--optimizer {config.optimizer} has no momentum setting "
                       "(only sgd reads it)", "drop --momentum, or pass --optimizer sgd")
-    if config.dataset in FILELESS_DATASETS:
-        for option, used in (("data_dir", config.data_dir is not None), ("download", config.download)):
-            if option in given and used:
-                flag = "--" + option.replace("_", "-")
-                raise _refuse(option, config.data_dir if option == "data_dir" else None, f"--dataset "
-                              f"{config.dataset} is bundled with scikit-learn and reads no files", f"drop {flag}")
+    check_dataset_files(config.dataset, config.data_dir if "data_dir" in given else None,
+                        "download" in given and config.download)
+
+
+def check_dataset_files(dataset: str, data_dir: str | None, download: bool) -> None:
+    """Refuse ``--data-dir`` (``data_dir`` not None) / ``--download`` for a dataset that reads no files.
+
+    Shared by every command that loads a zoo dataset (``prune``, ``lottery``): pass only the
+    options the user gave (None / False for the others).
+    """
+    if dataset not in FILELESS_DATASETS:
+        return
+    for option, used in (("data_dir", data_dir is not None), ("download", download)):
+        if used:
+            flag = "--" + option.replace("_", "-")
+            raise _refuse(option, data_dir if option == "data_dir" else None, f"--dataset "
+                          f"{dataset} is bundled with scikit-learn and reads no files", f"drop {flag}")
 
 
 # methods that prune through a series of lower targets: an N:M pattern fixes the sparsity, so they cannot use one

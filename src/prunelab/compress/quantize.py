@@ -360,6 +360,15 @@ def finetune_centroids(
     for the run (``requires_grad`` restored afterwards); the assignments never change.
     ``model``'s weights must equal ``codebooks[name].decode()`` (as :func:`quantize_model`
     leaves them) and, after every optimizer step, equal the updated centroids exactly.
+
+    The paper's centroid fine-tuning is a *retraining* of the shared weights -- ordinary
+    training whose gradients are grouped by cluster -- so the model runs in training mode:
+    dropout is active and BatchNorm normalises by batch statistics and updates its running
+    mean/variance (buffers, not learned parameters; its affine weight and bias stay frozen).
+    That is deliberate: quantisation moved the weights, and the running statistics are
+    re-estimated for the quantised network that is then written to the file (buffers are
+    stored raw).  To keep them, put the BatchNorm layers' ``momentum`` to 0 first.  Every
+    submodule's own train/eval flag is restored afterwards (also on an error).
     """
     from prunelab.bench.training import TrainConfig, train
 
@@ -384,6 +393,7 @@ def finetune_centroids(
                       momentum=momentum, lr_schedule=lr_schedule, seed=seed, progress=progress)
     optimizer = CentroidSGD([params[n] for n in names], [codebooks[n] for n in names], lr=lr, momentum=momentum)
     flags = [(p, p.requires_grad) for p in model.parameters()]
+    modes = [(module, module.training) for module in model.modules()]  # mixed modes (a frozen BatchNorm) too
     try:
         for p, _ in flags:
             p.requires_grad_(id(p) in targets)
@@ -393,4 +403,6 @@ def finetune_centroids(
             p.requires_grad_(flag)
             if id(p) in targets:
                 p.grad = None
+        for module, training in modes:  # parents first: each call sets a subtree, so the children's flags win
+            module.train(training)
     return dict(zip(names, optimizer.codebooks()))

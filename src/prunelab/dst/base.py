@@ -313,6 +313,15 @@ class DynamicSparsifier(Sparsifier):
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "name": self.name}
 
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; a state saved by another method (its ``name``) is refused first."""
+        saved = state.get("name") if isinstance(state, Mapping) else None
+        if isinstance(state, Mapping) and saved != self.name:
+            what = f"method {saved!r}" if "name" in state else "no method name"
+            raise PrunelabError(f"{self.name} cannot load a sparsifier state of {what}; load the state_dict() of a "
+                                f"{self.name} sparsifier, or build the sparsifier of the method that saved it")
+        super().load_state_dict(state)
+
 
 def _round_half_up(x: float) -> int:
     return math.floor(x + 0.5)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunelab.dst.base import ReallocatingSparsifier, _round_half_up
+from prunelab.dst.base import ReallocatingSparsifier, _is_number, _round_half_up
 from prunelab.errors import PrunelabError
 
 
@@ -46,10 +46,9 @@ class DSR(ReallocatingSparsifier):
         tolerance: float = 0.1,
         **common: Any,
     ) -> None:
-        if not isinstance(threshold, (int, float)) or not threshold > 0:
-            raise PrunelabError(f"DSR initial threshold H(0) must be > 0, got {threshold!r}; the paper uses 0.001")
-        if not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
-            raise PrunelabError(f"DSR tolerance delta must be in [0, 1), got {tolerance!r}; the paper uses 0.1")
+        _check_threshold(threshold, "initial threshold H(0)")
+        if not _is_number(tolerance) or not 0 <= tolerance < 1:
+            raise PrunelabError(f"DSR tolerance delta must be a number in [0, 1), got {tolerance!r}; the paper uses 0.1")
         super().__init__(model, sparsity, **common)
         self.threshold = float(threshold)
         self.tolerance = float(tolerance)
@@ -77,5 +76,13 @@ class DSR(ReallocatingSparsifier):
         return {**super().state_dict(), "threshold": self.threshold}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        threshold = state.get("threshold", self.threshold) if isinstance(state, Mapping) else self.threshold
+        _check_threshold(threshold, "state's threshold H")  # before anything changes
         super().load_state_dict(state)
-        self.threshold = float(state.get("threshold", self.threshold))
+        self.threshold = float(threshold)
+
+
+def _check_threshold(value: Any, what: str) -> None:
+    """Refuse a DSR threshold that is no finite number > 0 (``True``, ``inf`` and NaN included)."""
+    if not _is_number(value) or not value > 0:
+        raise PrunelabError(f"DSR {what} must be a finite number > 0, got {value!r}; the paper starts at 0.001")

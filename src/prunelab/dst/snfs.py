@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunelab.dst.base import ReallocatingSparsifier, _round_half_up
+from prunelab.dst.base import ReallocatingSparsifier, _is_number, _round_half_up
 from prunelab.errors import PrunelabError
 
 
@@ -52,8 +52,8 @@ class SNFS(ReallocatingSparsifier):
         momentum: float = 0.9,
         **common: Any,
     ) -> None:
-        if not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
-            raise PrunelabError(f"SNFS momentum beta must be in [0, 1), got {momentum!r}; the paper uses 0.9")
+        if not _is_number(momentum) or not 0.0 <= momentum < 1.0:
+            raise PrunelabError(f"SNFS momentum beta must be a number in [0, 1), got {momentum!r}; the paper uses 0.9")
         super().__init__(model, sparsity, **common)
         self.beta = float(momentum)
         self.momentum: dict[str, torch.Tensor] = {}

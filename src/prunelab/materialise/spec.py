@@ -138,10 +138,10 @@ def save_shrunk(
 
     ``meta``: JSON-serialisable facts kept in the record; it also says how to rebuild
     the skeleton (see the module docstring).  ``directory`` may be new or a previous
-    shrunk-model folder; a folder holding other files is refused.
+    shrunk-model folder; a folder holding other files is refused.  (A command that
+    decides itself which folders it may replace -- ``prunelab materialise`` -- writes
+    with :func:`write_shrunk` into its own :func:`prunelab.io.atomic_dir`.)
     """
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     if directory.exists():
         foreign = sorted(p.name for p in directory.iterdir() if p.name not in (MODEL_FILE, ARCH_FILE)) \
@@ -151,6 +151,25 @@ def save_shrunk(
                 f"refusing to replace {str(directory)!r}: it holds {', '.join(foreign[:3])}; save the shrunk model "
                 "into a new or empty folder"
             )
+    text = _record_text(model, example_input_shape, meta)  # a bad meta fails before any folder is made
+    with atomic_dir(directory) as tmp:
+        _write(tmp, model, text)
+    return directory
+
+
+def write_shrunk(
+    folder: str | os.PathLike, model: nn.Module, example_input_shape: Sequence[int], meta: Mapping[str, Any]
+) -> None:
+    """Write :func:`save_shrunk`'s two files into the existing ``folder`` as they are, checking nothing it holds.
+
+    For a caller that writes into a fresh temporary folder it swaps in itself (an
+    :func:`prunelab.io.atomic_dir`) after its own check of what the target may hold.
+    """
+    _write(Path(folder), model, _record_text(model, example_input_shape, meta))
+
+
+def _record_text(model: nn.Module, example_input_shape: Sequence[int], meta: Mapping[str, Any]) -> str:
+    """``architecture.json``'s text for ``model``; PrunelabError when ``meta`` is not JSON-serialisable."""
     layers: dict[str, Any] = {}
     for name, module in model.named_modules():
         if not name:
@@ -162,13 +181,16 @@ def save_shrunk(
     record = {"format": SHRUNK_FORMAT, "builder": _builder_of(model, meta),
               "example_input_shape": [int(d) for d in example_input_shape], "meta": dict(meta), "layers": layers}
     try:
-        text = json.dumps(record, indent=2) + "\n"
+        return json.dumps(record, indent=2) + "\n"
     except TypeError as exc:
         raise PrunelabError(f"meta must be JSON-serialisable ({exc}); pass plain numbers, strings, lists and dicts") from None
-    with atomic_dir(directory) as tmp:
-        save_file(_state(model), str(tmp / MODEL_FILE), metadata={"format": SHRUNK_FORMAT})
-        (tmp / ARCH_FILE).write_text(text)
-    return directory
+
+
+def _write(folder: Path, model: nn.Module, text: str) -> None:
+    from safetensors.torch import save_file
+
+    save_file(_state(model), str(folder / MODEL_FILE), metadata={"format": SHRUNK_FORMAT})
+    (folder / ARCH_FILE).write_text(text)
 
 
 def _skeleton(builder: Mapping[str, Any]) -> nn.Module:
