@@ -16,6 +16,16 @@ from prunelab.bench.download import MNIST_FILES
 from prunelab.errors import PrunelabError
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module of tiny models: they gain nothing from threads,
+    and spinning threads crawl on a busy CPU.  Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
     """The folder holding the four MNIST IDX .gz files ($PRUNELAB_DATA or ../shared/data)."""

@@ -26,13 +26,7 @@ from prunelab.methods.dst import DSTConfig, build_dst_sparsifier
 DYNAMIC = ("set", "dsr", "rigl", "snfs")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread avoids spin-wait contention on shared CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mlp(seed=0):

@@ -10,12 +10,7 @@ from prunelab.methods import PruneSpec
 from prunelab.methods.dst import DSTConfig, build_dst_sparsifier
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def two_layers():
