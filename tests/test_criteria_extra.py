@@ -390,3 +390,45 @@ def test_new_criteria_prune_channels_through_the_sparsifier(name):
             rows = mask.reshape(mask.shape[0], -1)
             assert torch.equal(rows.all(1), rows.any(1)) and rows.any()
     assert abs(digit_masks.stats().sparsity - 0.5) < 0.01
+
+
+def _consumer_gram(model, x):
+    """``sum_rows [h, 1]^T [h, 1]`` of the consumer's (``model[2]``) input rows ``h``, by hand."""
+    h = model[1](model[0](x)).detach().double()  # (rows, 4)
+    aug = torch.cat([h, torch.ones(h.shape[0], 1, dtype=h.dtype)], 1)
+    return aug.T @ aug
+
+
+def test_regression_input_gram_is_an_exact_sum_with_an_integer_row_count():
+    from prunelab.criteria.regression import collect_input_grams
+
+    model, x, data = regression_net()
+    stats = collect_input_grams(model, ["2"], data)["2"]
+    assert type(stats.rows) is int and stats.rows == 64
+    assert stats.gram.dtype == torch.float64
+    torch.testing.assert_close(stats.gram, _consumer_gram(model, x), rtol=1e-12, atol=1e-10)
+
+
+def test_regression_input_gram_sums_over_ranks(monkeypatch):
+    """Two ranks holding the same batches (a faked SUM all-reduce that doubles): the Gram and
+    the row count are sums, the count an exact integer -- not a mean of counts, rounded."""
+    import torch.distributed as dist
+
+    from prunelab.criteria.regression import collect_input_grams
+
+    model, x, data = regression_net()
+    seen = []
+
+    def all_reduce(tensor, op=dist.ReduceOp.SUM, **_):
+        assert op == dist.ReduceOp.SUM
+        seen.append(tensor.dtype)
+        tensor.mul_(2)
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 2)
+    monkeypatch.setattr(dist, "get_backend", lambda *a, **k: "gloo")
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    stats = collect_input_grams(model, ["2"], data)["2"]
+    assert type(stats.rows) is int and stats.rows == 2 * 64
+    torch.testing.assert_close(stats.gram, 2 * _consumer_gram(model, x), rtol=1e-12, atol=1e-10)
+    assert torch.int64 in seen  # the count travels as an integer

@@ -226,3 +226,47 @@ def test_oneshot_replaces_its_own_output_but_not_a_prune_checkpoint(cli, tmp_pat
     assert f"--out {str(ckpt)!r} holds a prune / demo run (checkpoint.json), not an earlier oneshot output" in err
     assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "pruned"]
+
+
+def test_pattern_without_sparsity_records_the_patterns_sparsity(cli, tmp_path, tiny_bert, data_dir):
+    pytest.importorskip("prunelab.oneshot")
+    out = tmp_path / "pruned"
+    code, _, err = cli("oneshot", "--model", str(tiny_bert), "--method", "magnitude", "--pattern", "1:4",
+                       "--calib-samples", "2", "--data-dir", str(data_dir), "--out", str(out), "--no-progress")
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["sparsity"] == 0.75 and report["oneshot"]["config"]["sparsity"] == 0.75
+    assert report["config"]["pattern"] == "1:4"
+    assert report["summary"]["pruned_layer_sparsity"] == pytest.approx(0.75)
+
+
+# --- prunelab prune: shutdown is told whether the run failed -------------------------------------
+@pytest.mark.parametrize("outcome", ["ok", "fails"])
+def test_prune_tells_shutdown_whether_it_failed_even_inside_an_except_block(monkeypatch, outcome):
+    """``shutdown(failed=None)`` would infer failure from ``sys.exc_info()``, which also sees an
+    exception a caller is handling around the command: a successful run then skips the barrier."""
+    from prunelab import distributed, pipeline
+    from prunelab.cli import build_parser, cmd_prune
+    from prunelab.errors import PrunelabError
+
+    calls = []
+
+    def run(config, given=None):
+        if outcome == "fails":
+            raise PrunelabError("boom")
+        return {}
+
+    monkeypatch.setattr(distributed, "shutdown", lambda failed=None: calls.append(failed))
+    monkeypatch.setattr(distributed, "init_from_env", lambda backend=None: False)
+    monkeypatch.setattr(distributed, "is_main_process", lambda: False)  # nothing to print
+    monkeypatch.setattr(pipeline, "run", run)
+    args = build_parser().parse_args(["prune", "--model", "digits_mlp", "--dataset", "digits"])
+    try:
+        raise ValueError("a caller's own exception, being handled")
+    except ValueError:
+        if outcome == "ok":
+            assert cmd_prune(args) == 0
+        else:
+            with pytest.raises(PrunelabError, match="boom"):
+                cmd_prune(args)
+    assert calls == [outcome == "fails"]

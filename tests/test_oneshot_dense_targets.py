@@ -205,3 +205,35 @@ def test_dead_and_duplicate_inputs_stay_finite():
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert torch.all(model[0].weight[:, 0] == 0)  # the dead input's column is cleared, as SparseGPT does
     assert report.rows[0].dampening > 0  # escalated from 0
+
+
+# --- half-precision layers: the dense target stays in float32 until the final cast ----------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dense_target_weight_of_a_half_layer_is_the_fp32_solve(dtype):
+    gen = torch.Generator().manual_seed(0)
+    pruned = torch.randn(128, 12, generator=gen)
+    acc = PairedHessianAccumulator(12)
+    acc.add(pruned, pruned + 0.3 * torch.randn(128, 12, generator=gen))
+    stats = acc.result()
+    weight = torch.randn(6, 12, generator=gen).to(dtype)
+    target = dense_target_weight(weight, stats, 0.01)
+    assert target.dtype == torch.float32
+    assert torch.equal(target, dense_target_weight(weight.float(), stats, 0.01))
+    assert dense_target_weight(weight.double(), stats, 0.01).dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_model_with_dense_targets_matches_the_fp32_run_cast_at_the_end(dtype):
+    # one layer: its inputs are the calibration items themselves, so the fp16 and fp32 runs see
+    # the same statistics and differ only in where the weights are rounded to the layer's dtype
+    torch.manual_seed(0)
+    half = nn.Sequential(nn.Linear(16, 8)).to(dtype)
+    full = copy.deepcopy(half).float()
+    gen = torch.Generator().manual_seed(1)
+    calibration = [torch.randn(48, 16, generator=gen).to(dtype) for _ in range(2)]
+    config = OneShotConfig(method="sparsegpt", dense_targets=True)
+    rh = prune_oneshot(half, calibration, config, progress=False)
+    rf = prune_oneshot(full, [x.float() for x in calibration], config, progress=False)
+    assert torch.equal(rh.masks["0.weight"], rf.masks["0.weight"])
+    assert half[0].weight.dtype == dtype
+    assert torch.equal(half[0].weight, full[0].weight.to(dtype))

@@ -72,3 +72,44 @@ def test_padding_positions_are_left_out():
     spread = input_norm_spread(Padded(), [{"features": features, "attention_mask": mask}])
     # real rows [1, 2], [3, 4]: norms sqrt10, sqrt20; median (lower middle) sqrt10
     assert spread["fc"] == pytest.approx(math.sqrt(2.0))
+
+
+class _Conv1D(nn.Module):
+    """transformers' Conv1D: ``y = x W + b`` with the weight stored ``(in, out)``."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.zeros(nx, nf))
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], self.nf)
+
+
+def _conv1d_then_linear(conv1d: type) -> nn.Module:
+    model = nn.Sequential(conv1d(2, 3), nn.Linear(2, 1))  # Conv1D(nf=out, nx=in)
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]).T)  # (in 3, out 2)
+        model[0].bias.zero_()
+    return model
+
+
+def test_gpt2_style_conv1d_inputs_are_measured_along_their_in_features(monkeypatch):
+    import sys
+    import types
+
+    batches = [torch.tensor([[1.0, 2.0, 0.0]]), torch.tensor([[1.0, 2.0, 4.0]])]  # column norms sqrt2, sqrt8, 4
+    # found by type as transformers.pytorch_utils.Conv1D, as the engine finds it (transformers never imported)
+    monkeypatch.setitem(sys.modules, "transformers.pytorch_utils", types.SimpleNamespace(Conv1D=_Conv1D))
+    spread = input_norm_spread(_conv1d_then_linear(_Conv1D), batches)
+    assert spread == pytest.approx({"0": 4.0 / math.sqrt(8.0), "1": 4.0 / math.sqrt(2.0)})
+    monkeypatch.delitem(sys.modules, "transformers.pytorch_utils")  # an unrelated module of that shape: not a layer
+    assert list(input_norm_spread(_conv1d_then_linear(_Conv1D), batches)) == ["1"]
+
+
+def test_transformers_conv1d_is_measured():
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+    batches = [torch.tensor([[1.0, 2.0, 0.0]]), torch.tensor([[1.0, 2.0, 4.0]])]
+    spread = input_norm_spread(_conv1d_then_linear(pytorch_utils.Conv1D), batches)
+    assert spread == pytest.approx({"0": 4.0 / math.sqrt(8.0), "1": 4.0 / math.sqrt(2.0)})

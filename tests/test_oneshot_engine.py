@@ -375,3 +375,65 @@ def test_find_blocks_prefers_the_list_holding_most_layers_over_a_longer_nested_o
             self.layers = nn.ModuleList(MoEBlock() for _ in range(2))
 
     assert [name for name, _ in find_blocks(Model())] == ["layers.0", "layers.1"]
+
+
+# --- an N:M pattern fixes the sparsity -------------------------------------------------------------
+def test_an_nm_pattern_fixes_the_sparsity_and_refuses_a_conflicting_one():
+    assert OneShotConfig().sparsity == 0.5 and OneShotConfig(sparsity=None).sparsity == 0.5
+    assert OneShotConfig(pattern="1:4").sparsity == 0.75  # left out: 1 - N/M, what the report records
+    assert OneShotConfig(pattern="2:4", sparsity=0.5).sparsity == 0.5  # consistent: accepted (the CLI passes 1 - N/M)
+    assert OneShotConfig(pattern="3:8", sparsity=1.0 - 3 / 8).sparsity == 0.625
+    with pytest.raises(PrunelabError, match=r"sparsity 0\.5 conflicts with pattern '1:4', which removes .* 0\.75") as info:
+        OneShotConfig(pattern="1:4", sparsity=0.5)
+    assert "\n" not in str(info.value) and "leave sparsity out" in str(info.value)
+    for bad in (0.6, 0.0, True, "0.5", float("nan")):
+        with pytest.raises(PrunelabError, match="conflicts with pattern '2:4'"):
+            OneShotConfig(pattern="2:4", sparsity=bad)
+    report = prune_oneshot(_mlp(), _calibration(), OneShotConfig(method="magnitude", pattern="1:4"), progress=False)
+    record = report.to_dict()
+    assert record["config"]["sparsity"] == 0.75 and record["config"]["pattern"] == "1:4"
+    assert record["sparsity"] == pytest.approx(0.75)
+
+
+# --- the engine keeps no second copy of a block's pruned weights -----------------------------------
+@pytest.mark.parametrize("method, dense_targets", [("magnitude", False), ("sparsegpt", False), ("sparsegpt", True)])
+def test_each_solver_weight_is_dropped_once_written_into_its_layer(monkeypatch, method, dense_targets):
+    import dataclasses
+    import gc
+    import weakref
+
+    from prunelab.oneshot import engine
+    from prunelab.registry import Entry
+    from residual_mlp import Stack
+
+    inner = SOLVERS.get(method)
+    refs: list[weakref.ref] = []  # every solver's output weight so far (and, with dense targets, its V)
+
+    def alive() -> int:
+        gc.collect()
+        return sum(ref() is not None for ref in refs)
+
+    def solve(weight, stats, config):
+        assert alive() == 0, "an earlier layer's solver weight is still referenced"
+        if dense_targets:
+            refs.append(weakref.ref(weight))  # the dense-target weight V, not the layer's dense W
+        solution = inner.fn(weight, stats, config)
+        refs.append(weakref.ref(solution.weight))
+        return solution
+
+    def propagate(*args, **kwargs):  # the block is done: only masks, dense W and stats remain
+        assert alive() == 0, "a solver weight is still referenced when the block propagates"
+        return real_propagate(*args, **kwargs)
+
+    real_propagate = engine.propagate
+    monkeypatch.setitem(SOLVERS._entries, method, Entry(method, dataclasses.replace(inner, fn=solve), "wrapped"))
+    monkeypatch.setattr(engine, "propagate", propagate)
+    torch.manual_seed(0)
+    model = Stack(width=12, depth=2)
+    report = prune_oneshot(model, [torch.randn(32, 12)], OneShotConfig(method=method, dense_targets=dense_targets),
+                           progress=False)
+    assert len(refs) == 4 * (2 if dense_targets else 1) and alive() == 0
+    assert list(report.masks) == [f"blocks.{b}.{fc}.weight" for b in (0, 1) for fc in ("fc1", "fc2")]
+    for name, keep in report.masks.items():
+        weight = dict(model.named_parameters())[name]
+        assert not bool(weight[~keep].any()) and int((~keep).sum()) == weight.numel() // 2

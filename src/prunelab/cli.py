@@ -96,12 +96,16 @@ def cmd_prune(args: argparse.Namespace, defaults: dict[str, Any] | None = None) 
 
     config, given = _config_from_args(args, defaults)
     distributed.init_from_env()  # under torchrun: DDP training, masks from scores reduced across ranks
+    failed = True  # until the run and its printout are done: then every rank meets at shutdown's barrier
     try:
         record = pipeline.run(config, given=given)
         if distributed.is_main_process():
             _print_run(record, str(config.out_dir()))
+        failed = False
     finally:
-        distributed.shutdown()
+        # explicit, not inferred from sys.exc_info(): that also sees an exception a caller is
+        # handling around this call, and a successful rank would then skip the barrier
+        distributed.shutdown(failed=failed)
     return 0
 
 

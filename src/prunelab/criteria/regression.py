@@ -97,7 +97,8 @@ def _check_consumer(name: str, module: nn.Module) -> tuple[int, int]:
 
 def collect_input_grams(model: nn.Module, names: list[str], data: ScoreData) -> dict[str, InputGram]:
     """One pass over ``data``: the :class:`InputGram` of each consumer module in ``names``
-    (averaged over ranks, so every rank decides the same channels).  Call in eval mode."""
+    (Gram and row count summed over ranks -- the count exactly, as an integer -- so every
+    rank decides the same channels from ``G / M`` of all ranks' rows).  Call in eval mode."""
     root, _ = unwrap(model)
     modules = dict(root.named_modules())
     sums: dict[str, list] = {}
@@ -139,10 +140,11 @@ def collect_input_grams(model: nn.Module, names: list[str], data: ScoreData) -> 
         )
     out = {}
     for name, (gram, rows) in sums.items():
-        stats = torch.cat([gram.reshape(-1), torch.tensor([float(rows)], dtype=gram.dtype, device=gram.device)])
-        distributed.all_reduce_mean_(stats)
+        count = torch.tensor([rows], dtype=torch.int64, device=gram.device)
+        distributed.all_reduce_sum_(gram)  # sum over ranks of sum_rows [x, 1]^T [x, 1]
+        distributed.all_reduce_sum_(count)  # exact: an integer sum, on any world size
         channels, patch = shapes[name]
-        out[name] = InputGram(stats[:-1].reshape(gram.shape), round(stats[-1].item()), channels, patch)
+        out[name] = InputGram(gram, int(count.item()), channels, patch)
     return out
 
 

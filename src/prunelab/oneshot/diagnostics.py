@@ -1,4 +1,4 @@
-"""How much do a model's Linear inputs have outlier features?  (Predicts whether Wanda helps.)
+"""How much do a model's Linear / Conv1D inputs have outlier features?  (Predicts whether Wanda helps.)
 
 Wanda (Sun et al. 2023) scores ``|W_ij| * ||X_j||_2``; it differs from per-row magnitude
 pruning only as far as the input-feature norms ``||X_j||`` differ from each other.  Large
@@ -7,6 +7,7 @@ language models develop a few *outlier features* whose magnitude is up to ~100x 
 from (Sun et al. 2023, sec. 3).  :func:`input_norm_spread` measures, for every
 ``nn.Linear``, the ratio ``max_j ||X_j|| / median_j ||X_j||`` over calibration inputs: near 1
 means Wanda is close to magnitude-per-row; tens to hundreds mean outlier features.
+``transformers``' ``Conv1D`` (GPT-2's layers, weight stored ``(in, out)``) counts as a Linear.
 """
 
 from __future__ import annotations
@@ -20,12 +21,27 @@ from torch import Tensor, nn
 from prunelab.errors import PrunelabError
 from prunelab.oneshot.block_runs import _USER_ERRORS, _first_line, check_calibration, layer_input, token_masks
 from prunelab.oneshot.engine import eval_mode
-from prunelab.oneshot.layer_targets import LayerTarget
+from prunelab.oneshot.layer_targets import LayerTarget, classify_layer
 from prunelab.oneshot.stats import ColumnNormAccumulator
+
+# the layers whose inputs are token features (``(..., in)``): nn.Linear and transformers' Conv1D
+_FEATURE_KINDS = ("linear", "conv1d")
+
+
+def feature_layers(model: nn.Module) -> list[LayerTarget]:
+    """The ``nn.Linear`` and ``transformers`` ``Conv1D`` layers of ``model`` (GPT-2 style,
+    weight ``(in, out)``), found by module type as the one-shot engine finds them
+    (:func:`prunelab.oneshot.layer_targets.classify_layer`; transformers is never imported)."""
+    found = []
+    for name, module in model.named_modules():
+        target = classify_layer(name, module)
+        if isinstance(target, LayerTarget) and target.kind in _FEATURE_KINDS:
+            found.append(target)
+    return found
 
 
 def input_norm_spread(model: nn.Module, calibration: Sequence[Any]) -> dict[str, float]:
-    """``{Linear name: max_j ||X_j||_2 / median_j ||X_j||_2}`` over the calibration inputs.
+    """``{Linear / Conv1D name: max_j ||X_j||_2 / median_j ||X_j||_2}`` over the calibration inputs.
 
     ``calibration``: model inputs, each a Tensor (``model(x)``) or a dict (``model(**x)``).
     Padding positions of a dict item with a 2-D ``attention_mask`` are left out, as the
@@ -39,19 +55,17 @@ def input_norm_spread(model: nn.Module, calibration: Sequence[Any]) -> dict[str,
     tokens = token_masks(items, torch.device("cpu"))  # per item: real positions, or None
     current: list[Tensor | None] = [None]
 
-    def hook(name: str, module: nn.Module):
-        target = LayerTarget(name, module, "linear")
-
+    def hook(target: LayerTarget):
         def record(layer: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Any]) -> None:
-            x = layer_input(layer, args, kwargs).detach()  # also linear(input=x)
-            accumulators[name].add(target.inputs2d(x, current[0]))  # (tokens, in_features)
+            x = layer_input(layer, args, kwargs).detach()  # also linear(input=x), Conv1D's x=
+            accumulators[target.name].add(target.inputs2d(x, current[0]))  # (tokens, in_features)
         return record
 
     try:
-        for name, module in model.named_modules():
-            if isinstance(module, nn.Linear):
-                accumulators[name] = ColumnNormAccumulator(module.in_features, module.weight.device)
-                handles.append(module.register_forward_pre_hook(hook(name, module), with_kwargs=True))
+        for target in feature_layers(model):
+            weight = target.module.weight
+            accumulators[target.name] = ColumnNormAccumulator(target.features, weight.device)
+            handles.append(target.module.register_forward_pre_hook(hook(target), with_kwargs=True))
         with eval_mode(model), torch.no_grad():
             for i, (item, real) in enumerate(zip(items, tokens, strict=True)):
                 current[0] = real

@@ -102,6 +102,7 @@ __all__ = ["LayerRow", "OneShotConfig", "OneShotReport", "Solver", "eval_mode", 
            "prune_oneshot"]
 
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+DEFAULT_SPARSITY = 0.5  # OneShotConfig's sparsity when neither sparsity nor pattern is given
 NEEDS = ("hessian", "norms", "none")
 
 
@@ -112,8 +113,11 @@ class OneShotConfig:
 
     ``method``: a name in :data:`prunelab.oneshot.SOLVERS` (``sparsegpt``, ``wanda``,
     ``magnitude``, ``magnitude-row``, ``obs``, ``lobs``).  ``sparsity``: fraction of each
-    layer's weights removed (ignored when ``pattern`` is set).  ``pattern``: ``"N:M"``
-    (keep N of every M consecutive input features).  ``dampening``: fraction of
+    layer's weights removed; ``None`` (the default) means 0.5 without a pattern.
+    ``pattern``: ``"N:M"`` (keep N of every M consecutive input features); it fixes the
+    sparsity at ``1 - N/M``, so ``sparsity`` may then be left out (it is set to
+    ``1 - N/M``, what the report records) or must equal ``1 - N/M`` -- any other value is
+    refused, as the CLI refuses ``--sparsity`` with ``--pattern``.  ``dampening``: fraction of
     ``mean(diag H)`` added to ``diag(H)`` (SparseGPT's ``percdamp``).  ``block_size``:
     SparseGPT's column block.  ``exclude``: module-name globs left dense.
     ``bias_correction``: after each layer is pruned, its bias absorbs the change of its mean
@@ -135,7 +139,7 @@ class OneShotConfig:
     """
 
     method: str = "sparsegpt"
-    sparsity: float = 0.5
+    sparsity: float | None = None  # resolved in __post_init__: DEFAULT_SPARSITY, or 1 - N/M with a pattern
     pattern: str | None = None
     dampening: float = 0.01
     block_size: int = 128
@@ -148,11 +152,20 @@ class OneShotConfig:
 
         SOLVERS.get(self.method)  # unknown names list the valid ones
         if self.pattern is None:
-            check_sparsity(self.sparsity)
+            sparsity = DEFAULT_SPARSITY if self.sparsity is None else self.sparsity
+            check_sparsity(sparsity)
         elif not isinstance(self.pattern, str) or not _PATTERN.match(self.pattern):
             raise PrunelabError(f"pattern must look like 'N:M' (e.g. '2:4'), got {self.pattern!r}")
         else:
-            _ = self.nm  # NM() rejects N >= M
+            sparsity = self.nm.sparsity  # NM() rejects N >= M; the pattern removes 1 - N/M of every layer
+            given = self.sparsity
+            if given is not None and (isinstance(given, bool) or not isinstance(given, (int, float))
+                                      or not math.isclose(given, sparsity, rel_tol=0.0, abs_tol=1e-9)):
+                raise PrunelabError(
+                    f"sparsity {given!r} conflicts with pattern {self.pattern!r}, which removes 1 - N/M = {sparsity:g} "
+                    f"of every layer; leave sparsity out (or pass sparsity={sparsity:g}) with an N:M pattern"
+                )
+        object.__setattr__(self, "sparsity", sparsity)
         if isinstance(self.dampening, bool) or not isinstance(self.dampening, (int, float)) or not (
             math.isfinite(self.dampening) and self.dampening >= 0
         ):
@@ -303,15 +316,13 @@ def prune_oneshot(model: nn.Module, calibration: Sequence[Any], config: OneShotC
             reference = None if dense_inputs is None else Reference.of(block, block_name, dense_inputs)
             solved, uncalled = _prune_block(block, block_name, targets, inputs, solver, config, reference, tokens)
             dense_layers += uncalled
-            errors = propagate(block, block_name, inputs, {t: (dense, shift) for t, dense, _, shift, _ in solved},
+            errors = propagate(block, block_name, inputs, {e.target: (e.dense, e.shift) for e in solved},
                                 keep_outputs=b < last, reference=reference, tokens=tokens)
             del reference  # one dense block copy at a time
-            for target, _, solution, _, (seconds, solve_seconds) in solved:
-                keep = solution.mask  # (rows, cols)
-                row = LayerRow(target.name, tuple(target.module.weight.shape), 1.0 - float(keep.sum()) / keep.numel(),
-                               errors[target], solution.dampening, seconds, solve_seconds)
-                rows.append(row)
-                masks[target.param_name] = target.to_param_layout(keep).contiguous()
+            block_rows = _record(solved, errors, masks)
+            del solved  # the block's dense weight copies go before the next block is pruned
+            rows += block_rows
+            for row in block_rows:
                 if progress:
                     damp = "" if row.dampening is None else f" dampening {row.dampening:g}"
                     print(f"[oneshot {config.method}] {row.name} {row.shape}: sparsity {row.sparsity:.4f} "
@@ -320,15 +331,43 @@ def prune_oneshot(model: nn.Module, calibration: Sequence[Any], config: OneShotC
                          tuple(dense_layers), len(items))
 
 
+@dataclass(frozen=True)
+class _Solved:
+    """What the engine keeps of one pruned layer until its block is done: the dense ``W``
+    ``(rows, cols)`` (for the error report), the keep-mask ``(rows, cols)``, the bias shift
+    ``(rows,)`` or ``None``, the dampening used and the timings -- not the solver's weight,
+    which lives only in the layer once written (one copy of the block's pruned weights)."""
+
+    target: LayerTarget
+    dense: Tensor
+    mask: Tensor
+    shift: Tensor | None
+    dampening: float | None
+    seconds: float
+    solve_seconds: float
+
+
+def _record(solved: list[_Solved], errors: dict[LayerTarget, float], masks: dict[str, Tensor]) -> list[LayerRow]:
+    """One :class:`LayerRow` per pruned layer of a block; its mask goes into ``masks`` in the
+    parameter's layout (keyed ``"<module>.weight"``)."""
+    rows = []
+    for entry in solved:
+        keep, target = entry.mask, entry.target  # (rows, cols)
+        rows.append(LayerRow(target.name, tuple(target.module.weight.shape), 1.0 - float(keep.sum()) / keep.numel(),
+                             errors[target], entry.dampening, entry.seconds, entry.solve_seconds))
+        masks[target.param_name] = target.to_param_layout(keep).contiguous()
+    return rows
+
+
 def _prune_block(block: nn.Module, block_name: str, targets: list[LayerTarget], inputs: Inputs, solver: Solver,
                  config: OneShotConfig, reference: Reference | None = None,
-                 tokens: Sequence[Tensor | None] | None = None
-                 ) -> tuple[list[tuple[LayerTarget, Tensor, Solution, Tensor | None, tuple[float, float]]], list[str]]:
+                 tokens: Sequence[Tensor | None] | None = None) -> tuple[list[_Solved], list[str]]:
     """Prune ``targets`` one after the other in execution order, each from the inputs it
     receives with the earlier ones already pruned (and, with a ``reference``, towards the
-    dense model's outputs).  Returns ``(target, dense W, solution, bias correction or None,
-    (seconds, solver seconds))`` per pruned layer and the names of targets the block never
-    called.  ``tokens``: per item, the real positions whose rows enter the statistics."""
+    dense model's outputs).  Returns a :class:`_Solved` per pruned layer and the names of
+    targets the block never called.  ``tokens``: per item, the real positions whose rows
+    enter the statistics.  Each solver's weight (and dense-target weight ``V``) is dropped
+    as soon as it is written into its layer."""
     if not targets:
         return [], []
     called = probe_call_order(block, block_name, targets, inputs)
@@ -352,22 +391,25 @@ def _prune_block(block: nn.Module, block_name: str, targets: list[LayerTarget], 
         except PrunelabError as exc:
             raise PrunelabError(f"layer {target.name!r}: {exc}") from None
         solve_seconds = time.perf_counter() - solve_tick
-        del stats  # one layer's Hessian at a time
+        del stats, goal  # one layer's Hessian (and dense-target weight) at a time
         if not bool(torch.isfinite(solution.weight).all()):
             raise PrunelabError(
                 f"layer {target.name!r}: method {config.method!r} produced non-finite weights; "
                 "raise dampening or pass more calibration samples"
             )
-        target.load2d(solution.weight)
-        shift = None if mean is None else _correct_bias_(target, W, solution.weight, mean, dense_mean)
-        solved.append((target, W, solution, shift, (time.perf_counter() - tick, solve_seconds)))
+        target.load2d(solution.weight)  # the final cast to the layer's dtype
+        mask, dampening = solution.mask, solution.dampening
+        del solution  # the layer now holds the pruned weight: no second copy
+        shift = None if mean is None else _correct_bias_(target, W, mean, dense_mean)
+        solved.append(_Solved(target, W, mask, shift, dampening, time.perf_counter() - tick, solve_seconds))
     return solved, uncalled
 
 
 @torch.no_grad()
-def _correct_bias_(target: LayerTarget, dense: Tensor, pruned: Tensor, mean: Tensor, dense_mean: Tensor) -> Tensor:
-    """``b += W E[x] - W' E[x~]`` (Nagel et al. 2019; ``E[x] = E[x~]`` without dense targets);
-    returns the shift ``(rows,)``."""
+def _correct_bias_(target: LayerTarget, dense: Tensor, mean: Tensor, dense_mean: Tensor) -> Tensor:
+    """``b += W E[x] - W' E[x~]`` (Nagel et al. 2019; ``E[x] = E[x~]`` without dense targets),
+    ``W'`` the pruned weight as written into the layer; returns the shift ``(rows,)``."""
+    pruned = target.weight2d().contiguous()  # (rows, cols), in the layer's dtype
     shift = dense.to(torch.float64) @ dense_mean - pruned.to(torch.float64) @ mean  # (rows,)
     bias = target.module.bias
     bias.add_(shift.to(device=bias.device, dtype=bias.dtype))

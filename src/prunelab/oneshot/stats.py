@@ -155,6 +155,10 @@ def dense_target_weight(weight: Tensor, stats: InputStats, percdamp: float) -> T
     so for any ``W'``: ``||W X - W' X~||^2 = ||W X - V X~||^2 + ||(V - W') X~||^2`` -- a
     Hessian solver that prunes ``V`` on ``H~`` minimises the asymmetric objective exactly.
     ``lambda`` is the same relative dampening the solvers use (escalated if needed).
+    Solved in float64; returned in float32 (float64 for a float64 ``weight``), never in a
+    float16 / bfloat16 layer's dtype: ``V`` feeds the solver, and rounding it to half
+    precision first would add an error of ~``2^-11 |V|`` that fp32 layers do not get --
+    the layer's dtype is applied once, when the pruned weight is written back.
     """
     if stats.hessian is None or stats.cross is None:
         raise PrunelabError("dense targets need InputStats with hessian and cross (PairedHessianAccumulator)")
@@ -163,7 +167,7 @@ def dense_target_weight(weight: Tensor, stats: InputStats, percdamp: float) -> T
     rhs = stats.cross.to(torch.float64) @ W.T  # (cols, rows): C W^T
     target = torch.cholesky_solve(rhs, chol).T  # (rows, cols): V = W C^T H^-1 (H symmetric)
     target[:, dead] = 0.0
-    return target.to(weight.dtype)
+    return target.to(torch.float64 if weight.dtype == torch.float64 else torch.float32)  # (rows, cols)
 
 
 def _reduce_(total: Tensor, count: int) -> int:
