@@ -78,9 +78,10 @@ class APoZ(Criterion):
 
     Assumption: ``relu(O) == 0  <=>  O <= 0``, so the zeros are counted as ``O <= 0`` on the
     **layer's own output** (a forward hook on the layer).  That is exactly the paper's
-    post-ReLU zero count when a ReLU directly follows the layer (as in the zoo models);
-    with a BatchNorm or another op in between, or no ReLU at all (a classifier layer), it
-    is the fraction of non-positive pre-activations instead.
+    post-ReLU zero count when a ReLU directly follows the layer (the zoo MLPs); with a
+    BatchNorm or another op in between, or no ReLU at all (a classifier layer; LeNet-5's
+    convolutions, which feed a max-pool and no ReLU), it is the fraction of non-positive
+    pre-activations instead.
 
     Granularity: APoZ is a *neuron/channel* score -- use ``channel``/``neuron``
     granularity.  Element-wise (unstructured) pruning with it removes weights of the

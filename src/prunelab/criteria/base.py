@@ -158,11 +158,14 @@ class FunctionalModel:
 
 
 def iter_batches(data: ScoreData, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
-    """``(inputs, targets)`` pairs on ``device``, at most ``data.max_batches`` of them; errors if none."""
+    """``(inputs, targets)`` pairs on ``device``, at most ``data.max_batches`` of them; errors if none.
+
+    Exactly ``max_batches`` batches are drawn from ``data.batches``: the loop stops right
+    after yielding the last one, so no further batch is loaded (and lost, for a one-pass
+    iterator or a loader with side effects).
+    """
     count = 0
     for batch in data.batches:
-        if data.max_batches is not None and count >= data.max_batches:
-            break
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:  # a bare tensor would unpack along dim 0
             raise PrunelabError(
                 f"ScoreData batch {count} is a {type(batch).__name__}, not an (inputs, targets) pair; "
@@ -171,6 +174,8 @@ def iter_batches(data: ScoreData, device: torch.device) -> Iterator[tuple[Tensor
         inputs, targets = batch
         count += 1
         yield _to(inputs, device), _to(targets, device)
+        if data.max_batches is not None and count >= data.max_batches:
+            break  # before asking the loader for another batch
     if count == 0:
         raise PrunelabError("ScoreData yielded no batches; pass a non-empty loader")
 

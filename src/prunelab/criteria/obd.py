@@ -39,9 +39,14 @@ class OBD(Criterion):
       over all ``N`` samples of the used batches, with ``l_n = loss_fn`` on sample ``n``
       alone (a micro-batch of one).  Per-sample gradients come from ``torch.func``
       (``vmap(grad(functional_call))``), in chunks; a model ``vmap`` cannot handle falls
-      back to a plain loop over samples (same numbers, slower).  Equals the Gauss-Newton
-      diagonal only in expectation and only for likelihood losses (cross-entropy); it is
-      non-negative by construction and costs no second derivatives.
+      back to a plain loop over samples (same numbers, slower).  It is not LeCun et al.'s
+      Levenberg-Marquardt (Gauss-Newton) diagonal: for a likelihood loss (cross-entropy)
+      its expectation over targets drawn from the model is the Fisher = Gauss-Newton
+      diagonal, but on the data's targets it differs (for ``mean((Xw - y)^2)`` it is
+      ``4 mean r^2 x^2``, not ``2 mean x^2``); it is non-negative by construction and
+      costs no second derivatives.  ``'auto'`` therefore mixes two estimates of different
+      scale across layers under a global allocation; pick one ``hessian`` to compare
+      layers on one footing.
     * ``'auto'`` (default): ``'exact'`` for parameters with ``numel <= exact_max_params``,
       ``'fisher'`` for larger ones.
 

@@ -67,8 +67,8 @@ class SNIP(Criterion):
         s_j = |g_j| / sum_k |g_k|,    g_j = dL(c ⊙ w)/dc_j at c = 1  =  w_j * dL/dw_j
 
     ``L`` is ``data.loss_fn`` and ``dL/dw`` the **mean over the batches** of the
-    per-batch gradients (the gradient of the loss on the union of the batches; the paper
-    uses one mini-batch: pass ``ScoreData(loader, max_batches=1)``).  Unlike ``taylor``
+    per-batch gradients (for equal-size batches, the gradient of the loss on their union;
+    the paper uses one mini-batch: pass ``ScoreData(loader, max_batches=1)``).  Unlike ``taylor``
     (mean of per-batch absolute values), the absolute value is taken after averaging.
     The normalising sum runs over every scored parameter (it does not change any
     ranking).  Groups: the default sum.
@@ -265,7 +265,7 @@ class SynFlow(Criterion):
             flow = outputs.sum()  # R = 1^T (prod_l |W_l|) 1
             if not torch.isfinite(flow):
                 raise PrunelabError(
-                    f"criterion 'synflow': the synaptic flow R = {float(flow)} is not finite in float64; the network is "
+                    f"criterion 'synflow': the synaptic flow R = {float(flow.detach())} is not finite in float64; the network is "
                     "too deep or its weights too large for the all-ones input -- rescale the initialisation"
                 )
             locals_ = list(scored.values())

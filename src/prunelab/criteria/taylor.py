@@ -29,9 +29,9 @@ class Taylor(Criterion):
     cancel (a weight whose removal helps one batch and hurts another is still important).
 
     Groups: the default reduction sums element scores, ``s_S = sum_{i in S} s_i``, the
-    sum of absolute contributions.  This is an upper bound of, not equal to, Molchanov
-    2019's group score ``(sum_{i in S} g_i w_i)^2`` (eq. 8; squared, averaged over
-    batches), which needs the group structure at scoring time.
+    sum of absolute contributions.  Per batch it bounds ``|sum_{i in S} g_i w_i|`` from
+    above; it is not Molchanov 2019's group score ``(sum_{i in S} g_i w_i)^2`` (eq. 8;
+    squared, averaged over batches), which needs the group structure at scoring time.
 
     Gradients are taken with ``torch.autograd.grad`` on detached aliases of the weights in
     eval mode; parameters the loss does not depend on score 0.
