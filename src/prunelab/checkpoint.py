@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from prunelab.errors import PrunelabError
 from prunelab.io import atomic_path, ensure_writable_dir, write_text
@@ -39,23 +39,70 @@ class Checkpoint:
 def save_checkpoint(directory: str | os.PathLike, model: nn.Module, masks: MaskSet, meta: dict[str, Any]) -> Path:
     """Write model, masks and metadata into ``directory`` (each file atomically, ``checkpoint.json`` last).
 
-    ``meta`` is checked first, so a value JSON cannot hold fails before any file is
-    replaced.  To replace a whole folder at once, call this inside :func:`prunelab.io.atomic_dir`.
+    ``meta`` and the masks are checked first (JSON-serialisable; every mask fits a parameter
+    whose pruned weights are real zeros), so a checkpoint :func:`load_checkpoint` would refuse
+    fails before any file is replaced.  Tied or reused weights are saved under every name.  To replace a whole folder at once, call this inside :func:`prunelab.io.atomic_dir`.
     """
     from safetensors.torch import save_file
 
+    if meta.get("format", CHECKPOINT_FORMAT) != CHECKPOINT_FORMAT:
+        raise PrunelabError(f"checkpoint meta holds 'format': {meta['format']!r}, but save_checkpoint writes "
+                            f"{CHECKPOINT_FORMAT!r} (load_checkpoint would refuse the folder); drop that key from meta")
     try:
         meta_text = json.dumps({"format": CHECKPOINT_FORMAT, **meta}, indent=2) + "\n"
     except (TypeError, ValueError) as exc:
         raise PrunelabError(f"checkpoint meta must be JSON-serialisable ({exc}); pass plain numbers, strings, lists "
                             "and dicts (e.g. float(x) for a numpy scalar)") from None
+    check_masks_applied(masks, model)
+    state = _state_to_save(model)
     directory = ensure_writable_dir(directory)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(directory / MODEL_FILE) as tmp:
         save_file(state, str(tmp), metadata={"format": CHECKPOINT_FORMAT})
     masks.save(directory / MASKS_FILE)
     write_text(directory / META_FILE, meta_text)
     return directory
+
+
+def _state_to_save(model: nn.Module) -> dict[str, Tensor]:
+    """``model.state_dict()`` on the CPU, every key kept (it loads with ``strict=True``).
+
+    A tied or reused weight appears under each of its names; past the first name it is a
+    copy, since safetensors refuses tensors that share memory.  A parameter on the meta
+    device has no values to save: a one-line error.
+    """
+    state: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for key, value in model.state_dict().items():
+        if value.device.type == "meta":
+            raise PrunelabError(f"{key!r} is on the meta device and holds no values to save; materialise the model "
+                                "first (model.to_empty(device='cpu') and load its weights)")
+        tensor = value.detach().cpu().contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in seen:  # tied / shared with an earlier key
+            tensor = tensor.clone()
+        elif tensor.numel():
+            seen.add(storage)
+        state[key] = tensor
+    return state
+
+
+def check_masks_applied(masks: MaskSet, model: nn.Module) -> None:
+    """Refuse to save masks that do not fit ``model`` or whose pruned weights are not real zeros.
+
+    :func:`load_checkpoint` refuses such a folder (:func:`check_masks_fit`), so it is never written.
+    """
+    masks.check_model(model)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for fqn, mask in masks.items():
+        weight = params[fqn].detach()
+        if weight.device.type == "meta":
+            continue  # refused by _state_to_save with its own message
+        stray = int(((weight != 0) & ~weight.isnan() & ~mask.to(weight.device)).sum())
+        if stray:
+            raise PrunelabError(
+                f"{stray} weights of {fqn!r} are nonzero where its mask says pruned; zero them before saving "
+                "(sparsifier.step() / finalize() after the optimizer step, or masks.apply_(model))"
+            )
 
 
 def _resolve(path: str | os.PathLike) -> Path:

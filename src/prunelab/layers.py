@@ -77,35 +77,47 @@ def block_influence(model: nn.Module, calibration: Sequence[Tensor | Mapping[str
     sums = {name: 0.0 for name, _ in blocks}
     counts = {name: 0 for name, _ in blocks}
     state: dict[str, Any] = {}
+    # a block object used at several positions (shared weights) is hooked once; its i-th call
+    # in a forward pass is its i-th position, so each position gets its own score
+    positions: dict[int, list[str]] = {}
+    for name, block in blocks:
+        positions.setdefault(id(block), []).append(name)
+    calls: dict[int, int] = {}
+    running: dict[int, list[str]] = {}
 
-    def pre_hook(name: str):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            state[name] = _hidden_in(args, kwargs)
-        return hook
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        names = positions[id(module)]
+        index = calls.get(id(module), 0)
+        calls[id(module)] = index + 1
+        name = names[index % len(names)]
+        running.setdefault(id(module), []).append(name)
+        state[name] = _hidden_in(args, kwargs)
 
-    def post_hook(name: str):
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            before, after = state.pop(name, None), hidden_states_of(output)
-            if before is None or after is None or before.shape != after.shape:
-                raise PrunelabError(f"block {name!r} does not map hidden states to hidden states of the same shape; "
-                                    "layer pruning needs residual blocks")
-            cosine = torch.nn.functional.cosine_similarity(before.double(), after.double(), dim=-1)  # (B, T) or (B,)
-            keep = state.get("mask")
-            if keep is not None and keep.shape == cosine.shape:
-                cosine = cosine[keep]
-            sums[name] += float(cosine.sum())
-            counts[name] += cosine.numel()
-        return hook
+    def post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        name = running[id(module)].pop()
+        before, after = state.pop(name, None), hidden_states_of(output)
+        if before is None or after is None or before.shape != after.shape:
+            raise PrunelabError(f"block {name!r} does not map hidden states to hidden states of the same shape; "
+                                "layer pruning needs residual blocks")
+        cosine = torch.nn.functional.cosine_similarity(before.double(), after.double(), dim=-1)  # (B, T) or (B,)
+        keep = state.get("mask")
+        if keep is not None and keep.shape == cosine.shape:
+            cosine = cosine[keep]
+        sums[name] += float(cosine.sum())
+        counts[name] += cosine.numel()
 
     handles = []
     was_training = model.training
     try:
         model.eval()
         for name, block in blocks:
-            handles.append(block.register_forward_pre_hook(pre_hook(name), with_kwargs=True))
-            handles.append(block.register_forward_hook(post_hook(name), with_kwargs=True))
+            if positions[id(block)][0] != name:
+                continue  # a shared block: hooked at its first position only
+            handles.append(block.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            handles.append(block.register_forward_hook(post_hook, with_kwargs=True))
         device = next(model.parameters()).device
         for item in items:
+            calls.clear()  # positions of shared blocks count from the start of each forward pass
             if isinstance(item, Mapping):
                 mask = item.get("attention_mask")
                 state["mask"] = mask.to(device).bool() if isinstance(mask, Tensor) else None

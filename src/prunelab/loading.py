@@ -61,7 +61,7 @@ def load_sparse_folder(folder: Path) -> nn.Module:
     from prunelab.materialise import load_materialised
 
     try:
-        meta = json.loads((folder / MATERIALISED_META).read_text())
+        meta = json.loads((folder / MATERIALISED_META).read_text(encoding="utf-8"))
         state = torch.load(folder / MATERIALISED_STATE, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 -- a damaged file raises anything from EOFError to UnpicklingError
         raise PrunelabError(f"cannot read the sparse model in {str(folder)!r} ({type(exc).__name__}: {exc}); "

@@ -141,6 +141,7 @@ class Sparsifier:
         check_sparsity(sparsity)
         if self.granularity.is_pattern:
             self._check_pattern_sparsity(sparsity)
+        self._refuse_meta("decide masks")
         with torch.enable_grad():
             scores = self.scores(data)
         if self.granularity.is_pattern:
@@ -189,6 +190,15 @@ class Sparsifier:
             layers.append(LayerBudget(name, torch.zeros(count), self.granularity.group_size(shape), shape,
                                       min(min_keep, max_keep), max_keep))
         allocate(self.allocation, layers, sparsity)
+
+    def _refuse_meta(self, action: str) -> None:
+        """One-line error when a target is on the meta device: it has a shape but no values."""
+        meta = [n for n, p in self.params.items() if p.device.type == "meta"]
+        if meta:
+            raise PrunelabError(
+                f"cannot {action}: {meta[0]!r} is on the meta device and holds no values; materialise the model first "
+                "(model.to_empty(device='cpu') and load its weights) -- check_target() works on meta parameters"
+            )
 
     def _kept_as_is(self, name: str) -> bool:
         """True for a layer no update changes: kept dense by a rule, capped below an N:M

@@ -26,18 +26,24 @@ def prunable_parameters(model: nn.Module, exclude: Sequence[str] = ()) -> dict[s
 
     A weight shared by several layers (tied) is one target, under its first name: pruning
     it under two names would count its weights twice and multiply two masks into it.  It
-    is excluded when ``exclude`` matches any of its names.
+    is excluded when ``exclude`` matches any of its names.  A glob that matches no
+    Linear/Conv layer (a typo) is a one-line error, as for the :class:`LayerRules` globs.
     """
     if isinstance(exclude, str):  # a bare glob would be iterated letter by letter
         exclude = (exclude,)
     found: dict[str, nn.Parameter] = {}
     names_of: dict[int, str] = {}  # id(weight) -> the name it is found under
     excluded: set[int] = set()
+    layer_names: list[str] = []
+    unused = list(exclude)  # globs that matched nothing yet
     for module_name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, PRUNABLE_TYPES) and getattr(module, "weight", None) is not None:
             name = f"{module_name}.weight" if module_name else "weight"
+            layer_names.append(name)
             weight = module.weight
-            if any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(module_name, p) for p in exclude):
+            hits = [p for p in exclude if fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(module_name, p)]
+            if hits:
+                unused = [p for p in unused if p not in hits]
                 excluded.add(id(weight))
                 continue
             if not isinstance(weight, nn.Parameter) or isinstance(weight, nn.parameter.UninitializedParameter):
@@ -49,6 +55,10 @@ def prunable_parameters(model: nn.Module, exclude: Sequence[str] = ()) -> dict[s
             if id(weight) not in names_of:
                 names_of[id(weight)] = name
                 found[name] = weight
+    if unused and layer_names:
+        shown = ", ".join(layer_names[:8]) + (" ..." if len(layer_names) > 8 else "")
+        raise PrunelabError(f"exclude pattern {unused[0]!r} matches no Linear/Conv layer; layers are {shown} "
+                            "(a glob such as 'fc3' or 'features.*')")
     found = {n: p for n, p in found.items() if id(p) not in excluded}
     if not found:
         raise PrunelabError(
