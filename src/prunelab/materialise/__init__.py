@@ -43,6 +43,7 @@ from torch import nn
 
 from prunelab.errors import PrunelabError
 from prunelab.materialise.autotune import KernelReport, Timer, choose_kernels
+from prunelab.materialise.formats import block_shape
 from prunelab.materialise.pooling import PoolingReport, speed_up_pooling_
 from prunelab.materialise.sparse_modules import (
     SparseModule, build_sparse, kernel_unavailable_reason, load_materialised, semi_structured_available,
@@ -218,7 +219,14 @@ def _form_auto(model: nn.Module, request: _Request):
     def kernel_of(name: str, module: nn.Module) -> tuple[str, str]:
         layer = by_name[name]
         speedups = ", ".join(f"b{b} {layer.speedup(b):.2f}x" for b in report.batch_sizes if layer.speedup(b))
-        return choice[name], (f"measured {speedups}" if layer.kernel != "dense" else "dense was fastest")
+        if layer.kernel != "dense":
+            return choice[name], f"measured {speedups}"
+        if len(layer.seconds) > 1:  # dense and at least one sparse kernel were timed
+            return choice[name], "dense was fastest"
+        if "dense" in layer.skipped:  # e.g. not reached by the example input
+            return choice[name], f"kept dense, not timed: {layer.skipped['dense']}"
+        why = "; ".join(f"{k}: {r}" for k, r in layer.skipped.items()) or "no sparse candidates"
+        return choice[name], f"kept dense, no sparse kernel applies ({why})"
 
     return model, _swap(model, request, kernel_of), report, []
 
@@ -304,6 +312,7 @@ def materialise(
     sizes = tuple(int(b) for b in batch_sizes)
     if not sizes or min(sizes) < 1:
         raise PrunelabError(f"batch_sizes must be positive integers, got {tuple(batch_sizes)}; use e.g. (1, 64)")
+    block_size = block_shape(block_size)  # one-line error for e.g. "4x4" or (0, 4)
     if pooling not in POOLING:
         raise PrunelabError(f"unknown pooling {pooling!r}; valid: {', '.join(POOLING)}")
 

@@ -21,11 +21,14 @@ run time).  :func:`choose_kernels`:
 The timer is injectable: ``timer(trial) -> seconds``.  ``trial`` is a :class:`Trial`, a
 zero-argument callable that also carries ``layer``, ``kernel`` and ``batch_size``, so a
 test can pass a fake timer that returns preset times and check the choice exactly.
-The default :func:`median_timer` warms up, sizes an inner loop so one sample lasts at
-least ``min_sample_s``, and returns the median of several samples.
+The default :func:`median_timer` warms up, sizes an inner loop from the fastest warm-up
+call so one sample lasts at least ``min_sample_s``, and returns the median of several
+samples; on CUDA it waits for the GPU (``Trial.synchronize``) before every clock read,
+since CUDA calls return before their kernels have run.
 
 Not timed (recorded as ``skipped`` with the reason): kernels that cannot apply (see
-``kernel_unavailable_reason``), sparse kernels on a layer without zeros, BSR when its
+``kernel_unavailable_reason``), 2:4 where it would run its dense fallback (no sparse
+tensor cores, or a dtype/shape they refuse), sparse kernels on a layer without zeros, BSR when its
 stored elements exceed ``bsr_max_fill`` x the nonzeros (measured: a filled 4x4 BSR runs
 2-4x slower than dense, so it cannot win), and layers the example input never reaches.
 """
@@ -43,6 +46,7 @@ import torch
 from torch import nn
 
 from prunelab.errors import PrunelabError
+from prunelab.materialise.formats import block_shape
 from prunelab.materialise.sparse_modules import build_sparse, kernel_unavailable_reason
 from prunelab.measure.tables import markdown_table
 
@@ -68,24 +72,39 @@ class Trial:
         with torch.inference_mode():
             return self.module(self.inputs)
 
+    def synchronize(self) -> None:
+        """Wait until the GPU has run the work queued so far (a no-op unless ``inputs`` is on CUDA)."""
+        if self.inputs.device.type == "cuda":
+            torch.cuda.synchronize(self.inputs.device)
+
 
 def median_timer(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 5, min_sample_s: float = 2e-4,
                  max_inner: int = 200) -> float:
     """Median seconds per call of ``fn`` over ``repeats`` samples, after ``warmup`` calls.
 
-    Each sample runs ``fn`` ``inner`` times, ``inner`` chosen from the warm-up so a sample
-    lasts at least ``min_sample_s`` (short kernels are otherwise dominated by timer noise).
+    Each sample runs ``fn`` ``inner`` times, ``inner = ceil(min_sample_s / t_warm)`` (at most
+    ``max_inner``) so a sample lasts at least ``min_sample_s`` (short kernels are otherwise
+    dominated by timer noise).  ``t_warm`` is the *fastest* warm-up call: the first call of a
+    fresh sparse module also builds its cached matrix, a one-time cost that must not shrink
+    ``inner``.  If ``fn`` has a ``synchronize()`` method (a :class:`Trial` does), it is called
+    before every clock read, so queued CUDA work is counted where it runs.
     """
-    start = time.perf_counter()
+    sync = getattr(fn, "synchronize", None) or (lambda: None)
+    per_call = math.inf
     for _ in range(max(warmup, 1)):
+        sync()
+        start = time.perf_counter()
         fn()
-    per_call = (time.perf_counter() - start) / max(warmup, 1)
+        sync()
+        per_call = min(per_call, time.perf_counter() - start)
     inner = max(1, min(max_inner, math.ceil(min_sample_s / max(per_call, 1e-9))))
     samples = []
     for _ in range(max(repeats, 1)):
+        sync()
         start = time.perf_counter()
         for _ in range(inner):
             fn()
+        sync()
         samples.append((time.perf_counter() - start) / inner)
     return statistics.median(samples)
 
@@ -200,6 +219,7 @@ def choose_kernels(
     if unknown:
         raise PrunelabError(f"unknown kernel(s) {unknown}; valid kernels: {', '.join(KERNELS)}")
     kernels = ["dense"] + [c for c in dict.fromkeys(candidates) if c != "dense"]
+    block_size = block_shape(block_size)
     inputs_by_batch = check_inputs(example_inputs_by_batch)
     timer = timer or median_timer
     modules = dict(model.named_modules())
@@ -229,7 +249,11 @@ def choose_kernels(
             if reason:
                 skipped[kernel] = reason
                 continue
-            built[kernel] = build_sparse(module, kernel, name=f"{name}.weight", block_size=block_size)
+            candidate = build_sparse(module, kernel, name=f"{name}.weight", block_size=block_size)
+            if getattr(candidate, "accelerated", True) is False:  # 2:4 without sparse tensor cores runs dense
+                skipped[kernel] = "no sparse tensor cores for this layer (it would run the dense fallback)"
+                continue
+            built[kernel] = candidate
         seconds: dict[str, dict[int, float]] = {k: {} for k in built}
         if "dense" in built:
             for batch in inputs_by_batch:

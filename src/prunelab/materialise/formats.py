@@ -39,13 +39,14 @@ than 2 nonzeros stores explicit zeros at the lowest free positions.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
 
 from prunelab.errors import PrunelabError
 
-__all__ = ["BSR", "CSR", "FORMAT_CLASSES", "SemiStructured24"]
+__all__ = ["BSR", "CSR", "FORMAT_CLASSES", "SemiStructured24", "block_shape"]
 
 
 def _matrix(weight: torch.Tensor, what: str, name: str) -> torch.Tensor:
@@ -194,13 +195,19 @@ class BSR:
         return cls(tuple(shape), tuple(block_size), tensors["crow_indices"], tensors["col_indices"], tensors["values"])
 
 
-def _check_block(block_size: tuple[int, int], matrix_shape: tuple[int, int], name: str) -> tuple[int, int]:
+def block_shape(block_size: tuple[int, int]) -> tuple[int, int]:
+    """``block_size`` as two positive ints ``(bh, bw)``; a one-line error for anything else (``"4x4"``, ``(4,)``, ``(0, 4)``, ``(4.5, 4)``)."""
     try:
-        bh, bw = (int(b) for b in block_size)
+        bh, bw = (operator.index(b) for b in block_size)
     except (TypeError, ValueError):
         raise PrunelabError(f"BSR block size must be two integers such as (4, 4), got {block_size!r}") from None
     if bh < 1 or bw < 1:
         raise PrunelabError(f"BSR block size must be positive, got {bh}x{bw}; use e.g. 4x4 or 8x1")
+    return bh, bw
+
+
+def _check_block(block_size: tuple[int, int], matrix_shape: tuple[int, int], name: str) -> tuple[int, int]:
+    bh, bw = block_shape(block_size)
     rows, cols = matrix_shape
     if rows % bh or cols % bw:
         raise PrunelabError(

@@ -56,8 +56,8 @@ def _reduce(x: torch.Tensor, dim: int, kernel: int, stride: int, dilation: int, 
         window = window[(slice(None),) * (dim % x.dim()) + (slice(None, None, stride),)]
         if out is None:
             out = window
-        elif i == 1:
-            out = torch.maximum(out, window)  # the first result owns its memory ...
+        elif i == 1 or (torch.is_grad_enabled() and x.requires_grad):
+            out = torch.maximum(out, window)  # the first result owns its memory ... (autograd: no out=)
         else:
             torch.maximum(out, window, out=out)  # ... so later windows reduce into it in place
     return out if kernel > 1 else out.contiguous()

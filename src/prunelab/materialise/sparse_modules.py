@@ -22,6 +22,11 @@ measures whole models):
   blocks as an int32 CSR matrix (same result; storage and ``state_dict`` stay BSR).
   On unstructured sparsity most 4x4 blocks keep a nonzero (81% at 90% sparsity) and it
   is 2-4x *slower* than dense.  No autograd on CPU (torch has no BSC x dense kernel).
+* **fp16 / bf16 on CPU** -- MKL's sparse BLAS has no half-precision kernels, so CSR/BSR
+  layers in those dtypes run an fp32 copy of the format (cached until a buffer changes):
+  the input is upcast, the product and bias add are fp32 and the result is rounded once to
+  the layer's dtype, as a dense half-precision GEMM on CPU accumulates.  Storage and
+  ``state_dict`` stay in the layer's dtype.
 * **2:4** -- on CUDA with compute capability >= 8.0, ``torch.sparse.to_sparse_semi_structured``
   (cuSPARSELt/CUTLASS sparse tensor cores).  Elsewhere the layer decompresses its weight
   once (cached) and runs the dense matmul; ``materialise`` warns about it.
@@ -56,7 +61,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -64,7 +69,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunelab.errors import PrunelabError
-from prunelab.materialise.formats import BSR, CSR, SemiStructured24
+from prunelab.materialise.formats import BSR, CSR, SemiStructured24, block_shape
 
 __all__ = [
     "SPARSE_MODULES",
@@ -146,6 +151,34 @@ class SparseModule(nn.Module):
             value = build()
         self._cache = (key, value)
         return value
+
+    def _versions(self) -> tuple:
+        """The buffers' version counters: the ``key`` of a cache that copies them.
+
+        An inference tensor (a buffer made under ``torch.inference_mode``, e.g. by ``.to()``
+        there) has no counter and stands as ``None``: an in-place edit of such a buffer made
+        inside inference mode is not seen -- assign a new tensor instead.
+        """
+        return tuple(None if buf.is_inference() else buf._version for buf in self._buffers.values() if buf is not None)
+
+    def _kernel_operands(self, build: Callable[[Any], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(weight, bias)`` for the torch sparse kernels, cached; ``build(fmt)`` makes the torch sparse matrix.
+
+        In the layer's dtype the matrix shares the buffers' memory (in-place edits show
+        through).  fp16/bf16 on CPU (no MKL kernels) get an fp32 copy, keyed on the buffer
+        versions, and an fp32 bias; :func:`_kernel_dtype` says which.
+        """
+        dtype = _kernel_dtype(self.values)
+        if dtype == self.values.dtype:
+            return self._cached(lambda: (build(self.format()), self.bias))
+
+        def upcast() -> tuple[torch.Tensor, torch.Tensor | None]:
+            tensors = {key: buf.to(dtype) if buf.is_floating_point() else buf
+                       for key, buf in self._buffers.items() if key != "bias"}
+            fmt = self.format_class.from_tensors(self.weight_shape, tensors, **self.config)
+            return build(fmt), None if self.bias is None else self.bias.to(dtype)
+
+        return self._cached(upcast, self._versions())
 
     def _apply(self, fn, recurse: bool = True):
         self._cache = None
@@ -231,6 +264,24 @@ class _SparseLinearBase(SparseModule):
         return f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, bias={self.bias is not None}"
 
 
+def _kernel_dtype(values: torch.Tensor) -> torch.dtype:
+    """The dtype the sparse kernels run in: fp32 for fp16/bf16 on CPU (MKL has none), else ``values.dtype``."""
+    if values.device.type == "cpu" and values.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return values.dtype
+
+
+def _kernel_input(x: torch.Tensor, values: torch.Tensor, layer: str) -> torch.Tensor:
+    """``x`` in the kernels' dtype; a one-line error if ``x`` is not in the layer's dtype (as a dense layer refuses it)."""
+    dtype = _kernel_dtype(values)
+    if dtype == values.dtype:
+        return x  # torch's own kernels report a dtype mismatch
+    if x.dtype != values.dtype:
+        raise PrunelabError(f"{layer} holds {values.dtype} weights but got a {x.dtype} input; cast the input "
+                            f"(x.to({values.dtype})) or the model")
+    return x.to(dtype)
+
+
 def _sparse_linear(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     """``x W^T + b`` for a torch sparse CSR/BSR ``W (out, in)`` and dense ``x (N, in)`` -> ``(N, out)``."""
     if x.shape[0] == 1:  # matrix-vector: MKL sparse mv
@@ -249,8 +300,9 @@ class CSRLinear(_SparseLinearBase):
     format_class = CSR
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self._cached(lambda: (self.format().to_torch(), self.bias))  # (out, in) sparse_csr, (out,)
-        return _sparse_linear(weight, bias, x)
+        weight, bias = self._kernel_operands(lambda fmt: fmt.to_torch())  # (out, in) sparse_csr, (out,)
+        y = _sparse_linear(weight, bias, _kernel_input(x, self.values, type(self).__name__))
+        return y.to(self.values.dtype)  # no-op unless run in fp32 for a half-precision layer
 
 
 class BSRLinear(_SparseLinearBase):
@@ -270,11 +322,16 @@ class BSRLinear(_SparseLinearBase):
         if bh != bw and self.values.device.type == "cpu":
             # MKL takes square blocks only ("MKL Sparse doesn't support matrices with non-square
             # blocks"): run the same stored blocks as an int32 CSR matrix (a copy, so keyed on versions)
-            key = (self.crow_indices._version, self.col_indices._version, self.values._version)
-            weight, bias = self._cached(lambda: (CSR.from_dense(self.format().to_dense()).to_torch(), self.bias), key)
+            def as_csr() -> tuple[torch.Tensor, torch.Tensor | None]:
+                dtype = _kernel_dtype(self.values)
+                bias = None if self.bias is None else self.bias.to(dtype)
+                return CSR.from_dense(self.format().to_dense().to(dtype)).to_torch(), bias
+
+            weight, bias = self._cached(as_csr, self._versions())
         else:
-            weight, bias = self._cached(lambda: (self.format().to_torch(), self.bias))  # (out, in) sparse_bsr, (out,)
-        return _sparse_linear(weight, bias, x)
+            weight, bias = self._kernel_operands(lambda fmt: fmt.to_torch())  # (out, in) sparse_bsr, (out,)
+        y = _sparse_linear(weight, bias, _kernel_input(x, self.values, type(self).__name__))
+        return y.to(self.values.dtype)  # no-op unless run in fp32 for a half-precision layer
 
 
 class SemiStructuredLinear(_SparseLinearBase):
@@ -304,7 +361,7 @@ class SemiStructuredLinear(_SparseLinearBase):
         return super()._apply(fn, recurse)
 
     def _kernel_weight(self) -> torch.Tensor:
-        return self._cached(self._build_weight, (self.values._version, self.metadata._version))
+        return self._cached(self._build_weight, self._versions())
 
     def _build_weight(self) -> torch.Tensor:
         dense = self.format().to_dense()  # (out, in)
@@ -348,12 +405,12 @@ class CSRConv2d(SparseModule):
         w_out = (width + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
         cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (B, C*kh*kw, L)
         cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)  # (C*kh*kw, B*L)
-        weight = self._cached(lambda: self.format().to_torch())  # (O, C*kh*kw) sparse_csr
-        y = torch.mm(weight, cols)  # (O, B*L)
+        weight, bias = self._kernel_operands(lambda fmt: fmt.to_torch())  # (O, C*kh*kw) sparse_csr, (O,)
+        y = torch.mm(weight, _kernel_input(cols, self.values, type(self).__name__))  # (O, B*L)
         y = y.reshape(out_channels, batch, h_out * w_out).transpose(0, 1)  # (B, O, L)
-        if self.bias is not None:
-            y = y + self.bias.view(1, -1, 1)
-        y = y.reshape(batch, out_channels, h_out, w_out)
+        if bias is not None:
+            y = y + bias.view(1, -1, 1)
+        y = y.reshape(batch, out_channels, h_out, w_out).to(self.values.dtype)
         return y.squeeze(0) if unbatched else y
 
     def extra_repr(self) -> str:
@@ -387,7 +444,7 @@ def kernel_unavailable_reason(
         if kernel == "csr":
             return None
         if kernel == "bsr":
-            bh, bw = block_size
+            bh, bw = block_shape(block_size)  # a malformed block size is the caller's error, not "unavailable"
             if module.out_features % bh or module.in_features % bw:
                 return f"block {bh}x{bw} does not tile {module.out_features}x{module.in_features}"
             return None
