@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from prunelab.allocation import (
-    ALLOCATIONS, LayerBudget, allocate, erk_raw_density, get_allocation, keep_budget, lamp_scores, select_top_k,
+    ALLOCATIONS, GlobalAllocation, LayerBudget, allocate, erk_raw_density, get_allocation, keep_budget, lamp_scores,
+    select_top_k,
 )
 from prunelab.errors import PrunelabError
 
@@ -192,3 +193,33 @@ def test_lamp_refuses_signed_scores_instead_of_reordering_them():
     with pytest.raises(PrunelabError, match=r"LAMP .* non-negative scores .* 'a' has scores down to -10"):
         allocate(get_allocation("lamp"), [layer("a", [-10.0, 1.0, 2.0]), layer("b", [1.0, 2.0])], 0.4)
     assert lamp_scores(torch.tensor([0.0, -0.0, 2.0])).tolist() == [0.0, 0.0, 1.0]
+
+
+def test_global_structured_keeps_one_group_per_layer_but_unstructured_may_collapse():
+    # 'a': 3 channels of 9 weights with small sums; 'b': 4 channels of 63 weights with large sums
+    small = [1.0, 2.0, 3.0]
+    big = [10.0, 11.0, 12.0, 13.0]
+
+    def layers(structured):
+        return [LayerBudget("a", torch.tensor(small), 9, (3, 1, 3, 3), 0, 3, structured),
+                LayerBudget("b", torch.tensor(big), 63, (4, 3, 3, 7), 0, 4, structured)]
+
+    keep = allocate(get_allocation("global"), layers(True), 0.5)  # budget: 140 of 279 weights
+    assert keep["a"].tolist() == [False, False, True]  # the layer's best group survives
+    assert keep["b"].tolist() == [False, False, True, True]
+    collapsed = allocate(get_allocation("global"), layers(False), 0.5)  # no floor without structure: unchanged
+    assert not collapsed["a"].any() and collapsed["b"].tolist() == [False, False, True, True]
+    bare = allocate(GlobalAllocation(keep_one_group=False), layers(True), 0.5)
+    assert not bare["a"].any()
+    # the floor respects caps: a layer capped at 0 groups (already pruned) stays empty
+    capped = [LayerBudget("a", torch.tensor(small), 9, (3, 1, 3, 3), 0, 0, True), layers(True)[1]]
+    assert not allocate(get_allocation("global"), capped, 0.5)["a"].any()
+
+
+def test_global_structured_floor_that_cannot_be_met_is_a_one_line_error():
+    layers = [LayerBudget("a", torch.tensor([1.0, 2.0]), 50, (2, 50), 0, 2, True),
+              LayerBudget("b", torch.tensor([3.0, 4.0]), 50, (2, 50), 0, 2, True)]
+    with pytest.raises(PrunelabError, match=r"keeps at least one group of every layer \(100 weights.*"
+                                            r"<= 0\.5000 or pass allocation=.*keep_one_group=False"):
+        allocate(get_allocation("global"), layers, 0.8)
+    assert GlobalAllocation(keep_one_group=False).keep_counts(layers, 0.8) == [0, 0]  # the bare threshold

@@ -92,6 +92,38 @@ def test_checkpoint_resaved_from_its_own_meta_loads(tmp_path):
     assert torch.equal(prunelab.load(tmp_path / "b")(x), first.model.eval()(x))
 
 
+def test_load_accepts_a_file_inside_the_checkpoint_folder(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("digits_mlp", (1, 8, 8), 10)
+    save_checkpoint(tmp_path / "ckpt", model, Sparsifier(model).prepare().update(0.5), META)
+    x = torch.randn(3, 1, 8, 8)
+    expected = model.eval()(x)
+    for name in (MODEL_FILE, MASKS_FILE, "checkpoint.json"):  # as load_checkpoint accepts them
+        assert torch.equal(prunelab.load(tmp_path / "ckpt" / name)(x), expected), name
+    (tmp_path / "ckpt" / "notes.txt").write_text("mine")
+    with pytest.raises(PrunelabError, match=r"notes\.txt' is a file, not a prunelab model folder; pass the folder"):
+        prunelab.load(tmp_path / "ckpt" / "notes.txt")
+
+
+def test_sparse_folder_whose_model_cannot_be_built_is_a_one_line_error(tmp_path, monkeypatch):
+    import prunelab.bench.models
+
+    folder = tmp_path / "csr"
+    folder.mkdir()
+    write_json(folder / "materialised.json", {**META, "form": "csr"})
+    torch.save({}, folder / "materialised.pt")
+
+    def out_of_memory(*args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough memory\nsecond line")
+
+    monkeypatch.setattr(prunelab.bench.models, "build_model", out_of_memory)
+    with pytest.raises(PrunelabError) as error:
+        prunelab.load(folder / "materialised.json")
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("cannot build model 'digits_mlp' with input_shape [1, 8, 8]")
+    assert "DefaultCPUAllocator: not enough memory); the record is corrupt -- re-create it" in message
+
+
 def test_meta_parameters_check_targets_but_refuse_mask_decisions(tmp_path):
     with torch.device("meta"):
         model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))

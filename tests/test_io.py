@@ -69,6 +69,57 @@ def test_atomic_writes_get_the_umask_mode(tmp_path):
     assert (tmp_path / "file.json").stat().st_mode & 0o777 == 0o644  # mkstemp alone gives 0600
 
 
+def record_fsyncs_and_renames(monkeypatch, events):
+    """Log ``("fsync", path)`` and ``("replace", src, dst)`` in call order (paths of fds via /proc)."""
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.realpath(src), os.path.realpath(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name the flushed descriptors")
+def test_atomic_writes_flush_the_data_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    events = []
+    record_fsyncs_and_renames(monkeypatch, events)
+    with atomic_path(tmp_path / "file.json") as tmp:
+        tmp.write_text("{}")
+    tmp_name, parent = os.path.realpath(tmp), os.path.realpath(tmp_path)
+    assert events == [("fsync", tmp_name), ("replace", tmp_name, os.path.realpath(tmp_path / "file.json")),
+                      ("fsync", parent)]
+    events.clear()
+    with atomic_dir(tmp_path / "run") as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "model.bin").write_bytes(b"weights")  # written without atomic_path (torch.save, ...)
+        (tmp / "results.json").write_text("{}")
+    flushed = [e[1] for e in events if e[0] == "fsync"]
+    swap = events.index(("replace", os.path.realpath(tmp), os.path.realpath(tmp_path / "run")))
+    before = {e[1] for e in events[:swap] if e[0] == "fsync"}
+    assert {os.path.join(os.path.realpath(tmp), p) for p in ("sub/model.bin", "results.json", "sub")} <= before
+    assert os.path.realpath(tmp) in before and flushed[-1] == parent
+
+
+def test_atomic_dir_swap_is_not_blocked_by_a_leftover_moved_aside_folder(tmp_path):
+    out = tmp_path / "run"
+    with atomic_dir(out) as tmp:
+        (tmp / "results.json").write_text('{"run": 1}')
+    leftover = tmp_path / f".run.old-{os.getpid()}"  # what an earlier crash mid-swap left (the old fixed name)
+    leftover.mkdir()
+    (leftover / "results.json").write_text('{"run": 0}')
+    with atomic_dir(out) as tmp:
+        (tmp / "results.json").write_text('{"run": 2}')
+    assert (out / "results.json").read_text() == '{"run": 2}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == [leftover.name, "run"]  # the leftover is not ours to delete
+    assert (leftover / "results.json").read_text() == '{"run": 0}'
+
+
 def test_materialise_refuses_to_overwrite_its_own_checkpoint(tmp_path, capsys):
     model = build_model("digits_mlp", (64,), 10)
     masks = MaskSet.from_model(model, [n for n, p in model.named_parameters() if p.dim() > 1])

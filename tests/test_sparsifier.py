@@ -359,3 +359,44 @@ def test_a_fixed_sparsity_above_the_nm_pattern_is_refused_not_lowered():
         Sparsifier(model, granularity="2:4", rules=LayerRules(fixed_sparsity={"0": 0.7}))
     masks = Sparsifier(model, granularity="2:4", rules=LayerRules(fixed_sparsity={"0": 0.5})).prepare().update(0.5)
     assert masks["0.weight"].reshape(-1, 4).sum(1).eq(2).all()
+
+
+def small_cnn():
+    """conv1 has the larger weights but its channels sum only 9 of them, conv2's sum 63."""
+    model = nn.Sequential(nn.Conv2d(1, 7, 3), nn.ReLU(), nn.Conv2d(7, 8, 3), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    with torch.no_grad():
+        model[0].weight.copy_((0.5 + 0.01 * torch.arange(7.0)).reshape(7, 1, 1, 1).expand(7, 1, 3, 3))  # L1 4.5..5.0
+        model[2].weight.fill_(0.1)  # L1 6.3 per channel
+        model[6].weight.fill_(1.0)  # L1 8 per neuron
+    return model
+
+
+def test_global_channel_pruning_never_removes_a_whole_layer():
+    masks = Sparsifier(small_cnn(), criterion="l1", granularity="channel").prepare().update(0.5)
+    kept = {name: mask.flatten(1).all(1) for name, mask in masks.items()}
+    assert kept["0.weight"].tolist() == [False] * 6 + [True]  # was 0 of 7: the network was disconnected
+    assert int(kept["2.weight"].sum()) == 4 and kept["6.weight"].all()
+    x = torch.randn(2, 1, 7, 7)
+    model = small_cnn()
+    Sparsifier(model, criterion="l1", granularity="channel").prepare().update(0.5)
+    assert model[0](x).abs().sum() > 0
+    for granularity in ("kernel", "vector"):
+        masks = Sparsifier(small_cnn(), criterion="l1", granularity=granularity).prepare().update(0.5)
+        assert all(mask.any() for mask in masks.values()), granularity
+    collapsed = Sparsifier(small_cnn(), criterion="l1").prepare().update(0.95)  # unstructured: may still collapse
+    assert not collapsed["0.weight"].any()
+
+
+def test_set_masks_refuses_a_mask_for_a_layer_it_does_not_target():
+    model = mlp()
+    sparsifier = Sparsifier(model, exclude=["0"]).prepare()
+    masks = {name: torch.zeros_like(p, dtype=torch.bool) for name, p in model.named_parameters() if name.endswith("weight")}
+    with pytest.raises(PrunelabError, match=r"^mask '0\.weight' is for a layer this sparsifier does not target "
+                                            r"\(excluded.*exclude= / --exclude\)$"):
+        sparsifier.set_masks(masks)
+    assert sparsifier.masks.stats().sparsity == 0.0 and model[0].weight.count_nonzero() == model[0].weight.numel()
+    with pytest.raises(PrunelabError, match="'typo.weight' is for a layer this sparsifier does not target"):
+        sparsifier.load_state_dict({"step_count": 0, "masks": {**sparsifier.masks, "typo.weight": torch.ones(1)}})
+    sparsifier.set_masks({n: m for n, m in masks.items() if n != "0.weight"})  # the targets alone are adopted
+    assert model[2].weight.count_nonzero() == 0 and model[0].weight.count_nonzero() == model[0].weight.numel()

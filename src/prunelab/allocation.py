@@ -8,7 +8,14 @@ groups of each layer.  Neither step sorts all weights (DESIGN.md decision 4):
 * ``global`` finds one score threshold by bisection over the total order of float32
   values (at most 33 counting passes, no copy of the scores), then hands the budget left
   at the boundary to tied groups in a fixed order, so ties never make the achieved
-  sparsity drift: achieved == target up to one group per layer.
+  sparsity drift: achieved == target up to one group per layer.  With a structured
+  granularity (``LayerBudget.structured``: vector, kernel, channel) it keeps at least one
+  group of every layer by default: group scores of layers with different group sizes
+  (an L1 sum over 9 weights vs one over 63) are not comparable, and one threshold over
+  them can empty a whole layer, which disconnects the network.  The floor is the layer's
+  ``min_keep`` raised to 1 (within its ``max_keep``), so rules and caps still win.
+  Unstructured global allocation has no floor: layer collapse there is the documented
+  behaviour of single-shot criteria (Tanaka et al. 2020, ``benchmarks/layer_collapse.py``).
 * ``uniform`` and ``erk`` solve for per-layer densities by water-filling (bisection on a
   scale factor, layers that would exceed their bounds are clipped and the rest
   rescaled -- exactly RigL's ERK redistribution step), then round to whole groups and
@@ -22,6 +29,7 @@ keeps iterative pruning monotone.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +48,8 @@ class LayerBudget:
     ``group_size``: weights per group.  ``shape``: the parameter shape (for ERK).
     ``min_keep`` / ``max_keep``: bounds on kept groups set by layer rules
     (dense layer: ``min_keep == max_keep == G``; fixed sparsity: both equal).
+    ``structured``: the groups are several weights of a structured granularity
+    (``Granularity.structured``); ``global`` then keeps at least one of them.
     """
 
     name: str
@@ -48,6 +58,7 @@ class LayerBudget:
     shape: tuple[int, ...]
     min_keep: int
     max_keep: int
+    structured: bool = False
 
     @property
     def num_groups(self) -> int:
@@ -228,14 +239,44 @@ class Allocation:
         return list(layers)
 
 
+def one_group_floor(layers: Sequence[LayerBudget]) -> list[LayerBudget]:
+    """``layers`` with every structured layer's ``min_keep`` raised to one group.
+
+    A layer whose ``max_keep`` is 0 (a rule prunes it fully, or every group is already
+    pruned) keeps its cap: the floor never overrides a rule or regrows a group.
+    """
+    return [dataclasses.replace(l, min_keep=max(l.min_keep, min(1, l.max_keep))) if l.structured else l
+            for l in layers]
+
+
 @dataclass(frozen=True)
 class GlobalAllocation(Allocation):
-    """One threshold on group scores across all layers (Han et al. 2015 style, global)."""
+    """One threshold on group scores across all layers (Han et al. 2015 style, global).
 
+    ``keep_one_group`` (default ``True``): every structured layer keeps at least one group
+    (:func:`one_group_floor`), so a channel/kernel/vector threshold never removes a whole
+    layer.  ``GlobalAllocation(keep_one_group=False)`` restores the bare threshold.
+    Unstructured layers are never floored.
+    """
+
+    keep_one_group: bool = True
     name = "global"
 
     def keep_counts(self, layers: Sequence[LayerBudget], sparsity: float) -> list[int]:
-        return global_threshold_counts(layers, keep_budget(layers, sparsity))
+        budget = keep_budget(layers, sparsity)
+        if self.keep_one_group and any(l.structured for l in layers):
+            _check_bounds(layers, budget)  # the layer rules' own limits first, with their own message
+            layers = one_group_floor(layers)
+            low = sum(l.min_keep * l.group_size for l in layers)
+            total = sum(l.numel for l in layers)
+            if budget < low:
+                raise PrunelabError(
+                    f"target keeps {budget} of {total} weights but global allocation keeps at least one group of "
+                    f"every layer ({low} weights, so no layer is removed); lower the sparsity to <= "
+                    f"{1 - low / total:.4f} or pass "
+                    "allocation=prunelab.allocation.GlobalAllocation(keep_one_group=False)"
+                )
+        return global_threshold_counts(layers, budget)
 
 
 @dataclass(frozen=True)
@@ -312,10 +353,7 @@ class LAMPAllocation(Allocation):
     name = "lamp"
 
     def prepare_scores(self, layers: Sequence[LayerBudget]) -> list[LayerBudget]:
-        return [
-            LayerBudget(l.name, lamp_scores(l.scores, repr(l.name)), l.group_size, l.shape, l.min_keep, l.max_keep)
-            for l in layers
-        ]
+        return [dataclasses.replace(l, scores=lamp_scores(l.scores, repr(l.name))) for l in layers]
 
     def keep_counts(self, layers: Sequence[LayerBudget], sparsity: float) -> list[int]:
         return global_threshold_counts(self.prepare_scores(layers), keep_budget(layers, sparsity))

@@ -1,4 +1,12 @@
-"""Atomic file writing: results are either complete or absent, never half-written."""
+"""Atomic file writing: results are either complete or absent, never half-written.
+
+A file or folder is written under a temporary name beside its target, flushed to disk
+(``fsync`` of every file, then of the folders holding them, where the OS allows it) and
+only then renamed over the target with ``os.replace``; the parent folder is flushed after
+the rename too.  Without the flush before the rename, a power cut can leave the *new*
+name pointing at an empty or truncated file (the rename reached the disk, the data did
+not: the ext4 "zero-length file" problem, see ``fsync(2)`` and ``rename(2)``).
+"""
 
 from __future__ import annotations
 
@@ -56,6 +64,40 @@ def _written_by_prunelab(folder: Path, entries: list[str]) -> bool:
     return isinstance(record, dict) and str(record.get("format", "")).startswith("prunelab.")
 
 
+def _fsync(path: Path) -> None:
+    """Flush ``path`` to disk: a file's data (errors propagate), or a folder's entries where supported.
+
+    Folders cannot be opened on Windows and some file systems refuse ``fsync`` on them;
+    there the folder flush is skipped (the rename is still atomic, only its durability
+    is up to the OS).  Windows needs a writable descriptor to flush a file.
+    """
+    directory = path.is_dir()
+    flags = os.O_RDWR if os.name == "nt" and not directory else os.O_RDONLY
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        if directory:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """``_fsync`` every regular file under ``root``, then every folder, deepest first (links are not followed)."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            file = Path(folder) / name
+            if not file.is_symlink() and file.is_file():
+                _fsync(file)
+        _fsync(Path(folder))
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -106,7 +148,8 @@ def check_replaceable(path: str | os.PathLike, inputs: tuple[str | os.PathLike, 
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path`` on success.
 
-    On any exception the temporary file is removed and ``path`` is left untouched.
+    On any exception the temporary file is removed and ``path`` is left untouched.  The
+    temporary file is flushed to disk before the rename and the folder after it.
     """
     path = Path(path)
     ensure_writable_dir(path.parent)
@@ -117,7 +160,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         if tmp.exists():
             _publish_mode(tmp, directory=False)
+            _fsync(tmp)  # data before the rename: otherwise the rename can reach the disk first (an empty file)
         os.replace(tmp, path)
+        _fsync(path.parent)  # the rename itself
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -140,7 +185,10 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     A previous ``path`` is moved aside and deleted after the swap, so readers see either
     the old complete folder or the new complete one, never a half-written mix.  Only an
     empty folder or one prunelab wrote is replaced (:func:`check_replaceable`, checked
-    before and again after the caller writes).
+    before and again after the caller writes).  Every file of the new folder is flushed to
+    disk before the swap (whatever wrote it: ``torch.save``, safetensors, ...).  The old
+    folder is moved into a fresh ``.name.old-XXXXXXXX`` folder (``tempfile.mkdtemp``), so a
+    leftover of an earlier crash never blocks the swap.
     """
     import shutil
 
@@ -152,18 +200,22 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         check_replaceable(path)
         _publish_mode(tmp, directory=True)
-        old = None
+        _fsync_tree(tmp)
+        aside = old = None
         if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))  # unique, never a leftover
+            old = aside / path.name
             os.replace(path, old)
         try:
             os.replace(tmp, path)
         except BaseException:
             if old is not None:  # the swap failed: put the previous complete folder back
                 os.replace(old, path)
+                aside.rmdir()
             raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _fsync(path.parent)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -3,6 +3,9 @@
 * a checkpoint (``checkpoint.json``: plain state_dict + masks) -> the masked model;
 * a shrunk model (``architecture.json``) -> the physically smaller dense model;
 * a sparse-format model (``materialised.json``) -> the model with sparse modules.
+
+``path`` may also name a file prunelab writes into such a folder (``model.safetensors``,
+``checkpoint.json``, ...): its folder is loaded, as ``load_checkpoint`` accepts it.
 """
 
 from __future__ import annotations
@@ -36,9 +39,23 @@ def _rebuild(folder: Path, record: str, rebuild: Callable[[], _T]) -> _T:
         ) from None
 
 
+def _folder_of(path: Path) -> Path:
+    """``path``, or its folder when ``path`` is one of the files a prunelab model folder holds."""
+    if path.is_file():
+        from prunelab.checkpoint import MASKS_FILE, META_FILE, MODEL_FILE
+        from prunelab.materialise.spec import ARCH_FILE
+
+        known = (MODEL_FILE, MASKS_FILE, META_FILE, ARCH_FILE, MATERIALISED_META, MATERIALISED_STATE)
+        if path.name not in known:
+            raise PrunelabError(f"{str(path)!r} is a file, not a prunelab model folder; pass the folder written by "
+                                f"prune, demo or materialise (or one of its files: {', '.join(known)})")
+        return path.parent
+    return path
+
+
 def load(path: str | os.PathLike) -> nn.Module:
-    """The model stored in folder ``path`` (see module docstring), in eval mode."""
-    folder = Path(path)
+    """The model stored in folder ``path`` (or the folder of one of its files), in eval mode."""
+    folder = _folder_of(Path(path))
     if (folder / "architecture.json").is_file():
         from prunelab.materialise.spec import load_shrunk
 
@@ -69,5 +86,12 @@ def load_sparse_folder(folder: Path) -> nn.Module:
     if not isinstance(state, dict):
         raise PrunelabError(f"{folder / MATERIALISED_STATE} holds a {type(state).__name__}, not a state_dict; "
                             "re-create it with prunelab materialise")
-    skeleton = build_model(*model_args(meta, folder / MATERIALISED_META))
+    name, input_shape, num_classes = model_args(meta, folder / MATERIALISED_META)
+    try:
+        skeleton = build_model(name, input_shape, num_classes)
+    except (RuntimeError, MemoryError) as exc:  # e.g. an edited input_shape asking for terabytes
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise PrunelabError(f"cannot build model {name!r} with input_shape {list(input_shape)} and num_classes "
+                            f"{num_classes} from {folder / MATERIALISED_META} ({first}); the record is corrupt -- "
+                            "re-create it with prunelab materialise") from None
     return _rebuild(folder, MATERIALISED_STATE, lambda: load_materialised(skeleton, state))

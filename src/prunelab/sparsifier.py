@@ -168,7 +168,8 @@ class Sparsifier:
             min_keep, max_keep = keep_bounds(group_scores.numel(), lo_s, hi_s)
             max_keep = min(max_keep, int(alive.sum()))
             min_keep = min(min_keep, max_keep)
-            layers.append(LayerBudget(name, group_scores, self.granularity.group_size(shape), shape, min_keep, max_keep))
+            layers.append(LayerBudget(name, group_scores, self.granularity.group_size(shape), shape, min_keep, max_keep,
+                                      self.granularity.structured))
         keep = allocate(self.allocation, layers, sparsity)
         return {n: self.granularity.from_groups(keep[n], tuple(p.shape)) if n in keep else self.masks[n]
                 for n, p in self.params.items()}
@@ -188,7 +189,7 @@ class Sparsifier:
             count = self.granularity.num_groups(shape)  # no placeholder copy of the weight
             min_keep, max_keep = keep_bounds(count, *self.bounds[name])
             layers.append(LayerBudget(name, torch.zeros(count), self.granularity.group_size(shape), shape,
-                                      min(min_keep, max_keep), max_keep))
+                                      min(min_keep, max_keep), max_keep, self.granularity.structured))
         allocate(self.allocation, layers, sparsity)
 
     def _refuse_meta(self, action: str) -> None:
@@ -248,10 +249,19 @@ class Sparsifier:
         """Adopt externally decided masks (e.g. loaded from a checkpoint).
 
         Each mask moves to its parameter's device (masks read from a file are on the CPU),
-        and nothing changes unless every mask fits its parameter.
+        and nothing changes unless every mask fits its parameter.  A mask for a layer this
+        sparsifier does not target (an excluded one, say) is refused, not silently dropped:
+        its weights would stay dense although the caller asked for them to be masked.
         """
         if not isinstance(masks, Mapping):
             raise PrunelabError(f"set_masks needs a mapping FQN -> bool tensor, got {type(masks).__name__}")
+        extra = [n for n in masks if n not in self.params]
+        if extra:
+            raise PrunelabError(
+                f"mask {extra[0]!r} is for a layer this sparsifier does not target (excluded, a second name of a tied "
+                "weight, or no Linear/Conv weight of this model); drop that mask, or include the layer by building the "
+                "Sparsifier without excluding it (exclude= / --exclude)"
+            )
         missing = set(self.params) - set(masks)
         if missing:
             raise PrunelabError(f"masks are missing layers {sorted(missing)}; load masks saved for this model")

@@ -19,6 +19,13 @@ N:M             at most N kept in every M          at most N kept in every M
 Channel/neuron masks prune whole output rows, the layout a later physical shrink needs
 (remove row ``o`` of this layer and input column ``o`` of the next).
 
+``vector``, ``kernel`` and ``channel`` are *structured* (``Granularity.structured``): a
+``global`` allocation keeps at least one of their groups in every layer, because one
+threshold over group scores of different sizes (raw L1 sums of 9 vs 63 weights) can
+otherwise remove every channel of a layer and disconnect the network (see
+:class:`prunelab.allocation.GlobalAllocation`).  Unstructured weights have no such floor:
+layer collapse there is the documented phenomenon of Tanaka et al. 2020.
+
 N:M (Mishra et al. 2021, "Accelerating Sparse Deep Neural Networks"; NVIDIA 2:4) is a
 *pattern* rather than a group selection: its sparsity is fixed at ``1 - N/M`` and it is
 decided inside each block of M, so allocation does not apply to it.
@@ -46,6 +53,7 @@ class Granularity:
 
     name = "unstructured"
     is_pattern = False  # True for N:M: the mask is decided inside fixed blocks
+    structured = False  # True for groups of weights (vector, kernel, channel): global keeps one per layer
 
     def group_size(self, shape: tuple[int, ...]) -> int:
         return 1
@@ -89,6 +97,7 @@ class Vector(Granularity):
     """One row of a convolution kernel, ``w[o, i, r, :]`` (1-D, Mao et al. 2017)."""
 
     name = "vector"
+    structured = True
 
     def group_size(self, shape: tuple[int, ...]) -> int:
         return shape[-1] if _conv_shape(shape) else 1
@@ -102,6 +111,7 @@ class Kernel(Granularity):
     """A whole ``kh x kw`` kernel, ``w[o, i]`` (2-D, Mao et al. 2017)."""
 
     name = "kernel"
+    structured = True
 
     def group_size(self, shape: tuple[int, ...]) -> int:
         return math.prod(shape[2:]) if _conv_shape(shape) else 1
@@ -115,6 +125,7 @@ class Channel(Granularity):
     """A whole output filter (Conv) or output neuron (Linear row): ``w[o]``."""
 
     name = "channel"
+    structured = True
 
     def group_size(self, shape: tuple[int, ...]) -> int:
         return math.prod(shape[1:])
