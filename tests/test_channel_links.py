@@ -286,3 +286,34 @@ def test_regression_channel_prune_with_given_links_does_not_trace_again(monkeypa
     assert [(r.producer, r.consumer) for r in results] == [("conv1", "conv2"), ("conv2", "conv3")]
     again = quietly(regression_channel_prune, model, "conv1", None, data, 2)
     assert len(calls) == 1 and torch.equal(again.keep, results[0].keep)
+
+
+# --- relu_after: the ReLU APoZ counts zeros at ----------------------------------------------------
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv(x) + x)  # a residual add is not a bias add
+
+
+def relu_of(model: nn.Module, layer: str) -> str | None:
+    from prunelab.materialise.tracing import trace_model
+
+    graph, _, _ = trace_model(model)
+    node = next(n for n in graph.graph.nodes if n.op == "call_module" and n.target == layer)
+    found = links_module.relu_after(node, dict(model.named_modules()))
+    return None if found is None else found.name
+
+
+@pytest.mark.parametrize(("model", "layer", "relu"), [
+    (nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2), nn.Dropout(), nn.ReLU()), "0", "_3"),
+    (nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Identity(), nn.ReLU6()), "0", "_3"),
+    (nn.Sequential(nn.Conv2d(2, 2, 1), nn.MaxPool2d(1), nn.ReLU()), "0", None),  # pooling moves values
+    (nn.Sequential(nn.Conv2d(2, 2, 1), nn.Tanh(), nn.ReLU()), "0", None),
+    (nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.ReLU()), "0", None),
+    (Residual(), "conv", None),
+])
+def test_relu_after_passes_only_value_preserving_single_user_ops(model, layer, relu):
+    assert relu_of(model, layer) == relu

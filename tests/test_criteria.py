@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -350,3 +351,152 @@ def test_synflow_scores_a_tied_alias_that_named_parameters_skips():
     canonical = synflow(model, {"hid.weight": model.hid.weight, "emb.weight": model.emb.weight})
     torch.testing.assert_close(alias["dec.weight"], canonical["emb.weight"], rtol=0, atol=0)
     torch.testing.assert_close(alias["hid.weight"], canonical["hid.weight"], rtol=0, atol=0)
+
+
+# --- APoZ counts zeros of the post-ReLU activation (Hu et al. 2016) ------------------------------
+def conv_bn_relu(dropout: bool = False) -> nn.Sequential:
+    """1x1 conv (channel 0 = x, channel 1 = -x) -> BatchNorm (running mean [2, -2.5]) -> ReLU."""
+    conv = nn.Conv2d(1, 2, 1, bias=False)
+    bn = nn.BatchNorm2d(2)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([1.0, -1.0]).reshape(2, 1, 1, 1))
+        bn.running_mean.copy_(torch.tensor([2.0, -2.5]))
+    middle = [nn.Dropout(0.5)] if dropout else []
+    return nn.Sequential(conv, bn, *middle, nn.ReLU(), nn.Flatten(), nn.Linear(8, 2))
+
+
+APOZ_X = torch.tensor([[1.0, -2.0], [3.0, 0.0]]).reshape(1, 1, 2, 2)
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_apoz_counts_zeros_after_batchnorm_and_relu_not_of_the_conv_output(dropout):
+    # conv: channel 0 = [1, -2, 3, 0], channel 1 = [-1, 2, -3, 0].  Pre-BN zeros (<= 0): 2/4 and 3/4
+    # (the old count, scores [0.5, 0.25]).  BN(eval) subtracts [2, -2.5]: channel 0 = [-1, -4, 1, -2]
+    # -> ReLU zeros 3/4, channel 1 = [1.5, 4.5, -0.5, 2.5] -> 1/4, so 1 - APoZ = [0.25, 0.75].
+    model = conv_bn_relu(dropout)
+    model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    scores = get_criterion("apoz")(model, {"0.weight": model[0].weight}, ScoreData([(APOZ_X, torch.zeros(1))]))
+    torch.testing.assert_close(scores["0.weight"].reshape(2), torch.tensor([0.25, 0.75]), rtol=0, atol=0)
+    assert model.training and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_apoz_of_a_linear_followed_by_relu_is_unchanged():
+    # neuron 0 = x0 -> [1, -1, 0, 2] (2 of 4 zero after the ReLU), neuron 1 = x1 -> [2, 1, 3, -1] (1 of 4),
+    # neuron 2 = -(x0 + x1) -> [-3, 0, -3, -1] (4 of 4): 1 - APoZ = [0.5, 0.75, 0]
+    model = nn.Sequential(linear_with(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]), torch.zeros(3)),
+                          nn.ReLU(inplace=True), nn.Linear(3, 2))
+    x = torch.tensor([[1.0, 2.0], [-1.0, 1.0], [0.0, 3.0], [2.0, -1.0]])
+    data = ScoreData([(x[:3], torch.zeros(3)), (x[3:], torch.zeros(1))])
+    scores = get_criterion("apoz")(model, {"0.weight": model[0].weight, "0.bias": model[0].bias}, data)
+    keep = torch.tensor([0.5, 0.75, 0.0])
+    torch.testing.assert_close(scores["0.weight"], keep[:, None].expand(3, 2), rtol=0, atol=0)
+    torch.testing.assert_close(scores["0.bias"], keep, rtol=0, atol=0)
+
+
+class FunctionalReLU(nn.Module):
+    """Linear (no bias) -> + offset (a parameter) -> a functional ReLU -> Linear."""
+
+    def __init__(self, relu) -> None:
+        super().__init__()
+        self.fc = linear_with(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]))
+        self.offset = nn.Parameter(torch.tensor([-1.5, 0.0, 4.0]))
+        self.out = nn.Linear(3, 2)
+        self.relu = relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.relu(self.fc(x) + self.offset))
+
+
+@pytest.mark.parametrize("relu", [F.relu, torch.relu, lambda t: t.relu(), lambda t: F.relu(t, inplace=True)],
+                         ids=["F.relu", "torch.relu", "method", "inplace"])
+def test_apoz_follows_a_bias_add_to_a_functional_relu(relu):
+    # fc(x) = [x0, x1, -(x0 + x1)] is [1, -1, 0, 2], [2, 1, 3, -1], [-3, 0, -3, -1] (old counts 2/4, 1/4, 4/4);
+    # + offset [-1.5, 0, 4]: [-0.5, -2.5, -1.5, 0.5] -> 3/4, unchanged 1/4, [1, 4, 1, 3] -> 0/4
+    model = FunctionalReLU(relu)
+    x = torch.tensor([[1.0, 2.0], [-1.0, 1.0], [0.0, 3.0], [2.0, -1.0]])
+    scores = get_criterion("apoz")(model, {"fc.weight": model.fc.weight}, ScoreData([(x, torch.zeros(4))]))
+    torch.testing.assert_close(scores["fc.weight"][:, 0], torch.tensor([0.25, 0.75, 1.0]), rtol=0, atol=0)
+
+
+class SharedReLU(nn.Module):
+    """Two conv -> BN blocks sharing one ReLU module (as torchvision's ResNet blocks do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv1, self.bn1 = nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.conv2, self.bn2 = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.relu = nn.ReLU()
+        for bn in (self.bn1, self.bn2):
+            with torch.no_grad():
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.weight.uniform_(-1.0, 1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))
+
+
+def test_apoz_with_a_shared_relu_counts_each_layer_at_its_own_relu_call():
+    model = SharedReLU().eval()
+    x = torch.randn(4, 2, 5, 5, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        h1 = model.relu(model.bn1(model.conv1(x)))
+        h2 = model.relu(model.bn2(model.conv2(h1)))
+    params = {"conv1.weight": model.conv1.weight, "conv2.weight": model.conv2.weight}
+    scores = get_criterion("apoz")(model, params, ScoreData([(x, torch.zeros(4))]))
+    for name, h in (("conv1.weight", h1), ("conv2.weight", h2)):
+        expected = 1.0 - (h == 0).double().mean((0, 2, 3)).float()
+        torch.testing.assert_close(scores[name][:, 0, 0, 0], expected, rtol=0, atol=0)
+
+
+class UntraceableConvBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = conv_bn_relu()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) if bool(x.sum() > -1e9) else -self.body(x)
+
+
+def test_apoz_falls_back_to_the_layer_output_without_a_relu_or_a_trace():
+    data = ScoreData([(APOZ_X, torch.zeros(1))])
+    pre_bn = torch.tensor([0.5, 0.25])  # 1 - (conv output <= 0): see the BatchNorm test above
+    # conv -> max-pool with no ReLU (LeNet-5): the conv's own output, no warning
+    pooled = nn.Sequential(conv_bn_relu()[0], nn.MaxPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scores = get_criterion("apoz")(pooled, {"0.weight": pooled[0].weight}, data)
+    torch.testing.assert_close(scores["0.weight"].reshape(2), pre_bn, rtol=0, atol=0)
+    # an untraceable forward: today's count, with a one-line warning
+    model = UntraceableConvBN()
+    with pytest.warns(UserWarning, match=r"apoz: UntraceableConvBN.forward cannot be traced by torch.fx \(") as caught:
+        scores = get_criterion("apoz")(model, {"body.0.weight": model.body[0].weight}, data)
+    assert all("\n" not in str(w.message) for w in caught)
+    torch.testing.assert_close(scores["body.0.weight"].reshape(2), pre_bn, rtol=0, atol=0)
+
+
+class OpaqueBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        return torch.relu(h) if bool(h.sum() > -1e9) else h
+
+
+def test_apoz_inside_an_untraceable_submodule_counts_its_layers_own_outputs_with_a_warning():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.ReLU(), OpaqueBranch(), nn.Linear(4, 2)).eval()
+    with torch.no_grad():
+        model[1].running_mean.fill_(0.3)
+    x = torch.randn(16, 3, generator=torch.Generator().manual_seed(2))
+    params = {"0.weight": model[0].weight, "3.fc.weight": model[3].fc.weight}
+    with pytest.warns(UserWarning, match=r"apoz: module '3' \(TraceError.*the zeros of 3.fc are counted on their own"):
+        scores = get_criterion("apoz")(model, params, ScoreData([(x, torch.zeros(16))]))
+    with torch.no_grad():
+        h = model[2](model[1](model[0](x)))  # traced part: after BatchNorm and ReLU
+        inner = model[3].fc(h)  # opaque part: the layer's own output
+    torch.testing.assert_close(scores["0.weight"][:, 0], 1.0 - (h == 0).float().mean(0), rtol=0, atol=0)
+    torch.testing.assert_close(scores["3.fc.weight"][:, 0], 1.0 - (inner <= 0).float().mean(0), rtol=0, atol=0)

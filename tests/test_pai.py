@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -366,3 +367,75 @@ def test_shuffle_keeps_a_structured_mask_structured(digits):
         assert int(rows.all(dim=1).sum()) == int(plain.masks[name].reshape(mask.shape[0], -1).all(dim=1).sum())
     with pytest.raises(PrunelabError, match="N:M pattern with none to permute"):
         shuffle_within_layers(plain.masks, 0, "2:4")
+
+
+# --- SynFlow leaves mask buffers alone ------------------------------------------------------------
+class CausalMix(nn.Module):
+    """One causal self-attention-like mixing step over T=3 tokens of width 2, masked by a buffer:
+    a ``-inf`` upper triangle added to the logits (``add``) or used by ``masked_fill`` (``fill``),
+    or a bool lower triangle (``bool``); ``shift`` is a signed constant buffer (not a weight)."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.mode = mode
+        self.q, self.v, self.head = nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(6, 3)
+        self.register_buffer("mask", torch.full((3, 3), float("-inf")).triu(1))  # (T, T)
+        self.register_buffer("causal", torch.ones(3, 3, dtype=torch.bool).tril())  # (T, T)
+        self.register_buffer("shift", torch.tensor([-0.5, 2.0]))  # (C,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, C)
+        logits = self.q(x) @ x.transpose(1, 2)  # (B, T, T)
+        if self.mode == "add":
+            logits = logits + self.mask
+        elif self.mode == "fill":
+            logits = logits.masked_fill(self.mask == float("-inf"), float("-inf"))
+        else:
+            logits = logits.masked_fill(~self.causal, float("-inf"))
+        mixed = torch.softmax(logits, -1) @ self.v(x + self.shift)  # (B, T, C)
+        return self.head(mixed.flatten(1))
+
+
+@pytest.mark.parametrize("mode", ["add", "fill", "bool"])
+def test_synflow_keeps_mask_buffers_and_restores_everything(mode):
+    # |buffer| turned the -inf causal mask into +inf: R = nan ("not finite") when added to the logits,
+    # silently no masking under masked_fill, and flipped the sign of ``shift``.  Only parameters (and
+    # normalisation statistics) are linearised now; every other buffer is used as it is.
+    model = CausalMix(mode)
+    params = dict(model.named_parameters())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    scores = get_criterion("synflow", input_shape=(3, 2))(model, params)
+    # reference: |parameters| in float64, the buffers as they are, all-ones input, R = sum, |w * dR/dw|
+    reference = CausalMix(mode).double()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.abs_()
+    reference(torch.ones(1, 3, 2, dtype=torch.float64)).sum().backward()
+    want = {n: (p.grad * p).detach().abs() for n, p in reference.named_parameters()}
+    peak = max(float(w.max()) for w in want.values())
+    for n in params:
+        assert torch.isfinite(scores[n]).all()
+        torch.testing.assert_close(scores[n].double(), want[n] / peak, rtol=1e-5, atol=1e-7)
+    for k, v in model.state_dict().items():  # bit-exact, dtypes and -inf included
+        assert v.dtype == state[k].dtype and torch.equal(v, state[k]), k
+    assert model.mask.isneginf().sum() == 3 and model.shift[0] == -0.5
+    assert all(p.grad is None and p.requires_grad and p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_synflow_linearises_batchnorm_running_statistics_and_restores_them():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    model(torch.randn(16, 3) - 2.0)  # negative running means
+    assert (model[1].running_mean < 0).any()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    scores = get_criterion("synflow")(model, dict(model.named_parameters()))
+    reference = copy.deepcopy(model).double().eval()  # Tanaka et al.: abs() of every state_dict entry
+    with torch.no_grad():
+        for value in reference.state_dict().values():
+            value.abs_()
+    reference(torch.ones(1, 3, dtype=torch.float64)).sum().backward()
+    want = {n: (p.grad * p).detach().abs() for n, p in reference.named_parameters()}
+    peak = max(float(w.max()) for w in want.values())
+    for n, w in want.items():
+        torch.testing.assert_close(scores[n].double(), w / peak, rtol=1e-5, atol=1e-7)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()) and model.training

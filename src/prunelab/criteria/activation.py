@@ -6,11 +6,12 @@ own them (shared by the criteria that hook or inspect layers: apoz, slimming, re
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from prunelab.criteria.base import Criterion, ScoreData, iter_batches
 from prunelab.errors import PrunelabError
@@ -76,12 +77,23 @@ class APoZ(Criterion):
     row ``c`` (``w[c]``; a bias ``b[c]`` gets it too).  Neurons that are mostly zero after
     the ReLU carry little information and are removed first.
 
-    Assumption: ``relu(O) == 0  <=>  O <= 0``, so the zeros are counted as ``O <= 0`` on the
-    **layer's own output** (a forward hook on the layer).  That is exactly the paper's
-    post-ReLU zero count when a ReLU directly follows the layer (the zoo MLPs); with a
-    BatchNorm or another op in between, or no ReLU at all (a classifier layer; LeNet-5's
-    convolutions, which feed a max-pool and no ReLU), it is the fraction of non-positive
-    pre-activations instead.
+    Where the zeros are counted: on the **post-ReLU activation** that follows the layer, as the
+    paper defines it.  The model is traced once (:func:`prunelab.materialise.tracing.trace_model`)
+    and each call of the layer is followed along the dataflow (:func:`prunelab.criteria.links.relu_after`)
+    through single-user ops that keep every value in place -- BatchNorm, dropout, identity, a bias
+    add -- to a ReLU (``nn.ReLU``/``ReLU6``, ``F.relu``, ``torch.relu``, ``.relu()``); the traced
+    graph is run and zeros of that ReLU's output are counted.  So conv -> BatchNorm -> ReLU
+    counts ``relu(BN(O)) == 0``, not ``O <= 0``.
+
+    Fallback (documented deviation): where no ReLU follows a call this way (a classifier layer;
+    LeNet-5's convolutions, which feed a max-pool and no ReLU; a residual add or a second user
+    in between), the zeros are counted as ``O <= 0`` on the **layer's own output** -- the
+    post-ReLU zero count if a ReLU came right after, else the fraction of non-positive
+    outputs.  The same holds, with a one-line warning, for every layer when the root
+    ``forward`` cannot be traced by torch.fx, and for the layers inside a submodule that
+    cannot be traced (those run as opaque leaves); the layers of an attention unit (a tracing
+    leaf) are counted on their own outputs too.  For a Linear directly followed by a ReLU
+    both counts are the same (``relu(O) == 0  <=>  O <= 0``).
 
     Granularity: APoZ is a *neuron/channel* score -- use ``channel``/``neuron``
     granularity.  Element-wise (unstructured) pruning with it removes weights of the
@@ -129,42 +141,45 @@ class APoZ(Criterion):
 
     @staticmethod
     def zero_fractions(model: nn.Module, modules: Mapping[str, nn.Module], data: ScoreData) -> dict[str, Tensor]:
-        """``module name -> (C,)`` float32 APoZ (fraction of outputs ``<= 0`` per channel).
+        """``module name -> (C,)`` float32 APoZ: the fraction of zeros per channel of the ReLU
+        output that follows each module, else of the module's own outputs ``<= 0`` (see the
+        class docstring for when).
 
         Call inside eval mode for deterministic numbers (``Criterion.__call__`` does).
         """
+        root, _ = unwrap(model)  # no DDP forward: nothing to synchronise for a scoring pass
+        graph, counted_at, hooked = _count_points(root, modules)
         counts: dict[str, list[Tensor]] = {}  # name -> [zeros (C,), total (1,)] float64
 
-        def hook_for(name: str, module: nn.Module):
-            dim = channel_dim(module)
+        def record(name: str, output: object) -> None:
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            if not isinstance(out, Tensor) or out.dim() < 2:
+                raise PrunelabError(
+                    f"apoz needs a (N, C, ...) output from {name!r}, got "
+                    f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}; exclude that layer"
+                )
+            dim = channel_dim(modules[name])
+            per_channel = (out.detach() <= 0).movedim(dim, 0).reshape(out.shape[dim], -1)  # (C, N*M)
+            zeros = per_channel.sum(1, dtype=torch.float64)
+            total = torch.tensor([float(per_channel.shape[1])], dtype=torch.float64, device=zeros.device)
+            if name in counts:
+                counts[name][0] += zeros
+                counts[name][1] += total
+            else:
+                counts[name] = [zeros, total]
 
-            def hook(_module: nn.Module, _inputs: object, output: object) -> None:
-                out = output[0] if isinstance(output, (tuple, list)) else output
-                if not isinstance(out, Tensor) or out.dim() < 2:
-                    raise PrunelabError(
-                        f"apoz needs a (N, C, ...) output from {name!r}, got "
-                        f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}; exclude that layer"
-                    )
-                per_channel = (out.detach() <= 0).movedim(dim, 0).reshape(out.shape[dim], -1)  # (C, N*M)
-                zeros = per_channel.sum(1, dtype=torch.float64)
-                total = torch.tensor([float(per_channel.shape[1])], dtype=torch.float64, device=zeros.device)
-                if name in counts:
-                    counts[name][0] += zeros
-                    counts[name][1] += total
-                else:
-                    counts[name] = [zeros, total]
-
-            return hook
+        def hook_for(name: str):
+            return lambda _module, _inputs, output: record(name, output)
 
         handles = []
         try:
-            for name, module in modules.items():
-                handles.append(module.register_forward_hook(hook_for(name, module)))
-            root, _ = unwrap(model)  # no DDP forward: nothing to synchronise for a scoring pass
+            for name in hooked:
+                handles.append(modules[name].register_forward_hook(hook_for(name)))
+            run = root if graph is None else _Counter(graph, counted_at, record).run
             device = next((p.device for p in root.parameters()), torch.device("cpu"))
             with torch.no_grad():
                 for inputs, _targets in iter_batches(data, device):
-                    root(inputs)
+                    run(inputs)
         finally:
             for handle in handles:
                 handle.remove()
@@ -174,3 +189,65 @@ class APoZ(Criterion):
                 f"apoz: layer(s) {', '.join(missing)} did not run on the ScoreData batches; exclude them or check the model"
             )
         return {name: (z / t).float() for name, (z, t) in counts.items()}
+
+
+class _Counter(fx.Interpreter):
+    """Runs a traced model and hands the output of each node in ``counted_at`` to ``record``
+    (once per layer counted there), right when it is computed (before any in-place op)."""
+
+    def __init__(self, graph: fx.GraphModule, counted_at: Mapping[fx.Node, list[str]],
+                 record: Callable[[str, object], None]) -> None:
+        super().__init__(graph)
+        self.counted_at = counted_at
+        self.record = record
+
+    def run_node(self, n: fx.Node) -> object:
+        result = super().run_node(n)
+        for name in self.counted_at.get(n, ()):
+            self.record(name, result)
+        return result
+
+
+def _count_points(root: nn.Module, modules: Mapping[str, nn.Module]
+                  ) -> tuple[fx.GraphModule | None, dict[fx.Node, list[str]], list[str]]:
+    """Where APoZ counts zeros: ``(traced root or None, node -> modules counted at its output,
+    modules counted on their own output by a forward hook)``.
+
+    Each call (``call_module`` node) of a module in ``modules`` is counted at the ReLU that
+    :func:`~prunelab.criteria.links.relu_after` finds, else at the call itself.  Modules with
+    no node of their own (layers inside an opaque or attention-unit leaf) are hooked; when
+    the root forward cannot be traced, or the root itself is scored (a bare layer), every
+    module is, and ``None`` is returned as the graph (the model then runs as it is).
+    """
+    # imported here: links imports unwrap from this module
+    from prunelab.criteria.links import relu_after
+    from prunelab.materialise.tracing import UntraceableError, trace_model
+
+    if any(module is root for module in modules.values()):
+        return None, {}, list(modules)  # the model is the layer (e.g. a bare nn.Linear): no ReLU inside it
+    try:
+        graph, opaque, _ = trace_model(root)
+    except UntraceableError as exc:
+        warnings.warn(f"apoz: {type(root).__name__}.forward cannot be traced by torch.fx ({exc.why}); zeros are "
+                      "counted on each layer's own output (its pre-activation), not after the ReLU that follows it",
+                      stacklevel=5)
+        return None, {}, list(modules)
+    named = dict(root.named_modules())
+    names_of: dict[int, list[str]] = {}  # id(module) -> its names in ``modules`` (a module may have aliases)
+    for name, module in modules.items():
+        names_of.setdefault(id(module), []).append(name)
+    counted_at: dict[fx.Node, list[str]] = {}
+    in_graph: set[str] = set()
+    for node in graph.graph.nodes:
+        names = names_of.get(id(named.get(str(node.target)))) if node.op == "call_module" else None
+        if names:
+            in_graph.update(names)
+            counted_at.setdefault(relu_after(node, named) or node, []).extend(names)
+    hooked = [name for name in modules if name not in in_graph]
+    hidden = [name for name in hooked if any(name.startswith(f"{scope}.") for scope in opaque)]
+    if hidden:
+        scopes = sorted({scope for scope in opaque for name in hidden if name.startswith(f"{scope}.")})
+        warnings.warn(f"apoz: {', '.join(f'module {s!r} ({opaque[s]})' for s in scopes)} cannot be traced by "
+                      f"torch.fx; the zeros of {', '.join(hidden)} are counted on their own outputs, not after "
+                      "a ReLU", stacklevel=5)
+    return graph, counted_at, hooked

@@ -4,7 +4,8 @@ Shared by network slimming (:mod:`prunelab.criteria.slimming`, a layer's BatchNo
 regression-based channel pruning (:mod:`prunelab.criteria.regression`, a layer's
 consumer).  :func:`channel_links` computes both from one trace; :func:`bn_pairs` and
 :func:`consumers` are its two halves for callers that need only one (each traces again,
-so a caller that needs both calls :func:`channel_links` once).
+so a caller that needs both calls :func:`channel_links` once).  :func:`relu_after` follows
+one traced call to the ReLU after it, for APoZ (:mod:`prunelab.criteria.activation`).
 
 The links follow the dataflow of the model traced by
 :func:`prunelab.materialise.tracing.trace_model` (the tracer of structured shrink: a
@@ -20,6 +21,7 @@ PrunelabError, as does a layer called more than once whose calls disagree on the
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -259,3 +261,71 @@ def consumers(model: nn.Module) -> dict[str, str]:
     channels`` through channel-wise ops only (activations, BatchNorm, dropout, pooling),
     as its own input channels (see :func:`channel_links`)."""
     return dict(channel_links(model).consumer)
+
+
+# APoZ (prunelab.criteria.activation): the ReLU that follows a layer, past ops that move no value and
+# change no value's position (a subset of the channel-wise ops above: no pooling, no other activation).
+_RELU_MODULES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
+_RELU_FUNCTIONS: tuple[Callable, ...] = (F.relu, F.relu_, torch.relu, torch.relu_, F.relu6)
+_RELU_METHODS = ("relu", "relu_")
+_POSITIONWISE_MODULES: tuple[type[nn.Module], ...] = (
+    _BatchNorm, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+)
+_POSITIONWISE_FUNCTIONS: tuple[Callable, ...] = (
+    F.batch_norm, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+)
+_BIAS_ADDS: tuple[Callable, ...] = (operator.add, operator.iadd, torch.add)
+
+
+def _is_relu(node: fx.Node, previous: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
+    if not node.args or node.args[0] is not previous:
+        return False
+    if node.op == "call_module":
+        return isinstance(modules.get(str(node.target)), _RELU_MODULES)
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS
+    return node.op == "call_method" and node.target in _RELU_METHODS
+
+
+def _is_bias_add(node: fx.Node, previous: fx.Node) -> bool:
+    """``previous + b`` or ``b + previous`` with ``b`` a number or a model attribute (a parameter / buffer)."""
+    function = node.op == "call_function" and node.target in _BIAS_ADDS
+    if not (function or (node.op == "call_method" and node.target == "add")) or len(node.args) != 2:
+        return False
+    if sum(arg is previous for arg in node.args) != 1:
+        return False
+    other = node.args[1] if node.args[0] is previous else node.args[0]
+    if isinstance(other, fx.Node):
+        return other.op == "get_attr"
+    return isinstance(other, (int, float)) and not isinstance(other, bool)
+
+
+def _is_positionwise(node: fx.Node, previous: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
+    if _is_bias_add(node, previous):
+        return True
+    if not node.args or node.args[0] is not previous:
+        return False
+    if node.op == "call_module":
+        return isinstance(modules.get(str(node.target)), _POSITIONWISE_MODULES)
+    if node.op == "call_function":
+        return node.target in _POSITIONWISE_FUNCTIONS
+    return node.op == "call_method" and node.target == "contiguous"
+
+
+def relu_after(node: fx.Node, modules: Mapping[str, nn.Module]) -> fx.Node | None:
+    """The ReLU node (``nn.ReLU``/``ReLU6`` module, ``F.relu``, ``torch.relu``, ``.relu()``) that ``node``'s
+    output reaches along a chain of single-user ops that keep every value in its place (BatchNorm,
+    dropout, identity, ``.contiguous()``, adding a number or a model attribute such as a bias), or None.
+
+    ``modules``: ``root.named_modules()`` of the traced model (:func:`trace_model`).  The chain
+    follows the same dataflow rules as :func:`channel_links` (each op's own input, one user each).
+    """
+    previous = node
+    while len(previous.users) == 1:
+        current = next(iter(previous.users))
+        if _is_relu(current, previous, modules):
+            return current
+        if not _is_positionwise(current, previous, modules):
+            return None
+        previous = current
+    return None

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
 
 from prunelab.criteria.base import (
     Criterion, FunctionalModel, ScoreData, batch_loss, eval_mode, iter_batches, leaves,
@@ -170,6 +171,18 @@ def _positive_shape(shape: object) -> tuple[int, ...] | None:
     return dims
 
 
+def running_statistics(module: nn.Module) -> set[str]:
+    """FQNs (inside ``module``) of the ``running_mean`` / ``running_var`` buffers of its batch /
+    instance norm layers: the buffers SynFlow linearises with the parameters."""
+    names: set[str] = set()
+    for prefix, norm in module.named_modules():
+        if isinstance(norm, _NormBase):
+            for attr in ("running_mean", "running_var"):
+                if getattr(norm, attr, None) is not None:
+                    names.add(f"{prefix}.{attr}" if prefix else attr)
+    return names
+
+
 @dataclass(frozen=True)
 class SynFlow(Criterion):
     """Iterative Synaptic Flow score, one round (Tanaka, Kunin, Yamins & Ganguli 2020,
@@ -178,9 +191,15 @@ class SynFlow(Criterion):
 
         R = 1^T ( prod_l |W_l| ) 1,        s = |W| ⊙ dR/d|W|
 
-    Data-free: every parameter and floating-point buffer is replaced by its absolute
-    value (on temporary copies; the model is untouched), the input is all ones, and ``R``
-    is the sum of the outputs.  For a bias-free ReLU network all pre-activations are then
+    Data-free: every parameter and every normalisation layer's running statistics
+    (``running_mean`` / ``running_var``, see :func:`running_statistics`) are replaced by
+    their absolute values (on temporary float64 copies; the model is untouched), the input
+    is all ones, and ``R`` is the sum of the outputs.  Other buffers are not weights of the
+    flow: they are used as they are (cast to float64), so a causal mask filled with
+    ``-inf`` (added to attention logits) or a bool mask keeps masking.  Tanaka et al.'s code
+    takes ``abs()`` of every ``state_dict`` entry, which turns such a ``-inf`` mask into
+    ``+inf`` (their networks hold no other buffers); on networks whose only buffers are
+    batch-norm statistics both are the same.  For a bias-free ReLU network all pre-activations are then
     positive, the network is linear and ``R`` is the total path weight; the scores of
     each layer then sum to ``R`` (Tanaka et al.'s network-wise conservation).  Biases and
     batch-norm parameters enter as the authors' code does (their absolute values).
@@ -238,12 +257,15 @@ class SynFlow(Criterion):
         with eval_mode(model), torch.enable_grad():
             tensors: dict[str, Tensor] = {}
             canonical: dict[int, str] = {}  # id(parameter) -> its first FQN (the one named_parameters gives)
+            statistics = running_statistics(module)
             for local, p in module.named_parameters():
                 tensors[local] = p.detach().double().abs()
                 canonical[id(p)] = local
             for local, b in module.named_buffers():
-                if b.is_floating_point():
-                    tensors[local] = b.detach().double().abs()
+                if b.is_floating_point():  # in float64 like the rest; bool / int buffers are left as they are
+                    tensors[local] = b.detach().double()
+                    if local in statistics:
+                        tensors[local] = tensors[local].abs()
             own = dict(module.named_parameters(remove_duplicate=False))
             # a tied weight's alias (e.g. lm_head.weight tied to the embedding) is scored as the shared tensor
             scored = {name: canonical[id(own[forward.local[name]])] for name in params}
