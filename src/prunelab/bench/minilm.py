@@ -127,18 +127,27 @@ def mean_pool(last_hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.
 @torch.no_grad()
 def embed_sentences(model: nn.Module, tokenizer: Any, sentences: Sequence[str], batch_size: int = 64,
                     max_length: int = 256) -> torch.Tensor:
-    """Unit-norm sentence embeddings ``(N, H)``: mean pooling over the mask, then L2 normalisation."""
+    """Unit-norm sentence embeddings ``(N, H)``: mean pooling over the mask, then L2 normalisation.
+
+    ``max_length`` 256 is the model's ``max_seq_length`` (``sentence_bert_config.json``):
+    longer sentences are truncated there, as sentence-transformers does.  The model's
+    train/eval mode is restored afterwards, also when it raises.
+    """
     if not sentences:
         raise PrunelabError("no sentences to embed; pass at least one line of text")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise PrunelabError(f"batch_size must be a positive integer, got {batch_size!r}")
     was_training = model.training
     model.eval()
     out = []
-    for start in range(0, len(sentences), batch_size):
-        encoded = tokenizer(list(sentences[start:start + batch_size]), padding=True, truncation=True,
-                            max_length=max_length, return_tensors="pt")
-        hidden = model(**encoded).last_hidden_state  # (b, L, H)
-        out.append(F.normalize(mean_pool(hidden, encoded["attention_mask"]), p=2, dim=1))  # (b, H)
-    model.train(was_training)
+    try:
+        for start in range(0, len(sentences), batch_size):
+            encoded = tokenizer(list(sentences[start:start + batch_size]), padding=True, truncation=True,
+                                max_length=max_length, return_tensors="pt")
+            hidden = model(**encoded).last_hidden_state  # (b, L, H)
+            out.append(F.normalize(mean_pool(hidden, encoded["attention_mask"]), p=2, dim=1))  # (b, H)
+    finally:
+        model.train(was_training)
     return torch.cat(out)  # (N, H)
 
 

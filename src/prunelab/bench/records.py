@@ -10,6 +10,7 @@ never typed by hand.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -20,7 +21,8 @@ from typing import Any
 
 import torch
 
-from prunelab.io import write_json
+from prunelab.errors import PrunelabError
+from prunelab.io import write_text
 from prunelab.measure.tables import markdown_table
 
 RESULTS_DIR = Path(__file__).resolve().parents[3] / "benchmarks" / "results"
@@ -61,18 +63,34 @@ def benchmark_args(description: str) -> argparse.ArgumentParser:
 
 def _json_safe(value: Any) -> Any:
     """``value`` as strict JSON data: NaN/inf become ``null`` (``json`` would write the invalid
-    ``NaN``/``Infinity``), numpy and 0-d torch scalars become Python numbers, tuples lists."""
+    ``NaN``/``Infinity``), numpy and 0-d torch scalars become Python numbers, tuples lists,
+    torch tensors and numpy arrays of any other size (nested) lists."""
     if isinstance(value, Mapping):
         return {str(k): _json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    elif hasattr(value, "item") and hasattr(value, "dtype") and getattr(value, "ndim", None) == 0:  # numpy scalar
-        value = value.item()
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        return _json_safe(value.item() if value.dim() == 0 or value.numel() == 1 else value.tolist())
+    if hasattr(value, "tolist") and hasattr(value, "dtype") and hasattr(value, "ndim"):  # numpy scalar or array
+        return _json_safe(value.tolist())
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def _record_path(name: str, out: str | os.PathLike | None) -> Path:
+    return (Path(out) if out else RESULTS_DIR) / f"{name}.json"
+
+
+def _record_text(name: str, record: Mapping[str, Any]) -> str:
+    """The record file's text; raises before anything is written if it is not strict JSON."""
+    data = _json_safe({"benchmark": name, **record})
+    try:
+        return json.dumps(data, indent=2, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as exc:
+        raise PrunelabError(f"benchmark record {name!r} is not JSON data ({exc}); store plain numbers, "
+                            "strings, lists and dicts in it") from None
 
 
 def write_record(name: str, record: Mapping[str, Any], out: str | os.PathLike | None) -> Path:
@@ -80,33 +98,41 @@ def write_record(name: str, record: Mapping[str, Any], out: str | os.PathLike | 
 
     Non-finite numbers (a diverged run) are stored as ``null``, so the file is valid JSON.
     """
-    folder = Path(out) if out else RESULTS_DIR
-    path = folder / f"{name}.json"
-    write_json(path, _json_safe({"benchmark": name, **record}))
+    path = _record_path(name, out)
+    write_text(path, _record_text(name, record))
     return path
 
 
 def publish(name: str, record: Mapping[str, Any], out: str | os.PathLike | None,
             plot: Callable[[Path], None] | None = None) -> Path:
-    """Write the record (:func:`write_record`), then print its rows (reference rows after them)
-    and targets as markdown tables and the record's path; returns the path.  ``plot``, if
-    given, draws the PNG beside the record (``plot(path.with_suffix(".png"))``), whose path is
-    printed too."""
-    path = write_record(name, record, out)
+    """Write the record (as :func:`write_record` does), then print its rows (reference rows
+    after them) and targets as markdown tables and the record's path; returns the path.
+    ``plot``, if given, draws the PNG beside the record (``plot(path.with_suffix(".png"))``),
+    whose path is printed too.
+
+    The record is checked (strict JSON) before the plot is drawn, and written only after
+    the plot succeeded, so a failing plot never leaves a new record beside an old PNG.
+    Without ``columns`` the table has every key of every row, in order of first appearance.
+    """
+    path = _record_path(name, out)
+    text = _record_text(name, record)
+    if plot is not None:
+        plot(path.with_suffix(".png"))
+    write_text(path, text)
     rows = [*record["rows"], *record.get("reference_rows", [])]
-    columns = [tuple(c) for c in record.get("columns", [])] or [(k, k) for k in rows[0]]
+    columns = [tuple(c) for c in record.get("columns", [])] or None
     print()
     print(rows_table(rows, columns))
     print()
     print(targets_table(record["targets"]))
     print(f"\nrecord: {path}")
     if plot is not None:
-        plot(path.with_suffix(".png"))
         print(f"plot: {path.with_suffix('.png')}")
     return path
 
 
-def rows_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
+def rows_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]] | None) -> str:
+    """Markdown table of ``rows``; ``columns`` ``(key, title)`` pairs, ``None`` for every key."""
     return markdown_table(rows, columns)
 
 
@@ -128,8 +154,6 @@ def resolve_data_dir(data_dir: str | None) -> str | None:
 def run_guarded(main, argv=None) -> int:
     """Run a benchmark's ``main``; a PrunelabError becomes one line on stderr and exit 2."""
     import sys
-
-    from prunelab.errors import PrunelabError
 
     try:
         return main(argv)

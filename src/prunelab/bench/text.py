@@ -139,6 +139,14 @@ def get_batch(data: torch.Tensor, batch_size: int, block_size: int,
     """Random windows ``(x, y)`` of ``data``, ``y`` shifted by one (nanoGPT ``get_batch``).
 
     Both are ``(batch_size, block_size)`` int64; offsets come from ``generator`` only.
+
+    Known off-by-one, kept on purpose: start offsets are drawn uniformly from
+    ``0 .. len(data) - block_size - 2`` (``torch.randint(len(data) - block_size - 1)``),
+    so the last valid window -- start ``len(data) - block_size - 1``, whose target ends
+    on the split's last character -- is never drawn, and ``data`` needs at least
+    ``block_size + 2`` characters.  nanoGPT draws from ``randint(len(data) - block_size)``.
+    Changing it would change every batch stream, hence the cached trained char-GPT and
+    the benchmark records built on it.
     """
     _check_positive("batch_size", batch_size)
     _check_positive("block_size", block_size)
@@ -171,7 +179,16 @@ def calibration_sequences(corpus: CharCorpus, n_samples: int, block_size: int, s
 
 
 def eval_windows(data: torch.Tensor, block_size: int, max_windows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Consecutive non-overlapping windows ``(x, y)``, each ``(W, block_size)``, from the start of ``data``."""
+    """Consecutive non-overlapping windows ``(x, y)``, each ``(W, block_size)``, from the start of ``data``.
+
+    Window ``w`` reads ``data[w*T : (w+1)*T]`` and predicts ``data[w*T+1 : (w+1)*T+1]``
+    (``T = block_size``), so each target character is scored at most once.  ``W`` is
+    ``(len(data) - 1) // T`` (capped at ``max_windows``): the first character is never a
+    target, and the tail of ``(len(data) - 1) % T`` characters that does not fill a whole
+    window is not scored (51 characters of the Tiny Shakespeare validation split at
+    ``T = 64``).  With ``max_windows`` only the first windows are used, not a sample of
+    the whole split.
+    """
     _check_positive("block_size", block_size)
     count = (data.numel() - 1) // block_size
     if max_windows is not None:
@@ -188,13 +205,20 @@ def eval_windows(data: torch.Tensor, block_size: int, max_windows: int | None = 
 def split_lines(corpus: CharCorpus, split: str) -> list[str]:
     """Distinct, stripped, non-empty lines of one split, in order of first appearance.
 
-    The line cut by the 90/10 boundary is dropped from both splits.
+    A line cut by the 90/10 boundary (characters of it on both sides) is dropped from
+    both splits; when the boundary falls between lines, no line is dropped.
     """
     cut = corpus.n_train_chars
+    text = corpus.text
+    line_is_cut = 0 < cut < len(text) and text[cut - 1] not in "\r\n" and text[cut] not in "\r\n"
     if split == "train":
-        text = corpus.text[:cut].rsplit("\n", 1)[0]
+        text = text[:cut]
+        if line_is_cut:
+            text = text.rsplit("\n", 1)[0] if "\n" in text else ""
     elif split == "val":
-        text = corpus.text[cut:].split("\n", 1)[-1]
+        text = text[cut:]
+        if line_is_cut:
+            text = text.split("\n", 1)[1] if "\n" in text else ""
     else:
         raise PrunelabError(f"unknown split {split!r}; expected 'train' or 'val'")
     return list(dict.fromkeys(line.strip() for line in text.splitlines() if line.strip()))
