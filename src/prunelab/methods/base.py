@@ -93,6 +93,26 @@ def require_loader(loader: Any, role: str, method: str, fix: str) -> None:
         raise PrunelabError(f"{method} needs {role} but got {type(loader).__name__}; {fix}")
 
 
+def require_test_loader(test_loader: Any, method: str) -> None:
+    """Refuse a missing test loader before ``method`` prunes or trains (every stage is evaluated on it)."""
+    require_loader(test_loader, "a test loader to evaluate the stages", method, "pass the test DataLoader")
+
+
+def raise_sparsity(sparsifier: Sparsifier, target: float) -> bool:
+    """Update the masks to ``target`` unless they are already at least that sparse; True if updated.
+
+    Pruning is monotone (pruned stays pruned).  With coarse groups (channels, kernels) an
+    update removes whole groups and can overshoot its target, so a later step of a rising
+    schedule (IMP rounds, Zhu & Gupta's cubic, SynFlow's rounds) may ask for less than is
+    already pruned: that step has nothing to prune (the allocator would refuse to keep
+    more than is left).  Unstructured updates never overshoot, so this changes nothing there.
+    """
+    if target <= sparsifier.masks.stats().sparsity:
+        return False
+    sparsifier.update(target)
+    return True
+
+
 def stage_row(stage: str, model: nn.Module, masks: MaskSet, test_loader, **extra: Any) -> dict[str, Any]:
     """Evaluate the model now and describe the stage in one flat record."""
     require_loader(test_loader, "a test loader to evaluate the stage", stage, "pass the test DataLoader")

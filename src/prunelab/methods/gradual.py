@@ -21,7 +21,9 @@ from prunelab.bench.training import TrainConfig, make_lr_scheduler, make_optimiz
 from prunelab.criteria import ScoreData
 from prunelab.criteria.movement import Movement, MovementAccumulator
 from prunelab.errors import PrunelabError
-from prunelab.methods.base import MethodResult, PruneSpec, require_loader, stage_row
+from prunelab.methods.base import (
+    MethodResult, PruneSpec, raise_sparsity, require_loader, require_test_loader, stage_row,
+)
 from prunelab.schedules import Cubic
 
 
@@ -40,21 +42,32 @@ def run_gradual(
             f"gradual pruning needs room for {spec.num_updates} updates between step {start} and {end} of "
             f"{total}; train longer (--epochs) or lower --num-updates / --start-epoch"
         )
+    require_test_loader(test_loader, "gradual")
     # updates at start + k * frequency, k = 0..n: the last is at most end <= total, a step the run reaches
     schedule = Cubic(spec.sparsity, start_step=start, num_updates=spec.num_updates, frequency=frequency)
-    sparsifier = spec.sparsifier(model, score_data, schedule=schedule)
+    # the schedule is driven here, not by the sparsifier: a step never asks to un-prune (see raise_sparsity)
+    sparsifier = spec.sparsifier(model, score_data)
     if sparsifier.granularity.is_pattern:
         raise PrunelabError(
             f"gradual pruning raises the sparsity in steps, but an N:M pattern ({sparsifier.granularity.describe()}) "
             "fixes it at 1 - N/M; use --method oneshot, or another granularity"
         )
-    after_step = lambda _step: sparsifier.step()  # noqa: E731
+    accumulator = None
     if spec.criterion == "movement":  # Sanh et al. 2020: scores accumulate over the fine-tuning steps
         accumulator = MovementAccumulator(sparsifier.params)
         sparsifier.criterion = Movement(accumulator=accumulator)
-        after_step = lambda _step: (accumulator.update(), sparsifier.step())  # noqa: E731
+
+    def after_step(_step: int) -> None:
+        if accumulator is not None:
+            accumulator.update()
+        sparsifier.step()  # step t = sparsifier.step_count: enforce the masks after every optimizer step
+        if schedule.is_update_step(sparsifier.step_count):
+            raise_sparsity(sparsifier, schedule.sparsity_at(sparsifier.step_count))
+
     optimizer = make_optimizer(model.parameters(), config)
     sparsifier.prepare(optimizer)
+    if schedule.is_update_step(0):  # s_t0 = s_i = 0: nothing to prune before the first step
+        raise_sparsity(sparsifier, schedule.sparsity_at(0))
     train(model, train_loader, config, optimizer=optimizer,
           scheduler=make_lr_scheduler(optimizer, config, steps_per_epoch),
           after_step=after_step, description="gradual")
@@ -62,7 +75,6 @@ def run_gradual(
     if spec.finetune_epochs > 0:
         tune = dataclasses.replace(config, epochs=spec.finetune_epochs)
         optimizer = make_optimizer(model.parameters(), tune)
-        sparsifier.schedule = None
         sparsifier.prepare(optimizer)
         train(model, train_loader, tune, optimizer=optimizer,
               scheduler=make_lr_scheduler(optimizer, tune, steps_per_epoch),

@@ -18,9 +18,11 @@ from torch import nn
 
 from prunelab.bench.training import TrainConfig, make_lr_scheduler, make_optimizer, train
 from prunelab.criteria import ScoreData
-from prunelab.methods.base import MethodResult, PruneSpec, require_loader, stage_row
+from prunelab.methods.base import (
+    MethodResult, PruneSpec, raise_sparsity, require_loader, require_test_loader, stage_row,
+)
 from prunelab.schedules import Geometric, per_round_sparsity
-from prunelab.targets import matching_layers
+from prunelab.targets import keep_bounds, matching_layers
 
 
 def run_iterative(
@@ -35,13 +37,18 @@ def run_iterative(
     if tune.epochs > 0:
         require_loader(train_loader, "a training loader to retrain after each round", "iterative",
                        "pass the training DataLoader (or finetune_epochs=0)")
+    require_test_loader(test_loader, "iterative")
     rows = []
     for r in schedule.update_steps():
         base = schedule.sparsity_at(r)
         fixed = {n: per_round_sparsity(rate, r) for n, rate in overridden.items()}
         sparsifier.bounds = spec.rules(fixed).bounds(names)  # keep_first/keep_last cap a fixed rate
         target = sum(sizes[n] * (sparsifier.bounds[n][0] if n in fixed else base) for n in names) / sum(sizes.values())
-        sparsifier.update(target)
+        reached = _reachable(sparsifier, fixed, target)
+        if fixed:
+            sparsifier.update(reached)  # the fixed layers move on to this round's rate in any case
+        else:
+            raise_sparsity(sparsifier, reached)
         if tune.epochs > 0:
             optimizer = make_optimizer(model.parameters(), tune)
             sparsifier.prepare(optimizer)
@@ -51,3 +58,25 @@ def run_iterative(
         rows.append(stage_row(f"round {r}", model, sparsifier.masks, test_loader, round=r, target_sparsity=target))
     masks = sparsifier.finalize()
     return MethodResult(masks, rows, sparsifier.history)
+
+
+def _reachable(sparsifier, fixed: dict[str, float], target: float) -> float:
+    """``target``, or the sparsity the layers without a fixed rate already exceed it with.
+
+    Coarse groups (channels) may have overshot an earlier, smaller round; asking them to
+    keep more than is left would be refused (pruned stays pruned), so they keep what they
+    have while the fixed layers move on to this round's rate (see ``raise_sparsity``).
+    """
+    granularity, total = sparsifier.granularity, sum(p.numel() for p in sparsifier.params.values())
+    fixed_kept, free_kept = 0, 0
+    for name, param in sparsifier.params.items():
+        if name not in fixed:
+            free_kept += int(sparsifier.masks[name].sum())
+            continue
+        shape = tuple(param.shape)
+        alive = int(granularity.to_groups(sparsifier.masks[name]).any(dim=1).sum()) if param.numel() else 0
+        keep = min(keep_bounds(granularity.num_groups(shape), *sparsifier.bounds[name])[1], alive)
+        fixed_kept += keep * granularity.group_size(shape)  # what the allocator lets a fixed layer keep
+    if int(round((1.0 - target) * total)) - fixed_kept <= free_kept:
+        return target
+    return 1.0 - (fixed_kept + free_kept) / total

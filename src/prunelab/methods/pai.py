@@ -50,7 +50,9 @@ from prunelab.criteria import Criterion, ScoreData, get_criterion
 from prunelab.criteria.pai import SynFlow, loss_gradients
 from prunelab.errors import PrunelabError
 from prunelab.masks import MaskSet
-from prunelab.methods.base import MethodResult, PruneSpec, require_loader, stage_row
+from prunelab.methods.base import (
+    MethodResult, PruneSpec, raise_sparsity, require_loader, require_test_loader, stage_row,
+)
 from prunelab.schedules import Geometric
 from prunelab.sparsifier import Sparsifier
 from prunelab.structure import Granularity, get_granularity
@@ -86,6 +88,11 @@ def shuffle_within_layers(masks: Mapping[str, Tensor], seed: int,
         shape = tuple(mask.shape)
         groups = structure.to_groups(mask.detach().to(device="cpu", dtype=torch.bool))  # (G, group_size)
         alive = groups.any(dim=1) if groups.shape[1] else torch.zeros(groups.shape[0], dtype=torch.bool)  # (G,)
+        if groups.shape[1] and not bool((groups.all(dim=1) | ~alive).all()):  # a partly kept group
+            raise PrunelabError(
+                f"mask {name!r} keeps parts of some {structure.describe()} groups, so permuting whole groups would "
+                "change its kept count; pass the granularity the mask was decided in (e.g. 'unstructured')"
+            )
         perm = torch.randperm(alive.numel(), generator=generator)
         shuffled[name] = structure.from_groups(alive[perm], shape).contiguous().to(mask.device)
     return MaskSet(shuffled)
@@ -198,6 +205,14 @@ def _criterion(name: str, seed: int, score_data: ScoreData | None, test_loader) 
     return get_criterion(name)
 
 
+def _check_loaders(train_loader, test_loader, config: TrainConfig, description: str) -> None:
+    """Refuse missing loaders before anything is pruned: the model is left as it was given."""
+    if config.epochs > 0:
+        require_loader(train_loader, "a training loader to train the pruned network", description,
+                       "pass the training DataLoader (or TrainConfig(epochs=0) to skip training)")
+    require_test_loader(test_loader, description)
+
+
 def train_sparse(model: nn.Module, sparsifier: Sparsifier, train_loader, config: TrainConfig,
                  description: str = "sparse training") -> None:
     """Train ``model`` for ``config.epochs`` epochs with the sparsifier's masks held fixed."""
@@ -225,6 +240,7 @@ def _finish(model: nn.Module, sparsifier: Sparsifier, train_loader, test_loader,
 
 def _one_shot(model, train_loader, test_loader, spec, config, criterion: Criterion, data: ScoreData | None,
               description: str, allocation: str | None = None) -> MethodResult:
+    _check_loaders(train_loader, test_loader, config, description)
     sparsifier = _sparsifier(model, spec, criterion, data, allocation)
     sparsifier.prepare()
     sparsifier.update(spec.sparsity)
@@ -260,6 +276,7 @@ def run_force(model: nn.Module, train_loader, test_loader, spec: PruneSpec, conf
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise PrunelabError(f"force got steps={steps!r}; expected an int >= 1 (e.g. {FORCE_STEPS})")
     data = _score_data(score_data, train_loader, spec, "force")
+    _check_loaders(train_loader, test_loader, config, "force")
     initial = {n: p.detach().clone() for n, p in prunable_parameters(model, spec.exclude).items()}  # theta
     sparsifier = _sparsifier(model, spec, ForceSaliency(initial), data)
     sparsifier.prepare()
@@ -284,12 +301,13 @@ def run_synflow(model: nn.Module, train_loader, test_loader, spec: PruneSpec, co
     """
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise PrunelabError(f"synflow got rounds={rounds!r}; expected an int >= 1 (the paper uses {SYNFLOW_ROUNDS})")
+    _check_loaders(train_loader, test_loader, config, "synflow")
     criterion = SynFlow(input_shape=_input_shape(score_data, test_loader))
     sparsifier = _sparsifier(model, spec, criterion, None)
     sparsifier.prepare()
     schedule = Geometric(spec.sparsity, rounds=rounds)
     for k in schedule.update_steps():
-        sparsifier.update(schedule.sparsity_at(k))
+        raise_sparsity(sparsifier, schedule.sparsity_at(k))  # coarse groups may overshoot a round: never un-prune
     return _finish(model, sparsifier, train_loader, test_loader, spec, config, "synflow")
 
 
@@ -312,6 +330,7 @@ def _pai_mask(model, train_loader, test_loader, spec, config, score_data) -> tup
     """Prune at init with ``spec.criterion`` in one shot; returns the sparsifier and the weights before pruning."""
     criterion = _criterion(spec.criterion, config.seed, score_data, test_loader)
     data = _score_data(score_data, train_loader, spec, f"pai {spec.criterion}") if criterion.needs_data else None
+    _check_loaders(train_loader, test_loader, config, f"pai {spec.criterion}")
     sparsifier = _sparsifier(model, spec, criterion, data)
     before = {n: p.detach().clone() for n, p in sparsifier.params.items()}
     sparsifier.prepare()
