@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from prunelab import LayerRules, MaskSet, Sparsifier
+from prunelab.criteria import Criterion
 from prunelab.errors import PrunelabError
 from prunelab.schedules import Cubic, OneShot
 
@@ -400,3 +401,30 @@ def test_set_masks_refuses_a_mask_for_a_layer_it_does_not_target():
         sparsifier.load_state_dict({"step_count": 0, "masks": {**sparsifier.masks, "typo.weight": torch.ones(1)}})
     sparsifier.set_masks({n: m for n, m in masks.items() if n != "0.weight"})  # the targets alone are adopted
     assert model[2].weight.count_nonzero() == 0 and model[0].weight.count_nonzero() == model[0].weight.numel()
+
+
+def test_scheduled_update_scores_the_network_its_masks_define():
+    # step() enforced after the scheduled update, so a criterion scored pruned weights that the
+    # optimizer had just moved away from zero (a denser network than the masks define)
+    seen = []
+
+    class CountNonzeros(Criterion):
+        name = "count-nonzeros"
+
+        def score(self, model, params, data):
+            seen.append(sum(int((p != 0).sum()) for p in params.values()))
+            return {n: p.detach().abs() for n, p in params.items()}
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))  # 16 + 8 weights
+    sparsifier = Sparsifier(model, criterion=CountNonzeros(), schedule=Cubic(0.5, num_updates=2, frequency=1,
+                                                                            start_step=1))
+    sparsifier.prepare()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):  # updates at steps 2 and 3 (step 1 = t0 keeps sparsity 0)
+        optimizer.zero_grad()
+        model(torch.randn(8, 4)).pow(2).sum().backward()
+        optimizer.step()  # moves every weight, pruned ones included
+        sparsifier.step()
+    kept = [24] + [round((1 - h["achieved_sparsity"]) * 24) for h in sparsifier.history[:-1]]
+    assert seen == kept and len(seen) == 2  # the scores saw exactly the previous update's survivors

@@ -92,13 +92,16 @@ class Sparsifier:
         return self
 
     def step(self) -> None:
-        """Call after ``optimizer.step()``: update masks if the schedule says so, then enforce.
+        """Call after ``optimizer.step()``: enforce the masks, then update them if the schedule says so.
 
-        The ``t``-th call applies schedule step ``t`` (step 0 is applied by ``prepare()``).
+        Enforcing first means a scheduled update scores the network the masks define, not the
+        one the optimizer just moved (pruned weights drift by ``-lr * grad`` until enforced);
+        ``update`` enforces its new masks itself.  The ``t``-th call applies schedule step ``t``
+        (step 0 is applied by ``prepare()``).
         """
         self.step_count += 1
-        self._scheduled_update(self.step_count)
         self.enforce()
+        self._scheduled_update(self.step_count)
 
     def _scheduled_update(self, step: int, once: bool = False) -> None:
         """Update the masks to the schedule's target when ``step`` is one of its update steps.
