@@ -109,6 +109,9 @@ def _resolve(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_file() and path.name in (MODEL_FILE, MASKS_FILE, META_FILE):
         path = path.parent
+    if path.is_file():
+        raise PrunelabError(f"checkpoint {str(path)!r} is a file, not a checkpoint folder; pass the output folder of "
+                            f"'prunelab prune' or 'demo' (or its {META_FILE})")
     if not path.is_dir():
         raise PrunelabError(f"checkpoint {str(path)!r} does not exist; pass the output folder of 'prunelab prune' or 'demo'")
     for name in (MODEL_FILE, MASKS_FILE, META_FILE):
@@ -132,6 +135,22 @@ def model_args(meta: Any, source: str | os.PathLike) -> tuple[str, tuple[int, ..
             f"{os.fspath(source)} lacks a valid 'model', 'input_shape' or 'num_classes' entry; the record is corrupt -- "
             "re-create it with the command that wrote it"
         ) from None
+
+
+def checkpoint_dataset(meta: dict[str, Any], source: str | os.PathLike, data_dir: str | None = None) -> str:
+    """The zoo dataset a checkpoint's ``meta`` names, for the commands that evaluate it (compress, materialise,
+    bench-latency); one-line errors for a record without one and for a ``--data-dir`` that dataset never reads."""
+    from prunelab.run_checks import FILELESS_DATASETS
+
+    dataset = meta.get("dataset")
+    if not isinstance(dataset, str):
+        folder = _resolve(source)
+        raise PrunelabError(f"{folder / META_FILE} names no 'dataset' (got {dataset!r}); the record is corrupt -- "
+                            "re-create the checkpoint with prunelab prune")
+    if data_dir is not None and dataset in FILELESS_DATASETS:  # as prune / lottery: refused, not silently ignored
+        raise PrunelabError(f"--data-dir {data_dir} would be ignored: the checkpoint's dataset {dataset} is bundled "
+                            "with scikit-learn and reads no files; drop --data-dir")
+    return dataset
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:

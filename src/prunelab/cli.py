@@ -8,6 +8,7 @@ Every user mistake surfaces as one ``error: ...`` line on stderr and exit status
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import types
 import typing
@@ -21,6 +22,51 @@ DEMO_DEFAULTS = dict(
     model="digits_mlp", dataset="digits", method="iterative", criterion="magnitude", allocation="global",
     sparsity=0.9, rounds=5, pretrain_epochs=30, finetune_epochs=8, lr=0.05, batch_size=64,
 )
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with prunelab's error contract: a usage mistake is one ``error:`` line and exit status 2.
+
+    Plain argparse prints the whole usage block (18 lines for ``prune``) before its message;
+    subparsers made by :meth:`add_subparsers` inherit this class, so every command shares it.
+    """
+
+    def error(self, message: str) -> typing.NoReturn:
+        message = " ".join(message.split())  # argparse's own messages are one line; make sure
+        if message.startswith("argument ") and "expected one argument" in message:
+            # "--sparsity -inf" / "--granularity -2:4": argparse takes a value starting with '-' for a flag
+            message += " (a value starting with '-' must be attached: --flag=VALUE)"
+        self.exit(2, f"error: {self.prog}: {message}; see '{self.prog} --help'\n")
+
+
+# Numbers beyond these reach torch (float32 hyper-parameters, int64 sizes and counters) as overflow
+# errors deep inside training; every numeric flag is refused past them when it is parsed.
+FLOAT32_MAX = 3.4028234663852886e38
+INT64_MAX = 2**63 - 1
+
+
+def int_arg(text: str) -> int:
+    """argparse ``type`` for integer flags: an int within int64."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if abs(value) > INT64_MAX:
+        raise argparse.ArgumentTypeError(f"{text} is too large (at most {INT64_MAX:.3g} in magnitude)")
+    return value
+
+
+def float_arg(text: str) -> float:
+    """argparse ``type`` for float flags: nan / inf pass (the option's own check names its range),
+    finite values beyond float32 (which would overflow inside torch) are refused."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if math.isfinite(value) and abs(value) > FLOAT32_MAX:
+        raise argparse.ArgumentTypeError(f"{text} is too large (beyond float32, {FLOAT32_MAX:.3g}); "
+                                         "pass a realistic value")
+    return value
 
 
 def _parse_rates(text: str) -> dict[str, float]:
@@ -57,7 +103,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         elif f.name == "exclude":
             parser.add_argument(flag, dest=f.name, action="append", default=None, metavar="GLOB", help=help_text)
         else:
-            parser.add_argument(flag, dest=f.name, type=kind if kind in (int, float) else str, default=None, help=help_text)
+            parser.add_argument(flag, dest=f.name, type={int: int_arg, float: float_arg}.get(kind, str), default=None,
+                                help=help_text)
 
 
 def _config_from_args(args: argparse.Namespace, defaults: dict[str, Any] | None = None):
@@ -72,7 +119,20 @@ def _config_from_args(args: argparse.Namespace, defaults: dict[str, Any] | None 
     flags = {k: getattr(args, k) for k in FIELD_NAMES if getattr(args, k, None) is not None}
     values.update(flags)
     config = config_from_mapping(values, source="--config / flags")  # an unset sparsity: RunConfig resolves it
+    _check_magnitudes(config)
     return config, frozenset(flags) | (frozenset(from_file) & non_default_fields(config))
+
+
+def _check_magnitudes(config) -> None:
+    """Refuse numbers torch cannot hold (flags are checked as they are parsed; this also covers ``--config``)."""
+    for name, value in config.to_dict().items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if isinstance(value, int) and abs(value) > INT64_MAX or \
+                isinstance(value, float) and math.isfinite(value) and abs(value) > FLOAT32_MAX:
+            flag = "--" + name.replace("_", "-")
+            raise PrunelabError(f"{flag} / {name} {value!r} is too large for torch (at most "
+                                f"{INT64_MAX if isinstance(value, int) else FLOAT32_MAX:.3g}); pass a realistic value")
 
 
 def _print_run(record: dict[str, Any], out: str) -> None:
@@ -168,12 +228,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prunelab", description="Make PyTorch networks sparse, smaller and faster.")
+    parser = ArgumentParser(prog="prunelab", description="Make PyTorch networks sparse, smaller and faster.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="train the digits MLP and prune it iteratively to 90%% sparsity (< 1 min)")
     demo.add_argument("--out", default=None, help="results folder (default: runs/demo)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int_arg, default=0)
     demo.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     demo.set_defaults(func=cmd_demo)
 
@@ -203,22 +263,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure: MemoryError, or torch's CPU allocator refusing a size."""
+    return isinstance(exc, MemoryError) or (
+        isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc) or "out of memory" in str(exc)))
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed command under the CLI's error contract (every entry point shares it).
+
+    A PrunelabError, a file system refusal and an allocation failure (a size or count too large for this
+    machine, e.g. ``--batch-sizes 99999999999``) are one ``error:`` line on stderr and exit status 2.
+    """
     try:
         return args.func(args)
     except PrunelabError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except OSError as exc:  # a file system refusal the checks did not foresee: still one line, no traceback
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"error: {exc.strerror or exc}{where}; check the paths given and that they are readable/writable",
               file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as exc:
+        if not _out_of_memory(exc):
+            raise  # a bug in prunelab: keep its traceback
+        detail = " ".join(str(exc).split())
+        detail = detail[detail.find("you tried"):] if "you tried" in detail else (detail or type(exc).__name__)
+        print(f"error: out of memory ({detail[:160]}); a size or count given is too large for this machine -- "
+              f"pass smaller values", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def parse_or_status(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace | int:
+    """``parser.parse_args(argv)``, or the exit status argparse chose (2 after its one-line error, 0 after
+    ``--help``): ``main`` returns every status, as its callers (tests, ``sys.exit(main())``) expect."""
+    try:
+        return parser.parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_or_status(build_parser(), argv)
+    return args if isinstance(args, int) else run_command(args)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 from typing import Any
 
+from prunelab.cli import float_arg, int_arg
 from prunelab.errors import PrunelabError
 
 
@@ -44,8 +44,8 @@ def add_compress_parser(subparsers: Any) -> None:
     parser.add_argument("--out", required=True, help="compressed file to write (e.g. model.plc)")
     parser.add_argument("--bits", default=None, help="weight bits: N, or fc=5,conv=8 (default 5 fc / 8 conv)")
     parser.add_argument("--index-bits", default=None, help="relative-index bits (default 5 fc / 8 conv)")
-    parser.add_argument("--finetune-epochs", type=int, default=0, help="epochs of centroid fine-tuning (needs the dataset)")
-    parser.add_argument("--finetune-lr", type=float, default=0.01)
+    parser.add_argument("--finetune-epochs", type=int_arg, default=0, help="epochs of centroid fine-tuning (needs the dataset)")
+    parser.add_argument("--finetune-lr", type=float_arg, default=0.01)
     parser.add_argument("--data-dir", default=None, help="dataset folder for evaluation (default: $PRUNELAB_DATA)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     parser.set_defaults(func=cmd_compress)
@@ -65,22 +65,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.finetune_lr) and args.finetune_lr > 0):  # as prune's --finetune-lr
         raise PrunelabError(f"--finetune-lr must be a positive number, got {args.finetune_lr!r}; e.g. 0.01")
     bits, index_bits = _parse_bits("--bits", args.bits), _parse_bits("--index-bits", args.index_bits)
-    out = Path(args.out)
-    if not args.out or out.is_dir():
-        raise PrunelabError(f"--out must name a file to write, got {args.out!r}; e.g. --out model.plc")
-    from prunelab.checkpoint import MASKS_FILE, META_FILE, MODEL_FILE
+    from prunelab.checkpoint import checkpoint_dataset
+    from prunelab.io import check_output_file
 
-    source = Path(args.checkpoint).resolve()
-    if source.is_file():  # load_checkpoint also takes CKPT/checkpoint.json
-        source = source.parent
-    if out.resolve() in {source / name for name in (MODEL_FILE, MASKS_FILE, META_FILE)}:
-        raise PrunelabError(f"--out {args.out!r} would overwrite a file of the checkpoint being read; write elsewhere")
+    # anywhere in the checkpoint folder (CKPT/model.safetensors, CKPT/results.json, ...): refused, before any work
+    check_output_file(args.out, inputs=(args.checkpoint,), what="the checkpoint")
     ckpt = load_checkpoint(args.checkpoint)
     meta = ckpt.meta
-    if not isinstance(meta.get("dataset"), str):
-        raise PrunelabError(f"{args.checkpoint}/checkpoint.json names no 'dataset'; re-create the checkpoint with "
-                            "prunelab prune")
-    splits = load_dataset(meta["dataset"], args.data_dir)
+    splits = load_dataset(checkpoint_dataset(meta, args.checkpoint, args.data_dir), args.data_dir)
     train_loader, test_loader = make_loaders(splits, 128, seed=0)
     before = evaluate(ckpt.model, test_loader)
     codebooks = quantize_model(ckpt.model, ckpt.masks, bits=bits)

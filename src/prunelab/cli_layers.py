@@ -18,9 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from prunelab.cli import int_arg
 from prunelab.errors import PrunelabError
 from prunelab.oneshot_cli import (
-    DEFAULT_CALIB_SAMPLES, MODEL_FILES, add_model_args, calibration_for, load_model, resolve_model, save_model,
+    DEFAULT_CALIB_SAMPLES, MODEL_FILES, add_model_args, calibration_for, check_seed, load_model, resolve_model,
+    save_model,
 )
 from prunelab.out_folders import OutFiles, check_out_folder
 
@@ -51,6 +53,7 @@ def cmd_drop_layers(args: argparse.Namespace) -> int:
         raise PrunelabError(f"--count must be a positive integer (blocks to drop), got {args.count}")
     if args.calib_samples is not None and args.calib_samples < 1:
         raise PrunelabError(f"--calib-samples must be a positive integer, got {args.calib_samples}")
+    check_seed(args.seed)
     spec = resolve_model(args.model)
     ensure_writable_dir(Path(args.out).resolve().parent)  # fail before loading anything
     check_out_folder(args.out, DROP_LAYERS_OUTPUT, inputs=(spec.path,) if spec.path is not None else ())
@@ -101,6 +104,6 @@ def add_drop_layers_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("drop-layers", help="remove the least influential transformer blocks (ShortGPT)",
                                    description=__doc__.splitlines()[0])
     add_model_args(parser)
-    parser.add_argument("--count", type=int, required=True, help="how many blocks to remove")
+    parser.add_argument("--count", type=int_arg, required=True, help="how many blocks to remove")
     parser.set_defaults(func=cmd_drop_layers)
     return parser

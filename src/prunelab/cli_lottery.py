@@ -18,6 +18,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from prunelab.cli import float_arg, int_arg
 from prunelab.errors import PrunelabError
 
 ROUND_COLUMNS = (
@@ -35,19 +36,19 @@ def add_lottery_parser(subparsers: Any) -> None:
     parser.add_argument("--dataset", default="mnist", help="zoo dataset, default mnist")
     parser.add_argument("--data-dir", default=None, help="MNIST folder (default: $PRUNELAB_DATA, else ~/.cache/prunelab/mnist)")
     parser.add_argument("--download", action="store_true", help="fetch and sha256-check MNIST when missing")
-    parser.add_argument("--rounds", type=int, default=5, help="pruning rounds after the dense round 0 (default 5)")
-    parser.add_argument("--rate", type=float, default=0.2, help="fraction of each layer's remaining weights pruned per round")
-    parser.add_argument("--output-rate", type=float, default=0.1, help="per-round rate of the output layer (F&C: 0.1)")
-    parser.add_argument("--rewind-iter", type=int, default=0,
+    parser.add_argument("--rounds", type=int_arg, default=5, help="pruning rounds after the dense round 0 (default 5)")
+    parser.add_argument("--rate", type=float_arg, default=0.2, help="fraction of each layer's remaining weights pruned per round")
+    parser.add_argument("--output-rate", type=float_arg, default=0.1, help="per-round rate of the output layer (F&C: 0.1)")
+    parser.add_argument("--rewind-iter", type=int_arg, default=0,
                         help="rewind survivors to the weights after K steps of round 0 (0: the initialisation)")
     parser.add_argument("--reinit", action=argparse.BooleanOptionalAction, default=True,
                         help="also train each round's mask from a random re-initialisation (the control)")
-    parser.add_argument("--epochs", type=int, default=5, help="training epochs per round")
-    parser.add_argument("--batch-size", type=int, default=60)
+    parser.add_argument("--epochs", type=int_arg, default=5, help="training epochs per round")
+    parser.add_argument("--batch-size", type=int_arg, default=60)
     parser.add_argument("--optimizer", default="adam")
-    parser.add_argument("--lr", type=float, default=1.2e-3)
-    parser.add_argument("--eval-every", type=int, default=500, help="steps between evaluations (early-stopping iteration)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float_arg, default=1.2e-3)
+    parser.add_argument("--eval-every", type=int_arg, default=500, help="steps between evaluations (early-stopping iteration)")
+    parser.add_argument("--seed", type=int_arg, default=0)
     parser.add_argument("--out", default=None, help="run folder to create (default runs/lottery)")
     parser.add_argument("--resume", default=None, metavar="DIR", help="continue the run folder DIR after its last finished round")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
@@ -78,6 +79,22 @@ def _round_rows(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _check_resume_record(path: Path) -> None:
+    """Refuse a ``--resume`` folder whose ``config.json`` is not a JSON object (a list, a number, ...).
+
+    ``lottery_folder.check_resume`` reads it as a dict (``saved.get``): anything else was an AttributeError.
+    """
+    import json
+
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # unreadable / not JSON: check_resume names the reason
+    if not isinstance(record, dict):
+        raise PrunelabError(f"{str(path)!r} holds a JSON {type(record).__name__}, not a lottery run config; "
+                            "pass the folder of an earlier 'prunelab lottery' run to --resume, or --out to start one")
+
+
 def cmd_lottery(args: argparse.Namespace) -> int:
     from prunelab.bench.datasets import DATASETS, load_dataset, make_loaders
     from prunelab.bench.models import MODELS, build_model
@@ -104,6 +121,8 @@ def cmd_lottery(args: argparse.Namespace) -> int:
     if args.resume and not (Path(args.resume) / "config.json").is_file():
         raise PrunelabError(f"--resume {args.resume!r} holds no lottery run (no config.json); "
                             "pass the folder of an earlier 'prunelab lottery' run, or --out to start one")
+    if args.resume:
+        _check_resume_record(Path(args.resume) / "config.json")
     out = Path(args.resume or args.out or "runs/lottery")
     if out.exists() and not out.is_dir():
         raise PrunelabError(f"run folder {str(out)!r} is a file; choose a new folder for --out")

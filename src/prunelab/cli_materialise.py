@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from prunelab.checkpoint import MODEL_FILE
+from prunelab.cli import int_arg
 from prunelab.errors import PrunelabError
 from prunelab.loading import MATERIALISED_META, MATERIALISED_STATE
 from prunelab.out_folders import OutFiles, check_out_folder
@@ -40,7 +41,7 @@ def add_materialise_parsers(subparsers: Any) -> None:
     lat.add_argument("checkpoint", help="checkpoint folder written by prune/demo")
     lat.add_argument("--forms", default="auto", help="comma-separated forms to time against dense (default: auto)")
     lat.add_argument("--batch-sizes", default="1,8,64", help="comma-separated batch sizes (default 1,8,64)")
-    lat.add_argument("--reps", type=int, default=15, help="interleaved repetitions per measurement (median reported)")
+    lat.add_argument("--reps", type=int_arg, default=15, help="interleaved repetitions per measurement (median reported)")
     lat.add_argument("--per-layer", action="store_true",
                      help="also time every leaf module on its own inputs at the largest batch size")
     lat.add_argument("--keep-denormals", action="store_true",
@@ -54,12 +55,12 @@ def add_materialise_parsers(subparsers: Any) -> None:
 
 def _checkpoint_and_inputs(path: str, data_dir: str | None, count: int = 64):
     from prunelab.bench.datasets import load_dataset
-    from prunelab.checkpoint import load_checkpoint
+    from prunelab.checkpoint import checkpoint_dataset, load_checkpoint
 
     ckpt = load_checkpoint(path)
     ckpt.masks.apply_(ckpt.model)
     ckpt.model.eval()
-    splits = load_dataset(ckpt.meta["dataset"], data_dir)
+    splits = load_dataset(checkpoint_dataset(ckpt.meta, path, data_dir), data_dir)
     inputs = torch.stack([splits.test[i][0] for i in range(min(count, len(splits.test)))])  # (B, *input_shape)
     return ckpt, inputs
 
@@ -123,6 +124,9 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
     from prunelab.materialise import FORMS
 
     forms = [f.strip() for f in args.forms.split(",") if f.strip()]
+    if not forms:  # nothing to time against dense: the run would print a table with no comparison
+        raise PrunelabError(f"--forms names no form, got {args.forms!r}; pass e.g. --forms csr,bsr or leave it out "
+                            "(auto)")
     for form in forms:
         FORMS.get(form)
     try:

@@ -109,6 +109,31 @@ def _publish_mode(path: Path, directory: bool) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
+def _input_folder(source: Path) -> Path:
+    """The folder an input names: itself, or the folder holding an input file (``CKPT/checkpoint.json``)."""
+    return source.parent if source.is_file() else source
+
+
+def check_output_file(path: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] = (),
+                      what: str = "the input") -> Path:
+    """Refuse an output *file* path before any work: empty, a folder, or inside an input folder.
+
+    Inside an input folder (``--out CKPT/model.plc``) it would overwrite one of the input's files
+    or add a foreign file that makes the folder no longer replaceable by the command that wrote it.
+    ``what`` names the inputs in the message (``"the checkpoint"``).  Creates nothing.
+    """
+    text = os.fspath(path)
+    if not text.strip() or Path(text).is_dir():
+        raise PrunelabError(f"--out must name a file to write, got {text!r}; e.g. --out model.plc")
+    target = Path(text).resolve()
+    for source in inputs:
+        folder = _input_folder(Path(source).resolve())
+        if folder in target.parents:
+            raise PrunelabError(f"--out {text!r} is inside {what} {os.fspath(source)!r} being read: it would overwrite "
+                                f"a file of {what} or add a foreign one to its folder; write elsewhere")
+    return Path(text)
+
+
 def check_replaceable(path: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
     """Refuse an output folder whose replacement would destroy something, before any work is done.
 
@@ -117,6 +142,9 @@ def check_replaceable(path: str | os.PathLike, inputs: tuple[str | os.PathLike, 
     one of ``inputs`` (or a folder holding one): replacing the checkpoint being read would
     delete it.
     """
+    if not os.fspath(path).strip():  # Path("") is ".": the current folder, refused below with a puzzling message
+        raise PrunelabError("--out is empty, which names the current folder; replacing it would delete the folder "
+                            "you are working in -- name a subfolder such as runs/my-run")
     path = Path(path)
     target = path.resolve()
     for source in inputs:
@@ -124,6 +152,11 @@ def check_replaceable(path: str | os.PathLike, inputs: tuple[str | os.PathLike, 
         if target == source_path or target in source_path.parents:
             raise PrunelabError(
                 f"--out {str(path)!r} would replace the input {str(source)!r}; write to a new folder"
+            )
+        if _input_folder(source_path) in target.parents:
+            # the input folder would then hold another command's output: a later re-run into it deletes that
+            raise PrunelabError(
+                f"--out {str(path)!r} is inside the input {str(source)!r}; write to a folder beside it, not into it"
             )
     if path.is_file():
         raise PrunelabError(f"output path {str(path)!r} is a file; choose a folder for --out")

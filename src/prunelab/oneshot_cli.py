@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from prunelab.cli import float_arg, int_arg
 from prunelab.errors import PrunelabError
 from prunelab.measure.memory import peak_rss_mb
 from prunelab.out_folders import OutFiles, check_out_folder
@@ -37,7 +38,7 @@ from prunelab.out_folders import OutFiles, check_out_folder
 if TYPE_CHECKING:  # importing the CLI must stay cheap: torch is imported only when a command runs
     from torch import nn
 
-__all__ = ["MODEL_FILES", "ONESHOT_OUTPUT", "ModelSpec", "add_oneshot_parser", "build_parser", "cmd_oneshot", "main",
+__all__ = ["MODEL_FILES", "ONESHOT_OUTPUT", "ModelSpec", "add_oneshot_parser", "build_parser", "check_seed", "cmd_oneshot", "main",
            "parse_pattern", "resolve_model"]
 
 KNOWN_MODELS = ("chargpt", "minilm")
@@ -88,8 +89,15 @@ def parse_pattern(text: str) -> tuple[int, int]:
     return n, m
 
 
+def check_seed(seed: int) -> None:
+    """``--seed`` of ``oneshot`` / ``drop-layers``: the range every prunelab command takes (TrainConfig's)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise PrunelabError(f"--seed must be an integer in [0, 2**32), got {seed!r}; e.g. --seed 0")
+
+
 def _validate_args(args: argparse.Namespace) -> tuple[float, str | None]:
     """Cheap checks of the flags; returns ``(sparsity, pattern)``."""
+    check_seed(args.seed)
     if args.sparsity is not None and args.pattern is not None:
         raise PrunelabError(
             f"got both --sparsity {args.sparsity} and --pattern {args.pattern}; an N:M pattern fixes the sparsity, "
@@ -266,12 +274,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     """The flags ``oneshot`` and ``drop-layers`` share: which model, its calibration data, the output folder."""
     parser.add_argument("--model", required=True, metavar="PATH_OR_NAME",
                         help="chargpt, minilm, or a folder holding a transformers model (config.json + safetensors)")
-    parser.add_argument("--calib-samples", type=int, default=None, metavar="N",
+    parser.add_argument("--calib-samples", type=int_arg, default=None, metavar="N",
                         help="calibration samples (default: 64 windows for chargpt, 128 lines for transformers)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (written atomically)")
     parser.add_argument("--data-dir", default=None, help="folder holding tinyshakespeare/input.txt "
                         "(default: $PRUNELAB_DATA or ../shared/data)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
+    parser.add_argument("--seed", type=int_arg, default=0, help="seed of the calibration sample")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
 
 
@@ -284,10 +292,10 @@ def add_oneshot_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_model_args(parser)
     parser.add_argument("--method", default="sparsegpt",
                         help="sparsegpt | wanda | magnitude | magnitude-row | obs | lobs (default sparsegpt)")
-    parser.add_argument("--sparsity", type=float, default=None, help="unstructured sparsity in (0, 1) (default 0.5)")
+    parser.add_argument("--sparsity", type=float_arg, default=None, help="unstructured sparsity in (0, 1) (default 0.5)")
     parser.add_argument("--pattern", default=None, metavar="N:M", help="semi-structured N:M sparsity, e.g. 2:4")
-    parser.add_argument("--dampening", type=float, default=0.01, help="Hessian dampening, fraction of mean diagonal")
-    parser.add_argument("--block-size", type=int, default=128, help="SparseGPT column block size")
+    parser.add_argument("--dampening", type=float_arg, default=0.01, help="Hessian dampening, fraction of mean diagonal")
+    parser.add_argument("--block-size", type=int_arg, default=128, help="SparseGPT column block size")
     parser.add_argument("--exclude", action="append", default=None, metavar="GLOB",
                         help="module-name glob left dense (repeatable)")
     parser.add_argument("--bias-correction", action="store_true",
@@ -301,19 +309,19 @@ def add_oneshot_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     """A parser with only the ``oneshot`` subcommand (``python -m prunelab.oneshot_cli oneshot ...``)."""
-    parser = argparse.ArgumentParser(prog="prunelab")
+    from prunelab.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="prunelab")
     add_oneshot_parser(parser.add_subparsers(dest="command", required=True))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Same contract as ``prunelab.cli.main``: a PrunelabError is one ``error:`` line and exit 2."""
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except PrunelabError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    from prunelab.cli import parse_or_status, run_command
+
+    args = parse_or_status(build_parser(), argv)
+    return args if isinstance(args, int) else run_command(args)
 
 
 if __name__ == "__main__":
