@@ -168,7 +168,8 @@ def record_section(path: Path) -> str:
     record = json.loads(path.read_text())
     env = record["environment"]
     parts = [f"### `benchmarks/{record['benchmark']}.py`\n",
-             f"torch {env['torch']}, {env['threads']} threads, {env['cpu']}, {env['date']}; seeds {record['seeds']}"
+             f"torch {env['torch']}, {env['threads']} thread{'' if env['threads'] == 1 else 's'}, {env['cpu']}, {env['date']}; "
+             f"seeds {record['seeds']}"
              f"{' (quick run)' if record['config'].get('quick') else ''}.\n"]
     rows = record["rows"] + record.get("reference_rows", [])
     columns = [tuple(c) for c in record.get("columns", [])] or [(k, k) for k in rows[0]]
