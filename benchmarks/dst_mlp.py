@@ -21,7 +21,8 @@ batch order; the table shows mean, std, min and max test accuracy over seeds, an
 targets compare means (the larger of the two stds is printed beside each gap).
 Budget per seed: 9 runs x 5 epochs x 469 steps of batch 128 (about 21,000 steps of a
 2.8M-weight MLP) -- about 9 minutes on a free 2-core CPU, so about 27 minutes for three (the
-recorded run of 2026-12-01 took 56 minutes on one thread of a CPU shared with other jobs).
+recorded run of 2026-12-01 took 56 minutes, about 18.5 per seed, on one thread of a CPU shared
+with other jobs).
 
     python benchmarks/dst_mlp.py            # full run, writes benchmarks/results/dst_mlp.json
     python benchmarks/dst_mlp.py --quick    # 1 epoch on 6,000 training images, delta_T = 10
