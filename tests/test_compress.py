@@ -130,6 +130,17 @@ def test_finetune_centroids_restores_modes_after_an_error():
     assert all(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.parametrize("kwargs, flag", [({}, "--lr"), ({"lr_flag": "--finetune-lr"}, "--finetune-lr")])
+def test_a_diverging_centroid_fine_tuning_names_the_callers_lr_flag(kwargs, flag):
+    model = nn.Sequential(nn.Linear(8, 3))
+    books = quantize_model(model, bits=2)
+    batches = [(torch.randn(4, 8), torch.randint(0, 3, (4,)))]
+    with pytest.raises(PrunelabError, match=rf"training loss became nan at step 1 \(centroids\); lower the learning rate "
+                                            rf"\({flag}, now 0\.05\)"):
+        finetune_centroids(model, books, batches, epochs=1, lr=0.05, loss_fn=lambda out, y: out.sum() * float("nan"),
+                           **kwargs)
+
+
 def test_finetune_rejects_unquantised_model():
     model = nn.Linear(4, 3)
     books = quantize_model(copy.deepcopy(model), bits=1)

@@ -360,3 +360,16 @@ def test_under_a_distributed_sampler_every_round_draws_its_own_order_and_a_resum
     assert straight.masks[2].equal(resumed.masks[2])
     s, t = straight.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(s[k], t[k]) for k in s)
+
+
+@pytest.mark.parametrize("text, kind", [("[1]", "list"), ("3", "number"), ('"x"', "string"), ("null", "null")])
+def test_resume_refuses_a_config_json_that_is_no_object(tmp_path, text, kind):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(text)
+    with pytest.raises(PrunelabError, match=rf"'{run / 'config.json'}' is not a prunelab\.lottery\.v1 run config "
+                                            rf"\(it holds a JSON {kind}, not an object\); resume only from a run_lottery"
+                       ) as info:
+        run_lottery(builder, *loaders(), config(rounds=1), run, resume=True)
+    assert "\n" not in str(info.value)
+    assert _files(run) == {"config.json": text.encode()}  # nothing written

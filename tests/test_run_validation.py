@@ -273,3 +273,31 @@ def test_options_left_at_their_defaults_or_used_by_the_method_are_not_refused(cl
     config.write_text("method: snip\npretrain_epochs: 3\n")
     code, _, err = cli("prune", "--config", str(config), *QUICK, "--out", str(tmp_path / "o"))
     assert code == 2 and "--pretrain-epochs 3 would be ignored" in err
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"finetune_lr": 1e300}, r"^--finetune-lr 1e\+300 is too large for torch \(beyond float32, 3\.4e\+38\); pass a "),
+    ({"lr": 1e300}, r"^lr 1e\+300 is too large for torch \(beyond float32, 3\.4e\+38\); pass a realistic value$"),
+    ({"weight_decay": 1e300}, r"^weight_decay 1e\+300 is too large for torch"),
+    ({"batch_size": 2**63}, r"^batch_size 9223372036854775808 is too large for torch \(at most 9\.22e\+18"),
+])
+def test_api_validate_refuses_numbers_torch_cannot_hold(values, message):
+    from prunelab.config import RunConfig
+    from prunelab.pipeline import validate
+
+    with pytest.raises(PrunelabError, match=message) as info:
+        validate(RunConfig(**values))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"method": "iterative", "rounds": 10**12}, r"^--rounds must be <= 1,000,000 \(each mask update rescores the model\), "
+                                                r"got 1,000,000,000,000; use fewer$"),
+    ({"method": "gradual", "num_updates": 10**7}, r"^--num-updates must be <= 1,000,000 .*got 10,000,000; use fewer$"),
+])
+def test_api_validate_refuses_more_mask_updates_than_a_schedule_makes_before_training(values, message):
+    from prunelab.config import RunConfig
+    from prunelab.pipeline import validate
+
+    with pytest.raises(PrunelabError, match=message):
+        validate(RunConfig(**values))

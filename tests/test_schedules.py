@@ -3,7 +3,7 @@
 import pytest
 
 from prunelab.errors import PrunelabError
-from prunelab.schedules import Cubic, Geometric, OneShot, per_round_sparsity
+from prunelab.schedules import MAX_UPDATES, Cubic, Geometric, OneShot, per_round_sparsity
 
 
 def test_cubic_matches_zhu_gupta_formula():
@@ -64,3 +64,17 @@ def test_per_round_sparsity_refuses_a_round_that_is_not_a_count(bad):
         per_round_sparsity(0.2, bad)  # -1 returned -0.25, a negative sparsity
     assert "\n" not in str(info.value)
     assert per_round_sparsity(0.2, 0) == 0.0
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda n: Cubic(0.9, num_updates=n, frequency=1),
+     r"^cubic schedule needs num_updates <= 1,000,000 \(each update rescores the model\), got 1,000,001; use fewer "),
+    (lambda n: Geometric(0.9, rounds=n),
+     r"^iterative pruning needs rounds <= 1,000,000 \(each round rescores the model\), got 1,000,001; use fewer rounds$"),
+])
+def test_a_schedule_refuses_more_updates_than_it_can_list(make, message):
+    with pytest.raises(PrunelabError, match=message):
+        make(MAX_UPDATES + 1)
+    with pytest.raises(PrunelabError, match=message.replace("1,000,001", "1,000,000,000,000")):
+        make(10**12)  # used to build a list of 10**12 steps in update_steps(): out of memory
+    assert len(make(MAX_UPDATES).update_steps()) == MAX_UPDATES + (1 if "cubic" in message else 0)  # the limit itself works

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -49,6 +50,31 @@ def run_digits(splits, seed=0, **overrides):
 def test_config_rejects_bad_values(kwargs, message):
     with pytest.raises(PrunelabError, match=message):
         TrainConfig(**kwargs)
+
+
+@pytest.mark.parametrize(("name", "value", "limit"), [
+    ("lr", 1e300, r"beyond float32, 3\.4e\+38"),
+    ("lr", 10**400, r"beyond float32, 3\.4e\+38"),  # an int lr is a float32 hyper-parameter too
+    ("weight_decay", 1e39, r"beyond float32, 3\.4e\+38"),
+    ("batch_size", 2**63, r"at most 9\.22e\+18 in magnitude"),
+    ("epochs", 10**30, r"at most 9\.22e\+18 in magnitude"),
+    ("step_epochs", 2**64, r"at most 9\.22e\+18 in magnitude"),
+])
+def test_config_refuses_numbers_torch_cannot_hold_in_one_line(name, value, limit):
+    with pytest.raises(PrunelabError, match=rf"^{name} {re.escape(repr(value))} is too large for torch \({limit}\); pass a realistic "
+                                            "value$") as info:
+        TrainConfig(**{name: value})
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["momentum", "gamma"])
+def test_huge_momentum_and_gamma_are_refused_by_their_ranges(name):
+    with pytest.raises(PrunelabError, match=rf"^{name} must be in "):
+        TrainConfig(**{name: 1e300})
+
+
+def test_numbers_torch_can_hold_are_accepted():
+    TrainConfig(lr=3e38, weight_decay=1e30, batch_size=2**63 - 1, epochs=0)
 
 
 def test_make_optimizer_follows_config():
@@ -281,3 +307,36 @@ def test_train_and_evaluate_restore_mixed_submodule_modes():
     assert [m.training for m in model.modules()] == expected
     evaluate(model, loader)
     assert [m.training for m in model.modules()] == expected
+
+
+@pytest.mark.parametrize("kwargs, flag", [({}, "--lr"), ({"lr_flag": "--finetune-lr"}, "--finetune-lr")])
+def test_non_finite_loss_names_the_callers_learning_rate_flag(kwargs, flag):
+    loader = [(torch.randn(4, 2), torch.zeros(4, dtype=torch.long))]
+    with pytest.raises(PrunelabError, match=rf"lower the learning rate \({flag}, now 0\.1\) or check the data$"):
+        train(nn.Linear(2, 2), loader, TrainConfig(epochs=1, progress=False),
+              loss_fn=lambda out, y: out.sum() * float("nan"), **kwargs)
+
+
+def test_pruning_methods_pass_their_lr_flag_to_train():
+    from prunelab.methods import METHODS, PruneSpec
+
+    loader = [(torch.randn(4, 2), torch.zeros(4, dtype=torch.long))] * 2
+    nan_loss = lambda out, y: out.sum() * float("nan")  # noqa: E731
+    for method in ("oneshot", "iterative"):
+        import prunelab.methods.oneshot as oneshot_mod
+        import prunelab.methods.iterative as iterative_mod
+
+        module = oneshot_mod if method == "oneshot" else iterative_mod
+        original = module.train
+
+        def diverging(*args, _original=original, **kw):
+            return _original(*args, **{**kw, "loss_fn": nan_loss})
+
+        module.train = diverging
+        try:
+            with pytest.raises(PrunelabError, match=r"\(--finetune-lr, now "):
+                METHODS.get(method)(nn.Sequential(nn.Linear(2, 2)), loader, loader,
+                                    PruneSpec(sparsity=0.5, rounds=1, finetune_epochs=1),
+                                    TrainConfig(epochs=1, progress=False), lr_flag="--finetune-lr")
+        finally:
+            module.train = original

@@ -8,7 +8,6 @@ Every user mistake surfaces as one ``error: ...`` line on stderr and exit status
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import types
 import typing
@@ -16,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
 
+from prunelab.config import beyond_torch
 from prunelab.errors import PrunelabError
 
 DEMO_DEFAULTS = dict(
@@ -39,20 +39,15 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message}; see '{self.prog} --help'\n")
 
 
-# Numbers beyond these reach torch (float32 hyper-parameters, int64 sizes and counters) as overflow
-# errors deep inside training; every numeric flag is refused past them when it is parsed.
-FLOAT32_MAX = 3.4028234663852886e38
-INT64_MAX = 2**63 - 1
-
-
 def int_arg(text: str) -> int:
-    """argparse ``type`` for integer flags: an int within int64."""
+    """argparse ``type`` for integer flags: an int within int64 (:func:`prunelab.config.beyond_torch`)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if abs(value) > INT64_MAX:
-        raise argparse.ArgumentTypeError(f"{text} is too large (at most {INT64_MAX:.3g} in magnitude)")
+    reason = beyond_torch(value)
+    if reason:
+        raise argparse.ArgumentTypeError(f"{text} is too large ({reason}); pass a realistic value")
     return value
 
 
@@ -63,9 +58,9 @@ def float_arg(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if math.isfinite(value) and abs(value) > FLOAT32_MAX:
-        raise argparse.ArgumentTypeError(f"{text} is too large (beyond float32, {FLOAT32_MAX:.3g}); "
-                                         "pass a realistic value")
+    reason = beyond_torch(value)
+    if reason:
+        raise argparse.ArgumentTypeError(f"{text} is too large ({reason}); pass a realistic value")
     return value
 
 
@@ -126,13 +121,10 @@ def _config_from_args(args: argparse.Namespace, defaults: dict[str, Any] | None 
 def _check_magnitudes(config) -> None:
     """Refuse numbers torch cannot hold (flags are checked as they are parsed; this also covers ``--config``)."""
     for name, value in config.to_dict().items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        if isinstance(value, int) and abs(value) > INT64_MAX or \
-                isinstance(value, float) and math.isfinite(value) and abs(value) > FLOAT32_MAX:
+        reason = beyond_torch(value)
+        if reason:
             flag = "--" + name.replace("_", "-")
-            raise PrunelabError(f"{flag} / {name} {value!r} is too large for torch (at most "
-                                f"{INT64_MAX if isinstance(value, int) else FLOAT32_MAX:.3g}); pass a realistic value")
+            raise PrunelabError(f"{flag} / {name} {value!r} is too large for torch ({reason}); pass a realistic value")
 
 
 def _print_run(record: dict[str, Any], out: str) -> None:

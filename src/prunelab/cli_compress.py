@@ -77,7 +77,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     before = evaluate(ckpt.model, test_loader)
     codebooks = quantize_model(ckpt.model, ckpt.masks, bits=bits)
     if args.finetune_epochs:
-        finetune_centroids(ckpt.model, codebooks, train_loader, args.finetune_epochs, args.finetune_lr, progress=args.progress)
+        finetune_centroids(ckpt.model, codebooks, train_loader, args.finetune_epochs, args.finetune_lr, progress=args.progress,
+                           lr_flag="--finetune-lr")
     report = write_compressed(args.out, ckpt.model, ckpt.masks, bits=bits, index_bits=index_bits)
     decoded = build_model(meta["model"], tuple(meta["input_shape"]), int(meta["num_classes"]))
     decoded.load_state_dict(read_compressed(args.out))

@@ -11,12 +11,36 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import numbers
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from prunelab.errors import PrunelabError
+
+
+# Numbers beyond these reach torch (float32 hyper-parameters, int64 sizes and counters) as overflow
+# errors deep inside training: the CLI flags, ``--config`` files and TrainConfig all refuse them.
+FLOAT32_MAX = 3.4028234663852886e38
+INT64_MAX = 2**63 - 1
+
+
+def beyond_torch(value: object, as_float: bool = False) -> str | None:
+    """Why torch cannot hold ``value`` ("at most ... in magnitude" / "beyond float32, ..."); None if it can.
+
+    Ints past int64 and finite floats past float32 are refused (``as_float``: ``value`` is a
+    float32 hyper-parameter even when given as an int).  nan / inf, bools and non-numbers
+    pass: each option's own check names its range.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    if as_float or not isinstance(value, numbers.Integral):
+        if not isinstance(value, numbers.Integral) and not math.isfinite(value):
+            return None
+        return f"beyond float32, {FLOAT32_MAX:.3g}" if abs(value) > FLOAT32_MAX else None
+    return f"at most {INT64_MAX:.3g} in magnitude" if abs(value) > INT64_MAX else None
 
 
 def _opt(help: str, **extra: Any) -> Any:

@@ -24,7 +24,7 @@ from prunelab.bench.datasets import DATASETS, load_dataset, make_loaders
 from prunelab.bench.models import MODELS, build_model
 from prunelab.bench.training import TrainConfig, evaluate, seed_everything, train
 from prunelab.checkpoint import MASKS_FILE, META_FILE, MODEL_FILE, save_checkpoint
-from prunelab.config import RunConfig, non_default_fields
+from prunelab.config import RunConfig, beyond_torch, non_default_fields
 from prunelab.criteria import CRITERIA, ScoreData, get_criterion
 from prunelab.criteria.slimming import SlimmingLoss
 from prunelab.errors import PrunelabError
@@ -35,6 +35,7 @@ from prunelab.methods import FROM_SCRATCH, METHODS, PruneSpec
 from prunelab.out_folders import OutFiles, check_out_folder
 from prunelab.report import plot_sparsity_curve, render_report
 from prunelab.run_checks import check_ignored_options, check_pattern_method, criterion_used
+from prunelab.schedules import MAX_UPDATES
 from prunelab.structure import get_granularity
 from prunelab.targets import matching_layers
 
@@ -69,9 +70,17 @@ def validate(config: RunConfig, given: Collection[str] | None = None) -> None:
         raise PrunelabError(f"--slimming-strength must be a number >= 0, got {config.slimming_strength!r}; e.g. 1e-4")
     if config.finetune_lr is not None and not (math.isfinite(config.finetune_lr) and config.finetune_lr > 0):
         raise PrunelabError(f"--finetune-lr must be a positive number, got {config.finetune_lr!r}; e.g. 0.01")
+    reason = beyond_torch(config.finetune_lr, as_float=True)
+    if reason:
+        raise PrunelabError(f"--finetune-lr {config.finetune_lr!r} is too large for torch ({reason}); "
+                            "pass a realistic value such as 0.01")
     if config.out is not None and not config.out.strip():
         raise PrunelabError("--out is empty; name an output folder, or leave it out for runs/<model>-<method>-<hash>")
     check_ignored_options(config, non_default_fields(config) if given is None else frozenset(given))
+    for flag, value in (("--rounds", config.rounds), ("--num-updates", config.num_updates)):
+        if isinstance(value, int) and value > MAX_UPDATES:  # refused now, not by the schedule after the dense training
+            raise PrunelabError(f"{flag} must be <= {MAX_UPDATES:,} (each mask update rescores the model), got {value:,}; "
+                                "use fewer")
     prune_spec(config)
     pretrain_config(config)
     finetune_config(config)
@@ -138,7 +147,10 @@ def run(config: RunConfig, given: Collection[str] | None = None) -> dict[str, An
     criterion = get_criterion(config.criterion)
     score_data = ScoreData(train_loader, max_batches=config.score_batches) if criterion.needs_data else None
     method = METHODS.get(config.method)
-    result = method(model, train_loader, test_loader, prune_spec(config), finetune_config(config), score_data=score_data)
+    # the methods pruning a trained model train at the fine-tuning rate: a diverging loss names its flag
+    extra = {} if config.method in FROM_SCRATCH else {"lr_flag": "--finetune-lr"}
+    result = method(model, train_loader, test_loader, prune_spec(config), finetune_config(config), score_data=score_data,
+                    **extra)
     pruned_metrics = evaluate(model, test_loader)
     pruned_cost = measure_model(model, example, result.masks)
     wall = time.perf_counter() - started

@@ -7,6 +7,11 @@ optimizer steps for ``gradual``, pruning rounds for ``iterative``.  Driven by a
 :class:`~prunelab.sparsifier.Sparsifier`, step ``t`` is the state after ``t`` optimizer
 steps: step 0 (before training) is applied by ``prepare()``, the ``t``-th ``step()``
 applies step ``t``.
+
+A schedule makes at most :data:`MAX_UPDATES` mask updates (``num_updates`` of
+:class:`Cubic`, ``rounds`` of :class:`Geometric`): :meth:`Schedule.update_steps` lists
+them all, and each update rescores the whole model, so a larger count is a typo, not a
+plan (it would only run out of memory or time).
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ from dataclasses import dataclass
 from prunelab.allocation import check_sparsity
 from prunelab.errors import PrunelabError
 from prunelab.registry import Registry
+
+
+MAX_UPDATES = 10**6  # mask updates one schedule may make (update_steps() lists them all)
 
 
 def _is_int(value: object) -> bool:
@@ -36,6 +44,7 @@ class Schedule:
         raise NotImplementedError
 
     def update_steps(self) -> list[int]:
+        """Every step at which the mask is updated, in order (at most :data:`MAX_UPDATES`)."""
         raise NotImplementedError
 
 
@@ -83,6 +92,9 @@ class Cubic(Schedule):
                 f"cubic schedule needs num_updates >= 1, frequency >= 1, start_step >= 0; got "
                 f"{self.num_updates!r}, {self.frequency!r}, {self.start_step!r} (integers)"
             )
+        if self.num_updates > MAX_UPDATES:
+            raise PrunelabError(f"cubic schedule needs num_updates <= {MAX_UPDATES:,} (each update rescores the model), "
+                                f"got {self.num_updates:,}; use fewer updates with a larger frequency")
         if self.initial_sparsity > self.final_sparsity:
             raise PrunelabError(
                 f"cubic schedule raises the sparsity from initial_sparsity to final_sparsity, but {self.initial_sparsity} "
@@ -124,6 +136,9 @@ class Geometric(Schedule):
         super().__post_init__()
         if not _is_int(self.rounds) or self.rounds < 1:
             raise PrunelabError(f"iterative pruning needs an integer rounds >= 1, got {self.rounds!r}")
+        if self.rounds > MAX_UPDATES:
+            raise PrunelabError(f"iterative pruning needs rounds <= {MAX_UPDATES:,} (each round rescores the model), "
+                                f"got {self.rounds:,}; use fewer rounds")
 
     @property
     def rate(self) -> float:

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from prunelab import distributed
+from prunelab.config import beyond_torch
 from prunelab.errors import PrunelabError
 
 __all__ = ["OPTIMIZERS", "LR_SCHEDULES", "TrainConfig", "distributed_sampler", "evaluate", "make_lr_scheduler",
@@ -80,6 +81,11 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise PrunelabError(f"{name} must be a number, got {type(value).__name__} {value!r}; "
                                     "pass a float such as 0.1")
+        for name in ("epochs", "batch_size", "step_epochs", "lr", "weight_decay"):  # momentum, gamma: ranges below
+            value = getattr(self, name)
+            reason = beyond_torch(value, as_float=name in ("lr", "weight_decay"))
+            if reason:
+                raise PrunelabError(f"{name} {value!r} is too large for torch ({reason}); pass a realistic value")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise PrunelabError(f"lr must be a positive number, got {self.lr!r}; try e.g. --lr 0.05")
         if not 0.0 <= self.momentum < 1.0:
@@ -166,7 +172,8 @@ def distributed_sampler(loader: Any) -> DistributedSampler | None:
     return None
 
 
-def _check_finite(loss_value: float, step: int, description: str, optimizer: torch.optim.Optimizer) -> None:
+def _check_finite(loss_value: float, step: int, description: str, optimizer: torch.optim.Optimizer,
+                  lr_flag: str) -> None:
     """Raise the same one-line error on every rank at the same step if any rank's loss is not finite.
 
     All ranks take part in one 1-element all-reduce per step (a rank raising alone would
@@ -179,7 +186,7 @@ def _check_finite(loss_value: float, step: int, description: str, optimizer: tor
             else f"non-finite on rank {bad} (first of {distributed.world_size()})")
     raise PrunelabError(
         f"training loss became {seen} at step {step} ({description}); lower the learning "
-        f"rate (--lr, now {optimizer.param_groups[0]['lr']:.3g}) or check the data"
+        f"rate ({lr_flag}, now {optimizer.param_groups[0]['lr']:.3g}) or check the data"
     )
 
 
@@ -208,6 +215,7 @@ def train(
     loss_fn: LossFn = F.cross_entropy,
     description: str = "train",
     skipped_steps: int = 0,
+    lr_flag: str = "--lr",
 ) -> dict[str, Any]:
     """Train ``model`` for ``cfg.epochs`` epochs over ``train_loader``.
 
@@ -226,7 +234,8 @@ def train(
     every rank.  To pin the order (a resumed run), ``set_epoch`` before calling.
 
     A non-finite loss raises :class:`PrunelabError` before its backward pass (the weights
-    keep the last finite step); under ``torch.distributed`` the ranks agree on it each step
+    keep the last finite step) and names ``lr_flag`` as the learning rate to lower: the
+    flag (or parameter) the caller's user set it with, e.g. ``--finetune-lr``; under ``torch.distributed`` the ranks agree on it each step
     (a 1-element all-reduce), so every rank raises the same error at the same step.  The
     DDP wrapper is released before :func:`train` returns or raises.
 
@@ -265,7 +274,7 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn(net(inputs), targets)
                 loss_value = loss.item()
-                _check_finite(loss_value, step + 1, description, optimizer)  # before backward: same step everywhere
+                _check_finite(loss_value, step + 1, description, optimizer, lr_flag)  # before backward: same step everywhere
                 loss.backward()
                 optimizer.step()
                 if scheduler is not None:

@@ -353,6 +353,7 @@ def finetune_centroids(
     seed: int = 0,
     progress: bool = False,
     loss_fn=F.cross_entropy,
+    lr_flag: str = "--lr",
 ) -> dict[str, Codebook]:
     """Fine-tune the shared centroids of ``model`` with prunelab's training engine; returns new codebooks.
 
@@ -397,7 +398,8 @@ def finetune_centroids(
     try:
         for p, _ in flags:
             p.requires_grad_(id(p) in targets)
-        train(model, train_loader, cfg, optimizer=optimizer, loss_fn=loss_fn, description="centroids")
+        train(model, train_loader, cfg, optimizer=optimizer, loss_fn=loss_fn, description="centroids",
+              lr_flag=lr_flag)
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)

@@ -28,7 +28,8 @@ from prunelab.schedules import Cubic
 
 
 def run_gradual(
-    model: nn.Module, train_loader, test_loader, spec: PruneSpec, config: TrainConfig, *, score_data: ScoreData | None = None
+    model: nn.Module, train_loader, test_loader, spec: PruneSpec, config: TrainConfig, *, score_data: ScoreData | None = None,
+    lr_flag: str = "--lr",
 ) -> MethodResult:
     require_loader(train_loader, "a training loader (it prunes while training)", "gradual",
                    "pass the training DataLoader")
@@ -70,7 +71,7 @@ def run_gradual(
         raise_sparsity(sparsifier, schedule.sparsity_at(0))
     train(model, train_loader, config, optimizer=optimizer,
           scheduler=make_lr_scheduler(optimizer, config, steps_per_epoch),
-          after_step=after_step, description="gradual")
+          after_step=after_step, description="gradual", lr_flag=lr_flag)
     rows = [stage_row("gradual", model, sparsifier.masks, test_loader, round=1, target_sparsity=spec.sparsity)]
     if spec.finetune_epochs > 0:
         tune = dataclasses.replace(config, epochs=spec.finetune_epochs)
@@ -78,7 +79,7 @@ def run_gradual(
         sparsifier.prepare(optimizer)
         train(model, train_loader, tune, optimizer=optimizer,
               scheduler=make_lr_scheduler(optimizer, tune, steps_per_epoch),
-              after_step=lambda _step: sparsifier.step(), description="fine-tune")
+              after_step=lambda _step: sparsifier.step(), description="fine-tune", lr_flag=lr_flag)
         rows.append(stage_row("fine-tuned", model, sparsifier.masks, test_loader, round=1, target_sparsity=spec.sparsity))
     masks = sparsifier.finalize()
     return MethodResult(masks, rows, sparsifier.history)

@@ -26,7 +26,8 @@ from prunelab.targets import keep_bounds, matching_layers
 
 
 def run_iterative(
-    model: nn.Module, train_loader, test_loader, spec: PruneSpec, config: TrainConfig, *, score_data: ScoreData | None = None
+    model: nn.Module, train_loader, test_loader, spec: PruneSpec, config: TrainConfig, *, score_data: ScoreData | None = None,
+    lr_flag: str = "--lr",
 ) -> MethodResult:
     schedule = Geometric(spec.sparsity, rounds=spec.rounds)
     sparsifier = spec.sparsifier(model, score_data)
@@ -54,7 +55,7 @@ def run_iterative(
             sparsifier.prepare(optimizer)
             train(model, train_loader, tune, optimizer=optimizer,
                   scheduler=make_lr_scheduler(optimizer, tune, len(train_loader)),
-                  after_step=lambda _step: sparsifier.step(), description=f"round {r}/{spec.rounds}")
+                  after_step=lambda _step: sparsifier.step(), description=f"round {r}/{spec.rounds}", lr_flag=lr_flag)
         rows.append(stage_row(f"round {r}", model, sparsifier.masks, test_loader, round=r, target_sparsity=target))
     masks = sparsifier.finalize()
     return MethodResult(masks, rows, sparsifier.history)

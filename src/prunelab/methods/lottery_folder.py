@@ -152,6 +152,10 @@ def check_resume(out: Path, wanted: dict[str, Any]) -> None:
         saved = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise PrunelabError(f"cannot read {str(path)!r} ({exc}); resume only from a folder written by run_lottery") from None
+    if not isinstance(saved, dict):  # a list, number, string, null: no run_lottery record
+        kind = "null" if saved is None else {list: "list", str: "string", bool: "boolean"}.get(type(saved), "number")
+        raise PrunelabError(f"{str(path)!r} is not a {LOTTERY_FORMAT} run config (it holds a JSON {kind}, not an object); "
+                            "resume only from a run_lottery folder")
     if saved.get("format") != LOTTERY_FORMAT:
         raise PrunelabError(f"{str(path)!r} is not a {LOTTERY_FORMAT} run config; resume only from a run_lottery folder")
     old = _flatten({k: v for k, v in saved.items() if k != "format"})

@@ -12,7 +12,8 @@ from prunelab.methods.base import MethodResult, PruneSpec, require_loader, requi
 
 
 def run_oneshot(
-    model: nn.Module, train_loader, test_loader, spec: PruneSpec, config: TrainConfig, *, score_data: ScoreData | None = None
+    model: nn.Module, train_loader, test_loader, spec: PruneSpec, config: TrainConfig, *, score_data: ScoreData | None = None,
+    lr_flag: str = "--lr",
 ) -> MethodResult:
     require_test_loader(test_loader, "oneshot")  # both loaders checked before anything is pruned
     if spec.finetune_epochs > 0:
@@ -28,7 +29,7 @@ def run_oneshot(
         sparsifier.prepare(optimizer)
         train(model, train_loader, tune, optimizer=optimizer,
               scheduler=make_lr_scheduler(optimizer, tune, len(train_loader)),
-              after_step=lambda _step: sparsifier.step(), description="fine-tune")
+              after_step=lambda _step: sparsifier.step(), description="fine-tune", lr_flag=lr_flag)
         rows.append(stage_row("fine-tuned", model, sparsifier.masks, test_loader, round=1, target_sparsity=spec.sparsity))
     masks = sparsifier.finalize()
     return MethodResult(masks, rows, sparsifier.history)
