@@ -137,6 +137,21 @@ def model_args(meta: Any, source: str | os.PathLike) -> tuple[str, tuple[int, ..
         ) from None
 
 
+def build_recorded_model(meta: Any, source: str | os.PathLike, remedy: str) -> nn.Module:
+    """The zoo model a record names (:func:`model_args`), freshly built; a build failure (an edited
+    ``input_shape`` asking for terabytes) is a one-line error naming ``source`` and ``remedy``."""
+    from prunelab.bench.models import build_model
+
+    name, input_shape, num_classes = model_args(meta, source)
+    try:
+        return build_model(name, input_shape, num_classes)
+    except (RuntimeError, MemoryError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise PrunelabError(f"cannot build model {name!r} with input_shape {list(input_shape)} and num_classes "
+                            f"{num_classes} from {os.fspath(source)} ({first}); the record is corrupt -- "
+                            f"{remedy}") from None
+
+
 def checkpoint_dataset(meta: dict[str, Any], source: str | os.PathLike, data_dir: str | None = None) -> str:
     """The zoo dataset a checkpoint's ``meta`` names, for the commands that evaluate it (compress, materialise,
     bench-latency); one-line errors for a record without one and for a ``--data-dir`` that dataset never reads."""
@@ -158,8 +173,6 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from prunelab.bench.models import build_model
-
     directory = _resolve(path)
     try:
         meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
@@ -170,14 +183,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise PrunelabError(f"{directory / META_FILE} has format {found!r}, expected {CHECKPOINT_FORMAT!r}")
-    name, input_shape, num_classes = model_args(meta, directory / META_FILE)
-    try:
-        model = build_model(name, input_shape, num_classes)
-    except (RuntimeError, MemoryError) as exc:  # e.g. an edited input_shape asking for terabytes
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise PrunelabError(f"cannot build model {name!r} with input_shape {list(input_shape)} and num_classes "
-                            f"{num_classes} from {directory / META_FILE} ({first}); the record is corrupt -- "
-                            "re-create the checkpoint") from None
+    model = build_recorded_model(meta, directory / META_FILE, "re-create the checkpoint")
     try:
         state = load_file(str(directory / MODEL_FILE))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -192,7 +198,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
                             f"{list(meta['input_shape'])} and num_classes {meta['num_classes']} ({detail}); "
                             f"the checkpoint is corrupt or {META_FILE} was edited -- re-create it") from None
     masks = MaskSet.load(directory / MASKS_FILE)
-    check_masks_fit(masks, model, directory, name)
+    check_masks_fit(masks, model, directory, str(meta["model"]))
     return Checkpoint(model, masks, meta)
 
 

@@ -73,8 +73,7 @@ def load(path: str | os.PathLike) -> nn.Module:
 
 
 def load_sparse_folder(folder: Path) -> nn.Module:
-    from prunelab.bench.models import build_model
-    from prunelab.checkpoint import model_args
+    from prunelab.checkpoint import build_recorded_model
     from prunelab.materialise import load_materialised
 
     try:
@@ -86,12 +85,5 @@ def load_sparse_folder(folder: Path) -> nn.Module:
     if not isinstance(state, dict):
         raise PrunelabError(f"{folder / MATERIALISED_STATE} holds a {type(state).__name__}, not a state_dict; "
                             "re-create it with prunelab materialise")
-    name, input_shape, num_classes = model_args(meta, folder / MATERIALISED_META)
-    try:
-        skeleton = build_model(name, input_shape, num_classes)
-    except (RuntimeError, MemoryError) as exc:  # e.g. an edited input_shape asking for terabytes
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise PrunelabError(f"cannot build model {name!r} with input_shape {list(input_shape)} and num_classes "
-                            f"{num_classes} from {folder / MATERIALISED_META} ({first}); the record is corrupt -- "
-                            "re-create it with prunelab materialise") from None
+    skeleton = build_recorded_model(meta, folder / MATERIALISED_META, "re-create it with prunelab materialise")
     return _rebuild(folder, MATERIALISED_STATE, lambda: load_materialised(skeleton, state))
