@@ -340,3 +340,52 @@ def test_pruning_methods_pass_their_lr_flag_to_train():
                                     TrainConfig(epochs=1, progress=False), lr_flag="--finetune-lr")
         finally:
             module.train = original
+
+
+def bn_net():
+    return nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.Linear(3, 3), nn.BatchNorm1d(3))
+
+
+def test_a_frozen_batchnorm_keeps_its_running_statistics_while_the_rest_trains():
+    torch.manual_seed(0)
+    model = bn_net().train()
+    model[1].eval()  # frozen on purpose (an eval submodule of a train-mode parent)
+    frozen = (model[1].running_mean.clone(), model[1].running_var.clone())
+    live = (model[3].running_mean.clone(), model[3].running_var.clone())
+    seen = []
+    model[1].register_forward_pre_hook(lambda module, inputs: seen.append(module.training))
+    loader = [(torch.randn(8, 2), torch.randint(0, 3, (8,)))] * 2
+    train(model, loader, TrainConfig(epochs=1, lr=0.01, progress=False))
+    assert seen == [False, False]
+    assert torch.equal(model[1].running_mean, frozen[0]) and torch.equal(model[1].running_var, frozen[1])
+    assert not torch.equal(model[3].running_mean, live[0]) and not torch.equal(model[3].running_var, live[1])
+    assert int(model[1].num_batches_tracked) == 0 and int(model[3].num_batches_tracked) == 2
+    assert [m.training for m in model.modules()] == [True, True, False, True, True]
+
+
+def test_a_model_entirely_in_eval_mode_is_no_freeze_and_trains_in_train_mode():
+    torch.manual_seed(0)
+    model = bn_net().eval()
+    before = [(bn.running_mean.clone(), bn.running_var.clone()) for bn in (model[1], model[3])]
+    seen = []
+    for module in model.modules():
+        module.register_forward_pre_hook(lambda module, inputs: seen.append(module.training))
+    train(model, [(torch.randn(8, 2), torch.randint(0, 3, (8,)))], TrainConfig(epochs=1, lr=0.01, progress=False))
+    assert seen == [True] * 5
+    for bn, (mean, var) in zip((model[1], model[3]), before):
+        assert not torch.equal(bn.running_mean, mean) and not torch.equal(bn.running_var, var)
+    assert not any(m.training for m in model.modules())
+
+
+def test_a_frozen_subtree_keeps_every_descendants_own_mode_during_training():
+    model = nn.Sequential(nn.Linear(2, 3), nn.Sequential(nn.Dropout(0.5), nn.Linear(3, 3), nn.BatchNorm1d(3)))
+    model.train()
+    model[1].eval()  # the frozen block: its dropout and BatchNorm stay in eval mode
+    model[1][1].train()  # a child the user set to train mode inside it keeps that mode
+    seen = {}
+    for name, module in model.named_modules():
+        module.register_forward_pre_hook(lambda module, inputs, name=name: seen.update({name: module.training}))
+    expected = {name: module.training for name, module in model.named_modules()}
+    train(model, [(torch.randn(4, 2), torch.tensor([0, 1, 2, 0]))], TrainConfig(epochs=1, lr=0.01, progress=False))
+    assert seen == expected == {"": True, "0": True, "1": False, "1.0": False, "1.1": True, "1.2": False}
+    assert {name: module.training for name, module in model.named_modules()} == expected

@@ -46,7 +46,8 @@ def add_compress_parser(subparsers: Any) -> None:
     parser.add_argument("--index-bits", default=None, help="relative-index bits (default 5 fc / 8 conv)")
     parser.add_argument("--finetune-epochs", type=int_arg, default=0, help="epochs of centroid fine-tuning (needs the dataset)")
     parser.add_argument("--finetune-lr", type=float_arg, default=0.01)
-    parser.add_argument("--data-dir", default=None, help="dataset folder for evaluation (default: $PRUNELAB_DATA)")
+    parser.add_argument("--data-dir", default=None,
+                        help="MNIST folder for evaluation (default: $PRUNELAB_DATA, else ~/.cache/prunelab/mnist)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     parser.set_defaults(func=cmd_compress)
 

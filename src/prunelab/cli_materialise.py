@@ -34,7 +34,8 @@ def add_materialise_parsers(subparsers: Any) -> None:
     mat.add_argument("checkpoint", help="checkpoint folder written by prune/demo")
     mat.add_argument("--form", default="auto", help="shrink | csr | bsr | 2:4 | auto (default: auto, measured per layer)")
     mat.add_argument("--out", required=True, help="output folder (prunelab.load rebuilds the model from it)")
-    mat.add_argument("--data-dir", default=None, help="dataset folder for the real check inputs (default: $PRUNELAB_DATA)")
+    mat.add_argument("--data-dir", default=None,
+                     help="MNIST folder for the check inputs (default: $PRUNELAB_DATA, else ~/.cache/prunelab/mnist)")
     mat.set_defaults(func=cmd_materialise)
 
     lat = subparsers.add_parser("bench-latency", help="latency of dense vs materialised forms at batch 1/8/64")
@@ -49,7 +50,8 @@ def add_materialise_parsers(subparsers: Any) -> None:
     lat.add_argument("--pooling", default="native", choices=("native", "auto"),
                      help="auto: time every nn.MaxPool2d and use the exact separable pool where faster, in the "
                           "dense model and every form alike (default: native)")
-    lat.add_argument("--data-dir", default=None)
+    lat.add_argument("--data-dir", default=None,
+                     help="MNIST folder for the timing inputs (default: $PRUNELAB_DATA, else ~/.cache/prunelab/mnist)")
     lat.set_defaults(func=cmd_bench_latency)
 
 

@@ -63,14 +63,16 @@ class RunConfig:
     allocation: str = _opt("global | uniform | erk | lamp", default="global")
     sparsity: float | None = _opt("target fraction of weights removed, in [0, 1) (default 0.9; with an N:M "
                                   "granularity, 1 - N/M)", default=None)
-    rounds: int = _opt("pruning rounds for 'iterative'", default=5)
-    layer_rates: dict[str, float] = _opt("per-round rate overrides for 'iterative', e.g. {fc3: 0.1}", default_factory=dict)
+    rounds: int = _opt("pruning rounds of 'iterative' / 'lottery'", default=5)
+    layer_rates: dict[str, float] = _opt("per-round rate overrides of 'iterative' / 'lottery', e.g. {fc3: 0.1}",
+                                         default_factory=dict)
     keep_first: str | None = _opt("first layer: 'dense', 'none' or a maximum sparsity", default=None)
     keep_last: str | None = _opt("last layer: 'dense', 'none' or a maximum sparsity", default=None)
     exclude: tuple[str, ...] = _opt("layer name globs never pruned", default=())
     pretrain_epochs: int = _opt("dense training epochs before pruning", default=30)
     finetune_epochs: int = _opt("retraining epochs after each pruning event", default=8)
-    epochs: int = _opt("training epochs for 'gradual' (pruning happens during them)", default=30)
+    epochs: int = _opt("training epochs of 'gradual' and every from-scratch method (snip, rigl, ...; "
+                       "'lottery': per round)", default=30)
     num_updates: int = _opt("mask updates of the 'gradual' cubic schedule", default=10)
     batch_size: int = _opt("training batch size", default=64)
     optimizer: str = _opt("sgd | adam | adamw", default="sgd")

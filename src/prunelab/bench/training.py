@@ -164,6 +164,19 @@ def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
             module.train(training)
 
 
+def _frozen_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """The deliberately frozen subtrees' modes: an eval-mode submodule of a train-mode parent, and all below it.
+
+    A model entirely in eval mode freezes nothing (an eval root is no freeze: it trains fully).
+    """
+    frozen: set[int] = set()
+    for parent in model.modules():  # pre-order: a parent is marked before its children are visited
+        for child in parent.children():
+            if id(parent) in frozen or (parent.training and not child.training):
+                frozen.add(id(child))
+    return [(module, module.training) for module in model.modules() if id(module) in frozen]
+
+
 def distributed_sampler(loader: Any) -> DistributedSampler | None:
     """The ``DistributedSampler`` behind ``loader`` (its ``sampler`` or its ``batch_sampler``'s), else None."""
     for sampler in (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
@@ -225,7 +238,12 @@ def train(
     number of completed epochs (1, 2, ...).  ``skipped_steps``: batches the loader leaves
     out of its first epoch(s) (a resumed run), taken off the progress bar's total.  Without ``optimizer`` one is made from
     ``cfg``; without ``scheduler`` one is made from ``cfg`` for the optimizer in use.
-    The train/eval mode of the model and of each submodule is restored afterwards.
+    Training runs in train mode, except for deliberately frozen submodules: one in eval
+    mode whose parent module is in train mode on entry (mixed modes: a deliberate freeze,
+    e.g. a BatchNorm frozen for fine-tuning) stays in eval mode, and its descendants keep
+    their own modes, so a frozen BatchNorm keeps its running statistics.
+    A model entirely in eval mode is no freeze: it trains fully in train mode.  The
+    train/eval mode of the model and of each submodule is restored afterwards.
 
     With a ``DistributedSampler`` (:func:`distributed_sampler`), epoch ``e`` of this call
     shuffles with ``set_epoch(e0 + e)``, ``e0`` the sampler's epoch on entry, and the
@@ -258,8 +276,9 @@ def train(
     sampler = distributed_sampler(train_loader)
     first_epoch = sampler.epoch if sampler is not None else 0
     epochs_begun = 0
-    modes = _modes(model)
+    modes, frozen = _modes(model), _frozen_modes(model)
     model.train()
+    _restore_modes(frozen)  # a frozen BatchNorm keeps its running statistics
     step, loss_value = 0, float("nan")
     bar = tqdm(total=max(0, cfg.epochs * steps_per_epoch - skipped_steps), desc=description, leave=False,
                disable=not cfg.progress or not distributed.is_main_process())
