@@ -368,7 +368,10 @@ def finetune_centroids(
     mean/variance (buffers, not learned parameters; its affine weight and bias stay frozen).
     That is deliberate: quantisation moved the weights, and the running statistics are
     re-estimated for the quantised network that is then written to the file (buffers are
-    stored raw).  To keep them, put the BatchNorm layers' ``momentum`` to 0 first.  Every
+    stored raw).  To keep them, freeze those BatchNorm layers in eval mode under a train-mode
+    model (:func:`prunelab.bench.training.train` leaves such a freeze alone) or put their
+    ``momentum`` to 0 first.  ``lr_flag`` names the learning-rate option in the error a
+    diverging loss raises (``--finetune-lr`` for ``prunelab compress``).  Every
     submodule's own train/eval flag is restored afterwards (also on an error).
     """
     from prunelab.bench.training import TrainConfig, train
