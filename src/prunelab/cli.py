@@ -39,29 +39,25 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message}; see '{self.prog} --help'\n")
 
 
-def int_arg(text: str) -> int:
-    """argparse ``type`` for integer flags: an int within int64 (:func:`prunelab.config.beyond_torch`)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    reason = beyond_torch(value)
-    if reason:
-        raise argparse.ArgumentTypeError(f"{text} is too large ({reason}); pass a realistic value")
-    return value
+def _torch_sized(parse, expected: str):
+    """An argparse ``type`` that parses with ``parse`` and refuses values torch cannot hold
+    (:func:`prunelab.config.beyond_torch`); nan / inf pass (the option's own check names its range)."""
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        reason = beyond_torch(value)
+        if reason:
+            raise argparse.ArgumentTypeError(f"{text} is too large ({reason}); pass a realistic value")
+        return value
+
+    convert.__name__ = parse.__name__
+    return convert
 
 
-def float_arg(text: str) -> float:
-    """argparse ``type`` for float flags: nan / inf pass (the option's own check names its range),
-    finite values beyond float32 (which would overflow inside torch) are refused."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    reason = beyond_torch(value)
-    if reason:
-        raise argparse.ArgumentTypeError(f"{text} is too large ({reason}); pass a realistic value")
-    return value
+int_arg = _torch_sized(int, "an integer")  # integer flags: within int64
+float_arg = _torch_sized(float, "a number")  # float flags: finite values within float32
 
 
 def _parse_rates(text: str) -> dict[str, float]:
