@@ -85,14 +85,18 @@ def check_sparsity(sparsity: float, what: str = "sparsity") -> None:
         )
 
 
-def _check_bounds(layers: Sequence[LayerBudget], budget: int) -> None:
+def _check_bounds(layers: Sequence[LayerBudget], budget: int,
+                  floors: str = "the layer rules (dense / floor layers) keep",
+                  relax: str = "relax --keep-first/--keep-last") -> None:
+    """Refuse a ``budget`` below the layers' floors (``floors`` says whose, ``relax`` how to lower them)
+    or above their caps."""
     low = sum(l.min_keep * l.group_size for l in layers)
     high = sum(l.max_keep * l.group_size for l in layers)
     total = sum(l.numel for l in layers)
     if budget < low:
         raise PrunelabError(
-            f"target keeps {budget} of {total} weights but the layer rules (dense / floor layers) keep at least "
-            f"{low}; lower the sparsity to <= {1 - low / total:.4f} or relax --keep-first/--keep-last"
+            f"target keeps {budget} of {total} weights but {floors} at least "
+            f"{low}; lower the sparsity to <= {1 - low / total:.4f} or {relax}"
         )
     if budget > high:
         raise PrunelabError(
@@ -267,15 +271,8 @@ class GlobalAllocation(Allocation):
         if self.keep_one_group and any(l.structured for l in layers):
             _check_bounds(layers, budget)  # the layer rules' own limits first, with their own message
             layers = one_group_floor(layers)
-            low = sum(l.min_keep * l.group_size for l in layers)
-            total = sum(l.numel for l in layers)
-            if budget < low:
-                raise PrunelabError(
-                    f"target keeps {budget} of {total} weights but global allocation keeps at least one group of "
-                    f"every layer ({low} weights, so no layer is removed); lower the sparsity to <= "
-                    f"{1 - low / total:.4f} or pass "
-                    "allocation=prunelab.allocation.GlobalAllocation(keep_one_group=False)"
-                )
+            _check_bounds(layers, budget, "global allocation keeps one group of every layer (so no layer is removed):",
+                          "pass allocation=prunelab.allocation.GlobalAllocation(keep_one_group=False)")
         return global_threshold_counts(layers, budget)
 
 
