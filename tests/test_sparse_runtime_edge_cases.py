@@ -66,6 +66,31 @@ def test_sparse_linear_equals_dense_on_edge_weights_and_inputs(kernel, block, bi
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("kernel,block", LINEAR_KERNELS)
+def test_sparse_linear_output_is_contiguous_like_linear(kernel, block):
+    """Outputs used to be the transposed view of an (out, N) product: ``y.view(-1)`` raised."""
+    sparse = build_sparse(_linear("pattern"), kernel, block_size=block)
+    for x in _inputs(torch.float32):
+        with torch.no_grad():
+            y = sparse(x)
+        assert y.is_contiguous()
+        assert y.view(-1).shape == (y.numel(),)
+
+
+def test_csr_conv2d_output_is_contiguous_so_a_view_flatten_works():
+    """A CSR conv output used to be a permuted view: LeNet's ``x.view(x.size(0), -1)`` after it raised."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3, bias=True)
+    with torch.no_grad():
+        conv.weight[torch.rand(conv.weight.shape) < 0.8] = 0
+    sparse = build_sparse(conv.eval(), "csr")
+    for x in (torch.randn(2, 3, 10, 10), torch.randn(3, 10, 10)):
+        with torch.no_grad():
+            y, expected = sparse(x), conv(x)
+        assert y.is_contiguous()
+        torch.testing.assert_close(y.view(-1), expected.reshape(-1), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kernel,block", [kb for kb in LINEAR_KERNELS if kb[0] != "2:4"])  # dense is not 2:4
 def test_fully_dense_layer_equals_dense(kernel, block):
     torch.manual_seed(0)
