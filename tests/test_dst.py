@@ -142,21 +142,83 @@ def test_rigl_grows_exactly_the_largest_grad_zero_weights():
     assert torch.all(weight[expected & ~mask] == 0)  # grown weights start at zero
 
 
-def test_rigl_regrows_a_just_dropped_weight_from_zero():
-    # RigL eq. 2: I_grow = ArgTopK over i not in (theta \ I_drop) -- the dropped position is a candidate again
-    model = nn.Sequential(nn.Linear(4, 1, bias=False))
-    sparsifier = RigL(model, 0.5).prepare()
-    sparsifier.set_masks({"0.weight": torch.tensor([[True, True, False, False]])})
+def one_row(method, mask, weight, momentum, **kwargs):
+    """A Linear(4, 1) under ``method`` with SGD momentum, the given mask, weights and momentum buffer."""
+    model = nn.Sequential(nn.Linear(len(weight), 1, bias=False))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sparsifier = method(model, 0.5, **kwargs).prepare(optimizer)
+    sparsifier.set_masks({"0.weight": torch.tensor([mask])})
+    param = model[0].weight
     with torch.no_grad():
-        model[0].weight.copy_(torch.tensor([[0.01, 0.9, 0.0, 0.0]]))
-    model[0].weight.grad = torch.tensor([[100.0, 0.0, 0.1, 0.2]])  # the dropped weight has the largest gradient
-    new = sparsifier.rewire(0.5)["0.weight"]
+        param.copy_(torch.tensor([weight]))
+    optimizer.state[param]["momentum_buffer"] = torch.tensor([momentum])
+    return model, optimizer, sparsifier
+
+
+def test_rigl_regrown_just_dropped_weight_keeps_value_and_momentum():
+    # RigL eq. 2: I_grow = ArgTopK over i not in (theta \ I_drop) -- the dropped position is a candidate again;
+    # the reference (google-research/rigl, _get_update_op, reinit_when_same=False) re-initialises and zeroes the
+    # optimizer slots of new_connections = grown & (mask == 0) only: a weight dropped and regrown is kept as it was
+    model, optimizer, sparsifier = one_row(RigL, [True, True, False, False], [0.01, 0.9, 0.0, 0.0],
+                                           [0.5, 0.25, 0.0, 0.0])
+    param = model[0].weight
+    param.grad = torch.tensor([[100.0, 0.0, 0.1, 0.2]])  # the dropped weight has the largest gradient
+    new = sparsifier.rewire(0.5)["0.weight"]  # 2 kept: drop 1 (|0.01|), grow 1 (|grad| 100, position 0 again)
     assert new.tolist() == [[True, True, False, False]]
-    assert model[0].weight.detach().tolist() == [[0.0, pytest.approx(0.9), 0.0, 0.0]]  # regrown: restarts at zero
-    model[0].weight.grad = torch.tensor([[0.0, 0.0, 0.1, 0.2]])
-    with torch.no_grad():
-        model[0].weight.copy_(torch.tensor([[0.01, 0.9, 0.0, 0.0]]))
+    assert param.detach().tolist() == [[pytest.approx(0.01), pytest.approx(0.9), 0.0, 0.0]]  # was 0.0, 0.9
+    assert optimizer.state[param]["momentum_buffer"].tolist() == [[0.5, 0.25, 0.0, 0.0]]  # was 0.0, 0.25
+    param.grad = torch.tensor([[0.0, 0.0, 0.1, 0.2]])
     assert sparsifier.rewire(0.5)["0.weight"].tolist() == [[False, True, False, True]]  # else the largest zero
+    assert param.detach().tolist() == [[0.0, pytest.approx(0.9), 0.0, 0.0]]  # dropped: zero; new: starts at zero
+    assert optimizer.state[param]["momentum_buffer"].tolist() == [[0.0, 0.25, 0.0, 0.0]]
+
+
+def test_rigl_one_update_regrowing_a_dropped_and_a_new_connection():
+    # 3 kept -> drop round(1.5) = 2 (|w| 0.01, 0.02); grow 2 among {0, 1, 3} by |grad| 100, 0, 50 -> 0 and 3
+    model, optimizer, sparsifier = one_row(RigL, [True, True, True, False], [0.01, 0.02, 0.9, 0.0],
+                                           [0.5, 0.4, 0.3, 0.7])  # 0.7: stale state on a masked entry
+    param = model[0].weight
+    param.grad = torch.tensor([[100.0, 0.0, 0.0, 50.0]])
+    assert sparsifier.rewire(0.5)["0.weight"].tolist() == [[True, False, True, True]]
+    assert param.detach().tolist() == [[pytest.approx(0.01), 0.0, pytest.approx(0.9), 0.0]]
+    assert optimizer.state[param]["momentum_buffer"].tolist() == [[0.5, 0.0, pytest.approx(0.3), 0.0]]
+
+
+def test_snfs_regrown_just_pruned_weight_keeps_value_and_momentum():
+    # sparse_learning's truncate_weights writes the pruned mask, grows on it, and zeroes weights (apply_mask)
+    # only after the growth: a weight pruned and regrown was never zeroed
+    model, optimizer, sparsifier = one_row(SNFS, [True, True, False, False], [0.01, 0.9, 0.0, 0.0],
+                                           [0.5, 0.25, 0.0, 0.0])
+    param = model[0].weight
+    sparsifier.momentum = {"0.weight": torch.tensor([[5.0, 1.0, 0.1, 0.2]])}  # position 0 has the largest |M|
+    assert sparsifier.rewire(0.5)["0.weight"].tolist() == [[True, True, False, False]]
+    assert param.detach().tolist() == [[pytest.approx(0.01), pytest.approx(0.9), 0.0, 0.0]]
+    assert optimizer.state[param]["momentum_buffer"].tolist() == [[0.5, 0.25, 0.0, 0.0]]
+
+
+def test_dsr_regrown_just_pruned_weight_restarts_at_zero():
+    # DSR's reference zeroes pruned weights (reinitialize_unused) before it grows: the only zero position after
+    # the prune is the pruned one, so it comes back at zero with zero momentum
+    model, optimizer, sparsifier = one_row(DSR, [True, True], [0.0005, 0.9], [0.5, 0.25], threshold=1e-3)
+    param = model[0].weight
+    assert sparsifier.rewire(0.5)["0.weight"].tolist() == [[True, True]]
+    assert param.detach().tolist() == [[0.0, pytest.approx(0.9)]]
+    assert optimizer.state[param]["momentum_buffer"].tolist() == [[0.0, 0.25]]
+
+
+def test_set_re_added_just_removed_weight_is_drawn_afresh():
+    # SET's reference (weightsEvolution) rebuilds the layer from the kept weights and draws every added
+    # connection a new value with a zero momentum entry, one just removed included
+    model, optimizer, sparsifier = one_row(SET, [True, True, False], [0.01, 0.9, 0.0], [0.5, 0.25, 0.0])
+    param = model[0].weight
+    generator = torch.Generator().manual_seed(0 * 1_000_003 + 0)  # seed 0, step 0: what rewire draws from
+    scores = torch.rand((1, 3), generator=generator)  # growth scores, then the fresh values
+    fresh = (torch.rand((1, 3), generator=generator) * 2 - 1) / math.sqrt(3)  # U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert scores[0, 0] > scores[0, 2]  # of the candidates {0 (just removed), 2}, position 0 wins
+    assert sparsifier.rewire(0.5)["0.weight"].tolist() == [[True, True, False]]  # drop 1 (|0.01|), re-add it
+    assert param.detach().tolist() == [[pytest.approx(float(fresh[0, 0])), pytest.approx(0.9), 0.0]]
+    assert fresh[0, 0] != pytest.approx(0.01)
+    assert optimizer.state[param]["momentum_buffer"].tolist() == [[0.0, 0.25, 0.0]]
 
 
 def test_grown_weights_and_optimizer_state_start_at_zero():
@@ -382,6 +444,52 @@ def test_training_flops_formulas():
     assert cost.sparse_inference_flops == f_s and cost.dense_inference_flops == f_d
     assert cost.total_flops == pytest.approx(1000 * (30 * f_s + 2 * f_s + f_d) / 11)
     assert cost.dense_total_flops == 3000 * f_d and 0 < cost.fraction_of_dense < 1
+
+
+def test_training_flops_count_kept_connections_not_nonzero_values():
+    # a connection grown at zero and not moved yet (e.g. into a dead ReLU unit) is still multiplied by a sparse
+    # training kernel: f_S = 2 * sum_l |M_l| * positions_l, not 2 * sum_l nnz(M_l * W_l) * positions_l
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, bias=False), nn.Flatten(), nn.Linear(18, 2, bias=False))
+    conv, fc = torch.zeros(2, 1, 3, 3, dtype=torch.bool), torch.zeros(2, 18, dtype=torch.bool)
+    conv.view(-1)[:4] = True  # 4 kept, applied at 3 x 3 positions of a 5 x 5 input
+    fc.view(-1)[:5] = True  # 5 kept, one position
+    with torch.no_grad():
+        model[0].weight.fill_(0.5)
+        model[2].weight.fill_(0.5)
+        model[0].weight.view(-1)[0] = 0.0  # kept, exactly zero
+        model[2].weight.view(-1)[:2] = 0.0  # two kept, exactly zero
+    masks = {"0.weight": conv, "2.weight": fc}
+    cost = training_flops("set", model, torch.randn(1, 1, 5, 5), masks, samples=10)
+    assert cost.sparse_inference_flops == 2 * (4 * 9 + 5 * 1) == 82  # by nonzeros it was 2 * (3 * 9 + 3) = 60
+    assert cost.dense_inference_flops == 2 * (18 * 9 + 36) == 396
+    assert cost.per_sample_flops == 3 * 82 and cost.total_flops == 10 * 3 * 82
+    assert training_flops("dense", model, torch.randn(1, 1, 5, 5), None, samples=10).per_sample_flops == 3 * 396
+    with pytest.raises(PrunelabError, match="count the kept connections of its masks, got masks=None"):
+        training_flops("rigl", model, torch.randn(1, 1, 5, 5), None, samples=10)
+
+
+def test_training_flops_by_mask_match_measure_model_when_no_kept_weight_is_zero():
+    from prunelab.dst.flops import kept_flops
+    from prunelab.measure.counting import measure_model
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(self.attn(x, x, x, need_weights=False)[0])
+
+    torch.manual_seed(0)
+    model = Block()
+    gen = torch.Generator().manual_seed(3)
+    masks = {n: torch.rand(p.shape, generator=gen) > 0.6 for n, p in model.named_parameters()
+             if n in ("attn.in_proj_weight", "attn.out_proj.weight", "fc.weight")}
+    x = torch.randn(2, 5, 8)
+    cost = measure_model(model, x, masks)
+    assert kept_flops(model, cost, masks) == cost.sparse_flops  # the in-projection's q/k/v rows included
+    assert kept_flops(model, cost, {}) == cost.dense_flops
 
 
 # --- the registered methods end to end -----------------------------------------------------

@@ -14,15 +14,22 @@ One update (:meth:`DynamicSparsifier.rewire`), with ``M`` the mask before it:
 1. **drop** ``d_l`` kept weights per layer with the lowest *drop score* (``|w|`` for every
    method here), ``d_l = round(f * |M_l|)`` unless the method says otherwise (DSR);
 2. **grow** ``g_l`` weights among the positions that are zero *after* the drop -- RigL's
-   ``i not in theta_l minus I_drop`` (eq. 2), also the candidate set of SET, DSR and SNFS's
-   reference code -- those with the highest *grow score* (random, ``|dL/dw|`` or
-   ``|momentum|``); a connection just dropped can be regrown, and then restarts like any
-   grown one;
+   ``i not in theta_l minus I_drop`` (eq. 2), also the candidate set of SET's and SNFS's
+   reference code (DSR's leaves the just-pruned out, see :class:`~prunelab.dst.DSR`) --
+   those with the highest *grow score* (random, ``|dL/dw|`` or ``|momentum|``); a
+   connection just dropped can be regrown;
    ``g_l = d_l`` keeps every layer's count (SET, RigL), DSR/SNFS reallocate
    ``sum_l d_l`` across layers;
-3. grown weights start at zero (or at a fresh draw, SET) and their optimizer state
-   (momentum buffer, Adam moments) is zeroed; dropped weights and their state are zeroed
-   by :meth:`~prunelab.sparsifier.Sparsifier.enforce`.
+3. *new* connections -- grown and not kept before the update -- start at zero (or at a
+   fresh draw, SET) and their optimizer state (momentum buffer, Adam moments) is zeroed;
+   dropped weights and their state are zeroed by
+   :meth:`~prunelab.sparsifier.Sparsifier.enforce`.  A connection dropped and regrown in
+   the same update is no new connection: it keeps its value and its optimizer state, as
+   in RigL's reference code (google-research/rigl, ``rigl/sparse_optimizers.py``,
+   ``_get_update_op`` with its default ``reinit_when_same=False``: ``new_connections =
+   grown & (mask == 0)``, only those are re-initialised and get their slots zeroed) --
+   unless the method sets :attr:`DynamicSparsifier.reinit_when_same` (SET: its reference
+   code re-draws every added connection).
 
 Ties in any ranking go to the lower flat index (:func:`~prunelab.allocation.select_top_k`).
 
@@ -140,7 +147,8 @@ class DynamicSparsifier(Sparsifier):
 
     Subclasses set :attr:`name`, implement :meth:`grow_scores` and may override
     :meth:`drop_counts` / :meth:`grow_counts` (reallocation across layers), :meth:`observe`
-    (per-step statistics) and :attr:`grow_init`.  ``schedule=None`` never rewires.
+    (per-step statistics), :attr:`grow_init` and :attr:`reinit_when_same`.  ``schedule=None``
+    never rewires.
 
     ``allocation``: the initial per-layer counts, ``"erk"`` (Evci et al. 2020) or
     ``"uniform"``.  ``rules``/``exclude`` as for :class:`Sparsifier`: a layer kept dense
@@ -152,6 +160,9 @@ class DynamicSparsifier(Sparsifier):
 
     name: ClassVar[str] = "dst"
     grow_init: ClassVar[str] = "zero"
+    #: re-initialise (value and optimizer state) a connection dropped and regrown in the same
+    #: update; False keeps it as it was (RigL reference, ``reinit_when_same=False``)
+    reinit_when_same: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -247,7 +258,9 @@ class DynamicSparsifier(Sparsifier):
                 score = torch.where(survivors[name], torch.full_like(score, -math.inf), score)  # zero after the drop
                 grown[name] = select_top_k(score, grow[name]).view(param.shape)
         self.masks = MaskSet({n: survivors[n] | grown[n] for n in self.params})
-        self._start_grown(grown, generator)
+        # new connections only: a just-dropped weight that is regrown keeps its value and state
+        fresh = grown if self.reinit_when_same else {n: grown[n] & ~old[n] for n in self.params}
+        self._start_grown(fresh, generator)
         self.enforce()
         self.history.append({
             "step": self.step_count, "update_fraction": fraction, "dropped": sum(drop.values()),
@@ -268,7 +281,7 @@ class DynamicSparsifier(Sparsifier):
         """``d_l = round(f * |M_l|)``; a layer with no zeros (kept dense) is left alone, ``d_l = 0``.
 
         The dropped positions are candidates again, so ``d_l`` can always regrow; a dense layer
-        would only drop and regrow the same weights, resetting them.
+        would only drop and regrow the same weights (re-drawing them under ``reinit_when_same``).
         """
         return {name: 0 if bool(mask.all()) else _round_half_up(fraction * int(mask.sum())) for name, mask in old.items()}
 
@@ -285,7 +298,7 @@ class DynamicSparsifier(Sparsifier):
         return torch.rand(param.shape, generator=generator, dtype=torch.float32).to(param.device)
 
     def _start_grown(self, grown: Mapping[str, torch.Tensor], generator: torch.Generator) -> None:
-        """Grown weights start at zero (or a fresh init draw) with zero optimizer state."""
+        """The weights at ``grown`` (new connections) start at zero (or a fresh init draw) with zero optimizer state."""
         for name, param in self.params.items():
             where = grown[name]
             if not bool(where.any()):
@@ -383,7 +396,7 @@ class ReallocatingSparsifier(DynamicSparsifier):
         low, high = self.keep_limits[name]
         if low == high:  # a fixed layer regrows exactly what it drops
             if kept == mask.numel():
-                return 0  # fixed and dense: it would only drop and regrow, resetting, the same weights
+                return 0  # fixed and dense: it would only drop and regrow the same weights
             floor = 1
         else:
             floor = max(low, 1)

@@ -26,8 +26,16 @@ class DSR(ReallocatingSparsifier):
       ``K > (1 + delta) N_p`` (default ``delta = 0.1``, ``H(0) = 0.001`` as in the paper);
     * regrow ``K`` zero-initialised weights, layer ``l`` receiving
       ``G_l = K * R_l / sum_j R_j`` (``R_l`` = its surviving weights; largest remainder,
-      so ``sum G_l = K`` exactly) at random positions that are zero after the prune (a weight
-      just pruned may come back, at zero).
+      so ``sum G_l = K`` exactly) at random positions that are zero after the prune.
+
+    A weight just pruned may come back, and then restarts at zero with zero optimizer state
+    (``reinit_when_same``): the reference code (IntelAI dynamic-reparameterization,
+    ``parameterized_tensors.py``, copied in TimDettmers/sparse_learning) zeroes pruned
+    weights (``reinitialize_unused``) before it grows.  Deviation, documented: that code
+    also leaves the just-pruned positions out of the growth candidates
+    (``grow_random(None, pruned_indices)``, ``np.setdiff1d``); here they stay candidates,
+    as for every method in this package, so a layer that reallocation has filled can
+    always regrow its count and the global count stays exact.
 
     So the global count is exact while per-layer counts move.  The paper fixes ``N_p``;
     here ``N_p = f(t) * (kept weights)`` follows the shared cosine schedule.  A layer
@@ -36,6 +44,7 @@ class DSR(ReallocatingSparsifier):
 
     name = "dsr"
     grow_init = "zero"
+    reinit_when_same = True
 
     def __init__(
         self,

@@ -31,11 +31,17 @@ class SET(DynamicSparsifier):
     follows the shared cosine schedule ``f(t)`` every ``delta_t`` steps, so all DST
     methods are compared at the same update cost.  (3) New weights are drawn afresh as in
     the paper, from PyTorch's default initialisation ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``,
-    with zero optimizer state.
+    with zero optimizer state -- a weight removed and re-added in the same update included
+    (``reinit_when_same``): the reference code (dcmocanu/sparse-evolutionary-artificial-
+    neural-networks, ``weightsEvolution``) rebuilds the layer from the kept weights only and
+    draws every added connection -- one just removed can be picked, since candidates are the
+    positions empty after the removal -- a new random value with a zero momentum entry
+    (``pdwdok[ik, jk] = 0``).
     """
 
     name = "set"
     grow_init = "init"
+    reinit_when_same = True
 
     def grow_scores(self, name: str, param: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return self._random_scores(param, generator)  # uniform: a random subset of the candidates

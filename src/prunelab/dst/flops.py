@@ -10,11 +10,16 @@ the dense one, a training step costs per sample:
   ``(3 f_S * delta_t + 2 f_S + f_D) / (delta_t + 1)`` on average;
 * SNFS needs the dense gradient every step for its momentum: ``2 f_S + f_D``.
 
-``f_S`` and ``f_D`` come from :func:`prunelab.measure.counting.measure_model` (Linear/Conv
-multiply-adds, ``FLOPs = 2 MACs``, biases not counted).  For methods that move weights
-between layers (DSR, SNFS) ``f_S`` is that of the mask passed in (the final one): exact
-for MLPs, where ``f_S = 2 * nonzeros`` whatever the allocation, an approximation for
-convolutions.
+``f_S`` and ``f_D`` are Linear/Conv multiply-adds from one
+:func:`prunelab.measure.counting.measure_model` pass (``FLOPs = 2 MACs``, biases not
+counted).  ``f_S`` counts by the *mask*: ``2 * sum_l |M_l| * positions_l``, every kept
+connection whatever its value -- a sparse training kernel multiplies every kept weight,
+and a kept weight is often exactly zero (a connection grown at zero that the gradient has
+not moved, e.g. into a dead ReLU unit).  ``measure_model``'s own ``sparse_flops`` counts
+kept *and nonzero* weights (inference work) and would undercount training.  A layer with no
+mask counts all its weights (it is trained dense).  For methods that move weights between
+layers (DSR, SNFS) ``f_S`` is that of the mask passed in (the final one): exact for MLPs,
+where ``f_S = 2 * kept`` whatever the allocation, an approximation for convolutions.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ import torch
 from torch import nn
 
 from prunelab.errors import PrunelabError
-from prunelab.measure.counting import measure_model
+from prunelab.measure.attention import attention_modules, child_name, in_projections
+from prunelab.measure.costs import ModelCost
+from prunelab.measure.counting import measure_model, measured_layers
 
 TRAINING_COSTS = ("dense", "static", "set", "dsr", "rigl", "snfs")
 
@@ -96,14 +103,56 @@ def training_flops(
 ) -> TrainingFlops:
     """Training FLOPs of ``method`` over ``samples`` training samples (epochs x dataset size).
 
-    ``f_S`` = sparse forward FLOPs of ``model`` under ``masks`` and ``f_D`` = its dense
+    ``f_S`` = sparse forward FLOPs of ``model`` under ``masks``, counted by kept connections
+    (``2 * sum_l |M_l| * positions_l``, see the module docstring), and ``f_D`` = its dense
     forward FLOPs, both from one :func:`measure_model` pass of ``example_input``; per
     sample and step: dense ``3 f_D``; static/SET/DSR ``3 f_S``; RigL
     ``(3 f_S dT + 2 f_S + f_D) / (dT + 1)``; SNFS ``2 f_S + f_D`` (RigL, Appendix H).
+    ``masks`` is required for every method but ``"dense"``.
     """
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
         raise PrunelabError(f"samples must be an integer >= 0 (training samples seen), got {samples!r}")
-    cost = measure_model(model, example_input, masks)
-    f_s = cost.dense_flops if method == "dense" else cost.sparse_flops
+    if masks is None and method != "dense":
+        raise PrunelabError(f"training FLOPs of {method!r} count the kept connections of its masks, got masks=None; "
+                            "pass the sparsifier's masks (sparsifier.masks, or result.masks of a method run)")
+    cost = measure_model(model, example_input, masks)  # also checks the masks' names
+    f_s = cost.dense_flops if method == "dense" else kept_flops(model, cost, masks or {})
     per_sample = flops_per_sample(method, f_s, cost.dense_flops, delta_t=delta_t)
     return TrainingFlops(method, samples, float(f_s), float(cost.dense_flops), per_sample)
+
+
+def kept_flops(model: nn.Module, cost: ModelCost, masks: Mapping[str, torch.Tensor]) -> int:
+    """``2 * sum_l |M_l| * positions_l`` over ``cost``'s layers (``measure_model(model, ...)``): FLOPs by the mask.
+
+    A layer's mask is found by its weight's FQN (a tied weight under any of its names, several
+    masks of one tensor ANDed, as :func:`measure_model` does); an attention in-projection
+    takes its rows of the mask.  A layer without a mask counts every weight; a materialised
+    sparse module (whose weight is no parameter) counts the nonzeros its format stores.
+    """
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+
+    def key(fqn: str) -> object:
+        tensor = tensors.get(fqn)
+        return id(tensor) if tensor is not None else fqn
+
+    keeps: dict[object, torch.Tensor] = {}
+    for fqn, mask in masks.items():
+        mask = mask.detach().to(device="cpu", dtype=torch.bool)
+        k = key(fqn)
+        keeps[k] = keeps[k] & mask if k in keeps else mask
+    units: dict[str, tuple[object, slice | None, bool]] = {}  # layer name -> (mask key, rows, weight is a parameter)
+    for name, module in measured_layers(model).items():
+        units[name] = (key(child_name(name, "weight")), None, isinstance(getattr(module, "weight", None), nn.Parameter))
+    for name, module in attention_modules(model).items():
+        for projection in in_projections(name, module):
+            units[projection.name] = (key(projection.weight_name), projection.rows, True)
+    total = 0
+    for layer in cost.layers:
+        mask_key, rows, is_parameter = units[layer.name]
+        mask = keeps.get(mask_key)
+        if mask is not None:
+            kept = int((mask if rows is None else mask[rows]).sum())
+        else:
+            kept = layer.weight_params if is_parameter else layer.weight_nonzeros
+        total += 2 * kept * layer.output_positions
+    return total

@@ -23,12 +23,15 @@ class RigL(DynamicSparsifier):
 
     i.e. among the positions not kept after the drop (one just dropped included, eq. 2) the
     ``k`` with the largest gradient of the current batch's loss with respect to *all* weights.
-    A just-dropped weight that is regrown restarts at zero like any grown one; RigL's
-    reference code (``reinit_when_same=False``) instead leaves its value and momentum as they were.
     Masked weights are zero, so this dense gradient is the ordinary ``.grad`` before the
     mask re-zeroes it: :meth:`step` reads it right after ``optimizer.step()`` and before
-    ``enforce``.  New connections start at zero with zero optimizer state, so they do not
-    change the network's output until trained.
+    ``enforce``.  New connections (grown where the mask was 0) start at zero with zero
+    optimizer state, so they do not change the network's output until trained.  A weight
+    dropped and regrown in the same update is not new: it keeps its value and its optimizer
+    state, as in the reference code (google-research/rigl, ``rigl/sparse_optimizers.py``,
+    ``SparseRigLOptimizer`` -> ``_get_update_op(..., reinit_when_same=False)``:
+    ``new_connections = (mask2 == 1) & (mask == 0)``, and ``reset_momentum`` zeroes the
+    slots of ``new_connections`` only).
     """
 
     name = "rigl"

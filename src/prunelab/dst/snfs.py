@@ -32,9 +32,15 @@ class SNFS(ReallocatingSparsifier):
     * prune the ``round(p * kept_l)`` smallest-``|w|`` weights of every layer;
       ``K = sum_l`` of those;
     * regrow ``g_l = K * c_l`` (largest remainder, capped at the layer's room and the
-      overflow re-split, so ``sum g_l = K``) zero-initialised weights at the positions that
-      are zero after the prune with the largest ``|M|`` (the reference code's candidates: a
-      weight just pruned may come back, at zero).
+      overflow re-split, so ``sum g_l = K``) weights at the positions that are zero after
+      the prune with the largest ``|M|`` (the reference code's candidates: a weight just
+      pruned may come back).  New connections start at zero with zero optimizer state; a
+      weight pruned and regrown in the same update keeps its value and optimizer state.
+      That is the reference code (TimDettmers/sparse_learning, ``sparselearning/core.py``,
+      ``truncate_weights``: the pruned mask is written, growth is chosen on it, and
+      ``apply_mask`` -- the only place weights are zeroed -- runs after the growth, so a
+      regrown weight was never zeroed) and RigL's SNFS reimplementation
+      (``SparseMomentumOptimizer``, ``reinit_when_same=False``).
 
     The paper reads the optimizer's momentum buffer; prunelab zeroes optimizer state of
     masked weights, so SNFS keeps its own dense EMA (one extra copy of the weights) -- the
