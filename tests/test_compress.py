@@ -16,7 +16,7 @@ from prunelab.compress import (
     quantize_weight, read_compressed, relative_decode, relative_encode, write_compressed,
 )
 from prunelab.compress import huffman
-from prunelab.compress.container import PARTS
+from prunelab.compress.container import FILE_HEADER_ROW, OTHER_ROW, PARTS
 from prunelab.errors import PrunelabError
 
 
@@ -259,9 +259,11 @@ def test_report_bytes_add_up(written):
     assert report.layers[0].bias_bytes == 4 * 4 and report.layers[2].bias_bytes == 0
     assert report.layers[0].codebook_bytes <= 4 * 8
     rows = report.to_rows()
-    assert [r["layer"] for r in rows] == ["conv", "fc", "head", "total"]
+    assert [r["layer"] for r in rows] == ["conv", "fc", "head", FILE_HEADER_ROW, OTHER_ROW, "total"]
     assert rows[-1]["size_bytes"] == report.total_bytes
-    assert sum(r["size_bytes"] for r in rows[:-1]) + report.file_header_bytes + report.other_bytes == report.total_bytes
+    # the bytes column adds up to the file: layers + the stated 52 + 4 byte header + the raw BatchNorm tensors
+    assert sum(r["size_bytes"] for r in rows[:-1]) == report.total_bytes == os.path.getsize(path)
+    assert rows[3]["size_bytes"] == report.file_header_bytes == 52 + 4 and rows[4]["size_bytes"] == report.other_bytes
     dense = sum(t.numel() * (4 if t.is_floating_point() else t.element_size()) for t in _Net().state_dict().values())
     assert report.dense_bytes == dense
     assert report.compression_x == pytest.approx(dense / os.path.getsize(path))

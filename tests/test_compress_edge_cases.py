@@ -87,6 +87,7 @@ def test_embedding_tied_to_a_linear_head_is_stored_quantised(tmp_path, head_firs
     assert torch.equal(state["emb.weight"], state["head.weight"])
     assert len(torch.unique(state["emb.weight"])) <= 4
     assert report.other_bytes < 4 * 60  # the alias is not stored raw in fp32
+    assert report.dense_bytes == 4 * 60  # the dense baseline holds the tied tensor once, not once per name
 
 
 def test_embedding_alias_takes_a_mask_given_under_its_name(tmp_path):
@@ -112,6 +113,7 @@ def test_tied_weight_with_different_bits_is_quantised_once_like_quantize_model(t
     assert torch.equal(state["a.weight"], state["b.weight"])
     assert [l.weight_bits for l in report.layers] == [1, 1]   # what the file holds: the first layer's codebook
     assert [l.clusters for l in report.layers] == [2, 2]
+    assert report.dense_bytes == 4 * (64 + 8 + 8)  # one shared 8x8 weight, two own biases
 
 
 # --- Han's "compress rate P+Q": fixed-length codes must be able to hold the filler symbol --------------
@@ -210,3 +212,28 @@ def test_every_truncation_and_byte_change_with_a_valid_checksum_is_a_one_line_er
     for i in range(0, len(payload), 3):
         for value in (0x00, 0xFF, payload[i] ^ 0x80, payload[i] ^ 0x20):
             check(payload[:i] + bytes([value]) + payload[i + 1:])
+
+
+# --- the report: filler zeros apart from the weights, bytes that add up to the file -----------------------
+def test_report_rows_state_fillers_apart_and_bytes_add_up_to_the_file(tmp_path):
+    from prunelab.compress import REPORT_COLUMNS
+    from prunelab.compress.container import FILE_HEADER_ROW
+    from prunelab.measure.tables import markdown_table
+
+    layer = nn.Linear(64, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.weight[0, ::8] = torch.tensor([1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0])
+    expected, state, report = _round_trip(tmp_path, layer, bits=2, index_bits=1)
+    _assert_same_state(expected, state)  # fillers decode to the zeros they stand on
+    row, header, total = report.to_rows()
+    # 8 real weights (12.5 % of 64) and 21 fillers, 29 entries in each stream
+    assert (row["kept"], row["kept_pct"], row["fillers"], row["entries"]) == (8, 12.5, 21, 29)
+    assert row["weight_bits_huffman"] == 8 * row["weight_codes_bytes"] / 29
+    assert row["index_bits_huffman"] == 8 * row["index_codes_bytes"] / 29
+    assert (row["weight_bits"], row["weight_bits_fixed"]) == (2, 3)  # 4 clusters + the filler symbol
+    assert header == {"layer": FILE_HEADER_ROW, "size_bytes": 56}
+    assert row["size_bytes"] + header["size_bytes"] == total["size_bytes"] == (tmp_path / "m.plc").stat().st_size
+    assert (total["fillers"], total["entries"]) == (21, 29)
+    table = markdown_table(report.to_rows(), REPORT_COLUMNS)
+    assert "filler zeros" in table.splitlines()[0] and FILE_HEADER_ROW in table

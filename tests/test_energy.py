@@ -10,6 +10,7 @@ from torch import nn
 
 from prunelab.compress import write_compressed
 from prunelab.errors import PrunelabError
+from prunelab.measure.counting import measure_model
 from prunelab.measure.energy import ASSUMPTIONS, HOROWITZ_45NM, EnergyTable, estimate_energy
 
 
@@ -122,3 +123,78 @@ def test_attention_projections_are_estimated_and_stored_raw_in_the_compressed_fi
     out = rows[("att.out_proj", "compressed")]
     (stored,) = report.layers
     assert stored.name == "att.out_proj.weight" and out.weight_bytes == stored.total_bytes
+
+
+# --- storage is fetched once per inference; layers the forward never calls fetch nothing -------------------
+_UNIT = EnergyTable(float_add_pj=0.5, float_mult_pj=0.5, dram_pj=4.0, sram_pj=4.0)  # 1 pJ per MAC, byte, byte
+
+
+class _Tied(nn.Module):
+    """Two Linear(5, 6) sharing one weight, each with its own bias; ``calls`` says which run."""
+
+    def __init__(self, calls=("first", "second")) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(5, 6), nn.Linear(5, 6)
+        self.second.weight = self.first.weight
+        self.calls = calls
+
+    def forward(self, x):
+        return sum(getattr(self, name)(x) for name in self.calls)
+
+
+def test_tied_weight_is_fetched_once_but_multiplied_twice(tmp_path):
+    model = _Tied()
+    report = write_compressed(tmp_path / "t.plc", model, bits=2, index_bits=2)
+    energy = estimate_energy(model, torch.randn(1, 5), compressed=report, table=_UNIT)
+    rows = {(r.layer, r.form): r for r in energy.layers}
+    # first: 30 weights + 6 biases = 144 bytes; second: the weight is already fetched, only its own 6 biases
+    assert (rows[("first", "dense")].weight_bytes, rows[("second", "dense")].weight_bytes) == (144, 24)
+    assert rows[("first", "dense")].macs == rows[("second", "dense")].macs == 30
+    assert energy.total("dense")["weight_bytes"] == 168 == measure_model(model, torch.randn(1, 5)).dense_bytes
+    assert energy.total("dense")["total_pj"] == pytest.approx(60 + 168 + 4 * (5 + 6 + 5 + 6))
+    assert (rows[("first", "pruned")].weight_bytes, rows[("second", "pruned")].weight_bytes) == (144, 24)
+    # sparse: bitmap 120 + 4 + 24 = 148 beats CSR 120 + 120 + 28 + 24; the tied layer reads its bias only
+    assert (rows[("first", "sparse")].weight_bytes, rows[("second", "sparse")].weight_bytes) == (148, 24)
+    # compressed: the first reads its file entry; the second its bias (no decode: the weight is on chip)
+    first, second = report.layers
+    assert rows[("first", "compressed")].weight_bytes == first.total_bytes
+    assert rows[("second", "compressed")].weight_bytes == second.bias_bytes == 24
+    assert rows[("first", "compressed")].compute_pj == pytest.approx(30 + 30 * 1.1)
+    assert rows[("second", "compressed")].compute_pj == pytest.approx(30)
+
+
+def test_module_called_twice_fetches_its_weight_once_and_its_activations_twice():
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(self.fc(x))
+
+    (dense,) = [r for r in estimate_energy(Twice(), torch.randn(1, 4), table=_UNIT).layers if r.form == "dense"]
+    assert (dense.macs, dense.weight_bytes, dense.activation_bytes) == (32, 80, 4 * 16)
+    assert dense.total_pj == pytest.approx(32 + 80 + 64)
+
+
+def test_layer_never_called_costs_nothing_and_a_tied_layer_that_runs_fetches_the_weight():
+    energy = estimate_energy(_Tied(calls=("second",)), torch.randn(1, 5), table=_UNIT)
+    rows = {(r.layer, r.form): r for r in energy.layers}
+    for form in ("dense", "pruned", "sparse"):
+        unused = rows[("first", form)]
+        assert (unused.macs, unused.weight_bytes, unused.activation_bytes, unused.total_pj) == (0, 0, 0, 0), form
+    assert rows[("second", "dense")].weight_bytes == 144  # the shared weight, fetched by the layer that runs
+    assert energy.total("dense")["total_pj"] == pytest.approx(30 + 144 + 4 * 11)
+
+
+def test_compressed_form_decodes_every_entry_filler_zeros_included(tmp_path):
+    layer = nn.Linear(64, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.weight[0, ::8] = torch.tensor([1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0])
+    report = write_compressed(tmp_path / "f.plc", layer, bits=2, index_bits=1)
+    (stored,) = report.layers
+    assert (stored.kept, stored.fillers) == (8, 21)  # 1-bit gaps: each distance of 8 takes 3 fillers
+    rows = {r.form: r for r in estimate_energy(layer, torch.randn(1, 64), compressed=report).layers}
+    # 8 MACs; 8 + 21 = 29 entries decoded, each one register read (1 pJ) + one int add (0.1 pJ)
+    assert rows["compressed"].compute_pj == pytest.approx(8 * 4.6 + 29 * 1.1)

@@ -177,3 +177,21 @@ def test_weight_with_zero_rows_round_trips(fmt):
     w = torch.zeros(0, 8)
     back = cls.from_dense(w).to_dense()
     assert back.shape == (0, 8) and torch.equal(back, w)
+
+
+# --- int32: only the index VALUES must fit (row pointers count stored entries, column indices columns) ------
+def test_int32_limit_applies_to_index_values_not_to_stored_elements(monkeypatch):
+    from prunelab.materialise import formats
+
+    formats._check_int32(2**31 - 1, 2**31, "BSR", "w")  # largest row-pointer value and column index: fit
+    formats._check_int32(2**27, 2**20, "BSR", "w")      # 2**27 blocks of 16x16 = 2**35 elements: fine
+    with pytest.raises(PrunelabError, match="row pointers") as exc:
+        formats._check_int32(2**31, 4, "CSR", "fc.weight")
+    assert "\n" not in str(exc.value) and "'fc.weight'" in str(exc.value)
+    with pytest.raises(PrunelabError, match="column indices"):
+        formats._check_int32(4, 2**31 + 1, "CSR", "fc.weight")
+    seen = []
+    monkeypatch.setattr(formats, "_check_int32", lambda *args: seen.append(args[:3]))
+    BSR.from_dense(torch.ones(8, 12), block_size=(4, 2))  # 2 x 6 blocks, all stored: 96 elements
+    CSR.from_dense(torch.eye(8, 12))                       # 8 nonzeros in 12 columns
+    assert seen == [(12, 6, "BSR"), (8, 12, "CSR")]

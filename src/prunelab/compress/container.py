@@ -60,8 +60,8 @@ from prunelab.compress.sparse_index import relative_decode, relative_encode
 from prunelab.errors import PrunelabError
 from prunelab.io import atomic_path
 
-__all__ = ["FORMAT_VERSION", "MAGIC", "REPORT_COLUMNS", "CompressionReport", "LayerReport", "read_compressed",
-           "write_compressed"]
+__all__ = ["FILE_HEADER_ROW", "FORMAT_VERSION", "MAGIC", "OTHER_ROW", "REPORT_COLUMNS", "CompressionReport",
+           "LayerReport", "read_compressed", "write_compressed"]
 
 MAGIC = b"PRLBCMP\n"
 FORMAT_VERSION = 1
@@ -75,11 +75,14 @@ _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.in
 PARTS = ("headers", "codebook", "tables", "weight_codes", "index_codes", "bias")
 
 REPORT_COLUMNS = (
-    ("layer", "layer"), ("weights", "#weights"), ("kept_pct", "weights kept %"), ("weight_bits", "weight bits"),
-    ("weight_bits_huffman", "weight bits (Huffman)"), ("index_bits", "index bits"),
-    ("index_bits_huffman", "index bits (Huffman)"), ("compress_rate_pq_pct", "compress rate P+Q %"),
-    ("compress_rate_pct", "compress rate P+Q+H %"), ("size_bytes", "bytes"), ("compression_x", "compression x"),
+    ("layer", "layer"), ("weights", "#weights"), ("kept_pct", "weights kept %"), ("fillers", "filler zeros"),
+    ("weight_bits", "weight bits"), ("weight_bits_huffman", "weight bits (Huffman, per entry)"),
+    ("index_bits", "index bits"), ("index_bits_huffman", "index bits (Huffman, per entry)"),
+    ("compress_rate_pq_pct", "compress rate P+Q %"), ("compress_rate_pct", "compress rate P+Q+H %"),
+    ("size_bytes", "bytes"), ("compression_x", "compression x"),
 )
+# Rows of CompressionReport.to_rows() that are not layers: their bytes make the "bytes" column add up to the file
+FILE_HEADER_ROW, OTHER_ROW = "(file header + entry count)", "(other tensors)"
 
 
 def _pct(part: int, whole: int) -> float:
@@ -140,11 +143,21 @@ class LayerReport:
         return self.headers_bytes + self.codebook_bytes + codes + self.bias_bytes
 
     def to_row(self) -> dict[str, Any]:
+        """One row of Han et al. 2016, Table 2.
+
+        ``kept`` counts real weights only; ``fillers`` the filler zeros the relative index
+        inserted; ``entries = kept + fillers`` is what each stream codes (one weight code and
+        one gap per entry).  The Huffman bits are file bits per ENTRY (``8 * stream bytes /
+        entries``, the comparison with a fixed ``weight_bits``/``index_bits``-bit code);
+        ``weight_bits_fixed`` is the fixed-length weight code the P+Q rate uses (room for the
+        filler symbol included).
+        """
         entries = max(self.entries, 1)
         return {
             "layer": self.name.removesuffix(".weight"), "weights": self.numel, "kept": self.kept,
             "kept_pct": 100.0 * self.kept / self.numel if self.numel else 0.0, "fillers": self.fillers,
-            "clusters": self.clusters, "weight_bits": self.weight_bits, "index_bits": self.index_bits,
+            "entries": self.entries, "clusters": self.clusters, "weight_bits": self.weight_bits,
+            "weight_bits_fixed": self.fixed_weight_bits, "index_bits": self.index_bits,
             "weight_bits_huffman": 8.0 * self.weight_codes_bytes / entries,
             "index_bits_huffman": 8.0 * self.index_codes_bytes / entries,
             **{f"{part}_bytes": getattr(self, f"{part}_bytes") for part in PARTS},
@@ -163,7 +176,8 @@ class CompressionReport:
     file's size; ``other_bytes`` is every entry that is not a quantised layer or its bias
     (raw tensors, and aliases of a quantised weight such as a tied embedding; entry headers
     included).  ``dense_bytes`` is the state_dict in fp32 (4 bytes per floating-point
-    element; other dtypes at their own size).  "P+Q" sizes use fixed-length codes of
+    element; other dtypes at their own size), a tensor shared by several names (tied
+    weights) counted once; the file stores such a tensor under each name.  "P+Q" sizes use fixed-length codes of
     :attr:`LayerReport.fixed_weight_bits` and ``index_bits`` bits.
     """
 
@@ -189,15 +203,24 @@ class CompressionReport:
                 "total_bytes": self.total_bytes}
 
     def to_rows(self) -> list[dict[str, Any]]:
-        """One row per quantised layer (Han et al. 2016, Table 2) and a ``total`` row."""
+        """One row per quantised layer (Han et al. 2016, Table 2), the rest of the file, and a ``total`` row.
+
+        Between the layers and the total: a ``FILE_HEADER_ROW`` (the 52-byte file header and
+        the u32 entry count) and, when the file has any, an ``OTHER_ROW`` (raw tensors and
+        aliases of a quantised weight), so the ``size_bytes`` of every row above the total
+        add up to the file size exactly.
+        """
         rows = [l.to_row() for l in self.layers]
+        rows.append({"layer": FILE_HEADER_ROW, "size_bytes": self.file_header_bytes})
+        if self.other_bytes:
+            rows.append({"layer": OTHER_ROW, "size_bytes": self.other_bytes})
         numel = sum(l.numel for l in self.layers)
         kept = sum(l.kept for l in self.layers)
         entries = max(sum(l.entries for l in self.layers), 1)
         fixed = self.file_header_bytes + self.other_bytes + sum(l.fixed_length_bytes for l in self.layers)
         rows.append({
             "layer": "total", "weights": numel, "kept": kept, "kept_pct": 100.0 * kept / numel if numel else 0.0,
-            "fillers": sum(l.fillers for l in self.layers),
+            "fillers": sum(l.fillers for l in self.layers), "entries": sum(l.entries for l in self.layers),
             "weight_bits_huffman": 8.0 * sum(l.weight_codes_bytes for l in self.layers) / entries,
             "index_bits_huffman": 8.0 * sum(l.index_codes_bytes for l in self.layers) / entries,
             **self.part_totals(), "size_bytes": self.total_bytes, "dense_bytes": self.dense_bytes,
@@ -279,6 +302,23 @@ def _encode_raw(parts: _Parts, part: str, name: str, tensor: torch.Tensor) -> No
 
 def _dense_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * (4 if tensor.is_floating_point() else tensor.element_size())
+
+
+def _state_dense_bytes(model: nn.Module, state: Mapping[str, Any]) -> int:
+    """fp32 bytes of ``state`` with each parameter/buffer counted ONCE (a tied weight is one tensor, as
+    ``torch.save`` and :func:`~prunelab.measure.counting.measure_model` count it), not once per name."""
+    tensors = {**dict(model.named_parameters(remove_duplicate=False)),
+               **dict(model.named_buffers(remove_duplicate=False))}
+    seen: set[int] = set()
+    total = 0
+    for name, tensor in state.items():
+        owner = tensors.get(name)
+        if owner is not None:
+            if id(owner) in seen:
+                continue
+            seen.add(id(owner))
+        total += _dense_bytes(tensor)
+    return total
 
 
 def write_compressed(
@@ -375,7 +415,7 @@ def write_compressed(
     quantised_or_bias = set(layers) | set(owner)
     return CompressionReport(
         path=str(path), layers=reports, file_header_bytes=_HEADER.size + 4, other_bytes=other_bytes,
-        dense_bytes=sum(_dense_bytes(t) for t in state.values()),
+        dense_bytes=_state_dense_bytes(model, state),
         other_params=sum(t.numel() for n, t in state.items() if n not in quantised_or_bias),
         sha256=digest.hex(),
     )

@@ -74,10 +74,21 @@ def _row_ids(crow: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(counts.numel(), device=crow.device), counts)
 
 
-def _check_int32(count: int, what: str, name: str) -> None:
+def _check_int32(count: int, columns: int, what: str, name: str) -> None:
+    """The int32 index VALUES must fit: ``crow_indices`` count up to ``count`` stored entries (CSR nonzeros,
+    BSR blocks), ``col_indices`` up to ``columns - 1`` (CSR columns, BSR block columns).
+
+    Nothing else is an index: a BSR's elements (``blocks * bh * bw``) or a matrix's ``rows * cols``
+    may exceed 2**31-1.
+    """
     if count >= 2**31:
         raise PrunelabError(
-            f"{what} of {name!r} has {count} stored entries; int32 indices hold at most 2**31-1 -- "
+            f"{what} of {name!r} has {count} stored entries; int32 row pointers hold at most 2**31-1 -- "
+            "split the layer or keep it dense"
+        )
+    if columns > 2**31:
+        raise PrunelabError(
+            f"{what} of {name!r} has {columns} (block) columns; int32 column indices hold at most 2**31-1 -- "
             "split the layer or keep it dense"
         )
 
@@ -96,7 +107,7 @@ class CSR:
     def from_dense(cls, weight: torch.Tensor, *, name: str = "weight") -> CSR:
         matrix = _matrix(weight, "CSR", name)       # (R, C)
         keep = matrix != 0                           # (R, C) bool
-        _check_int32(int(keep.sum()), "CSR", name)
+        _check_int32(int(keep.sum()), keep.shape[1], "CSR", name)
         cols = keep.nonzero()[:, 1]                  # (nnz,) row-major order
         return cls(
             tuple(weight.shape), _crow(keep.sum(1)), cols.to(torch.int32).contiguous(),
@@ -153,7 +164,7 @@ class BSR:
         rows, cols = matrix.shape
         blocks = matrix.reshape(rows // bh, bh, cols // bw, bw).transpose(1, 2)  # (R/bh, C/bw, bh, bw)
         keep = (blocks != 0).any(dim=3).any(dim=2)   # (R/bh, C/bw)
-        _check_int32(int(keep.sum()) * bh * bw, "BSR", name)
+        _check_int32(int(keep.sum()), keep.shape[1], "BSR", name)
         return cls(
             tuple(weight.shape), (bh, bw), _crow(keep.sum(1)),
             keep.nonzero()[:, 1].to(torch.int32).contiguous(), blocks[keep].contiguous(),

@@ -46,8 +46,14 @@ class LayerCost:
     output_positions: int           # per sample: 1 for Linear on (B, C), T on (B, T, C), H_out*W_out for Conv2d,
                                     # H_in*W_in for ConvTranspose2d (positions the whole weight is applied at)
     reached: bool = True
-    shares_storage: bool = False    # its weight is an earlier layer's (tied): MACs count, storage does not
+    tied_to: str | None = None      # the earlier layer whose weight this one uses (tied): MACs count, storage does not
     format_bytes: int | None = None  # a materialised sparse module: bytes its format + bias really store
+    bias_tied_to: str | None = None  # the earlier layer whose bias this one uses (None: its own bias, or none)
+
+    @property
+    def shares_storage(self) -> bool:
+        """Its weight is an earlier layer's (``tied_to``): stored, and counted in the model's bytes, once."""
+        return self.tied_to is not None
 
     @property
     def params(self) -> int:

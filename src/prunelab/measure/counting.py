@@ -323,20 +323,22 @@ def measure_model(
 
     costs = []
     tied_own_bias = 0
-    stored: set[tuple[int, int | None, int | None]] = set()  # weight/bias storage already counted
-    measured_ids: set[int] = set()                           # parameters counted in some unit
+    owners: dict[tuple[int, int | None, int | None], str] = {}  # weight/bias storage -> first unit that has it
+    measured_ids: set[int] = set()                              # parameters counted in some unit
     for unit in units:
         weight = unit.part(unit.weight, unit.rows)
         bias = None if unit.bias is None else unit.part(unit.bias, unit.bias_rows)
         bias_params = bias.numel() if bias is not None else 0
         weight_key = unit.key(unit.weight, unit.rows)
-        tied = weight_key in stored
-        if tied and bias is not None and unit.key(unit.bias, unit.bias_rows) not in stored:
+        bias_key = None if unit.bias is None else unit.key(unit.bias, unit.bias_rows)
+        tied_to = owners.get(weight_key)
+        bias_tied_to = None if bias_key is None else owners.get(bias_key)
+        if tied_to is not None and bias is not None and bias_tied_to is None:
             tied_own_bias += bias_params  # a tied weight with a bias of its own: the bias is stored
-        stored.add(weight_key)
+        owners.setdefault(weight_key, unit.name)
         measured_ids.add(id(unit.weight))
-        if unit.bias is not None:
-            stored.add(unit.key(unit.bias, unit.bias_rows))
+        if bias_key is not None:
+            owners.setdefault(bias_key, unit.name)
             measured_ids.add(id(unit.bias))
         mask = keeps.get(id(unit.weight))  # a tied weight's mask, under whichever name it was given
         costs.append(LayerCost(
@@ -349,8 +351,9 @@ def measure_model(
             output_positions=_per_sample(f"layer {unit.name!r}", positions[unit.name], "output positions", batch,
                                           example_input),
             reached=unit.name in called,
-            shares_storage=tied,
+            tied_to=tied_to,
             format_bytes=unit.format_bytes,
+            bias_tied_to=bias_tied_to,
         ))
     other = sum(p.numel() for p in model.parameters() if id(p) not in measured_ids) + tied_own_bias
     attention = tuple(

@@ -5,13 +5,18 @@ about it)", ISSCC 2014, 45 nm at 0.9 V -- the table Han et al. use to motivate p
 (NeurIPS 2015, Table 1; Deep Compression, ICLR 2016, Fig. 1).  The model::
 
     E_layer = MACs * (E_fmult + E_fadd)                 compute, fp32
-            + weight_bytes / 4 * E_DRAM                 each weight fetched once from DRAM
+            + weight_bytes / 4 * E_DRAM                 each stored weight fetched once from DRAM
             + activation_bytes / 4 * E_SRAM             inputs read once, outputs written once
             (+ decode ops for the compressed form, see ASSUMPTIONS)
 
 per layer (every Linear/Conv/ConvTranspose layer and materialised sparse module, as
 counted by :func:`~prunelab.measure.counting.measure_model`; other parameters are not
-modelled), for several storage forms of the same model:
+modelled), for several storage forms of the same model.  A weight (or bias) tensor is
+fetched once per inference however many times it is used: a module called twice, or two
+layers sharing one tied weight, multiply it every time (MACs count per use) but read its
+bytes once -- charged to the first layer the forward pass reaches that uses it; the tied
+layers after it read only a bias of their own.  A layer the forward never calls fetches
+nothing (0 MACs, 0 bytes).  The forms:
 
 * ``dense``      -- every MAC, every weight fetched as fp32.
 * ``pruned``     -- only nonzero MACs; only nonzero weights fetched, as fp32 with no index
@@ -23,7 +28,8 @@ modelled), for several storage forms of the same model:
 * ``compressed`` -- nonzero MACs; weights fetched at their Deep Compression file size
                     (given a :class:`~prunelab.compress.CompressionReport`), plus one
                     register-file read (codebook lookup) and one int add (relative index)
-                    per stored nonzero.
+                    per stored entry (each nonzero, and each filler zero the relative index
+                    inserts: the decoder walks both).
 
 The numbers are an order-of-magnitude guide, not a measurement: real chips have caches,
 batching and data reuse that change the DRAM share a lot.
@@ -77,11 +83,15 @@ ASSUMPTIONS = (
     "Batch 1, one inference. One MAC = one fp32 multiply + one fp32 add; bias additions and "
     "non-Linear/Conv layers are not counted. Every stored weight byte (bias included) is read once "
     "from DRAM per inference, at 640 pJ per 32-bit word pro rata (E_DRAM / 4 per byte, partial words "
-    "allowed); no on-chip weight reuse. Activations live in SRAM: each layer reads its input once and "
+    "allowed): a weight used several times (a module called twice, tied weights shared by two layers) "
+    "costs MACs for every use but is fetched once, by the first layer that runs with it, and stays on chip "
+    "for the other uses; a layer the forward never calls fetches nothing. Activations live in SRAM: each "
+    "layer call reads its input once and "
     "writes its output once as fp32, a write costing the same as a read (5 pJ per 32-bit word). "
     "Pruned/sparse/compressed forms skip zero MACs (perfect load balance, no index arithmetic except "
-    "as stated). The compressed form adds, per stored nonzero, one register-file read (codebook lookup) "
-    "and one int add (relative index); Huffman decoding is not modelled."
+    "as stated). The compressed form adds, per stored entry it fetches (nonzero or filler zero of the relative "
+    "index), one register-file read (codebook lookup) and one int add (relative index); Huffman decoding is not "
+    "modelled."
 )
 
 
@@ -146,6 +156,19 @@ class EnergyReport:
 
 def _weight_name(module_name: str) -> str:
     return f"{module_name}.weight" if module_name else "weight"
+
+
+def _fetches(cost: Any) -> dict[str, tuple[bool, bool]]:
+    """Layer name -> (fetches its weight, fetches its bias): each tensor once, by the first layer that runs with it."""
+    fetched: set[tuple[str, str]] = set()
+    out = {}
+    for layer in cost.layers:
+        weight, bias = ("weight", layer.tied_to or layer.name), ("bias", layer.bias_tied_to or layer.name)
+        reads_weight = layer.reached and weight not in fetched
+        reads_bias = layer.reached and layer.bias_params > 0 and bias not in fetched
+        fetched.update(key for key, read in ((weight, reads_weight), (bias, reads_bias)) if read)
+        out[layer.name] = (reads_weight, reads_bias)
+    return out
 
 
 def _activation_elements(model: nn.Module, example_input: torch.Tensor) -> dict[str, tuple[int, int]]:
@@ -231,26 +254,30 @@ def estimate_energy(
             raise PrunelabError(f"the CompressionReport has no layer {missing[0]!r}; pass the report written for "
                                 "this model")
     forms = FORMS if compressed is not None else FORMS[:3]
+    fetches = _fetches(cost)
     rows = []
     for layer in cost.layers:
         act_in, act_out = activations.get(layer.name, (0, 0))
         act_bytes = BYTES_PER_VALUE * (act_in + act_out)
-        bias_bytes = BYTES_PER_VALUE * layer.bias_params
+        reads_weight, reads_bias = fetches[layer.name]
         for form in forms:
             macs = layer.dense_macs if form == "dense" else layer.sparse_macs
             compute = macs * table.mac_pj
+            bias_bytes = BYTES_PER_VALUE * layer.bias_params  # the bias part of this form's bytes
             if form == "dense":
-                weight_bytes: float = layer.dense_bytes
+                stored_bytes: float = layer.dense_bytes
             elif form == "pruned":
-                weight_bytes = BYTES_PER_VALUE * layer.weight_nonzeros + bias_bytes
+                stored_bytes = BYTES_PER_VALUE * layer.weight_nonzeros + bias_bytes
             elif form == "sparse":
-                weight_bytes = layer.best_sparse_bytes if layer.format_bytes is None else layer.format_bytes
+                stored_bytes = layer.best_sparse_bytes if layer.format_bytes is None else layer.format_bytes
             elif layer.kind == IN_PROJECTION_KIND:  # not a Linear/Conv weight: the file stores it raw
-                weight_bytes = layer.dense_bytes
+                stored_bytes = layer.dense_bytes
             else:
                 stored = file_layers[_weight_name(layer.name)]
-                weight_bytes = stored.total_bytes
-                compute += stored.kept * (table.register_pj + table.int_add_pj)
+                stored_bytes, bias_bytes = stored.total_bytes, stored.bias_bytes
+                if reads_weight:  # decoded as it is fetched: every entry, filler zeros included
+                    compute += stored.entries * (table.register_pj + table.int_add_pj)
+            weight_bytes = (stored_bytes - bias_bytes if reads_weight else 0) + (bias_bytes if reads_bias else 0)
             rows.append(LayerEnergy(
                 layer=layer.name, form=form, macs=macs, weight_bytes=weight_bytes, activation_bytes=act_bytes,
                 compute_pj=compute, weight_pj=weight_bytes / 4 * table.dram_pj,
