@@ -251,3 +251,56 @@ def test_nan_scores_are_refused_instead_of_scrambling_the_order(allocation):
     with pytest.raises(PrunelabError, match=r"scores\['a'\] contain NaN") as info:
         head_masks(TwoUnits(), scores, 0.25, allocation=allocation)
     assert "\n" not in str(info.value)
+
+
+class Flat(nn.Module):
+    """(*, 4) -> (*, 4) through one attention unit over length-1 sequences."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = SelfAttention(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x.reshape(-1, 1, 4)).reshape(x.shape)
+
+
+def test_importance_refuses_a_batch_that_is_no_inputs_targets_pair():
+    torch.manual_seed(11)
+    model = Flat()
+    x = torch.randn(2, 4)  # a bare tensor of 2 rows unpacked into inputs x[0] and "targets" x[1]: a silent score
+    with pytest.raises(PrunelabError, match=r"batch 0 is a Tensor; expected an \(inputs, targets\) pair") as info:
+        head_importance(model, [x], loss_fn=F.mse_loss)
+    assert "\n" not in str(info.value)
+    with pytest.raises(PrunelabError, match=r"batch 1 is a dict; expected an \(inputs, targets\) pair"):
+        head_importance(model, [(x, x), {"inputs": x, "labels": x}], loss_fn=F.mse_loss)  # 2 keys unpacked as names
+    with pytest.raises(PrunelabError, match=r"batch 0 is a tuple of 1; expected an \(inputs, targets\) pair"):
+        head_importance(model, [(x,)], loss_fn=F.mse_loss)  # was "not enough values to unpack"
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    scores = head_importance(model, [[x, x]], loss_fn=F.mse_loss)  # a DataLoader's list pair is a pair
+    assert scores["attn"].shape == (2,)
+
+
+def test_head_masks_refuses_scores_that_are_not_tensors():
+    with pytest.raises(PrunelabError, match=r"scores\['a'\] must be a \(4,\) tensor, got list"):
+        head_masks(TwoUnits(), {"a": [0.1, 0.2, 0.3, 0.4], "b": torch.zeros(4)}, 0.5)  # was an AttributeError
+
+
+class SkipsAttention(TwoUnits):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # unit a only on odd calls, b never
+        self.calls = getattr(self, "calls", 0) + 1
+        h = self.embed(x)
+        return self.head(self.a(h) if self.calls % 2 == 0 else h).mean(1)
+
+
+def test_a_batch_that_runs_no_unit_scores_zero_and_a_loss_without_gradient_is_a_one_line_error():
+    torch.manual_seed(12)
+    x, y = torch.randn(5, 3, 6), torch.tensor([0, 1, 2, 0, 1])
+    model = SkipsAttention()
+    scores = head_importance(model, [(x, y), (x, y)], normalise=False)  # batch 0 ran no unit: was a RuntimeError
+    model.calls = 1
+    alone = head_importance(model, [(x, y)], normalise=False)
+    torch.testing.assert_close(scores["a"], alone["a"] / 2)  # the skipped batch counts 0 in the mean
+    assert scores["b"].tolist() == [0.0] * 4
+    with pytest.raises(PrunelabError, match=r"loss_fn returned a loss with no gradient") as info:
+        head_importance(TwoUnits(), [(x, y)], loss_fn=lambda out, target: out.detach().sum())
+    assert "\n" not in str(info.value)

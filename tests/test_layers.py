@@ -204,3 +204,32 @@ def test_moe_layer_indices_follow_the_dropped_blocks(tmp_path):
     assert [type(layer.mlp).__name__ for layer in reloaded.model.layers] == kinds[1:]
     with torch.no_grad():
         assert torch.equal(reloaded(x).logits, out)
+
+
+def test_block_influence_restores_each_module_mode():
+    model = Stack()
+    model.train()
+    model.blocks[1].eval()  # a mixed-mode model (a frozen sub-module) must come back exactly so
+    modes = [m.training for m in model.modules()]
+    block_influence(model, [torch.randn(2, 3, 4)])
+    assert [m.training for m in model.modules()] == modes  # was: model.train(True) set every module to train
+
+
+@pytest.mark.parametrize("item", [(torch.randn(2, 3, 4), torch.zeros(2)), [torch.randn(2, 3, 4)], 3.0])
+def test_block_influence_refuses_a_calibration_item_that_is_no_model_input(item):
+    model = Stack()
+    with pytest.raises(PrunelabError, match=r"calibration item 1 is a (tuple|list|float); expected model inputs") as info:
+        block_influence(model, [torch.randn(2, 3, 4), item])  # a tuple was an AttributeError: no .to
+    assert "\n" not in str(info.value)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_lowest_influence_refuses_nan_or_non_number_scores_instead_of_dropping_the_wrong_blocks():
+    nan = float("nan")
+    # a NaN breaks the sort: (0.3, nan, 0.1, 0.2) dropped 'a' and 'b', not the lowest 'c' and 'd'
+    with pytest.raises(PrunelabError, match=r"scores\['b'\] is nan; expected a number") as info:
+        lowest_influence({"a": 0.3, "b": nan, "c": 0.1, "d": 0.2}, 2)
+    assert "\n" not in str(info.value)
+    with pytest.raises(PrunelabError, match=r"scores\['a'\] is 'x'; expected a number"):
+        lowest_influence({"a": "x", "b": 0.5}, 1)  # was a TypeError from the sort
+    assert lowest_influence({"a": 0.3, "b": torch.tensor(0.5), "c": 0.1}, 1) == ["c"]  # 0-d tensors are numbers

@@ -139,3 +139,22 @@ def test_rank_for_is_exact_for_decimal_keeps(in_f, out_f, keep, rank):
     # 0.3 * 12 * 15 / 27 = 2 exactly, but the float 0.3 is a hair below 0.3: floor gave 1
     assert rank_for(in_f, out_f, keep) == rank
     assert rank * (in_f + out_f) <= keep * in_f * out_f * (1 + 1e-9)
+
+
+def test_a_linear_used_twice_is_factorised_once_at_every_use():
+    # a shared Linear was replaced at its first name only: the second use stayed dense (the tie
+    # broken) while the report counted its weights as factorised
+    torch.manual_seed(5)
+    shared = nn.Linear(8, 8, bias=False)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    report = low_rank_model(model, 0.25)
+    assert report.ranks == {"0": 1} and (report.weights_before, report.weights_after) == (64, 16)
+    assert isinstance(model[0], LowRankLinear) and model[2] is model[0]
+    assert sum(p.numel() for p in model.parameters()) == report.weights_after
+
+
+def test_excluding_one_use_of_a_shared_linear_leaves_it_dense():
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(8, 8))
+    report = low_rank_model(model, 0.25, exclude=("2",))  # excluded at one use: dense at every use
+    assert model[0] is shared and model[2] is shared and set(report.ranks) == {"3"}

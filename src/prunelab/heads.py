@@ -126,6 +126,16 @@ def head_magnitude(model: nn.Module) -> dict[str, Tensor]:
     return scores
 
 
+def _check_pair(index: int, batch: object) -> None:
+    """``batch`` must be an ``(inputs, targets)`` pair: unpacking a bare 2-row tensor or a 2-key
+    dict would silently score ``x[0]`` against ``x[1]`` (or the dict's key names)."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        given = f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, (tuple, list)) else (
+            f"a {type(batch).__name__}")
+        raise PrunelabError(f"head_importance: batch {index} is {given}; expected an (inputs, targets) pair, "
+                            "e.g. [(x, y)] or a DataLoader of (x, y)")
+
+
 def head_importance(
     model: nn.Module,
     batches: Iterable,
@@ -139,7 +149,7 @@ def head_importance(
     ``batches`` yields ``(inputs, targets)``, of which the first ``max_batches`` (all when
     ``None``) are drawn; the loss is ``loss_fn(model(inputs), targets)``,
     or ``loss_fn(model(**inputs), targets)`` when ``inputs`` is a dict.  Each unit's output
-    projection must run once per forward.  The model runs in eval mode (every module's own
+    projection must run at most once per forward; a batch it did not run in adds 0 to its heads.  The model runs in eval mode (every module's own
     train/eval flag is restored afterwards) with gradients enabled, even when called under
     ``torch.no_grad()``; gradients come from ``torch.autograd.grad``, so every parameter's
     ``.grad`` is left untouched (the same tensor object: DDP's bucket views stay intact).
@@ -164,11 +174,20 @@ def head_importance(
     seen = 0
     try:
         with eval_mode(model), torch.enable_grad():  # per-module modes restored on exit
-            for inputs, targets in itertools.islice(batches, max_batches):  # draws no batch beyond max_batches
+            for batch in itertools.islice(batches, max_batches):  # draws no batch beyond max_batches
+                _check_pair(seen, batch)
+                inputs, targets = batch
                 gates.clear()
                 output = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
                 loss = loss_fn(output, targets)
                 called = [name for name in units if name in gates]  # a unit the forward skipped scores 0
+                if not called:  # no unit ran in this batch: every head scores 0 for it
+                    seen += 1
+                    continue
+                if not isinstance(loss, Tensor) or not loss.requires_grad:
+                    given = "a Tensor that needs no grad" if isinstance(loss, Tensor) else f"a {type(loss).__name__}"
+                    raise PrunelabError(f"head_importance: loss_fn returned a loss with no gradient ({given}); "
+                                        "return a differentiable scalar of the model output, e.g. F.cross_entropy")
                 grads = torch.autograd.grad(loss, [gates[name] for name in called], allow_unused=True)
                 for name, grad in zip(called, grads, strict=True):
                     if grad is not None:
@@ -221,6 +240,9 @@ def head_masks(
     if set(scores) != set(units):
         raise PrunelabError(f"scores name units {sorted(scores)} but the model has {sorted(units)}; score this model")
     for name, unit in units.items():
+        if not isinstance(scores[name], Tensor):
+            raise PrunelabError(f"scores[{name!r}] must be a ({unit.num_heads},) tensor, got "
+                                f"{type(scores[name]).__name__}; e.g. head_importance(...) or head_magnitude(model)")
         if tuple(scores[name].shape) != (unit.num_heads,):
             raise PrunelabError(f"scores[{name!r}] has shape {tuple(scores[name].shape)}, expected ({unit.num_heads},)")
         if bool(torch.isnan(torch.as_tensor(scores[name], dtype=torch.float64)).any()):  # NaN breaks the sort order

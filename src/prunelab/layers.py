@@ -29,12 +29,15 @@ Blocks of an ``nn.Sequential`` become ``nn.Identity``.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from prunelab.criteria.base import eval_mode
 from prunelab.errors import PrunelabError
 from prunelab.oneshot.engine import find_blocks, hidden_states_of
 
@@ -68,12 +71,18 @@ def block_influence(model: nn.Module, calibration: Sequence[Tensor | Mapping[str
     """Block name -> ShortGPT block influence ``BI`` (higher = more important), in block order.
 
     ``calibration``: model inputs, each a Tensor (``model(x)``) or a dict (``model(**x)``).
-    The model runs in eval mode; its mode and hooks are restored afterwards.
+    The model runs in eval mode; every module's own train/eval flag and its hooks are restored afterwards.
     """
     blocks = _blocks(model)
     items = list(calibration)
     if not items:
         raise PrunelabError("block_influence got no calibration inputs; pass a list of batches, e.g. [x]")
+    for i, item in enumerate(items):
+        if not isinstance(item, (Tensor, Mapping)):
+            raise PrunelabError(
+                f"calibration item {i} is a {type(item).__name__}; expected model inputs (a Tensor, or a dict "
+                "of keyword inputs) -- drop the targets, e.g. [x for x, _ in loader]"
+            )
     sums = {name: 0.0 for name, _ in blocks}
     counts = {name: 0 for name, _ in blocks}
     state: dict[str, Any] = {}
@@ -107,39 +116,47 @@ def block_influence(model: nn.Module, calibration: Sequence[Tensor | Mapping[str
         counts[name] += cosine.numel()
 
     handles = []
-    was_training = model.training
     try:
-        model.eval()
         for name, block in blocks:
             if positions[id(block)][0] != name:
                 continue  # a shared block: hooked at its first position only
             handles.append(block.register_forward_pre_hook(pre_hook, with_kwargs=True))
             handles.append(block.register_forward_hook(post_hook, with_kwargs=True))
         device = next(model.parameters()).device
-        for item in items:
-            calls.clear()  # positions of shared blocks count from the start of each forward pass
-            if isinstance(item, Mapping):
-                mask = item.get("attention_mask")
-                state["mask"] = mask.to(device).bool() if isinstance(mask, Tensor) else None
-                model(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in item.items()})
-            else:
-                state["mask"] = None
-                model(item.to(device))
+        with eval_mode(model):  # restores every module's own train/eval flag
+            for item in items:
+                calls.clear()  # positions of shared blocks count from the start of each forward pass
+                if isinstance(item, Mapping):
+                    mask = item.get("attention_mask")
+                    state["mask"] = mask.to(device).bool() if isinstance(mask, Tensor) else None
+                    model(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in item.items()})
+                else:
+                    state["mask"] = None
+                    model(item.to(device))
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     missing = [name for name, count in counts.items() if count == 0]
     if missing:
         raise PrunelabError(f"blocks {missing} never ran on the calibration inputs; every block must be called")
     return {name: 1.0 - sums[name] / counts[name] for name, _ in blocks}
 
 
+def _score_value(name: str, value: Any) -> float:
+    """``value`` as a float; a NaN (it breaks the sort order) or a non-number is a PrunelabError."""
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+        raise PrunelabError(f"scores[{name!r}] is {value!r}; expected a number (not NaN) -- check the calibration "
+                            "inputs and dtype that block_influence ran on")
+    return float(value)
+
+
 def lowest_influence(scores: Mapping[str, float], count: int) -> list[str]:
     """The ``count`` block names with the lowest scores (ties: earlier block first)."""
     if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count < len(scores):
         raise PrunelabError(f"count must be an integer in [0, {len(scores)}) (keep at least one block), got {count!r}")
-    names, values = list(scores), list(scores.values())
+    names, values = list(scores), [_score_value(name, value) for name, value in scores.items()]
     order = sorted(range(len(names)), key=lambda i: (values[i], i))
     return [names[i] for i in sorted(order[:count])]
 

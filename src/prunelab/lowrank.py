@@ -148,16 +148,25 @@ class LowRankReport:
         return self.weights_after / self.weights_before
 
 
-def _block_linears(model: nn.Module, exclude: Sequence[str]) -> dict[str, nn.Linear]:
+def _block_linears(model: nn.Module, exclude: Sequence[str]) -> tuple[dict[str, nn.Linear], dict[str, list[str]]]:
+    """The candidate Linears by first name, and every name each is used under (a shared Linear
+    is replaced at all its uses, so the tie holds; excluded at one use, it stays dense at all)."""
     names = [name for name, _ in find_blocks(model)]
-    found = {}
-    for name, module in model.named_modules():
-        inside = any(name == b or name.startswith(f"{b}.") for b in names) if names != [""] else True
-        if isinstance(module, nn.Linear) and inside and name and name not in exclude:
-            found[name] = module
+    uses: dict[int, list[str]] = {}
+    inside: dict[int, bool] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, nn.Linear) and name:
+            uses.setdefault(id(module), []).append(name)
+            in_block = any(name == b or name.startswith(f"{b}.") for b in names) if names != [""] else True
+            inside[id(module)] = inside.get(id(module), False) or in_block
+    found, aliases = {}, {}
+    for key, all_names in uses.items():
+        if inside[key] and not any(name in exclude for name in all_names):
+            found[all_names[0]] = model.get_submodule(all_names[0])
+            aliases[all_names[0]] = list(dict.fromkeys(all_names))
     if not found:
         raise PrunelabError(f"{type(model).__name__} has no Linear layer inside its blocks to factorise")
-    return found
+    return found, aliases
 
 
 @torch.no_grad()
@@ -191,11 +200,13 @@ def low_rank_model(model: nn.Module, keep: float, calibration: Sequence[Any] | N
 
     ``calibration`` (model inputs: Tensors or dicts): use the whitened, data-aware SVD with
     each layer's input second moment from one pass of the dense model; ``None``: plain SVD.
-    A layer whose rank would not save weights (``keep`` close to 1) is left as it is.
+    A layer whose rank would not save weights (``keep`` close to 1) is left as it is.  A Linear
+    used at several places (shared weights) is factorised once, from the inputs of all its uses,
+    and replaced at each; excluding any of its names leaves it dense at all of them.
     """
     _check_keep(keep)  # before the calibration pass
     _check_dampening(dampening)
-    linears = _block_linears(model, tuple(exclude))
+    linears, aliases = _block_linears(model, tuple(exclude))
     if calibration is not None:
         calibration = list(calibration)
         for i, item in enumerate(calibration):
@@ -213,9 +224,10 @@ def low_rank_model(model: nn.Module, keep: float, calibration: Sequence[Any] | N
         if rank * (in_f + out_f) >= in_f * out_f or rank > min(in_f, out_f):
             after += in_f * out_f
             continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, factorize_linear(linear, rank, moments.get(name), dampening))
+        low = factorize_linear(linear, rank, moments.get(name), dampening)
+        for use in aliases[name]:  # every use of a shared Linear gets the same factorised module
+            parent_name, _, child = use.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, low)
         ranks[name] = rank
         after += rank * (in_f + out_f)
     return LowRankReport(ranks, before, after)
