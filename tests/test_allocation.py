@@ -220,6 +220,6 @@ def test_global_structured_floor_that_cannot_be_met_is_a_one_line_error():
     layers = [LayerBudget("a", torch.tensor([1.0, 2.0]), 50, (2, 50), 0, 2, True),
               LayerBudget("b", torch.tensor([3.0, 4.0]), 50, (2, 50), 0, 2, True)]
     with pytest.raises(PrunelabError, match=r"keeps one group of every layer .*at least 100; .*"
-                                            r"<= 0\.5000 or pass allocation=.*keep_one_group=False"):
+                                            r"<= 0\.5000 or pass --no-layer-floor \(API: allocation=.*keep_one_group=False\)\)$"):
         allocate(get_allocation("global"), layers, 0.8)
     assert GlobalAllocation(keep_one_group=False).keep_counts(layers, 0.8) == [0, 0]  # the bare threshold

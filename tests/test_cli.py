@@ -410,3 +410,35 @@ def test_checkpoint_meta_asking_for_an_impossible_model_is_one_line(cli, tmp_pat
     code, _, err = cli("inspect", str(edited))
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "input_shape [1000000000000]" in err and "re-create" in err
+
+
+def test_gradual_start_and_end_reach_the_schedule_from_flags_and_yaml(cli, tmp_path):
+    # digits: 23 steps per epoch, 4 epochs = 92 steps; t0 = 1 epoch = step 23, end = 0.5 * 92 = 46, dt = 23 // 2 = 11
+    argv = ["--method", "gradual", "--epochs", "4", "--num-updates", "2", "--sparsity", "0.5",
+            "--model", "digits_mlp", "--dataset", "digits", "--pretrain-epochs", "1", "--finetune-epochs", "0",
+            "--no-progress"]
+    code, _, err = cli("prune", *argv, "--start-epoch", "1", "--end-fraction", "0.5", "--out", str(tmp_path / "a"))
+    assert code == 0, err
+    record = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert [h["step"] for h in record["mask_updates"]] == [34, 45]  # t0 + k dt, k = 1, 2 (s_t0 = 0 prunes nothing)
+    assert record["mask_updates"][-1]["target_sparsity"] == 0.5
+    assert (record["config"]["start_epoch"], record["config"]["end_fraction"]) == (1, 0.5)
+    config = tmp_path / "run.yaml"
+    config.write_text("start_epoch: 1\nend_fraction: 0.5\n")
+    code, _, err = cli("prune", "--config", str(config), *argv, "--out", str(tmp_path / "b"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "b" / "results.json").read_text())["mask_updates"] == record["mask_updates"]
+
+
+def test_no_layer_floor_lets_the_global_channel_threshold_empty_a_layer(cli, tmp_path):
+    argv = ["prune", "--method", "oneshot", "--granularity", "channel", "--sparsity", "0.98", *FAST[:4],
+            "--pretrain-epochs", "1", "--finetune-epochs", "0", "--no-progress"]
+    kept = {}
+    for flag in ("--layer-floor", "--no-layer-floor"):
+        code, _, err = cli(*argv, flag, "--out", str(tmp_path / flag))
+        assert code == 0, err
+        record = json.loads((tmp_path / flag / "results.json").read_text())
+        kept[flag] = {layer["name"]: layer["kept"] for layer in record["layers"]}
+        assert record["config"]["layer_floor"] == (flag == "--layer-floor")
+    assert all(k > 0 for k in kept["--layer-floor"].values())  # the floor: every layer keeps a neuron
+    assert min(kept["--no-layer-floor"].values()) == 0  # without it the threshold removes a whole layer

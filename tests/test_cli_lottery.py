@@ -194,3 +194,31 @@ def test_lottery_refuses_file_options_of_a_fileless_dataset_as_prune_does(cli, t
     code, _, prune_err = cli("prune", "--model", "digits_mlp", "--dataset", "digits", *argv, "--out",
                              str(tmp_path / "p"))
     assert code == 2 and prune_err == err  # the same check, the same words
+
+
+def test_rounds_past_the_round_that_empties_every_layer_are_refused_before_training(cli, tmp_path):
+    import time
+
+    started = time.perf_counter()  # was: ran for ever, one identical empty round folder after another
+    # fc3 (640 weights, 10% a round) is the last to empty: round(640 * 0.9**68) == 0 < round(640 * 0.9**67)
+    code, out, err = cli("lottery", *FAST, "--rounds", "1000000000", "--out", str(tmp_path / "o"))
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert ("--rounds 1,000,000,000: by round 68 every pruned layer of digits_mlp has no weight left (--rate 0.2 / "
+            "--output-rate 0.1 of the remaining weights pruned per round), so later rounds would retrain the same "
+            "empty mask; pass --rounds 68 or fewer") in err
+    assert time.perf_counter() - started < 5.0 and not (tmp_path / "o").exists()
+    code, _, err = cli("lottery", *FAST, "--rounds", "3", "--rate", "0", "--output-rate", "0", "--out", str(tmp_path / "o"))
+    assert code == 2 and "--rate 0 / --output-rate 0 prune nothing, so every round would retrain round 0's dense mask" in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("n, rate", [(8192, 0.2), (640, 0.1), (1, 0.2), (2, 0.5), (3, 0.999), (10**6, 1e-3), (5, 0.0)])
+def test_the_empty_round_is_the_first_round_keeping_no_weight(n, rate):
+    from prunelab.cli_lottery import empty_round
+
+    limit = empty_round({"w": n}, {"w": rate})
+    if rate == 0.0:
+        assert limit is None
+        return
+    keep = [round(n * (1.0 - rate) ** r) for r in range(limit + 1)]  # what methods.lottery keeps in round r
+    assert keep[-1] == 0 and (limit == 0 or keep[-2] > 0)

@@ -204,3 +204,21 @@ def test_shuffle_refuses_a_mask_that_is_not_made_of_whole_groups():
     rows = MaskSet({"w": torch.tensor([True, False, True, False, False, True])[:, None].expand(6, 5).clone()})
     shuffled = shuffle_within_layers(rows, 3, "channel")
     assert whole_channels(shuffled["w"]) and int(shuffled["w"].sum()) == 15
+
+
+@pytest.mark.parametrize("spec, epochs, message", [
+    (PruneSpec(start_epoch=4), 4, r"starts at epoch 4 \(--start-epoch\), but the run trains 4 epoch\(s\)"),
+    (PruneSpec(start_epoch=2, end_fraction=0.5), 4, r"ends at step 16 of 32 \(--end-fraction 0\.5 of --epochs 4\), "
+                                                    r"not after it starts at step 16 \(--start-epoch 2\); pass a larger "
+                                                    r"--end-fraction \(> 0\.5\)"),
+    (PruneSpec(num_updates=25), 4, r"needs room for 25 updates \(--num-updates\) between step 0 and 24 of 32 "
+                                   r"\(8 per epoch\): at most 24 fit there"),
+    (PruneSpec(), 0, r"prunes while training, but the run has 0 steps"),
+])
+def test_gradual_window_refuses_schedules_the_run_cannot_hold(spec, epochs, message):
+    from prunelab.methods.gradual import gradual_window
+
+    with pytest.raises(PrunelabError, match=message) as info:
+        gradual_window(spec, epochs, 8)
+    assert "\n" not in str(info.value)
+    assert gradual_window(PruneSpec(num_updates=4, start_epoch=1, end_fraction=0.75), 4, 8) == (8, 24, 4)

@@ -301,3 +301,115 @@ def test_api_validate_refuses_more_mask_updates_than_a_schedule_makes_before_tra
 
     with pytest.raises(PrunelabError, match=message):
         validate(RunConfig(**values))
+
+
+# --- the gradual window, the layer floor and round counts reach the CLI ------------------------------
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "oneshot", "--start-epoch", "2"],
+     "--start-epoch 2 would be ignored: it sets when --method gradual's cubic schedule starts pruning, but --method "
+     "oneshot has no such schedule; drop --start-epoch"),
+    (["--method", "static", "--end-fraction", "0.5"],
+     "--end-fraction 0.5 would be ignored: it sets when --method gradual stops pruning and when --method set / dsr / "
+     "rigl / snfs stop rewiring, but --method static changes no mask while training; drop --end-fraction"),
+    (["--method", "iterative", "--end-fraction", "0.5"], "--end-fraction 0.5 would be ignored"),
+    (["--method", "rigl", "--start-epoch", "1"], "--start-epoch 1 would be ignored"),
+    (["--method", "oneshot", "--no-layer-floor"],
+     "--no-layer-floor would be ignored: --granularity unstructured prunes single weights, which are never floored"),
+    (["--method", "oneshot", "--granularity", "channel", "--allocation", "uniform", "--no-layer-floor"],
+     "--no-layer-floor would be ignored: only --allocation global floors layers; --allocation uniform has no floor"),
+    (["--method", "oneshot", "--granularity", "2:4", "--no-layer-floor"],
+     "--no-layer-floor would be ignored: the N:M pattern 2:4 is decided inside blocks"),
+    (["--method", "random-uniform", "--granularity", "channel", "--no-layer-floor"],
+     "--no-layer-floor would be ignored: --method random-uniform fixes its own allocation (uniform)"),
+    (["--method", "gradual", "--start-epoch", "-1"], "--start-epoch must be an integer >= 0 (0: prune from the first"),
+    (["--method", "gradual", "--end-fraction", "0"], "--end-fraction must be in (0, 1] (a fraction of --epochs"),
+    (["--method", "rigl", "--end-fraction", "1.5"], "--end-fraction must be in (0, 1]"),
+    (["--method", "gradual", "--end-fraction", "nan"], "--end-fraction must be in (0, 1]"),
+])
+def test_schedule_window_and_floor_options_are_checked_and_refused_where_ignored(cli, tmp_path, extra, message):
+    code, out, err = cli("prune", *QUICK, *extra, "--out", str(tmp_path / "o"))
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_layer_floor_and_the_gradual_window_are_accepted_where_used():
+    from prunelab.config import RunConfig
+    from prunelab.pipeline import validate
+
+    validate(RunConfig(method="gradual", start_epoch=2, end_fraction=0.9, epochs=5))
+    validate(RunConfig(method="rigl", end_fraction=0.5, epochs=3))
+    validate(RunConfig(method="oneshot", granularity="channel", layer_floor=False))
+    validate(RunConfig(method="snip", granularity="kernel", layer_floor=False, model="lenet5"))
+    # --layer-floor (the default) says what happens anyway: accepted with any granularity
+    validate(RunConfig(method="oneshot"), given={"layer_floor"})
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--epochs", "3", "--start-epoch", "3"],
+     "gradual pruning starts at epoch 3 (--start-epoch), but the run trains 3 epoch(s) (--epochs): it would never "
+     "prune; pass --start-epoch < --epochs"),
+    (["--epochs", "4", "--start-epoch", "2", "--end-fraction", "0.5"],
+     "gradual pruning ends at step 46 of 92 (--end-fraction 0.5 of --epochs 4), not after it starts at step 46 "
+     "(--start-epoch 2); pass a larger --end-fraction (> 0.5) or an earlier --start-epoch"),
+    (["--epochs", "1", "--num-updates", "1000"],
+     "gradual pruning needs room for 1000 updates (--num-updates) between step 0 and 17 of 23 (23 per epoch): at "
+     "most 17 fit there"),
+    (["--epochs", "0"], "gradual pruning prunes while training, but the run has 0 steps"),
+])
+def test_a_gradual_window_that_cannot_hold_the_schedule_is_refused_before_the_dense_training(
+        cli, tmp_path, monkeypatch, extra, message):
+    import prunelab.pipeline
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before the gradual window was checked")
+
+    monkeypatch.setattr(prunelab.pipeline, "train", no_training)  # was: 30 dense epochs, then the error
+    code, out, err = cli("prune", *QUICK, "--method", "gradual", *extra, "--out", str(tmp_path / "o"))
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "iterative", "--pretrain-epochs", "1", "--rounds", "1000000"],
+     "--rounds 1,000,000 is more than the 17,024 weights of digits_mlp there are to prune: each round prunes at least "
+     "one, so later rounds would only retrain the same mask; pass --rounds 17,024 or fewer"),
+    (["--method", "iterative", "--pretrain-epochs", "1", "--granularity", "channel", "--rounds", "203"],
+     "--rounds 203 is more than the 202 channel groups of digits_mlp"),
+    (["--method", "lottery", "--epochs", "1", "--rounds", "20000"], "--rounds 20,000 is more than the 17,024 weights"),
+])
+def test_more_rounds_than_groups_to_prune_are_refused_before_training(cli, tmp_path, monkeypatch, extra, message):
+    import prunelab.pipeline
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before --rounds was checked")
+
+    monkeypatch.setattr(prunelab.pipeline, "train", no_training)
+    started = time.perf_counter()
+    code, out, err = cli("prune", *QUICK, *extra, "--out", str(tmp_path / "o"))
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and message in err, err
+    assert time.perf_counter() - started < 5.0 and not (tmp_path / "o").exists()
+
+
+def test_new_fields_at_their_defaults_keep_the_run_folder_hash():
+    import dataclasses
+    import hashlib
+    import json
+
+    from prunelab.config import LATER_FIELDS, RunConfig
+
+    config = RunConfig(method="gradual", sparsity=0.8)
+    payload = {k: v for k, v in dataclasses.asdict(config).items()
+               if k not in ("out", "progress", "data_dir", "download", *LATER_FIELDS)}
+    assert config.digest() == hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    assert RunConfig(method="gradual", sparsity=0.8, start_epoch=1).digest() != config.digest()
+    assert RunConfig(method="gradual", sparsity=0.8, end_fraction=0.5).digest() != config.digest()
+    assert RunConfig(granularity="channel", layer_floor=False).digest() != RunConfig(granularity="channel").digest()
+
+
+def test_yaml_accepts_the_schedule_window_and_floor_keys():
+    config = config_from_mapping({"method": "gradual", "start_epoch": 1, "end_fraction": 1, "layer_floor": False}, "c.yaml")
+    assert (config.start_epoch, config.end_fraction, config.layer_floor) == (1, 1.0, False)
+    with pytest.raises(PrunelabError, match="start_epoch in c.yaml must be an integer, got 1.5"):
+        config_from_mapping({"start_epoch": 1.5}, "c.yaml")
+    with pytest.raises(PrunelabError, match="layer_floor in c.yaml must be true or false"):
+        config_from_mapping({"layer_floor": "no"}, "c.yaml")

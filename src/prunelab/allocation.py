@@ -272,7 +272,8 @@ class GlobalAllocation(Allocation):
             _check_bounds(layers, budget)  # the layer rules' own limits first, with their own message
             layers = one_group_floor(layers)
             _check_bounds(layers, budget, "global allocation keeps one group of every layer (so no layer is removed):",
-                          "pass allocation=prunelab.allocation.GlobalAllocation(keep_one_group=False)")
+                          "pass --no-layer-floor (API: allocation=prunelab.allocation.GlobalAllocation("
+                          "keep_one_group=False))")
         return global_threshold_counts(layers, budget)
 
 

@@ -15,6 +15,7 @@ written by another configuration, naming the keys that differ.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,44 @@ def _check_resume_record(path: Path) -> None:
                             "pass the folder of an earlier 'prunelab lottery' run to --resume, or --out to start one")
 
 
+def empty_round(sizes: dict[str, int], rates: dict[str, float]) -> int | None:
+    """The first round after which no later round changes the mask: every layer with a rate > 0 keeps
+    none of its weights (round ``r`` keeps ``round(n (1 - p)^r)``, as :mod:`prunelab.methods.lottery`);
+    None when no layer is ever emptied (every rate 0)."""
+    last = None
+    for name, n in sizes.items():
+        rate = rates[name]
+        if n == 0 or rate <= 0.0 or math.log1p(-rate) == 0.0:  # a rate below float precision never empties it
+            continue
+        r = max(0, math.ceil(math.log(0.5 / n) / math.log1p(-rate)) - 2)  # then step to the exact rounding
+        while round(n * (1.0 - rate) ** r) > 0:
+            r += 1
+        while r > 0 and round(n * (1.0 - rate) ** (r - 1)) == 0:
+            r -= 1
+        last = r if last is None else max(last, r)
+    return last
+
+
+def check_rounds(model, config, model_name: str) -> None:
+    """Refuse ``--rounds`` beyond the round that empties every layer (later rounds would retrain the same empty
+    mask: ``--rounds 1000000000`` would run for ever writing identical rounds)."""
+    from prunelab.methods.lottery import _layer_rates
+    from prunelab.targets import prunable_parameters
+
+    params = prunable_parameters(model, config.exclude)
+    rates = _layer_rates(list(params), config)
+    limit = empty_round({n: p.numel() for n, p in params.items()}, rates)
+    output_rate = config.rate if config.output_rate is None else config.output_rate
+    rates_given = f"--rate {config.rate:g} / --output-rate {output_rate:g}"
+    if limit is None and config.rounds > 0:
+        raise PrunelabError(f"{rates_given} prune nothing, so every round would retrain round 0's dense mask; "
+                            "pass a --rate > 0 (or --rounds 0)")
+    if limit is not None and config.rounds > limit:
+        raise PrunelabError(f"--rounds {config.rounds:,}: by round {limit} every pruned layer of {model_name} has no "
+                            f"weight left ({rates_given} of the remaining weights pruned per round), so later rounds "
+                            f"would retrain the same empty mask; pass --rounds {limit} or fewer")
+
+
 def cmd_lottery(args: argparse.Namespace) -> int:
     from prunelab.bench.datasets import DATASETS, load_dataset, make_loaders
     from prunelab.bench.models import MODELS, build_model
@@ -138,6 +177,7 @@ def cmd_lottery(args: argparse.Namespace) -> int:
     DATASETS.get(args.dataset)
     check_dataset_files(args.dataset, args.data_dir, args.download)  # as prune: digits reads no files
     splits = load_dataset(args.dataset, args.data_dir, args.download)
+    check_rounds(build_model(args.model, splits.input_shape, splits.num_classes), config, args.model)
     train_loader, test_loader = make_loaders(splits, config.train.batch_size, args.seed)
     result = run_lottery(lambda: build_model(args.model, splits.input_shape, splits.num_classes),
                          train_loader, test_loader, config, out, resume=bool(args.resume))

@@ -61,6 +61,9 @@ class RunConfig:
     criterion: str = _opt("importance criterion (see 'prunelab list')", default="magnitude")
     granularity: str = _opt("unstructured | vector | kernel | channel | neuron | N:M such as 2:4", default="unstructured")
     allocation: str = _opt("global | uniform | erk | lamp", default="global")
+    layer_floor: bool = _opt("with --allocation global and a structured granularity (vector, kernel, channel, neuron): "
+                             "keep at least one group of every layer, so the global threshold never cuts a layer off; "
+                             "--no-layer-floor drops the floor (to study layer collapse); default: on", default=True)
     sparsity: float | None = _opt("target fraction of weights removed, in [0, 1) (default 0.9; with an N:M "
                                   "granularity, 1 - N/M)", default=None)
     rounds: int = _opt("pruning rounds of 'iterative' / 'lottery'", default=5)
@@ -74,10 +77,17 @@ class RunConfig:
     epochs: int = _opt("training epochs of 'gradual' and every from-scratch method (snip, rigl, ...; "
                        "'lottery': per round)", default=30)
     num_updates: int = _opt("mask updates of the 'gradual' cubic schedule", default=10)
+    start_epoch: int = _opt("epoch at which 'gradual' starts pruning (t0 of Zhu & Gupta's cubic schedule), "
+                            "0 <= start < --epochs (default 0)", default=0)
+    end_fraction: float = _opt("fraction of --epochs, in (0, 1], at which mask changes stop: 'gradual' reaches "
+                               "--sparsity there (t0 + n dt), and 'set' / 'dsr' / 'rigl' / 'snfs' stop rewiring there "
+                               "(RigL's T_end); must lie after --start-epoch (default 0.75)", default=0.75)
     batch_size: int = _opt("training batch size", default=64)
     optimizer: str = _opt("sgd | adam | adamw", default="sgd")
-    lr: float = _opt("learning rate for dense training", default=0.05)
-    finetune_lr: float | None = _opt("learning rate for retraining (default: lr / 5)", default=None)
+    lr: float = _opt("learning rate for dense training, and for the training of the sparse-from-scratch methods",
+                     default=0.05)
+    finetune_lr: float | None = _opt("learning rate after a trained model is pruned: retraining, and the training "
+                                     "'gradual' prunes during (default: lr / 5)", default=None)
     momentum: float = _opt("SGD momentum", default=0.9)
     weight_decay: float = _opt("weight decay", default=1e-4)
     lr_schedule: str = _opt("constant | cosine | step", default="cosine")
@@ -94,8 +104,13 @@ class RunConfig:
             object.__setattr__(self, "sparsity", _default_sparsity(self.granularity))
 
     def digest(self) -> str:
-        """Hash of everything that changes the result (not out/progress)."""
-        payload = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("out", "progress", "data_dir", "download")}
+        """Hash of everything that changes the result (not out/progress).
+
+        A field of :data:`LATER_FIELDS` left at its default stays out of the hash, so a config that
+        does not set it keeps the ``runs/<model>-<method>-<hash>`` folder it had before the field existed.
+        """
+        payload = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("out", "progress", "data_dir", "download")
+                   and not (k in LATER_FIELDS and v == field_default(k))}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
     def out_dir(self) -> Path:
@@ -110,6 +125,7 @@ class RunConfig:
 
 
 FIELD_NAMES = tuple(f.name for f in fields(RunConfig))
+LATER_FIELDS = ("layer_floor", "start_epoch", "end_fraction")  # added after run folders were first hashed
 
 
 def field_default(name: str) -> Any:

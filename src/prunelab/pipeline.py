@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from prunelab import distributed
-from prunelab.allocation import get_allocation
+from prunelab.allocation import GlobalAllocation, get_allocation
 from prunelab.bench.datasets import DATASETS, load_dataset, make_loaders
 from prunelab.bench.models import MODELS, build_model
 from prunelab.bench.training import TrainConfig, evaluate, seed_everything, train
@@ -32,9 +32,12 @@ from prunelab.io import atomic_dir, ensure_writable_dir, write_json, write_text
 from prunelab.measure.counting import measure_model
 from prunelab.measure.tables import model_cost_table
 from prunelab.methods import FROM_SCRATCH, METHODS, PruneSpec
+from prunelab.methods.gradual import gradual_window
 from prunelab.out_folders import OutFiles, check_out_folder
 from prunelab.report import plot_sparsity_curve, render_report
-from prunelab.run_checks import check_ignored_options, check_pattern_method, criterion_used
+from prunelab.run_checks import (
+    DST_SCHEDULED, OWN_ALLOCATION, ROUND_METHODS, check_ignored_options, check_pattern_method, criterion_used,
+)
 from prunelab.schedules import MAX_UPDATES
 from prunelab.structure import get_granularity
 from prunelab.targets import matching_layers
@@ -74,9 +77,16 @@ def validate(config: RunConfig, given: Collection[str] | None = None) -> None:
     if reason:
         raise PrunelabError(f"--finetune-lr {config.finetune_lr!r} is too large for torch ({reason}); "
                             "pass a realistic value such as 0.01")
+    if isinstance(config.start_epoch, int) and config.start_epoch < 0:
+        raise PrunelabError(f"--start-epoch must be an integer >= 0 (0: prune from the first step), got {config.start_epoch}")
+    if isinstance(config.end_fraction, float) and not 0.0 < config.end_fraction <= 1.0:  # nan included
+        raise PrunelabError(f"--end-fraction must be in (0, 1] (a fraction of --epochs; 1: the end of the run), "
+                            f"got {config.end_fraction!r}; e.g. 0.75")
     if config.out is not None and not config.out.strip():
         raise PrunelabError("--out is empty; name an output folder, or leave it out for runs/<model>-<method>-<hash>")
-    check_ignored_options(config, non_default_fields(config) if given is None else frozenset(given))
+    given = non_default_fields(config) if given is None else frozenset(given)
+    check_ignored_options(config, given)
+    check_schedule_options(config, given, granularity)
     for flag, value in (("--rounds", config.rounds), ("--num-updates", config.num_updates)):
         if isinstance(value, int) and value > MAX_UPDATES:  # refused now, not by the schedule after the dense training
             raise PrunelabError(f"{flag} must be <= {MAX_UPDATES:,} (each mask update rescores the model), got {value:,}; "
@@ -108,11 +118,61 @@ def finetune_config(config: RunConfig) -> TrainConfig:
 def prune_spec(config: RunConfig) -> PruneSpec:
     return PruneSpec(
         sparsity=config.sparsity, criterion=config.criterion, granularity=config.granularity,
-        allocation=config.allocation, keep_first=config.keep_first, keep_last=config.keep_last,
+        allocation=allocation_for(config), keep_first=config.keep_first, keep_last=config.keep_last,
         exclude=tuple(config.exclude), rounds=config.rounds, layer_rates=dict(config.layer_rates),
         finetune_epochs=config.finetune_epochs, num_updates=config.num_updates, score_batches=config.score_batches,
-        delta_t=config.delta_t, alpha=config.alpha,
+        start_epoch=config.start_epoch, end_fraction=config.end_fraction, delta_t=config.delta_t, alpha=config.alpha,
     )
+
+
+def allocation_for(config: RunConfig):
+    """``config.allocation``'s name, or ``GlobalAllocation(keep_one_group=False)`` for ``--no-layer-floor``."""
+    return GlobalAllocation(keep_one_group=False) if config.allocation == "global" and not config.layer_floor \
+        else config.allocation
+
+
+END_FRACTION_METHODS = ("gradual", *DST_SCHEDULED)  # read RunConfig.end_fraction
+
+
+def check_schedule_options(config: RunConfig, given: frozenset[str], granularity) -> None:
+    """Refuse ``--start-epoch`` / ``--end-fraction`` / ``--no-layer-floor`` where the run would ignore them."""
+    method = config.method
+    if "start_epoch" in given and method != "gradual":
+        raise PrunelabError(f"--start-epoch {config.start_epoch} would be ignored: it sets when --method gradual's "
+                            f"cubic schedule starts pruning, but --method {method} has no such schedule; "
+                            "drop --start-epoch")
+    if "end_fraction" in given and method not in END_FRACTION_METHODS:
+        raise PrunelabError(f"--end-fraction {config.end_fraction:g} would be ignored: it sets when --method gradual "
+                            f"stops pruning and when --method {' / '.join(DST_SCHEDULED)} stop rewiring, but "
+                            f"--method {method} changes no mask while training; drop --end-fraction")
+    if config.layer_floor:
+        return  # --layer-floor (the default) says what happens anyway
+    why = None
+    if method in OWN_ALLOCATION:
+        why = f"--method {method} fixes its own allocation ({OWN_ALLOCATION[method]}), which has no floor"
+    elif config.allocation != "global":
+        why = f"only --allocation global floors layers; --allocation {config.allocation} has no floor"
+    elif granularity.is_pattern:
+        why = f"the N:M pattern {config.granularity} is decided inside blocks of M weights, with no allocation floor"
+    elif not granularity.structured:
+        why = (f"--granularity {config.granularity} prunes single weights, which are never floored; "
+               "the floor applies to vector / kernel / channel / neuron groups")
+    if why:
+        raise PrunelabError(f"--no-layer-floor would be ignored: {why}; drop --no-layer-floor")
+
+
+def check_rounds(config: RunConfig, checker) -> None:
+    """Refuse more ``--rounds`` than the model has groups (weights, channels, ...) to prune.
+
+    A round that prunes removes at least one group and pruned groups stay pruned, so beyond
+    that many rounds some rounds must prune nothing and only retrain the same mask.
+    """
+    groups = sum(checker.granularity.num_groups(tuple(p.shape)) for p in checker.params.values())
+    if config.rounds > groups:
+        unit = "weights" if not checker.granularity.structured else f"{config.granularity} groups"
+        raise PrunelabError(f"--rounds {config.rounds:,} is more than the {groups:,} {unit} of {config.model} there "
+                            f"are to prune: each round prunes at least one, so later rounds would only retrain the "
+                            f"same mask; pass --rounds {groups:,} or fewer")
 
 
 def run(config: RunConfig, given: Collection[str] | None = None) -> dict[str, Any]:
@@ -121,6 +181,7 @@ def run(config: RunConfig, given: Collection[str] | None = None) -> dict[str, An
     ``given``: the fields the user set, see :func:`validate`.
     """
     validate(config, given)
+    given = non_default_fields(config) if given is None else frozenset(given)
     out = config.out_dir()
     check_out_folder(out, PRUNE_OUTPUT)  # before training, not after (creates nothing)
     started = time.perf_counter()
@@ -134,6 +195,10 @@ def run(config: RunConfig, given: Collection[str] | None = None) -> dict[str, An
         checker.check_target(config.sparsity)  # their last update asks exactly this: refuse an infeasible one now
     for pattern in config.layer_rates:  # a glob naming no layer: refused now, not after the dense training
         matching_layers(list(checker.params), pattern, "layer_rates")
+    if config.method in ROUND_METHODS and "rounds" in given:
+        check_rounds(config, checker)
+    if config.method == "gradual":  # its schedule's window, checked now, not after the dense training
+        gradual_window(prune_spec(config), config.epochs, len(train_loader))
     pretrain = config.pretrain_epochs > 0 and config.method not in FROM_SCRATCH
     loss_fn = SlimmingLoss(model, config.slimming_strength) if pretrain and config.slimming_strength > 0 else F.cross_entropy
     # only now, with every check passed, create the parent folder: bad input leaves no empty runs/ behind

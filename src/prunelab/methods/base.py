@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from prunelab.allocation import check_sparsity
+from prunelab.allocation import Allocation, check_sparsity
 from prunelab.bench.training import evaluate
 from prunelab.criteria import ScoreData
 from prunelab.errors import PrunelabError
@@ -25,13 +25,16 @@ class PruneSpec:
     the remaining hidden weights per round and 10% of the output layer's: ``layer_rates=
     {"fc3": 0.1}``); ``num_updates`` / ``start_epoch`` / ``end_fraction`` drive
     ``gradual``; ``finetune_epochs`` is the retraining after each pruning event;
-    ``delta_t`` / ``alpha`` drive dynamic sparse training (RigL defaults 100 / 0.3).
+    ``delta_t`` / ``alpha`` drive dynamic sparse training (RigL defaults 100 / 0.3), which
+    also stops rewiring at ``end_fraction`` of its run (RigL's ``T_end``).  ``allocation``
+    is a registered name or an :class:`~prunelab.allocation.Allocation`, e.g.
+    ``GlobalAllocation(keep_one_group=False)`` (the CLI's ``--no-layer-floor``).
     """
 
     sparsity: float = 0.9
     criterion: str = "magnitude"
     granularity: str = "unstructured"
-    allocation: str = "global"
+    allocation: str | Allocation = "global"
     keep_first: str | float | None = None
     keep_last: str | float | None = None
     exclude: tuple[str, ...] = ()

@@ -27,6 +27,41 @@ from prunelab.methods.base import (
 from prunelab.schedules import Cubic
 
 
+def gradual_window(spec: PruneSpec, epochs: int, steps_per_epoch: int) -> tuple[int, int, int]:
+    """``(start, end, frequency)`` in optimizer steps of a gradual run of ``epochs`` x ``steps_per_epoch``.
+
+    The ``num_updates`` updates of the cubic schedule land at ``start + k * frequency`` (``k = 0..n``),
+    the last at most ``end <= total``.  A start at or past the end of the run, an end not after the
+    start and a window with fewer steps than updates are one-line errors naming the flags to change
+    (``prunelab prune`` asks this before the dense training).
+    """
+    total = epochs * steps_per_epoch
+    start = spec.start_epoch * steps_per_epoch
+    end = math.floor(round(spec.end_fraction * total, 6))  # 0.29 * 100 is 28.999...: the end is step 29
+    if total < 1:
+        raise PrunelabError(f"gradual pruning prunes while training, but the run has {total} steps ({epochs} epoch(s) "
+                            f"x {steps_per_epoch} batches); pass --epochs >= 1 and a non-empty training set")
+    if start >= total:
+        raise PrunelabError(
+            f"gradual pruning starts at epoch {spec.start_epoch} (--start-epoch), but the run trains {epochs} "
+            f"epoch(s) (--epochs): it would never prune; pass --start-epoch < --epochs"
+        )
+    if end <= start:
+        raise PrunelabError(
+            f"gradual pruning ends at step {end} of {total} (--end-fraction {spec.end_fraction:g} of --epochs "
+            f"{epochs}), not after it starts at step {start} (--start-epoch {spec.start_epoch}); pass a larger "
+            f"--end-fraction (> {spec.start_epoch / epochs:.4g}) or an earlier --start-epoch"
+        )
+    frequency = (end - start) // spec.num_updates
+    if frequency < 1:
+        raise PrunelabError(
+            f"gradual pruning needs room for {spec.num_updates} updates (--num-updates) between step {start} and "
+            f"{end} of {total} ({steps_per_epoch} per epoch): at most {end - start} fit there; train longer "
+            f"(--epochs), lower --num-updates / --start-epoch, or raise --end-fraction"
+        )
+    return start, end, frequency
+
+
 def run_gradual(
     model: nn.Module, train_loader, test_loader, spec: PruneSpec, config: TrainConfig, *, score_data: ScoreData | None = None,
     lr_flag: str = "--lr",
@@ -34,15 +69,7 @@ def run_gradual(
     require_loader(train_loader, "a training loader (it prunes while training)", "gradual",
                    "pass the training DataLoader")
     steps_per_epoch = len(train_loader)
-    total = config.epochs * steps_per_epoch
-    start = spec.start_epoch * steps_per_epoch
-    end = math.floor(round(spec.end_fraction * total, 6))  # 0.29 * 100 is 28.999...: the end is step 29
-    frequency = (end - start) // spec.num_updates
-    if frequency < 1:
-        raise PrunelabError(
-            f"gradual pruning needs room for {spec.num_updates} updates between step {start} and {end} of "
-            f"{total}; train longer (--epochs) or lower --num-updates / --start-epoch"
-        )
+    start, _end, frequency = gradual_window(spec, config.epochs, steps_per_epoch)
     require_test_loader(test_loader, "gradual")
     # updates at start + k * frequency, k = 0..n: the last is at most end <= total, a step the run reaches
     schedule = Cubic(spec.sparsity, start_step=start, num_updates=spec.num_updates, frequency=frequency)
