@@ -268,6 +268,26 @@ def test_pai_methods_prune_at_init_then_train_sparse(name, digits):
         assert torch.all(params[layer][~mask] == 0) and mask.any()
 
 
+@pytest.mark.parametrize("name", PAI)
+def test_after_epoch_runs_after_every_epoch_with_the_masks_applied(name, digits):
+    """The hook (checkpoint selection on a validation split) sees epochs 1..E of a masked model."""
+    splits, train_loader, test_loader = digits
+    model = fresh_mlp(splits)
+    snapshots = []
+
+    def after_epoch(epoch: int) -> None:
+        snapshots.append((epoch, {n: p.detach().clone() for n, p in model.named_parameters()}))
+
+    spec = PruneSpec(sparsity=0.75, score_batches=2)
+    config = dataclasses.replace(CONFIG, epochs=2)
+    result = METHODS.get(name)(model, train_loader, test_loader, spec, config, after_epoch=after_epoch)
+    assert [epoch for epoch, _ in snapshots] == [1, 2]
+    for _, params in snapshots:  # the masks are held fixed, so the final ones are those of every epoch
+        for layer, mask in result.masks.items():
+            assert torch.all(params[layer][~mask] == 0)
+    assert not torch.equal(snapshots[0][1]["fc1.weight"], snapshots[1][1]["fc1.weight"])  # it trained in between
+
+
 def test_force_with_one_step_is_snip_and_synflow_with_one_round_is_one_shot(digits):
     splits, train_loader, test_loader = digits
     data = ScoreData([next(iter(train_loader))])

@@ -40,6 +40,7 @@ import copy
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -58,6 +59,7 @@ from prunelab.sparsifier import Sparsifier
 from prunelab.structure import Granularity, get_granularity
 from prunelab.targets import prunable_parameters
 
+EpochHook = Callable[[int], None]  # after_epoch(epoch): epoch 1, 2, ... of the sparse training, masks applied
 FORCE_STEPS = 20  # de Jorge et al. run many more; 20 keeps the method cheap (pass steps=... in Python)
 SYNFLOW_ROUNDS = 100  # Tanaka et al.'s default number of rounds
 
@@ -214,8 +216,12 @@ def _check_loaders(train_loader, test_loader, config: TrainConfig, description: 
 
 
 def train_sparse(model: nn.Module, sparsifier: Sparsifier, train_loader, config: TrainConfig,
-                 description: str = "sparse training") -> None:
-    """Train ``model`` for ``config.epochs`` epochs with the sparsifier's masks held fixed."""
+                 description: str = "sparse training", after_epoch: EpochHook | None = None) -> None:
+    """Train ``model`` for ``config.epochs`` epochs with the sparsifier's masks held fixed.
+
+    ``after_epoch(epoch)`` runs after each epoch (1, 2, ...) with the masks applied, e.g. to
+    evaluate a validation split for checkpoint selection.
+    """
     if config.epochs == 0:
         return
     require_loader(train_loader, "a training loader to train the pruned network", description,
@@ -225,45 +231,48 @@ def train_sparse(model: nn.Module, sparsifier: Sparsifier, train_loader, config:
     sparsifier.prepare(optimizer)
     train(model, train_loader, config, optimizer=optimizer,
           scheduler=make_lr_scheduler(optimizer, config, len(train_loader)),
-          after_step=lambda _step: sparsifier.step(), description=description)
+          after_step=lambda _step: sparsifier.step(), after_epoch=after_epoch, description=description)
 
 
 def _finish(model: nn.Module, sparsifier: Sparsifier, train_loader, test_loader, spec: PruneSpec,
-            config: TrainConfig, description: str, **extra: Any) -> MethodResult:
+            config: TrainConfig, description: str, after_epoch: EpochHook | None = None, **extra: Any) -> MethodResult:
     rows = [stage_row("pruned at init", model, sparsifier.masks, test_loader, round=1,
                       target_sparsity=spec.sparsity, **extra)]
-    train_sparse(model, sparsifier, train_loader, config, description)
+    train_sparse(model, sparsifier, train_loader, config, description, after_epoch)
     rows.append(stage_row("trained", model, sparsifier.masks, test_loader, round=1, target_sparsity=spec.sparsity,
                           **extra))
     return MethodResult(sparsifier.finalize(), rows, sparsifier.history)
 
 
 def _one_shot(model, train_loader, test_loader, spec, config, criterion: Criterion, data: ScoreData | None,
-              description: str, allocation: str | None = None) -> MethodResult:
+              description: str, allocation: str | None = None, after_epoch: EpochHook | None = None) -> MethodResult:
     _check_loaders(train_loader, test_loader, config, description)
     sparsifier = _sparsifier(model, spec, criterion, data, allocation)
     sparsifier.prepare()
     sparsifier.update(spec.sparsity)
-    return _finish(model, sparsifier, train_loader, test_loader, spec, config, description)
+    return _finish(model, sparsifier, train_loader, test_loader, spec, config, description, after_epoch)
 
 
 # --- methods ---------------------------------------------------------------------------------
 def run_snip(model: nn.Module, train_loader, test_loader, spec: PruneSpec, config: TrainConfig, *,
-             score_data: ScoreData | None = None) -> MethodResult:
+             score_data: ScoreData | None = None, after_epoch: EpochHook | None = None) -> MethodResult:
     """SNIP at init (Lee et al. 2019): keep the top ``1 - s`` of ``|w dL/dw| / sum``, one shot, then train."""
     data = _score_data(score_data, train_loader, spec, "snip")
-    return _one_shot(model, train_loader, test_loader, spec, config, get_criterion("snip"), data, "snip")
+    return _one_shot(model, train_loader, test_loader, spec, config, get_criterion("snip"), data, "snip",
+                     after_epoch=after_epoch)
 
 
 def run_grasp(model: nn.Module, train_loader, test_loader, spec: PruneSpec, config: TrainConfig, *,
-              score_data: ScoreData | None = None) -> MethodResult:
+              score_data: ScoreData | None = None, after_epoch: EpochHook | None = None) -> MethodResult:
     """GraSP at init (Wang et al. 2020): remove the highest ``-w ⊙ Hg`` in one shot, then train."""
     data = _score_data(score_data, train_loader, spec, "grasp")
-    return _one_shot(model, train_loader, test_loader, spec, config, get_criterion("grasp"), data, "grasp")
+    return _one_shot(model, train_loader, test_loader, spec, config, get_criterion("grasp"), data, "grasp",
+                     after_epoch=after_epoch)
 
 
 def run_force(model: nn.Module, train_loader, test_loader, spec: PruneSpec, config: TrainConfig, *,
-              score_data: ScoreData | None = None, steps: int = FORCE_STEPS) -> MethodResult:
+              score_data: ScoreData | None = None, after_epoch: EpochHook | None = None,
+              steps: int = FORCE_STEPS) -> MethodResult:
     """FORCE (de Jorge et al. 2021): iterative SNIP on the pruned network, pruned weights may come back.
 
     Step ``t = 1..T`` keeps ``k_t = n (k / n)^(t/T)`` weights (an exponential decay of
@@ -288,11 +297,12 @@ def run_force(model: nn.Module, train_loader, test_loader, spec: PruneSpec, conf
             for name, param in sparsifier.params.items():
                 param.copy_(initial[name])
         sparsifier.enforce()
-    return _finish(model, sparsifier, train_loader, test_loader, spec, config, "force")
+    return _finish(model, sparsifier, train_loader, test_loader, spec, config, "force", after_epoch)
 
 
 def run_synflow(model: nn.Module, train_loader, test_loader, spec: PruneSpec, config: TrainConfig, *,
-                score_data: ScoreData | None = None, rounds: int = SYNFLOW_ROUNDS) -> MethodResult:
+                score_data: ScoreData | None = None, after_epoch: EpochHook | None = None,
+                rounds: int = SYNFLOW_ROUNDS) -> MethodResult:
     """Iterative SynFlow (Tanaka et al. 2020, Algorithm 1), data-free, then train.
 
     Round ``k = 1..R`` rescores the pruned network and keeps the fraction
@@ -308,22 +318,23 @@ def run_synflow(model: nn.Module, train_loader, test_loader, spec: PruneSpec, co
     schedule = Geometric(spec.sparsity, rounds=rounds)
     for k in schedule.update_steps():
         raise_sparsity(sparsifier, schedule.sparsity_at(k))  # coarse groups may overshoot a round: never un-prune
-    return _finish(model, sparsifier, train_loader, test_loader, spec, config, "synflow")
+    return _finish(model, sparsifier, train_loader, test_loader, spec, config, "synflow", after_epoch)
 
 
 def run_random_erk(model: nn.Module, train_loader, test_loader, spec: PruneSpec, config: TrainConfig, *,
-                   score_data: ScoreData | None = None) -> MethodResult:
+                   score_data: ScoreData | None = None, after_epoch: EpochHook | None = None) -> MethodResult:
     """Random pruning with Erdos-Renyi-Kernel densities ``eps (sum shape)/(prod shape)`` (Evci et al.
     2020; the baseline of Liu et al. 2022), seeded with ``config.seed``, then train."""
     criterion = get_criterion("random", seed=config.seed)
-    return _one_shot(model, train_loader, test_loader, spec, config, criterion, None, "random-erk", "erk")
+    return _one_shot(model, train_loader, test_loader, spec, config, criterion, None, "random-erk", "erk", after_epoch)
 
 
 def run_random_uniform(model: nn.Module, train_loader, test_loader, spec: PruneSpec, config: TrainConfig, *,
-                       score_data: ScoreData | None = None) -> MethodResult:
+                       score_data: ScoreData | None = None, after_epoch: EpochHook | None = None) -> MethodResult:
     """Random pruning with every layer at sparsity ``s`` (seeded with ``config.seed``), then train."""
     criterion = get_criterion("random", seed=config.seed)
-    return _one_shot(model, train_loader, test_loader, spec, config, criterion, None, "random-uniform", "uniform")
+    return _one_shot(model, train_loader, test_loader, spec, config, criterion, None, "random-uniform", "uniform",
+                     after_epoch)
 
 
 def _pai_mask(model, train_loader, test_loader, spec, config, score_data) -> tuple[Sparsifier, dict[str, Tensor]]:
@@ -339,14 +350,14 @@ def _pai_mask(model, train_loader, test_loader, spec, config, score_data) -> tup
 
 
 def run_pai(model: nn.Module, train_loader, test_loader, spec: PruneSpec, config: TrainConfig, *,
-            score_data: ScoreData | None = None) -> MethodResult:
+            score_data: ScoreData | None = None, after_epoch: EpochHook | None = None) -> MethodResult:
     """Prune at init with any criterion (``spec.criterion``, e.g. magnitude at init) in one shot, then train."""
     sparsifier, _ = _pai_mask(model, train_loader, test_loader, spec, config, score_data)
-    return _finish(model, sparsifier, train_loader, test_loader, spec, config, f"pai {spec.criterion}")
+    return _finish(model, sparsifier, train_loader, test_loader, spec, config, f"pai {spec.criterion}", after_epoch)
 
 
 def run_pai_shuffled(model: nn.Module, train_loader, test_loader, spec: PruneSpec, config: TrainConfig, *,
-                     score_data: ScoreData | None = None) -> MethodResult:
+                     score_data: ScoreData | None = None, after_epoch: EpochHook | None = None) -> MethodResult:
     """``pai``'s mask with each layer permuted (:func:`shuffle_within_layers`, seed ``config.seed``),
     on the original initial weights, then train (Frankle et al. 2021)."""
     structure = _shuffle_granularity(spec.granularity)  # refused before any scoring
@@ -356,14 +367,14 @@ def run_pai_shuffled(model: nn.Module, train_loader, test_loader, spec: PruneSpe
         for name, param in sparsifier.params.items():
             param.copy_(before[name])
     sparsifier.set_masks(shuffled)
-    return _finish(model, sparsifier, train_loader, test_loader, spec, config, "pai shuffled")
+    return _finish(model, sparsifier, train_loader, test_loader, spec, config, "pai shuffled", after_epoch)
 
 
 def run_pai_reinit(model: nn.Module, train_loader, test_loader, spec: PruneSpec, config: TrainConfig, *,
-                   score_data: ScoreData | None = None) -> MethodResult:
+                   score_data: ScoreData | None = None, after_epoch: EpochHook | None = None) -> MethodResult:
     """``pai``'s mask on re-drawn initial weights (:func:`reinitialise_kept`, seed ``config.seed + 1``),
     then train (Frankle et al. 2021)."""
     sparsifier, _ = _pai_mask(model, train_loader, test_loader, spec, config, score_data)
     reinitialise_kept(model, sparsifier.masks, config.seed + 1)
     sparsifier.enforce()
-    return _finish(model, sparsifier, train_loader, test_loader, spec, config, "pai reinit")
+    return _finish(model, sparsifier, train_loader, test_loader, spec, config, "pai reinit", after_epoch)
