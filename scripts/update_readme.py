@@ -178,6 +178,8 @@ def record_section(path: Path) -> str:
         layer_rows = record["layer_rows"] + record.get("reference_layer_rows", [])
         layer_columns = [tuple(c) for c in record.get("layer_columns", [])] or [(k, k) for k in layer_rows[0]]
         parts.append(rows_table(layer_rows, layer_columns) + "\n")
+    for table in record.get("extra_tables", []):  # further tables a record carries, each with its title
+        parts.append(f"{table['title']}:\n\n" + rows_table(table["rows"], [tuple(c) for c in table["columns"]]) + "\n")
     if record.get("notes"):
         parts.append(str(record["notes"]) + "\n")
     parts.append(targets_table(record["targets"]) + "\n")
