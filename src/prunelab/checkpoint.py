@@ -22,7 +22,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from prunelab.errors import PrunelabError
-from prunelab.io import atomic_path, ensure_writable_dir, write_text
+from prunelab.io import atomic_paths, ensure_writable_dir
 from prunelab.masks import MaskSet
 
 CHECKPOINT_FORMAT = "prunelab.checkpoint.v1"
@@ -37,7 +37,8 @@ class Checkpoint:
 
 
 def save_checkpoint(directory: str | os.PathLike, model: nn.Module, masks: MaskSet, meta: dict[str, Any]) -> Path:
-    """Write model, masks and metadata into ``directory`` (each file atomically, ``checkpoint.json`` last).
+    """Write model, masks and metadata into ``directory`` (all three complete before any replaces its old file,
+    ``checkpoint.json`` last: :func:`prunelab.io.atomic_paths`).
 
     ``meta`` and the masks are checked first (JSON-serialisable; every mask fits a parameter
     whose pruned weights are real zeros), so a checkpoint :func:`load_checkpoint` would refuse
@@ -56,10 +57,13 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, masks: MaskS
     check_masks_applied(masks, model)
     state = _state_to_save(model)
     directory = ensure_writable_dir(directory)
-    with atomic_path(directory / MODEL_FILE) as tmp:
-        save_file(state, str(tmp), metadata={"format": CHECKPOINT_FORMAT})
-    masks.save(directory / MASKS_FILE)
-    write_text(directory / META_FILE, meta_text)
+    # all three written before any is renamed: a failure (disk full) leaves the old checkpoint whole, never
+    # new weights beside old masks under the old checkpoint.json
+    with atomic_paths(directory / MODEL_FILE, directory / MASKS_FILE, directory / META_FILE) as (model_tmp, masks_tmp,
+                                                                                                 meta_tmp):
+        save_file(state, str(model_tmp), metadata={"format": CHECKPOINT_FORMAT})
+        masks.save(masks_tmp)
+        meta_tmp.write_text(meta_text, encoding="utf-8")
     return directory
 
 
@@ -188,6 +192,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         state = load_file(str(directory / MODEL_FILE))
     except (SafetensorError, OSError, ValueError) as exc:
         raise PrunelabError(f"cannot read {directory / MODEL_FILE} ({exc}); the checkpoint is corrupt") from None
+    _adopt_dtypes(model, state, directory / MODEL_FILE)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -200,6 +205,21 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     masks = MaskSet.load(directory / MASKS_FILE)
     check_masks_fit(masks, model, directory, str(meta["model"]))
     return Checkpoint(model, masks, meta)
+
+
+def _adopt_dtypes(model: nn.Module, state: dict[str, Tensor], source: Path) -> None:
+    """Give ``model``'s floating tensors the dtypes saved in ``state`` (a float16 / float64 checkpoint loads as it was
+    saved, not cast to the fresh model's float32); a tensor saved as another kind (int or bool for a float weight)
+    is refused: no prunelab checkpoint holds one.  Tied weights are one tensor, changed once."""
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, tensor in tensors:
+        saved = state.get(name)
+        if saved is None or saved.dtype == tensor.dtype:
+            continue
+        if not (saved.dtype.is_floating_point and tensor.dtype.is_floating_point):
+            raise PrunelabError(f"{source}: {name!r} is stored as {saved.dtype}, but the model holds {tensor.dtype} "
+                                "there; the checkpoint is corrupt or was not written by prunelab -- re-create it")
+        tensor.data = tensor.data.to(saved.dtype)
 
 
 def check_masks_fit(masks: MaskSet, model: nn.Module, directory: Path, name: str) -> None:

@@ -184,7 +184,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     On any exception the temporary file is removed and ``path`` is left untouched.  The
     temporary file is flushed to disk before the rename and the folder after it.
     """
-    path = Path(path)
+    path = _file_target(path)
     ensure_writable_dir(path.parent)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -198,6 +198,50 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         _fsync(path.parent)  # the rename itself
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+
+
+def _file_target(path: str | os.PathLike) -> Path:
+    """``path`` as a file to write; an existing folder there is a one-line error (os.replace cannot put a file over it)."""
+    path = Path(path)
+    if path.is_dir():
+        raise PrunelabError(f"cannot write file {str(path)!r}: a folder of that name is there; remove it or choose "
+                            "another file name")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_paths(*paths: str | os.PathLike) -> Iterator[list[Path]]:
+    """Temporary paths beside ``paths`` for a set of files written together; renamed over them only when all are written.
+
+    The last path is the record that says the set is complete (``checkpoint.json``): a
+    previous one is removed before the renames and the new one is renamed last, so a
+    reader that requires it sees the old complete set or the new one -- after a crash
+    mid-rename it finds no record (a one-line error), never new files under an old record.
+    On any exception before the renames every temporary file is removed and the old files
+    are untouched.
+    """
+    targets = [_file_target(p) for p in paths]
+    for folder in {t.parent for t in targets}:
+        ensure_writable_dir(folder)
+    temps: list[Path] = []
+    try:
+        for target in targets:
+            fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            os.close(fd)
+            temps.append(Path(name))
+        yield list(temps)
+        for tmp in temps:
+            _publish_mode(tmp, directory=False)
+            _fsync(tmp)
+        targets[-1].unlink(missing_ok=True)
+        for tmp, target in zip(temps, targets):
+            os.replace(tmp, target)
+        for folder in {t.parent for t in targets}:
+            _fsync(folder)
+    except BaseException:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
         raise
 
 
@@ -235,10 +279,14 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         _publish_mode(tmp, directory=True)
         _fsync_tree(tmp)
         aside = old = None
-        if path.exists():
+        if path.exists() or path.is_symlink():
             aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))  # unique, never a leftover
             old = aside / path.name
-            os.replace(path, old)
+            try:
+                os.replace(path, old)
+            except BaseException:
+                aside.rmdir()  # nothing was moved: leave no empty .old- folder behind
+                raise
         try:
             os.replace(tmp, path)
         except BaseException:
