@@ -44,6 +44,7 @@ import dataclasses
 import math
 import sys
 import time
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +74,7 @@ def mcnemar_p(only_a: int, only_b: int) -> float:
     n, k = only_a + only_b, min(only_a, only_b)
     if n == 0:
         return 1.0
-    return min(1.0, 2.0 * sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n)
+    return min(1.0, float(2 * Fraction(sum(math.comb(n, i) for i in range(k + 1)), 2 ** n)))  # exact: n may pass 1023
 
 
 def _calibration(splits, count: int, seed: int, batch: int = 128) -> list[tuple[torch.Tensor, torch.Tensor]]:
