@@ -189,3 +189,46 @@ def test_load_refuses_files_without_mask_metadata_and_non_boolean_values(tmp_pat
                                             r"than 0 and 1 such as 0\.5"):
         MaskSet.load(soft)
     assert MaskSet.load(hand_masks().save(tmp_path / "masks.safetensors")).equal(hand_masks())  # save's files load
+
+
+def test_apply_zeroes_pruned_weights_that_are_inf_or_nan():
+    # inf * 0 and nan * 0 are nan: a multiply left these "pruned" weights non-zero (nan) for ever
+    model = nn.Linear(3, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[float("inf"), float("nan"), -2.0]]))
+    MaskSet({"weight": torch.tensor([[False, False, True]])}).apply_(model)
+    assert model.weight.tolist() == [[0.0, 0.0, -2.0]]
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[-1.0, 5.0, -2.0]]))
+    MaskSet({"weight": torch.tensor([[False, True, False]])}).apply_(model)
+    assert not bool(torch.signbit(model.weight[0, 0]))  # a pruned weight is +0.0, not -0.0
+
+
+def test_sparsity_is_pruned_over_total_without_a_second_rounding():
+    # 32 of 320 pruned: 1 - 288/320 gave 0.09999999999999998; 1 of 3 kept: 1 - 1/3 gave 0.6666666666666667,
+    # one ulp away from the layer's own 2/3
+    mask = torch.ones(320, dtype=torch.bool)
+    mask[:32] = False
+    assert MaskSet({"w": mask}).stats().sparsity == 0.1
+    stats = MaskSet({"w": torch.tensor([True, False, False])}).stats()
+    assert stats.sparsity == stats.layers[0].sparsity == 2 / 3
+    assert stats.to_dict()["sparsity"] == 2 / 3
+
+
+def test_intersect_refuses_masks_that_would_broadcast_or_are_not_0_1():
+    masks = MaskSet({"w": torch.tensor([True, True, False, True])})
+    assert masks.intersect({"w": torch.tensor([1, 0, 1, 1])})["w"].tolist() == [True, False, False, True]
+    assert masks.intersect({})["w"].tolist() == [True, True, False, True]
+    with pytest.raises(PrunelabError, match=r"shape \(4, 4\) for mask 'w', which has shape \(4,\)"):
+        masks.intersect({"w": torch.ones(4, 4, dtype=torch.bool)})  # used to broadcast to a (4, 4) mask
+    with pytest.raises(PrunelabError, match="other than 0 and 1 such as 0.3"):
+        masks.intersect({"w": torch.tensor([0.3, 1.0, 1.0, 1.0])})  # 0.3 used to count as kept
+    with pytest.raises(PrunelabError, match="got a list"):
+        masks.intersect({"w": [1, 1, 1, 1]})
+
+
+def test_masks_on_the_meta_device_have_a_repr_and_a_one_line_stats_error():
+    masks = MaskSet({"w": torch.ones(2, 2, dtype=torch.bool, device="meta")})
+    assert repr(masks) == "MaskSet(1 tensors, on the meta device)"
+    with pytest.raises(PrunelabError, match="'w' is on the meta device"):
+        masks.stats()

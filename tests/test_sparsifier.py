@@ -428,3 +428,54 @@ def test_scheduled_update_scores_the_network_its_masks_define():
         sparsifier.step()
     kept = [24] + [round((1 - h["achieved_sparsity"]) * 24) for h in sparsifier.history[:-1]]
     assert seen == kept and len(seen) == 2  # the scores saw exactly the previous update's survivors
+
+
+def test_an_overflowed_pruned_weight_and_its_adam_moments_become_zero_not_nan():
+    # inf * 0 = nan: multiplying by the mask kept a pruned weight (and its moments) nan, which poisons the output
+    model = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 3.0]]))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    sparsifier = Sparsifier(model).prepare(optimizer)
+    sparsifier.update(0.5)  # keeps 3.0
+    model.weight.grad = torch.tensor([[float("inf"), 1.0]])
+    optimizer.step()  # the pruned entry overflows: exp_avg inf, exp_avg_sq inf, weight nan
+    sparsifier.step()
+    assert model.weight[0, 0].item() == 0.0 and model.weight.grad[0, 0].item() == 0.0
+    state = optimizer.state[model.weight]
+    assert state["exp_avg"][0, 0].item() == 0.0 and state["exp_avg_sq"][0, 0].item() == 0.0
+    assert model(torch.tensor([[1.0, 1.0]])).isfinite().all()
+
+
+def test_bad_history_in_a_state_is_refused_before_anything_changes():
+    model = mlp()
+    sparsifier = Sparsifier(model, criterion="random").prepare()
+    before = sparsifier.update(0.5)
+    weights = model[0].weight.detach().clone()
+    state = {"step_count": 7, "masks": {n: torch.zeros_like(m) for n, m in before.items()}, "history": [1, 2]}
+    with pytest.raises(PrunelabError, match="history=\\[1, 2\\]; expected a list of dicts"):
+        sparsifier.load_state_dict(state)  # used to zero every weight, then fail with a TypeError
+    assert sparsifier.masks.equal(before) and sparsifier.step_count == 0
+    assert torch.equal(model[0].weight, weights)
+    with pytest.raises(PrunelabError, match="'step' and 'target_sparsity'"):
+        sparsifier.load_state_dict({**state, "history": [{"step": 1}]})  # prepare() would KeyError on it
+
+
+def test_check_target_under_nm_checks_the_pattern_not_an_allocation():
+    # a dense first layer of 256 of 320 weights: 2:4 reaches 0.5 per pattern layer (0.1 overall), which
+    # check_target used to refuse ("lower the sparsity to <= 0.2"), while it passed 0.9, which update refuses
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))
+    sparsifier = Sparsifier(model, granularity="2:4", rules=LayerRules(keep_first="dense"))
+    sparsifier.check_target(0.5)
+    with pytest.raises(PrunelabError, match="N:M fixes the sparsity at 1 - N/M = 0.5"):
+        sparsifier.check_target(0.9)
+    assert sparsifier.update(0.5).sparsity == 32 / 320
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_nm_update_after_the_model_moved_to_cuda():
+    model = nn.Sequential(nn.Linear(8, 4))
+    sparsifier = Sparsifier(model, granularity="2:4")  # masks made on the CPU
+    model.cuda()  # same Parameter objects, now on the GPU
+    masks = sparsifier.update(0.5)
+    assert masks.sparsity == 0.5 and model[0].weight.is_cuda

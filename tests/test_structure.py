@@ -137,3 +137,11 @@ def test_registry_membership_of_unhashable_names():
     assert ["channel"] not in GRANULARITIES  # was a TypeError traceback
     with pytest.raises(PrunelabError, match="unknown granularity"):
         GRANULARITIES.get(["channel"])
+
+
+def test_nm_refuses_nan_scores_instead_of_keeping_them():
+    # a descending sort ranks NaN first, so [nan, 1, 2, 3] kept the NaN and 3 without a word
+    with pytest.raises(PrunelabError, match="N:M scores contain NaN"):
+        NM(2, 4).pattern_mask(torch.tensor([[float("nan"), 1.0, 2.0, 3.0]]))
+    keep = NM(2, 4).pattern_mask(torch.tensor([[float("-inf"), 1.0, 2.0, 3.0]]))  # -inf (already pruned) is fine
+    assert keep.tolist() == [[False, False, True, True]]

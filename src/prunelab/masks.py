@@ -63,7 +63,9 @@ class MaskStats:
 
     @property
     def sparsity(self) -> float:
-        return 1.0 - self.kept / self.total if self.total else 0.0
+        # pruned / total (one rounding), not 1 - kept / total (two): 32 of 320 pruned is 0.1, not 0.09999999999999998,
+        # and a single layer's global sparsity equals its LayerSparsity.sparsity
+        return (self.total - self.kept) / self.total if self.total else 0.0
 
     def to_dict(self) -> dict:
         return {
@@ -124,6 +126,8 @@ class MaskSet(Mapping[str, torch.Tensor]):
         return len(self._masks)
 
     def __repr__(self) -> str:
+        if any(m.device.type == "meta" for m in self._masks.values()):  # shapes only: no bits to count
+            return f"MaskSet({len(self)} tensors, on the meta device)"
         return f"MaskSet({len(self)} tensors, sparsity={self.stats().sparsity:.4f})"
 
     # --- construction ----------------------------------------------------------------
@@ -170,10 +174,18 @@ class MaskSet(Mapping[str, torch.Tensor]):
         params = dict(model.named_parameters(remove_duplicate=False))
         for name, mask in self._masks.items():
             param = params[name]
-            param.mul_(mask.to(device=param.device, dtype=param.dtype))
+            # masked_fill, not mul: inf * 0 and nan * 0 are nan, so a multiply would leave a non-finite pruned weight
+            # non-zero (and it poisons every output); negative weights also become +0.0 rather than -0.0
+            param.masked_fill_(~mask.to(param.device), 0)
         return model
 
     def stats(self) -> MaskStats:
+        meta = [n for n, m in self._masks.items() if m.device.type == "meta"]
+        if meta:
+            raise PrunelabError(
+                f"mask {meta[0]!r} is on the meta device and holds no bits to count; decide the masks on a "
+                "materialised model (model.to_empty(device='cpu') and load its weights) or load them from a file"
+            )
         return MaskStats(tuple(
             LayerSparsity(n, tuple(m.shape), m.numel(), int(m.sum())) for n, m in self._masks.items()
         ))
@@ -189,9 +201,27 @@ class MaskSet(Mapping[str, torch.Tensor]):
         )
 
     def intersect(self, other: Mapping[str, torch.Tensor]) -> "MaskSet":
-        return MaskSet({
-            n: m & other[n].to(device=m.device, dtype=torch.bool) if n in other else m for n, m in self.items()
-        })
+        """Kept where both keep (a name missing from ``other`` keeps its own mask).
+
+        ``other``'s masks are checked like a MaskSet's (tensors of 0/1 or bool) and must have the same shape:
+        ``&`` would otherwise broadcast a ``(4,)`` mask against a ``(4, 4)`` one, or read 0.3 as kept.
+        """
+        out = {}
+        for n, m in self.items():
+            if n not in other:
+                out[n] = m
+                continue
+            theirs = other[n]
+            if not isinstance(theirs, torch.Tensor):
+                raise PrunelabError(f"intersect got a {type(theirs).__name__} for mask {n!r}; pass bool tensors (True = kept)")
+            theirs = _as_bool(n, theirs)
+            if tuple(theirs.shape) != tuple(m.shape):
+                raise PrunelabError(
+                    f"intersect got shape {tuple(theirs.shape)} for mask {n!r}, which has shape {tuple(m.shape)}; "
+                    "intersect masks of the same parameters"
+                )
+            out[n] = m & theirs.to(m.device)
+        return MaskSet(out)
 
     def fingerprint(self) -> str:
         """sha256 over names, shapes and bits: equal fingerprints <=> equal masks."""

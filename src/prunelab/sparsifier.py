@@ -181,9 +181,13 @@ class Sparsifier:
         """Raise the allocator's one-line error now if the layer rules make ``sparsity`` unreachable.
 
         Runs the allocation on placeholder scores (no data, no training needed), so a run
-        can refuse an infeasible ``--keep-first dense --sparsity 0.99`` before it trains.
+        can refuse an infeasible ``--keep-first dense --sparsity 0.99`` before it trains.  Under an N:M
+        pattern nothing is allocated: it checks that ``sparsity`` is the pattern's ``1 - N/M``, as :meth:`update` does.
         """
         check_sparsity(sparsity)
+        if self.granularity.is_pattern:  # N:M is not allocated: its one reachable target is 1 - N/M per pattern layer
+            self._check_pattern_sparsity(sparsity)
+            return
         layers: list[LayerBudget] = []
         for name, param in self.params.items():
             shape = tuple(param.shape)
@@ -244,7 +248,8 @@ class Sparsifier:
             if self._kept_as_is(name):  # a dense / capped layer keeps its mask
                 masks[name] = self.masks[name]
                 continue
-            score = torch.where(self.masks[name], scores[name], torch.full_like(scores[name], float("-inf")))
+            alive = self.masks[name].to(scores[name].device)  # masks stay where they were made if the model moved
+            score = torch.where(alive, scores[name], torch.full_like(scores[name], float("-inf")))
             masks[name] = self.granularity.pattern_mask(score)
         return masks
 
@@ -283,14 +288,16 @@ class Sparsifier:
     def enforce(self) -> None:
         """Zero masked weights and the optimizer state of masked entries."""
         for name, param in self.params.items():
-            mask = self.masks[name].to(param.device)
-            param.mul_(mask)
+            pruned = ~self.masks[name].to(param.device)
+            # masked_fill, not mul: inf * 0 = nan, so a multiply would keep an overflowed pruned weight (or Adam
+            # moment) non-finite for ever, and a nan weight poisons every output although it is "pruned"
+            param.masked_fill_(pruned, 0)
             if param.grad is not None:
-                param.grad.mul_(mask)
+                param.grad.masked_fill_(pruned, 0)
             if self.optimizer is not None:
                 for value in self.optimizer.state.get(param, {}).values():
                     if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                        value.mul_(mask)
+                        value.masked_fill_(pruned.to(value.device), 0)
 
     # --- resume ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -306,6 +313,13 @@ class Sparsifier:
         step_count = state["step_count"]
         if isinstance(step_count, bool) or not isinstance(step_count, int) or step_count < 0:
             raise PrunelabError(f"sparsifier state has step_count={step_count!r}; expected an int >= 0")
-        self.set_masks(state["masks"])
+        history = state.get("history", [])
+        if not isinstance(history, (list, tuple)) or not all(
+                isinstance(h, Mapping) and "step" in h and "target_sparsity" in h for h in history):
+            raise PrunelabError(
+                f"sparsifier state has history={history!r:.60}; expected a list of dicts with 'step' and "
+                "'target_sparsity' (from Sparsifier.state_dict())"
+            )
+        self.set_masks(state["masks"])  # last: a bad state leaves masks, model and step count as they were
         self.step_count = step_count
-        self.history = [dict(h) for h in state.get("history", [])]
+        self.history = [dict(h) for h in history]

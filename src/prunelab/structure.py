@@ -197,6 +197,8 @@ class NM(Granularity):
         """Keep the ``n`` highest-scoring entries of every block of ``m`` (ties: lower index)."""
         shape = tuple(scores.shape)
         blocks = self._blocked(scores if scores.dtype == torch.float64 else scores.float())  # (B, m)
+        if bool(torch.isnan(blocks).any()):  # a descending sort ranks NaN first: it would be kept, not refused
+            raise PrunelabError("N:M scores contain NaN; check the criterion's inputs (NaN or inf weights, gradients or data)")
         # stable descending sort inside each block of m: ties keep the lower index
         order = torch.sort(blocks, dim=1, descending=True, stable=True).indices[:, : self.n]
         keep = torch.zeros_like(blocks, dtype=torch.bool).scatter_(1, order, True)
