@@ -306,3 +306,21 @@ def test_make_loaders_visit_every_training_sample_once_per_epoch_with_a_short_la
         assert sorted(torch.cat([yb for _, yb in batches]).tolist()) == list(range(103))
         assert all(torch.equal(xb.view(-1).long(), yb) for xb, yb in batches)  # images stay with labels
     assert [yb.tolist() for _, yb in test] == [[0, 1, 2, 3], [4, 5, 6]]
+
+
+# --- review finding NOT fixed (a fix changes the numbers of committed runs) --------------------
+@pytest.mark.xfail(strict=True, reason="make_loaders' test loader has no generator: each pass draws its worker "
+                   "base seed from torch's global RNG, so evaluate() shifts every later random draw; a fix "
+                   "(a seeded generator for the test loader) would change committed results -- left for a decision")
+def test_evaluate_leaves_the_global_torch_rng_alone():
+    from prunelab.bench.datasets import load_digits, make_loaders
+    from prunelab.bench.training import evaluate
+
+    _, test_loader = make_loaders(load_digits(), 32, seed=0)
+    model = nn.Linear(64, 10)
+    flat = nn.Sequential(nn.Flatten(), model)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    evaluate(flat, test_loader)  # one evaluation, e.g. the stage row after a pruning round
+    assert torch.equal(torch.rand(3), expected)  # fails: the evaluation consumed one 64-bit draw

@@ -206,3 +206,25 @@ def test_downloaded_file_gets_the_umask_mode_not_mkstemps_0600(tmp_path):
     assert (tmp_path / "copy.bin").read_bytes() == b"payload"
     assert (tmp_path / "copy.bin").stat().st_mode & 0o777 == 0o644
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.bin", "mirror.bin"]
+
+
+# --- review fixes -------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", ["0", None, 1.5, True, -1, 2**32])
+def test_make_loaders_rejects_a_bad_seed_in_one_line(seed):
+    with pytest.raises(PrunelabError, match="seed must be an integer in \\[0, 2\\*\\*32\\)") as exc:  # was RuntimeError
+        make_loaders(load_digits(), 32, seed)
+    assert "\n" not in str(exc.value)
+
+
+def test_make_loaders_accepts_the_whole_seed_range():
+    for seed in (0, 2**32 - 1):
+        train_loader, _ = make_loaders(load_digits(), 32, seed)
+        assert len(next(iter(train_loader))[1]) == 32
+
+
+def test_empty_idx_files_are_a_clear_error_not_a_torch_traceback(tmp_path):
+    images = write_gz(tmp_path / "i.gz", struct.pack(">IIII", 2051, 0, 28, 28))
+    labels = write_gz(tmp_path / "l.gz", struct.pack(">II", 2049, 0))
+    with pytest.raises(PrunelabError, match="holds no labels") as exc:  # was RuntimeError from max() of nothing
+        datasets._mnist_part(images, labels)
+    assert "\n" not in str(exc.value)

@@ -82,3 +82,17 @@ def test_row_transformer_rejects_bad_shapes_and_head_counts_clearly():
     for heads in (3, 0):
         with pytest.raises(PrunelabError, match="not a multiple of num_heads"):
             SelfAttention(16, heads)
+
+
+# --- review fixes -------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [5, None, 1.0])
+def test_an_input_shape_that_is_not_a_sequence_is_a_one_line_error(shape):
+    for name in ("lenet300", "lenet5", "digits_mlp"):
+        with pytest.raises(PrunelabError, match=f"model '{name}' got input_shape {shape!r}; expected a sequence") as exc:
+            build_model(name, shape, 10)  # was TypeError: object is not iterable
+        assert "\n" not in str(exc.value)
+
+
+def test_input_shape_may_be_any_sequence_of_ints():
+    assert n_params(build_model("lenet5", torch.Size([1, 28, 28]), 10)) == 431_080
+    assert n_params(build_model("lenet300", [1, 28, 28], 10)) == 266_610

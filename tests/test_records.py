@@ -2,7 +2,10 @@
 
 import json
 
-from prunelab.bench.records import publish
+import pytest
+
+from prunelab.bench.records import publish, write_record
+from prunelab.errors import PrunelabError
 
 
 def _record() -> dict:
@@ -63,3 +66,47 @@ def test_plot_axes_leaves_matplotlib_global_backend_alone(tmp_path):
     finally:
         matplotlib.use(old)
     assert (tmp_path / "sub" / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- review fixes: a record publish cannot show is refused before anything is written -------
+@pytest.mark.parametrize(("record", "message"), [
+    ({"rows": [{"method": "a"}]}, "needs 'targets': a list of dicts, got None"),
+    ({"targets": []}, "needs 'rows': a list of dicts, got None"),
+    ({"rows": [{"a": 1}], "targets": [{"name": "error", "value": 1.0}]}, "has a target without target, met"),
+    ({"rows": [], "targets": []}, "markdown_table got no rows and no columns"),
+])
+def test_publish_of_a_record_it_cannot_print_is_one_line_error_and_writes_nothing(tmp_path, capsys, record, message):
+    drawn = []
+    with pytest.raises(PrunelabError, match=message) as exc:
+        publish("demo", record, tmp_path, plot=drawn.append)
+    assert "\n" not in str(exc.value)
+    assert drawn == [] and list(tmp_path.iterdir()) == []  # before: the record was written, then KeyError
+
+
+def test_publish_with_no_targets_prints_an_empty_targets_table(tmp_path, capsys):
+    path = publish("demo", {"rows": [{"a": 1}], "targets": []}, tmp_path)
+    assert json.loads(path.read_text()) == {"benchmark": "demo", "rows": [{"a": 1}], "targets": []}
+    assert "| target | wanted | measured | met |" in capsys.readouterr().out
+
+
+def test_keys_that_collide_as_json_strings_are_an_error_not_a_silently_dropped_value(tmp_path):
+    with pytest.raises(PrunelabError, match="two keys that are both '1' as JSON") as exc:
+        write_record("demo", {"rows": [{1: "a", "1": "b"}], "targets": []}, tmp_path)
+    assert "\n" not in str(exc.value) and list(tmp_path.iterdir()) == []
+    path = write_record("demo", {"rows": [{1: "a", 2: "b"}], "targets": []}, tmp_path)  # distinct keys still work
+    assert json.loads(path.read_text())["rows"] == [{"1": "a", "2": "b"}]
+
+
+def test_plot_axes_into_a_folder_it_cannot_create_is_a_one_line_error(tmp_path):
+    pytest.importorskip("matplotlib")
+    from prunelab.bench.plots import plot_axes
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(PrunelabError, match="cannot create output directory") as exc:  # was NotADirectoryError
+        with plot_axes(blocker / "sub" / "x.png") as ax:
+            ax.plot([0, 1], [0, 1])
+    assert "\n" not in str(exc.value)
+    with plot_axes(tmp_path / "new" / "deeper" / "x.png") as ax:  # missing folders are still created
+        ax.plot([0, 1], [0, 1])
+    assert (tmp_path / "new" / "deeper" / "x.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -389,3 +389,17 @@ def test_a_frozen_subtree_keeps_every_descendants_own_mode_during_training():
     train(model, [(torch.randn(4, 2), torch.tensor([0, 1, 2, 0]))], TrainConfig(epochs=1, lr=0.01, progress=False))
     assert seen == expected == {"": True, "0": True, "1": False, "1.0": False, "1.1": True, "1.2": False}
     assert {name: module.training for name, module in model.named_modules()} == expected
+
+
+# --- review fixes -------------------------------------------------------------------------
+@pytest.mark.parametrize(("name", "value"), [("nesterov", "yes"), ("nesterov", 1), ("progress", "no"), ("progress", None)])
+def test_config_flags_must_be_bools(name, value):
+    with pytest.raises(PrunelabError, match=f"{name} must be True or False, got {value!r}"):  # was accepted silently
+        TrainConfig(**{name: value})
+
+
+def test_a_training_loader_without_length_is_a_one_line_error():
+    batches = iter([(torch.randn(3, 2), torch.zeros(3, dtype=torch.long))])
+    with pytest.raises(PrunelabError, match="the training loader \\(list_iterator\\) has no length") as exc:
+        train(nn.Linear(2, 2), batches, TrainConfig(epochs=1, progress=False))  # was TypeError from len()
+    assert "\n" not in str(exc.value)

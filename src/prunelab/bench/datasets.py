@@ -195,6 +195,8 @@ def _mnist_part(images_path: Path, labels_path: Path) -> TensorDataset:
     x = torch.from_numpy(images.astype(np.float32)).unsqueeze(1)  # (N, 1, 28, 28) in [0, 255]
     x.mul_(1.0 / 255.0).sub_(MNIST_MEAN).div_(MNIST_STD)
     y = torch.from_numpy(labels.astype(np.int64))
+    if y.numel() == 0:
+        raise PrunelabError(f"{labels_path}: holds no labels (and {images_path} no images); use the original MNIST files")
     if int(y.max()) > 9:
         raise PrunelabError(f"{labels_path}: label {int(y.max())} out of range 0..9; use the original MNIST files")
     return TensorDataset(x, y)
@@ -241,6 +243,8 @@ def make_loaders(
     for label, value in (("batch_size", batch_size), ("test_batch_size", test_batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise PrunelabError(f"{label} must be a positive integer, got {value!r}; pass e.g. --batch-size 128")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise PrunelabError(f"seed must be an integer in [0, 2**32), got {seed!r}; pass e.g. --seed 0")
     if distributed.is_distributed():
         sampler = DistributedSampler(splits.train, shuffle=True, seed=seed)
         train_loader = DataLoader(splits.train, batch_size=batch_size, sampler=sampler)

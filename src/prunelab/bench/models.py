@@ -25,8 +25,17 @@ ModelFactory = Callable[[tuple[int, ...], int], nn.Module]
 MODELS: Registry[ModelFactory] = Registry("model")
 
 
+def _shape(name: str, input_shape: Sequence[int]) -> tuple:
+    """``input_shape`` as a tuple; a value that is not a sequence of sizes is a one-line error."""
+    try:
+        return tuple(input_shape)
+    except TypeError:
+        raise PrunelabError(f"model {name!r} got input_shape {input_shape!r}; expected a sequence of positive "
+                            "integers such as (1, 28, 28)") from None
+
+
 def _check(name: str, input_shape: Sequence[int], num_classes: int, ndim: int | None = None) -> tuple[int, ...]:
-    shape = tuple(input_shape)
+    shape = _shape(name, input_shape)
     if not shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
         raise PrunelabError(f"model {name!r} got input_shape {shape!r}; expected positive integers such as (1, 28, 28)")
     if ndim is not None and len(shape) != ndim:
@@ -142,4 +151,5 @@ def build_digits_mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Modul
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """Build the registered model ``name`` (see ``prunelab list``) for this input and class count."""
-    return MODELS.get(name)(tuple(input_shape), num_classes)
+    factory = MODELS.get(name)
+    return factory(_shape(name, input_shape), num_classes)

@@ -26,7 +26,5 @@ def plot_axes(path: str | Path, figsize: tuple[float, float] = (6, 4)) -> Iterat
     ax = fig.subplots()
     yield ax
     fig.tight_layout()
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(target) as tmp:
+    with atomic_path(Path(path)) as tmp:  # creates the folder; a path it cannot write is a one-line error
         fig.savefig(tmp, dpi=120, format="png")

@@ -63,10 +63,17 @@ def benchmark_args(description: str) -> argparse.ArgumentParser:
 
 def _json_safe(value: Any) -> Any:
     """``value`` as strict JSON data: NaN/inf become ``null`` (``json`` would write the invalid
-    ``NaN``/``Infinity``), numpy and 0-d torch scalars become Python numbers, tuples lists,
-    torch tensors and numpy arrays of any other size (nested) lists."""
+    ``NaN``/``Infinity``), numpy scalars and one-element torch tensors (any shape) become Python
+    numbers, tuples lists, other torch tensors and numpy arrays (any size) (nested) lists.
+    Mapping keys become strings; two keys with the same string (``1`` and ``"1"``) are an error."""
     if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        safe: dict[str, Any] = {}
+        for k, v in value.items():
+            if str(k) in safe:
+                raise PrunelabError(f"benchmark record has two keys that are both {str(k)!r} as JSON (one is "
+                                    f"{k!r}); rename one of them")
+            safe[str(k)] = _json_safe(v)
+        return safe
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     if isinstance(value, torch.Tensor):
@@ -116,19 +123,35 @@ def publish(name: str, record: Mapping[str, Any], out: str | os.PathLike | None,
     """
     path = _record_path(name, out)
     text = _record_text(name, record)
+    tables = _publish_tables(name, record)  # a record the tables cannot show fails before anything is written
     if plot is not None:
         plot(path.with_suffix(".png"))
     write_text(path, text)
-    rows = [*record["rows"], *record.get("reference_rows", [])]
-    columns = [tuple(c) for c in record.get("columns", [])] or None
     print()
-    print(rows_table(rows, columns))
+    print(tables[0])
     print()
-    print(targets_table(record["targets"]))
+    print(tables[1])
     print(f"\nrecord: {path}")
     if plot is not None:
         print(f"plot: {path.with_suffix('.png')}")
     return path
+
+
+def _publish_tables(name: str, record: Mapping[str, Any]) -> tuple[str, str]:
+    """The rows table and the targets table :func:`publish` prints; one-line errors for a record without them."""
+    for key in ("rows", "targets"):
+        entries = record.get(key)
+        if not isinstance(entries, (list, tuple)) or not all(isinstance(e, Mapping) for e in entries):
+            raise PrunelabError(f"benchmark record {name!r} needs {key!r}: a list of dicts, got {entries!r}; "
+                                f"add {key}=[{{...}}, ...] to the record")
+    for entry in record["targets"]:
+        missing = [k for k in ("name", "value", "target", "met") if k not in entry]
+        if missing:
+            raise PrunelabError(f"benchmark record {name!r} has a target without {', '.join(missing)}: {entry!r}; "
+                                "make each target with records.target(name, value, target_text, met)")
+    rows = [*record["rows"], *record.get("reference_rows", [])]
+    columns = [tuple(c) for c in record.get("columns", [])] or None
+    return rows_table(rows, columns), targets_table(record["targets"])
 
 
 def rows_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]] | None) -> str:

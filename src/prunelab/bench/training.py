@@ -94,6 +94,9 @@ class TrainConfig:
             raise PrunelabError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if not 0.0 < self.gamma <= 1.0:
             raise PrunelabError(f"gamma must be in (0, 1], got {self.gamma!r}")
+        for name in ("nesterov", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise PrunelabError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
             raise PrunelabError(
                 f"nesterov=True needs optimizer 'sgd' with momentum > 0, got optimizer {self.optimizer!r} and "
@@ -260,7 +263,12 @@ def train(
     Returns ``{"steps", "epochs", "final_loss"}`` (``final_loss``: the last batch's loss
     on this rank, NaN if no step ran).
     """
-    steps_per_epoch = len(train_loader)
+    try:
+        steps_per_epoch = len(train_loader)
+    except TypeError:
+        raise PrunelabError(f"the training loader ({type(train_loader).__name__}) has no length, which the lr "
+                            "schedule and progress bar need; pass a DataLoader over a map-style dataset or a list "
+                            "of batches") from None
     if cfg.epochs > 0 and steps_per_epoch == 0:
         raise PrunelabError("the training loader yields no batches; check the dataset and --batch-size")
     if optimizer is None:
