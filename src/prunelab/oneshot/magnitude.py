@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from prunelab.errors import PrunelabError
 from prunelab.oneshot.stats import InputStats, Solution
 
 if TYPE_CHECKING:
@@ -51,19 +52,31 @@ def select_mask(scores: Tensor, config: OneShotConfig, *, per_row: bool) -> Tens
     ``config.sparsity`` per row (``per_row``) or of the whole layer."""
     nm = config.nm
     if nm is not None:
+        if scores.dim() != 2 or scores.shape[1] % nm.m:
+            raise PrunelabError(
+                f"N:M block size M={nm.m} does not divide the {scores.shape[-1]} input columns of a "
+                f"{tuple(scores.shape)} weight; exclude the layer or pick another M"
+            )
         return nm.pattern_mask(scores)  # (rows, cols): n kept in every m consecutive columns
     if per_row:
         return lowest_per_row(scores, prune_count(scores.shape[1], config.sparsity))
     return lowest_in_layer(scores, prune_count(scores.numel(), config.sparsity))
 
 
+def magnitude_scores(weight: Tensor) -> Tensor:
+    """``|W|`` ``(rows, cols)`` in float32 (exact for half precision), float64 for float64 weights
+    (a float32 cast would merge nearby magnitudes into ties and prune the wrong one)."""
+    scores = weight.detach().abs()
+    return scores if scores.dtype == torch.float64 else scores.float()
+
+
 def prune_magnitude(weight: Tensor, stats: InputStats | None, config: OneShotConfig) -> Solution:
     """Per-layer magnitude pruning: ``S_ij = |W_ij|``, lowest fraction of the layer removed."""
-    keep = select_mask(weight.detach().abs().float(), config, per_row=False)  # (rows, cols)
+    keep = select_mask(magnitude_scores(weight), config, per_row=False)  # (rows, cols)
     return Solution(weight.detach() * keep, keep)
 
 
 def prune_magnitude_row(weight: Tensor, stats: InputStats | None, config: OneShotConfig) -> Solution:
     """Per-row magnitude pruning: ``S_ij = |W_ij|``, lowest fraction of every row removed."""
-    keep = select_mask(weight.detach().abs().float(), config, per_row=True)  # (rows, cols)
+    keep = select_mask(magnitude_scores(weight), config, per_row=True)  # (rows, cols)
     return Solution(weight.detach() * keep, keep)

@@ -257,12 +257,17 @@ def inverse_hessian(hessian: Tensor, percdamp: float) -> tuple[Tensor, Tensor, f
 
 
 def require_hessian(stats: InputStats | None, cols: int, method: str) -> Tensor:
-    """``stats.hessian``, checked to be ``(cols, cols)``."""
+    """``stats.hessian``, checked to be ``(cols, cols)`` and finite."""
     if stats is None or stats.hessian is None:
         raise PrunelabError(f"method {method!r} needs the layer Hessian; pass InputStats(hessian=2 X X^T / n)")
     if tuple(stats.hessian.shape) != (cols, cols):
         raise PrunelabError(
             f"method {method!r} got a Hessian of shape {tuple(stats.hessian.shape)} for a weight with {cols} "
             f"input columns; expected ({cols}, {cols})"
+        )
+    if not bool(torch.isfinite(stats.hessian).all()):
+        raise PrunelabError(
+            f"method {method!r} got a Hessian with inf/NaN entries; check the calibration inputs and the "
+            "layers before this one for inf/NaN activations"
         )
     return stats.hessian
