@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 from prunelab.cli import float_arg, int_arg
@@ -38,6 +40,24 @@ def _parse_bits(flag: str, text: str | None) -> int | dict[str, int] | None:
     return bits
 
 
+def _check_replaceable_file(out: str) -> None:
+    """Refuse an existing --out file that ``prunelab compress`` did not write: it was silently overwritten (a
+    user's file, another checkpoint's model.safetensors). An earlier compressed file (it starts with MAGIC) may go."""
+    from prunelab.compress import MAGIC
+
+    path = Path(out)
+    if not path.is_file():
+        return
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(len(MAGIC))
+    except OSError as exc:
+        raise PrunelabError(f"cannot read the existing --out {out!r} ({exc.strerror}); choose a new file") from None
+    if head != MAGIC:
+        raise PrunelabError(f"refusing to overwrite {out!r}: it is not a file written by prunelab compress; choose a "
+                            "new file for --out (or remove it)")
+
+
 def add_compress_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser("compress", help="Deep Compression (Han et al. 2016): quantise + Huffman-code a checkpoint")
     parser.add_argument("checkpoint", help="checkpoint folder written by prune/demo")
@@ -45,10 +65,11 @@ def add_compress_parser(subparsers: Any) -> None:
     parser.add_argument("--bits", default=None, help="weight bits: N, or fc=5,conv=8 (default 5 fc / 8 conv)")
     parser.add_argument("--index-bits", default=None, help="relative-index bits (default 5 fc / 8 conv)")
     parser.add_argument("--finetune-epochs", type=int_arg, default=0, help="epochs of centroid fine-tuning (needs the dataset)")
-    parser.add_argument("--finetune-lr", type=float_arg, default=0.01)
+    parser.add_argument("--finetune-lr", type=float_arg, default=0.01, help="centroid fine-tuning learning rate (default 0.01)")
     parser.add_argument("--data-dir", default=None,
                         help="MNIST folder for evaluation (default: $PRUNELAB_DATA, else ~/.cache/prunelab/mnist)")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="progress bar while fine-tuning the centroids (default: on)")
     parser.set_defaults(func=cmd_compress)
 
 
@@ -69,8 +90,19 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from prunelab.checkpoint import checkpoint_dataset
     from prunelab.io import check_output_file
 
+    from prunelab.cli_materialise import check_out_parent, resolve_checkpoint
+
+    # a CHECKPOINT that is a file (not checkpoint.json) or absent: its own message first -- the check below took
+    # a file's folder for the input and said "--out is inside the checkpoint" for an --out beside it
+    check_output_file(args.out)  # empty, or a folder
+    if args.out.endswith(("/", os.sep)):  # Path() drops the slash: 'new/' was written as a FILE called new
+        raise PrunelabError(f"--out must name a file to write, got {args.out!r} (a folder); e.g. --out "
+                            f"{args.out}model.plc")
+    checkpoint = resolve_checkpoint(args.checkpoint)
     # anywhere in the checkpoint folder (CKPT/model.safetensors, CKPT/results.json, ...): refused, before any work
-    check_output_file(args.out, inputs=(args.checkpoint,), what="the checkpoint")
+    check_output_file(args.out, inputs=(checkpoint,), what="the checkpoint")
+    _check_replaceable_file(args.out)
+    check_out_parent(args.out)
     ckpt = load_checkpoint(args.checkpoint)
     meta = ckpt.meta
     splits = load_dataset(checkpoint_dataset(meta, args.checkpoint, args.data_dir), args.data_dir)

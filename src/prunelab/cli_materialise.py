@@ -55,6 +55,29 @@ def add_materialise_parsers(subparsers: Any) -> None:
     lat.set_defaults(func=cmd_bench_latency)
 
 
+def resolve_checkpoint(path: str) -> Path:
+    """The checkpoint folder ``path`` names (itself, or the folder of its checkpoint.json); absent or a file
+    that is no checkpoint file: the one-line PrunelabError that loading gives."""
+    from prunelab.checkpoint import _resolve
+
+    return _resolve(path)
+
+
+def check_out_parent(out: str) -> None:
+    """Refuse an --out whose missing parents cannot be created or whose nearest existing folder is not
+    writable; creates nothing (atomic_dir / atomic_path create the parents when the output is written)."""
+    from prunelab.io import ensure_writable_dir
+
+    parent = Path(out).parent
+    existing = parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise PrunelabError(f"cannot create output directory {str(parent)!r}: {str(existing)!r} is a file; "
+                            "choose a writable --out")
+    ensure_writable_dir(existing)  # it exists: only probed by writing a temporary file
+
+
 def _checkpoint_and_inputs(path: str, data_dir: str | None, count: int = 64):
     from prunelab.bench.datasets import load_dataset
     from prunelab.checkpoint import checkpoint_dataset, load_checkpoint
@@ -80,18 +103,23 @@ def _materialise(ckpt, inputs: torch.Tensor, form: str, pooling: str = "native")
 
 
 def cmd_materialise(args: argparse.Namespace) -> int:
-    from prunelab.io import atomic_dir, ensure_writable_dir, write_json
+    from prunelab.io import atomic_dir, write_json
     from prunelab.materialise import FORMS
     from prunelab.materialise.spec import write_shrunk
     from prunelab.measure.counting import measure_model
     from prunelab.measure.tables import markdown_table
 
     FORMS.get(args.form)  # unknown form: one line listing the valid ones, before any work
+    # a CHECKPOINT that is a file (not checkpoint.json) or absent: its own message first -- the --out check
+    # below took a file's folder for the input and said "--out is inside the input" for --out beside it
     # another command's run there (a prune run, a lottery run) would be deleted: refused before any work
-    check_out_folder(args.out, MATERIALISE_OUTPUT, inputs=(args.checkpoint,))
-    # probe the parent, not --out itself: creating --out up front left an empty folder behind
-    # whenever loading or materialising failed; atomic_dir creates it on success
-    ensure_writable_dir(Path(args.out).parent if str(Path(args.out).parent) else Path("."))
+    check_out_folder(args.out, MATERIALISE_OUTPUT)
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    check_out_folder(args.out, MATERIALISE_OUTPUT, inputs=(checkpoint,))  # and not into (or over) the checkpoint
+    # probe the nearest existing folder above --out, creating nothing: creating --out (or its missing
+    # parents) up front left empty folders behind whenever loading or materialising failed; atomic_dir
+    # creates them on success
+    check_out_parent(args.out)
     ckpt, inputs = _checkpoint_and_inputs(args.checkpoint, args.data_dir)
     new = _materialise(ckpt, inputs, args.form)
     report = new.materialise_report
@@ -117,6 +145,9 @@ def cmd_materialise(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_BATCH_SIZE = 2**31 - 1  # int32: beyond it torch's storage-size arithmetic can overflow (a RuntimeError)
+
+
 def _batch(inputs: torch.Tensor, size: int) -> torch.Tensor:
     reps = -(-size // inputs.shape[0])
     return inputs.repeat(reps, *([1] * (inputs.dim() - 1)))[:size]
@@ -137,6 +168,8 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
         raise PrunelabError(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}") from None
     if not sizes or min(sizes) < 1 or args.reps < 1:
         raise PrunelabError(f"--batch-sizes and --reps must be positive, got {args.batch_sizes!r} and {args.reps}")
+    if max(sizes) > MAX_BATCH_SIZE:  # torch's size arithmetic overflowed on 99999999999999999999: a traceback
+        raise PrunelabError(f"--batch-sizes: {max(sizes)} is too large (at most {MAX_BATCH_SIZE:,}); e.g. 1,8,64")
     ckpt, inputs = _checkpoint_and_inputs(args.checkpoint, args.data_dir)
     flushed = not args.keep_denormals and torch.set_flush_denormal(True)  # False where the CPU cannot
     try:
