@@ -7,7 +7,6 @@ an interruption mid-write leaves the previous output as it was.  Untrained digit
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -17,22 +16,11 @@ from prunelab.bench.models import build_model
 from prunelab.checkpoint import load_checkpoint, save_checkpoint
 from prunelab.masks import MaskSet
 
+from test_cli_bad_input import _one_line, _tree  # the shared one-line-error and folder-listing checks
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 META = {"model": "digits_mlp", "dataset": "digits", "input_shape": [1, 8, 8], "num_classes": 10}
-
-
-def _tree(folder) -> list[str]:
-    return sorted(os.path.relpath(os.path.join(d, n), folder) for d, ds, fs in os.walk(folder) for n in ds + fs)
-
-
-def _one_line(code: int, err: str, *expected: str) -> str:
-    lines = err.strip().splitlines()
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    for text in expected:
-        assert text in lines[0], lines[0]
-    return lines[0]
 
 
 def _checkpoint(folder, structured: bool):
