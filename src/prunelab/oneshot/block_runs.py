@@ -343,11 +343,14 @@ def _checked(stats: InputStats, target: LayerTarget) -> InputStats:
 
 
 def propagate(block: nn.Module, where: str, inputs: Inputs, dense: Mapping[LayerTarget, tuple[Tensor, Tensor | None]],
-               keep_outputs: bool, reference: Reference | None = None, tokens: Sequence[Tensor | None] | None = None
-               ) -> dict[LayerTarget, float]:
+               keep_outputs: bool, reference: Reference | None = None, tokens: Sequence[Tensor | None] | None = None,
+               next_calls: Inputs | None = None) -> dict[LayerTarget, float]:
     """Run ``block`` on every item (pruned weights), measure each pruned layer's relative
     reconstruction error and, if ``keep_outputs``, replace the items' hidden states by the
     block's outputs in place.  ``dense``: target -> (dense ``W``, bias correction or None).
+    ``next_calls``: per item, the next block's own call (:mod:`prunelab.oneshot.block_calls`)
+    whose hidden states the outputs replace; ``None``: this block's call, with its extra
+    arguments, is reused.
 
     The error is ``||W X - W' X - c||^2 / ||W X||^2`` on the pruned model's inputs; with a
     ``reference`` it is ``||W X - W' X~ - c||^2 / ||W X||^2`` against the dense model's
@@ -385,11 +388,13 @@ def propagate(block: nn.Module, where: str, inputs: Inputs, dense: Mapping[Layer
     with _pre_hooks(hooks, with_kwargs=True), _pre_hooks(dense_hooks, with_kwargs=True):
         for i, item in enumerate(inputs):
             current[0] = None if tokens is None else tokens[i]
+            following = item if next_calls is None else next_calls[i]  # the call the outputs go into
             if reference is not None:
                 dense_output = _run(reference.block, reference.inputs[i], where, i)
                 if keep_outputs:
-                    reference.inputs[i] = _with_hidden(reference.block, reference.inputs[i], _hidden_of(dense_output))
+                    base = reference.inputs[i] if next_calls is None else following
+                    reference.inputs[i] = _with_hidden(reference.block, base, _hidden_of(dense_output))
             output = _run(block, item, where, i)
             if keep_outputs:
-                inputs[i] = _with_hidden(block, item, _hidden_of(output))
+                inputs[i] = _with_hidden(block, following, _hidden_of(output))
     return {t: (num[t] / den[t] if den[t] > 0 else (0.0 if num[t] == 0 else math.inf)) for t in dense}

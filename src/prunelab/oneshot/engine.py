@@ -17,6 +17,10 @@ activations at once would need the memory of a training step; the engine instead
    exception to stop the forward, so the layers before the first block (embeddings) run
    once per item.  ``transformers`` cache objects in those arguments are replaced by
    ``None`` and ``use_cache`` by ``False`` (re-running a block must not grow a KV cache).
+   Later blocks receive block 0's extra arguments (mask, positions) unless item 0's full
+   dense forward shows a block receiving its own, e.g. Gemma 2's per-layer sliding-window
+   or full causal masks; then each block's own calls are recorded per item
+   (:mod:`prunelab.oneshot.block_calls`).
 3. **Per block**, one probe forward (item 0; more items only while some layer is still
    uncalled, e.g. an MoE expert item 0 does not route to) records the execution order of the
    block's prunable layers.  Then, **sequentially inside the block**, for each layer in that order:
@@ -59,7 +63,8 @@ its inputs only (the next block consumes the previous block's first output).
 
 Code layout: :mod:`prunelab.oneshot.layer_targets` finds the blocks and their layers as
 ``W X``; :mod:`prunelab.oneshot.block_runs` runs calibration items through a block (capture,
-probe, statistics, propagation); this module holds the configuration, the report and the
+probe, statistics, propagation) and :mod:`prunelab.oneshot.block_calls` records what later
+blocks receive besides their hidden states; this module holds the configuration, the report and the
 loop that ties them to the solvers.
 """
 
@@ -94,6 +99,7 @@ from prunelab.oneshot.block_runs import (
     propagate,
     token_masks,
 )
+from prunelab.oneshot.block_calls import later_block_calls
 from prunelab.oneshot.layer_targets import LayerTarget, block_targets, find_blocks
 from prunelab.oneshot.stats import InputStats, Solution, dense_target_weight
 from prunelab.structure import NM
@@ -308,8 +314,9 @@ def prune_oneshot(model: nn.Module, calibration: Sequence[Any], config: OneShotC
         inputs = capture_block_inputs(model, blocks[0], items, first.device)
         tokens = token_masks(items, first.device)  # per item: real (not padding) positions, or None
         check_hidden_position(*blocks[0], inputs)
-        dense_inputs = list(inputs) if config.dense_targets else None  # the dense model's block inputs
         last = max(i for i, ts in enumerate(per_block) if ts)
+        later = later_block_calls(model, blocks[: last + 1], items, inputs, first.device)  # per-layer masks?
+        dense_inputs = list(inputs) if config.dense_targets else None  # the dense model's block inputs
         for b, ((block_name, block), targets) in enumerate(zip(blocks, per_block, strict=True)):
             if b > last:  # nothing left to prune: the rest of the model need not run
                 break
@@ -317,7 +324,8 @@ def prune_oneshot(model: nn.Module, calibration: Sequence[Any], config: OneShotC
             solved, uncalled = _prune_block(block, block_name, targets, inputs, solver, config, reference, tokens)
             dense_layers += uncalled
             errors = propagate(block, block_name, inputs, {e.target: (e.dense, e.shift) for e in solved},
-                                keep_outputs=b < last, reference=reference, tokens=tokens)
+                                keep_outputs=b < last, reference=reference, tokens=tokens,
+                                next_calls=None if later is None or b == last else later[b])
             del reference  # one dense block copy at a time
             block_rows = _record(solved, errors, masks)
             del solved  # the block's dense weight copies go before the next block is pruned
