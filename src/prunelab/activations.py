@@ -50,6 +50,8 @@ class TopKActivation(nn.Module):
         self.k = k
 
     def forward(self, x: Tensor) -> Tensor:  # (*, F) -> (*, F), k nonzeros per row at most
+        if x.dim() == 0:  # was an IndexError: a scalar has no feature dimension
+            raise PrunelabError(f"TopKActivation(k={self.k}) needs inputs of shape (..., features), got a 0-d tensor")
         if self.k >= x.shape[-1]:
             return x
         index = x.topk(self.k, dim=-1).indices  # (*, k)
@@ -104,6 +106,10 @@ def activation_sparsity(model: nn.Module, batches: Iterable, *, max_batches: int
             f"{[t.__name__ for t in types]}, but its forward never calls them (a functional F.relu / torch.relu is "
             "not seen); call the activation modules in forward, or measure a model that does"
         )
+    empty = [name for name, count in total.items() if count == 0]
+    if empty:  # was a ZeroDivisionError: only empty outputs, nothing to take a fraction of
+        raise PrunelabError(f"activation module(s) {empty} produced only empty outputs in {read} batch(es); "
+                            "pass batches with at least one sample")
     return {name: zeros[name] / total[name] for name in total}
 
 
@@ -117,6 +123,8 @@ class SparseInputLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
+        if not isinstance(linear, nn.Linear):  # was an AttributeError on .in_features
+            raise PrunelabError(f"SparseInputLinear wraps an nn.Linear, got {type(linear).__name__}")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         # (in, out), not in the state_dict: _save_to_state_dict writes it as weight (out, in)
         self.register_buffer("weight_t", linear.weight.detach().T.contiguous(), persistent=False)
@@ -152,6 +160,9 @@ class SparseInputLinear(nn.Module):
             self.weight_t.copy_(weight.T)
 
     def forward(self, x: Tensor) -> Tensor:  # (*, in) -> (*, out)
+        if x.dim() == 0 or x.shape[-1] != self.in_features:  # reshape(-1, in) gave "shape '[-1, in]' is invalid"
+            raise PrunelabError(f"SparseInputLinear(in_features={self.in_features}) needs inputs of shape "
+                                f"(..., {self.in_features}), got {tuple(x.shape)}")
         rows = x.reshape(-1, self.in_features)  # (N, in)
         active = rows.ne(0).any(0).nonzero().squeeze(1)  # (c,)
         out = rows.index_select(1, active) @ self.weight_t.index_select(0, active)  # (N, out)

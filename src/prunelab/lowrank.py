@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +83,9 @@ def rank_for(in_features: int, out_features: int, keep: float) -> int:
     that a decimal ``keep`` whose float is a hair below it (0.3 is 0.29999...) still gives
     the exact quotient (``keep=0.3``, 12 x 15: ``0.3 * 180 / 27 = 2``, not 1).
     """
+    for what, size in (("in_features", in_features), ("out_features", out_features)):
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:  # 0: ZeroDivisionError
+            raise PrunelabError(f"rank_for needs {what} to be a positive integer, got {size!r}")
     _check_keep(keep)
     exact = keep * in_features * out_features / (in_features + out_features)
     return max(1, math.floor(exact * (1.0 + 1e-9)))
@@ -96,6 +99,8 @@ def factorize_linear(linear: nn.Linear, rank: int, second_moment: Tensor | None 
     ``second_moment``: ``(in, in)`` input second moment ``X X^T / n`` (any positive scale);
     ``None`` for the plain SVD.  ``dampening``: fraction of its mean diagonal added first.
     """
+    if not isinstance(linear, nn.Linear):  # a Conv1d was "too many values to unpack"
+        raise PrunelabError(f"factorize_linear needs an nn.Linear, got {type(linear).__name__}")
     out_f, in_f = linear.weight.shape
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(in_f, out_f):
         raise PrunelabError(f"rank must be an integer in [1, {min(in_f, out_f)}] for a {out_f}x{in_f} weight, got {rank!r}")
@@ -169,6 +174,21 @@ def _block_linears(model: nn.Module, exclude: Sequence[str]) -> tuple[dict[str, 
     return found, aliases
 
 
+def _check_exclude(model: nn.Module, exclude: Sequence[str]) -> tuple[str, ...]:
+    """``exclude`` as a tuple of Linear names of ``model``: one name may be given as a string (it
+    was split into its letters), and a name that is no Linear of the model (a typo) is refused."""
+    names = (exclude,) if isinstance(exclude, str) else tuple(exclude) if isinstance(exclude, Iterable) else None
+    if names is None or not all(isinstance(n, str) for n in names):
+        raise PrunelabError(f"exclude must be Linear names (strings), got {exclude!r}; e.g. ('lm_head',)")
+    linear_names = [n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, nn.Linear) and n]
+    unknown = [n for n in names if n not in linear_names]
+    if unknown:
+        shown = ", ".join(repr(n) for n in linear_names[:4]) + (" ..." if len(linear_names) > 4 else "")
+        raise PrunelabError(f"exclude names {unknown}, which are no Linear of {type(model).__name__} "
+                            f"(its Linears: {shown or 'none'}); pass Linear names as model.named_modules() gives them")
+    return names
+
+
 @torch.no_grad()
 def _second_moments(model: nn.Module, linears: Mapping[str, nn.Linear], calibration: Sequence[Any]) -> dict[str, Tensor]:
     accs = {name: HessianAccumulator(lin.in_features, lin.weight.device) for name, lin in linears.items()}
@@ -206,7 +226,8 @@ def low_rank_model(model: nn.Module, keep: float, calibration: Sequence[Any] | N
     """
     _check_keep(keep)  # before the calibration pass
     _check_dampening(dampening)
-    linears, aliases = _block_linears(model, tuple(exclude))
+    exclude = _check_exclude(model, exclude)
+    linears, aliases = _block_linears(model, exclude)
     if calibration is not None:
         calibration = list(calibration)
         for i, item in enumerate(calibration):
@@ -216,7 +237,7 @@ def low_rank_model(model: nn.Module, keep: float, calibration: Sequence[Any] | N
                     "of keyword inputs) -- drop the targets, e.g. [x for x, _ in loader]"
                 )
     moments = _second_moments(model, linears, calibration) if calibration is not None else {}
-    ranks, before, after = {}, 0, 0
+    ranks, lows, before, after = {}, {}, 0, 0
     for name, linear in linears.items():
         out_f, in_f = linear.weight.shape
         before += in_f * out_f
@@ -224,10 +245,15 @@ def low_rank_model(model: nn.Module, keep: float, calibration: Sequence[Any] | N
         if rank * (in_f + out_f) >= in_f * out_f or rank > min(in_f, out_f):
             after += in_f * out_f
             continue
-        low = factorize_linear(linear, rank, moments.get(name), dampening)
+        try:
+            lows[name] = factorize_linear(linear, rank, moments.get(name), dampening)
+        except PrunelabError as error:  # say which layer ("exclude the layer": which one?)
+            raise PrunelabError(f"layer {name!r}: {error}") from None
+        ranks[name] = rank
+        after += rank * (in_f + out_f)
+    # swapped in only once every layer factorised: a failing layer leaves the model as it was
+    for name, low in lows.items():
         for use in aliases[name]:  # every use of a shared Linear gets the same factorised module
             parent_name, _, child = use.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, low)
-        ranks[name] = rank
-        after += rank * (in_f + out_f)
     return LowRankReport(ranks, before, after)

@@ -110,6 +110,8 @@ class Cubic(Schedule):
             return 0.0
         last = min(step, self.end_step)
         last = self.start_step + (last - self.start_step) // self.frequency * self.frequency
+        if last == self.start_step:  # exactly s_i: s_f + (s_i - s_f) rounds (0.9 + (0.1 - 0.9) = 0.09999...)
+            return float(self.initial_sparsity)
         progress = (last - self.start_step) / (self.num_updates * self.frequency)
         s_i, s_f = self.initial_sparsity, self.final_sparsity
         return s_f + (s_i - s_f) * (1.0 - progress) ** 3

@@ -36,8 +36,14 @@ def _check_window(window: int) -> None:
         raise PrunelabError(f"window must be a positive integer (keys each query sees), got {window!r}")
 
 
+def _check_length(length: int) -> None:
+    if isinstance(length, bool) or not isinstance(length, int) or length < 0:  # -1 was a RuntimeError, 2.5 a 3x3 mask
+        raise PrunelabError(f"length must be an integer >= 0 (the sequence length T), got {length!r}")
+
+
 def local_attention_mask(length: int, window: int, device: torch.device | str | None = None) -> Tensor:
     """``(length, length)`` bool: query ``i`` may attend key ``j`` iff ``i - window < j <= i``."""
+    _check_length(length)
     _check_window(window)
     i = torch.arange(length, device=device).unsqueeze(1)  # (T, 1)
     j = torch.arange(length, device=device).unsqueeze(0)  # (1, T)
@@ -59,6 +65,10 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
     if q.shape != k.shape or k.shape[:-1] != v.shape[:-1] or q.dim() < 2:
         raise PrunelabError(f"q, k, v must be (..., T, d) with the same T, got {tuple(q.shape)}, {tuple(k.shape)}, "
                             f"{tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype and q.dtype.is_floating_point) or not q.device == k.device == v.device:
+        raise PrunelabError(f"q, k, v must be floating-point tensors of one dtype on one device, got "
+                            f"{q.dtype}/{q.device}, {k.dtype}/{k.device}, {v.dtype}/{v.device}; convert them, "
+                            f"e.g. k.to(q)")
 
 
 def local_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
@@ -100,6 +110,7 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
 def block_local_attention_mask(length: int, block: int, device: torch.device | str | None = None) -> Tensor:
     """``(length, length)`` bool: query ``i`` may attend key ``j`` iff ``j <= i`` and ``j`` lies in
     ``i``'s block of ``block`` positions or the block before it."""
+    _check_length(length)
     _check_window(block)
     i = torch.arange(length, device=device).unsqueeze(1)  # (T, 1)
     j = torch.arange(length, device=device).unsqueeze(0)  # (1, T)
