@@ -432,7 +432,7 @@ def test_gradual_start_and_end_reach_the_schedule_from_flags_and_yaml(cli, tmp_p
 
 def test_no_layer_floor_lets_the_global_channel_threshold_empty_a_layer(cli, tmp_path):
     argv = ["prune", "--method", "oneshot", "--granularity", "channel", "--sparsity", "0.98", *FAST[:4],
-            "--pretrain-epochs", "1", "--finetune-epochs", "0", "--no-progress"]
+            "--pretrain-epochs", "1", "--finetune-epochs", "0", "--no-progress", "--keep-last", "none"]
     kept = {}
     for flag in ("--layer-floor", "--no-layer-floor"):
         code, _, err = cli(*argv, flag, "--out", str(tmp_path / flag))
@@ -442,3 +442,18 @@ def test_no_layer_floor_lets_the_global_channel_threshold_empty_a_layer(cli, tmp
         assert record["config"]["layer_floor"] == (flag == "--layer-floor")
     assert all(k > 0 for k in kept["--layer-floor"].values())  # the floor: every layer keeps a neuron
     assert min(kept["--no-layer-floor"].values()) == 0  # without it the threshold removes a whole layer
+
+
+def test_channel_granularity_keeps_the_output_layer_dense_unless_asked(cli, tmp_path):
+    # channel cuts of the last layer remove model outputs (classes): left dense by default
+    argv = ["prune", "--method", "oneshot", "--granularity", "channel", "--sparsity", "0.5", *FAST[:4],
+            "--pretrain-epochs", "1", "--finetune-epochs", "0", "--no-progress"]
+    kept = {}
+    for extra in ([], ["--keep-last", "none"]):
+        out = tmp_path / ("default" if not extra else "none")
+        code, _, err = cli(*argv, *extra, "--out", str(out))
+        assert code == 0, err
+        layers = json.loads((out / "results.json").read_text())["layers"]
+        kept[bool(extra)] = (layers[-1]["kept"], layers[-1]["total"])
+    assert kept[False][0] == kept[False][1]  # every output row kept
+    assert kept[True][0] < kept[True][1]  # --keep-last none lets the threshold cut output rows

@@ -70,7 +70,9 @@ class RunConfig:
     layer_rates: dict[str, float] = _opt("per-round rate overrides of 'iterative' / 'lottery', e.g. {fc3: 0.1}",
                                          default_factory=dict)
     keep_first: str | None = _opt("first layer: 'dense', 'none' or a maximum sparsity", default=None)
-    keep_last: str | None = _opt("last layer: 'dense', 'none' or a maximum sparsity", default=None)
+    keep_last: str | None = _opt("last layer: 'dense', 'none' or a maximum sparsity (default: 'dense' with a "
+                                 "channel / neuron granularity, whose cuts would remove model outputs; else 'none')",
+                                 default=None)
     exclude: tuple[str, ...] = _opt("layer name globs never pruned", default=())
     pretrain_epochs: int = _opt("dense training epochs before pruning", default=30)
     finetune_epochs: int = _opt("retraining epochs after each pruning event", default=8)

@@ -118,11 +118,24 @@ def finetune_config(config: RunConfig) -> TrainConfig:
 def prune_spec(config: RunConfig) -> PruneSpec:
     return PruneSpec(
         sparsity=config.sparsity, criterion=config.criterion, granularity=config.granularity,
-        allocation=allocation_for(config), keep_first=config.keep_first, keep_last=config.keep_last,
+        allocation=allocation_for(config), keep_first=config.keep_first, keep_last=keep_last_for(config),
         exclude=tuple(config.exclude), rounds=config.rounds, layer_rates=dict(config.layer_rates),
         finetune_epochs=config.finetune_epochs, num_updates=config.num_updates, score_batches=config.score_batches,
         start_epoch=config.start_epoch, end_fraction=config.end_fraction, delta_t=config.delta_t, alpha=config.alpha,
     )
+
+
+OUTPUT_PRUNING = ("channel", "neuron")  # granularities that remove a layer's output units
+
+
+def keep_last_for(config: RunConfig) -> str | None:
+    """``--keep-last`` as given; left unset with a channel / neuron granularity, ``'dense'``:
+    the last layer's output units are the model's outputs (its classes), and removing them
+    changes what the model predicts, not what it costs -- structured-pruning tools leave the
+    output layer alone for the same reason.  ``--keep-last none`` prunes it anyway."""
+    if config.keep_last is None and config.granularity in OUTPUT_PRUNING:
+        return "dense"
+    return config.keep_last
 
 
 def allocation_for(config: RunConfig):
