@@ -14,6 +14,7 @@ from prunelab import LayerRules, MaskSet, Sparsifier
 from prunelab.bench.models import build_model
 from prunelab.checkpoint import MASKS_FILE, MODEL_FILE, load_checkpoint, save_checkpoint
 from prunelab.errors import PrunelabError
+import prunelab.io
 from prunelab.io import atomic_dir, write_json
 from prunelab.layers import block_influence
 
@@ -187,6 +188,7 @@ def test_atomic_dir_keeps_the_old_folder_when_the_swap_fails(tmp_path, monkeypat
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", failing_replace)
+    monkeypatch.setattr(prunelab.io, "_exchange", lambda a, b: False)  # the two-rename path (no renameat2)
     with pytest.raises(OSError, match="disk full"):
         with atomic_dir(out) as tmp:
             write_json(tmp / "results.json", {"run": 2})
@@ -290,3 +292,38 @@ def test_fp16_weights_train_with_exact_zeros_and_round_trip(tmp_path):
     save_checkpoint(tmp_path, model, sparsifier.finalize(), META)
     state = load_file(str(tmp_path / MODEL_FILE))
     assert state["0.weight"].dtype == torch.half and torch.equal(state["0.weight"], model[0].weight.detach())
+
+
+def test_atomic_dir_swaps_an_existing_folder_in_one_step_where_linux_can(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    with atomic_dir(out) as tmp:
+        write_json(tmp / "results.json", {"run": 1})
+    if not prunelab.io._exchange(tmp_path / "run", tmp_path / "run"):  # no renameat2 here: nothing to check
+        pytest.skip("renameat2(RENAME_EXCHANGE) is not available on this system")
+    real_replace = os.replace
+
+    def no_rename_onto_out(src, dst):  # the two-rename fallback would leave a moment without `out`
+        assert os.fspath(dst) != os.fspath(out) and os.fspath(src) != os.fspath(out)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", no_rename_onto_out)
+    with atomic_dir(out) as tmp:
+        write_json(tmp / "results.json", {"run": 2})
+    assert (out / "results.json").read_text(encoding="utf-8") == '{\n  "run": 2\n}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # the previous folder is deleted
+
+
+def test_atomic_dir_keeps_the_old_folder_when_the_exchange_fails(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    with atomic_dir(out) as tmp:
+        write_json(tmp / "results.json", {"run": 1})
+
+    def failing_exchange(a, b):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(prunelab.io, "_exchange", failing_exchange)
+    with pytest.raises(OSError, match="Input/output"):
+        with atomic_dir(out) as tmp:
+            write_json(tmp / "results.json", {"run": 2})
+    assert (out / "results.json").read_text(encoding="utf-8") == '{\n  "run": 1\n}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

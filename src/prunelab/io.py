@@ -255,12 +255,38 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
     return write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2`` with
+    ``RENAME_EXCHANGE``, kernel 3.15+); ``False`` where the OS, libc or file system
+    cannot (the caller then falls back to two renames).  Other failures raise ``OSError``."""
+    import ctypes
+    import errno
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a libc without the wrapper (glibc < 2.28, musl)
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # kernel or file system without the flag
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; it replaces ``path`` only on success.
 
-    A previous ``path`` is moved aside and deleted after the swap, so readers see either
-    the old complete folder or the new complete one, never a half-written mix.  Only an
+    A previous folder ``path`` is swapped with the new one in one step where the OS can
+    (Linux ``renameat2(RENAME_EXCHANGE)``, :func:`_exchange`), so readers see the old
+    complete folder or the new complete one, never a mix nor a missing folder; elsewhere
+    it is moved aside first and, for the instant between the two renames, ``path`` does
+    not exist.  The old folder is deleted after the swap.  Only an
     empty folder or one prunelab wrote is replaced (:func:`check_replaceable`, checked
     before and again after the caller writes).  Every file of the new folder is flushed to
     disk before the swap (whatever wrote it: ``torch.save``, safetensors, ...).  The old
@@ -279,6 +305,10 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         _publish_mode(tmp, directory=True)
         _fsync_tree(tmp)
         aside = old = None
+        if path.is_dir() and not path.is_symlink() and _exchange(tmp, path):
+            _fsync(path.parent)
+            shutil.rmtree(tmp, ignore_errors=True)  # now the previous folder
+            return
         if path.exists() or path.is_symlink():
             aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))  # unique, never a leftover
             old = aside / path.name
