@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, fx, nn
 
-from prunelab.criteria.base import Criterion, ScoreData, iter_batches
+from prunelab.criteria.base import Criterion, ScoreData, batch_errors, iter_batches
 from prunelab.errors import PrunelabError
 
 
@@ -51,9 +51,14 @@ def owning_modules(model: nn.Module, params: Mapping[str, Tensor]) -> dict[str, 
 
 
 def channel_dim(module: nn.Module) -> int:
-    """The output dimension that indexes channels/neurons: last for Linear, 1 otherwise
+    """The output dimension that indexes channels/neurons: last for Linear, the first
+    normalised axis for LayerNorm/RMSNorm (whose weight rows index it), 1 otherwise
     (Conv ``(N, C, ...)``, BatchNorm ``(N, C[, L])``)."""
-    return -1 if isinstance(module, nn.Linear) else 1
+    if isinstance(module, nn.Linear):
+        return -1
+    if isinstance(module, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))):
+        return -len(module.normalized_shape)
+    return 1
 
 
 def broadcast_rows(values: Tensor, param: Tensor) -> Tensor:
@@ -113,6 +118,11 @@ class APoZ(Criterion):
     def score(self, model: nn.Module, params: Mapping[str, nn.Parameter], data: ScoreData | None) -> dict[str, Tensor]:
         assert data is not None
         owners = owning_modules(model, params)
+        for fqn, owner in owners.items():
+            if isinstance(owner.module, (nn.Embedding, nn.EmbeddingBag)):  # rows are tokens, not output channels
+                raise PrunelabError(
+                    f"apoz scores output channels, but the rows of {fqn!r} (an embedding) are tokens; exclude it"
+                )
         zeros = self.zero_fractions(model, {o.module_name: o.module for o in owners.values()}, data)
         out = {}
         for fqn, param in params.items():
@@ -158,6 +168,11 @@ class APoZ(Criterion):
                     f"apoz needs a (N, C, ...) output from {name!r}, got "
                     f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}; exclude that layer"
                 )
+            if out.is_floating_point() and bool(torch.isnan(out).any()):  # NaN <= 0 is False: would count as nonzero
+                raise PrunelabError(
+                    f"apoz: the output of {name!r} contains NaN on the ScoreData batches; check the inputs and "
+                    "the weights for NaN/inf values"
+                )
             dim = channel_dim(modules[name])
             per_channel = (out.detach() <= 0).movedim(dim, 0).reshape(out.shape[dim], -1)  # (C, N*M)
             zeros = per_channel.sum(1, dtype=torch.float64)
@@ -178,8 +193,9 @@ class APoZ(Criterion):
             run = root if graph is None else _Counter(graph, counted_at, record).run
             device = next((p.device for p in root.parameters()), torch.device("cpu"))
             with torch.no_grad():
-                for inputs, _targets in iter_batches(data, device):
-                    run(inputs)
+                for inputs, targets in iter_batches(data, device):
+                    with batch_errors("apoz", inputs, targets):
+                        run(inputs)
         finally:
             for handle in handles:
                 handle.remove()
@@ -198,6 +214,7 @@ class _Counter(fx.Interpreter):
     def __init__(self, graph: fx.GraphModule, counted_at: Mapping[fx.Node, list[str]],
                  record: Callable[[str, object], None]) -> None:
         super().__init__(graph)
+        self.extra_traceback = False  # else fx appends "While executing ..." lines to our one-line errors
         self.counted_at = counted_at
         self.record = record
 

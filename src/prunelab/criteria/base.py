@@ -19,6 +19,7 @@ scores into one score per group (default: the sum), e.g. ``l2`` uses ``sqrt(sum)
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -44,6 +45,18 @@ class ScoreData:
     max_batches: int | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.batches, (str, bytes)) or not (
+            hasattr(type(self.batches), "__iter__") or hasattr(type(self.batches), "__getitem__")
+        ):
+            raise PrunelabError(
+                f"ScoreData got batches of type {type(self.batches).__name__}; expected an iterable of "
+                "(inputs, targets) pairs, e.g. a DataLoader or a list of tuples"
+            )
+        if not callable(self.loss_fn):
+            raise PrunelabError(
+                f"ScoreData got loss_fn={self.loss_fn!r}; expected a callable loss_fn(outputs, targets) -> scalar "
+                "tensor, e.g. torch.nn.functional.cross_entropy"
+            )
         if self.max_batches is not None and (
             isinstance(self.max_batches, bool) or not isinstance(self.max_batches, int) or self.max_batches < 1
         ):
@@ -56,7 +69,8 @@ class Criterion:
     """Base class: subclasses set ``name``/``needs_data`` and implement :meth:`score`.
 
     ``__call__`` checks the inputs, keeps the model's modes intact and normalises the
-    result (detached float32 tensors with the parameters' shapes and devices).
+    result (detached float32 tensors with the parameters' shapes and devices); a NaN score
+    (NaN/inf weights or data) is a PrunelabError naming the parameter.
     """
 
     name: ClassVar[str] = ""
@@ -73,6 +87,11 @@ class Criterion:
             raise PrunelabError(
                 f"criterion {self.name!r} got data of type {type(data).__name__}; expected ScoreData(loader, ...)"
             )
+        if not isinstance(params, Mapping):
+            raise PrunelabError(
+                f"criterion {self.name!r} got params of type {type(params).__name__}; expected a mapping "
+                "FQN -> parameter, e.g. dict(model.named_parameters())"
+            )
         if not params:
             return {}
         if self.needs_data:
@@ -86,6 +105,11 @@ class Criterion:
             score = raw[name].detach().to(device=param.device, dtype=torch.float32)
             if score.shape != param.shape:  # a bug in the criterion, not a user error
                 raise RuntimeError(f"{self.name}: score of {name} has shape {tuple(score.shape)}, not {tuple(param.shape)}")
+            if bool(torch.isnan(score).any()):  # never a valid score: the allocators would keep too few
+                raise PrunelabError(
+                    f"criterion {self.name!r} gave NaN scores for {name!r}; check the weights and the ScoreData "
+                    "batches for NaN/inf values (and the loss for overflow)"
+                )
             out[name] = score
         return out
 
@@ -178,6 +202,32 @@ def iter_batches(data: ScoreData, device: torch.device) -> Iterator[tuple[Tensor
             break  # before asking the loader for another batch
     if count == 0:
         raise PrunelabError("ScoreData yielded no batches; pass a non-empty loader")
+
+
+@contextmanager
+def batch_errors(criterion: str, inputs: object, targets: object) -> Iterator[None]:
+    """Re-raise an error of running the model (or ``loss_fn``) on one ScoreData batch as a
+    one-line PrunelabError naming the criterion and the batch's shapes (e.g. inputs that do
+    not fit the first layer, targets that do not fit the loss).  Out-of-memory errors and
+    PrunelabErrors pass through unchanged."""
+    try:
+        yield
+    except PrunelabError:
+        raise
+    except (RuntimeError, ValueError, IndexError) as exc:
+        text = str(exc)
+        if isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text:
+            raise
+        detail = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+        raise PrunelabError(
+            f"criterion {criterion!r} could not run the model and loss_fn on a ScoreData batch (inputs "
+            f"{_shape(inputs)}, targets {_shape(targets)}): {detail}; check that the loader yields inputs the "
+            "model accepts and targets its loss_fn accepts"
+        ) from exc
+
+
+def _shape(value: object) -> str:
+    return str(tuple(value.shape)) if isinstance(value, Tensor) else type(value).__name__
 
 
 def _to(value: Tensor, device: torch.device) -> Tensor:

@@ -7,6 +7,7 @@ group norm: ``reduce_group(score(w))`` over a group ``S`` is ``||w_S||_p``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -64,8 +65,9 @@ class LpNorm(Criterion):
     needs_data = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.p, bool) or not isinstance(self.p, (int, float)) or not self.p > 0:
-            raise PrunelabError(f"criterion 'lp' got p={self.p!r}; expected a number > 0 (e.g. p=2.0)")
+        # p = inf would score |w|^inf (0 or inf) and reduce with (sum)^0 = 1: every group tied
+        if isinstance(self.p, bool) or not isinstance(self.p, (int, float)) or not 0 < self.p < math.inf:
+            raise PrunelabError(f"criterion 'lp' got p={self.p!r}; expected a number > 0, finite (e.g. p=2.0)")
 
     def score(self, model: nn.Module, params: Mapping[str, nn.Parameter], data: ScoreData | None) -> dict[str, Tensor]:
         return {n: p.detach().float().abs().pow(self.p) for n, p in params.items()}

@@ -12,6 +12,7 @@ from prunelab.criteria.base import (
     Criterion,
     FunctionalModel,
     ScoreData,
+    batch_errors,
     batch_loss,
     eval_mode,
     iter_batches,
@@ -123,7 +124,15 @@ class Movement(Criterion):
 
     def score(self, model: nn.Module, params: Mapping[str, nn.Parameter], data: ScoreData | None) -> dict[str, Tensor]:
         if self.accumulator is not None and self.accumulator.steps > 0:
-            return self.accumulator.scores(list(params))
+            scores = self.accumulator.scores(list(params))
+            wrong = [f"{n} {tuple(scores[n].shape)} vs {tuple(p.shape)}" for n, p in params.items()
+                     if scores[n].shape != p.shape]
+            if wrong:
+                raise PrunelabError(
+                    f"criterion 'movement': the accumulator's scores do not match the parameters' shapes "
+                    f"({', '.join(wrong)}); build MovementAccumulator from the same model's parameters"
+                )
+            return scores
         if data is None:
             raise PrunelabError(
                 "criterion 'movement' has an accumulator with no updates yet and no data; call "
@@ -138,8 +147,9 @@ class Movement(Criterion):
         totals = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
         for inputs, targets in iter_batches(data, forward.device):
             tensors = leaves(params)  # aliases of the weights that require grad
-            loss = batch_loss(data, forward(tensors, inputs), targets)
-            grads = torch.autograd.grad(loss, list(tensors.values()), allow_unused=True)
+            with batch_errors("movement", inputs, targets):
+                loss = batch_loss(data, forward(tensors, inputs), targets)
+                grads = torch.autograd.grad(loss, list(tensors.values()), allow_unused=True)
             for (name, weight), grad in zip(tensors.items(), grads):
                 if grad is not None:
                     totals[name] -= weight.detach().float() * grad.float()

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from prunelab.criteria.base import (
-    Criterion, FunctionalModel, ScoreData, batch_loss, eval_mode, iter_batches, leaves,
+    Criterion, FunctionalModel, ScoreData, batch_errors, batch_loss, eval_mode, iter_batches, leaves,
 )
 from prunelab.errors import PrunelabError
 
@@ -108,10 +108,13 @@ class OBD(Criterion):
         use_vmap = True  # switched off for the rest of this call once vmap fails on this model
         for inputs, targets in iter_batches(data, forward.device):
             if exact:
-                for name, h in _exact_diagonal(forward, exact, data, inputs, targets, self.hvp_chunk).items():
+                with batch_errors(self.name, inputs, targets):
+                    diagonals = _exact_diagonal(forward, exact, data, inputs, targets, self.hvp_chunk)
+                for name, h in diagonals.items():
                     totals[name] += h
             if fisher:
-                squares, use_vmap = _fisher_sum(forward, fisher, data, inputs, targets, use_vmap)
+                with batch_errors(self.name, inputs, targets):  # outside the vmap -> loop fallback
+                    squares, use_vmap = _fisher_sum(forward, fisher, data, inputs, targets, use_vmap)
                 for name, sq in squares.items():
                     totals[name] += sq
                 num_samples += _num_samples(inputs)

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from prunelab import distributed
 from prunelab.criteria.activation import broadcast_rows, owning_modules, unwrap
-from prunelab.criteria.base import Criterion, ScoreData, eval_mode, iter_batches
+from prunelab.criteria.base import Criterion, ScoreData, batch_errors, eval_mode, iter_batches
 from prunelab.criteria.links import FALLBACKS, ChannelLinks, channel_links
 from prunelab.errors import PrunelabError
 from prunelab.targets import PRUNABLE_TYPES
@@ -128,8 +128,9 @@ def collect_input_grams(model: nn.Module, names: list[str], data: ScoreData) -> 
             handles.append(modules[name].register_forward_pre_hook(hook_for(name, modules[name])))
         device = next((p.device for p in root.parameters()), torch.device("cpu"))
         with torch.no_grad():
-            for inputs, _targets in iter_batches(data, device):
-                root(inputs)
+            for inputs, targets in iter_batches(data, device):
+                with batch_errors("regression", inputs, targets):
+                    root(inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -143,6 +144,11 @@ def collect_input_grams(model: nn.Module, names: list[str], data: ScoreData) -> 
         count = torch.tensor([rows], dtype=torch.int64, device=gram.device)
         distributed.all_reduce_sum_(gram)  # sum over ranks of sum_rows [x, 1]^T [x, 1]
         distributed.all_reduce_sum_(count)  # exact: an integer sum, on any world size
+        if not bool(torch.isfinite(gram).all()):  # NaN/inf activations: the LASSO and least squares cannot run
+            raise PrunelabError(
+                f"regression: the input of consumer {name!r} contains NaN/inf on the ScoreData batches; check the "
+                "inputs and the weights before it for NaN/inf values"
+            )
         channels, patch = shapes[name]
         out[name] = InputGram(gram, int(count.item()), channels, patch)
     return out
@@ -168,6 +174,11 @@ class ChannelProblem:
     @classmethod
     def build(cls, stats: InputGram, weight: Tensor) -> ChannelProblem:
         c, k = stats.channels, stats.patch
+        if not bool(torch.isfinite(weight.detach()).all()):
+            raise PrunelabError(
+                f"regression: the consumer weight of shape {tuple(weight.shape)} contains NaN/inf; "
+                "fix or exclude that layer"
+            )
         w = weight.detach().double().reshape(weight.shape[0], c, k).to(stats.gram.device)  # (n, C, k)
         s = stats.gram[: c * k, : c * k].reshape(c, k, c, k)  # (C, k, C, k)
         q = torch.einsum("oci,odj->cidj", w, w)  # (C, k, C, k): sum_o W[o,c,i] W[o,d,j]
@@ -320,11 +331,30 @@ class ChannelPruneResult:
     consumer_bias: Tensor | None
     relative_error: float
 
+    def _layers(self, model: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """``(producer, consumer)`` modules of ``model``, checked to be the ones this result was computed for."""
+        root, _ = unwrap(model)
+        modules = dict(root.named_modules())
+        producer, consumer = modules.get(self.producer), modules.get(self.consumer)
+        fits = (
+            producer is not None and consumer is not None
+            and getattr(producer, "weight", None) is not None and getattr(consumer, "weight", None) is not None
+            and producer.weight.shape[0] == self.keep.numel()
+            and consumer.weight.shape == self.consumer_weight.shape
+            and (getattr(consumer, "bias", None) is None) == (self.consumer_bias is None)
+        )
+        if not fits:
+            raise PrunelabError(
+                f"this regression result ({self.producer!r} -> {self.consumer!r}, consumer weight "
+                f"{tuple(self.consumer_weight.shape)}) does not fit {type(root).__name__}; apply it to the model "
+                "regression_channel_prune was run on"
+            )
+        return producer, consumer
+
     def masks(self, model: nn.Module) -> dict[str, Tensor]:
         """Element masks for the two weights: producer rows and consumer input channels."""
-        root, prefix = unwrap(model)
-        modules = dict(root.named_modules())
-        producer, consumer = modules[self.producer], modules[self.consumer]
+        _, prefix = unwrap(model)
+        producer, consumer = self._layers(model)
         rows = self.keep.to(producer.weight.device).reshape((-1,) + (1,) * (producer.weight.dim() - 1))
         cols = self.keep.to(consumer.weight.device).reshape((1, -1) + (1,) * (consumer.weight.dim() - 2))
         return {
@@ -341,9 +371,7 @@ class ChannelPruneResult:
         depends on them even where an op in between (a BatchNorm shift) makes a zeroed
         channel nonzero; a later physical shrink removes those channels everywhere.
         """
-        root, _ = unwrap(model)
-        modules = dict(root.named_modules())
-        producer, consumer = modules[self.producer], modules[self.consumer]
+        producer, consumer = self._layers(model)  # checked before anything is written
         dropped = ~self.keep.to(producer.weight.device)
         producer.weight[dropped] = 0
         if getattr(producer, "bias", None) is not None:

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from prunelab.criteria.base import Criterion, FunctionalModel, ScoreData, batch_loss, iter_batches, leaves
+from prunelab.criteria.base import (
+    Criterion, FunctionalModel, ScoreData, batch_errors, batch_loss, iter_batches, leaves,
+)
 
 
 @dataclass(frozen=True)
@@ -47,8 +49,9 @@ class Taylor(Criterion):
         num_batches = 0
         for inputs, targets in iter_batches(data, forward.device):
             tensors = leaves(params)  # (shape of each weight), requires_grad, aliasing the weights
-            loss = batch_loss(data, forward(tensors, inputs), targets)
-            grads = torch.autograd.grad(loss, list(tensors.values()), allow_unused=True)
+            with batch_errors(self.name, inputs, targets):
+                loss = batch_loss(data, forward(tensors, inputs), targets)
+                grads = torch.autograd.grad(loss, list(tensors.values()), allow_unused=True)
             for (name, weight), grad in zip(tensors.items(), grads):
                 if grad is not None:
                     totals[name] += (weight.detach().float() * grad.float()).abs()
