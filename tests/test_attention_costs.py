@@ -238,3 +238,24 @@ def test_hugging_face_bert_attention_is_counted(implementation):
     ]
     assert cost.attention_macs == 3136 and all(l.reached for l in cost.layers)
     assert _no_hooks_and_no_mode(model)
+
+
+def test_seq_first_mha_input_is_refused_not_counted_per_query_position():
+    # (L=3, N=2, E=4) into a batch_first=False MHA: dividing by shape[0] = 3 gave "per sample" costs per position
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(4, 2)  # batch_first=False
+
+    class SeqFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.att = mha
+
+        def forward(self, x):
+            return self.att(x, x, x)[0]
+
+    with pytest.raises(PrunelabError, match=r"'att' \(batch_first=False\) ran on a batch of 2, which example_input's "
+                                            r"first dimension 3 does not divide") as info:
+        measure_model(SeqFirst(), torch.randn(3, 2, 4))
+    assert "\n" not in str(info.value)
+    batch_first = measure_model(SeqFirst(), torch.randn(1, 2, 4))  # L=1, N=2: a batch of 2 over 1 is fine
+    assert batch_first.attention[0].macs > 0

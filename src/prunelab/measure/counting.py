@@ -279,6 +279,13 @@ def measure_model(
 
         def hook(module: nn.MultiheadAttention, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
             call = mha_call(module, args, kwargs)
+            if call.batch % batch:  # e.g. a seq-first (L, N, E) input: its first dimension is not the batch
+                raise PrunelabError(
+                    f"nn.MultiheadAttention {name!r} (batch_first={module.batch_first}) ran on a batch of "
+                    f"{call.batch}, which example_input's first dimension {batch} does not divide; costs are per "
+                    f"sample, so pass an example input whose first dimension is the batch (got shape "
+                    f"{tuple(example_input.shape)})"
+                )
             for projection in projections:
                 positions[projection.name] += projection.positions(call)
                 called.add(projection.name)
