@@ -19,7 +19,11 @@ groups of each layer.  Neither step sorts all weights (DESIGN.md decision 4):
 * ``uniform`` and ``erk`` solve for per-layer densities by water-filling (bisection on a
   scale factor, layers that would exceed their bounds are clipped and the rest
   rescaled -- exactly RigL's ERK redistribution step), then round to whole groups and
-  settle the rounding remainder one group at a time.
+  settle the rounding remainder one group at a time.  Every layer keeps at least one
+  group (:func:`density_floor`): a small layer's share can round to 0 (10 weights at 99%
+  sparsity keep 0.1 of a weight), which would disconnect the network; the floor is part
+  of the water-filling, so the other layers give the weight back and the total still
+  meets the budget.  Only when the budget is below one group per layer is it dropped.
 * ``lamp`` rescales scores per layer (a per-layer sort) and then thresholds globally; it
   needs non-negative scores (the paper squares magnitudes) and refuses signed ones.
 
@@ -277,14 +281,30 @@ class GlobalAllocation(Allocation):
         return global_threshold_counts(layers, budget)
 
 
+def density_floor(layers: Sequence[LayerBudget], budget: int) -> list[LayerBudget]:
+    """``layers`` with every non-empty layer's ``min_keep`` raised to one group, for ``uniform``
+    and ``erk``: a per-layer density never rounds a layer away (disconnecting the network).
+
+    A layer whose ``max_keep`` is 0 (a rule prunes it fully, or all of it is already pruned)
+    keeps its cap.  When ``budget`` cannot hold one group of every layer (on top of the
+    rules' floors) the layers are returned unchanged: no allocation can keep them all.
+    """
+    floored = [dataclasses.replace(l, min_keep=max(l.min_keep, min(1, l.max_keep)))
+               if l.num_groups and l.group_size else l for l in layers]
+    return floored if sum(l.min_keep * l.group_size for l in floored) <= budget else list(layers)
+
+
 @dataclass(frozen=True)
 class UniformAllocation(Allocation):
-    """Every layer at the same sparsity (layers bound by rules excepted, the rest rescaled)."""
+    """Every layer at the same sparsity (layers bound by rules excepted, the rest rescaled);
+    every layer keeps at least one group (:func:`density_floor`)."""
 
     name = "uniform"
 
     def keep_counts(self, layers: Sequence[LayerBudget], sparsity: float) -> list[int]:
-        return water_fill_counts(layers, keep_budget(layers, sparsity), [1.0] * len(layers))
+        budget = keep_budget(layers, sparsity)
+        _check_bounds(layers, budget)  # the layer rules' own limits, with their own message
+        return water_fill_counts(density_floor(layers, budget), budget, [1.0] * len(layers))
 
 
 def erk_raw_density(shape: tuple[int, ...]) -> float:
@@ -300,13 +320,16 @@ def erk_raw_density(shape: tuple[int, ...]) -> float:
 
 @dataclass(frozen=True)
 class ERKAllocation(Allocation):
-    """Erdos-Renyi-Kernel densities with redistribution of layers that would exceed 1."""
+    """Erdos-Renyi-Kernel densities with redistribution of layers that would exceed 1;
+    every layer keeps at least one group (:func:`density_floor`)."""
 
     name = "erk"
 
     def keep_counts(self, layers: Sequence[LayerBudget], sparsity: float) -> list[int]:
         raw = [erk_raw_density(tuple(l.shape)) for l in layers]
-        return water_fill_counts(layers, keep_budget(layers, sparsity), raw)
+        budget = keep_budget(layers, sparsity)
+        _check_bounds(layers, budget)  # the layer rules' own limits, with their own message
+        return water_fill_counts(density_floor(layers, budget), budget, raw)
 
 
 def lamp_scores(scores: torch.Tensor, name: str = "a layer") -> torch.Tensor:

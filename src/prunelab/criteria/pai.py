@@ -171,6 +171,21 @@ def _positive_shape(shape: object) -> tuple[int, ...] | None:
     return dims
 
 
+def _failing_layer(module: nn.Module, exc: BaseException) -> str:
+    """`` in layer 'fc1' (Linear)``: the innermost submodule of ``module`` whose ``forward`` the
+    traceback of ``exc`` passes through ("" when none does)."""
+    names = {id(m): name for name, m in module.named_modules()}
+    found = ""
+    tb = exc.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in names:
+            name = names[id(owner)]
+            found = f" in layer {name!r} ({type(owner).__name__})" if name else f" in the model's forward ({type(owner).__name__})"
+        tb = tb.tb_next
+    return found
+
+
 def running_statistics(module: nn.Module) -> set[str]:
     """FQNs (inside ``module``) of the ``running_mean`` / ``running_var`` buffers of its batch /
     instance norm layers: the buffers SynFlow linearises with the parameters."""
@@ -214,7 +229,10 @@ class SynFlow(Criterion):
     Numerics: the forward/backward runs in **float64** (products over many layers
     overflow float32), and the scores are divided by their maximum over all scored
     parameters (a positive constant: no ranking changes) before the float32 cast, so
-    they lie in [0, 1].  A non-finite ``R`` raises PrunelabError.  A scored parameter
+    they lie in [0, 1].  An ``R`` outside float64's normal range (not finite, or so small
+    that it is subnormal and has lost its digits) or a non-finite score raises
+    PrunelabError; so does a forward pass that fails on the all-ones input, naming the
+    layer it failed in.  A scored parameter
     that gets no gradient at all (not on a path from the input to the output) raises
     PrunelabError naming it; a zero gradient (e.g. behind a fully pruned layer) scores 0.
     Operations that break positivity (a softmax inside the model, subtractions) make the
@@ -233,7 +251,8 @@ class SynFlow(Criterion):
         if self.input_shape is not None:
             return self.input_shape
         if data is not None:
-            inputs, _ = next(iter_batches(data, torch.device("cpu")))
+            with torch.random.fork_rng(devices=[]):  # a DataLoader iterator draws its seed from the global generator
+                inputs, _ = next(iter_batches(data, torch.device("cpu")))
             if not isinstance(inputs, Tensor) or inputs.dim() < 2:
                 raise PrunelabError(
                     "criterion 'synflow' takes the input shape from the first ScoreData batch, but its inputs are "
@@ -274,10 +293,13 @@ class SynFlow(Criterion):
             ones = torch.ones((1, *shape), dtype=torch.float64, device=forward.device)  # (1, *input_shape)
             try:
                 outputs = torch.func.functional_call(module, tensors, (ones,))
-            except RuntimeError as exc:
+            except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+                first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
                 raise PrunelabError(
-                    f"criterion 'synflow' could not run the model on an all-ones input of shape {(1, *shape)} "
-                    f"({str(exc).splitlines()[0]}); pass the right input_shape=(...) without the batch dimension"
+                    f"criterion 'synflow' could not run the model on an all-ones input of shape {(1, *shape)}"
+                    f"{_failing_layer(module, exc)} ({first_line}); pass the right input_shape=(...) without the "
+                    "batch dimension (SynFlow feeds float64 ones through the whole model, so a layer that needs "
+                    "integer indices, such as an embedding, cannot be scored by it)"
                 ) from None
             if not isinstance(outputs, Tensor):
                 raise PrunelabError(
@@ -285,10 +307,11 @@ class SynFlow(Criterion):
                     "wrap the model so forward returns the logits"
                 )
             flow = outputs.sum()  # R = 1^T (prod_l |W_l|) 1
-            if not torch.isfinite(flow):
+            if not torch.isfinite(flow) or 0 < abs(float(flow.detach())) < torch.finfo(torch.float64).tiny:
                 raise PrunelabError(
-                    f"criterion 'synflow': the synaptic flow R = {float(flow.detach())} is not finite in float64; the network is "
-                    "too deep or its weights too large for the all-ones input -- rescale the initialisation"
+                    f"criterion 'synflow': the synaptic flow R = {float(flow.detach())} is out of float64's range (not "
+                    "finite, or below its smallest normal number); the network is too deep or its weights too large "
+                    "(or too small) for the all-ones input -- rescale the initialisation"
                 )
             locals_ = list(scored.values())
             grads = torch.autograd.grad(flow, [tensors[l] for l in locals_], allow_unused=True)
@@ -299,5 +322,11 @@ class SynFlow(Criterion):
                 "input (not on a path from input to output); exclude them from pruning (--exclude)"
             )
         raw = {name: (tensors[scored[name]].detach() * grad).abs() for name, grad in zip(scored, grads)}
+        overflow = [name for name, r in raw.items() if not bool(torch.isfinite(r).all())]
+        if overflow:  # R is finite but dR/dw overflowed (e.g. tiny first-layer weights before huge later ones)
+            raise PrunelabError(
+                f"criterion 'synflow': the scores of {', '.join(overflow)} overflow float64 although R = {float(flow.detach())} "
+                "is finite; rescale the initialisation (the weights of some layers are far too large)"
+            )
         peak = max(float(r.max()) if r.numel() else 0.0 for r in raw.values())
         return {n: r / peak if peak > 0 else r for n, r in raw.items()}

@@ -113,8 +113,11 @@ def fresh_init(model: nn.Module, seed: int) -> nn.Module:
 
     The copy is drawn from the CPU generator seeded with ``seed`` inside
     ``torch.random.fork_rng``, so the global random state is left untouched and the
-    result is the same on every device and rank.  Modules without ``reset_parameters``
-    keep their values (a custom init in a model's ``__init__`` is not replayed).
+    result is the same on every device and rank.  Then a module that has no
+    ``reset_parameters`` but its own parameters and a ``_reset_parameters`` (as
+    ``nn.MultiheadAttention``, whose ``in_proj_weight`` it draws) calls that one, after
+    its children, as in its constructor.  Modules with neither keep their values (a
+    custom init in a model's ``__init__`` is not replayed; see :func:`redrawn_parameters`).
     """
     _check_seed(seed, "fresh_init")
     fresh = copy.deepcopy(model).to("cpu")
@@ -124,7 +127,25 @@ def fresh_init(model: nn.Module, seed: int) -> nn.Module:
             reset = getattr(module, "reset_parameters", None)
             if callable(reset):
                 reset()
+        for module in fresh.modules():
+            private = getattr(module, "_reset_parameters", None)
+            if not callable(getattr(module, "reset_parameters", None)) and callable(private) \
+                    and any(True for _ in module.parameters(recurse=False)):
+                private()
     return fresh
+
+
+def redrawn_parameters(model: nn.Module) -> set[str]:
+    """FQNs of the parameters :func:`fresh_init` re-draws: those of a module with
+    ``reset_parameters`` (or below one), and those a module's own ``_reset_parameters`` draws."""
+    names: set[str] = set()
+    for prefix, module in model.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        if callable(getattr(module, "reset_parameters", None)):
+            names.update(dot + n for n, _ in module.named_parameters(remove_duplicate=False))
+        elif callable(getattr(module, "_reset_parameters", None)):
+            names.update(dot + n for n, _ in module.named_parameters(recurse=False, remove_duplicate=False))
+    return names
 
 
 @torch.no_grad()
@@ -135,10 +156,19 @@ def reinitialise_kept(model: nn.Module, masks: Mapping[str, Tensor], seed: int) 
     Frankle et al. 2021's "reinitialisation" ablation: if accuracy survives it, the
     method's mask does not depend on the particular initial values.  New values come
     from :func:`fresh_init` (``reset_parameters()`` under ``seed``); parameters without
-    a mask (biases, norms) are left as they are.
+    a mask (biases, norms) are left as they are.  A masked parameter that no
+    ``reset_parameters()`` re-draws (:func:`redrawn_parameters`; a custom module's own
+    ``nn.Parameter``) is refused before anything changes: it would silently keep its values.
     """
+    _check_seed(seed, "reinitialise_kept")
     masks = masks if isinstance(masks, MaskSet) else MaskSet(masks)
     masks.check_model(model)
+    stuck = sorted(set(masks) - redrawn_parameters(model))
+    if stuck:
+        raise PrunelabError(
+            f"cannot re-initialise {', '.join(map(repr, stuck))}: no module on its path has reset_parameters(), so "
+            "its values would stay as they are; give that module a reset_parameters() or exclude the parameter"
+        )
     fresh = dict(fresh_init(model, seed).named_parameters())
     params = dict(model.named_parameters())
     for name, mask in masks.items():
@@ -187,13 +217,19 @@ def _score_data(score_data: ScoreData | None, train_loader, spec: PruneSpec, met
 
 
 def _input_shape(score_data: ScoreData | None, test_loader) -> tuple[int, ...] | None:
+    """One sample's shape from the first batch of ``score_data`` or ``test_loader`` (only its shape).
+
+    Starting a DataLoader iterator draws its base seed from the global generator, so the
+    peek runs under ``torch.random.fork_rng``: the global random state is left as it was.
+    """
     source = score_data.batches if score_data is not None else test_loader
     if source is None or not hasattr(source, "__iter__"):
         return None  # SynFlow then infers it from the model or says how to pass input_shape
-    for batch in source:
-        if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor) and batch[0].dim() >= 2:
-            return tuple(int(d) for d in batch[0].shape[1:])
-        break
+    with torch.random.fork_rng(devices=[]):
+        for batch in source:
+            if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor) and batch[0].dim() >= 2:
+                return tuple(int(d) for d in batch[0].shape[1:])
+            break
     return None
 
 
@@ -288,6 +324,7 @@ def run_force(model: nn.Module, train_loader, test_loader, spec: PruneSpec, conf
     _check_loaders(train_loader, test_loader, config, "force")
     initial = {n: p.detach().clone() for n, p in prunable_parameters(model, spec.exclude).items()}  # theta
     sparsifier = _sparsifier(model, spec, ForceSaliency(initial), data)
+    sparsifier.check_target(spec.sparsity)  # an unreachable target fails before step 1 prunes the model
     sparsifier.prepare()
     schedule = Geometric(spec.sparsity, rounds=steps)
     for step in schedule.update_steps():
@@ -314,6 +351,7 @@ def run_synflow(model: nn.Module, train_loader, test_loader, spec: PruneSpec, co
     _check_loaders(train_loader, test_loader, config, "synflow")
     criterion = SynFlow(input_shape=_input_shape(score_data, test_loader))
     sparsifier = _sparsifier(model, spec, criterion, None)
+    sparsifier.check_target(spec.sparsity)  # an unreachable target fails before round 1 prunes the model
     sparsifier.prepare()
     schedule = Geometric(spec.sparsity, rounds=rounds)
     for k in schedule.update_steps():
