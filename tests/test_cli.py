@@ -327,9 +327,20 @@ def test_bench_latency_pooling_auto_reports_the_dense_pools(cli, pruned_run):
     assert "csr_speedup_x" in out
 
 
+def test_bench_latency_threads_sets_and_restores_the_thread_count_and_times_each_form_once(cli, pruned_run):
+    before = torch.get_num_threads()
+    code, out, err = cli("bench-latency", str(pruned_run), "--forms", "csr,csr", "--batch-sizes", "2", "--reps", "1",
+                         "--threads", "1")
+    assert code == 0, err
+    assert ", 1 threads;" in out and torch.get_num_threads() == before
+    header = next(line for line in out.splitlines() if line.startswith("| batch"))
+    assert header.count("csr_speedup_x") == 1
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--batch-sizes", "one"], "--batch-sizes must be comma-separated integers"),
     (["--reps", "0"], "--batch-sizes and --reps must be positive"),
+    (["--threads", "0"], "--threads must be a positive integer, got 0"),
 ])
 def test_bench_latency_bad_input_is_one_line(cli, pruned_run, extra, message):
     code, _, err = cli("bench-latency", str(pruned_run), *extra)

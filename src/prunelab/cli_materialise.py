@@ -43,6 +43,9 @@ def add_materialise_parsers(subparsers: Any) -> None:
     lat.add_argument("--forms", default="auto", help="comma-separated forms to time against dense (default: auto)")
     lat.add_argument("--batch-sizes", default="1,8,64", help="comma-separated batch sizes (default 1,8,64)")
     lat.add_argument("--reps", type=int_arg, default=15, help="interleaved repetitions per measurement (median reported)")
+    lat.add_argument("--threads", type=int_arg, default=None,
+                     help="intra-op threads for the whole run, auto's kernel choice included (default: torch's, "
+                          "usually one per core); the table states the number used")
     lat.add_argument("--per-layer", action="store_true",
                      help="also time every leaf module on its own inputs at the largest batch size")
     lat.add_argument("--keep-denormals", action="store_true",
@@ -156,7 +159,7 @@ def _batch(inputs: torch.Tensor, size: int) -> torch.Tensor:
 def cmd_bench_latency(args: argparse.Namespace) -> int:
     from prunelab.materialise import FORMS
 
-    forms = [f.strip() for f in args.forms.split(",") if f.strip()]
+    forms = list(dict.fromkeys(f.strip() for f in args.forms.split(",") if f.strip()))  # each form once
     if not forms:  # nothing to time against dense: the run would print a table with no comparison
         raise PrunelabError(f"--forms names no form, got {args.forms!r}; pass e.g. --forms csr,bsr or leave it out "
                             "(auto)")
@@ -170,7 +173,12 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
         raise PrunelabError(f"--batch-sizes and --reps must be positive, got {args.batch_sizes!r} and {args.reps}")
     if max(sizes) > MAX_BATCH_SIZE:  # torch's size arithmetic overflowed on 99999999999999999999: a traceback
         raise PrunelabError(f"--batch-sizes: {max(sizes)} is too large (at most {MAX_BATCH_SIZE:,}); e.g. 1,8,64")
+    if args.threads is not None and args.threads < 1:
+        raise PrunelabError(f"--threads must be a positive integer, got {args.threads}; e.g. --threads 1")
     ckpt, inputs = _checkpoint_and_inputs(args.checkpoint, args.data_dir)
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     flushed = not args.keep_denormals and torch.set_flush_denormal(True)  # False where the CPU cannot
     try:
         dense = ckpt.model
@@ -185,6 +193,7 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
     finally:
         if flushed:
             torch.set_flush_denormal(False)  # torch's default: leave the process as it was found
+        torch.set_num_threads(threads)
     return 0
 
 
