@@ -26,17 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from prunelab.errors import PrunelabError
-from prunelab.oneshot.block_runs import (
-    _USER_ERRORS,
-    Inputs,
-    _first_line,
-    _hidden_key,
-    _pre_hooks,
-    _Stop,
-    _strip_caches,
-    _to,
-)
+from prunelab.oneshot.block_runs import Inputs, _hidden_key, _pre_hooks, _Stop, _strip_caches, run_model
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -101,18 +91,7 @@ def _record_calls(model: nn.Module, blocks: Sequence[tuple[str, nn.Module]], ite
         return hook
 
     with _pre_hooks([(block, recorder(b)) for b, (_, block) in enumerate(blocks)], with_kwargs=True):
-        try:
-            if isinstance(item, Tensor):
-                model(_to(item, device))
-            else:
-                model(**{k: _to(v, device) for k, v in item.items()})
-        except _Stop:
-            pass
-        except _USER_ERRORS as exc:
-            raise PrunelabError(
-                f"calibration item {index} fails in the model's forward after block 0 ({_first_line(exc)}); "
-                "pass inputs the model accepts, as for model(x) or model(**x)"
-            ) from None
+        run_model(model, item, index, device, " after block 0")
     return calls
 
 

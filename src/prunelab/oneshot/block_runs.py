@@ -155,6 +155,24 @@ def _to(value: Any, device: torch.device) -> Any:
     return value.to(device) if isinstance(value, Tensor) else value
 
 
+def run_model(model: nn.Module, item: Any, index: int, device: torch.device, where: str = "") -> None:
+    """``model(item)`` or ``model(**item)`` on ``device``, until a hook raises :class:`_Stop`; a
+    model that cannot take the item is a PrunelabError naming it (``where``: e.g. " after block 0")."""
+    try:
+        if isinstance(item, Tensor):
+            model(_to(item, device))
+        else:
+            model(**{k: _to(v, device) for k, v in item.items()})
+    except _Stop:
+        pass
+    except _USER_ERRORS as exc:
+        what = f"Tensor of shape {tuple(item.shape)}" if isinstance(item, Tensor) else f"dict with keys {sorted(item)}"
+        raise PrunelabError(
+            f"calibration item {index} ({what}) fails in the model's forward{where} ({_first_line(exc)}); "
+            "pass inputs the model accepts, as for model(x) or model(**x)"
+        ) from None
+
+
 def capture_block_inputs(model: nn.Module, block0: tuple[str, nn.Module], items: list, device: torch.device) -> Inputs:
     """The ``(args, kwargs)`` block 0 receives for each calibration item (the catcher)."""
     captured: Inputs = []
@@ -169,19 +187,7 @@ def capture_block_inputs(model: nn.Module, block0: tuple[str, nn.Module], items:
     with _pre_hooks([(block, catch)], with_kwargs=True):
         for i, item in enumerate(items):
             before = len(captured)
-            try:
-                if isinstance(item, Tensor):
-                    model(_to(item, device))
-                else:
-                    model(**{k: _to(v, device) for k, v in item.items()})
-            except _Stop:
-                pass
-            except _USER_ERRORS as exc:
-                what = f"Tensor of shape {tuple(item.shape)}" if isinstance(item, Tensor) else f"dict with keys {sorted(item)}"
-                raise PrunelabError(
-                    f"calibration item {i} ({what}) fails in the model's forward ({_first_line(exc)}); "
-                    "pass inputs the model accepts, as for model(x) or model(**x)"
-                ) from None
+            run_model(model, item, i, device)
             if len(captured) == before:
                 raise PrunelabError(
                     f"calibration item {i} ran through the model without reaching block {name or '<model>'!r}; "
