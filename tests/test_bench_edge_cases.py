@@ -308,10 +308,6 @@ def test_make_loaders_visit_every_training_sample_once_per_epoch_with_a_short_la
     assert [yb.tolist() for _, yb in test] == [[0, 1, 2, 3], [4, 5, 6]]
 
 
-# --- review finding NOT fixed (a fix changes the numbers of committed runs) --------------------
-@pytest.mark.xfail(strict=True, reason="make_loaders' test loader has no generator: each pass draws its worker "
-                   "base seed from torch's global RNG, so evaluate() shifts every later random draw; a fix "
-                   "(a seeded generator for the test loader) would change committed results -- left for a decision")
 def test_evaluate_leaves_the_global_torch_rng_alone():
     from prunelab.bench.datasets import load_digits, make_loaders
     from prunelab.bench.training import evaluate
@@ -323,4 +319,4 @@ def test_evaluate_leaves_the_global_torch_rng_alone():
     expected = torch.rand(3)
     torch.manual_seed(0)
     evaluate(flat, test_loader)  # one evaluation, e.g. the stage row after a pruning round
-    assert torch.equal(torch.rand(3), expected)  # fails: the evaluation consumed one 64-bit draw
+    assert torch.equal(torch.rand(3), expected)  # the test loader drew from its own generator

@@ -238,7 +238,8 @@ def make_loaders(
     ``seed``, so the batch order of every epoch is reproducible.  Under
     ``torch.distributed`` it uses a seeded ``DistributedSampler`` (one shard per rank;
     :func:`prunelab.bench.training.train` calls ``set_epoch``).  The test loader is
-    never shuffled nor sharded: every rank evaluates the full test set.
+    never shuffled nor sharded: every rank evaluates the full test set, and it draws from a
+    generator of its own, so an evaluation leaves torch's global RNG as it was.
     """
     for label, value in (("batch_size", batch_size), ("test_batch_size", test_batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -251,5 +252,8 @@ def make_loaders(
     else:
         generator = torch.Generator().manual_seed(seed)
         train_loader = DataLoader(splits.train, batch_size=batch_size, shuffle=True, generator=generator)
-    test_loader = DataLoader(splits.test, batch_size=test_batch_size, shuffle=False)
+    # its own generator: each pass draws a worker base seed, which must not come from (and
+    # shift) torch's global RNG -- an evaluation would change every later random draw
+    test_loader = DataLoader(splits.test, batch_size=test_batch_size, shuffle=False,
+                             generator=torch.Generator().manual_seed(seed))
     return train_loader, test_loader
