@@ -12,14 +12,14 @@ means Wanda is close to magnitude-per-row; tens to hundreds mean outlier feature
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from prunelab.errors import PrunelabError
-from prunelab.oneshot.block_runs import _USER_ERRORS, _first_line, check_calibration, layer_input, token_masks
+from prunelab.oneshot.block_runs import check_calibration, layer_input, run_model, token_masks
 from prunelab.oneshot.engine import eval_mode
 from prunelab.oneshot.layer_targets import LayerTarget, classify_layer
 from prunelab.oneshot.stats import ColumnNormAccumulator
@@ -45,14 +45,18 @@ def input_norm_spread(model: nn.Module, calibration: Sequence[Any]) -> dict[str,
 
     ``calibration``: model inputs, each a Tensor (``model(x)``) or a dict (``model(**x)``).
     Padding positions of a dict item with a 2-D ``attention_mask`` are left out, as the
-    one-shot engine leaves them out of its statistics.
+    one-shot engine leaves them out of its statistics.  Items are moved to the device of
+    the model's first parameter, as the engine moves them.
     The model is not changed; hooks are removed even if the forward raises.  Calibration
-    that is empty or does not fit the model is a :class:`PrunelabError` naming the item.
+    that is empty or does not fit the model is a :class:`PrunelabError` naming the item;
+    inf/NaN inputs to a layer are a :class:`PrunelabError` naming the layer.
     """
     accumulators: dict[str, ColumnNormAccumulator] = {}
     handles = []
     items = check_calibration(calibration)
-    tokens = token_masks(items, torch.device("cpu"))  # per item: real positions, or None
+    first = next(iter(model.parameters()), None)
+    device = torch.device("cpu") if first is None else first.device  # items are moved there, as the engine does
+    tokens = token_masks(items, device)  # per item: real positions, or None
     current: list[Tensor | None] = [None]
 
     def hook(target: LayerTarget):
@@ -69,21 +73,18 @@ def input_norm_spread(model: nn.Module, calibration: Sequence[Any]) -> dict[str,
         with eval_mode(model), torch.no_grad():
             for i, (item, real) in enumerate(zip(items, tokens, strict=True)):
                 current[0] = real
-                try:
-                    model(**item) if isinstance(item, Mapping) else model(item)
-                except _USER_ERRORS as exc:
-                    what = (f"Tensor of shape {tuple(item.shape)}" if isinstance(item, Tensor)
-                            else f"dict with keys {sorted(item)}")
-                    raise PrunelabError(
-                        f"calibration item {i} ({what}) fails in the model's forward ({_first_line(exc)}); "
-                        "pass inputs the model accepts, as for model(x) or model(**x)"
-                    ) from None
+                run_model(model, item, i, device)  # a forward that fails: PrunelabError naming item i
     finally:
         for handle in handles:
             handle.remove()
     spread = {}
     for name, acc in accumulators.items():
         stats = acc.result()  # summed over ranks under torch.distributed, as the solvers see them
+        if not bool(torch.isfinite(stats.sq_norms).all()):  # NaN would read as a ratio of inf (or NaN)
+            raise PrunelabError(
+                f"layer {name!r} received non-finite inputs (inf or NaN) on the calibration data; check the "
+                "calibration inputs and the layers before it"
+            )
         if stats.count:
             norms = stats.sq_norms.sqrt()  # (in_features,)
             median = float(norms.median())

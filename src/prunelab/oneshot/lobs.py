@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from prunelab.oneshot.magnitude import select_mask
-from prunelab.oneshot.stats import InputStats, Solution, inverse_hessian, require_hessian
+from prunelab.oneshot.stats import InputStats, Solution, inverse_hessian, require_hessian, require_matrix
 
 if TYPE_CHECKING:
     from prunelab.oneshot.engine import OneShotConfig
@@ -76,7 +76,7 @@ def compensate(weight: Tensor, keep: Tensor, hessian: Tensor, hessian_inv: Tenso
 
 def prune_lobs(weight: Tensor, stats: InputStats | None, config: OneShotConfig) -> Solution:
     """L-OBS for one layer: saliency selection per layer, then the exact compensating update."""
-    cols = weight.shape[1]
+    _, cols = require_matrix(weight, "lobs")
     hessian = require_hessian(stats, cols, "lobs")
     hinv, damped, frac, dead = inverse_hessian(hessian, config.dampening)  # (cols, cols) float64
     W = weight.detach().to(torch.float64).clone()  # (rows, cols)

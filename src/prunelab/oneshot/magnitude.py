@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from prunelab.errors import PrunelabError
-from prunelab.oneshot.stats import InputStats, Solution
+from prunelab.oneshot.stats import InputStats, Solution, require_matrix
 
 if TYPE_CHECKING:
     from prunelab.oneshot.engine import OneShotConfig
@@ -72,11 +72,13 @@ def magnitude_scores(weight: Tensor) -> Tensor:
 
 def prune_magnitude(weight: Tensor, stats: InputStats | None, config: OneShotConfig) -> Solution:
     """Per-layer magnitude pruning: ``S_ij = |W_ij|``, lowest fraction of the layer removed."""
+    require_matrix(weight, "magnitude")
     keep = select_mask(magnitude_scores(weight), config, per_row=False)  # (rows, cols)
     return Solution(weight.detach() * keep, keep)
 
 
 def prune_magnitude_row(weight: Tensor, stats: InputStats | None, config: OneShotConfig) -> Solution:
     """Per-row magnitude pruning: ``S_ij = |W_ij|``, lowest fraction of every row removed."""
+    require_matrix(weight, "magnitude-row")
     keep = select_mask(magnitude_scores(weight), config, per_row=True)  # (rows, cols)
     return Solution(weight.detach() * keep, keep)

@@ -53,7 +53,7 @@ from torch import Tensor
 
 from prunelab.errors import PrunelabError
 from prunelab.oneshot.magnitude import prune_count
-from prunelab.oneshot.stats import InputStats, Solution, inverse_hessian, require_hessian
+from prunelab.oneshot.stats import InputStats, Solution, inverse_hessian, require_hessian, require_matrix
 from prunelab.structure import NM
 
 if TYPE_CHECKING:
@@ -69,8 +69,8 @@ def woodbury_inverse(grads: Tensor, alpha: float) -> Tensor:
     by Hassibi & Stork's recursion (one Sherman-Morrison step per sample), float64."""
     if grads.dim() != 2 or grads.shape[0] == 0:
         raise PrunelabError(f"woodbury_inverse needs gradients of shape (N, P) with N >= 1, got {tuple(grads.shape)}")
-    if not alpha > 0:
-        raise PrunelabError(f"woodbury_inverse needs alpha > 0 (H_0 = alpha I), got {alpha!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha > 0):
+        raise PrunelabError(f"woodbury_inverse needs a finite alpha > 0 (H_0 = alpha I), got {alpha!r}; e.g. 1e-4")
     n, p = grads.shape
     G = grads.detach().to(torch.float64)  # (N, P)
     hinv = torch.eye(p, dtype=torch.float64, device=G.device) / alpha  # (P, P) H_0^{-1}
@@ -85,7 +85,9 @@ def prune_obs(
     max_in_features: int = OBS_MAX_IN_FEATURES, group_size: int | None = None,
 ) -> Solution:
     """Row-wise greedy OBS for one layer ``weight`` ``(rows, cols)`` with the shared input Hessian."""
-    rows, cols = weight.shape
+    rows, cols = require_matrix(weight, "obs")
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
+        raise PrunelabError(f"obs group_size must be a positive integer or None (automatic), got {group_size!r}")
     if cols > max_in_features:
         raise PrunelabError(
             f"method 'obs' handles layers with at most {max_in_features} input features, got {cols}; "
@@ -103,8 +105,8 @@ def prune_obs(
     if nm is not None:
         step = 1  # one at a time keeps the N:M pattern exact
     else:
-        step = max(1, math.ceil(k / _MAX_STEPS)) if group_size is None else max(1, int(group_size))
-    chunk = max(1, _WORKSET_BYTES // (cols * cols * 8))
+        step = max(1, math.ceil(k / _MAX_STEPS)) if group_size is None else group_size
+    chunk = max(1, _WORKSET_BYTES // max(1, cols * cols * 8))
     keep = torch.ones(rows, cols, dtype=torch.bool, device=W.device)  # (rows, cols)
     for r0 in range(0, rows, chunk):
         r1 = min(r0 + chunk, rows)

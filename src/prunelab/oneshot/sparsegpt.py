@@ -25,7 +25,8 @@ Procedure (as the reference implementation):
    weights.  Unstructured: as the reference, the lowest scores of the whole
    ``(rows, block)`` slice -- rows may keep different counts -- with the count of each
    block taken by cumulative rounding, so the layer prunes exactly
-   ``round(s * rows * cols)`` (the reference's ``<= threshold`` may prune extra ties).
+   ``round(s * rows * cols)`` (the reference's ``score <= sorted[int(s * numel)]`` prunes
+   ``int(s * numel) + 1`` weights of every block, more with ties).
    (A per-row count inside each block, Wanda's comparison group, was measured worse: on
    LeNet-300-100 at 90% without retraining it gave 10.9% test error against 5.6%.)
    N:M: at every group of M columns the N highest-scoring entries of the group are kept
@@ -44,7 +45,7 @@ from torch import Tensor
 
 from prunelab.errors import PrunelabError
 from prunelab.oneshot.magnitude import lowest_in_layer, prune_count
-from prunelab.oneshot.stats import InputStats, Solution, inverse_hessian_cholesky, require_hessian
+from prunelab.oneshot.stats import InputStats, Solution, inverse_hessian_cholesky, require_hessian, require_matrix
 
 if TYPE_CHECKING:
     from prunelab.oneshot.engine import OneShotConfig
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
 
 def prune_sparsegpt(weight: Tensor, stats: InputStats | None, config: OneShotConfig) -> Solution:
     """SparseGPT for one layer: ``weight`` ``(rows, cols)`` -> pruned and updated weight."""
-    rows, cols = weight.shape
+    rows, cols = require_matrix(weight, "sparsegpt")
     hessian = require_hessian(stats, cols, "sparsegpt")
     nm = config.nm
     if nm is not None and cols % nm.m:

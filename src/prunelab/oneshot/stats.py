@@ -76,16 +76,19 @@ class HessianAccumulator:
         self.sum = torch.zeros(cols, cols, dtype=torch.float64, device=device)  # (cols, cols)
         self.total = torch.zeros(cols, dtype=torch.float64, device=device)  # (cols,) sum of rows
         self.count = 0
+        self.spent = False  # result() was called: the sums now hold H and the mean
 
     def add(self, x: Tensor) -> None:
         """Add the rows of ``x`` ``(n_b, cols)``: ``sum += x^T x``."""
-        x = x.detach().to(torch.float64)  # (n_b, cols)
+        x = _check_rows(self, x).to(torch.float64)  # (n_b, cols)
         self.sum.addmm_(x.T, x)
         self.total += x.sum(0)
         self.count += x.shape[0]
 
     def result(self) -> InputStats:
         """``H = 2 X X^T / n`` over all ranks (the accumulator is spent: ``H`` reuses its memory)."""
+        _check_unspent(self, "result")
+        self.spent = True
         count = _reduce_(self.sum, self.count)
         _reduce_(self.total, 0)
         scale = 1.0 / max(count, 1)
@@ -99,15 +102,19 @@ class ColumnNormAccumulator:
         self.sum = torch.zeros(cols, dtype=torch.float64, device=device)  # (cols,)
         self.total = torch.zeros(cols, dtype=torch.float64, device=device)  # (cols,) sum of rows
         self.count = 0
+        self.spent = False  # result() was called: the sums are reduced and the mean scaled in place
 
     def add(self, x: Tensor) -> None:
-        x = x.detach().to(torch.float64)  # (n_b, cols)
+        """Add the rows of ``x`` ``(n_b, cols)``: ``sum += x^2`` column-wise."""
+        x = _check_rows(self, x).to(torch.float64)  # (n_b, cols)
         self.sum += x.square().sum(0)
         self.total += x.sum(0)
         self.count += x.shape[0]
 
     def result(self) -> InputStats:
-        """``||X_j||^2`` summed over all rows of all ranks."""
+        """``||X_j||^2`` summed over all rows of all ranks (the accumulator is spent)."""
+        _check_unspent(self, "result")
+        self.spent = True
         count = _reduce_(self.sum, self.count)
         _reduce_(self.total, 0)
         return InputStats(sq_norms=self.sum, mean=self.total.mul_(1.0 / max(count, 1)), count=count)
@@ -136,7 +143,8 @@ class PairedHessianAccumulator:
         self.dense_total += dense.sum(0)
 
     def result(self) -> InputStats:
-        """``H~``, ``C``, both means, summed over all ranks."""
+        """``H~``, ``C``, both means, summed over all ranks (the accumulator is spent)."""
+        _check_unspent(self.pruned, "result")
         count = _reduce_(self.cross, self.pruned.count)
         _reduce_(self.dense_total, 0)
         stats = self.pruned.result()
@@ -170,6 +178,29 @@ def dense_target_weight(weight: Tensor, stats: InputStats, percdamp: float) -> T
     return target.to(torch.float64 if weight.dtype == torch.float64 else torch.float32)  # (rows, cols)
 
 
+def _check_unspent(acc: HessianAccumulator | ColumnNormAccumulator, what: str) -> None:
+    """Refuse ``add`` / ``result`` after ``result``: the sums were scaled (and reduced) in place,
+    so a second ``result`` would scale ``H`` again and a later ``add`` would mix units."""
+    if acc.spent:
+        raise PrunelabError(
+            f"{type(acc).__name__}.{what}() called after result(); the accumulator is spent (result() reuses its "
+            "memory), start a new accumulator for new inputs"
+        )
+
+
+def _check_rows(acc: HessianAccumulator | ColumnNormAccumulator, x: Tensor) -> Tensor:
+    """``x`` detached, checked to be ``(n_b, cols)`` rows for an unspent accumulator ``acc``."""
+    _check_unspent(acc, "add")
+    cols = acc.sum.shape[0]
+    if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != cols:
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise PrunelabError(
+            f"{type(acc).__name__}({cols}) takes layer inputs as rows of shape (n, {cols}), got {got}; "
+            f"flatten the leading dimensions first (x.reshape(-1, {cols}))"
+        )
+    return x.detach()
+
+
 def _reduce_(total: Tensor, count: int) -> int:
     """Sum ``total`` over ranks in place and return the row count summed over ranks
     (DESIGN.md decision 3: every rank then decides the same masks from the same statistics;
@@ -182,7 +213,8 @@ def _reduce_(total: Tensor, count: int) -> int:
 
 def dampening_schedule(percdamp: float, retries: int = DAMPENING_RETRIES) -> list[float]:
     """Fractions of ``mean(diag H)`` to try: the requested one, then x10 up to ``retries``
-    times (starting from 0.1% when 0 was requested, so ``x10`` makes progress)."""
+    times, counted from ``max(percdamp, 0.1%)`` (so 0 or a tiny request makes progress:
+    ``1e-5`` is followed by 1%, 10%, ...)."""
     base = max(percdamp, 1e-3)
     return [percdamp] + [base * 10.0**k for k in range(1, retries + 1)]
 
@@ -212,8 +244,8 @@ def _factorisations(hessian: Tensor, percdamp: float) -> Iterator[tuple[float, T
         chol, info = torch.linalg.cholesky_ex(damped)
         if int(info) != 0 or not bool(torch.isfinite(chol).all()):
             continue
-        pivots = torch.diagonal(chol)
-        if float((pivots.min() / pivots.max()) ** 2) >= _MIN_PIVOT_RATIO_SQ:
+        pivots = torch.diagonal(chol)  # (cols,); none for a layer without inputs
+        if pivots.numel() == 0 or float((pivots.min() / pivots.max()) ** 2) >= _MIN_PIVOT_RATIO_SQ:
             yield frac, chol, damped, dead
 
 
@@ -254,6 +286,18 @@ def inverse_hessian(hessian: Tensor, percdamp: float) -> tuple[Tensor, Tensor, f
     """``((H' + lambda I)^{-1}, H' + lambda I, frac, dead)`` in float64 via Cholesky."""
     chol, damped, frac, dead = damped_cholesky(hessian, percdamp)
     return torch.cholesky_inverse(chol).contiguous(), damped, frac, dead
+
+
+def require_matrix(weight: Tensor, method: str) -> tuple[int, int]:
+    """``(rows, cols)`` of a solver's ``weight``, checked to be a 2-D tensor (a conv is unfolded first)."""
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        got = f"shape {tuple(weight.shape)}" if isinstance(weight, Tensor) else type(weight).__name__
+        raise PrunelabError(
+            f"method {method!r} prunes a 2-D weight (rows, cols), got {got}; pass a Linear weight, or a conv "
+            "weight reshaped to (out_channels, -1)"
+        )
+    rows, cols = weight.shape
+    return rows, cols
 
 
 def require_hessian(stats: InputStats | None, cols: int, method: str) -> Tensor:

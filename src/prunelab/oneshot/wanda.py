@@ -20,7 +20,7 @@ from torch import Tensor
 
 from prunelab.errors import PrunelabError
 from prunelab.oneshot.magnitude import select_mask
-from prunelab.oneshot.stats import InputStats, Solution
+from prunelab.oneshot.stats import InputStats, Solution, require_matrix
 
 if TYPE_CHECKING:
     from prunelab.oneshot.engine import OneShotConfig
@@ -35,11 +35,16 @@ def wanda_scores(weight: Tensor, sq_norms: Tensor) -> Tensor:
 
 def prune_wanda(weight: Tensor, stats: InputStats | None, config: OneShotConfig) -> Solution:
     """Wanda mask (per output row, or N:M) and the masked weight."""
-    cols = weight.shape[1]
+    _, cols = require_matrix(weight, "wanda")
     if stats is None or stats.sq_norms is None or tuple(stats.sq_norms.shape) != (cols,):
         raise PrunelabError(
             f"method 'wanda' needs the squared input norms ||X_j||^2 of shape ({cols},); "
             "pass InputStats(sq_norms=...) (the engine collects them)"
+        )
+    if not bool((torch.isfinite(stats.sq_norms) & (stats.sq_norms >= 0)).all()):  # NaN scores: an arbitrary mask
+        raise PrunelabError(
+            "method 'wanda' got squared input norms ||X_j||^2 that are negative, inf or NaN; pass sums of squares "
+            "of finite calibration inputs (check the layers before this one for inf/NaN activations)"
         )
     keep = select_mask(wanda_scores(weight, stats.sq_norms), config, per_row=True)  # (rows, cols)
     return Solution(weight.detach() * keep, keep)
