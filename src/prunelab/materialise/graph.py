@@ -37,6 +37,7 @@ cannot trace (data-dependent control flow, iterating a tensor, ...) is re-traced
 
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 from collections import Counter
@@ -105,6 +106,20 @@ def is_depthwise(conv: nn.Module) -> bool:
     return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
 
 
+def channel_dim(shape: tuple[int, ...] | None, conv_or_pool: Any) -> int:
+    """The channel dim of a conv / pool tensor: 1 for ``(B, C, *spatial)``, 0 for an unbatched ``(C, *spatial)``.
+
+    ``conv_or_pool`` is a Conv / pool module or an ``F.*pool{1,2,3}d`` function; its
+    (base) class or function name gives the number of spatial dims.
+    """
+    if isinstance(conv_or_pool, nn.Module):
+        names = [t.__name__ for t in type(conv_or_pool).__mro__]
+    else:
+        names = [getattr(conv_or_pool, "__name__", "")]
+    spatial = next((int(n[-2]) for n in names if n[-2:] in ("1d", "2d", "3d")), 2)
+    return 1 if shape is None else max(len(shape) - spatial - 1, 0)
+
+
 def zero_padded(conv_or_pool: nn.Module) -> bool:
     """True when the op pads with zeros (a constant channel then varies near the border)."""
     if getattr(conv_or_pool, "padding_mode", "zeros") != "zeros":
@@ -137,6 +152,32 @@ def averages_exactly(node_or_pool: fx.Node | nn.Module) -> bool:
     pads = padding if isinstance(padding, (tuple, list)) else (padding,)
     unpadded = all(isinstance(p, int) and not isinstance(p, bool) and p == 0 for p in pads)
     return divisor is None and (unpadded or include is False)
+
+
+def mutated_input(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
+    """The operand an op overwrites in place, else None.
+
+    ``x.relu_()`` / ``x.add_(y)`` (a method ending in ``_``), ``F.relu(x, inplace=True)``
+    and a module with ``inplace=True`` (``nn.ReLU(inplace=True)``) overwrite their first
+    tensor operand: later readers of ``x`` see the result, not ``x``'s own value.
+    """
+    first = node.args[0] if node.args else node.kwargs.get("input")
+    if not isinstance(first, fx.Node):
+        return None
+    if node.op == "call_method":
+        inplace = isinstance(node.target, str) and node.target.endswith("_")
+    elif node.op == "call_module":
+        inplace = getattr(gm.get_submodule(node.target), "inplace", False) is True
+    elif node.op == "call_function":
+        inplace = node.kwargs.get("inplace") is True
+        if not inplace:
+            try:
+                inplace = inspect.signature(node.target).bind(*node.args, **node.kwargs).arguments.get("inplace") is True
+            except (TypeError, ValueError):  # builtins without a Python signature take no inplace flag
+                inplace = False
+    else:
+        inplace = False
+    return first if inplace else None
 
 
 # --- pass 1: layouts, couplings, pins ------------------------------------------------------
@@ -231,7 +272,9 @@ class _Builder:
     # modules
     def visit_module(self, node: fx.Node, module: nn.Module) -> None:
         name = node.target
-        x = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        # the input: the first positional argument, or a keyword one (``self.fc(input=h)``)
+        x = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
+        x = x if isinstance(x, fx.Node) else None
         lay = self.g.layout(x) if x is not None else None
         out_rank = len(self.shape(node) or ())
         if name in self.g.opaque:
@@ -262,7 +305,8 @@ class _Builder:
         elif isinstance(module, IDENTITY_MODULES):
             self.emit(node, "identity", [x], lay)
         elif isinstance(module, POOL_MODULES + AVGPOOL_MODULES):
-            if lay is not None and lay.dim != 1 or getattr(module, "return_indices", False):
+            moved = lay is not None and lay.dim != channel_dim(self.shape(node), module)
+            if moved or getattr(module, "return_indices", False):
                 self.barrier(node)
             else:
                 padded = isinstance(module, AVGPOOL_MODULES) and not averages_exactly(module)
@@ -274,23 +318,24 @@ class _Builder:
 
     def visit_conv(self, node: fx.Node, conv: nn.Module, x: fx.Node, lay: Layout | None) -> None:
         name = node.target
-        if lay is not None and (lay.dim != 1 or any(s.inner != 1 for s in lay.segments)):
+        dim = channel_dim(self.shape(node), conv)  # 1 for (B, C, *spatial), 0 for an unbatched (C, *spatial)
+        if lay is not None and (lay.dim != dim or any(s.inner != 1 for s in lay.segments)):
             self.barrier(node, "the pruned channels are not its input channels")
             lay = None
         if conv.groups == 1:
             space = self.producer(name, conv.out_channels)
-            self.emit(node, "conv", [x] if lay is not None else [], Layout(1, (Segment(space, conv.out_channels),)))
+            self.emit(node, "conv", [x] if lay is not None else [], Layout(dim, (Segment(space, conv.out_channels),)))
         elif is_depthwise(conv):
-            self.visit_depthwise(node, conv, x, lay)
+            self.visit_depthwise(node, conv, x, lay, dim)
         else:
             what = f"grouped conv '{name}' (groups={conv.groups})"
             self.pin([lay], "op", f"{what}: cutting channels of a grouped convolution is not supported")
             space = self.producer(name, conv.out_channels)
-            out = Layout(1, (Segment(space, conv.out_channels),))
+            out = Layout(dim, (Segment(space, conv.out_channels),))
             self.pin([out], "op", f"{what}: cutting channels of a grouped convolution is not supported")
             self.emit(node, "grouped", [x], out)
 
-    def visit_depthwise(self, node: fx.Node, conv: nn.Module, x: fx.Node, lay: Layout | None) -> None:
+    def visit_depthwise(self, node: fx.Node, conv: nn.Module, x: fx.Node, lay: Layout | None, dim: int) -> None:
         """Depthwise: output channel o reads only input channel o -- both are cut together.
 
         The conv's own mask (if any) joins each input space it covers.  Input channels that
@@ -301,14 +346,14 @@ class _Builder:
         name = node.target
         readable = lay is not None
         if lay is None:
-            lay = Layout(1, (Segment(None, conv.in_channels),))
+            lay = Layout(dim, (Segment(None, conv.in_channels),))
         offset, segments = 0, []
         for seg in lay.segments:
             owner = Owner(f"{name}.weight", offset, 1, required=False)
             if seg.space is None:
                 space = self.new_space(seg.size, f"{name}[{offset}:{offset + seg.size}]", [owner])
                 seg = Segment(space, seg.size)
-                self.pin([Layout(1, (seg,))], "fixed",
+                self.pin([Layout(dim, (seg,))], "fixed",
                          f"depthwise conv '{name}' channels {offset}..{offset + seg.size - 1} read input channels that "
                          "cannot be cut (the model input or the output of an op shrink does not model), so its rows "
                          "for them stay (as zeros)")
@@ -317,7 +362,7 @@ class _Builder:
             segments.append(seg)
             offset += seg.size
         self.g.accounted.add(f"{name}.weight")
-        out = Layout(1, tuple(segments))
+        out = Layout(dim, tuple(segments))
         self.tie(name, out)
         self.emit(node, "depthwise", [x] if readable else [], out)
 
@@ -342,11 +387,13 @@ class _Builder:
     # functions and methods
     def visit_function(self, node: fx.Node) -> None:
         fn = node.target
-        first = node.args[0] if node.args else None
+        first = node.args[0] if node.args else node.kwargs.get("input")  # torch.mean(input=h, dim=1)
         x = first if isinstance(first, fx.Node) else None
         lay = self.g.layout(x) if x is not None else None
-        if fn in POINTWISE_FUNCTIONS:
-            self.emit(node, "pointwise", [x] if x is not None else [], lay)
+        if fn in POINTWISE_FUNCTIONS and (x is None or len(self.tensor_inputs(node)) > 1):
+            self.visit_binary(node, fn)  # torch.clamp(x, max=y): y's channels are x's, or broadcast over them
+        elif fn in POINTWISE_FUNCTIONS:
+            self.emit(node, "pointwise", [x], lay)
         elif fn in IDENTITY_FUNCTIONS:
             self.emit(node, "identity", [x], lay)
         elif fn in BINARY_FUNCTIONS:
@@ -354,7 +401,7 @@ class _Builder:
         elif fn in CAT_FUNCTIONS:
             self.visit_cat(node)
         elif fn in POOL_FUNCTIONS or fn in AVGPOOL_FUNCTIONS:
-            if lay is not None and lay.dim != 1 or node.kwargs.get("return_indices"):
+            if lay is not None and lay.dim != channel_dim(self.shape(node), fn) or node.kwargs.get("return_indices"):
                 self.barrier(node)
             else:
                 padded = fn in AVGPOOL_FUNCTIONS and not averages_exactly(node)
@@ -370,7 +417,9 @@ class _Builder:
         name = node.target
         x = node.args[0]
         lay = self.g.layout(x)
-        if name in POINTWISE_METHODS:
+        if name in POINTWISE_METHODS and len(self.tensor_inputs(node)) > 1:
+            self.visit_binary(node, name)  # x.clamp(min=y): as for torch.clamp
+        elif name in POINTWISE_METHODS:
             self.emit(node, "pointwise", [x], lay)
         elif name in IDENTITY_METHODS:
             self.emit(node, "identity", [x], lay)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunelab.materialise.autotune import Timer, Trial, capture_inputs, check_inputs, median_timer, pick_fastest
+from prunelab.materialise.tracing import eval_mode
 from prunelab.measure.tables import markdown_table
 
 __all__ = ["POOL_KERNELS", "PoolChoice", "PoolingReport", "SeparableMaxPool2d", "pool_unavailable_reason",
@@ -157,12 +158,8 @@ def speed_up_pooling_(model: nn.Module, example_inputs_by_batch: Mapping[int, to
     inputs_by_batch = check_inputs(example_inputs_by_batch, "speed_up_pooling_")
     timer = timer or median_timer
     pools = {n: m for n, m in model.named_modules() if isinstance(m, nn.MaxPool2d)}
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):  # each module's own training flag comes back (a frozen BatchNorm stays in eval)
         captured = {b: capture_inputs(model, x, list(pools)) for b, x in inputs_by_batch.items()}
-    finally:
-        model.train(was_training)
     choices = []
     for name, pool in pools.items():
         reason = pool_unavailable_reason(pool)
@@ -173,7 +170,7 @@ def speed_up_pooling_(model: nn.Module, example_inputs_by_batch: Mapping[int, to
         if reason:
             choices.append(PoolChoice(name, "native", {}, reason))
             continue
-        built = {"native": pool, "separable": SeparableMaxPool2d.from_module(pool)}
+        built = {"native": pool, "separable": SeparableMaxPool2d.from_module(pool).train(pool.training)}
         seconds: dict[str, dict[int, float]] = {k: {} for k in built}
         for batch in inputs_by_batch:
             samples: dict[str, list[float]] = {k: [] for k in built}

@@ -38,8 +38,12 @@ result is exact, not merely close:
 Where a constant cannot be folded exactly -- a zero-padded conv (border pixels see only
 part of the kernel), an average pool counting zero padding or with ``divisor_override``,
 a product with a tensor broadcast over channels, a ``sum`` over positions (``c * n``
-depends on the actual input's length ``n``, not the example's) -- the plan reports a
-problem unless the constant is 0.  Make it 0 with
+depends on the actual input's length ``n``, not the example's), an op with a value
+computed from the input at run time (``h / x.size(1)``) -- the plan reports a
+problem unless the constant is 0 (or, for the last, the result does not depend on it).
+An in-place op (``h.relu_()``, ``nn.ReLU(inplace=True)``) also changes the constant its
+operand carries for later readers; one through a view of a tensor read again later is
+reported.  Make it 0 with
 :func:`silence_pruned_channels_` (zeroes the pruned channels' bias and BatchNorm
 scale/shift in place: the model changes, so re-check accuracy) -- the usual
 Conv -> BN -> ReLU -> padded Conv case of ResNets needs that.  Folding uses running
@@ -63,6 +67,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.nn.utils import skip_init
 
 from prunelab.errors import PrunelabError
 from prunelab.masks import MaskSet
@@ -95,14 +100,19 @@ def _base(module: nn.Module, types: tuple[type[nn.Module], ...]) -> type[nn.Modu
 
 
 def _new_module(module: nn.Module, cut: LayerCut) -> nn.Module:
-    """A freshly constructed, smaller Linear / Conv / BatchNorm holding the kept values."""
-    factory = {"device": module.weight.device if module.weight is not None else None,
-               "dtype": module.weight.dtype if module.weight is not None else None}
+    """A freshly constructed, smaller Linear / Conv / BatchNorm holding the kept values.
+
+    Built with ``skip_init`` (every tensor is then copied in), so shrinking draws nothing
+    from the global RNG.
+    """
+    like = module.weight if module.weight is not None else module.running_mean  # BatchNorm(affine=False): buffers
+    factory = {"device": like.device if like is not None else torch.device("cpu"),
+               "dtype": like.dtype if like is not None else None}
     if isinstance(module, BN_TYPES):
         keep = _index(cut.rows, module.running_mean.device if module.running_mean is not None else None)
         size = int(cut.rows.sum())
-        new = _base(module, BN_TYPES)(size, eps=module.eps, momentum=module.momentum, affine=module.affine,
-                                     track_running_stats=module.track_running_stats, **factory)
+        new = skip_init(_base(module, BN_TYPES), size, eps=module.eps, momentum=module.momentum, affine=module.affine,
+                        track_running_stats=module.track_running_stats, **factory)
         with torch.no_grad():
             for attr in ("weight", "bias", "running_mean", "running_var"):
                 value = getattr(module, attr)
@@ -113,19 +123,21 @@ def _new_module(module: nn.Module, cut: LayerCut) -> nn.Module:
     else:
         weight, bias = _cut_params(module, cut)
         if isinstance(module, nn.Linear):
-            new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, **factory)
+            new = skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None, **factory)
         else:
             depthwise = module.groups > 1  # (C, 1, *k): only rows are cut, one channel set in and out
             channels_in = weight.shape[0] if depthwise else weight.shape[1]
-            new = _base(module, CONV_TYPES)(
-                channels_in, weight.shape[0], module.kernel_size, stride=module.stride, padding=module.padding,
-                dilation=module.dilation, groups=weight.shape[0] if depthwise else 1, bias=bias is not None,
-                padding_mode=module.padding_mode, **factory)
+            new = skip_init(
+                _base(module, CONV_TYPES), channels_in, weight.shape[0], module.kernel_size, stride=module.stride,
+                padding=module.padding, dilation=module.dilation, groups=weight.shape[0] if depthwise else 1,
+                bias=bias is not None, padding_mode=module.padding_mode, **factory)
         with torch.no_grad():
             new.weight.copy_(weight)
             if bias is not None:
                 new.bias.copy_(bias)
-        new.weight.requires_grad_(module.weight.requires_grad)
+    for attr, param in new.named_parameters(recurse=False):  # a frozen weight, bias or BatchNorm affine stays frozen
+        old = getattr(module, attr, None)
+        param.requires_grad_((old if old is not None else module.weight).requires_grad)  # a folded-in bias: as weight
     new.train(module.training)
     return new
 
@@ -207,13 +219,13 @@ def silence_pruned_channels_(model: nn.Module, masks: Mapping[str, torch.Tensor]
     any consumer -- a zero-padded conv included -- loses exactly.  This changes the
     model's function (the masked model differs from before): re-check accuracy, and call
     it after the last fine-tuning step (a sparsifier re-zeroes weights, not biases).
-    Raises PrunelabError for problems other than constants.  Returns ``model``.
+    Raises PrunelabError for problems other than constants, before changing anything.  Returns ``model``.
     """
-    MaskSet(masks).apply_(model)
-    plan = plan_shrink(model, masks, example_input)
+    plan = plan_shrink(model, masks, example_input)  # plans with the masked weights; the model is still untouched
     blocking = [p for p, kind in zip(plan.problems, plan.problem_kinds) if kind != "constant"]
     if blocking:
         raise PrunelabError(blocking[0])
+    MaskSet(masks).apply_(model)
     for name, cut in plan.cuts.items():
         if cut.rows is None:
             continue

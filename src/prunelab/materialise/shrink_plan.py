@@ -12,6 +12,7 @@ one-line message naming op, node and module.  The rules are described in
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,9 +23,9 @@ from torch.fx.node import map_arg
 
 from prunelab.errors import PrunelabError
 from prunelab.masks import MaskSet
-from prunelab.materialise.graph import CONV_TYPES, build_graph, zero_padded
-from prunelab.materialise.layouts import ChannelGraph, Layout, Op
-from prunelab.materialise.tracing import eval_mode
+from prunelab.materialise.graph import CONV_TYPES, build_graph, mutated_input, zero_padded
+from prunelab.materialise.layouts import ChannelGraph, Layout, Op, Segment
+from prunelab.materialise.tracing import describe_target, eval_mode
 
 __all__ = ["CoupledGroup", "LayerCut", "ShrinkPlan", "plan_shrink"]
 
@@ -110,6 +111,8 @@ class _Planner:
         self.cuts: dict[str, _Cut] = {}
         self.notes: dict[int, str] = {}
         self.members: dict[int, list[int]] = {}
+        self.ops_by_node: dict[str, Op] = {op.node.name: op for op in graph.ops}
+        self.order: dict[str, int] = {node.name: i for i, node in enumerate(graph.module.graph.nodes)}
 
     def problem(self, kind: str, message: str) -> None:
         if all(message != m for _, m in self.problems):
@@ -319,6 +322,38 @@ class _Planner:
                     if self.g.layout(p) is not None:
                         self.require_zero(op, p, "are multiplied by a tensor broadcast over channels")
             self.const[node.name] = self.evaluate(op)
+            self.overwrite(op)
+
+    def overwrite(self, op: Op) -> None:
+        """An in-place op (``h.relu_()``, ``nn.ReLU(inplace=True)``) also changes its operand's pruned constants.
+
+        Later readers of the operand node see the op's result, so its constant becomes the
+        op's (through a chain of in-place ops).  An operand that is the output of a view /
+        identity op may share memory with that op's input, whose constant cannot be
+        followed: a change of a pruned constant there is reported.
+        """
+        value = self.const[op.node.name]
+        target = mutated_input(op.node, self.g.module)
+        while target is not None:
+            layout = self.g.layout(target)
+            if layout is None or layout.length != len(value):
+                return
+            removed = ~self.keep_positions(layout)
+            changed = bool((self.const_of(target)[removed] != value[removed]).any())
+            self.const[target.name] = value
+            source = self.ops_by_node.get(target.name)
+            if source is None or source.kind not in ("pointwise", "binary", "identity", "reshape"):
+                return
+            nxt = mutated_input(target, self.g.module)
+            if nxt is None:
+                base = source.inputs[0] if source.kind in ("identity", "reshape") and source.inputs else None
+                if changed and base is not None and any(self.order[u.name] > self.order[op.node.name] for u in base.users):
+                    self.problem("op", f"pruned channels of {self.layout_culprits(layout)} are changed in place by "
+                                       f"{describe_target(op.node, self.g.module)} at node '{op.node.name}' through a view "
+                                       f"of '{base.name}', which is read again later; make the op out of place (e.g. "
+                                       "inplace=False) or exclude those layers from pruning")
+                return
+            target = nxt
 
     def require_zero(self, op: Op, x: fx.Node, what: str) -> None:
         layout = self.g.layout(x)
@@ -341,18 +376,32 @@ class _Planner:
                                      "from pruning")
 
     def evaluate(self, op: Op) -> torch.Tensor:
-        """Apply a pointwise / binary op to the constant vectors of its operands."""
+        """Apply a pointwise / binary op to the constant vectors of its operands.
+
+        A non-tensor operand computed at run time (``x.size(1)``, ``x.shape[-1]``) is not
+        known when planning and may differ from input to input: if the pruned channels'
+        value depends on it (it differs when that operand is 1 or 2), no bias absorbs it
+        and a problem is reported.  One read from the pruned channel dim itself
+        (``h / h.size(-1)``) changes with the cut for every channel: reported too.
+        """
         node = op.node
         length = op.output.length
+        runtime = [a for a in node.all_input_nodes if self.g.layout(a) is None and "tensor_meta" not in a.meta]
+        for counted in {t.name: t for a in runtime for t in self.counted_tensors(a)}.values():
+            layout = self.g.layout(counted)
+            if not self.keep_positions(layout).all():
+                self.problem("op", f"{describe_target(node, self.g.module)} at node '{node.name}' uses the number of "
+                                   f"channels of '{counted.name}', which the cut of {self.layout_culprits(layout)} "
+                                   "changes; use a constant instead or exclude those layers from pruning")
 
-        def substitute(arg: fx.Node) -> Any:
-            if self.g.layout(arg) is not None:
-                return self.const_of(arg).clone()
-            return torch.zeros((), dtype=torch.float64) if "tensor_meta" in arg.meta else 1.0
+        def compute(scalar: float) -> torch.Tensor:
+            def substitute(arg: fx.Node) -> Any:
+                if self.g.layout(arg) is not None:
+                    return self.const_of(arg).clone()
+                return torch.zeros((), dtype=torch.float64) if "tensor_meta" in arg.meta else scalar
 
-        args = map_arg(node.args, substitute)
-        kwargs = {k: v for k, v in map_arg(node.kwargs, substitute).items() if k != "inplace"}
-        try:
+            args = map_arg(node.args, substitute)
+            kwargs = {k: v for k, v in map_arg(node.kwargs, substitute).items() if k != "inplace"}
             with torch.no_grad():
                 if node.op == "call_module":
                     value = self.module(node.target)(*args, **kwargs)
@@ -361,11 +410,57 @@ class _Planner:
                 else:
                     value = node.target(*args, **kwargs)
             return torch.as_tensor(value, dtype=torch.float64).expand(length).clone()
+
+        removed = ~self.keep_positions(op.output)
+        try:
+            value = compute(1.0)
+            if runtime and removed.any():
+                other = compute(2.0)
+                if not torch.isclose(value[removed], other[removed], rtol=0, atol=0, equal_nan=True).all():
+                    names = ", ".join(f"'{a.name}'" for a in runtime)
+                    self.problem("constant", f"pruned channels of {self.layout_culprits(op.output)} are combined with "
+                                             f"{names}, a value computed from the input at run time, at node "
+                                             f"'{node.name}' ({describe_target(node, self.g.module)}); their value then "
+                                             "depends on the input, so no bias absorbs it -- call silence_pruned_channels_"
+                                             "(model, masks, example_input) first (for a product) or exclude those layers "
+                                             "from pruning")
+            return value
         except (RuntimeError, TypeError, ValueError) as exc:
-            if not self.keep_positions(op.output).all():
+            if removed.any():
                 self.problem("op", f"cannot compute the value of pruned channels of {self.layout_culprits(op.output)} at "
                                    f"node '{node.name}' ({type(exc).__name__}); exclude those layers from pruning")
             return torch.zeros(length, dtype=torch.float64)
+
+    def counted_tensors(self, arg: fx.Node) -> list[fx.Node]:
+        """Tensors with pruned-channel layouts whose channel-dim size the non-tensor value ``arg`` is computed from.
+
+        Follows non-tensor nodes back to ``t.size(d)`` / ``t.shape[d]`` / ``t.size()[d]``
+        with ``d`` the channel dim of ``t``'s layout.
+        """
+        found: list[fx.Node] = []
+        stack, seen = [arg], set()
+        while stack:
+            node = stack.pop()
+            if node.name in seen or "tensor_meta" in node.meta:
+                continue
+            seen.add(node.name)
+            base, dim = None, None
+            if node.op == "call_method" and node.target == "size" and node.args:
+                base = node.args[0]
+                dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            elif node.op == "call_function" and node.target is operator.getitem and len(node.args) == 2:
+                source, index = node.args
+                if isinstance(source, fx.Node) and isinstance(index, int) and (
+                        source.op == "call_method" and source.target == "size" and len(source.args) == 1
+                        or source.op == "call_function" and source.target is getattr and source.args[1:] == ("shape",)):
+                    base, dim = source.args[0], index
+            layout = self.g.layout(base) if isinstance(base, fx.Node) else None
+            if layout is not None and isinstance(dim, int) and "tensor_meta" in base.meta:
+                if dim % len(base.meta["tensor_meta"].shape) == layout.dim:
+                    found.append(base)
+                continue
+            stack.extend(n for n in node.all_input_nodes if "tensor_meta" not in n.meta)
+        return found
 
     def visit_depthwise(self, op: Op, name: str, x: fx.Node | None) -> None:
         module = self.module(name)
@@ -421,6 +516,11 @@ class _Planner:
                 self.fold_input(op, f"{name}.{proj}")
         heads = self.keep[self.g.find(op.heads)]
         head_dim = attn.q_proj.out_features // attn.num_heads
+        if not heads.any():
+            self.problem("mask", f"masks of {self.layout_culprits(Layout(0, (Segment(op.heads, len(heads)),)))} "
+                                 f"prune all {len(heads)} heads of attention unit {name!r}; an attention unit needs at "
+                                 "least one head -- keep one, or remove the unit from the model yourself")
+            return
         if not heads.all() and self.cut(name).heads is None:
             cols = heads.repeat_interleave(head_dim)
             for proj in ("q_proj", "k_proj", "v_proj"):
@@ -501,6 +601,9 @@ def plan_shrink(model: nn.Module, masks: Mapping[str, torch.Tensor], example_inp
     shapes fix the spatial sizes (flatten -> Linear).  Raises PrunelabError only when the
     model cannot be traced or run; everything else is listed in ``plan.problems``.
     """
+    if not isinstance(masks, Mapping):
+        raise PrunelabError(f"masks must map 'layer.weight' to a bool keep-mask, got {type(masks).__name__}; pass a "
+                            "MaskSet or a dict")
     masks = MaskSet(masks)
     masks.check_model(model)
     graph = build_graph(model, example_input)

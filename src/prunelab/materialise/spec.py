@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import operator
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -53,7 +54,8 @@ def layer_spec(module: nn.Module) -> dict[str, Any] | None:
     kind = type(module).__name__
     if LAYER_TYPES.get(kind) is not type(module):
         return None
-    dtype = str(next(module.parameters(), torch.empty(0)).dtype).removeprefix("torch.")
+    tensor = next(module.parameters(), next(module.buffers(), torch.empty(0)))  # BatchNorm(affine=False): buffers
+    dtype = str(tensor.dtype).removeprefix("torch.")
     if isinstance(module, nn.Linear):
         return {"type": kind, "in_features": module.in_features, "out_features": module.out_features,
                 "bias": module.bias is not None, "dtype": dtype}
@@ -71,7 +73,9 @@ def build_layer(spec: Mapping[str, Any]) -> nn.Module:
     """A fresh module from :func:`layer_spec`'s record."""
     args = dict(spec)
     cls = LAYER_TYPES[args.pop("type")]
-    dtype = getattr(torch, args.pop("dtype", "float32"))
+    dtype = getattr(torch, str(args.pop("dtype", "float32")), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype {spec.get('dtype')!r} is not a torch dtype")
     for key in ("kernel_size", "stride", "dilation"):
         if key in args:
             args[key] = tuple(args[key])
@@ -88,8 +92,15 @@ def _builder_of(model: nn.Module, meta: Mapping[str, Any]) -> dict[str, Any]:
                 f"meta names zoo model {meta['model']!r} but lacks {', '.join(missing)}; pass "
                 "meta={'model': name, 'input_shape': [C, H, W], 'num_classes': n} as in checkpoint.json"
             )
-        return {"zoo": str(meta["model"]), "input_shape": [int(d) for d in meta["input_shape"]],
-                "num_classes": int(meta["num_classes"])}
+        try:
+            return {"zoo": str(meta["model"]), "input_shape": [operator.index(d) for d in meta["input_shape"]],
+                    "num_classes": operator.index(meta["num_classes"])}
+        except TypeError:
+            raise PrunelabError(
+                f"meta names zoo model {meta['model']!r} with input_shape {meta['input_shape']!r} and num_classes "
+                f"{meta['num_classes']!r}; pass ints, e.g. meta={{'model': name, 'input_shape': [1, 28, 28], "
+                "'num_classes': 10}"
+            ) from None
     if "builder" in meta:
         return {"callable": str(meta["builder"])}
     cls = type(model)
@@ -170,6 +181,19 @@ def write_shrunk(
 
 def _record_text(model: nn.Module, example_input_shape: Sequence[int], meta: Mapping[str, Any]) -> str:
     """``architecture.json``'s text for ``model``; PrunelabError when ``meta`` is not JSON-serialisable."""
+    if not isinstance(model, nn.Module):
+        raise PrunelabError(f"save_shrunk needs the shrunk nn.Module, got {type(model).__name__}")
+    if not isinstance(meta, Mapping):
+        raise PrunelabError(f"meta must be a dict, got {type(meta).__name__}; pass {{}} or e.g. {{'builder': "
+                            "'package.module:factory'}")
+    try:
+        shape = [operator.index(d) for d in example_input_shape] if not isinstance(example_input_shape, (str, bytes)) \
+            else None
+    except TypeError:
+        shape = None
+    if shape is None or any(d < 0 for d in shape):
+        raise PrunelabError(f"example_input_shape must be a sequence of non-negative ints, got {example_input_shape!r}; "
+                            "pass e.g. x.shape[1:] (one sample, no batch) or x.shape")
     layers: dict[str, Any] = {}
     for name, module in model.named_modules():
         if not name:
@@ -179,7 +203,7 @@ def _record_text(model: nn.Module, example_input_shape: Sequence[int], meta: Map
         elif (spec := layer_spec(module)) is not None:
             layers[name] = spec
     record = {"format": SHRUNK_FORMAT, "builder": _builder_of(model, meta),
-              "example_input_shape": [int(d) for d in example_input_shape], "meta": dict(meta), "layers": layers}
+              "example_input_shape": shape, "meta": dict(meta), "layers": layers}
     try:
         return json.dumps(record, indent=2) + "\n"
     except TypeError as exc:
@@ -197,7 +221,15 @@ def _skeleton(builder: Mapping[str, Any]) -> nn.Module:
     if "zoo" in builder:
         from prunelab.bench.models import build_model
 
-        return build_model(builder["zoo"], tuple(builder["input_shape"]), int(builder["num_classes"]))
+        try:
+            shape, classes = tuple(int(d) for d in builder["input_shape"]), int(builder["num_classes"])
+        except (KeyError, TypeError, ValueError):
+            raise PrunelabError(
+                f"{ARCH_FILE} names zoo model {builder['zoo']!r} without a valid input_shape and num_classes "
+                f"(got {builder.get('input_shape')!r}, {builder.get('num_classes')!r}); the folder is damaged -- "
+                "re-create it with save_shrunk"
+            ) from None
+        return build_model(str(builder["zoo"]), shape, classes)
     factory = _import(str(builder.get("callable")))
     try:
         model = factory()
@@ -236,6 +268,22 @@ def load_shrunk(directory: str | os.PathLike) -> nn.Module:
             isinstance(spec, dict) and isinstance(spec.get("type"), str) for spec in layers.values()):
         raise PrunelabError(f"{str(directory / ARCH_FILE)!r} is damaged (it needs a builder object and a layers object "
                             "of typed layer specs); re-create the folder with save_shrunk")
+    with torch.random.fork_rng(devices=[]):  # the skeleton's and layers' random init leave the global RNG as it was
+        model = _rebuild(builder, layers)
+    try:
+        state = load_file(str(directory / MODEL_FILE))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise PrunelabError(f"cannot read {directory / MODEL_FILE} ({exc}); the folder is corrupt") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = " ".join(str(exc).split())[:300]
+        raise PrunelabError(f"{directory / MODEL_FILE} does not fit the rebuilt model: {first}") from None
+    return model
+
+
+def _rebuild(builder: Mapping[str, Any], layers: Mapping[str, Any]) -> nn.Module:
+    """The skeleton with every recorded layer replaced by a fresh one of the recorded shape."""
     model = _skeleton(builder)
     for name, spec in layers.items():
         try:
@@ -246,22 +294,28 @@ def load_shrunk(directory: str | os.PathLike) -> nn.Module:
                 "the builder does not make the architecture that was saved"
             ) from None
         if spec["type"] == "attention":
-            current.num_heads = int(spec["num_heads"])
+            if not is_attention_unit(current) or isinstance(spec.get("num_heads"), bool) \
+                    or not isinstance(spec.get("num_heads"), int):
+                raise PrunelabError(
+                    f"{ARCH_FILE} records {name!r} as an attention unit with num_heads={spec.get('num_heads')!r} but the "
+                    f"rebuilt model has {type(current).__name__} there; the builder does not make the architecture that "
+                    "was saved, or the folder is damaged"
+                )
+            current.num_heads = spec["num_heads"]
             continue
         if spec["type"] not in LAYER_TYPES or not isinstance(current, LAYER_TYPES[spec["type"]]):
             raise PrunelabError(
                 f"{ARCH_FILE} records {name!r} as {spec['type']} but the rebuilt model has {type(current).__name__} there; "
                 "the builder does not make the architecture that was saved"
             )
+        try:
+            layer = build_layer(spec)
+        except (TypeError, ValueError, AttributeError, RuntimeError) as exc:
+            raise PrunelabError(
+                f"{ARCH_FILE} records layer {name!r} as {spec['type']} with arguments it cannot be built from "
+                f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); the folder is "
+                "damaged -- re-create it with save_shrunk"
+            ) from None
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, build_layer(spec))
-    try:
-        state = load_file(str(directory / MODEL_FILE))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise PrunelabError(f"cannot read {directory / MODEL_FILE} ({exc}); the folder is corrupt") from None
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = " ".join(str(exc).split())[:300]
-        raise PrunelabError(f"{directory / MODEL_FILE} does not fit the rebuilt model: {first}") from None
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
     return model
