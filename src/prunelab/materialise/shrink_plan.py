@@ -198,7 +198,7 @@ class _Planner:
             cut = int((~self.keep[root]).sum())
             self.problem("output", f"mask of {listed} prunes {cut} of {len(self.keep[root])} rows whose channels are "
                                    f"{what}; model outputs cannot be removed -- keep the last layer dense "
-                                   f"(LayerRules(keep_last='dense')) or exclude {listed} from pruning")
+                                   f"(prune --keep-last dense; in Python LayerRules(keep_last='dense')) or exclude {listed} from pruning")
         else:
             self.problem("op", f"{what}; exclude {listed} from pruning")
 
