@@ -63,7 +63,14 @@ class PruneSpec:
             raise PrunelabError(f"layer_rates must map layer names to per-round rates, got {self.layer_rates!r}; "
                                 "e.g. {'fc3': 0.1}")
         for name, rate in self.layer_rates.items():
+            if not isinstance(name, str):
+                raise PrunelabError(f"layer_rates keys must be layer globs (strings), got {name!r}; e.g. {{'fc3': 0.1}}")
             check_sparsity(rate, f"per-round rate for {name!r}")
+        exclude = self.exclude if self.exclude is not None else ()
+        exclude = (exclude,) if isinstance(exclude, str) else exclude  # a bare glob: not its letters
+        if not isinstance(exclude, (tuple, list)) or not all(isinstance(p, str) for p in exclude):
+            raise PrunelabError(f"exclude must be layer globs (strings), got {self.exclude!r}; e.g. ('fc3',)")
+        object.__setattr__(self, "exclude", tuple(exclude))
 
     def rules(self, fixed: Mapping[str, float] | None = None) -> LayerRules:
         return LayerRules(keep_first=self.keep_first, keep_last=self.keep_last, fixed_sparsity=dict(fixed or {}))

@@ -72,7 +72,7 @@ from prunelab.criteria import ScoreData
 from prunelab.errors import PrunelabError
 from prunelab.io import atomic_dir, ensure_writable_dir, write_json
 from prunelab.masks import MaskSet
-from prunelab.methods.base import MethodResult, PruneSpec
+from prunelab.methods.base import MethodResult, PruneSpec, require_loader, require_test_loader
 from prunelab.methods.lottery_folder import (
     check_resume, finished_rounds, fingerprint, folder_config, load_round, load_state, load_weights, save_state,
     snapshot,
@@ -120,19 +120,27 @@ class LotteryConfig:
         check_sparsity(self.rate, "per-round pruning rate")
         if self.output_rate is not None:
             check_sparsity(self.output_rate, "per-round pruning rate of the output layer")
-        for pattern, rate in self.layer_rates.items():
-            check_sparsity(rate, f"per-round rate for {pattern!r}")
         if not isinstance(self.train, TrainConfig):
             raise PrunelabError(f"LotteryConfig got train={self.train!r}; expected a TrainConfig(...)")
         if self.reinit_rounds is not None:
-            rounds = tuple(self.reinit_rounds)
+            rounds = tuple(self.reinit_rounds) if isinstance(self.reinit_rounds, (tuple, list, range)) else (None,)
             if any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in rounds):
                 raise PrunelabError(
                     f"LotteryConfig got reinit_rounds={self.reinit_rounds!r}; expected pruning rounds (ints >= 1), "
                     "None for every round or () for none"
                 )
             object.__setattr__(self, "reinit_rounds", rounds)
-        object.__setattr__(self, "exclude", tuple(self.exclude))
+        if not isinstance(self.layer_rates, Mapping) or not all(isinstance(k, str) for k in self.layer_rates):
+            raise PrunelabError(f"LotteryConfig got layer_rates={self.layer_rates!r}; expected a mapping from layer "
+                                "globs to per-round rates, e.g. {'fc3': 0.1}")
+        object.__setattr__(self, "layer_rates", dict(self.layer_rates))  # the caller's dict may change later
+        exclude = self.exclude if self.exclude is not None else ()
+        exclude = (exclude,) if isinstance(exclude, str) else exclude  # a bare glob: not its letters
+        if not isinstance(exclude, (tuple, list)) or not all(isinstance(p, str) for p in exclude):
+            raise PrunelabError(f"LotteryConfig got exclude={self.exclude!r}; expected layer globs, e.g. ('fc3',)")
+        object.__setattr__(self, "exclude", tuple(exclude))
+        for pattern, rate in self.layer_rates.items():
+            check_sparsity(rate, f"per-round rate for {pattern!r}")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -167,15 +175,20 @@ def derived_seed(seed: int, tag: str, round_index: int) -> int:
 
 
 class _seeded:
-    """Seed the global CPU generator inside ``fork_rng``: the caller's state is restored afterwards."""
+    """Seed the global CPU generator (and, once CUDA is in use, every CUDA device's, which dropout on
+    the GPU draws from) inside ``fork_rng``: the caller's state is restored afterwards."""
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
-        self.fork = torch.random.fork_rng(devices=[])
+        # only initialised devices: forking would otherwise start CUDA (on every visible GPU) for a CPU run
+        self.devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        self.fork = torch.random.fork_rng(devices=self.devices)
 
     def __enter__(self) -> None:
         self.fork.__enter__()
         torch.default_generator.manual_seed(self.seed)
+        for device in self.devices:
+            torch.cuda.default_generators[device].manual_seed(self.seed)
 
     def __exit__(self, *exc: object) -> None:
         self.fork.__exit__(*exc)
@@ -263,7 +276,8 @@ def _train_round(
         with _seeded(derived_seed(seed, "train", 0)):
             steps = train(model, loader, cfg, optimizer=optimizer, scheduler=scheduler,
                           after_step=after_step, description=description, skipped_steps=start_step)["steps"]
-    final = evaluate(model, test_loader)
+    with torch.random.fork_rng(devices=[]):  # a test loader without a generator of its own draws from the global one
+        final = evaluate(model, test_loader)
     if not evals or evals[-1][0] != start_step + steps:
         evals.append([start_step + steps, final["loss"], final["accuracy"]])
     best = min(evals, key=lambda e: (e[1], e[0]))  # minimum test loss, earliest on ties
@@ -305,12 +319,24 @@ def _round_metrics(round_index: int, masks: MaskSet, ticket: dict[str, Any], rei
     return {
         "round": round_index, "sparsity": stats.sparsity, "remaining_pct": 100.0 * stats.kept / stats.total,
         "kept": stats.kept, "total": stats.total,
-        "layers_remaining_pct": {l.name: 100.0 * l.kept / l.total for l in stats.layers},
+        "layers_remaining_pct": {l.name: 100.0 * l.kept / l.total if l.total else 100.0 for l in stats.layers},
         "ticket": ticket, "reinit": reinit, "reinit_seed": reinit_seed,
     }
 
 
 # --- the run -------------------------------------------------------------------------------------
+def _check_loaders(train_loader, test_loader, method: str) -> None:
+    """Refuse a missing loader before anything is trained or written (every round trains and is evaluated)."""
+    require_loader(train_loader, "a training loader (every round trains)", method, "pass the training DataLoader")
+    require_test_loader(test_loader, method)
+    try:
+        len(train_loader)  # the run's length T = epochs x len(train_loader) places the rewind step and the evaluations
+    except TypeError:
+        raise PrunelabError(f"{method}: the training loader ({type(train_loader).__name__}) has no length, which the "
+                            "rewind step and the learning-rate schedule need; pass a DataLoader over a map-style "
+                            "dataset or a list of batches") from None
+
+
 def _check_rewind(config: LotteryConfig, train_loader) -> None:
     total = config.train.epochs * len(train_loader)
     if config.rewind_step > total:
@@ -325,11 +351,11 @@ def _run(
     out_dir: str | Path, resume: bool,
 ) -> LotteryResult:
     _check_rewind(config, train_loader)
-    out = ensure_writable_dir(out_dir)
-    seed = config.train.seed
-    targets = prunable_parameters(initial, config.exclude)
+    targets = prunable_parameters(initial, config.exclude)  # a bad exclude / layer_rates glob: before out_dir exists
     names = list(targets)
     rates = _layer_rates(names, config)
+    out = ensure_writable_dir(out_dir)
+    seed = config.train.seed
     theta0 = snapshot(initial)
     wanted = folder_config(config, fingerprint(theta0), len(train_loader))
     finished = finished_rounds(out)
@@ -415,6 +441,7 @@ def run_lottery(
     """
     if not isinstance(config, LotteryConfig):
         raise PrunelabError(f"run_lottery got config of type {type(config).__name__}; expected LotteryConfig(...)")
+    _check_loaders(train_loader, test_loader, "run_lottery")
     _check_rewind(config, train_loader)
     initial = build_seeded(model_builder, config.train.seed)
     return _run(initial, lambda s: build_seeded(model_builder, s), train_loader, test_loader, config, out_dir, resume)
@@ -475,19 +502,23 @@ def run_lottery_method(
     ``'uniform'``; anything else raises PrunelabError before any training.
     """
     _check_lottery_spec(spec)
+    _check_loaders(train_loader, test_loader, "lottery")
     rate = Geometric(spec.sparsity, rounds=spec.rounds).rate
     lottery = LotteryConfig(rounds=spec.rounds, rate=rate, output_rate=None,
                             layer_rates=_spec_layer_rates(model, spec, rate), train=config,
                             eval_every=max(len(train_loader), 1), reinit_rounds=(), exclude=spec.exclude)
     _check_rewind(lottery, train_loader)
+    sizes = {n: p.numel() for n, p in prunable_parameters(model, spec.exclude).items()}
+    rates = _layer_rates(list(sizes), lottery)  # the rates _run prunes by (a capped first / last layer's included)
     with tempfile.TemporaryDirectory(prefix="prunelab-lottery-") as folder:
         result = _run(model, lambda s: fresh_init(model, s), train_loader, test_loader, lottery, folder, resume=False)
     rows = []
     for metrics in result.rounds:
         ticket = metrics["ticket"]
+        r = metrics["round"]
+        target = sum(n * (1.0 - (1.0 - rates[name]) ** r) for name, n in sizes.items()) / max(sum(sizes.values()), 1)
         rows.append({
-            "stage": f"round {metrics['round']}", "round": metrics["round"],
-            "target_sparsity": 1.0 - (1.0 - rate) ** metrics["round"], "sparsity": metrics["sparsity"],
+            "stage": f"round {r}", "round": r, "target_sparsity": target, "sparsity": metrics["sparsity"],
             "kept_weights": metrics["kept"], "accuracy": ticket["accuracy"], "error_pct": ticket["error_pct"],
             "test_loss": ticket["loss"], "early_stop_step": ticket["early_stop_step"],
         })
