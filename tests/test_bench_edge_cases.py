@@ -320,3 +320,17 @@ def test_evaluate_leaves_the_global_torch_rng_alone():
     torch.manual_seed(0)
     evaluate(flat, test_loader)  # one evaluation, e.g. the stage row after a pruning round
     assert torch.equal(torch.rand(3), expected)  # the test loader drew from its own generator
+
+
+def test_evaluate_leaves_the_global_rng_alone_with_a_loader_of_the_users():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from prunelab.bench.training import evaluate
+
+    loader = DataLoader(TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,))), batch_size=4)  # no generator
+    model = nn.Linear(4, 3)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    evaluate(model, loader)
+    assert torch.equal(torch.rand(3), expected)

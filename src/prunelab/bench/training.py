@@ -328,21 +328,24 @@ def evaluate(model: nn.Module, loader: DataLoader, loss_fn: LossFn = F.cross_ent
     """Top-1 ``accuracy`` (fraction), ``error_pct``, mean ``loss`` and sample count ``n``.
 
     Runs in eval mode under ``torch.no_grad`` and restores the previous mode of the model
-    and of each submodule.  ``loss_fn`` must accept ``reduction="sum"``.
+    and of each submodule.  ``loss_fn`` must accept ``reduction="sum"``.  Torch's global CPU
+    generator is left as it was, even for a loader without a generator of its own (each pass
+    over a DataLoader draws a worker seed): an evaluation never shifts later random draws.
     """
     device = _device_of(model)
     modes = _modes(model)
     model.eval()
     correct, total, loss_sum = 0, 0, 0.0
-    try:
-        for inputs, targets in loader:
-            inputs, targets = inputs.to(device), targets.to(device)
-            logits = model(inputs)  # (B, num_classes)
-            loss_sum += float(loss_fn(logits, targets, reduction="sum"))
-            correct += int((logits.argmax(dim=1) == targets).sum())
-            total += targets.numel()
-    finally:
-        _restore_modes(modes)
+    with torch.random.fork_rng(devices=[]):
+        try:
+            for inputs, targets in loader:
+                inputs, targets = inputs.to(device), targets.to(device)
+                logits = model(inputs)  # (B, num_classes)
+                loss_sum += float(loss_fn(logits, targets, reduction="sum"))
+                correct += int((logits.argmax(dim=1) == targets).sum())
+                total += targets.numel()
+        finally:
+            _restore_modes(modes)
     if total == 0:
         raise PrunelabError("the evaluation loader yields no samples; check the dataset split")
     return {"accuracy": correct / total, "error_pct": 100.0 * (total - correct) / total, "loss": loss_sum / total,
