@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import prunelab
 from prunelab.cli import main
 
 # no --rounds: oneshot runs (below) refuse an option they would ignore
@@ -468,3 +469,24 @@ def test_channel_granularity_keeps_the_output_layer_dense_unless_asked(cli, tmp_
         kept[bool(extra)] = (layers[-1]["kept"], layers[-1]["total"])
     assert kept[False][0] == kept[False][1]  # every output row kept
     assert kept[True][0] < kept[True][1]  # --keep-last none lets the threshold cut output rows
+
+
+def test_materialise_silence_pruned_channels_lets_a_padded_cnn_shrink(cli, tmp_path):
+    # lenet5 on 8x8 digits has padded convs: pruned channels' act(bias) reaches them and shrink refuses
+    run = tmp_path / "run"
+    code, _, err = cli("prune", "--model", "lenet5", "--dataset", "digits", "--method", "oneshot", "--criterion", "l1",
+                       "--granularity", "channel", "--allocation", "uniform", "--sparsity", "0.5",
+                       "--pretrain-epochs", "1", "--finetune-epochs", "0", "--no-progress", "--out", str(run))
+    assert code == 0, err
+    code, _, err = cli("materialise", str(run), "--form", "shrink", "--out", str(tmp_path / "a"))
+    assert code == 2 and "--silence-pruned-channels" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "a").exists()
+    code, out, err = cli("materialise", str(run), "--form", "shrink", "--out", str(tmp_path / "b"),
+                         "--silence-pruned-channels")
+    assert code == 0, err
+    assert "silenced the pruned channels' constant outputs: test accuracy" in out
+    shrunk = prunelab.load(tmp_path / "b")
+    assert shrunk.conv1.out_channels == 10  # of 20: half the channels cut
+    code, _, err = cli("materialise", str(run), "--form", "csr", "--out", str(tmp_path / "c"),
+                       "--silence-pruned-channels")
+    assert code == 2 and "applies to --form shrink only" in err

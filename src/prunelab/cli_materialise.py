@@ -34,6 +34,10 @@ def add_materialise_parsers(subparsers: Any) -> None:
     mat.add_argument("checkpoint", help="checkpoint folder written by prune/demo")
     mat.add_argument("--form", default="auto", help="shrink | csr | bsr | 2:4 | auto (default: auto, measured per layer)")
     mat.add_argument("--out", required=True, help="output folder (prunelab.load rebuilds the model from it)")
+    mat.add_argument("--silence-pruned-channels", action="store_true",
+                     help="with --form shrink: first zero the bias / BatchNorm shift of every pruned channel, which "
+                          "otherwise carries a constant act(bias) that a zero-padded conv still reads (shrink then "
+                          "refuses); this changes the model, so the test accuracy before and after is printed")
     mat.add_argument("--data-dir", default=None,
                      help="MNIST folder for the check inputs (default: $PRUNELAB_DATA, else ~/.cache/prunelab/mnist)")
     mat.set_defaults(func=cmd_materialise)
@@ -105,6 +109,22 @@ def _materialise(ckpt, inputs: torch.Tensor, form: str, pooling: str = "native")
     return new
 
 
+def _silence(ckpt, inputs: torch.Tensor, path: str, data_dir: str | None) -> None:
+    """``silence_pruned_channels_`` on the checkpoint's model, printing the test accuracy before and after."""
+    from prunelab.bench.datasets import load_dataset, make_loaders
+    from prunelab.bench.training import evaluate
+    from prunelab.checkpoint import checkpoint_dataset
+    from prunelab.materialise.shrink import silence_pruned_channels_
+
+    splits = load_dataset(checkpoint_dataset(ckpt.meta, path, data_dir), data_dir)
+    _, test_loader = make_loaders(splits, 128, seed=0)
+    before = evaluate(ckpt.model, test_loader)["accuracy"]
+    silence_pruned_channels_(ckpt.model, ckpt.masks, inputs)
+    after = evaluate(ckpt.model, test_loader)["accuracy"]
+    print(f"silenced the pruned channels' constant outputs: test accuracy {100 * before:.2f}% -> {100 * after:.2f}% "
+          "(the shrunk model is checked against the silenced one)")
+
+
 def cmd_materialise(args: argparse.Namespace) -> int:
     from prunelab.io import atomic_dir, write_json
     from prunelab.materialise import FORMS
@@ -113,6 +133,9 @@ def cmd_materialise(args: argparse.Namespace) -> int:
     from prunelab.measure.tables import markdown_table
 
     FORMS.get(args.form)  # unknown form: one line listing the valid ones, before any work
+    if args.silence_pruned_channels and args.form != "shrink":
+        raise PrunelabError(f"--silence-pruned-channels applies to --form shrink only (got --form {args.form}); the "
+                            "sparse forms keep every channel -- drop the flag")
     # a CHECKPOINT that is a file (not checkpoint.json) or absent: its own message first -- the --out check
     # below took a file's folder for the input and said "--out is inside the input" for --out beside it
     # another command's run there (a prune run, a lottery run) would be deleted: refused before any work
@@ -124,6 +147,8 @@ def cmd_materialise(args: argparse.Namespace) -> int:
     # creates them on success
     check_out_parent(args.out)
     ckpt, inputs = _checkpoint_and_inputs(args.checkpoint, args.data_dir)
+    if args.silence_pruned_channels:
+        _silence(ckpt, inputs, args.checkpoint, args.data_dir)
     new = _materialise(ckpt, inputs, args.form)
     report = new.materialise_report
     meta = {k: ckpt.meta[k] for k in ("model", "dataset", "input_shape", "num_classes")}

@@ -273,7 +273,8 @@ class _Planner:
                 self.problem("constant", f"pruned channels of {self.layout_culprits(layout)} reach zero-padded conv {name!r} "
                                          f"with nonzero constant value act(bias)/BatchNorm shift (up to {float(c.abs().max()):.3g}); "
                                          "a padded conv cannot absorb it exactly -- call silence_pruned_channels_(model, masks, "
-                                         "example_input) first (re-check accuracy after) or exclude those layers from pruning")
+                                         "example_input) first (CLI: materialise --silence-pruned-channels; re-check accuracy "
+                                         "after) or exclude those layers from pruning")
             weight = weight.flatten(2).sum(dim=2)  # (O, removed)
         if (c != 0).any():
             self.add_delta(name, weight @ c)
@@ -362,7 +363,7 @@ class _Planner:
         if (c != 0).any():
             self.problem("constant", f"pruned channels of {self.layout_culprits(layout)} {what} at node '{op.node.name}' "
                                      f"with nonzero constant value (up to {float(c.abs().max()):.3g}); call "
-                                     "silence_pruned_channels_(model, masks, example_input) first or exclude those layers from pruning")
+                                     "silence_pruned_channels_(model, masks, example_input) (CLI: materialise --silence-pruned-channels) first or exclude those layers from pruning")
 
     def require_sum_zero(self, op: Op, x: fx.Node) -> None:
         """A sum of a pruned constant ``c`` over ``n`` positions is ``c * n``: no bias absorbs it for every ``n``."""
