@@ -27,6 +27,7 @@ The skeleton comes from, in this order:
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import operator
 import os
@@ -108,9 +109,26 @@ def _builder_of(model: nn.Module, meta: Mapping[str, Any]) -> dict[str, Any]:
     if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__ or _import(path, check=False) is not cls:
         raise PrunelabError(
             f"cannot record how to rebuild {cls.__name__}: {path} is not importable; pass meta={{'model': zoo name, "
-            "'input_shape': ..., 'num_classes': ...}} or meta={'builder': 'package.module:factory'} (no-arg callable)"
+            "'input_shape': ..., 'num_classes': ...} or meta={'builder': 'package.module:factory'} (no-arg callable)"
+        )
+    if cls in (nn.Sequential, nn.ModuleList, nn.ModuleDict) or _required_arguments(cls):
+        raise PrunelabError(
+            f"cannot record how to rebuild {cls.__name__}: {cls.__name__}() "
+            f"{'builds an empty container' if cls in (nn.Sequential, nn.ModuleList, nn.ModuleDict) else 'needs arguments'}"
+            ", so prunelab.load could not rebuild it; pass meta={'builder': 'package.module:factory'}, a no-arg "
+            "callable returning the unpruned model"
         )
     return {"callable": path}
+
+
+def _required_arguments(cls: type) -> list[str]:
+    """The parameters ``cls()`` cannot do without (``[]`` when its signature cannot be read)."""
+    try:
+        params = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD,
+                                                                       p.KEYWORD_ONLY)]
 
 
 def _import(path: str, check: bool = True) -> Any:
