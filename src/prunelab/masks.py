@@ -101,12 +101,23 @@ class MaskSet(Mapping[str, torch.Tensor]):
     Masks may be given as bool tensors or as integer / float tensors holding only 0 and
     1 (``torch.nn.utils.prune``'s float ``weight_mask``); any other value, or a mask that is
     no tensor (a list, a numpy array), is refused with a PrunelabError naming the mask
-    instead of being rounded to True.
+    instead of being rounded to True; so are a ``masks`` that is no mapping and a name
+    that is no str (an FQN).
     """
 
     def __init__(self, masks: Mapping[str, torch.Tensor]) -> None:
+        if not isinstance(masks, Mapping):
+            raise PrunelabError(
+                f"MaskSet needs a mapping parameter FQN -> bool tensor, got a {type(masks).__name__}; pass e.g. "
+                "{name: mask for name, mask in ...} keyed by names from model.named_parameters()"
+            )
         checked: dict[str, torch.Tensor] = {}
         for name, mask in masks.items():
+            if not isinstance(name, str):  # a parameter FQN; safetensors and check_model need str keys
+                raise PrunelabError(
+                    f"mask name {name!r} is a {type(name).__name__}, not a str; key masks by parameter FQN "
+                    "(names from model.named_parameters(), e.g. 'fc1.weight')"
+                )
             if not isinstance(mask, torch.Tensor):
                 raise PrunelabError(
                     f"mask {name!r} is a {type(mask).__name__}, not a torch.Tensor; pass a bool tensor (True = kept), "
@@ -141,6 +152,8 @@ class MaskSet(Mapping[str, torch.Tensor]):
         """Masks read off the model's zeros: kept where the weight is nonzero."""
         if names is None:  # each (tied) weight once, under its first name
             names = [n for n, _ in model.named_parameters() if n.endswith("weight")]
+        elif isinstance(names, str):  # one name, not its letters
+            names = [names]
         params = dict(model.named_parameters(remove_duplicate=False))  # names may use any alias
         unknown = [n for n in names if n not in params]
         if unknown:
@@ -179,13 +192,17 @@ class MaskSet(Mapping[str, torch.Tensor]):
             param.masked_fill_(~mask.to(param.device), 0)
         return model
 
-    def stats(self) -> MaskStats:
+    def _refuse_meta(self, action: str) -> None:
+        """One-line error when a mask is on the meta device: it has a shape but no bits."""
         meta = [n for n, m in self._masks.items() if m.device.type == "meta"]
         if meta:
             raise PrunelabError(
-                f"mask {meta[0]!r} is on the meta device and holds no bits to count; decide the masks on a "
+                f"mask {meta[0]!r} is on the meta device and holds no bits to {action}; decide the masks on a "
                 "materialised model (model.to_empty(device='cpu') and load its weights) or load them from a file"
             )
+
+    def stats(self) -> MaskStats:
+        self._refuse_meta("count")
         return MaskStats(tuple(
             LayerSparsity(n, tuple(m.shape), m.numel(), int(m.sum())) for n, m in self._masks.items()
         ))
@@ -196,9 +213,14 @@ class MaskSet(Mapping[str, torch.Tensor]):
 
     def equal(self, other: Mapping[str, torch.Tensor]) -> bool:
         """Same names and bits (the order of the names does not matter, as for :meth:`fingerprint`)."""
-        return len(self) == len(other) and set(self) == set(other) and all(
-            torch.equal(self[n].cpu(), other[n].to(torch.bool).cpu()) for n in self
-        )
+        if not isinstance(other, Mapping):
+            raise PrunelabError(f"equal needs a mapping FQN -> bool tensor (a MaskSet), got a {type(other).__name__}")
+        if len(self) != len(other) or set(self) != set(other):
+            return False
+        for n in self:  # checked like a MaskSet's masks: a 0.3 is no kept bit, a list no mask
+            if not isinstance(other[n], torch.Tensor):
+                raise PrunelabError(f"equal got a {type(other[n]).__name__} for mask {n!r}; pass bool tensors (True = kept)")
+        return all(torch.equal(self[n].cpu(), _as_bool(n, other[n]).cpu()) for n in self)
 
     def intersect(self, other: Mapping[str, torch.Tensor]) -> "MaskSet":
         """Kept where both keep (a name missing from ``other`` keeps its own mask).
@@ -206,6 +228,8 @@ class MaskSet(Mapping[str, torch.Tensor]):
         ``other``'s masks are checked like a MaskSet's (tensors of 0/1 or bool) and must have the same shape:
         ``&`` would otherwise broadcast a ``(4,)`` mask against a ``(4, 4)`` one, or read 0.3 as kept.
         """
+        if not isinstance(other, Mapping):  # a list would make every `n not in other` true: self, silently
+            raise PrunelabError(f"intersect needs a mapping FQN -> bool tensor (a MaskSet), got a {type(other).__name__}")
         out = {}
         for n, m in self.items():
             if n not in other:
@@ -225,6 +249,7 @@ class MaskSet(Mapping[str, torch.Tensor]):
 
     def fingerprint(self) -> str:
         """sha256 over names, shapes and bits: equal fingerprints <=> equal masks."""
+        self._refuse_meta("hash")
         digest = hashlib.sha256()
         for name in sorted(self._masks):
             mask = self._masks[name].cpu().contiguous()
@@ -250,14 +275,19 @@ class MaskSet(Mapping[str, torch.Tensor]):
         return torch.tensor([int(c, 16) for c in self.fingerprint()[:16]], dtype=torch.int64, device=device)
 
     def verify_across_ranks(self) -> None:
-        """Raise RuntimeError unless every rank holds bit-identical masks (DDP)."""
+        """Raise RuntimeError on every rank unless every rank holds bit-identical masks (DDP).
+
+        Every rank raises, rank 0 included, not only the ranks that differ: a rank that went on
+        alone would block in its next collective waiting for peers that stopped.
+        """
         if distributed.world_size() == 1:
             return
         local = self.fingerprint_tensor(self.collective_device(dist.get_backend()))
         reference = distributed.broadcast_(local.clone())
-        if not torch.equal(local, reference):
+        first = distributed.first_rank_where(not torch.equal(local, reference))  # the same answer on every rank
+        if first is not None:
             raise RuntimeError(
-                f"rank {distributed.rank()} holds different masks than rank 0; "
+                f"rank {first} holds different masks than rank 0 (seen from rank {distributed.rank()}); "
                 "mask decisions must be made from scores reduced across ranks"
             )
 
@@ -270,6 +300,7 @@ class MaskSet(Mapping[str, torch.Tensor]):
         """
         from safetensors.torch import save_file
 
+        self._refuse_meta("save")
         path = Path(path)
         # clone: safetensors refuses tensors sharing memory (one mask under two tied names)
         tensors = {n: m.detach().cpu().clone().contiguous() for n, m in self._masks.items()}
@@ -323,4 +354,8 @@ class MaskSet(Mapping[str, torch.Tensor]):
 
     def to(self, device: torch.device | str) -> "MaskSet":
         """The same masks on ``device``."""
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise PrunelabError(f"unknown device {device!r}; pass e.g. 'cpu', 'cuda' or 'cuda:0'") from None
         return MaskSet({n: m.to(device) for n, m in self._masks.items()})

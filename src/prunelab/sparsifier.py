@@ -58,6 +58,15 @@ class Sparsifier:
         exclude: Sequence[str] = (),
         data: ScoreData | None = None,
     ) -> None:
+        if rules is not None and not isinstance(rules, LayerRules):
+            raise PrunelabError(
+                f"rules must be a LayerRules, got a {type(rules).__name__}; pass e.g. LayerRules(keep_first='dense')"
+            )
+        if schedule is not None and not all(callable(getattr(schedule, a, None)) for a in ("sparsity_at", "is_update_step")):
+            raise PrunelabError(
+                f"schedule must be a Schedule (e.g. OneShot(0.9) or Cubic(0.9, num_updates=10, frequency=100)), got "
+                f"{schedule!r:.60}; to prune once by hand call update(sparsity) instead"
+            )
         self.model = model
         self.criterion = get_criterion(criterion) if isinstance(criterion, str) else criterion
         self.granularity = get_granularity(granularity)
@@ -85,6 +94,11 @@ class Sparsifier:
         update, e.g. ``OneShot(s)`` with its default ``at_step=0``.  It is applied once: a
         second ``prepare()`` at step 0 (or a resumed step-0 state) does not prune again.
         """
+        if optimizer is not None and not isinstance(getattr(optimizer, "state", None), Mapping):
+            raise PrunelabError(
+                f"prepare needs a torch.optim.Optimizer (or None), got a {type(optimizer).__name__}; pass the optimizer "
+                "that trains the model, so its momentum / Adam state of pruned weights is zeroed too"
+            )
         self.optimizer = optimizer
         if self.step_count == 0:
             self._scheduled_update(0, once=True)

@@ -69,6 +69,12 @@ class Granularity:
 
     def from_groups(self, keep: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         """Expand a ``(num_groups,)`` bool decision back to an element mask of ``shape``."""
+        shape = tuple(shape)
+        if keep.numel() != self.num_groups(shape):  # else a bare reshape RuntimeError
+            raise PrunelabError(
+                f"{self.describe()} from_groups got {keep.numel()} group decisions for shape {shape}, which has "
+                f"{self.num_groups(shape)} groups; pass one decision per row of to_groups(weight)"
+            )
         size = self.group_size(shape)
         return keep.reshape(-1, 1).expand(-1, size).reshape(shape)
 
@@ -150,7 +156,8 @@ class NM(Granularity):
     is_pattern = True
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.n, int) and isinstance(self.m, int)) or self.m < 1 or self.n < 1:
+        if (not (isinstance(self.n, int) and isinstance(self.m, int)) or isinstance(self.n, bool)
+                or isinstance(self.m, bool) or self.m < 1 or self.n < 1):
             raise PrunelabError(
                 f"N:M needs integers 1 <= N < M, got {self.n}:{self.m}; N is how many of every M weights are kept "
                 "(N = 0 would prune every weight), e.g. 2:4"

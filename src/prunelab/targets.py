@@ -29,8 +29,17 @@ def prunable_parameters(model: nn.Module, exclude: Sequence[str] = ()) -> dict[s
     is excluded when ``exclude`` matches any of its names.  A glob that matches no
     Linear/Conv layer (a typo) is a one-line error, as for the :class:`LayerRules` globs.
     """
+    if not isinstance(model, nn.Module):
+        raise PrunelabError(f"expected an nn.Module to prune, got a {type(model).__name__}; pass the model itself")
+    if exclude is None:
+        exclude = ()
     if isinstance(exclude, str):  # a bare glob would be iterated letter by letter
         exclude = (exclude,)
+    exclude = tuple(exclude)
+    wrong = [p for p in exclude if not isinstance(p, str)]
+    if wrong:
+        raise PrunelabError(f"exclude pattern {wrong[0]!r} is a {type(wrong[0]).__name__}, not a str; pass globs "
+                            "such as 'fc3' or 'features.*'")
     found: dict[str, nn.Parameter] = {}
     names_of: dict[int, str] = {}  # id(weight) -> the name it is found under
     excluded: set[int] = set()
@@ -101,6 +110,14 @@ class LayerRules:
     def bounds(self, names: Sequence[str]) -> dict[str, tuple[float, float]]:
         """``name -> (min_sparsity, max_sparsity)`` for every target layer."""
         bounds = {n: (0.0, 1.0) for n in names}
+        for what, rule in (("max_sparsity", self.max_sparsity), ("fixed_sparsity", self.fixed_sparsity)):
+            if not isinstance(rule, Mapping):
+                raise PrunelabError(f"{what} must be a mapping glob -> sparsity, e.g. {{'fc3': 0.5}}, got a "
+                                    f"{type(rule).__name__}")
+            wrong = [p for p in rule if not isinstance(p, str)]
+            if wrong:
+                raise PrunelabError(f"{what} pattern {wrong[0]!r} is a {type(wrong[0]).__name__}, not a str; key it "
+                                    "by a layer glob such as 'fc3' or 'features.*'")
         first, last = _parse_keep(self.keep_first, "first"), _parse_keep(self.keep_last, "last")
         for pattern, ceiling in self.max_sparsity.items():
             ceiling = _rate(ceiling, f"max_sparsity for {pattern!r}")
