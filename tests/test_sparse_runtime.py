@@ -471,7 +471,8 @@ def test_cli_materialise_failure_leaves_no_output_folder(tmp_path):
     from prunelab.cli_materialise import cmd_materialise
 
     out = tmp_path / "new" / "out"
-    args = argparse.Namespace(checkpoint=str(tmp_path / "missing"), form="csr", out=str(out), data_dir=None)
+    args = argparse.Namespace(checkpoint=str(tmp_path / "missing"), form="csr", out=str(out), data_dir=None,
+                              silence_pruned_channels=False)
     with pytest.raises(PrunelabError):
         cmd_materialise(args)
     assert not out.exists()
