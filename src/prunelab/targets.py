@@ -1,7 +1,8 @@
 """Which parameters are pruned, and the per-layer rules that bound them.
 
-By default every weight of ``nn.Linear`` and ``nn.Conv1d/2d/3d`` is a target, in module
-order; biases, norms and embeddings are left dense.  :class:`LayerRules` then keeps the
+By default every weight of ``nn.Linear`` and ``nn.Conv1d/2d/3d`` is a target, and the input
+projection of every ``nn.MultiheadAttention`` (``in_proj_weight``; its ``out_proj`` is a
+Linear), in module order; biases, norms and embeddings are left dense.  :class:`LayerRules` then keeps the
 first and/or last target dense or at a sparsity ceiling (Gale et al. 2019, "The State of
 Sparsity in Deep Neural Networks", keep the first layer dense and the last at most 80%
 sparse), fixes some layers' sparsity, or excludes layers by glob pattern.
@@ -11,18 +12,33 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from torch import nn
+from torch import Tensor, nn
 
 from prunelab.errors import PrunelabError
 
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+def _layer_weights(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, Tensor]]:
+    """``(module name, module, attribute, weight)`` of every Linear/Conv weight and every
+    ``nn.MultiheadAttention`` input projection (``in_proj_weight``, or ``q/k/v_proj_weight``
+    when key/value widths differ: three quarters of its weights, applied by ``F.linear`` like
+    a Linear's), in module order."""
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, PRUNABLE_TYPES) and getattr(module, "weight", None) is not None:
+            yield module_name, module, "weight", module.weight
+        elif isinstance(module, nn.MultiheadAttention):
+            for attr in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                if getattr(module, attr, None) is not None:
+                    yield module_name, module, attr, getattr(module, attr)
+
+
 def prunable_parameters(model: nn.Module, exclude: Sequence[str] = ()) -> dict[str, nn.Parameter]:
-    """``FQN -> weight`` of every Linear/Conv layer, in module order, minus ``exclude`` globs.
+    """``FQN -> weight`` of every Linear/Conv layer and ``nn.MultiheadAttention`` input
+    projection (its ``out_proj`` is a Linear), in module order, minus ``exclude`` globs.
 
     A weight shared by several layers (tied) is one target, under its first name: pruning
     it under two names would count its weights twice and multiply two masks into it.  It
@@ -45,25 +61,23 @@ def prunable_parameters(model: nn.Module, exclude: Sequence[str] = ()) -> dict[s
     excluded: set[int] = set()
     layer_names: list[str] = []
     unused = list(exclude)  # globs that matched nothing yet
-    for module_name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, PRUNABLE_TYPES) and getattr(module, "weight", None) is not None:
-            name = f"{module_name}.weight" if module_name else "weight"
-            layer_names.append(name)
-            weight = module.weight
-            hits = [p for p in exclude if fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(module_name, p)]
-            if hits:
-                unused = [p for p in unused if p not in hits]
-                excluded.add(id(weight))
-                continue
-            if not isinstance(weight, nn.Parameter) or isinstance(weight, nn.parameter.UninitializedParameter):
-                raise PrunelabError(
-                    f"{name} is not a plain initialised nn.Parameter ({type(weight).__name__}: a lazy module before its "
-                    "first forward, a parametrization or torch.nn.utils.prune); run one forward pass or remove the "
-                    f"parametrization / prune hooks, or exclude {module_name or 'it'!r}"
-                )
-            if id(weight) not in names_of:
-                names_of[id(weight)] = name
-                found[name] = weight
+    for module_name, _, attr, weight in _layer_weights(model):
+        name = f"{module_name}.{attr}" if module_name else attr
+        layer_names.append(name)
+        hits = [p for p in exclude if fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(module_name, p)]
+        if hits:
+            unused = [p for p in unused if p not in hits]
+            excluded.add(id(weight))
+            continue
+        if not isinstance(weight, nn.Parameter) or isinstance(weight, nn.parameter.UninitializedParameter):
+            raise PrunelabError(
+                f"{name} is not a plain initialised nn.Parameter ({type(weight).__name__}: a lazy module before its "
+                "first forward, a parametrization or torch.nn.utils.prune); run one forward pass or remove the "
+                f"parametrization / prune hooks, or exclude {module_name or 'it'!r}"
+            )
+        if id(weight) not in names_of:
+            names_of[id(weight)] = name
+            found[name] = weight
     if unused and layer_names:
         shown = ", ".join(layer_names[:8]) + (" ..." if len(layer_names) > 8 else "")
         raise PrunelabError(f"exclude pattern {unused[0]!r} matches no Linear/Conv layer; layers are {shown} "
