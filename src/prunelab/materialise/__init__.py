@@ -315,6 +315,11 @@ def materialise(
     block_size = block_shape(block_size)  # one-line error for e.g. "4x4" or (0, 4)
     if pooling not in POOLING:
         raise PrunelabError(f"unknown pooling {pooling!r}; valid: {', '.join(POOLING)}")
+    if form != "shrink" and isinstance(model, TARGET_TYPES):  # its layers are swapped inside their parent
+        raise PrunelabError(
+            f"materialise replaces layers inside a model, but the model itself is a {type(model).__name__} "
+            f"(it would silently stay dense); wrap it: materialise(nn.Sequential(layer), {form!r}, ...)"
+        )
 
     reference = copy.deepcopy(model).eval()
     if masks is not None:

@@ -133,9 +133,14 @@ class CSR:
         return dense.reshape(self.shape)
 
     def to_torch(self) -> torch.Tensor:
-        """A ``torch.sparse_csr`` matrix sharing this format's memory (no copy)."""
+        """A ``torch.sparse_csr`` matrix sharing this format's memory (no copy).
+
+        The invariants (``rows+1`` monotone row pointers ending at nnz, columns in range, one
+        index dtype) are checked here, once per build: the kernels read the indices unchecked,
+        so a damaged state_dict would otherwise read past its tensors (a segfault).
+        """
         return torch.sparse_csr_tensor(
-            self.crow_indices, self.col_indices, self.values, self.matrix_shape, check_invariants=False
+            self.crow_indices, self.col_indices, self.values, self.matrix_shape, check_invariants=True
         )
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -191,9 +196,9 @@ class BSR:
         return blocks.transpose(1, 2).reshape(self.shape)
 
     def to_torch(self) -> torch.Tensor:
-        """A ``torch.sparse_bsr`` matrix sharing this format's memory (no copy)."""
+        """A ``torch.sparse_bsr`` matrix sharing this format's memory (no copy); invariants checked as in CSR."""
         return torch.sparse_bsr_tensor(
-            self.crow_indices, self.col_indices, self.values, self.matrix_shape, check_invariants=False
+            self.crow_indices, self.col_indices, self.values, self.matrix_shape, check_invariants=True
         )
 
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -53,7 +53,9 @@ Saving and loading: each module's ``state_dict`` holds its format tensors
 ``_extra_state`` dict naming the kernel and shapes.  Loading into a plain (dense)
 architecture needs the same modules first: use :func:`load_materialised`, which reads
 the ``_extra_state`` entries, swaps in the right modules and loads (any nnz: buffers are
-resized to the stored tensors).  These modules are inference-only: the weight is a
+resized to the stored tensors).  A damaged format (row pointers or column indices out of
+range) is refused with a one-line error when the kernel matrix is first built (the kernels
+themselves read the indices unchecked).  These modules are inference-only: the weight is a
 buffer, not a trainable parameter.
 """
 
@@ -149,7 +151,17 @@ class SparseModule(nn.Module):
         # works later with autograd (inference tensors cannot be saved for backward)
         with warnings.catch_warnings(), torch.inference_mode(False):
             warnings.filterwarnings("ignore", message=_BETA_WARNING)
-            value = build()
+            try:
+                value = build()
+            except torch.OutOfMemoryError:
+                raise
+            except (RuntimeError, IndexError) as exc:  # a damaged format: torch's invariant check or to_dense
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                raise PrunelabError(
+                    f"{type(self).__name__} {self.weight_shape} holds a damaged {self.kernel} weight "
+                    f"({type(exc).__name__}: {first}); reload it from an undamaged state_dict or re-create it "
+                    "with prunelab materialise"
+                ) from None
         self._cache = (key, value)
         return value
 
@@ -396,6 +408,8 @@ class CSRConv2d(SparseModule):
         return cls(fmt, conv.bias, config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) or (C, H, W)
+        if x.dim() not in (3, 4):  # as nn.Conv2d refuses it (not an unpacking ValueError)
+            raise RuntimeError(f"{type(self).__name__} expects inputs (B, C, H, W) or (C, H, W), got {tuple(x.shape)}")
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
@@ -452,7 +466,7 @@ def kernel_unavailable_reason(
         if kernel == "2:4":
             if module.in_features % 4:
                 return f"in_features={module.in_features} is not a multiple of 4"
-            groups = module.weight.detach().reshape(module.out_features, -1, 4)
+            groups = module.weight.detach().reshape(module.out_features, module.in_features // 4, 4)  # not -1: rows may be 0
             if bool(((groups != 0).sum(-1) > 2).any()):
                 return "weight is not 2:4 sparse"
             return None
@@ -505,7 +519,9 @@ def load_materialised(model: nn.Module, state_dict: Mapping[str, Any]) -> nn.Mod
         layer = key[: -len("_extra_state")].rstrip(".")
         cls = SPARSE_MODULES[state["module"]]
         prefix = f"{layer}." if layer else ""
-        tensors = {k[len(prefix):]: v for k, v in state_dict.items()
+        # own buffers, filled by load_state_dict below: the loaded model must not share memory with
+        # the state_dict (e.g. another model's live buffers)
+        tensors = {k[len(prefix):]: torch.empty_like(v) for k, v in state_dict.items()
                    if k.startswith(prefix) and "." not in k[len(prefix):] and isinstance(v, torch.Tensor)}
         bias = tensors.pop("bias", None)
         try:
@@ -517,7 +533,8 @@ def load_materialised(model: nn.Module, state_dict: Mapping[str, Any]) -> nn.Mod
     try:
         new.load_state_dict(dict(state_dict), strict=True)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        first = " ".join(lines[:2])[:300]  # "Error(s) in loading state_dict for X:" + the first problem
         raise PrunelabError(f"the materialised state_dict does not fit this architecture: {first}; pass the dense "
                             "architecture it was materialised from") from None
     return new
