@@ -153,12 +153,18 @@ def _weight_reader(model: nn.Module, name: str) -> str:
     """The parent module type that reads layer ``name``'s weight tensor directly ("" if none).
 
     ``nn.MultiheadAttention`` passes ``out_proj.weight``/``.bias`` to
-    ``F.multi_head_attention_forward`` instead of calling ``out_proj``; a sparse module there
-    (no ``.weight``) would fail with an AttributeError.
+    ``F.multi_head_attention_forward`` instead of calling ``out_proj``, and
+    ``nn.TransformerEncoderLayer`` (and the ``nn.TransformerEncoder`` around it) reads
+    ``linear1.weight``/``linear2.weight`` to decide on its fused fast path; a sparse module
+    there (no ``.weight``) would fail with an AttributeError.
     """
-    parent_name, _, _ = name.rpartition(".")
+    parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    return type(parent).__name__ if isinstance(parent, nn.MultiheadAttention) else ""
+    if isinstance(parent, nn.MultiheadAttention):
+        return type(parent).__name__
+    if isinstance(parent, nn.TransformerEncoderLayer) and child in ("linear1", "linear2"):
+        return type(parent).__name__
+    return ""
 
 
 def _fixed_kernel(kernel: str, request: _Request) -> Callable[[str, nn.Module], tuple[str, str]]:
