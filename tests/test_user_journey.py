@@ -110,3 +110,14 @@ def test_multihead_attention_in_proj_is_pruned_or_warned():
     assert torch.equal(masks["0.self_attn.in_proj_weight"], weight != 0)
     total = sum(m.numel() for m in masks.values())
     assert sum(int(m.sum()) for m in masks.values()) == round(0.2 * total)  # the 80% target over every weight
+
+
+def test_step_before_prepare_is_a_one_line_error_not_a_silent_dense_run():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    sparsifier = Sparsifier(model, schedule=OneShot(0.5))
+    with pytest.raises(PrunelabError, match=r"step\(\) called before prepare\(\)") as info:
+        sparsifier.step()  # OneShot(0.5) applies at step 0, in prepare(): it would never have pruned
+    assert "\n" not in str(info.value) and sparsifier.step_count == 0
+    sparsifier.prepare()
+    sparsifier.step()
+    assert sparsifier.masks.stats().sparsity == pytest.approx(0.5, abs=0.02)

@@ -84,6 +84,7 @@ class Sparsifier:
         self.masks = MaskSet.ones(self.params)
         self.optimizer: torch.optim.Optimizer | None = None
         self.step_count = 0
+        self.prepared = False  # step() before prepare() would never apply the step-0 update
         self.history: list[dict[str, Any]] = []
 
     # --- life cycle ------------------------------------------------------------------
@@ -103,6 +104,7 @@ class Sparsifier:
         if self.step_count == 0:
             self._scheduled_update(0, once=True)
         self.enforce()
+        self.prepared = True
         return self
 
     def step(self) -> None:
@@ -113,6 +115,11 @@ class Sparsifier:
         ``update`` enforces its new masks itself.  The ``t``-th call applies schedule step ``t``
         (step 0 is applied by ``prepare()``).
         """
+        if not self.prepared:
+            raise PrunelabError(
+                "Sparsifier.step() called before prepare(); call sparsifier.prepare(optimizer) once before training "
+                "(it applies the schedule's step-0 update and zeroes the optimizer state of pruned weights)"
+            )
         self.step_count += 1
         self.enforce()
         self._scheduled_update(self.step_count)
