@@ -183,7 +183,7 @@ class NM(Granularity):
         if shape[1] % self.m:
             raise PrunelabError(
                 f"N:M block size M={self.m} does not divide the input dimension {shape[1]} of "
-                f"{name!r} (shape {tuple(shape)}); keep that layer dense (e.g. --keep-first dense) or exclude it"
+                f"{name!r} (shape {tuple(shape)}); keep that layer dense (e.g. --keep-first dense, in Python LayerRules(keep_first='dense')) or exclude it"
             )
 
     def _blocked(self, tensor: torch.Tensor) -> torch.Tensor:
