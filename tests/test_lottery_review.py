@@ -9,6 +9,7 @@ from collections import OrderedDict
 import pytest
 import torch
 from torch import nn
+from test_lottery import comparable  # metrics without wall times
 from torch.utils.data import DataLoader, TensorDataset
 
 from prunelab.bench.datasets import load_digits
@@ -40,14 +41,6 @@ def builder() -> nn.Module:  # dropout and batch norm: the randomness and the bu
 
 def config(**overrides) -> LotteryConfig:
     return LotteryConfig(**{"rounds": 3, "train": TRAIN, "eval_every": 3, "rewind_step": 2, **overrides})
-
-
-def comparable(metrics: dict) -> dict:
-    out = json.loads(json.dumps(metrics))
-    for part in ("ticket", "reinit"):
-        if out.get(part):
-            out[part].pop("wall_time_s")
-    return out
 
 
 def tensors(folder) -> dict[str, torch.Tensor]:

@@ -2,37 +2,19 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 from fake_timer import FakeTimer
+from test_shrink_edge_cases import TOL, drop_rows, max_error  # the shared mask and error helpers
 from torch import nn
 
 from prunelab.errors import PrunelabError
-from prunelab.masks import MaskSet
 from prunelab.materialise.pooling import speed_up_pooling_
 from prunelab.materialise.shrink import plan_shrink, shrink_model, silence_pruned_channels_
 from prunelab.materialise.spec import load_shrunk, save_shrunk
-
-TOL = 1e-5
-
-
-def drop_rows(weight: torch.Tensor, drop: list[int]) -> torch.Tensor:
-    mask = torch.ones_like(weight, dtype=torch.bool)
-    mask[drop] = False
-    return mask
-
-
-@torch.no_grad()
-def max_error(model: nn.Module, shrunk: nn.Module, masks: dict[str, torch.Tensor], x: torch.Tensor) -> float:
-    reference = MaskSet(masks).apply_(copy.deepcopy(model)).eval()
-    expected, got = reference(x), shrunk.eval()(x)
-    assert got.shape == expected.shape
-    return float((got - expected).abs().max())
-
 
 # --- in-place ops: later readers of the operand see the result ---------------------------------
 class InplaceModule(nn.Module):
