@@ -16,6 +16,7 @@ imports neither transformers nor the model package.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -60,7 +61,12 @@ def _progress_bars(enabled: bool) -> Iterator[None]:
 
 
 def load_transformers_model(path: str | os.PathLike, progress: bool = True) -> tuple[nn.Module, Any]:
-    """``(AutoModel, AutoTokenizer)`` from a local folder, offline, model in eval mode."""
+    """``(model, AutoTokenizer)`` from a local folder, offline, model in eval mode.
+
+    The model is built as the class its ``config.json`` names (``architectures[0]``, e.g.
+    ``LlamaForCausalLM``), so a task head such as ``lm_head`` is loaded and saved with it;
+    ``AutoModel`` (the bare backbone) when the config names none that ``transformers`` has.
+    """
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise PrunelabError(
@@ -70,9 +76,10 @@ def load_transformers_model(path: str | os.PathLike, progress: bool = True) -> t
     from safetensors import SafetensorError
     from transformers import AutoModel, AutoTokenizer
 
+    model_class = _config_architecture(folder) or AutoModel
     try:
         with _progress_bars(progress):
-            model = AutoModel.from_pretrained(os.fspath(folder), local_files_only=True)
+            model = model_class.from_pretrained(os.fspath(folder), local_files_only=True)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:  # RuntimeError: shapes differ
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PrunelabError(
@@ -90,6 +97,18 @@ def load_transformers_model(path: str | os.PathLike, progress: bool = True) -> t
     return model.eval(), tokenizer
 
 
+def _config_architecture(folder: Path) -> Any:
+    """The ``transformers`` class ``config.json``'s ``architectures[0]`` names, or ``None``."""
+    import transformers
+
+    try:
+        names = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError, AttributeError):  # unreadable or not a JSON object: AutoModel reports it
+        return None
+    model_class = getattr(transformers, names[0], None) if names and isinstance(names[0], str) else None
+    return model_class if hasattr(model_class, "from_pretrained") else None
+
+
 def load_minilm(progress: bool = True) -> tuple[nn.Module, Any]:
     """The packaged all-MiniLM-L6-v2 as ``(BertModel, tokenizer)``, offline."""
     return load_transformers_model(minilm_path(), progress=progress)
@@ -101,7 +120,10 @@ def tokenized_batches(tokenizer: Any, lines: Sequence[str], batch_size: int = 16
 
     Sorting by token count keeps padding to a minimum: the one-shot engine leaves padded
     positions out of its statistics (by ``attention_mask``), but they still cost compute.  Each dict holds ``input_ids``, ``attention_mask``
-    (and ``token_type_ids`` when the tokenizer makes them), all ``(b, L)``.
+    (and ``token_type_ids`` when the tokenizer makes them), all ``(b, L)``.  A tokenizer
+    without a pad token (GPT-2's, LLaMA's) is padded here with its end-of-text id (0 if it
+    has none) -- the padded positions are masked out, so the id does not matter -- and is
+    left unchanged (a pad token set on it would be saved with the pruned model).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise PrunelabError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -111,10 +133,30 @@ def tokenized_batches(tokenizer: Any, lines: Sequence[str], batch_size: int = 16
     ordered = [line for _, line in sorted(zip(lengths, lines), key=lambda pair: pair[0])]
     batches = []
     for start in range(0, len(ordered), batch_size):
-        encoded = tokenizer(ordered[start:start + batch_size], padding=True, truncation=True,
-                            max_length=max_length, return_tensors="pt")
+        chunk = ordered[start:start + batch_size]
+        if getattr(tokenizer, "pad_token", None) is None:
+            batches.append(_pad_without_pad_token(tokenizer, chunk, max_length))
+            continue
+        encoded = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         batches.append(dict(encoded))
     return batches
+
+
+def _pad_without_pad_token(tokenizer: Any, lines: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+    """``lines`` tokenised one by one and right-padded with the end-of-text id (or 0), with the
+    ``attention_mask`` marking the real tokens."""
+    encoded = [tokenizer(line, truncation=True, max_length=max_length) for line in lines]
+    fill = getattr(tokenizer, "eos_token_id", None)
+    fill = fill if isinstance(fill, int) else 0
+    width = max(len(e["input_ids"]) for e in encoded)
+    out: dict[str, torch.Tensor] = {}
+    for key in encoded[0].keys():
+        pad = fill if key == "input_ids" else 0
+        out[key] = torch.tensor([list(e[key]) + [pad] * (width - len(e[key])) for e in encoded])
+    if "attention_mask" not in out:
+        out["attention_mask"] = torch.tensor([[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"]))
+                                              for e in encoded])
+    return out
 
 
 def mean_pool(last_hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

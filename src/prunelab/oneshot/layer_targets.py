@@ -90,7 +90,9 @@ class LayerTarget:
 
         ``tokens``: optional ``(B, T)`` bool mask of the real (not padding) positions of the
         calibration item; a Linear / Conv1D input ``(B, T, ..., in)`` then keeps only the rows
-        of real positions (an input of another leading shape keeps all rows)."""
+        of real positions, and so does one flattened to ``(B*T, in)`` (OPT's decoder layer
+        reshapes its hidden states before ``fc1``/``fc2``); an input of another leading shape
+        keeps all rows."""
         if self.kind == "conv2d":
             conv = self.module
             batched = x if x.dim() == 4 else x.unsqueeze(0)  # (B, C, H, W)
@@ -101,6 +103,8 @@ class LayerTarget:
             return cols.reshape(b * length, -1)  # (B*L, K*C)
         if tokens is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(tokens.shape):
             x = x[tokens.to(x.device)]  # (n_real, ..., in): padding positions dropped
+        elif tokens is not None and x.dim() == 2 and x.shape[0] == tokens.numel():
+            x = x[tokens.reshape(-1).to(x.device)]  # (B*T, in) rows in (B, T) order: the real ones
         return x.reshape(-1, x.shape[-1])  # (n, in)
 
 

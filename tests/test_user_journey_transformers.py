@@ -1,0 +1,169 @@
+"""A new user's journey with tiny random Hugging Face models: one-shot pruning, the CLI, heads.
+
+Every model is built from a config (nothing is downloaded).  Each xfail marks a real bug
+found on that journey; the reason says what goes wrong.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import string
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from prunelab.errors import PrunelabError  # noqa: E402
+from prunelab.oneshot import OneShotConfig, prune_oneshot  # noqa: E402
+
+
+def _seeded(build):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return build().eval()
+
+
+def _tiny_opt():
+    config = transformers.OPTConfig(vocab_size=100, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                    num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32,
+                                    pad_token_id=0)
+    return _seeded(lambda: transformers.OPTForCausalLM(config))
+
+
+def _tiny_llama(**overrides):
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      pad_token_id=0, **overrides)
+    return _seeded(lambda: transformers.LlamaForCausalLM(config))
+
+
+def test_oneshot_opt_masks_do_not_depend_on_padding():
+    ids = [torch.tensor([5, 17, 23, 9, 41, 8, 30, 12]), torch.tensor([7, 19, 3])]
+    padded = torch.zeros(2, 8, dtype=torch.long)
+    mask = torch.zeros(2, 8, dtype=torch.long)
+    for row, seq in enumerate(ids):  # right padding: real tokens' hidden states do not change
+        padded[row, :len(seq)], mask[row, :len(seq)] = seq, 1
+    together = [{"input_ids": padded, "attention_mask": mask}]
+    apart = [{"input_ids": seq[None], "attention_mask": torch.ones(1, len(seq), dtype=torch.long)} for seq in ids]
+    a = prune_oneshot(_tiny_opt(), together, OneShotConfig(method="wanda"), progress=False).masks
+    b = prune_oneshot(_tiny_opt(), apart, OneShotConfig(method="wanda"), progress=False).masks
+    differing = [name for name in a.keys() if not torch.equal(a[name], b[name])]
+    assert differing == []
+
+
+@pytest.mark.xfail(strict=True, reason="transformers 5 MoE experts are fused 3-D parameters (experts.gate_up_proj, "
+                   "experts.down_proj) and the router a MixtralTopKRouter, not Linears: prune_oneshot leaves "
+                   "them (88% of the block weights here) dense and does not list them in report.dense_layers (prunelab.oneshot.layer_targets.classify_layer / block_targets)")
+def test_oneshot_moe_experts_are_pruned_or_listed_dense():
+    config = transformers.MixtralConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                        num_experts_per_tok=2, max_position_embeddings=64)
+    model = _seeded(lambda: transformers.MixtralForCausalLM(config))
+    report = prune_oneshot(model, [torch.randint(0, 100, (2, 16))], OneShotConfig(method="wanda"), progress=False)
+    pruned = set(report.masks.keys())
+    unaccounted = [name for name, p in model.named_parameters()
+                   if p.dim() >= 2 and name.startswith("model.layers.") and name not in pruned
+                   and not any(name == d or name.startswith(f"{d}.") for d in report.dense_layers)]
+    assert unaccounted == []
+
+
+def _save_llama_folder(folder, *, pad: bool):
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase, *string.punctuation,
+             *(f"##{c}" for c in string.ascii_lowercase)]
+    if pad:
+        (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+        tokenizer = transformers.BertTokenizer(str(folder / "vocab.txt"))
+    else:  # a decoder tokenizer without a pad token, as GPT-2's and LLaMA's are
+        from tokenizers import Tokenizer, models, pre_tokenizers
+
+        raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+        raw.pre_tokenizer = pre_tokenizers.Whitespace()
+        tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", eos_token="[SEP]")
+        assert tokenizer.pad_token is None
+    model = _tiny_llama(tie_word_embeddings=False)
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return model
+
+
+def _corpus(tmp_path):
+    data = tmp_path / "data" / "tinyshakespeare"
+    data.mkdir(parents=True)
+    (data / "input.txt").write_text("".join(f"line {i} of the play, said the king to {i % 7}\n" for i in range(200)))
+    return data.parent
+
+
+def test_cli_oneshot_keeps_the_lm_head_of_a_causal_lm(cli, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = tmp_path / "llama"
+    folder.mkdir()
+    dense = _save_llama_folder(folder, pad=True)
+    out = tmp_path / "out"
+    code, _, err = cli("oneshot", "--model", str(folder), "--method", "magnitude", "--calib-samples", "8",
+                       "--data-dir", str(_corpus(tmp_path)), "--no-progress", "--out", str(out))
+    assert code == 0, err
+    saved = load_file(str(out / "model.safetensors"))
+    assert "lm_head.weight" in saved
+    torch.testing.assert_close(saved["lm_head.weight"], dense.lm_head.weight.detach())
+
+
+def test_cli_oneshot_tokenizer_without_pad_token_is_not_a_traceback(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = tmp_path / "llama"
+    folder.mkdir()
+    _save_llama_folder(folder, pad=False)
+    code, _, err = cli("oneshot", "--model", str(folder), "--method", "magnitude", "--calib-samples", "8",
+                       "--data-dir", str(_corpus(tmp_path)), "--no-progress", "--out", str(tmp_path / "out"))
+    assert code in (0, 2)
+    if code == 2:
+        assert err.startswith("error:") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.xfail(strict=True, reason="head_importance with its default loss_fn (F.cross_entropy) on a "
+                   "transformers model passes the ModelOutput itself: a raw TypeError traceback "
+                   "(prunelab.heads.head_importance)")
+def test_head_importance_default_loss_on_a_transformers_classifier():
+    from prunelab.heads import head_importance
+
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=64, num_labels=3)
+    model = _seeded(lambda: transformers.BertForSequenceClassification(config))
+    batch = ({"input_ids": torch.randint(5, 100, (4, 10))}, torch.tensor([0, 1, 2, 1]))
+    try:
+        scores = head_importance(model, [batch])
+    except PrunelabError:
+        return  # a one-line error naming the fix is fine too
+    assert set(scores) == {"bert.encoder.layer.0.attention.self", "bert.encoder.layer.1.attention.self"}
+
+
+# --- what works (kept as regression tests) -----------------------------------------------------
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda", "obs"])
+def test_oneshot_llama_2of4_half_precision_keeps_zeros_and_cache(method):
+    model = _tiny_llama().to(torch.bfloat16)
+    ids = torch.randint(5, 100, (2, 12))
+    report = prune_oneshot(model, [{"input_ids": ids, "use_cache": True}], OneShotConfig(method=method, pattern="2:4"),
+                           progress=False)
+    params = dict(model.named_parameters())
+    assert len(report.rows) == 14 and report.dense_layers == ("lm_head",)
+    for name, keep in report.masks.items():
+        assert params[name].dtype == torch.bfloat16
+        assert not bool(params[name][~keep].any())
+        assert torch.equal(keep.view(keep.shape[0], -1, 4).sum(-1), torch.full((keep.shape[0], keep.shape[1] // 4), 2))
+    with torch.no_grad():  # incremental decoding with the KV cache still matches the full forward
+        full = model(ids).logits[:, -1].float()
+        first = model(ids[:, :-1], use_cache=True)
+        step = model(ids[:, -1:], past_key_values=first.past_key_values).logits[:, -1].float()
+    assert bool(torch.isfinite(full).all())
+    torch.testing.assert_close(step, full, atol=2e-2, rtol=0)
+
+
+def test_oneshot_exclude_globs_are_listed_dense():
+    model = _tiny_llama()
+    report = prune_oneshot(model, [torch.randint(5, 100, (2, 12))], OneShotConfig(method="magnitude",
+                           exclude=("*.mlp.*",)), progress=False)
+    assert all(not fnmatch.fnmatchcase(r.name, "*.mlp.*") for r in report.rows) and len(report.rows) == 8
+    assert [d for d in report.dense_layers if ".mlp." in d] == [
+        f"model.layers.{i}.mlp.{p}" for i in (0, 1) for p in ("gate_proj", "up_proj", "down_proj")]
