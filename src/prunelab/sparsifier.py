@@ -127,12 +127,15 @@ class Sparsifier:
     def _scheduled_update(self, step: int, once: bool = False) -> None:
         """Update the masks to the schedule's target when ``step`` is one of its update steps.
 
-        ``once``: skip it when the history already records this step at this target.
+        ``once``: skip it when the history already records this step at this target.  A step
+        whose target the masks already meet is skipped too: a coarse (channel, kernel) update
+        removes whole groups and can overshoot, and pruning is monotone, so the next step of a
+        rising schedule may have nothing to prune (as :func:`prunelab.methods.base.raise_sparsity`).
         """
         if self.schedule is None or not self.schedule.is_update_step(step):
             return
         target = self.schedule.sparsity_at(step)
-        if target <= 0.0:
+        if target <= 0.0 or target <= self.masks.stats().sparsity:
             return
         if once and any(h["step"] == step and h["target_sparsity"] == target for h in self.history):
             return

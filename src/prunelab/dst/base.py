@@ -51,6 +51,7 @@ rank.  :meth:`finalize` verifies the masks bit for bit.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -182,6 +183,11 @@ class DynamicSparsifier(Sparsifier):
                                 f"allocation {allocation!r}; pass --allocation erk (default) or uniform")
         if not _is_int(seed) or not 0 <= seed < 2**32:
             raise PrunelabError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+        if schedule is not None and not isinstance(schedule, UpdateSchedule):
+            raise PrunelabError(
+                f"{self.name} rewires on an UpdateSchedule (delta_t, alpha, end_step), got a {type(schedule).__name__}; "
+                "its sparsity is fixed -- pass schedule=UpdateSchedule(end_step=..., delta_t=100, alpha=0.3)"
+            )
         super().__init__(model, criterion=RandomScores(seed=seed), allocation=allocation, rules=rules, exclude=exclude)
         self.sparsity = float(sparsity)
         self.rewiring = schedule
@@ -221,6 +227,11 @@ class DynamicSparsifier(Sparsifier):
 
     def step(self) -> None:
         """After ``optimizer.step()``, before ``zero_grad``: observe, rewire on update steps, enforce."""
+        if not self.prepared:
+            raise PrunelabError(
+                f"{self.name}.step() called before prepare(); call prepare(optimizer) once before training (it draws "
+                "the initial sparse mask -- without it the model trains dense)"
+            )
         self.step_count += 1
         self.observe()
         if self.rewiring is not None and self.rewiring.is_update_step(self.step_count):
@@ -327,13 +338,25 @@ class DynamicSparsifier(Sparsifier):
         return {**super().state_dict(), "name": self.name}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`; a state saved by another method (its ``name``) is refused first."""
+        """Restore :meth:`state_dict`; a state saved by another method (its ``name``) is refused first.
+
+        Resume in the order: build the sparsifier, ``load_state_dict(state)``, then
+        ``prepare(optimizer)``.  A :meth:`prepare` before the load draws a fresh random mask
+        and zeroes the model's weights outside it, so a checkpoint's connections that mask
+        dropped come back as zeros: loading masks that differ from that fresh draw warns."""
+        fresh = self.prepared and self.step_count == 0
+        before = dict(self.masks) if fresh else None
         saved = state.get("name") if isinstance(state, Mapping) else None
         if isinstance(state, Mapping) and saved != self.name:
             what = f"method {saved!r}" if "name" in state else "no method name"
             raise PrunelabError(f"{self.name} cannot load a sparsifier state of {what}; load the state_dict() of a "
                                 f"{self.name} sparsifier, or build the sparsifier of the method that saved it")
         super().load_state_dict(state)
+        if before is not None and any(not torch.equal(before[n], m.to(before[n].device)) for n, m in self.masks.items()):
+            warnings.warn(
+                f"{self.name}.load_state_dict() after prepare(): prepare() drew a fresh random mask and zeroed the "
+                "weights outside it, so the loaded masks' weights there are now 0; resume in the order: build the "
+                "sparsifier, load_state_dict(state), prepare(optimizer)", stacklevel=2)
 
 
 def _round_half_up(x: float) -> int:
