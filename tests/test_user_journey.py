@@ -1,5 +1,6 @@
 """A new user's journey with their own models (README "Python API"): prune in a plain loop, save,
-reload, materialise, compress.  The xfail tests are bugs found that way (library code not changed here)."""
+reload, materialise, compress.  Most tests are regressions of bugs found that way (each was a strict
+xfail until fixed)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """A new user's journey training sparse networks in their own loop (README "Python API", the
 docstrings of prunelab.sparsifier / prunelab.dst): schedules driven by the Sparsifier itself,
-dynamic sparse training, resuming from state_dict().  The xfail tests are bugs found that way
-(library code not changed here)."""
+dynamic sparse training, resuming from state_dict().  Most tests are regressions of bugs found
+that way (each was a strict xfail until fixed)."""
 
 from __future__ import annotations
 

@@ -148,7 +148,8 @@ def head_importance(
 
     ``batches`` yields ``(inputs, targets)``, of which the first ``max_batches`` (all when
     ``None``) are drawn; the loss is ``loss_fn(model(inputs), targets)``,
-    or ``loss_fn(model(**inputs), targets)`` when ``inputs`` is a dict.  Each unit's output
+    or ``loss_fn(model(**inputs), targets)`` when ``inputs`` is a dict (a ``transformers``
+    output object passes its ``.logits``).  Each unit's output
     projection must run at most once per forward; a batch it did not run in adds 0 to its heads.  The model runs in eval mode (every module's own
     train/eval flag is restored afterwards) with gradients enabled, even when called under
     ``torch.no_grad()``; gradients come from ``torch.autograd.grad``, so every parameter's
@@ -179,6 +180,8 @@ def head_importance(
                 inputs, targets = batch
                 gates.clear()
                 output = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+                if not isinstance(output, Tensor) and isinstance(getattr(output, "logits", None), Tensor):
+                    output = output.logits  # a transformers ModelOutput: the loss takes its logits
                 loss = loss_fn(output, targets)
                 called = [name for name in units if name in gates]  # a unit the forward skipped scores 0
                 if not called:  # no unit ran in this batch: every head scores 0 for it

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prunelab.errors import PrunelabError
+
 
 def _hf_conv1d_type() -> type | None:
     """``transformers.pytorch_utils.Conv1D`` if transformers is loaded (never imports it)."""
@@ -162,6 +164,11 @@ def block_targets(model: nn.Module, blocks: list[tuple[str, nn.Module]], exclude
     """Per block, its prunable layers; and every Linear/Conv name that stays dense.
 
     A layer object that appears in several blocks (a shared module) is pruned in the first only.
+    Weights of 2 or more dimensions inside a block that belong to no Linear/Conv (the fused
+    3-D expert tensors and router of ``transformers`` 5 MoE layers, a custom module's own
+    ``nn.Parameter``) stay dense and are listed too, as ``module.parameter``.  An ``exclude``
+    glob that matches no Linear/Conv layer of the model is a one-line error (a typo would
+    otherwise prune what it meant to keep).
     """
     per_block: list[list[LayerTarget]] = []
     inside: set[str] = set()
@@ -173,6 +180,10 @@ def block_targets(model: nn.Module, blocks: list[tuple[str, nn.Module]], exclude
             name = ".".join(p for p in (block_name, local) if p)
             kind = classify_layer(name, module)
             if kind is None:
+                for pname, param in module.named_parameters(recurse=False):
+                    if param.dim() >= 2 and id(param) not in seen:
+                        seen.add(id(param))
+                        dense.append(f"{name}.{pname}" if name else pname)
                 continue
             inside.add(name)
             if id(module) in seen:
@@ -183,7 +194,15 @@ def block_targets(model: nn.Module, blocks: list[tuple[str, nn.Module]], exclude
             else:
                 dense.append(name)
         per_block.append(found)
+    layers = []
     for name, module in model.named_modules():
-        if name not in inside and classify_layer(name, module) is not None:
-            dense.append(name)
+        if classify_layer(name, module) is not None:
+            layers.append(name)
+            if name not in inside:
+                dense.append(name)
+    unused = [p for p in exclude if not any(_excluded(name, (p,)) for name in layers)]
+    if unused:
+        shown = ", ".join(layers[:6]) + (" ..." if len(layers) > 6 else "")
+        raise PrunelabError(f"exclude pattern {unused[0]!r} matches no Linear/Conv layer of the model; layers are "
+                            f"{shown} (a glob such as 'model.layers.*.mlp.*')")
     return per_block, dense
