@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from prunelab import Cubic, PrunelabError, Sparsifier
+from prunelab import Cubic, OneShot, PrunelabError, Sparsifier
 from prunelab.dst import DSR, SET, SNFS, RigL, UpdateSchedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -110,3 +110,11 @@ def test_dst_load_state_dict_after_prepare_warns_and_the_documented_order_keeps_
     sp3.prepare(torch.optim.SGD(again.parameters(), lr=0.1))
     for name, value in saved["model"].items():
         assert torch.equal(again.state_dict()[name], value), name
+
+def test_sparsifier_of_a_compiled_model_names_masks_like_the_plain_model():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    compiled = torch.compile(model)  # wrapping only; no compilation happens without a forward
+    masks = Sparsifier(compiled, schedule=OneShot(0.5)).prepare().finalize()
+    assert list(masks) == ["0.weight", "2.weight"]  # not '_orig_mod.0.weight': they fit the plain model
+    masks.apply_(model)  # shared parameters: the plain model holds the zeros
+    assert int((model[0].weight == 0).sum() + (model[2].weight == 0).sum()) == 12  # half of 16 + 8

@@ -176,3 +176,16 @@ def test_oneshot_exclude_glob_matching_no_layer_is_a_one_line_error():
         prune_oneshot(model, [torch.randn(4, 8)], OneShotConfig(method="wanda", exclude=("*.mlp",)), progress=False)
     assert "\n" not in str(info.value)
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))  # nothing pruned
+
+
+def test_oneshot_leaves_a_calibration_items_cache_object_as_it_was():
+    transformers = pytest.importorskip("transformers")
+    from prunelab.oneshot import OneShotConfig, prune_oneshot
+
+    model = _seeded(lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64))).eval()
+    cache = transformers.DynamicCache()
+    item = {"input_ids": torch.randint(0, 64, (1, 10)), "past_key_values": cache}
+    prune_oneshot(model, [item], OneShotConfig(method="wanda"), progress=False)
+    assert cache.get_seq_length() == 0  # the forwards ran on copies

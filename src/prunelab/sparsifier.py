@@ -5,8 +5,9 @@ Use it like an optimizer companion in any training loop::
     sparsifier = Sparsifier(model, criterion="magnitude", schedule=Cubic(0.9, num_updates=10, frequency=100))
     sparsifier.prepare(optimizer)
     for x, y in loader:
-        loss_fn(model(x), y).backward(); optimizer.step(); optimizer.zero_grad()
+        optimizer.zero_grad(); loss_fn(model(x), y).backward(); optimizer.step()
         sparsifier.step()              # updates masks when the schedule says, keeps zeros zero
+                                       # (before the next zero_grad: gradient criteria and RigL read .grad)
     masks = sparsifier.finalize()      # a MaskSet; the model holds real zeros
 
 Step numbering: schedule step ``t`` is the state after ``t`` optimizer steps.  Step 0 --
@@ -67,6 +68,9 @@ class Sparsifier:
                 f"schedule must be a Schedule (e.g. OneShot(0.9) or Cubic(0.9, num_updates=10, frequency=100)), got "
                 f"{schedule!r:.60}; to prune once by hand call update(sparsity) instead"
             )
+        # a torch.compile'd model shares its parameters with the module it wraps: name them as that
+        # module does, so the masks fit the plain model (not '_orig_mod.fc1.weight')
+        model = getattr(model, "_orig_mod", model) if type(model).__name__ == "OptimizedModule" else model
         self.model = model
         self.criterion = get_criterion(criterion) if isinstance(criterion, str) else criterion
         self.granularity = get_granularity(granularity)

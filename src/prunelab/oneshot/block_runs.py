@@ -157,12 +157,14 @@ def _to(value: Any, device: torch.device) -> Any:
 
 def run_model(model: nn.Module, item: Any, index: int, device: torch.device, where: str = "") -> None:
     """``model(item)`` or ``model(**item)`` on ``device``, until a hook raises :class:`_Stop`; a
-    model that cannot take the item is a PrunelabError naming it (``where``: e.g. " after block 0")."""
+    model that cannot take the item is a PrunelabError naming it (``where``: e.g. " after block 0").
+    A ``transformers`` cache object in the item runs as a copy: the forward would grow the caller's."""
     try:
         if isinstance(item, Tensor):
             model(_to(item, device))
         else:
-            model(**{k: _to(v, device) for k, v in item.items()})
+            model(**{k: _to(copy.deepcopy(v) if _strip_caches(v) is None and v is not None else v, device)
+                     for k, v in item.items()})
     except _Stop:
         pass
     except _USER_ERRORS as exc:
