@@ -189,3 +189,21 @@ def test_oneshot_leaves_a_calibration_items_cache_object_as_it_was():
     item = {"input_ids": torch.randint(0, 64, (1, 10)), "past_key_values": cache}
     prune_oneshot(model, [item], OneShotConfig(method="wanda"), progress=False)
     assert cache.get_seq_length() == 0  # the forwards ran on copies
+
+
+def test_whitened_low_rank_ignores_padding_positions(tiny_bert):
+    transformers = pytest.importorskip("transformers")
+    import copy
+
+    from prunelab.lowrank import low_rank_model
+
+    model = transformers.BertModel.from_pretrained(str(tiny_bert)).eval()
+    tokenizer = transformers.BertTokenizer.from_pretrained(str(tiny_bert))
+    lines = ["to be or not to be", "that is"]
+    padded = [dict(tokenizer(lines, return_tensors="pt", padding=True))]
+    one_by_one = [dict(tokenizer([line], return_tensors="pt")) for line in lines]
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    low_rank_model(a, 0.5, padded)
+    low_rank_model(b, 0.5, one_by_one)  # the same real tokens, no padding
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)

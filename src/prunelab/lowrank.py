@@ -39,7 +39,9 @@ from torch import Tensor, nn
 
 from prunelab.criteria.base import eval_mode
 from prunelab.errors import PrunelabError
+from prunelab.oneshot.block_runs import token_masks
 from prunelab.oneshot.engine import find_blocks
+from prunelab.oneshot.layer_targets import real_rows
 from prunelab.oneshot.stats import HessianAccumulator, damped_cholesky
 
 __all__ = ["LowRankLinear", "LowRankReport", "factorize_linear", "low_rank_model", "rank_for"]
@@ -193,15 +195,18 @@ def _check_exclude(model: nn.Module, exclude: Sequence[str]) -> tuple[str, ...]:
 def _second_moments(model: nn.Module, linears: Mapping[str, nn.Linear], calibration: Sequence[Any]) -> dict[str, Tensor]:
     accs = {name: HessianAccumulator(lin.in_features, lin.weight.device) for name, lin in linears.items()}
 
+    current: list[Tensor | None] = [None]  # the real (not padding) positions of the item being run
+
     def hook(name: str):
         def record(module: nn.Module, args: tuple) -> None:
-            accs[name].add(args[0].reshape(-1, args[0].shape[-1]))
+            accs[name].add(real_rows(args[0], current[0]))  # padding rows left out, as in one-shot pruning
         return record
 
     handles = [lin.register_forward_pre_hook(hook(name)) for name, lin in linears.items()]
     try:
         with eval_mode(model):  # restores every module's own train/eval flag
-            for item in calibration:
+            for item, tokens in zip(calibration, token_masks(calibration, torch.device("cpu")), strict=True):
+                current[0] = tokens
                 model(**item) if isinstance(item, Mapping) else model(item)
     finally:
         for handle in handles:
@@ -219,7 +224,8 @@ def low_rank_model(model: nn.Module, keep: float, calibration: Sequence[Any] | N
     """Factorise, in place, every Linear in ``model``'s blocks to hold ``keep`` of its weights.
 
     ``calibration`` (model inputs: Tensors or dicts): use the whitened, data-aware SVD with
-    each layer's input second moment from one pass of the dense model; ``None``: plain SVD.
+    each layer's input second moment from one pass of the dense model (the padding positions
+    of a dict item's 0/1 ``attention_mask`` left out, as in one-shot pruning); ``None``: plain SVD.
     A layer whose rank would not save weights (``keep`` close to 1) is left as it is.  A Linear
     used at several places (shared weights) is factorised once, from the inputs of all its uses,
     and replaced at each; excluding any of its names leaves it dense at all of them.

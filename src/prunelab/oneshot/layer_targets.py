@@ -103,11 +103,18 @@ class LayerTarget:
             c = conv.in_channels
             cols = cols.view(b, c, -1, length).permute(0, 3, 2, 1)  # (B, L, K, C)
             return cols.reshape(b * length, -1)  # (B*L, K*C)
-        if tokens is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(tokens.shape):
-            x = x[tokens.to(x.device)]  # (n_real, ..., in): padding positions dropped
-        elif tokens is not None and x.dim() == 2 and x.shape[0] == tokens.numel():
-            x = x[tokens.reshape(-1).to(x.device)]  # (B*T, in) rows in (B, T) order: the real ones
-        return x.reshape(-1, x.shape[-1])  # (n, in)
+        return real_rows(x, tokens)
+
+
+def real_rows(x: Tensor, tokens: Tensor | None) -> Tensor:
+    """A Linear's input ``x`` as rows ``(n, in)``, without the padding positions of ``tokens``
+    (``(B, T)`` bool, real positions True): ``x`` of shape ``(B, T, ..., in)`` or flattened to
+    ``(B*T, in)`` in ``(B, T)`` order; any other leading shape keeps all rows."""
+    if tokens is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(tokens.shape):
+        x = x[tokens.to(x.device)]  # (n_real, ..., in): padding positions dropped
+    elif tokens is not None and x.dim() == 2 and x.shape[0] == tokens.numel():
+        x = x[tokens.reshape(-1).to(x.device)]  # (B*T, in) rows in (B, T) order: the real ones
+    return x.reshape(-1, x.shape[-1])  # (n, in)
 
 
 def classify_layer(name: str, module: nn.Module) -> LayerTarget | None | str:
