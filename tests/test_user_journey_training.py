@@ -118,3 +118,12 @@ def test_sparsifier_of_a_compiled_model_names_masks_like_the_plain_model():
     assert list(masks) == ["0.weight", "2.weight"]  # not '_orig_mod.0.weight': they fit the plain model
     masks.apply_(model)  # shared parameters: the plain model holds the zeros
     assert int((model[0].weight == 0).sum() + (model[2].weight == 0).sum()) == 12  # half of 16 + 8
+
+
+def test_a_data_criterion_with_a_schedule_but_no_data_is_refused_at_construction():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(PrunelabError, match=r"criterion 'taylor' needs data and the schedule updates the masks by "
+                                            r"itself; pass Sparsifier\(\.\.\., data=ScoreData\(loader\)\)") as info:
+        Sparsifier(model, criterion="taylor", schedule=Cubic(0.5, num_updates=2, frequency=1, start_step=3))
+    assert "\n" not in str(info.value)
+    Sparsifier(model, criterion="taylor")  # no schedule: update(sparsity, data) by hand stays possible

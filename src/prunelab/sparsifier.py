@@ -78,6 +78,11 @@ class Sparsifier:
         self.schedule = schedule
         self.rules = rules if rules is not None else LayerRules()
         self.data = data
+        if schedule is not None and data is None and getattr(self.criterion, "needs_data", False):
+            raise PrunelabError(
+                f"criterion {self.criterion.name!r} needs data and the schedule updates the masks by itself; pass "
+                "Sparsifier(..., data=ScoreData(loader)) (it would fail at the first scheduled update, mid-training)"
+            )
         self.params = prunable_parameters(model, exclude)
         self.bounds = self.rules.bounds(list(self.params))
         if self.granularity.is_pattern:
