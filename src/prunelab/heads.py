@@ -103,7 +103,8 @@ def attention_units(model: nn.Module) -> dict[str, HeadUnit]:
     if not units:
         raise PrunelabError(
             f"{type(model).__name__} has no attention unit (Linear q_proj/k_proj/v_proj/out_proj with an int num_heads, "
-            "or BERT's query/key/value with attention_head_size); nn.MultiheadAttention is not supported"
+            "or BERT's query/key/value with attention_head_size); not supported: nn.MultiheadAttention, and "
+            "LLaMA-style attention (o_proj, grouped key/value heads: Llama, Qwen, Mistral, Gemma)"
         )
     return units
 
