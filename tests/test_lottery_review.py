@@ -309,3 +309,14 @@ def test_iterative_prunes_the_geometric_fraction_exactly_every_round():
     assert {l.name: l.kept for l in result.masks.stats().layers} == {"1.weight": 256, "5.weight": round(320 * 0.9 ** 3)}
     # the free layer prunes p = 1/2 per round: 1024, 512, 256 kept, beside 288, 259, 233 of the fixed one
     assert [r["kept_weights"] for r in result.rows] == [1024 + 288, 512 + 259, 256 + 233]
+
+
+def test_resume_with_another_rewind_step_names_it_once(tmp_path):
+    from prunelab.methods.lottery_folder import check_resume, folder_config
+
+    (tmp_path / "config.json").write_text(json.dumps(folder_config(config(rewind_step=0), "f", 3)))
+    with pytest.raises(PrunelabError) as info:
+        check_resume(tmp_path, folder_config(config(rewind_step=2), "f", 3))
+    message = str(info.value)
+    assert "keys that differ: config.rewind_step (0 in the folder, 2 now);" in message
+    assert "rewound_rounds_train" not in message  # it follows from rewind_step: an internal key, not a 2nd difference

@@ -162,6 +162,8 @@ def check_resume(out: Path, wanted: dict[str, Any]) -> None:
     new = _flatten({k: v for k, v in json.loads(json.dumps(wanted)).items() if k != "format"})
     differ = sorted(k for k in set(old) | set(new)
                     if k.removeprefix("config.") not in RESUMABLE_KEYS and old.get(k) != new.get(k))
+    if "config.rewind_step" in differ and len(differ) > 1:  # follows from rewind_step: not a second difference
+        differ = [k for k in differ if k != "rewound_rounds_train"]
     if differ:
         shown = ", ".join(f"{k} ({old.get(k)!r} in the folder, {new.get(k)!r} now)" for k in differ)
         raise PrunelabError(
