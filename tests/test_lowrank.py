@@ -62,7 +62,7 @@ def test_bad_inputs():
         rank_for(4, 4, 0.0)
     with pytest.raises(PrunelabError, match=r"rank must be an integer in \[1, 4\]"):
         factorize_linear(nn.Linear(4, 6), 5)
-    with pytest.raises(PrunelabError, match="no Linear layer"):
+    with pytest.raises(PrunelabError, match="no nn.Linear layer"):
         low_rank_model(nn.Sequential(nn.ReLU(), nn.Tanh()), 0.5)
 
 

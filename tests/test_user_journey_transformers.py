@@ -207,3 +207,14 @@ def test_whitened_low_rank_ignores_padding_positions(tiny_bert):
     low_rank_model(b, 0.5, one_by_one)  # the same real tokens, no padding
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_low_rank_on_gpt2_names_its_unsupported_conv1d_layers():
+    transformers = pytest.importorskip("transformers")
+    from prunelab.errors import PrunelabError
+    from prunelab.lowrank import low_rank_model
+
+    model = transformers.GPT2Model(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=32))
+    with pytest.raises(PrunelabError, match=r"GPT2Model has no nn\.Linear layer inside its blocks to factorise; its "
+                                            r"transformers Conv1D layers \(GPT-2 style\) are not supported"):
+        low_rank_model(model, 0.5)

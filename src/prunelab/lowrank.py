@@ -172,7 +172,9 @@ def _block_linears(model: nn.Module, exclude: Sequence[str]) -> tuple[dict[str, 
             found[all_names[0]] = model.get_submodule(all_names[0])
             aliases[all_names[0]] = list(dict.fromkeys(all_names))
     if not found:
-        raise PrunelabError(f"{type(model).__name__} has no Linear layer inside its blocks to factorise")
+        conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())  # transformers' GPT-2 projections
+        raise PrunelabError(f"{type(model).__name__} has no nn.Linear layer inside its blocks to factorise"
+                            + ("; its transformers Conv1D layers (GPT-2 style) are not supported" if conv1d else ""))
     return found, aliases
 
 
