@@ -111,10 +111,11 @@ def _builder_of(model: nn.Module, meta: Mapping[str, Any]) -> dict[str, Any]:
             f"cannot record how to rebuild {cls.__name__}: {path} is not importable; pass meta={{'model': zoo name, "
             "'input_shape': ..., 'num_classes': ...} or meta={'builder': 'package.module:factory'} (no-arg callable)"
         )
-    if cls in (nn.Sequential, nn.ModuleList, nn.ModuleDict) or _required_arguments(cls):
+    container = cls in (nn.Sequential, nn.ModuleList, nn.ModuleDict)  # cls() is empty: its layers are not rebuilt
+    if container or _required_arguments(cls):
         raise PrunelabError(
             f"cannot record how to rebuild {cls.__name__}: {cls.__name__}() "
-            f"{'builds an empty container' if cls in (nn.Sequential, nn.ModuleList, nn.ModuleDict) else 'needs arguments'}"
+            f"{'builds an empty container' if container else 'needs arguments'}"
             ", so prunelab.load could not rebuild it; pass meta={'builder': 'package.module:factory'}, a no-arg "
             "callable returning the unpruned model"
         )
