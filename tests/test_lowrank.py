@@ -62,7 +62,7 @@ def test_bad_inputs():
         rank_for(4, 4, 0.0)
     with pytest.raises(PrunelabError, match=r"rank must be an integer in \[1, 4\]"):
         factorize_linear(nn.Linear(4, 6), 5)
-    with pytest.raises(PrunelabError, match="no nn.Linear layer"):
+    with pytest.raises(PrunelabError, match=r"no nn.Linear \(or transformers Conv1D\) layer"):
         low_rank_model(nn.Sequential(nn.ReLU(), nn.Tanh()), 0.5)
 
 
@@ -158,3 +158,42 @@ def test_excluding_one_use_of_a_shared_linear_leaves_it_dense():
     model = nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(8, 8))
     report = low_rank_model(model, 0.25, exclude=("2",))  # excluded at one use: dense at every use
     assert model[0] is shared and model[2] is shared and set(report.ranks) == {"3"}
+
+
+class _Conv1D(nn.Module):
+    """transformers' Conv1D: ``y = x W + b`` with the weight stored ``(in, out)``."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf))
+        self.bias = nn.Parameter(torch.randn(nf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight + self.bias
+
+
+def test_a_conv1d_is_factorised_exactly_as_its_transposed_linear(monkeypatch):
+    import sys
+    import types
+
+    # found by type as transformers.pytorch_utils.Conv1D, as the one-shot engine finds it
+    monkeypatch.setitem(sys.modules, "transformers.pytorch_utils", types.SimpleNamespace(Conv1D=_Conv1D))
+    torch.manual_seed(0)
+    conv_model = nn.Sequential(_Conv1D(12, 10), nn.ReLU(), _Conv1D(10, 12))  # 10 -> 12 -> 10
+    linear_model = nn.Sequential(nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, 10))
+    with torch.no_grad():
+        for conv, linear in zip(conv_model[::2], linear_model[::2]):
+            linear.weight.copy_(conv.weight.T)
+            linear.bias.copy_(conv.bias)
+    conv_model[2].weight.requires_grad_(False)
+    x = torch.randn(64, 10)
+    calibration = [x[:32], x[32:]]
+    conv_report = low_rank_model(conv_model, 0.5, calibration)
+    linear_report = low_rank_model(linear_model, 0.5, calibration)
+    assert conv_report.ranks == linear_report.ranks == {"0": 2, "2": 2}  # 0.5 * 120 / 22 = 2.7 -> 2
+    assert (conv_report.weights_before, conv_report.weights_after) == (240, 88)
+    for a, b in zip(conv_model.parameters(), linear_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same factors, bit for bit
+    assert not conv_model[2].first.weight.requires_grad and conv_model[0].first.weight.requires_grad
+    torch.testing.assert_close(conv_model(x), linear_model(x), rtol=0, atol=0)

@@ -209,12 +209,23 @@ def test_whitened_low_rank_ignores_padding_positions(tiny_bert):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_low_rank_on_gpt2_names_its_unsupported_conv1d_layers():
+def test_low_rank_factorises_gpt2_conv1d_layers_as_their_equivalent_linears():
     transformers = pytest.importorskip("transformers")
-    from prunelab.errors import PrunelabError
-    from prunelab.lowrank import low_rank_model
+    from prunelab.lowrank import LowRankLinear, low_rank_model
 
-    model = transformers.GPT2Model(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=32))
-    with pytest.raises(PrunelabError, match=r"GPT2Model has no nn\.Linear layer inside its blocks to factorise; its "
-                                            r"transformers Conv1D layers \(GPT-2 style\) are not supported"):
-        low_rank_model(model, 0.5)
+    torch.manual_seed(0)
+    model = transformers.GPT2Model(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2,
+                                                           n_positions=32)).eval()
+    ids = torch.randint(0, 64, (2, 12))
+    dense = model(input_ids=ids).last_hidden_state
+    c_fc = model.h[0].mlp.c_fc.weight.detach().clone()  # Conv1D (in 32, out 128)
+    report = low_rank_model(model, 0.5, [{"input_ids": ids}])
+    assert sorted(report.ranks) == sorted(f"h.{i}.{n}" for i in range(2)
+                                          for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
+    assert isinstance(model.h[0].mlp.c_fc, LowRankLinear)
+    assert report.ranks["h.0.mlp.c_fc"] == 12  # 0.5 * 32 * 128 / (32 + 128) = 12.8 -> 12
+    low = model.h[0].mlp.c_fc
+    product = (low.second.weight @ low.first.weight).detach()  # (out 128, in 32) = W'^T of the Conv1D
+    assert product.shape == c_fc.T.shape
+    out = model(input_ids=ids).last_hidden_state
+    assert out.shape == dense.shape and torch.isfinite(out).all()

@@ -23,7 +23,9 @@ matrices, by Eckart & Young 1936):
 :func:`prunelab.oneshot.find_blocks` finds) at a parameter ``keep`` ratio, collecting ``H``
 from calibration inputs when given.  The model's structure changes (``q`` becomes a
 :class:`LowRankLinear` with ``first``/``second``), so its state_dict loads only into a model
-factorised with the same ranks (``report.ranks``).
+factorised with the same ranks (``report.ranks``).  ``transformers``' ``Conv1D`` (GPT-2's
+projections, ``y = x W + b`` with ``W`` stored ``(in, out)``) is the same map as a Linear
+with weight ``W^T`` and is factorised as one.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from prunelab.criteria.base import eval_mode
 from prunelab.errors import PrunelabError
 from prunelab.oneshot.block_runs import token_masks
 from prunelab.oneshot.engine import find_blocks
-from prunelab.oneshot.layer_targets import real_rows
+from prunelab.oneshot.layer_targets import hf_conv1d_type, real_rows
 from prunelab.oneshot.stats import HessianAccumulator, damped_cholesky
 
 __all__ = ["LowRankLinear", "LowRankReport", "factorize_linear", "low_rank_model", "rank_for"]
@@ -155,26 +157,49 @@ class LowRankReport:
         return self.weights_after / self.weights_before
 
 
+def _is_factorisable(module: nn.Module) -> bool:
+    """An ``nn.Linear`` or a ``transformers`` ``Conv1D`` (found by type; transformers is never imported)."""
+    conv1d = hf_conv1d_type()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def _as_linear(module: nn.Module) -> nn.Linear:
+    """``module`` itself if a Linear; for a Conv1D (weight ``(in, out)``), the Linear computing the
+    same map (weight ``W^T``), with its device, dtype, mode and frozen-ness."""
+    if isinstance(module, nn.Linear):
+        return module
+    in_f, out_f = module.weight.shape
+    linear = nn.Linear(in_f, out_f, bias=module.bias is not None, device=module.weight.device,
+                       dtype=module.weight.dtype).train(module.training)
+    with torch.no_grad():
+        linear.weight.copy_(module.weight.T)
+        linear.weight.requires_grad_(module.weight.requires_grad)
+        if module.bias is not None:
+            linear.bias.copy_(module.bias)
+            linear.bias.requires_grad_(module.bias.requires_grad)
+    return linear
+
+
 def _block_linears(model: nn.Module, exclude: Sequence[str]) -> tuple[dict[str, nn.Linear], dict[str, list[str]]]:
-    """The candidate Linears by first name, and every name each is used under (a shared Linear
-    is replaced at all its uses, so the tie holds; excluded at one use, it stays dense at all)."""
+    """The candidate Linears (Conv1Ds as their equivalent Linears) by first name, and every name each
+    is used under (a shared layer is replaced at all its uses, so the tie holds; excluded at one use,
+    it stays dense at all)."""
     names = [name for name, _ in find_blocks(model)]
     uses: dict[int, list[str]] = {}
     inside: dict[int, bool] = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, nn.Linear) and name:
+        if _is_factorisable(module) and name:
             uses.setdefault(id(module), []).append(name)
             in_block = any(name == b or name.startswith(f"{b}.") for b in names) if names != [""] else True
             inside[id(module)] = inside.get(id(module), False) or in_block
     found, aliases = {}, {}
     for key, all_names in uses.items():
         if inside[key] and not any(name in exclude for name in all_names):
-            found[all_names[0]] = model.get_submodule(all_names[0])
+            found[all_names[0]] = _as_linear(model.get_submodule(all_names[0]))
             aliases[all_names[0]] = list(dict.fromkeys(all_names))
     if not found:
-        conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())  # transformers' GPT-2 projections
-        raise PrunelabError(f"{type(model).__name__} has no nn.Linear layer inside its blocks to factorise"
-                            + ("; its transformers Conv1D layers (GPT-2 style) are not supported" if conv1d else ""))
+        raise PrunelabError(f"{type(model).__name__} has no nn.Linear (or transformers Conv1D) layer inside its "
+                            "blocks to factorise")
     return found, aliases
 
 
@@ -184,7 +209,7 @@ def _check_exclude(model: nn.Module, exclude: Sequence[str]) -> tuple[str, ...]:
     names = (exclude,) if isinstance(exclude, str) else tuple(exclude) if isinstance(exclude, Iterable) else None
     if names is None or not all(isinstance(n, str) for n in names):
         raise PrunelabError(f"exclude must be Linear names (strings), got {exclude!r}; e.g. ('lm_head',)")
-    linear_names = [n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, nn.Linear) and n]
+    linear_names = [n for n, m in model.named_modules(remove_duplicate=False) if _is_factorisable(m) and n]
     unknown = [n for n in names if n not in linear_names]
     if unknown:
         shown = ", ".join(repr(n) for n in linear_names[:4]) + (" ..." if len(linear_names) > 4 else "")
@@ -204,7 +229,8 @@ def _second_moments(model: nn.Module, linears: Mapping[str, nn.Linear], calibrat
             accs[name].add(real_rows(args[0], current[0]))  # padding rows left out, as in one-shot pruning
         return record
 
-    handles = [lin.register_forward_pre_hook(hook(name)) for name, lin in linears.items()]
+    # on the model's own modules (a Conv1D's Linear twin never runs); a shared one hooks once, for all its uses
+    handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in linears]
     try:
         with eval_mode(model):  # restores every module's own train/eval flag
             for item, tokens in zip(calibration, token_masks(calibration, torch.device("cpu")), strict=True):

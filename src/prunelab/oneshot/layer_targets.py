@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from prunelab.errors import PrunelabError
 
 
-def _hf_conv1d_type() -> type | None:
+def hf_conv1d_type() -> type | None:
     """``transformers.pytorch_utils.Conv1D`` if transformers is loaded (never imports it)."""
     module = sys.modules.get("transformers.pytorch_utils")
     return getattr(module, "Conv1D", None)
@@ -123,7 +123,7 @@ def classify_layer(name: str, module: nn.Module) -> LayerTarget | None | str:
         return None
     if isinstance(module, nn.Linear):
         return LayerTarget(name, module, "linear")
-    conv1d = _hf_conv1d_type()
+    conv1d = hf_conv1d_type()
     if conv1d is not None and isinstance(module, conv1d):
         return LayerTarget(name, module, "conv1d")
     if isinstance(module, nn.Conv2d):
