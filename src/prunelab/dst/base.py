@@ -31,7 +31,15 @@ One update (:meth:`DynamicSparsifier.rewire`), with ``M`` the mask before it:
    unless the method sets :attr:`DynamicSparsifier.reinit_when_same` (SET: its reference
    code re-draws every added connection).
 
-Ties in any ranking go to the lower flat index (:func:`~prunelab.allocation.select_top_k`).
+Ties in any ranking go to the lower flat index (:func:`~prunelab.allocation.select_top_k`),
+as ``tf.math.top_k`` does for growth in RigL's reference code (which breaks *drop* ties with
+``N(0, 1e-5)`` noise on ``|w|`` instead).  Ties matter where a score is exactly zero -- kept
+weights grown at zero and not yet moved (dropped from the highest index down); candidates
+with zero gradient or momentum, e.g. from inputs that are always zero or dead units (grown
+from the lowest index up, once every candidate with a signal is taken).  A growth signal
+that is zero *everywhere* (RigL, SNFS) is refused: it means ``.grad`` was zeroed before
+:meth:`step` (``optimizer.zero_grad(set_to_none=False)`` leaves zeros, not ``None``), and
+growth would fill the first rows of every layer.
 
 Hook point.  :meth:`step` runs after ``optimizer.step()`` (prunelab's ``train`` calls
 ``after_step`` there).  ``.grad`` still holds the batch's *dense* gradient -- masked
@@ -108,8 +116,10 @@ class UpdateSchedule:
                 end_fraction: float = 0.75) -> UpdateSchedule:
         """The schedule for a run of ``total_steps`` with ``T_end = end_fraction * total_steps``, checked."""
         if not _is_number(end_fraction) or not 0.0 < end_fraction <= 1.0:
-            raise PrunelabError(f"T_end fraction must be in (0, 1] of the run, got {end_fraction!r}; T_end beyond the "
-                                "run never ends the updates, RigL uses 0.75")
+            beyond = _is_number(end_fraction) and end_fraction > 1.0
+            why = "T_end beyond the run never ends the updates" if beyond else "T_end at step 0 leaves no update"
+            raise PrunelabError(f"T_end fraction must be in (0, 1] of the run, got {end_fraction!r}; {why}, RigL uses "
+                                "0.75")
         if isinstance(total_steps, bool) or not isinstance(total_steps, int):
             raise PrunelabError(f"the run's length must be an integer number of optimizer steps, got {total_steps!r}")
         # floor of the product, read to 6 decimals: 0.29 * 100 is 28.999999999999996 in floats, T_end is 29
@@ -164,6 +174,9 @@ class DynamicSparsifier(Sparsifier):
     #: re-initialise (value and optimizer state) a connection dropped and regrown in the same
     #: update; False keeps it as it was (RigL reference, ``reinit_when_same=False``)
     reinit_when_same: ClassVar[bool] = False
+    #: what ranks growth when it is no random draw (RigL: the dense gradient); an update whose
+    #: grow scores are exactly zero in every growing layer is refused (:meth:`_check_growth_signal`)
+    grow_signal: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -261,6 +274,7 @@ class DynamicSparsifier(Sparsifier):
             survivors[name] = select_top_k(score, kept[name] - drop[name]).view(param.shape)
         grow = self.grow_counts(drop, old, survivors)
         generator = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + self.step_count)
+        self._check_growth_signal(grow, generator)
         grown = {}
         for name, param in self.params.items():
             grown[name] = torch.zeros_like(old[name])
@@ -275,7 +289,10 @@ class DynamicSparsifier(Sparsifier):
         self.enforce()
         self.history.append({
             "step": self.step_count, "update_fraction": fraction, "dropped": sum(drop.values()),
-            "grown": sum(grow.values()), "target_sparsity": self.sparsity,
+            "grown": sum(grow.values()),
+            # counted in both "dropped" and "grown": the same connection (kept, or re-drawn under reinit_when_same)
+            "regrown_dropped": sum(int((grown[n] & old[n]).sum()) for n in self.params),
+            "target_sparsity": self.sparsity,
             "achieved_sparsity": self.masks.stats().sparsity,
         })
         return self.masks
@@ -302,6 +319,30 @@ class DynamicSparsifier(Sparsifier):
         return dict(drop)
 
     # --- helpers ---------------------------------------------------------------------
+    def _check_growth_signal(self, grow: Mapping[str, int], generator: torch.Generator) -> None:
+        """Refuse an update whose :attr:`grow_signal` is exactly zero in every growing layer.
+
+        With ``optimizer.zero_grad(set_to_none=False)`` before :meth:`step` the gradient is all
+        zeros, not ``None``: every candidate would tie and growth would go to the lowest flat
+        indices (the first rows of each layer).  Decided on every rank alike (a flag averaged
+        over ranks), so no rank raises alone.
+        """
+        growing = [n for n in self.params if grow[n] > 0]
+        if self.grow_signal is None or not growing:
+            return
+        silent = not any(bool(self.grow_scores(n, self.params[n], generator).any()) for n in growing)
+        flag = distributed.all_reduce_mean_(torch.tensor([float(silent)], device=self._device()))
+        if float(flag) > 0.0:
+            raise PrunelabError(
+                f"{self.name} grows by {self.grow_signal}, which is exactly zero in every layer at update step "
+                f"{self.step_count}, so growth would pick the lowest indices; call sparsifier.step() after "
+                "optimizer.step() and before optimizer.zero_grad() (zero_grad(set_to_none=False) leaves zeros)"
+            )
+
+    def _device(self) -> torch.device:
+        first = next(iter(self.params.values()), None)
+        return first.device if first is not None else torch.device("cpu")
+
     def _reduced(self, score: torch.Tensor) -> torch.Tensor:
         return distributed.all_reduce_mean_(score.detach().float().clone())
 

@@ -49,6 +49,7 @@ class SNFS(ReallocatingSparsifier):
 
     name = "snfs"
     grow_init = "zero"
+    grow_signal = "the gradients' momentum (smoothed from .grad at every step)"
 
     def __init__(
         self,
@@ -91,10 +92,6 @@ class SNFS(ReallocatingSparsifier):
         # averaged over ranks like every other statistic that decides a mask (DESIGN.md decision 3)
         reduced = self._reduced(torch.tensor(means, dtype=torch.float64, device=self._device()))
         return dict(zip(self.params, reduced.tolist()))
-
-    def _device(self) -> torch.device:
-        first = next(iter(self.params.values()), None)
-        return first.device if first is not None else torch.device("cpu")
 
     def grow_scores(self, name: str, param: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return self._momentum(name, param).abs()
