@@ -32,7 +32,11 @@ it had (3 bits beside the weight bits: 0 float32 -- what files without them read
 dtype first (as :func:`~prunelab.compress.quantize.quantize_model` does), so the file
 holds exactly what the weight holds.  A state_dict entry that is the SAME tensor as a
 quantised weight (a tied weight, an embedding tied to a Linear head) is stored with that
-weight's codebook, quantised once under the first layer's name and bits.
+weight's codebook, quantised once under the first layer's name and bits.  Any other
+dtype of a Linear/Conv weight (complex, float8) is refused.  An ``nn.MultiheadAttention``
+input projection (a pruning target, but no Linear/Conv module) is stored raw with its mask
+applied: its pruned entries are zeros, as :func:`~prunelab.compress.quantize.quantize_model`
+leaves them.
 Canonical Huffman tables are stored as code lengths only.  The sha256 covers the whole
 payload, so a truncated file, a flipped byte or a foreign file is rejected with a
 :class:`PrunelabError` before anything is decoded, and nothing is returned half-read.
@@ -54,7 +58,8 @@ from torch import nn
 
 from prunelab.compress import huffman
 from prunelab.compress.quantize import (
-    DEFAULT_BITS, Codebook, _in_dtype, _layer_weights, quantizable_layers, quantize_weight, resolve_bits,
+    DEFAULT_BITS, WEIGHT_DTYPES, Codebook, _check_max_iter, _in_dtype, _layer_weights, quantizable_layers,
+    quantize_weight, resolve_bits,
 )
 from prunelab.compress.sparse_index import relative_decode, relative_encode
 from prunelab.errors import PrunelabError
@@ -68,7 +73,7 @@ FORMAT_VERSION = 1
 _HEADER = struct.Struct("<8sHHQ32s")
 DEFAULT_INDEX_BITS = {"conv": 8, "fc": 5}
 _KIND_QUANTISED, _KIND_RAW = 0, 1
-_QUANTISED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # code = index, << 5
+_QUANTISED_DTYPES = WEIGHT_DTYPES  # code = index, << 5
 _BITS_MASK, _DTYPE_SHIFT = 0x1F, 5
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
            torch.int8, torch.uint8, torch.bool)
@@ -273,7 +278,7 @@ def _encode_quantised(parts: _Parts, name: str, book: Codebook, index_bits: int,
     weight_lengths = huffman.code_lengths(np.bincount(symbols, minlength=k + 1))
     index_lengths = huffman.code_lengths(np.bincount(index.gaps, minlength=1 << index_bits))
     _name_and_shape(parts, "headers", _KIND_QUANTISED, name, tuple(book.assignments.shape), None)
-    code = _QUANTISED_DTYPES.index(dtype) if dtype in _QUANTISED_DTYPES else 0
+    code = _QUANTISED_DTYPES.index(dtype)  # _layer_weights refused any other dtype
     parts.pack("headers", "BBIQ", book.bits | code << _DTYPE_SHIFT, index_bits, k, index.gaps.size)
     parts.add("codebook", book.centroids.to(torch.float32).numpy().astype("<f4").tobytes())
     for lengths in (weight_lengths, index_lengths):
@@ -339,9 +344,12 @@ def write_compressed(
     (e.g. after :func:`~prunelab.compress.quantize.quantize_model` and
     :func:`~prunelab.compress.quantize.finetune_centroids`) is stored exactly; any other
     layer is k-means quantised here.  :func:`read_compressed` returns the quantised weights.
+    ``masks`` may also name ``nn.MultiheadAttention`` input projections (prunelab prunes
+    them): those are stored raw with the mask applied.
     """
+    _check_max_iter(max_iter)
     layers = quantizable_layers(model)
-    weights, keeps = _layer_weights(model, masks, layers)
+    weights, keeps, raw_keeps = _layer_weights(model, masks, layers)
     weight_bits = resolve_bits(bits, layers, DEFAULT_BITS, "bits")
     idx_bits = resolve_bits(index_bits, layers, DEFAULT_INDEX_BITS, "index_bits")
     state = model.state_dict()
@@ -385,6 +393,8 @@ def write_compressed(
             info = per_layer.setdefault(owner[name], {"bias_params": 0, "sizes": {}})
             info["bias_params"] = tensor.numel()
         else:
+            if param is not None and id(param) in raw_keeps:  # a masked attention in-projection
+                tensor = tensor.masked_fill(~raw_keeps[id(param)].to(tensor.device), 0)
             _encode_raw(parts, "other", name, tensor)
             other_bytes += sum(parts.sizes.values())
             info = None
@@ -489,6 +499,9 @@ def read_compressed(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     corrupt file (bad magic, length or sha256 mismatch, undecodable stream).
     """
     path = Path(path)
+    if path.is_dir():
+        raise PrunelabError(f"compressed model {str(path)!r} is a directory; pass the file write_compressed wrote "
+                            "inside it")
     if not path.is_file():
         raise PrunelabError(f"compressed model {str(path)!r} does not exist; pass the file write_compressed wrote")
     try:

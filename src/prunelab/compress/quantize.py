@@ -35,6 +35,7 @@ Default bits follow the paper: 8 for convolutions, 5 for fully-connected layers
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -45,13 +46,17 @@ from torch import nn
 
 from prunelab.errors import PrunelabError
 
-__all__ = ["DEFAULT_BITS", "MAX_BITS", "CentroidSGD", "Codebook", "finetune_centroids", "kmeans_1d",
-           "quantizable_layers", "quantize_model", "quantize_weight", "resolve_bits"]
+__all__ = ["DEFAULT_BITS", "MAX_BITS", "WEIGHT_DTYPES", "CentroidSGD", "Codebook", "attention_projections",
+           "finetune_centroids", "kmeans_1d", "quantizable_layers", "quantize_model", "quantize_weight",
+           "resolve_bits"]
 
 DEFAULT_BITS = {"conv": 8, "fc": 5}
 MAX_BITS = 16
+# dtypes a quantised weight keeps (the file's dtype code is the index: do not reorder)
+WEIGHT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _QUANTIZED_TYPES = (nn.Linear, *_CONV_TYPES)
+_ATTENTION_PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
 
 @dataclass(frozen=True)
@@ -83,10 +88,12 @@ def kmeans_1d(values: torch.Tensor, k: int, max_iter: int = 100) -> tuple[torch.
     """Lloyd's k-means on a 1-D tensor with linear initialisation (Han et al. 2016, Sec. 3.2).
 
     Returns ``(centroids (k,) float32 sorted, assignments (n,) int64)``; all ``k`` centroids
-    are returned, an empty cluster keeps its previous value.  Deterministic.
+    are returned, an empty cluster keeps its previous value.  Deterministic.  ``max_iter``
+    (>= 1) bounds the Lloyd rounds (assign, then move each centroid to its cluster's mean).
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise PrunelabError(f"k-means needs k >= 1 clusters, got {k!r}; pass bits >= 0")
+    _check_max_iter(max_iter)
     x = values.detach().reshape(-1).to(torch.float64).cpu()
     bad = int((~torch.isfinite(x)).sum())
     if bad:  # a NaN/inf min or max would make every linearly initialised centroid NaN
@@ -120,8 +127,13 @@ def quantize_weight(weight: torch.Tensor, keep: torch.Tensor | None, bits: int, 
     already take at most ``2^bits`` distinct float32 values (an already-quantised layer,
     e.g. after :func:`finetune_centroids`), those values ARE the codebook and the layer is
     reproduced exactly; otherwise :func:`kmeans_1d` clusters them.  ``name`` only labels errors.
+    A complex weight is refused (its imaginary part would be dropped).
     """
     _check_bits(bits, "bits")
+    _check_max_iter(max_iter)
+    if weight.is_complex():
+        raise PrunelabError(f"{name!r} is complex ({weight.dtype}); weight sharing clusters real values -- "
+                            "quantise a real-valued model")
     w = weight.detach().to(torch.float32).cpu()
     kept = w != 0
     if keep is not None:
@@ -156,6 +168,28 @@ def quantizable_layers(model: nn.Module) -> dict[str, str]:
         if isinstance(module, _QUANTIZED_TYPES) and isinstance(getattr(module, "weight", None), torch.Tensor):
             out[f"{name}.weight" if name else "weight"] = "conv" if isinstance(module, _CONV_TYPES) else "fc"
     return out
+
+
+def attention_projections(model: nn.Module) -> list[str]:
+    """FQNs of every ``nn.MultiheadAttention`` input projection (``in_proj_weight`` or ``q/k/v_proj_weight``).
+
+    They are pruning targets (:func:`prunelab.targets.prunable_parameters`) but no
+    Linear/Conv module: the compressed file stores them raw (not weight-shared), with their
+    mask applied, and their masks are accepted wherever a model's masks are.
+    """
+    out = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, nn.MultiheadAttention):
+            for attr in _ATTENTION_PROJECTIONS:
+                if isinstance(getattr(module, attr, None), torch.Tensor):
+                    out.append(f"{name}.{attr}" if name else attr)
+    return out
+
+
+def _check_max_iter(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PrunelabError(f"max_iter must be an integer >= 1 (Lloyd rounds of k-means), got {value!r}; e.g. 100")
+    return value
 
 
 def _check_bits(value: Any, what: str) -> int:
@@ -197,26 +231,35 @@ def resolve_bits(
 
 def _layer_weights(
     model: nn.Module, masks: Mapping[str, torch.Tensor] | None, layers: Mapping[str, str]
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None]]:
-    """Each layer's weight parameter and keep-mask (``None`` = no mask), both keyed by weight FQN.
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None], dict[int, torch.Tensor]]:
+    """Each layer's weight parameter and keep-mask (``None`` = no mask), both keyed by weight FQN,
+    and the keep-masks of masked attention in-projections (stored raw), keyed by ``id(parameter)``.
 
     Parameters are looked up with ``remove_duplicate=False``, so a TIED weight (one tensor
     shared by two layers, or by an embedding and a Linear head) is found under every name,
     and a mask given under any of its names applies to every layer using it (several masks
-    of one tensor are ANDed).
+    of one tensor are ANDed).  A layer weight of a dtype outside :data:`WEIGHT_DTYPES`
+    (complex, float8) is refused: the file could not give it back in its dtype.
     """
     named = dict(model.named_parameters(remove_duplicate=False))
     for name in layers:
         if name not in named:
             raise PrunelabError(f"layer weight {name!r} is not a parameter of the model (a parametrization?); "
                                 "remove it (torch.nn.utils.parametrize.remove_parametrizations) before compressing")
+        if named[name].dtype not in WEIGHT_DTYPES:
+            raise PrunelabError(
+                f"layer weight {name!r} has dtype {named[name].dtype}; weight sharing keeps only "
+                f"{', '.join(str(d).removeprefix('torch.') for d in WEIGHT_DTYPES)} weights -- convert the model "
+                "first, e.g. model.float()")
     layer_ids = {id(named[n]) for n in layers}
+    projection_ids = {id(named[n]) for n in attention_projections(model) if n in named}
     by_id: dict[int, torch.Tensor] = {}
     for name, mask in (masks or {}).items():
         param = named.get(name)
-        if param is None or id(param) not in layer_ids:
+        if param is None or id(param) not in layer_ids | projection_ids:
             raise PrunelabError(
-                f"mask {name!r} is not the weight of a Linear/Conv layer of the model; valid names: "
+                f"mask {name!r} is not the weight of a Linear/Conv layer (or an nn.MultiheadAttention input "
+                f"projection) of the model; valid names: "
                 f"{', '.join(list(layers)[:6])}{'...' if len(layers) > 6 else ''} -- pass the masks of this model"
             )
         if tuple(mask.shape) != tuple(param.shape):
@@ -224,7 +267,8 @@ def _layer_weights(
                                 f"{tuple(param.shape)}; pass the masks saved with this model")
         keep = mask.detach().to(device="cpu", dtype=torch.bool)
         by_id[id(param)] = keep if id(param) not in by_id else by_id[id(param)] & keep
-    return {n: named[n] for n in layers}, {n: by_id.get(id(named[n])) for n in layers}
+    raw = {i: keep for i, keep in by_id.items() if i not in layer_ids}  # masked attention in-projections
+    return {n: named[n] for n in layers}, {n: by_id.get(id(named[n])) for n in layers}, raw
 
 
 def _in_dtype(book: Codebook, dtype: torch.dtype) -> Codebook:
@@ -256,10 +300,16 @@ def quantize_model(
     call each weight equals ``codebook.decode()`` exactly (an fp16/bf16 weight gets its
     centroids rounded to its dtype); pruned weights stay zero.  A tied weight (one tensor
     used by several layers) is quantised once, under the first layer's name and bits.
+    An ``nn.MultiheadAttention`` input projection is not weight-shared (the file stores it
+    raw); a mask given for it is applied (its pruned entries set to 0).
     """
+    _check_max_iter(max_iter)
     layers = quantizable_layers(model)
-    weights, keeps = _layer_weights(model, masks, layers)
-    per_layer = resolve_bits(bits, layers, DEFAULT_BITS)
+    weights, keeps, raw_keeps = _layer_weights(model, masks, layers)
+    per_layer = resolve_bits(bits, layers, DEFAULT_BITS)  # every check before the model changes
+    for param in model.parameters():
+        if id(param) in raw_keeps:
+            param.masked_fill_(~raw_keeps[id(param)].to(param.device), 0)
     codebooks = {}
     done: set[int] = set()
     for name in layers:
@@ -287,6 +337,10 @@ class CentroidSGD(torch.optim.Optimizer):
     def __init__(self, params: list[torch.Tensor], codebooks: list[Codebook], lr: float, momentum: float = 0.0) -> None:
         if len(params) != len(codebooks):
             raise PrunelabError(f"CentroidSGD got {len(params)} weights but {len(codebooks)} codebooks; pass one each")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+            raise PrunelabError(f"CentroidSGD lr must be a positive number, got {lr!r}; e.g. 0.01")
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
+            raise PrunelabError(f"CentroidSGD momentum must be in [0, 1), got {momentum!r}; e.g. 0.9")
         super().__init__(params, {"lr": lr, "momentum": momentum})
         for param, book in zip(params, codebooks):
             if tuple(param.shape) != tuple(book.assignments.shape):
@@ -359,6 +413,8 @@ def finetune_centroids(
 
     Only the centroids learn (Han et al. 2016, Sec. 3.3): every other parameter is frozen
     for the run (``requires_grad`` restored afterwards); the assignments never change.
+    Each centroid steps along the cluster-AVERAGED gradient of its weights
+    (:class:`CentroidSGD`), not the paper's Eq. 3 sum: ``lr`` acts like a per-weight SGD rate.
     ``model``'s weights must equal ``codebooks[name].decode()`` (as :func:`quantize_model`
     leaves them) and, after every optimizer step, equal the updated centroids exactly.
 
