@@ -150,8 +150,9 @@ def head_importance(
     ``batches`` yields ``(inputs, targets)``, of which the first ``max_batches`` (all when
     ``None``) are drawn; the loss is ``loss_fn(model(inputs), targets)``,
     or ``loss_fn(model(**inputs), targets)`` when ``inputs`` is a dict (a ``transformers``
-    output object passes its ``.logits``).  Each unit's output
-    projection must run at most once per forward; a batch it did not run in adds 0 to its heads.  The model runs in eval mode (every module's own
+    output object passes its ``.logits``).  A unit whose output projection runs several times in
+    one forward (shared weights) has one gate per head for all its calls, so ``dL/dxi_h`` sums
+    them; a batch it did not run in adds 0 to its heads.  The model runs in eval mode (every module's own
     train/eval flag is restored afterwards) with gradients enabled, even when called under
     ``torch.no_grad()``; gradients come from ``torch.autograd.grad``, so every parameter's
     ``.grad`` is left untouched (the same tensor object: DDP's bucket views stay intact).
@@ -167,8 +168,9 @@ def head_importance(
     def gate_hook(name: str, unit: HeadUnit) -> Callable:
         def hook(module: nn.Module, args: tuple) -> tuple:
             context = args[0]  # (..., H*d): the heads' concatenated outputs
-            gate = torch.ones(unit.num_heads, dtype=context.dtype, device=context.device, requires_grad=True)
-            gates[name] = gate
+            if name not in gates:  # one gate per head and batch: a unit run twice sums both calls' dL/dxi_h
+                gates[name] = torch.ones(unit.num_heads, dtype=context.dtype, device=context.device, requires_grad=True)
+            gate = gates[name].to(dtype=context.dtype, device=context.device)  # (H,), differentiable
             return (context * gate.repeat_interleave(unit.head_dim), *args[1:])
         return hook
 

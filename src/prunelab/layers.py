@@ -100,7 +100,9 @@ def block_influence(model: nn.Module, calibration: Sequence[Tensor | Mapping[str
         calls[id(module)] = index + 1
         name = names[index % len(names)]
         running.setdefault(id(module), []).append(name)
-        state[name] = _hidden_in(args, kwargs)
+        hidden = _hidden_in(args, kwargs)
+        # a copy: a block that adds in place (x += f(x); return x) would otherwise compare its output with itself
+        state[name] = hidden.clone() if hidden is not None else None
 
     def post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         name = running[id(module)].pop()
@@ -122,7 +124,8 @@ def block_influence(model: nn.Module, calibration: Sequence[Tensor | Mapping[str
                 continue  # a shared block: hooked at its first position only
             handles.append(block.register_forward_pre_hook(pre_hook, with_kwargs=True))
             handles.append(block.register_forward_hook(post_hook, with_kwargs=True))
-        device = next(model.parameters()).device
+        first = next(model.parameters(), None)  # blocks without weights (a Sequential of ReLUs) run on the CPU
+        device = first.device if first is not None else torch.device("cpu")
         with eval_mode(model):  # restores every module's own train/eval flag
             for item in items:
                 calls.clear()  # positions of shared blocks count from the start of each forward pass
@@ -162,7 +165,11 @@ def lowest_influence(scores: Mapping[str, float], count: int) -> list[str]:
 
 
 def drop_blocks(model: nn.Module, names: Sequence[str]) -> nn.Module:
-    """Remove the blocks ``names`` from ``model`` in place (see the module docs); returns ``model``."""
+    """Remove the blocks ``names`` from ``model`` in place (see the module docs); returns ``model``.
+
+    ``names``: block names (:func:`lowest_influence`); a bare string is one name, not its characters.
+    """
+    names = [names] if isinstance(names, str) else list(names)  # once: a generator was consumed by the first check
     blocks = _blocks(model)
     known = [name for name, _ in blocks]
     unknown = [n for n in names if n not in known]

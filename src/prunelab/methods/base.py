@@ -66,6 +66,7 @@ class PruneSpec:
             if not isinstance(name, str):
                 raise PrunelabError(f"layer_rates keys must be layer globs (strings), got {name!r}; e.g. {{'fc3': 0.1}}")
             check_sparsity(rate, f"per-round rate for {name!r}")
+        object.__setattr__(self, "layer_rates", dict(self.layer_rates))  # a copy: the caller's dict may change later
         exclude = self.exclude if self.exclude is not None else ()
         exclude = (exclude,) if isinstance(exclude, str) else exclude  # a bare glob: not its letters
         if not isinstance(exclude, (tuple, list)) or not all(isinstance(p, str) for p in exclude):
@@ -98,9 +99,14 @@ class MethodResult:
 
 
 def require_loader(loader: Any, role: str, method: str, fix: str) -> None:
-    """Raise a one-line PrunelabError when ``loader`` (the ``role`` data of ``method``) is missing."""
+    """Raise a one-line PrunelabError when ``loader`` (the ``role`` data of ``method``) is missing or
+    has no batch (checked before anything is pruned: an empty training loader failed only at the
+    fine-tuning after the model was already pruned)."""
     if loader is None or not hasattr(loader, "__iter__"):
         raise PrunelabError(f"{method} needs {role} but got {type(loader).__name__}; {fix}")
+    if hasattr(loader, "__len__") and len(loader) == 0:
+        raise PrunelabError(f"{method} needs {role} but the {type(loader).__name__} given has no batch; "
+                            "check the dataset split and batch size (drop_last=True drops a short last batch)")
 
 
 def require_test_loader(test_loader: Any, method: str) -> None:

@@ -44,7 +44,7 @@ def run_iterative(
         base = schedule.sparsity_at(r)
         fixed = {n: per_round_sparsity(rate, r) for n, rate in overridden.items()}
         sparsifier.bounds = spec.rules(fixed).bounds(names)  # keep_first/keep_last cap a fixed rate
-        target = sum(sizes[n] * (sparsifier.bounds[n][0] if n in fixed else base) for n in names) / sum(sizes.values())
+        target = _round_target(base, fixed, sizes, sparsifier.bounds)
         reached = _reachable(sparsifier, fixed, target)
         if fixed:
             sparsifier.update(reached)  # the fixed layers move on to this round's rate in any case
@@ -59,6 +59,15 @@ def run_iterative(
         rows.append(stage_row(f"round {r}", model, sparsifier.masks, test_loader, round=r, target_sparsity=target))
     masks = sparsifier.finalize()
     return MethodResult(masks, rows, sparsifier.history)
+
+
+def _round_target(base: float, fixed: dict[str, float], sizes: dict[str, int], bounds) -> float:
+    """The global sparsity of a round: ``base`` itself when no layer has a fixed rate (a weighted
+    mean of equal values can round off it: 0.45 became 0.45000000000000007 and kept one weight
+    fewer than ``round(0.55 * n)``), else each fixed layer at its rate, the others at ``base``."""
+    if not fixed:
+        return base
+    return sum(n * (bounds[name][0] if name in fixed else base) for name, n in sizes.items()) / sum(sizes.values())
 
 
 def _reachable(sparsifier, fixed: dict[str, float], target: float) -> float:
