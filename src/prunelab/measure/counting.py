@@ -106,6 +106,55 @@ def _apply_width(module: nn.Module) -> tuple[int, bool]:
     return module.out_channels, False
 
 
+_CONV_DIMS: tuple[tuple[type[nn.Module], int], ...] = (
+    (nn.Conv1d, 1), (nn.Conv2d, 2), (nn.Conv3d, 3),
+    (nn.ConvTranspose1d, 1), (nn.ConvTranspose2d, 2), (nn.ConvTranspose3d, 3),
+)
+
+
+def _input_problem(module: nn.Module, x: Any) -> str | None:
+    """Why a stock Linear/Conv ``module`` cannot take ``x`` (``"expects ... but got ..."``), or None.
+
+    Only layers that run their class's own ``forward`` are checked (a subclass may reshape
+    its input); a Linear needs ``(..., in_features)``, a ``ConvNd`` ``(N, C_in, *d)`` or
+    ``(C_in, *d)`` with ``d`` of N spatial sizes; a floating-point weight needs a
+    floating-point input (token ids or labels are integers; no autocast casts those).
+    """
+    if not isinstance(x, torch.Tensor):
+        return None
+    expected = None
+    if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
+        if x.dim() == 0 or x.shape[-1] != module.in_features:
+            expected = f"(..., {module.in_features})"
+    else:
+        stock = [dims for conv, dims in _CONV_DIMS
+                 if isinstance(module, conv) and type(module).forward is conv.forward]
+        if not stock:
+            return None
+        dims, channels = stock[0], module.in_channels
+        if x.dim() not in (dims + 1, dims + 2) or x.shape[-(dims + 1)] != channels:
+            spatial = ("L", "H, W", "D, H, W")[dims - 1]
+            expected = f"(N, {channels}, {spatial}) or ({channels}, {spatial})"
+    if expected is not None:
+        return f"expects input of shape {expected} but got shape {tuple(x.shape)}"
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point() and not (x.is_floating_point() or x.is_complex()):
+        return f"expects a floating-point input (its weight is {weight.dtype}) but got {x.dtype}"
+    return None
+
+
+def _check_input_hook(name: str):
+    """A forward pre-hook that refuses, naming the layer, an input its stock Linear/Conv forward would reject."""
+    def hook(module: nn.Module, args: tuple) -> None:
+        problem = _input_problem(module, args[0]) if args else None
+        if problem is not None:
+            raise PrunelabError(
+                f"layer {name!r} ({type(module).__name__}) {problem}; pass an example_input of the shape and dtype "
+                f"the model was built for"
+            )
+    return hook
+
+
 def _masks_by_weight(
     model: nn.Module, masks: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor]
 ) -> dict[int, torch.Tensor]:
@@ -215,7 +264,9 @@ def measure_model(
     Runs ONE forward pass of ``example_input`` (leading dimension = batch; batch 1 is
     typical) in eval mode under ``torch.no_grad``; the hooks and the ``TorchFunctionMode``
     that counts functional attention are always removed and every module's train/eval flag
-    restored, even if the forward raises.  ``masks`` maps weight FQNs (``"fc1.weight"``,
+    restored, even if the forward raises.  An input a Linear/Conv layer cannot take (wrong
+    last dimension, channel count, rank, or integer dtype) is refused with a one-line ``PrunelabError`` that
+    names the layer, before torch's own error.  ``masks`` maps weight FQNs (``"fc1.weight"``,
     ``"attn.in_proj_weight"``) to bool keep-masks; a weight counts as nonzero when it is
     nonzero and kept.  Layers the forward never calls are listed with ``reached=False``
     and 0 MACs.  Layers whose module is called more than once add up their positions.
@@ -314,6 +365,7 @@ def measure_model(
             push, pop = make_running_hooks(name)  # pop even when the forward raises (a caller may catch it)
             handles += [module.register_forward_pre_hook(push), module.register_forward_hook(pop, always_call=True)]
         for name, module in layers.items():
+            handles.append(module.register_forward_pre_hook(_check_input_hook(name)))
             handles.append(module.register_forward_hook(make_hook(name, *_apply_width(module))))
         for name, module in mhas.items():
             handles.append(module.register_forward_pre_hook(enter_mha, with_kwargs=True))

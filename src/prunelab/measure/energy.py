@@ -49,7 +49,8 @@ from prunelab.measure.attention import IN_PROJECTION_KIND, attention_modules, ch
 from prunelab.measure.costs import BYTES_PER_VALUE
 from prunelab.measure.counting import measure_model, measured_layers
 
-__all__ = ["ASSUMPTIONS", "FORMS", "HOROWITZ_45NM", "EnergyReport", "EnergyTable", "LayerEnergy", "estimate_energy"]
+__all__ = ["ASSUMPTIONS", "FORMS", "HOROWITZ_45NM", "EnergyReport", "EnergyTable", "LayerEnergy", "assumptions_text",
+           "estimate_energy"]
 
 FORMS = ("dense", "pruned", "sparse", "compressed")
 
@@ -79,20 +80,30 @@ class EnergyTable:
 
 HOROWITZ_45NM = EnergyTable()
 
-ASSUMPTIONS = (
-    "Batch 1, one inference. One MAC = one fp32 multiply + one fp32 add; bias additions and "
-    "non-Linear/Conv layers are not counted. Every stored weight byte (bias included) is read once "
-    "from DRAM per inference, at 640 pJ per 32-bit word pro rata (E_DRAM / 4 per byte, partial words "
-    "allowed): a weight used several times (a module called twice, tied weights shared by two layers) "
-    "costs MACs for every use but is fetched once, by the first layer that runs with it, and stays on chip "
-    "for the other uses; a layer the forward never calls fetches nothing. Activations live in SRAM: each "
-    "layer call reads its input once and "
-    "writes its output once as fp32, a write costing the same as a read (5 pJ per 32-bit word). "
-    "Pruned/sparse/compressed forms skip zero MACs (perfect load balance, no index arithmetic except "
-    "as stated). The compressed form adds, per stored entry it fetches (nonzero or filler zero of the relative "
-    "index), one register-file read (codebook lookup) and one int add (relative index); Huffman decoding is not "
-    "modelled."
-)
+def _pj(value: float) -> str:
+    return f"{value:g}"
+
+
+def assumptions_text(table: EnergyTable) -> str:
+    """The model's assumptions, with ``table``'s own DRAM and SRAM energies (print it next to the numbers)."""
+    return (
+        "Batch 1, one inference. One MAC = one fp32 multiply + one fp32 add; bias additions and "
+        "non-Linear/Conv layers are not counted. Every stored weight byte (bias included) is read once "
+        f"from DRAM per inference, at {_pj(table.dram_pj)} pJ per 32-bit word pro rata (E_DRAM / 4 per byte, "
+        "partial words allowed): a weight used several times (a module called twice, tied weights shared by two "
+        "layers) costs MACs for every use but is fetched once, by the first layer that runs with it, and stays on "
+        "chip for the other uses; a layer the forward never calls fetches nothing. Activations live in SRAM: each "
+        "layer call reads its input once and "
+        "writes its output once as fp32, a write costing the same as a read "
+        f"({_pj(table.sram_pj)} pJ per 32-bit word). "
+        "Pruned/sparse/compressed forms skip zero MACs (perfect load balance, no index arithmetic except "
+        "as stated). The compressed form adds, per stored entry it fetches (nonzero or filler zero of the relative "
+        "index), one register-file read (codebook lookup) and one int add (relative index); Huffman decoding is not "
+        "modelled."
+    )
+
+
+ASSUMPTIONS = assumptions_text(HOROWITZ_45NM)
 
 
 @dataclass(frozen=True)
@@ -235,10 +246,18 @@ def estimate_energy(
 
     ``nn.MultiheadAttention``'s q/k/v in-projections count as layers (the compressed file
     stores them raw, so their compressed form reads their dense bytes); the attention
-    products Q K^T and A V (``ModelCost.attention_macs``) are not modelled.
+    products Q K^T and A V (``ModelCost.attention_macs``) are not modelled.  A model with none
+    of those layers is refused (its estimate would be all zeros).  The report's ``assumptions``
+    state ``table``'s DRAM and SRAM energies.
     """
     if not isinstance(table, EnergyTable):
         raise PrunelabError(f"table must be an EnergyTable, got {type(table).__name__}; pass e.g. HOROWITZ_45NM")
+    if isinstance(model, nn.Module) and not measured_layers(model) and not attention_modules(model):
+        raise PrunelabError(
+            f"estimate_energy found no layer to estimate in {type(model).__name__}: the energy model counts nn.Linear, "
+            f"nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d, nn.MultiheadAttention and prunelab's sparse modules -- pass "
+            f"a model built from them"
+        )
     cost = measure_model(model, example_input, masks)
     activations = _activation_elements(model, example_input)
     file_layers: dict[str, Any] = {}
@@ -283,4 +302,4 @@ def estimate_energy(
                 compute_pj=compute, weight_pj=weight_bytes / 4 * table.dram_pj,
                 activation_pj=act_bytes / 4 * table.sram_pj,
             ))
-    return EnergyReport(tuple(rows), forms, table)
+    return EnergyReport(tuple(rows), forms, table, assumptions_text(table))

@@ -11,6 +11,7 @@ batch norm on its running statistics), and handed back in the train/eval mode th
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 import statistics
 import time
@@ -34,6 +35,10 @@ def interleaved_latency(variants: Mapping[str, Callable[[], Any]], reps: int = 1
         raise PrunelabError(f"reps must be >= 1, got {reps!r}; pass e.g. reps=15")
     if isinstance(warmup, bool) or not isinstance(warmup, numbers.Integral) or warmup < 0:
         raise PrunelabError(f"warmup must be an integer >= 0, got {warmup!r}; pass e.g. warmup=2")
+    if (isinstance(min_sample_s, bool) or not isinstance(min_sample_s, numbers.Real)
+            or not math.isfinite(min_sample_s) or min_sample_s < 0):
+        raise PrunelabError(f"min_sample_s must be a finite number of seconds >= 0, got {min_sample_s!r}; "
+                            f"pass e.g. min_sample_s=2e-3")
     wait = sync if sync is not None else (lambda: None)
     inner: dict[str, int] = {}
     for name, fn in variants.items():
@@ -94,7 +99,8 @@ def layer_latency_ms(models: Mapping[str, nn.Module], example: torch.Tensor, rep
     One forward of each model on ``example`` records the inputs every leaf module (one
     without children) receives; each leaf is then timed on its own recorded inputs,
     interleaved across the models that have a leaf of that name (a shrunk model keeps the
-    dense model's module names).  Leaves called more than once per forward are skipped (their
+    dense model's module names); keyword arguments a leaf is called with are recorded and
+    passed too.  Leaves called more than once per forward are skipped (their
     inputs are ambiguous), and so is work a model does outside its modules (functional calls
     in ``forward``): the whole-model latency minus the sum of the leaves is that remainder.
     Returns ``{leaf name: {model name: ms}}`` in the first model's call order.  As in
@@ -106,22 +112,24 @@ def layer_latency_ms(models: Mapping[str, nn.Module], example: torch.Tensor, rep
 
 def _layer_latency_ms(models: Mapping[str, nn.Module], example: torch.Tensor, reps: int
                       ) -> dict[str, dict[str, float]]:
-    recorded: dict[str, dict[str, tuple[nn.Module, tuple, int]]] = {}  # leaf -> model -> (module, args, calls)
+    # leaf -> model -> (module, args, kwargs, calls): a leaf called with keywords is timed with them too
+    recorded: dict[str, dict[str, tuple[nn.Module, tuple, dict[str, Any], int]]] = {}
     order: list[str] = []
     for variant, model in models.items():
         leaves = {name: m for name, m in model.named_modules() if name and not any(True for _ in m.children())}
         handles = []
 
-        def hook(module: nn.Module, args: tuple, name: str, variant: str = variant) -> None:
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], name: str, variant: str = variant) -> None:
             entry = recorded.setdefault(name, {})
-            _, first_args, calls = entry.get(variant, (module, args, 0))
-            entry[variant] = (module, first_args, calls + 1)
+            _, first_args, first_kwargs, calls = entry.get(variant, (module, args, dict(kwargs), 0))
+            entry[variant] = (module, first_args, first_kwargs, calls + 1)
             if name not in order:
                 order.append(name)
 
         try:
             for name, module in leaves.items():
-                handles.append(module.register_forward_pre_hook(lambda m, a, name=name: hook(m, a, name)))
+                handles.append(module.register_forward_pre_hook(
+                    lambda m, a, k, name=name: hook(m, a, k, name), with_kwargs=True))
             with torch.inference_mode():
                 model(example)
         finally:
@@ -131,8 +139,8 @@ def _layer_latency_ms(models: Mapping[str, nn.Module], example: torch.Tensor, re
     with torch.inference_mode():
         for name in order:
             entry = recorded[name]
-            if any(calls != 1 for _, _, calls in entry.values()):
+            if any(calls != 1 for *_, calls in entry.values()):
                 continue
-            variants = {v: (lambda m=m, a=a: m(*a)) for v, (m, a, _) in entry.items()}
+            variants = {v: (lambda m=m, a=a, k=k: m(*a, **k)) for v, (m, a, k, _) in entry.items()}
             out[name] = {v: 1000.0 * s for v, s in interleaved_latency(variants, reps=reps).items()}
     return out
