@@ -391,3 +391,20 @@ def test_layer_latency_times_a_leaf_called_with_keywords_with_those_keywords(mon
     # 1 recording call + 2 warm-up + 1 sizing + 2 repetitions, every one with factor=2.0
     assert model.scale.factors == [2.0] * 6
     assert _no_hooks(model)
+
+
+def test_a_weight_reparametrised_by_torch_prune_or_parametrize_is_counted_once():
+    from torch.nn.utils import parametrize, prune
+
+    class Double(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return 2 * w
+
+    torch.manual_seed(0)
+    pruned = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))  # 15 + 8 parameters
+    prune.l1_unstructured(pruned[0], "weight", amount=0.5)  # weight_orig (param) + weight_mask (buffer)
+    cost = measure_model(pruned, torch.randn(1, 4))
+    assert (cost.params, cost.other_params, cost.layers[0].weight_nonzeros) == (23, 0, 6)
+    doubled = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    parametrize.register_parametrization(doubled[0], "weight", Double())  # parametrizations.weight.original
+    assert (measure_model(doubled, torch.randn(1, 4)).params, measure_model(doubled, torch.randn(1, 4)).other_params) == (23, 0)

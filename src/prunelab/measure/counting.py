@@ -192,6 +192,26 @@ def _masks_by_weight(
     return by_id
 
 
+def _reparametrised_originals(model: nn.Module) -> set[int]:
+    """``id`` of the stored originals behind a re-parametrised weight, counted with its layer, not as other.
+
+    ``torch.nn.utils.prune`` keeps ``weight_orig`` (a parameter) and ``weight_mask`` (a buffer) and
+    computes ``weight`` from them; ``torch.nn.utils.parametrize`` keeps
+    ``parametrizations.weight.original``.  The layer's cost already counts ``weight``.
+    """
+    found = set()
+    for module in model.modules():
+        original = getattr(module, "weight_orig", None)
+        if isinstance(original, nn.Parameter) and hasattr(module, "weight_mask"):
+            found.add(id(original))
+        parametrizations = getattr(module, "parametrizations", None)
+        if isinstance(parametrizations, nn.ModuleDict) and "weight" in parametrizations:
+            original = getattr(parametrizations["weight"], "original", None)
+            if isinstance(original, nn.Parameter):
+                found.add(id(original))
+    return found
+
+
 def _weight_nonzeros(weight: torch.Tensor, mask: torch.Tensor | None) -> int:
     nonzero = weight.detach() != 0
     if mask is not None:
@@ -414,6 +434,7 @@ def measure_model(
             format_bytes=unit.format_bytes,
             bias_tied_to=bias_tied_to,
         ))
+    measured_ids |= _reparametrised_originals(model)
     other = sum(p.numel() for p in model.parameters() if id(p) not in measured_ids) + tied_own_bias
     attention = tuple(
         AttentionCost(name=name, kind=kind, calls=calls,
