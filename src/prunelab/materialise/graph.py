@@ -17,6 +17,29 @@ offsets); ``flatten`` / ``view`` merging the channel dim with the spatial dims g
 every channel ``H*W`` consecutive positions (``inner``), which is how a Linear after a
 flatten finds its input columns ``c*H*W .. (c+1)*H*W``.
 
+Per-channel spatial ops pass channels through unchanged (op kind ``spatial``):
+``F.interpolate`` / ``nn.Upsample`` (every mode resamples each ``(n, c)`` plane on its
+own, with weights summing to one, so a constant channel stays that constant) and
+reflect / replicate / circular padding (``F.pad``, ``nn.ReflectionPad*``,
+``nn.ReplicationPad*``, ``nn.CircularPad*``) that leaves the channel dim alone.  Constant
+padding (``F.pad(mode='constant')``, ``nn.ZeroPad*``, ``nn.ConstantPad*``; kind ``pad``)
+fills the border with its value in every channel, pruned ones included: a pruned channel
+stays constant only if its value equals the fill, which the planner checks.  Padding
+that touches the channel dim, and channel-mixing ops such as ``nn.PixelShuffle``, are
+barriers.
+
+``nn.ConvTranspose1d/2d/3d`` (weight ``(in_channels, out_channels / groups, *kernel)``,
+Dumoulin & Visin 2016, "A guide to convolution arithmetic for deep learning") is a
+producer of its output channels -- weight dim 1 -- and a consumer of its input channels
+-- weight dim 0 -- like a Conv with the two weight dims swapped: its output-channel
+space is owned by ``weight[:, o]``, and its mask's pruned input slices ``weight[i]``
+(what the channel granularity prunes, as it views dim 0 as the output) join the spaces
+of its input channels as a pass-through owner (see :class:`Owner`: cut only where the
+producer's mask prunes them too).  The planner reads a transposed conv's mask as one
+row vector ``(out_channels output channels, then in_channels input channels)``; owners'
+offsets index into it.  Depthwise transposed convs are handled as depthwise convs;
+other grouped ones are refused as grouped convs are.
+
 Every op a pruned channel may not pass is recorded as a :class:`Pin` (a *barrier*); the
 planner (:mod:`prunelab.materialise.shrink`) turns pins that pruned channels actually
 reach into one-line problems naming the op, the node and the module.
@@ -58,11 +81,13 @@ from prunelab.materialise.tracing import (
 
 LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear,)
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONVT_TYPES: tuple[type[nn.Module], ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 BN_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 POINTWISE_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh,
     nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid,
+    nn.Hardshrink, nn.Softshrink, nn.Threshold,
 )
 IDENTITY_MODULES: tuple[type[nn.Module], ...] = (
     nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
@@ -72,11 +97,19 @@ POOL_MODULES: tuple[type[nn.Module], ...] = (
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
 )
 AVGPOOL_MODULES: tuple[type[nn.Module], ...] = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+# per-channel resampling of the spatial dims (every Upsample* subclasses nn.Upsample)
+RESAMPLE_MODULES: tuple[type[nn.Module], ...] = (nn.Upsample,)
+PAD_MODES: dict[type[nn.Module], str] = {
+    nn.modules.padding._ConstantPadNd: "constant", nn.modules.padding._ReflectionPadNd: "reflect",
+    nn.modules.padding._ReplicationPadNd: "replicate", nn.modules.padding._CircularPadNd: "circular",
+}
+PAD_MODULES: tuple[type[nn.Module], ...] = tuple(PAD_MODES)
 
 POINTWISE_FUNCTIONS = frozenset({
     torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.abs, torch.neg, torch.clamp, operator.neg,
     F.relu, F.relu6, F.gelu, F.silu, F.elu, F.selu, F.celu, F.leaky_relu, F.hardswish, F.hardsigmoid, F.hardtanh,
-    F.softplus, F.mish, F.sigmoid, F.tanh,
+    F.softplus, F.mish, F.sigmoid, F.tanh, F.hardshrink, F.softshrink, F.threshold, F.logsigmoid, F.softsign,
+    F.tanhshrink,
 })
 IDENTITY_FUNCTIONS = frozenset({F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout})
 BINARY_FUNCTIONS = frozenset({
@@ -90,6 +123,7 @@ POOL_FUNCTIONS = frozenset({
     F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
 })
 AVGPOOL_FUNCTIONS = frozenset({F.avg_pool1d, F.avg_pool2d, F.avg_pool3d})
+RESAMPLE_FUNCTIONS = frozenset({F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear})
 REDUCE_FUNCTIONS = {torch.mean: "mean", torch.sum: "sum", torch.amax: "max"}
 
 POINTWISE_METHODS = frozenset({
@@ -132,6 +166,50 @@ def zero_padded(conv_or_pool: nn.Module) -> bool:
     return any(p > 0 for p in (padding if isinstance(padding, tuple) else (padding,)))
 
 
+def spreads_constants(convt: nn.Module) -> bool:
+    """True when a transposed conv maps a constant input channel to a non-constant output.
+
+    ``y[o, p] = b[o] + sum over the taps (i, k) landing on p of x[i] * w[i, o, k]``: how
+    many taps land on ``p``, and which, depends on ``p`` (stride, overlap, borders,
+    ``output_padding``), so a constant input channel only adds a constant when every
+    output position gets exactly the one tap of a 1-sized kernel: kernel 1, stride 1 and
+    no ``output_padding`` (``padding`` then only crops).
+    """
+    ones = all(k == 1 for k in convt.kernel_size) and all(s == 1 for s in convt.stride)
+    return not (ones and all(p == 0 for p in convt.output_padding))
+
+
+def pad_spec(node: fx.Node, module: nn.Module | None) -> tuple[Any, Any, Any]:
+    """``(pad, mode, value)`` of an ``nn.*Pad*`` module or an ``F.pad(input, pad, mode, value)`` call.
+
+    ``pad`` is in F.pad's order -- ``(before, after)`` pairs from the last dim backwards --
+    and may hold fx nodes (sizes computed at run time); ``value`` is the fill of a
+    constant pad (0 when not given), None for the other modes.
+    """
+    if module is not None:
+        mode = next(m for t, m in PAD_MODES.items() if isinstance(module, t))
+        return tuple(module.padding), mode, getattr(module, "value", 0) if mode == "constant" else None
+
+    def arg(index: int, key: str, default: Any) -> Any:
+        return node.args[index] if len(node.args) > index else node.kwargs.get(key, default)
+
+    mode = arg(2, "mode", "constant")
+    value = arg(3, "value", None)
+    return arg(1, "pad", None), mode, (0 if value is None else value) if mode == "constant" else None
+
+
+def _zero(p: Any) -> bool:
+    return isinstance(p, int) and not isinstance(p, bool) and p == 0
+
+
+def pads_dim(pad: Any, rank: int, dim: int) -> bool:
+    """True unless ``pad`` (F.pad's order) provably leaves dim ``dim`` of a rank-``rank`` tensor alone."""
+    if not isinstance(pad, (tuple, list)):
+        return True
+    pair = rank - 1 - dim  # pair j pads dim rank-1-j
+    return 2 * pair < len(pad) and not all(_zero(p) for p in pad[2 * pair: 2 * pair + 2])
+
+
 def averages_exactly(node_or_pool: fx.Node | nn.Module) -> bool:
     """True when an average pool maps a constant channel to the same constant everywhere.
 
@@ -152,6 +230,11 @@ def averages_exactly(node_or_pool: fx.Node | nn.Module) -> bool:
     pads = padding if isinstance(padding, (tuple, list)) else (padding,)
     unpadded = all(isinstance(p, int) and not isinstance(p, bool) and p == 0 for p in pads)
     return divisor is None and (unpadded or include is False)
+
+
+def _literal(value: Any) -> str:
+    """``value`` for a message, fx nodes (sizes computed at run time) shown as ``?``."""
+    return str(map_aggregate(value, lambda a: "?" if isinstance(a, fx.Node) else a)).replace("'?'", "?")
 
 
 def mutated_input(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
@@ -291,7 +374,7 @@ class _Builder:
             space = self.producer(name, module.out_features)
             inputs = [x] if lay is not None else []
             self.emit(node, "linear", inputs, Layout(out_rank - 1, (Segment(space, module.out_features),)))
-        elif isinstance(module, CONV_TYPES):
+        elif isinstance(module, CONV_TYPES + CONVT_TYPES):
             self.visit_conv(node, module, x, lay)
         elif isinstance(module, BN_TYPES):
             if lay is not None and lay.dim != 1:
@@ -313,8 +396,36 @@ class _Builder:
                 self.emit(node, "pool_zero" if padded else "pool", [x], lay)
         elif isinstance(module, nn.Flatten):
             self.visit_reshape(node, x, literal=False)
+        elif isinstance(module, RESAMPLE_MODULES):
+            self.visit_resample(node, x, lay)
+        elif isinstance(module, PAD_MODULES):
+            self.visit_pad(node, x, lay, module)
         else:
             self.barrier(node)
+
+    def visit_resample(self, node: fx.Node, x: fx.Node | None, lay: Layout | None) -> None:
+        """``F.interpolate`` / ``nn.Upsample``: resamples dims 2.. of ``(N, C, *spatial)``; dims 0 and 1 pass."""
+        if lay is not None and lay.dim >= 2:
+            self.barrier(node, "it resamples the pruned channel dim")
+        else:
+            self.emit(node, "spatial", [x] if x is not None else [], lay)
+
+    def visit_pad(self, node: fx.Node, x: fx.Node | None, lay: Layout | None, module: nn.Module | None) -> None:
+        """Padding: passes channels when it leaves the channel dim alone; constant fills are checked by the planner."""
+        pad, mode, value = pad_spec(node, module)
+        if lay is None:
+            self.emit(node, "spatial", [x] if x is not None else [], None)
+        elif pads_dim(pad, len(self.shape(x)), lay.dim):
+            self.barrier(node, f"it pads the pruned channel dim {lay.dim} (pad={_literal(pad)}); pad only the spatial dims")
+        elif mode not in ("reflect", "replicate", "circular", "constant"):
+            self.barrier(node, f"padding mode {_literal(mode)} is not known")
+        elif mode == "constant" and not all(isinstance(p, int) and p <= 0 for p in pad):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                self.barrier(node, "its fill value is computed at run time")
+            else:
+                self.emit(node, "pad", [x], lay)  # the border holds `value` in every channel
+        else:  # copies of each channel's own values (or a crop): a constant channel stays constant
+            self.emit(node, "spatial", [x], lay)
 
     def visit_conv(self, node: fx.Node, conv: nn.Module, x: fx.Node, lay: Layout | None) -> None:
         name = node.target
@@ -324,6 +435,8 @@ class _Builder:
             lay = None
         if conv.groups == 1:
             space = self.producer(name, conv.out_channels)
+            if lay is not None and isinstance(conv, CONVT_TYPES):
+                self.vote_inputs(name, conv.out_channels, lay)
             self.emit(node, "conv", [x] if lay is not None else [], Layout(dim, (Segment(space, conv.out_channels),)))
         elif is_depthwise(conv):
             self.visit_depthwise(node, conv, x, lay, dim)
@@ -334,6 +447,19 @@ class _Builder:
             out = Layout(dim, (Segment(space, conv.out_channels),))
             self.pin([out], "op", f"{what}: cutting channels of a grouped convolution is not supported")
             self.emit(node, "grouped", [x], out)
+
+    def vote_inputs(self, name: str, out_channels: int, lay: Layout) -> None:
+        """A transposed conv's input slices ``weight[i]`` join its input channels' spaces (pass-through owners).
+
+        In the planner's row vector of a transposed conv, input channel ``i`` is entry
+        ``out_channels + i``.  Channels without a space (the model input, a barrier's
+        output) cannot be cut: a pruned ``weight[i]`` there stays as zeros.
+        """
+        offset = out_channels
+        for seg in lay.segments:
+            if seg.space is not None:
+                self.g.spaces[seg.space].owners.append(Owner(f"{name}.weight", offset, 1, required=False))
+            offset += seg.size
 
     def visit_depthwise(self, node: fx.Node, conv: nn.Module, x: fx.Node, lay: Layout | None, dim: int) -> None:
         """Depthwise: output channel o reads only input channel o -- both are cut together.
@@ -406,6 +532,10 @@ class _Builder:
             else:
                 padded = fn in AVGPOOL_FUNCTIONS and not averages_exactly(node)
                 self.emit(node, "pool_zero" if padded else "pool", [x], lay)
+        elif fn in RESAMPLE_FUNCTIONS:
+            self.visit_resample(node, x, lay)
+        elif fn is F.pad:
+            self.visit_pad(node, x, lay, None)
         elif fn is torch.flatten or fn is torch.reshape:
             self.visit_reshape(node, x, literal=fn is torch.reshape)
         elif fn in REDUCE_FUNCTIONS:

@@ -2,8 +2,8 @@
 
 From a channel / neuron MaskSet (whole output rows ``w[o]`` of Linear/Conv weights
 pruned), :func:`shrink_model` returns a smaller *dense* copy of the model -- the same
-module classes with their Linear / Conv / BatchNorm submodules replaced by smaller ones
--- whose outputs equal the masked model's (eval mode, fp32 error ~1e-6).
+module classes with their Linear / Conv / ConvTranspose / BatchNorm submodules replaced
+by smaller ones -- whose outputs equal the masked model's (eval mode, fp32 error ~1e-6).
 :func:`plan_shrink` is the dry run: it lists the coupled groups (what is cut together,
 how many channels stay) and every problem, naming op, node and module.
 
@@ -15,6 +15,22 @@ channels that cannot be cut -- the model input, a barrier's output -- are kept, 
 plan notes it) and attention units with ``q_proj/k_proj/v_proj/out_proj`` +
 ``num_heads`` (whole heads; ``num_heads`` is updated).  A BatchNorm or depthwise conv
 called more than once couples the channels of all its calls (one set of rows to cut).
+Channels pass unchanged through ``F.interpolate`` / ``nn.Upsample*`` (any mode) and
+through padding (``F.pad``, ``nn.ZeroPad*`` / ``ConstantPad*`` / ``ReflectionPad*`` /
+``ReplicationPad*`` / ``CircularPad*``) that leaves the channel dim alone, so U-Net
+style decoders (upsample, pad to the skip's size, ``torch.cat`` with the skip) shrink.
+
+Transposed convolutions (``nn.ConvTranspose1d/2d/3d``, weight ``(in_channels,
+out_channels/groups, *kernel)``) are cut like convs with the weight dims swapped: as a
+producer its output channels are ``weight[:, o]`` (dim 1) and ``bias[o]``; as a consumer
+its input channels are ``weight[i]`` (dim 0), cut when the layer producing them is
+pruned.  prunelab's ``channel`` granularity prunes dim 0 -- for a transposed conv its
+*input* channels.  Shrink reads such a mask as the transposed conv's vote on its input
+channels, as a depthwise conv's mask votes: a channel is cut only where the producer's
+mask prunes it too (the union rule below), and an input slice it prunes alone stays, as
+zeros.  A mask pruning whole output slices ``weight[:, o]`` (hand-made, or from a
+granularity that knows the layout) makes it a pruned producer.  Depthwise transposed
+convs are cut as depthwise convs; other grouped ones are unsupported.
 
 Residual groups keep the **union**: a channel is removed only if *every* member's mask
 prunes it (a member without a mask keeps all its channels).  A producer whose mask prunes
@@ -33,10 +49,17 @@ result is exact, not merely close:
 * a Linear consumer gets ``b += W[:, cut] @ c``; an unpadded Conv consumer gets
   ``b[o] += sum_i c_i * sum_k W[o, i, k]`` (a consumer without bias gets one);
 * a removed attention head outputs its constant value bias ``b_v`` (its softmax weights
-  sum to one), folded into ``out_proj``'s bias the same way.
+  sum to one), folded into ``out_proj``'s bias the same way;
+* interpolation (its weights sum to one) and reflect / replicate / circular padding keep
+  a constant channel that constant; a pruned output channel of a transposed conv is its
+  bias ``b[o]`` everywhere.
 
 Where a constant cannot be folded exactly -- a zero-padded conv (border pixels see only
-part of the kernel), an average pool counting zero padding or with ``divisor_override``,
+part of the kernel), a transposed conv with a kernel or stride above 1 (the number of
+kernel taps landing on an output position, and which, varies with the position), constant
+padding (its border holds the fill value, not the channel's constant: a nonzero fill is
+refused unless it equals the constant, even for silenced channels), an average pool
+counting zero padding or with ``divisor_override``,
 a product with a tensor broadcast over channels, a ``sum`` over positions (``c * n``
 depends on the actual input's length ``n``, not the example's), an op with a value
 computed from the input at run time (``h / x.size(1)``) -- the plan reports a
@@ -52,6 +75,8 @@ batch statistics.
 
 Unsupported (reported by the dry run, never silently wrong): nn.MultiheadAttention,
 grouped convolutions other than depthwise, LayerNorm/GroupNorm/softmax over channels,
+padding of the channel dim, ops that move channels into space or back (``nn.PixelShuffle``,
+``nn.PixelUnshuffle``, ``nn.ChannelShuffle``),
 transposes/permutes/slicing/split of pruned channels, layers and attention units called
 more than once with pruned inputs, submodules torch.fx cannot trace (kept whole; pruning
 that reaches them is reported), and pruning the rows of a layer whose output is a model
@@ -71,7 +96,7 @@ from torch.nn.utils import skip_init
 
 from prunelab.errors import PrunelabError
 from prunelab.masks import MaskSet
-from prunelab.materialise.graph import BN_TYPES, CONV_TYPES
+from prunelab.materialise.graph import BN_TYPES, CONV_TYPES, CONVT_TYPES
 from prunelab.materialise.shrink_plan import CoupledGroup, LayerCut, ShrinkPlan, plan_shrink
 from prunelab.materialise.tracing import as_inputs, eval_mode
 
@@ -91,7 +116,10 @@ def _cut_params(module: nn.Module, cut: LayerCut) -> tuple[torch.Tensor, torch.T
         delta = cut.bias_delta.to(device=weight.device, dtype=weight.dtype)
         bias = delta if bias is None else bias + delta
     rows, cols = _index(cut.rows, weight.device), _index(cut.cols, weight.device)
-    weight = weight[rows][:, cols]
+    if isinstance(module, CONVT_TYPES) and module.groups == 1:  # (I, O, *k): inputs are dim 0, outputs dim 1
+        weight = weight[cols][:, rows]
+    else:  # (O, I, *k); a depthwise conv (C, 1, *k) of either kind: only rows are cut
+        weight = weight[rows][:, cols]
     return weight, (bias[rows] if bias is not None else None)
 
 
@@ -100,7 +128,7 @@ def _base(module: nn.Module, types: tuple[type[nn.Module], ...]) -> type[nn.Modu
 
 
 def _new_module(module: nn.Module, cut: LayerCut) -> nn.Module:
-    """A freshly constructed, smaller Linear / Conv / BatchNorm holding the kept values.
+    """A freshly constructed, smaller Linear / Conv / ConvTranspose / BatchNorm holding the kept values.
 
     Built with ``skip_init`` (every tensor is then copied in), so shrinking draws nothing
     from the global RNG.
@@ -124,6 +152,13 @@ def _new_module(module: nn.Module, cut: LayerCut) -> nn.Module:
         weight, bias = _cut_params(module, cut)
         if isinstance(module, nn.Linear):
             new = skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None, **factory)
+        elif isinstance(module, CONVT_TYPES):
+            depthwise = module.groups > 1  # (C, 1, *k) as a depthwise conv; else (I, O, *k)
+            channels_out = weight.shape[0] if depthwise else weight.shape[1]
+            new = skip_init(
+                _base(module, CONVT_TYPES), weight.shape[0], channels_out, module.kernel_size, stride=module.stride,
+                padding=module.padding, output_padding=module.output_padding, groups=weight.shape[0] if depthwise else 1,
+                bias=bias is not None, dilation=module.dilation, padding_mode=module.padding_mode, **factory)
         else:
             depthwise = module.groups > 1  # (C, 1, *k): only rows are cut, one channel set in and out
             channels_in = weight.shape[0] if depthwise else weight.shape[1]

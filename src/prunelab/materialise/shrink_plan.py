@@ -8,6 +8,10 @@ concatenation) and folds it into each consumer's bias, and collects every proble
 an op a pruned channel may not pass, a constant that cannot be folded exactly -- as a
 one-line message naming op, node and module.  The rules are described in
 :mod:`prunelab.materialise.shrink`, which applies the plan.
+
+A transposed conv's weight is ``(in_channels, out_channels / groups, *kernel)``: its mask
+is read as one row vector -- which output channels ``weight[:, o]`` it keeps, then which
+input channels ``weight[i]`` -- and must prune whole slices of either kind.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from torch.fx.node import map_arg
 
 from prunelab.errors import PrunelabError
 from prunelab.masks import MaskSet
-from prunelab.materialise.graph import CONV_TYPES, build_graph, mutated_input, zero_padded
+from prunelab.materialise.graph import (
+    CONV_TYPES, CONVT_TYPES, build_graph, mutated_input, pad_spec, spreads_constants, zero_padded,
+)
 from prunelab.materialise.layouts import ChannelGraph, Layout, Op, Segment
 from prunelab.materialise.tracing import describe_target, eval_mode
 
@@ -135,6 +141,10 @@ class _Planner:
     # masks -> kept channels of every coupled group
     def read_masks(self) -> None:
         for name, mask in self.masks.items():
+            owner = _get(self.model, name.rpartition(".")[0])
+            if isinstance(owner, CONVT_TYPES) and name.endswith(".weight"):
+                self.rows[name] = self.transposed_rows(name, mask, owner.groups)
+                continue
             rows = mask.reshape(mask.shape[0], -1) if mask.dim() > 0 else mask.reshape(1, 1)
             kept, pruned = rows.all(dim=1), ~rows.any(dim=1)
             partial = (~(kept | pruned)).nonzero()
@@ -144,6 +154,30 @@ class _Planner:
                 self.problem("mask", f"mask of {name!r} is not a {unit} mask: row {r} keeps {int(rows[r].sum())} of "
                                      f"{rows.shape[1]} weights; prune with --granularity channel/neuron to shrink, or use --form csr")
             self.rows[name] = rows.any(dim=1)
+
+    def transposed_rows(self, name: str, mask: torch.Tensor, groups: int) -> torch.Tensor:
+        """``(out_channels + in_channels,)``: the output channels, then the input channels a transposed conv's mask keeps.
+
+        The weight is ``(in, out/groups, *k)``; output channel ``o = g*(out/groups) + j`` of
+        group ``g`` is ``weight[g*in/groups:(g+1)*in/groups, j]``.  A channel mask keeps
+        ``weight[i, j]`` whole exactly when it keeps both input ``i`` and its group's output
+        ``j``; anything else is reported.
+        """
+        cells = mask.reshape(mask.shape[0], mask.shape[1], -1)  # (in, out/g, k)
+        some, whole = cells.any(dim=2), cells.all(dim=2)        # (in, out/g)
+        n_in, out_g = some.shape
+        ins = some.any(dim=1)                                   # (in,)
+        outs = some.reshape(groups, n_in // groups, out_g).any(dim=1)  # (g, out/g)
+        expected = ins[:, None] & outs.repeat_interleave(n_in // groups, dim=0)  # (in, out/g)
+        wrong = ((some != expected) | (whole != expected)).nonzero()
+        if len(wrong):
+            i, j = (int(v) for v in wrong[0])
+            self.problem("mask", f"mask of {name!r} is not a channel mask of a transposed conv: weight[{i}, {j}] keeps "
+                                 f"{int(cells[i, j].sum())} of {cells.shape[2]} weights but input channel {i} and output "
+                                 f"slice {j} are kept elsewhere; prune whole input channels weight[i] or output channels "
+                                 "weight[:, j] (the weight is (in_channels, out_channels/groups, *kernel)) to shrink, or "
+                                 "use --form csr")
+        return torch.cat([outs.reshape(-1), ins])
 
     def space_keep(self, sid: int) -> torch.Tensor:
         space = self.g.spaces[sid]
@@ -185,9 +219,11 @@ class _Planner:
         """Masks that prune channels of group ``root``."""
         found = []
         for sid in self.members[root]:
+            size = self.g.spaces[sid].size
             for owner in self.g.spaces[sid].owners:
                 rows = self.rows.get(owner.param)
-                if rows is not None and not rows.all() and owner.param not in found:
+                block = rows[owner.offset: owner.offset + size * owner.inner] if rows is not None else None
+                if block is not None and not block.all() and owner.param not in found:
                     found.append(owner.param)
         return found
 
@@ -210,7 +246,8 @@ class _Planner:
             inside = [m for m in self.g.opaque if owner == m or owner.startswith(m + ".")]
             if inside:
                 why = f"it is inside module {inside[0]!r}, which torch.fx could not trace ({self.g.opaque[inside[0]]})"
-            elif not name.endswith(".weight") or not isinstance(_get(self.model, owner), (nn.Linear, *CONV_TYPES)):
+            elif not name.endswith(".weight") or not isinstance(_get(self.model, owner),
+                                                                (nn.Linear, *CONV_TYPES, *CONVT_TYPES)):
                 why = "it is not the weight of a Linear/Conv layer"
             else:
                 why = f"layer {owner!r} is not called as a module in the traced forward (or only inside an unsupported module)"
@@ -265,11 +302,17 @@ class _Planner:
         self.set_cols(name, keep)
         removed = ~keep
         c = self.const_of(x)[removed]  # (removed,)
-        weight = self.weight(name).cpu()[:, removed]  # (O, removed, *kernel)
         module = self.module(name)
+        weight = self.weight(name).cpu()
+        if isinstance(module, CONVT_TYPES):  # (I, O, *kernel) -> (O, I, *kernel); groups == 1 here
+            weight = weight.transpose(0, 1)
+        weight = weight[:, removed]  # (O, removed, *kernel)
         if weight.dim() > 2:
             live = (c != 0) & weight.flatten(2).ne(0).any(dim=2).any(dim=0)
-            if zero_padded(module) and live.any():
+            if isinstance(module, CONVT_TYPES):  # its `padding` crops the output: only the taps matter
+                if spreads_constants(module) and live.any():
+                    self.problem("constant", self.spread_message(layout, name, c[live]))
+            elif zero_padded(module) and live.any():
                 self.problem("constant", f"pruned channels of {self.layout_culprits(layout)} reach zero-padded conv {name!r} "
                                          f"with nonzero constant value act(bias)/BatchNorm shift (up to {float(c.abs().max()):.3g}); "
                                          "a padded conv cannot absorb it exactly -- call silence_pruned_channels_(model, masks, "
@@ -278,6 +321,38 @@ class _Planner:
             weight = weight.flatten(2).sum(dim=2)  # (O, removed)
         if (c != 0).any():
             self.add_delta(name, weight @ c)
+
+    def spread_message(self, layout: Layout, name: str, c: torch.Tensor) -> str:
+        return (f"pruned channels of {self.layout_culprits(layout)} reach transposed conv {name!r} with nonzero constant "
+                f"value act(bias)/BatchNorm shift (up to {float(c.abs().max()):.3g}); a transposed conv with a kernel or "
+                "stride above 1 spreads a constant unevenly over its output, so no bias absorbs it -- prune its input "
+                "slices weight[i] with the same channels, call silence_pruned_channels_(model, masks, example_input) "
+                "first (CLI: materialise --silence-pruned-channels) or exclude those layers from pruning")
+
+    def where(self, node: fx.Node) -> str:
+        scope = self.g.scopes.get(node.name, "")
+        suffix = f" (module '{scope}')" if scope and node.op != "call_module" else ""
+        return f"{describe_target(node, self.g.module)} at node '{node.name}'{suffix}"
+
+    def check_fill(self, op: Op, x: fx.Node) -> None:
+        """Constant padding writes its fill into pruned channels too: they stay constant only if they equal it."""
+        module = self.module(op.target) if op.node.op == "call_module" else None
+        fill = float(pad_spec(op.node, module)[2])
+        layout = self.g.layout(x)
+        c = self.const_of(x)[~self.keep_positions(layout)]
+        if not (c != fill).any():
+            return
+        if fill == 0:
+            self.problem("constant", f"pruned channels of {self.layout_culprits(layout)} are padded with zeros by "
+                                     f"{self.where(op.node)} with nonzero constant value (up to {float(c.abs().max()):.3g}); "
+                                     "the zero border makes them vary over positions, so no bias absorbs them -- call "
+                                     "silence_pruned_channels_(model, masks, example_input) first (CLI: materialise "
+                                     "--silence-pruned-channels) or exclude those layers from pruning")
+        else:
+            self.problem("op", f"pruned channels of {self.layout_culprits(layout)} are padded with {fill:g} by "
+                               f"{self.where(op.node)} but carry other constant values (e.g. {float(c[c != fill][0]):.3g}); "
+                               "the border then differs from the inside, so no bias absorbs them -- pad with 0 or with "
+                               "mode='replicate'/'reflect', or exclude those layers from pruning")
 
     def visit(self, op: Op) -> None:
         node, kind, name = op.node, op.kind, op.target
@@ -298,7 +373,10 @@ class _Planner:
             self.visit_attention(op, name, x)
         elif out is None:
             return
-        elif kind in ("identity", "pool"):
+        elif kind in ("identity", "pool", "spatial"):
+            self.const[node.name] = self.const_of(x)
+        elif kind == "pad":
+            self.check_fill(op, x)
             self.const[node.name] = self.const_of(x)
         elif kind == "pool_zero":
             self.require_zero(op, x, "reach an average pool that pads with zeros or overrides its divisor")
@@ -477,7 +555,10 @@ class _Planner:
         weight = self.weight(name).cpu().flatten(1)  # (C, k)
         value = torch.where(weight.ne(0).any(dim=1), c * weight.sum(dim=1), torch.zeros_like(c)) + bias
         live = ~keep & weight.ne(0).any(dim=1) & (c != 0)
-        if zero_padded(module) and live.any():
+        if isinstance(module, CONVT_TYPES):  # its `padding` crops the output: only the taps matter
+            if spreads_constants(module) and live.any():
+                self.problem("constant", self.spread_message(out, name, c[live]))
+        elif zero_padded(module) and live.any():
             self.problem("constant", f"pruned channels of {self.layout_culprits(out)} reach zero-padded depthwise conv {name!r} "
                                      f"with nonzero constant value (up to {float(c[live].abs().max()):.3g}); prune the depthwise "
                                      "conv with the same channels, call silence_pruned_channels_(...) first, or exclude those layers")
@@ -553,7 +634,8 @@ class _Planner:
             name, x = op.target, (op.inputs[0] if op.inputs else None)
             if op.kind in ("linear", "conv", "grouped"):
                 has_bias = getattr(self.module(name), "bias", None) is not None
-                add(op.output, f"{name}.weight rows" + (f", {name}.bias" if has_bias else ""), ranged=False)
+                rows = "weight[:, o] (outputs)" if isinstance(self.module(name), CONVT_TYPES) else "weight rows"
+                add(op.output, f"{name}.{rows}" + (f", {name}.bias" if has_bias else ""), ranged=False)
                 if x is not None and op.kind != "grouped":
                     add(self.g.layout(x), f"{name}.weight inputs")
             elif op.kind == "depthwise":

@@ -46,12 +46,13 @@ SHRUNK_FORMAT = "prunelab.shrunk.v1"
 MODEL_FILE, ARCH_FILE = "model.safetensors", "architecture.json"
 
 LAYER_TYPES: dict[str, type[nn.Module]] = {
-    t.__name__: t for t in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    t.__name__: t for t in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                            nn.ConvTranspose3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 }
 
 
 def layer_spec(module: nn.Module) -> dict[str, Any] | None:
-    """Constructor arguments of a Linear / Conv / BatchNorm (exact class only), else None."""
+    """Constructor arguments of a Linear / Conv / ConvTranspose / BatchNorm (exact class only), else None."""
     kind = type(module).__name__
     if LAYER_TYPES.get(kind) is not type(module):
         return None
@@ -62,10 +63,13 @@ def layer_spec(module: nn.Module) -> dict[str, Any] | None:
                 "bias": module.bias is not None, "dtype": dtype}
     if isinstance(module, nn.modules.conv._ConvNd):
         padding = module.padding if isinstance(module.padding, str) else list(module.padding)
-        return {"type": kind, "in_channels": module.in_channels, "out_channels": module.out_channels,
+        spec = {"type": kind, "in_channels": module.in_channels, "out_channels": module.out_channels,
                 "kernel_size": list(module.kernel_size), "stride": list(module.stride), "padding": padding,
                 "dilation": list(module.dilation), "groups": module.groups, "bias": module.bias is not None,
                 "padding_mode": module.padding_mode, "dtype": dtype}
+        if module.transposed:  # ConvTranspose: output_padding fixes its output size (weight (in, out/groups, *k))
+            spec["output_padding"] = list(module.output_padding)
+        return spec
     return {"type": kind, "num_features": module.num_features, "eps": module.eps, "momentum": module.momentum,
             "affine": module.affine, "track_running_stats": module.track_running_stats, "dtype": dtype}
 
@@ -77,7 +81,7 @@ def build_layer(spec: Mapping[str, Any]) -> nn.Module:
     dtype = getattr(torch, str(args.pop("dtype", "float32")), None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"dtype {spec.get('dtype')!r} is not a torch dtype")
-    for key in ("kernel_size", "stride", "dilation"):
+    for key in ("kernel_size", "stride", "dilation", "output_padding"):
         if key in args:
             args[key] = tuple(args[key])
     if isinstance(args.get("padding"), list):
