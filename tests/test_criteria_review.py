@@ -277,3 +277,26 @@ def test_no_criterion_draws_from_the_global_rng(name):
         warnings.simplefilter("ignore", UserWarning)
         get_criterion(name)(model, dict(model.named_parameters()), data)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_slimming_scores_only_the_layers_the_rules_let_it_prune():
+    from prunelab.criteria.slimming import BNScale
+    from prunelab.schedules import OneShot
+    from prunelab.sparsifier import Sparsifier
+    from prunelab.targets import LayerRules
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 1))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([0.5, -2.0, 0.1, 1.0]))
+    # fallback='error' refuses a scored layer without BatchNorm; the classifier is kept dense, so it is not scored
+    sparsifier = Sparsifier(model, criterion=BNScale(fallback="error"), granularity="channel",
+                            schedule=OneShot(0.1), rules=LayerRules(keep_last="dense"))  # 18 of 180 weights: 2 channels
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        masks = sparsifier.prepare().finalize()
+    assert masks["0.weight"].flatten(1).all(dim=1).tolist() == [False, True, False, True]  # |gamma| 2 and 1 kept
+    assert bool(masks["4.weight"].all())
+    with pytest.raises(PrunelabError, match=r"4\.weight have no directly following BatchNorm"):
+        Sparsifier(model, criterion=BNScale(fallback="error"), granularity="channel", schedule=OneShot(0.5),
+                   rules=LayerRules(keep_last=None)).prepare()

@@ -48,6 +48,15 @@ def _folder_of(path: Path) -> Path:
 
         known = (MODEL_FILE, MASKS_FILE, META_FILE, ARCH_FILE, MATERIALISED_META, MATERIALISED_STATE)
         if path.name not in known:
+            from prunelab.compress.container import MAGIC
+
+            with path.open("rb") as handle:
+                compressed = handle.read(len(MAGIC)) == MAGIC
+            if compressed:
+                raise PrunelabError(f"{str(path)!r} is a Deep Compression file (prunelab compress), which stores a "
+                                    "state_dict without the architecture; read it with "
+                                    "prunelab.compress.read_compressed(path) and load that into the model: "
+                                    "model.load_state_dict(read_compressed(path))")
             raise PrunelabError(f"{str(path)!r} is a file, not a prunelab model folder; pass the folder written by "
                                 f"prune, demo or materialise (or one of its files: {', '.join(known)})")
         return path.parent

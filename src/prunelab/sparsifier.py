@@ -164,7 +164,12 @@ class Sparsifier:
             raise PrunelabError(
                 f"criterion {self.criterion.name!r} needs data; pass data=ScoreData(loader) or a --dataset"
             )
-        raw = self.criterion(self.model, self.params, data)
+        params = self.params
+        if not getattr(self.criterion, "scores_kept_dense", True):  # e.g. slimming: only the layers it may prune
+            params = {n: p for n, p in self.params.items() if self.bounds[n][1] > 0}
+        raw = self.criterion(self.model, params, data) if params else {}
+        # a layer the rules keep dense and the criterion was not asked about: placeholder zeros (never decide)
+        raw = {n: raw[n] if n in raw else torch.zeros(p.shape, device=p.device) for n, p in self.params.items()}
         return {n: distributed.all_reduce_mean_(s.detach().float().clone()) for n, s in raw.items()}
 
     @torch.no_grad()

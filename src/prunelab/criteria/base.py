@@ -75,6 +75,12 @@ class Criterion:
 
     name: ClassVar[str] = ""
     needs_data: ClassVar[bool] = False
+    #: False for a criterion that scores each parameter on its own and may warn or refuse about
+    #: one it cannot score (slimming: a layer with no BatchNorm): the Sparsifier then asks it
+    #: only for the layers its rules let it prune.  True (the default) scores every target
+    #: layer, so scores that depend on the whole set (a random stream, a global normaliser)
+    #: do not change with the rules.
+    scores_kept_dense: ClassVar[bool] = True
 
     def __call__(
         self, model: nn.Module, params: Mapping[str, nn.Parameter], data: ScoreData | None = None

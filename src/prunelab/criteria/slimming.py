@@ -120,6 +120,7 @@ class BNScale(Criterion):
     fallback: str = "l1"
     name = "slimming"
     needs_data = False
+    scores_kept_dense = False  # per-parameter scores: a classifier kept dense by the rules is not warned about
 
     def __post_init__(self) -> None:
         if self.fallback not in FALLBACKS:
