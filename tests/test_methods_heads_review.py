@@ -332,3 +332,23 @@ def test_an_empty_training_loader_is_refused_before_the_model_is_pruned(name):
                           TrainConfig(epochs=1, progress=False))
     assert "\n" not in str(info.value)
     assert all(torch.equal(a, b) for a, b in zip(before, weights(model)))  # not pruned
+
+
+def test_block_influence_of_conv_blocks_compares_channel_vectors_per_position():
+    from prunelab.layers import block_influence
+
+    class Scale(nn.Module):  # block(x) = x * s (per channel): a residual-shaped CNN block
+        def __init__(self, scale: list[float]) -> None:
+            super().__init__()
+            self.register_buffer("scale", torch.tensor(scale).view(1, -1, 1, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.scale
+
+    x = torch.zeros(1, 2, 1, 2)  # (B, C=2, H=1, W=2); position 0: channels (1, 0), position 1: (1, 1)
+    x[0, 0, 0, :] = 1.0
+    x[0, 1, 0, 1] = 1.0
+    # channel vectors: (1, 0) -> (1, 0): cos 1; (1, 1) -> (1, -1): cos 0; BI = 1 - mean(1, 0) = 0.5
+    # (along the last dim W it would be channel 0: (1, 1) -> (1, 1) cos 1, channel 1: (0, 1) -> (0, -1) cos -1: BI 1)
+    net = nn.Sequential(Scale([1.0, -1.0]), Scale([1.0, 1.0]))  # the second block is the identity: BI 0
+    assert block_influence(net, [x]) == {"0": pytest.approx(0.5, abs=1e-12), "1": pytest.approx(0.0, abs=1e-12)}

@@ -11,7 +11,10 @@ Models are More Redundant Than You Expect", eq. 1): over calibration tokens ``t`
 with ``x_i`` the hidden states entering block ``i`` and ``x_{i+1}`` those leaving it.  A
 block whose output points where its input did (BI near 0) adds little.  Tokens are the
 positions of every calibration batch; where a batch is a dict with an ``attention_mask``
-of the hidden states' ``(batch, length)`` shape, padding positions are left out.
+of the hidden states' ``(batch, length)`` shape, padding positions are left out.  Hidden
+states are compared along their last dim (``(B, T, C)`` tokens, ``(B, C)`` vectors); CNN
+feature maps ``(B, C, H, W)`` (4-D or more) along the channel dim 1, so each spatial
+position's channel vector counts as one token.
 
 Apply -- :func:`drop_blocks` removes the named blocks from their ``nn.ModuleList`` (the
 blocks :func:`prunelab.oneshot.find_blocks` finds: BERT's ``encoder.layer``, GPT-2's
@@ -110,7 +113,8 @@ def block_influence(model: nn.Module, calibration: Sequence[Tensor | Mapping[str
         if before is None or after is None or before.shape != after.shape:
             raise PrunelabError(f"block {name!r} does not map hidden states to hidden states of the same shape; "
                                 "layer pruning needs residual blocks")
-        cosine = torch.nn.functional.cosine_similarity(before.double(), after.double(), dim=-1)  # (B, T) or (B,)
+        channel_dim = 1 if before.dim() >= 4 else -1  # (B, C, H, W) feature maps: per-position channel vectors
+        cosine = torch.nn.functional.cosine_similarity(before.double(), after.double(), dim=channel_dim)  # (B, T) / (B,) / (B, H, W)
         keep = state.get("mask")
         if keep is not None and keep.shape == cosine.shape:
             cosine = cosine[keep]
