@@ -352,3 +352,23 @@ def test_block_influence_of_conv_blocks_compares_channel_vectors_per_position():
     # (along the last dim W it would be channel 0: (1, 1) -> (1, 1) cos 1, channel 1: (0, 1) -> (0, -1) cos -1: BI 1)
     net = nn.Sequential(Scale([1.0, -1.0]), Scale([1.0, 1.0]))  # the second block is the identity: BI 0
     assert block_influence(net, [x]) == {"0": pytest.approx(0.5, abs=1e-12), "1": pytest.approx(0.0, abs=1e-12)}
+
+
+def test_a_bert_with_heads_removed_reloads_by_removing_the_same_heads_from_a_fresh_model():
+    transformers = pytest.importorskip("transformers")
+    from prunelab.heads import attention_units, remove_heads_
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64)
+    model = transformers.BertModel(config).eval()
+    keep = {name: torch.tensor([True, False, True, False]) for name in attention_units(model)}
+    remove_heads_(model, keep)
+    ids = torch.randint(0, 50, (2, 7))
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh = remove_heads_(transformers.BertModel(config).eval(), keep)  # the README's reload path
+    fresh.load_state_dict(saved)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state,
+                                   rtol=0, atol=0)
+    assert model.encoder.layer[0].attention.self.query.weight.shape == (16, 32)

@@ -30,7 +30,9 @@ softmax over constant keys), exactly what ``shrink_model`` folds into ``out_proj
 so the masked and the shrunk model agree.  :func:`remove_heads_` cuts the pruned heads out
 of the model in place for either layout (rows of q/k/v, columns of the output projection,
 ``b_v`` folded into its bias) -- a ``transformers`` config has one head count for every
-layer, so such a model is smaller and faster in memory but is saved as a state_dict.
+layer, so such a model is smaller and faster in memory but is saved as a state_dict; to
+reload it, build the model again, call ``remove_heads_`` with the same ``keep``, then
+``load_state_dict`` (``from_pretrained`` cannot: transformers 5 has no per-layer head counts).
 """
 
 from __future__ import annotations
