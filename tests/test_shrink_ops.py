@@ -8,7 +8,6 @@ counts are computed by hand in each test.
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -18,42 +17,16 @@ from torch import nn
 
 import prunelab
 from prunelab.errors import PrunelabError
-from prunelab.masks import MaskSet
 from prunelab.materialise.shrink import plan_shrink, shrink_model, silence_pruned_channels_
 from prunelab.materialise.spec import load_shrunk, save_shrunk
 from prunelab.structure import Channel
+from test_shrink import randomise_bn  # shared shrink-test helpers
+from test_shrink_edge_cases import drop_rows, max_error
 
 TOL = 1e-5
 
 
 # --- helpers -------------------------------------------------------------------------------
-def drop_rows(weight: torch.Tensor, drop: list[int]) -> torch.Tensor:
-    """A channel / neuron mask pruning rows (dim 0) ``drop`` of ``weight``."""
-    mask = torch.ones_like(weight, dtype=torch.bool)
-    mask[drop] = False
-    return mask
-
-
-def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            n = module.num_features
-            module.running_mean.copy_(torch.rand(n, generator=gen) * 2 - 1)
-            module.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-            module.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
-            module.bias.data.copy_(torch.rand(n, generator=gen) - 0.5)
-    return model
-
-
-@torch.no_grad()
-def max_error(model: nn.Module, shrunk: nn.Module, masks: dict[str, torch.Tensor], x: torch.Tensor) -> float:
-    reference = MaskSet(masks).apply_(copy.deepcopy(model)).eval()
-    expected, got = reference(x), shrunk.eval()(x)
-    assert got.shape == expected.shape
-    return float((got - expected).abs().max())
-
-
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
