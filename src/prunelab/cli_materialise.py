@@ -34,10 +34,7 @@ def add_materialise_parsers(subparsers: Any) -> None:
     mat.add_argument("checkpoint", help="checkpoint folder written by prune/demo")
     mat.add_argument("--form", default="auto", help="shrink | csr | bsr | 2:4 | auto (default: auto, measured per layer)")
     mat.add_argument("--out", required=True, help="output folder (prunelab.load rebuilds the model from it)")
-    mat.add_argument("--silence-pruned-channels", action="store_true",
-                     help="with --form shrink: first zero the bias / BatchNorm shift of every pruned channel, which "
-                          "otherwise carries a constant act(bias) that a zero-padded conv still reads (shrink then "
-                          "refuses); this changes the model, so the test accuracy before and after is printed")
+    add_silence_option(mat, "--form shrink")  # the same option as bench-latency's
     mat.add_argument("--data-dir", default=None,
                      help="MNIST folder for the check inputs (default: $PRUNELAB_DATA, else ~/.cache/prunelab/mnist)")
     mat.set_defaults(func=cmd_materialise)
@@ -54,12 +51,29 @@ def add_materialise_parsers(subparsers: Any) -> None:
                      help="also time every leaf module on its own inputs at the largest batch size")
     lat.add_argument("--keep-denormals", action="store_true",
                      help="time without flushing subnormal floats to zero (flushed by default, as for CPU inference)")
+    add_silence_option(lat, "--forms including shrink", "the dense model and every form are timed on the silenced "
+                                                        "model; ")
     lat.add_argument("--pooling", default="native", choices=("native", "auto"),
                      help="auto: time every nn.MaxPool2d and use the exact separable pool where faster, in the "
                           "dense model and every form alike (default: native)")
     lat.add_argument("--data-dir", default=None,
                      help="MNIST folder for the timing inputs (default: $PRUNELAB_DATA, else ~/.cache/prunelab/mnist)")
     lat.set_defaults(func=cmd_bench_latency)
+
+
+def add_silence_option(parser: argparse.ArgumentParser, forms: str, extra: str = "") -> None:
+    """``--silence-pruned-channels`` of ``materialise`` and ``bench-latency`` (``forms``: the forms it applies to)."""
+    parser.add_argument("--silence-pruned-channels", action="store_true",
+                        help=f"with {forms}: first zero the bias / BatchNorm shift of every pruned channel, which "
+                             "otherwise carries a constant act(bias) that a zero-padded conv still reads (shrink then "
+                             f"refuses); {extra}this changes the model, so the test accuracy before and after is printed")
+
+
+def check_silence_forms(silence: bool, forms: list[str], option: str, applies: str) -> None:
+    """``--silence-pruned-channels`` only helps shrink: refuse it for a run that shrinks nothing."""
+    if silence and "shrink" not in forms:
+        raise PrunelabError(f"--silence-pruned-channels applies to {applies} (got {option} {','.join(forms)}); the "
+                            "sparse forms keep every channel -- drop the flag")
 
 
 def resolve_checkpoint(path: str) -> Path:
@@ -97,13 +111,21 @@ def _checkpoint_and_inputs(path: str, data_dir: str | None, count: int = 64):
     return ckpt, inputs
 
 
-def _materialise(ckpt, inputs: torch.Tensor, form: str, pooling: str = "native") -> torch.nn.Module:
+def _materialise(ckpt, inputs: torch.Tensor, form: str, pooling: str = "native",
+                 command: str = "materialise") -> torch.nn.Module:
+    """``materialise`` the checkpoint's model; a refusal names ``command``'s own --silence-pruned-channels."""
     from prunelab.materialise import materialise
+    from prunelab.materialise.shrink_plan import SILENCE_CLI
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        new = materialise(ckpt.model, form, masks=ckpt.masks, example_input=inputs, batch_sizes=(1, 64),
-                          pooling=pooling)
+        try:
+            new = materialise(ckpt.model, form, masks=ckpt.masks, example_input=inputs, batch_sizes=(1, 64),
+                              pooling=pooling)
+        except PrunelabError as exc:
+            if command == "materialise" or SILENCE_CLI not in str(exc):
+                raise
+            raise PrunelabError(str(exc).replace(SILENCE_CLI, f"{command} --silence-pruned-channels")) from None
     for warning in caught:
         print(f"note: {warning.message}")
     return new
@@ -133,9 +155,7 @@ def cmd_materialise(args: argparse.Namespace) -> int:
     from prunelab.measure.tables import markdown_table
 
     FORMS.get(args.form)  # unknown form: one line listing the valid ones, before any work
-    if args.silence_pruned_channels and args.form != "shrink":
-        raise PrunelabError(f"--silence-pruned-channels applies to --form shrink only (got --form {args.form}); the "
-                            "sparse forms keep every channel -- drop the flag")
+    check_silence_forms(args.silence_pruned_channels, [args.form], "--form", "--form shrink only")
     # a CHECKPOINT that is a file (not checkpoint.json) or absent: its own message first -- the --out check
     # below took a file's folder for the input and said "--out is inside the input" for --out beside it
     # another command's run there (a prune run, a lottery run) would be deleted: refused before any work
@@ -200,7 +220,11 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
         raise PrunelabError(f"--batch-sizes: {max(sizes)} is too large (at most {MAX_BATCH_SIZE:,}); e.g. 1,8,64")
     if args.threads is not None and args.threads < 1:
         raise PrunelabError(f"--threads must be a positive integer, got {args.threads}; e.g. --threads 1")
+    silence = getattr(args, "silence_pruned_channels", False)
+    check_silence_forms(silence, forms, "--forms", "--forms that include shrink only")
     ckpt, inputs = _checkpoint_and_inputs(args.checkpoint, args.data_dir)
+    if silence:  # every form and the dense baseline: one model, so the ratios compare like with like
+        _silence(ckpt, inputs, args.checkpoint, args.data_dir)
     threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -213,7 +237,8 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
             dense = copy.deepcopy(ckpt.model).eval()
             pools = speed_up_pooling_(dense, {1: _batch(inputs, 1), 64: _batch(inputs, 64)})
             print(f"max pools, dense model (pooling auto; every form chose its own the same way):\n{pools.table()}\n")
-        models = {"dense": dense, **{form: _materialise(ckpt, inputs, form, args.pooling) for form in forms}}
+        models = {"dense": dense, **{form: _materialise(ckpt, inputs, form, args.pooling, "bench-latency")
+                                     for form in forms}}
         _report_latency(models, inputs, sizes, forms, args.reps, args.per_layer, flushed)
     finally:
         if flushed:

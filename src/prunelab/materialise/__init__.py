@@ -265,10 +265,31 @@ def _flat_outputs(output: Any) -> list[torch.Tensor]:
     return []
 
 
-def _compare(reference: nn.Module, new: nn.Module, example_input: torch.Tensor) -> tuple[float, float]:
-    """``(max abs error, max |reference output|)`` over every output tensor."""
+def _reference_outputs(reference: nn.Module, example_input: torch.Tensor, form: str, *, resized: bool = False,
+                       ) -> list[torch.Tensor]:
+    """The masked model's outputs on ``example_input``; a model that cannot run it is a one-line PrunelabError.
+
+    Run before any form is built, so a wrong input is reported as such (not as the
+    model's own traceback from inside a form builder) and nothing is built from it.
+    ``resized``: ``example_input`` is the user's input resized to a timing batch size
+    (form ``auto``), which fails when dim 0 is not a batch dimension.
+    """
+    try:
+        with torch.inference_mode():
+            return _flat_outputs(reference(example_input))
+    except Exception as exc:  # noqa: BLE001 -- the user's model may raise anything on a bad input
+        text = str(exc).strip().splitlines()
+        reason = f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
+        what = "example_input resized to a timing batch size, of shape" if resized else "example_input of shape"
+        fix = ("example_input needs a leading batch dimension, e.g. x[:8] of shape (8, C, H, W) rather than one "
+               "unbatched (C, H, W) sample" if resized else "pass an input the model accepts, e.g. one batch of its data")
+        raise PrunelabError(f"materialise {form!r}: the model cannot run {what} {tuple(example_input.shape)} "
+                            f"({example_input.dtype}) ({reason}); {fix}") from None
+
+
+def _compare(ref: list[torch.Tensor], new: nn.Module, example_input: torch.Tensor) -> tuple[float, float]:
+    """``(max abs error, max |reference output|)`` over every output tensor; ``ref``: the masked model's outputs."""
     with torch.inference_mode():
-        ref = _flat_outputs(reference(example_input))
         got = _flat_outputs(new(example_input))
     if len(ref) != len(got) or any(r.shape != g.shape for r, g in zip(ref, got)):
         raise PrunelabError(
@@ -302,9 +323,11 @@ def materialise(
     ``nn.MaxPool2d`` at ``batch_sizes`` and keeps an exact separable pool where it is no
     slower (:func:`~prunelab.materialise.pooling.speed_up_pooling_`; not saved with the
     model); ``"native"`` (default) leaves pooling alone.  Raises :class:`PrunelabError` for an
-    unknown form, missing input, a weight that does not fit the form (e.g. not 2:4
-    sparse), or a result that differs from the masked model by more than ``tolerance``
-    x the output scale.
+    unknown form, missing input, an input the model cannot run (a wrong shape or dtype,
+    or -- for ``auto`` / ``pooling="auto"`` -- no leading batch dim; checked before
+    anything is built), a weight that does not fit the form (e.g. not 2:4 sparse), or a
+    result that differs from the masked model by more than ``tolerance`` x the output
+    scale.
     """
     builder = FORMS.get(form)  # unknown form -> PrunelabError listing valid forms
     if not isinstance(model, nn.Module):
@@ -332,6 +355,12 @@ def materialise(
         from prunelab.masks import MaskSet
 
         MaskSet(masks).apply_(reference)
+    # shrink traces the model on example_input itself and names the node that fails; every other form checks
+    # here, before building anything
+    ref = None if form == "shrink" else _reference_outputs(reference, example_input, form)
+    if form == "auto" or pooling == "auto":  # both time at batch_sizes: dim 0 of example_input must be a batch dim
+        for size in sizes:
+            _reference_outputs(reference, _batched(example_input, size), form, resized=True)
     request = _Request(_targets(reference, masks), masks, example_input, timer, sizes, tuple(block_size),
                        None if candidates is None else tuple(candidates))
     new, forms, kernels, notes = builder(copy.deepcopy(reference), request)
@@ -339,7 +368,9 @@ def materialise(
     pools = None
     if pooling == "auto":
         pools = speed_up_pooling_(new, {b: _batched(example_input, b) for b in sizes}, timer)
-    error, scale = _compare(reference, new, example_input)
+    if ref is None:
+        ref = _reference_outputs(reference, example_input, form)
+    error, scale = _compare(ref, new, example_input)
     if not error <= tolerance * max(scale, 1.0):  # also catches nan; scale floor 1 as in shrink_model
         raise PrunelabError(
             f"form {form!r} differs from the masked model by max abs error {error:.3g} on example_input "

@@ -259,7 +259,7 @@ class SemiStructured24:
             raise PrunelabError(
                 f"layer {name!r} is not 2:4 sparse: row {row}, group {group} (columns {4 * group}..{4 * group + 3}) "
                 f"has {int(counts[row, group])} nonzeros, at most 2 of every 4 are allowed; prune it with "
-                "--granularity 2:4 first, or use --form csr"
+                "granularity='2:4' first (CLI: --granularity 2:4), or use materialise(model, 'csr', ...) (CLI: --form csr)"
             )
         # Rank positions: nonzeros first, then zeros, each by position; keep the first two, ascending.
         position = torch.arange(4, device=matrix.device)

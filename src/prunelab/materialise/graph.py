@@ -15,7 +15,11 @@ couple their spaces in a union-find; its classes are the *coupled groups* that a
 together.  ``torch.cat`` along channels concatenates segments (each input keeps its own
 offsets); ``flatten`` / ``view`` merging the channel dim with the spatial dims gives
 every channel ``H*W`` consecutive positions (``inner``), which is how a Linear after a
-flatten finds its input columns ``c*H*W .. (c+1)*H*W``.
+flatten finds its input columns ``c*H*W .. (c+1)*H*W``.  Size-1 dims inserted or removed
+around the channels (``unsqueeze``, ``squeeze(dim)``, ``x[:, :, None, None]``,
+``x[..., 0]``; methods and ``torch.*`` functions) only move the channel dim; squeezing
+the channel dim itself, ``squeeze()`` without a dim, and indexing that selects channels
+(anything but ``:`` there, or a tensor index anywhere) are barriers.
 
 Per-channel spatial ops pass channels through unchanged (op kind ``spatial``):
 ``F.interpolate`` / ``nn.Upsample`` (every mode resamples each ``(n, c)`` plane on its
@@ -132,6 +136,9 @@ POINTWISE_METHODS = frozenset({
 IDENTITY_METHODS = frozenset({"contiguous", "clone", "detach", "float", "double", "half", "to", "type_as"})
 BINARY_METHODS = frozenset({"add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_"})
 RESHAPE_METHODS = frozenset({"view", "reshape", "flatten"})
+# insert / remove size-1 dims (the in-place squeeze_ / unsqueeze_ change their operand's shape: barriers)
+SIZE_ONE_METHODS = frozenset({"squeeze", "unsqueeze"})
+SIZE_ONE_FUNCTIONS = {torch.squeeze: "squeeze", torch.unsqueeze: "unsqueeze"}
 REDUCE_METHODS = {"mean": "mean", "sum": "sum", "amax": "max"}
 
 
@@ -198,6 +205,16 @@ def pad_spec(node: fx.Node, module: nn.Module | None) -> tuple[Any, Any, Any]:
     return arg(1, "pad", None), mode, (0 if value is None else value) if mode == "constant" else None
 
 
+def _int(value: Any) -> bool:
+    """A literal Python int (not a bool, not an fx node computed at run time)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _scalar_node(value: Any) -> bool:
+    """An fx node computed at run time that is not a tensor (``x.size(2) - 1``), usable as an int index."""
+    return isinstance(value, fx.Node) and "tensor_meta" not in value.meta
+
+
 def _zero(p: Any) -> bool:
     return isinstance(p, int) and not isinstance(p, bool) and p == 0
 
@@ -235,6 +252,14 @@ def averages_exactly(node_or_pool: fx.Node | nn.Module) -> bool:
 def _literal(value: Any) -> str:
     """``value`` for a message, fx nodes (sizes computed at run time) shown as ``?``."""
     return str(map_aggregate(value, lambda a: "?" if isinstance(a, fx.Node) else a)).replace("'?'", "?")
+
+
+def _index_text(item: Any) -> str:
+    """One index item as written in Python: ``1:2``, ``::2``, ``0``, ``None``; values computed at run time as ``?``."""
+    if isinstance(item, slice):
+        parts = ["" if v is None else _literal(v) for v in (item.start, item.stop, item.step)]
+        return ":".join(parts if item.step is not None else parts[:2])
+    return _literal(item)
 
 
 def mutated_input(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
@@ -538,6 +563,10 @@ class _Builder:
             self.visit_pad(node, x, lay, None)
         elif fn is torch.flatten or fn is torch.reshape:
             self.visit_reshape(node, x, literal=fn is torch.reshape)
+        elif fn in SIZE_ONE_FUNCTIONS:
+            self.visit_size_one(node, x, SIZE_ONE_FUNCTIONS[fn])
+        elif fn is operator.getitem:
+            self.visit_getitem(node, x)
         elif fn in REDUCE_FUNCTIONS:
             self.visit_reduce(node, x, REDUCE_FUNCTIONS[fn])
         else:
@@ -557,6 +586,8 @@ class _Builder:
             self.visit_binary(node, name)
         elif name in RESHAPE_METHODS:
             self.visit_reshape(node, x, literal=name != "flatten")
+        elif name in SIZE_ONE_METHODS:
+            self.visit_size_one(node, x, name)
         elif name in REDUCE_METHODS:
             self.visit_reduce(node, x, REDUCE_METHODS[name])
         else:
@@ -651,6 +682,90 @@ class _Builder:
             fixed = k < len(sizes) and isinstance(sizes[k], int) and sizes[k] != -1
         factor = math.prod(before[d + 1:j])
         self.emit(node, "reshape", [x], lay.scaled(factor, k), factor=factor, literal=fixed)
+
+    def visit_size_one(self, node: fx.Node, x: fx.Node | None, how: str) -> None:
+        """``unsqueeze(dim)`` / ``squeeze(dim)``: a size-1 dim is inserted / removed; the channel dim moves past it.
+
+        ``squeeze`` of the channel dim itself is refused even where it has more than one
+        channel (a no-op there): it would remove the dim once a single channel is kept.
+        ``squeeze()`` without a dim is refused for the same reason.
+        """
+        lay = self.g.layout(x) if x is not None else None
+        if lay is None:
+            self.emit(node, "reshape", [x] if x is not None else [], None)
+            return
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        before, after = self.shape(x), self.shape(node)
+        if how == "unsqueeze":
+            if not _int(dims):
+                self.barrier(node, "its dim is computed at run time")
+                return
+            new_dim = lay.dim + (dims % len(after) <= lay.dim)
+        elif dims is None:
+            self.barrier(node, "squeeze() without a dim would also remove the pruned channel dim once one channel is "
+                               "kept; name the dim(s) to remove, e.g. squeeze(-1)")
+            return
+        else:
+            dims = list(dims) if isinstance(dims, (tuple, list)) else [dims]
+            if not all(_int(d) for d in dims):
+                self.barrier(node, "its dim is computed at run time")
+                return
+            dims = {d % len(before) for d in dims}
+            if lay.dim in dims:
+                self.barrier(node, f"it squeezes the pruned channel dim {lay.dim}; squeeze only the other dims")
+                return
+            new_dim = lay.dim - sum(d < lay.dim and before[d] == 1 for d in dims)
+        self.emit_moved(node, x, lay, new_dim)
+
+    def visit_getitem(self, node: fx.Node, x: fx.Node | None) -> None:
+        """Basic indexing ``x[:, :, None, None]``, ``x[..., 0]``, ``x[:, :, 1:]``: the channel dim moves, its channels pass.
+
+        Every index item is followed over the input dims: ``None`` inserts a dim, an int
+        removes one, a slice keeps one, ``...`` stands for the untouched dims.  At the
+        channel dim only a full slice ``:`` is allowed; any other item there selects
+        channels, and tensor / list (advanced) indices anywhere are refused.
+        """
+        lay = self.g.layout(x) if x is not None else None
+        if lay is None or len(node.args) != 2:  # tuples of outputs, buffers, the model input: as before
+            self.barrier(node)
+            return
+        index = node.args[1]
+        items = list(index) if isinstance(index, tuple) else [index]
+        if not all(i is None or i is Ellipsis or isinstance(i, slice) or _int(i) or _scalar_node(i) for i in items):
+            self.barrier(node, "advanced indexing (a tensor, list or bool index) is not supported")
+            return
+        consumed = sum(i is not None and i is not Ellipsis for i in items)
+        before = self.shape(x)
+        if items.count(Ellipsis) > 1 or consumed > len(before):
+            self.barrier(node)
+            return
+        if Ellipsis in items:
+            at = items.index(Ellipsis)
+            items[at:at + 1] = [slice(None)] * (len(before) - consumed)
+        in_dim = out_dim = 0
+        new_dim = None
+        for item in items:
+            if item is None:
+                out_dim += 1
+                continue
+            if in_dim == lay.dim:
+                if not (isinstance(item, slice) and item.start in (None, 0) and item.stop is None
+                        and item.step in (None, 1)):
+                    self.barrier(node, f"the index [{_index_text(item)}] selects along the pruned channel dim "
+                                       f"{lay.dim}; index only the other dims")
+                    return
+                new_dim = out_dim
+            out_dim += isinstance(item, slice)
+            in_dim += 1
+        self.emit_moved(node, x, lay, new_dim if new_dim is not None else out_dim + lay.dim - in_dim)
+
+    def emit_moved(self, node: fx.Node, x: fx.Node, lay: Layout, new_dim: int) -> None:
+        """Emit a view that moves the channel dim ``lay.dim`` to ``new_dim`` (checked against the traced shapes)."""
+        before, after = self.shape(x), self.shape(node)
+        if not 0 <= new_dim < len(after) or after[new_dim] != before[lay.dim]:
+            self.barrier(node)
+            return
+        self.emit(node, "reshape", [x], lay.moved(new_dim))
 
     def visit_reduce(self, node: fx.Node, x: fx.Node, how: str) -> None:
         lay = self.g.layout(x)

@@ -98,7 +98,12 @@ class Op:
 
     ``kind``: linear, conv, depthwise, grouped, bn, attention, pointwise, identity, pool,
     pool_zero (an average pool that pads with zeros or overrides its divisor: pruned
-    constants must be 0), reshape, reduce, cat, binary, barrier.  ``inputs``: the tensor
+    constants must be 0), spatial (a per-channel op on the spatial dims -- interpolation,
+    reflect / replicate / circular padding, a crop -- that keeps a constant channel that
+    constant), pad (constant padding: the border holds the fill value in every channel, so
+    a pruned constant must equal it), reshape (view / reshape / flatten, squeeze /
+    unsqueeze and basic indexing: the channel dim may move or merge with trailing dims),
+    reduce, cat, binary, barrier.  ``inputs``: the tensor
     operands (fx nodes) whose layouts matter.  ``factor``: reshape multiplier.
     ``literal``: a reshape with a fixed size at the channel dim.  ``zero_required``: pruned
     constants must be 0 -- a product with a tensor broadcast over channels, or a ``sum``

@@ -19,6 +19,10 @@ Channels pass unchanged through ``F.interpolate`` / ``nn.Upsample*`` (any mode) 
 through padding (``F.pad``, ``nn.ZeroPad*`` / ``ConstantPad*`` / ``ReflectionPad*`` /
 ``ReplicationPad*`` / ``CircularPad*``) that leaves the channel dim alone, so U-Net
 style decoders (upsample, pad to the skip's size, ``torch.cat`` with the skip) shrink.
+Size-1 dims added or removed around the channels (``unsqueeze``, ``squeeze(dim)``,
+``x[:, :, None, None]``, ``x[..., 0]``) pass them as ``view`` does, so squeeze-and-
+excitation gates and Conv1d heads shrink; ``squeeze()`` without a dim and indexing that
+selects channels are refused.
 
 Transposed convolutions (``nn.ConvTranspose1d/2d/3d``, weight ``(in_channels,
 out_channels/groups, *kernel)``) are cut like convs with the weight dims swapped: as a

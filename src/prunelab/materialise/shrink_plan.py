@@ -33,7 +33,11 @@ from prunelab.materialise.graph import (
 from prunelab.materialise.layouts import ChannelGraph, Layout, Op, Segment
 from prunelab.materialise.tracing import describe_target, eval_mode
 
-__all__ = ["CoupledGroup", "LayerCut", "ShrinkPlan", "plan_shrink"]
+__all__ = ["SILENCE_CLI", "CoupledGroup", "LayerCut", "ShrinkPlan", "plan_shrink"]
+
+# The CLI's way to silence pruned channels, named in problems; a command other than `materialise` that
+# shrinks (bench-latency) names its own option instead (prunelab.cli_materialise).
+SILENCE_CLI = "materialise --silence-pruned-channels"
 
 
 @dataclass(frozen=True)
@@ -152,7 +156,8 @@ class _Planner:
                 r = int(partial[0])
                 unit = "channel" if mask.dim() > 2 else "neuron"
                 self.problem("mask", f"mask of {name!r} is not a {unit} mask: row {r} keeps {int(rows[r].sum())} of "
-                                     f"{rows.shape[1]} weights; prune with --granularity channel/neuron to shrink, or use --form csr")
+                                     f"{rows.shape[1]} weights; prune with granularity='channel'/'neuron' (CLI: --granularity "
+                                     "channel/neuron) to shrink, or use materialise(model, 'csr', ...) (CLI: --form csr)")
             self.rows[name] = rows.any(dim=1)
 
     def transposed_rows(self, name: str, mask: torch.Tensor, groups: int) -> torch.Tensor:
@@ -176,7 +181,7 @@ class _Planner:
                                  f"{int(cells[i, j].sum())} of {cells.shape[2]} weights but input channel {i} and output "
                                  f"slice {j} are kept elsewhere; prune whole input channels weight[i] or output channels "
                                  "weight[:, j] (the weight is (in_channels, out_channels/groups, *kernel)) to shrink, or "
-                                 "use --form csr")
+                                 "use materialise(model, 'csr', ...) (CLI: --form csr)")
         return torch.cat([outs.reshape(-1), ins])
 
     def space_keep(self, sid: int) -> torch.Tensor:
@@ -316,7 +321,7 @@ class _Planner:
                 self.problem("constant", f"pruned channels of {self.layout_culprits(layout)} reach zero-padded conv {name!r} "
                                          f"with nonzero constant value act(bias)/BatchNorm shift (up to {float(c.abs().max()):.3g}); "
                                          "a padded conv cannot absorb it exactly -- call silence_pruned_channels_(model, masks, "
-                                         "example_input) first (CLI: materialise --silence-pruned-channels; re-check accuracy "
+                                         f"example_input) first (CLI: {SILENCE_CLI}; re-check accuracy "
                                          "after) or exclude those layers from pruning")
             weight = weight.flatten(2).sum(dim=2)  # (O, removed)
         if (c != 0).any():
@@ -327,7 +332,7 @@ class _Planner:
                 f"value act(bias)/BatchNorm shift (up to {float(c.abs().max()):.3g}); a transposed conv with a kernel or "
                 "stride above 1 spreads a constant unevenly over its output, so no bias absorbs it -- prune its input "
                 "slices weight[i] with the same channels, call silence_pruned_channels_(model, masks, example_input) "
-                "first (CLI: materialise --silence-pruned-channels) or exclude those layers from pruning")
+                f"first (CLI: {SILENCE_CLI}) or exclude those layers from pruning")
 
     def where(self, node: fx.Node) -> str:
         scope = self.g.scopes.get(node.name, "")
@@ -346,8 +351,8 @@ class _Planner:
             self.problem("constant", f"pruned channels of {self.layout_culprits(layout)} are padded with zeros by "
                                      f"{self.where(op.node)} with nonzero constant value (up to {float(c.abs().max()):.3g}); "
                                      "the zero border makes them vary over positions, so no bias absorbs them -- call "
-                                     "silence_pruned_channels_(model, masks, example_input) first (CLI: materialise "
-                                     "--silence-pruned-channels) or exclude those layers from pruning")
+                                     f"silence_pruned_channels_(model, masks, example_input) first (CLI: {SILENCE_CLI}) "
+                                     "or exclude those layers from pruning")
         else:
             self.problem("op", f"pruned channels of {self.layout_culprits(layout)} are padded with {fill:g} by "
                                f"{self.where(op.node)} but carry other constant values (e.g. {float(c[c != fill][0]):.3g}); "
@@ -441,7 +446,8 @@ class _Planner:
         if (c != 0).any():
             self.problem("constant", f"pruned channels of {self.layout_culprits(layout)} {what} at node '{op.node.name}' "
                                      f"with nonzero constant value (up to {float(c.abs().max()):.3g}); call "
-                                     "silence_pruned_channels_(model, masks, example_input) (CLI: materialise --silence-pruned-channels) first or exclude those layers from pruning")
+                                     f"silence_pruned_channels_(model, masks, example_input) (CLI: {SILENCE_CLI}) first or "
+                                     "exclude those layers from pruning")
 
     def require_sum_zero(self, op: Op, x: fx.Node) -> None:
         """A sum of a pruned constant ``c`` over ``n`` positions is ``c * n``: no bias absorbs it for every ``n``."""
