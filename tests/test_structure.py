@@ -145,3 +145,17 @@ def test_nm_refuses_nan_scores_instead_of_keeping_them():
         NM(2, 4).pattern_mask(torch.tensor([[float("nan"), 1.0, 2.0, 3.0]]))
     keep = NM(2, 4).pattern_mask(torch.tensor([[float("-inf"), 1.0, 2.0, 3.0]]))  # -inf (already pruned) is fine
     assert keep.tolist() == [[False, False, True, True]]
+
+
+def test_nm_refusal_names_the_exclude_argument_for_a_layer_that_is_not_first():
+    from torch import nn
+
+    from prunelab.schedules import OneShot
+    from prunelab.sparsifier import Sparsifier
+
+    model = nn.Sequential(nn.Conv2d(4, 8, 1), nn.Conv2d(8, 8, 3, groups=8), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    with pytest.raises(PrunelabError, match=r"input dimension 1 of '1\.weight' .*exclude=\['1'\].*--exclude 1\)") as info:
+        Sparsifier(model, granularity="2:4", schedule=OneShot(0.5))
+    assert "\n" not in str(info.value)
+    masks = Sparsifier(model, granularity="2:4", schedule=OneShot(0.5), exclude=["1"]).prepare().finalize()
+    assert "1.weight" not in masks and float(masks["0.weight"].float().mean()) == 0.5  # the advice works

@@ -181,9 +181,12 @@ class NM(Granularity):
         if len(shape) < 2:
             raise PrunelabError(f"N:M needs a 2-D or conv weight, but {name!r} has shape {shape}; exclude it")
         if shape[1] % self.m:
+            module = name.removesuffix(".weight")
             raise PrunelabError(
                 f"N:M block size M={self.m} does not divide the input dimension {shape[1]} of "
-                f"{name!r} (shape {tuple(shape)}); keep that layer dense (e.g. --keep-first dense, in Python LayerRules(keep_first='dense')) or exclude it"
+                f"{name!r} (shape {tuple(shape)}); exclude that layer (Python: Sparsifier(..., exclude=[{module!r}]); "
+                f"CLI: --exclude {module}), or keep it dense with keep_first='dense' (--keep-first dense) if it is the "
+                "first layer"
             )
 
     def _blocked(self, tensor: torch.Tensor) -> torch.Tensor:
