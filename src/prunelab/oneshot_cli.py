@@ -136,6 +136,7 @@ def _render_markdown(record: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     summary = record["summary"]
     config = record["config"]
     target = config["pattern"] or f"{config['sparsity']:.0%} unstructured"
+    dense = ", ".join(record["oneshot"]["dense_layers"]) or "none"
     lines = [
         f"# One-shot pruning: {record['model']} with {config['method']} ({target})",
         "",
@@ -153,6 +154,8 @@ def _render_markdown(record: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             {"measure": "pruning wall time (s)", "value": summary["wall_time_s"]},
             {"measure": "peak RSS (MB)", "value": summary["peak_rss_mb"]},
         ], (("measure", "measure"), ("value", "value"))),
+        "",
+        f"Left dense (outside the pruned blocks, excluded, or never called): {dense}.",
         "",
         "## Layers",
         "",

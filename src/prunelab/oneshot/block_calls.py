@@ -16,6 +16,9 @@ match, block 0's arguments are reused (one extra forward on one item); otherwise
 item runs through the dense model once more and each block's own arguments are kept, with
 the hidden states replaced by an empty placeholder, so only one block's activations are
 ever held.
+
+Before that, :func:`irregular_block_calls` checks on item 0 that the model calls every block
+exactly once and in list order -- the premise of feeding block ``b``'s outputs to block ``b + 1``.
 """
 
 from __future__ import annotations
@@ -91,8 +94,57 @@ def _record_calls(model: nn.Module, blocks: Sequence[tuple[str, nn.Module]], ite
         return hook
 
     with _pre_hooks([(block, recorder(b)) for b, (_, block) in enumerate(blocks)], with_kwargs=True):
-        run_model(model, item, index, device, " after block 0")
+        run_model(model, item, index, device)  # block 0 itself may fail here: the catcher stopped before it
     return calls
+
+
+def irregular_block_calls(model: nn.Module, blocks: Sequence[tuple[str, nn.Module]], item: Any,
+                          device: torch.device) -> str | None:
+    """Why chaining ``blocks`` (block ``b``'s output is block ``b + 1``'s input) would misread the
+    model, or ``None`` when one dense forward on ``item`` calls every block exactly once, in order.
+
+    A block run several times per forward (ALBERT's one shared layer group, a weight-tied loop)
+    would be calibrated on its first call only, and a block skipped or run out of order would be
+    fed another block's outputs; the engine then walks the whole model as one block instead.
+
+    The forward stops at the first module outside the blocks (not inside one, not holding one)
+    that runs once as many block calls as there are blocks were seen: a decoder's final norm,
+    so the ``lm_head`` logits ``(B, T, vocab)`` are never computed."""
+    if len(blocks) == 1 and blocks[0][1] is model:
+        return None
+    seen: list[int] = []  # id of each block module called, in call order
+    modules = {id(block): block for _, block in blocks}  # a module listed twice is hooked once
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        seen.append(id(module))
+
+    def stop(module: nn.Module, args: tuple) -> None:
+        if len(seen) >= len(blocks):
+            raise _Stop
+
+    with _pre_hooks([(module, hook) for module in modules.values()] + [(m, stop) for m in _outside(model, blocks)]):
+        run_model(model, item, 0, device)
+    expected = [id(block) for _, block in blocks]
+    if seen == expected or not seen:  # no block reached: the catcher names the item that does not reach block 0
+        return None
+    names = {id(block): name for name, block in reversed(blocks)}
+    counts = [(names[key], seen.count(key), expected.count(key)) for key in dict.fromkeys(expected)]
+    odd = next(((name, got, want) for name, got, want in counts if got != want), None)
+    if odd is not None:
+        name, got, want = odd
+        return f"block {name!r} runs {got} time(s) in one forward of calibration item 0, not {want}"
+    return f"the blocks run in the order {', '.join(repr(names[key]) for key in seen)}, not in list order"
+
+
+def _outside(model: nn.Module, blocks: Sequence[tuple[str, nn.Module]]) -> list[nn.Module]:
+    """The modules of ``model`` neither inside a block nor holding one (embeddings, final norm, heads)."""
+    names = [name for name, _ in blocks]
+    inside = {id(m) for _, block in blocks for m in block.modules()}
+
+    def holds_a_block(name: str) -> bool:
+        return name == "" or any(b.startswith(f"{name}.") for b in names)
+
+    return [m for name, m in model.named_modules() if id(m) not in inside and not holds_a_block(name)]
 
 
 def later_block_calls(model: nn.Module, blocks: Sequence[tuple[str, nn.Module]], items: list,

@@ -121,6 +121,11 @@ def check_calibration(calibration: Sequence[Any]) -> list[Tensor | Mapping[str, 
         if isinstance(item, Mapping):
             if not all(isinstance(k, str) for k in item):
                 raise PrunelabError(f"calibration item {i} is a dict with non-string keys; expected keyword inputs such as input_ids")
+        elif isinstance(item, (tuple, list)):  # a DataLoader batch: (inputs, labels) would feed labels as an input
+            raise PrunelabError(
+                f"calibration item {i} is a {type(item).__name__} of {len(item)}; expected a Tensor (model(x)) or a dict "
+                "(model(**x)) -- for (inputs, labels) batches pass the inputs alone, e.g. [x for x, _ in loader]"
+            )
         elif not isinstance(item, Tensor):
             raise PrunelabError(
                 f"calibration item {i} is a {type(item).__name__}; expected a Tensor (model(x)) or a dict (model(**x)), "
@@ -157,7 +162,7 @@ def _to(value: Any, device: torch.device) -> Any:
 
 def run_model(model: nn.Module, item: Any, index: int, device: torch.device, where: str = "") -> None:
     """``model(item)`` or ``model(**item)`` on ``device``, until a hook raises :class:`_Stop`; a
-    model that cannot take the item is a PrunelabError naming it (``where``: e.g. " after block 0").
+    model that cannot take the item is a PrunelabError naming it (``where`` follows "the model's forward").
     A ``transformers`` cache object in the item runs as a copy: the forward would grow the caller's."""
     try:
         if isinstance(item, Tensor):

@@ -11,7 +11,12 @@ activations at once would need the memory of a training step; the engine instead
    ``nn.ModuleList`` whose children share one class and contain ``nn.Linear`` /
    ``transformers`` ``Conv1D`` / ``nn.Conv2d`` layers (``BertModel.encoder.layer``,
    GPT-2's ``transformer.h``, ...); else, for an ``nn.Sequential``, its top-level children;
-   else the whole model is one block.
+   else the whole model is one block.  One dense forward of item 0 (stopped at the first module
+   after the blocks) checks that the model calls every block once, in list order; when it does
+   not (ALBERT's one shared layer group, a skipped, repeated or reordered block) the same layers
+   are pruned with the whole model walked as one block, so each sees all its calls (one forward
+   per layer; with ``dense_targets`` a dense copy of the whole model), and a warning says so (:func:`prunelab.oneshot.block_calls.irregular_block_calls`).  A second list
+   of blocks beside the walked one (an encoder-decoder's encoder) stays dense, with a warning.
 2. **Catcher**: a forward pre-hook (``with_kwargs=True``) on block 0 records the
    ``(args, kwargs)`` the block receives for each calibration item and raises a private
    exception to stop the forward, so the layers before the first block (embeddings) run
@@ -75,6 +80,7 @@ import math
 import re
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -82,6 +88,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from prunelab import distributed
 from prunelab.allocation import check_sparsity
 from prunelab.criteria.base import eval_mode
 from prunelab.errors import PrunelabError
@@ -99,8 +106,8 @@ from prunelab.oneshot.block_runs import (
     propagate,
     token_masks,
 )
-from prunelab.oneshot.block_calls import later_block_calls
-from prunelab.oneshot.layer_targets import LayerTarget, block_targets, find_blocks
+from prunelab.oneshot.block_calls import irregular_block_calls, later_block_calls
+from prunelab.oneshot.layer_targets import LayerTarget, block_targets, find_blocks, unwalked_block_lists
 from prunelab.oneshot.stats import InputStats, Solution, dense_target_weight
 from prunelab.structure import NM
 
@@ -290,6 +297,9 @@ def prune_oneshot(model: nn.Module, calibration: Sequence[Any], config: OneShotC
 
     ``calibration``: model inputs, each a Tensor (``model(x)``) or a dict (``model(**x)``).
     Returns a :class:`OneShotReport`; the model holds real zeros, ``report.masks`` the masks.
+    Layers are written as they are pruned (there is no second model copy to roll back to): an
+    error raised after the first one is written says that the model is left partially pruned
+    and up to which layer (a PrunelabError keeps one line; any other exception gets a note).
     """
     from prunelab.oneshot import SOLVERS  # the package registry (import cycle: engine <- __init__)
 
@@ -299,6 +309,8 @@ def prune_oneshot(model: nn.Module, calibration: Sequence[Any], config: OneShotC
     solver: Solver = SOLVERS.get(config.method)
     items = check_calibration(calibration)
     blocks = find_blocks(model)
+    first = next(iter(model.parameters()), None)
+    device = torch.device("cpu") if first is None else first.device  # where the items are moved
     per_block, dense_layers = block_targets(model, blocks, config.exclude)
     if not any(per_block):
         raise PrunelabError(
@@ -307,21 +319,74 @@ def prune_oneshot(model: nn.Module, calibration: Sequence[Any], config: OneShotC
             "check exclude or pass a model built from such layers"
         )
     _check_targets([t for ts in per_block for t in ts], config, solver)
-    first = next(iter(model.parameters()))
+    _warn_unwalked(model, blocks)
+    with eval_mode(model), torch.no_grad():
+        irregular = irregular_block_calls(model, blocks, items[0], device)
+    seen_on = distributed.first_rank_where(irregular is not None)  # every rank walks the model alike
+    if seen_on is not None:  # the same layers (the rest stays dense), each from all its calls in the model
+        irregular = irregular or f"rank {seen_on}'s calibration item 0 does not call every block once, in list order"
+        warnings.warn(f"prune_oneshot: {irregular}; the whole model is walked as one block instead (statistics from "
+                      "every call; one forward per layer, slower)", UserWarning, stacklevel=2)
+        blocks, per_block = [("", model)], [[t for ts in per_block for t in ts]]
     rows: list[LayerRow] = []
     masks: dict[str, Tensor] = {}
+    written: list[str] = []  # the layers whose pruned weights are in the model so far
+    try:
+        _walk(model, items, blocks, per_block, solver, config, device, rows, masks, dense_layers, written, progress)
+    except PrunelabError as exc:
+        if not written:
+            raise
+        raise PrunelabError(f"{exc}; {_partial_note(written, per_block)}") from None
+    except BaseException as exc:  # a bug or an interrupt: keep its type and traceback, say what it left
+        if written and hasattr(exc, "add_note"):  # Python >= 3.11
+            exc.add_note(_partial_note(written, per_block))
+        raise
+    if progress and dense_layers:
+        shown = ", ".join(dense_layers[:6]) + (f", ... ({len(dense_layers)} in all)" if len(dense_layers) > 6 else "")
+        print(f"[oneshot {config.method}] left dense (outside the blocks, excluded or never called): {shown}",
+              file=sys.stderr, flush=True)
+    return OneShotReport(config, rows, time.perf_counter() - started, peak_rss_mb(), MaskSet(masks),
+                         tuple(dense_layers), len(items))
+
+
+def _warn_unwalked(model: nn.Module, blocks: list[tuple[str, nn.Module]]) -> None:
+    """Warn when a second stack of blocks stays dense (an encoder-decoder's encoder): the engine
+    walks one list of blocks, and the report's sparsity counts pruned layers only."""
+    others = unwalked_block_lists(model, blocks)
+    if others:
+        walked = blocks[0][0].rpartition(".")[0]
+        stacks = ", ".join(f"{name!r} ({layers})" for name, layers in others)
+        warnings.warn(f"prune_oneshot walks the blocks of {walked!r} only; the Linear/Conv layers of {stacks} stay "
+                      "dense (listed in report.dense_layers); to prune them too, call prune_oneshot on that part of "
+                      "the model on its own (e.g. model.encoder)",
+                      UserWarning, stacklevel=3)
+
+
+def _partial_note(written: list[str], per_block: list[list[LayerTarget]]) -> str:
+    """What an error after the first written layer leaves: the model is pruned in place, block by block."""
+    total = sum(len(ts) for ts in per_block)
+    return (f"the model is left partially pruned ({len(written)} of {total} layers, up to {written[-1]!r}, hold "
+            "pruned weights); reload it before pruning again")
+
+
+def _walk(model: nn.Module, items: list, blocks: list[tuple[str, nn.Module]], per_block: list[list[LayerTarget]],
+          solver: Solver, config: OneShotConfig, device: torch.device, rows: list[LayerRow], masks: dict[str, Tensor],
+          dense_layers: list[str], written: list[str], progress: bool) -> None:
+    """The block loop of :func:`prune_oneshot`: fills ``rows``, ``masks``, ``dense_layers`` and ``written``
+    (the name of each layer as soon as its pruned weight is in the model)."""
     with eval_mode(model), torch.no_grad():
-        inputs = capture_block_inputs(model, blocks[0], items, first.device)
-        tokens = token_masks(items, first.device)  # per item: real (not padding) positions, or None
+        inputs = capture_block_inputs(model, blocks[0], items, device)
+        tokens = token_masks(items, device)  # per item: real (not padding) positions, or None
         check_hidden_position(*blocks[0], inputs)
         last = max(i for i, ts in enumerate(per_block) if ts)
-        later = later_block_calls(model, blocks[: last + 1], items, inputs, first.device)  # per-layer masks?
+        later = later_block_calls(model, blocks[: last + 1], items, inputs, device)  # per-layer masks?
         dense_inputs = list(inputs) if config.dense_targets else None  # the dense model's block inputs
         for b, ((block_name, block), targets) in enumerate(zip(blocks, per_block, strict=True)):
             if b > last:  # nothing left to prune: the rest of the model need not run
                 break
             reference = None if dense_inputs is None else Reference.of(block, block_name, dense_inputs)
-            solved, uncalled = _prune_block(block, block_name, targets, inputs, solver, config, reference, tokens)
+            solved, uncalled = _prune_block(block, block_name, targets, inputs, solver, config, reference, tokens,
+                                            written)
             dense_layers += uncalled
             errors = propagate(block, block_name, inputs, {e.target: (e.dense, e.shift) for e in solved},
                                 keep_outputs=b < last, reference=reference, tokens=tokens,
@@ -335,8 +400,6 @@ def prune_oneshot(model: nn.Module, calibration: Sequence[Any], config: OneShotC
                     damp = "" if row.dampening is None else f" dampening {row.dampening:g}"
                     print(f"[oneshot {config.method}] {row.name} {row.shape}: sparsity {row.sparsity:.4f} "
                           f"error {row.error:.4g}{damp} ({row.seconds:.2f} s)", file=sys.stderr, flush=True)
-    return OneShotReport(config, rows, time.perf_counter() - started, peak_rss_mb(), MaskSet(masks),
-                         tuple(dense_layers), len(items))
 
 
 @dataclass(frozen=True)
@@ -369,12 +432,14 @@ def _record(solved: list[_Solved], errors: dict[LayerTarget, float], masks: dict
 
 def _prune_block(block: nn.Module, block_name: str, targets: list[LayerTarget], inputs: Inputs, solver: Solver,
                  config: OneShotConfig, reference: Reference | None = None,
-                 tokens: Sequence[Tensor | None] | None = None) -> tuple[list[_Solved], list[str]]:
+                 tokens: Sequence[Tensor | None] | None = None, written: list[str] | None = None
+                 ) -> tuple[list[_Solved], list[str]]:
     """Prune ``targets`` one after the other in execution order, each from the inputs it
     receives with the earlier ones already pruned (and, with a ``reference``, towards the
     dense model's outputs).  Returns a :class:`_Solved` per pruned layer and the names of
     targets the block never called.  ``tokens``: per item, the real positions whose rows
-    enter the statistics.  Each solver's weight (and dense-target weight ``V``) is dropped
+    enter the statistics.  ``written`` (if given) gets each layer's name once its pruned weight is
+    in the model.  Each solver's weight (and dense-target weight ``V``) is dropped
     as soon as it is written into its layer."""
     if not targets:
         return [], []
@@ -406,6 +471,8 @@ def _prune_block(block: nn.Module, block_name: str, targets: list[LayerTarget], 
                 "raise dampening or pass more calibration samples"
             )
         target.load2d(solution.weight)  # the final cast to the layer's dtype
+        if written is not None:
+            written.append(target.name)
         mask, dampening = solution.mask, solution.dampening
         del solution  # the layer now holds the pruned weight: no second copy
         shift = None if mean is None else _correct_bias_(target, W, mean, dense_mean)

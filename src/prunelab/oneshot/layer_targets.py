@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -145,13 +145,8 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """
     best: tuple[str, nn.ModuleList] | None = None
     best_key = (0, 0)
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        if len({type(child) for child in module}) != 1:
-            continue
-        layers = sum(isinstance(classify_layer("", m), LayerTarget) for child in module for m in child.modules())
-        if layers and (layers, len(module)) > best_key:
+    for name, module, layers in _block_lists(model):
+        if (layers, len(module)) > best_key:
             best, best_key = (name, module), (layers, len(module))
     if best is not None:
         prefix = f"{best[0]}." if best[0] else ""
@@ -160,6 +155,29 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
         # not named_children(): it skips a module object used twice (a shared ReLU), and each use is a step
         return [(name, child) for name, child in model._modules.items() if child is not None]
     return [("", model)]
+
+
+def _block_lists(model: nn.Module) -> Iterator[tuple[str, nn.ModuleList, int]]:
+    """Every non-empty ``nn.ModuleList`` of one child class holding prunable layers, with their count."""
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0 or len({type(c) for c in module}) != 1:
+            continue
+        layers = sum(isinstance(classify_layer("", m), LayerTarget) for child in module for m in child.modules())
+        if layers:
+            yield name, module, layers
+
+
+def unwalked_block_lists(model: nn.Module, blocks: Sequence[tuple[str, nn.Module]]) -> list[tuple[str, int]]:
+    """``(name, prunable layers)`` of each list of blocks beside the one :func:`find_blocks` chose,
+    neither inside it nor holding it: an encoder-decoder's encoder stack when the decoder's is
+    walked (T5, BART, Whisper), a vision tower beside a language model.  Its layers stay dense."""
+    chosen = {id(module) for _, module in blocks}
+    walked = next((name for name, module, _ in _block_lists(model) if any(id(c) in chosen for c in module)), None)
+    if walked is None:
+        return []
+    prefix = f"{walked}." if walked else ""
+    return [(name, layers) for name, _, layers in _block_lists(model)
+            if name != walked and not name.startswith(prefix) and not (name == "" or walked.startswith(f"{name}."))]
 
 
 def _excluded(name: str, patterns: Sequence[str]) -> bool:
