@@ -79,6 +79,18 @@ def _scalar_type(annotation: Any) -> Any:
     return args[0] if args and typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
 
 
+def _help_text(name: str, text: str) -> str:
+    """``text`` with RunConfig's default for field ``name`` appended, unless it names its default already
+    (the flags' argparse defaults are None, so that ``--config`` values survive: ``%(default)s`` would say None)."""
+    from prunelab.config import field_default
+
+    default = field_default(name)
+    if "default" not in text and default not in (None, (), {}):
+        shown = ("on" if default else "off") if isinstance(default, bool) else default
+        text = f"{text} (default: {shown})"
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per RunConfig field; defaults are None so YAML values survive."""
     from prunelab.config import RunConfig
@@ -86,7 +98,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     for f in fields(RunConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = _scalar_type(f.type)
-        help_text = f.metadata.get("help", "")
+        help_text = _help_text(f.name, f.metadata.get("help", ""))
         if kind is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif f.name == "layer_rates":
@@ -221,8 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="train the digits MLP and prune it iteratively to 90%% sparsity (< 1 min)")
     demo.add_argument("--out", default=None, help="results folder (default: runs/demo)")
-    demo.add_argument("--seed", type=int_arg, default=0)
-    demo.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    demo.add_argument("--seed", type=int_arg, default=0, help="random seed (default: 0)")
+    demo.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                      help="show progress bars (default: on)")
     demo.set_defaults(func=cmd_demo)
 
     prune = sub.add_parser("prune", help="train, prune and measure a zoo model; writes a results folder")

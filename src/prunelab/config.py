@@ -67,13 +67,15 @@ class RunConfig:
     sparsity: float | None = _opt("target fraction of weights removed, in [0, 1) (default 0.9; with an N:M "
                                   "granularity, 1 - N/M)", default=None)
     rounds: int = _opt("pruning rounds of 'iterative' / 'lottery'", default=5)
-    layer_rates: dict[str, float] = _opt("per-round rate overrides of 'iterative' / 'lottery', e.g. {fc3: 0.1}",
+    layer_rates: dict[str, float] = _opt("per-round rate overrides of 'iterative' / 'lottery', e.g. fc3=0.1,fc2=0.3 "
+                                         "(in YAML: {fc3: 0.1, fc2: 0.3})",
                                          default_factory=dict)
     keep_first: str | None = _opt("first layer: 'dense', 'none' or a maximum sparsity", default=None)
     keep_last: str | None = _opt("last layer: 'dense', 'none' or a maximum sparsity (default: 'dense' with a "
                                  "channel / neuron granularity, whose cuts would remove model outputs; else 'none')",
                                  default=None)
-    exclude: tuple[str, ...] = _opt("layer name globs never pruned", default=())
+    exclude: tuple[str, ...] = _opt("layer name glob never pruned; repeat the flag for several (in YAML: a list)",
+                                    default=())
     pretrain_epochs: int = _opt("dense training epochs before pruning", default=30)
     finetune_epochs: int = _opt("retraining epochs after each pruning event", default=8)
     epochs: int = _opt("training epochs of 'gradual' and every from-scratch method (snip, rigl, ...; "
@@ -111,7 +113,8 @@ class RunConfig:
         A field of :data:`LATER_FIELDS` left at its default stays out of the hash, so a config that
         does not set it keeps the ``runs/<model>-<method>-<hash>`` folder it had before the field existed.
         """
-        payload = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("out", "progress", "data_dir", "download")
+        payload = {k: _hashed_value(k, v) for k, v in dataclasses.asdict(self).items()
+                   if k not in ("out", "progress", "data_dir", "download")
                    and not (k in LATER_FIELDS and v == field_default(k))}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
@@ -127,6 +130,25 @@ class RunConfig:
 
 
 FIELD_NAMES = tuple(f.name for f in fields(RunConfig))
+FLOAT_FIELDS = ("sparsity", "end_fraction", "lr", "finetune_lr", "momentum", "weight_decay", "alpha", "slimming_strength")
+
+
+def _hashed_value(name: str, value: Any) -> Any:
+    """``value`` of field ``name`` as :meth:`RunConfig.digest` hashes it: equal runs hash equally.
+
+    A number field holds a float whichever way it was given (``RunConfig(lr=1)`` from Python and
+    ``lr: 1`` in YAML, which becomes 1.0, are one run), and ``exclude`` is a set of globs (order
+    and repeats change nothing).  Values already in that form hash exactly as before.
+    """
+    if name in FLOAT_FIELDS and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if name == "exclude" and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return sorted(set(value))
+    if name == "layer_rates" and isinstance(value, dict):
+        return {k: _hashed_value("lr", v) for k, v in value.items()}  # rates are floats, as YAML's are made
+    return value
+
+
 LATER_FIELDS = ("layer_floor", "start_epoch", "end_fraction")  # added after run folders were first hashed
 
 

@@ -11,8 +11,9 @@ import dataclasses
 import math
 import platform
 import time
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -86,6 +87,7 @@ def validate(config: RunConfig, given: Collection[str] | None = None) -> None:
         raise PrunelabError("--out is empty; name an output folder, or leave it out for runs/<model>-<method>-<hash>")
     given = non_default_fields(config) if given is None else frozenset(given)
     check_ignored_options(config, given)
+    check_training_epochs(config)
     check_schedule_options(config, given, granularity)
     for flag, value in (("--rounds", config.rounds), ("--num-updates", config.num_updates)):
         if isinstance(value, int) and value > MAX_UPDATES:  # refused now, not by the schedule after the dense training
@@ -145,6 +147,22 @@ def allocation_for(config: RunConfig):
 
 
 END_FRACTION_METHODS = ("gradual", *DST_SCHEDULED)  # read RunConfig.end_fraction
+# from-scratch methods whose training of --epochs 0 would run nothing (gradual and the dynamic sparse
+# methods refuse a run of 0 steps themselves, naming their schedule)
+UNTRAINED_IF_NO_EPOCHS = tuple(sorted(FROM_SCRATCH - {*DST_SCHEDULED, "static"}))
+
+
+def check_training_epochs(config: RunConfig) -> None:
+    """Refuse ``--epochs 0`` for a method that trains sparse from scratch (or, ``lottery``, per round).
+
+    With no training the run would report the untrained initialisation as "pruned" (about 90% error
+    on digits), and a lottery round would rewind weights that never trained -- ``prunelab lottery``
+    refuses the same; ``--method static`` / ``set`` / ``rigl`` / ... already refuse a run of 0 steps.
+    """
+    if config.method in UNTRAINED_IF_NO_EPOCHS and isinstance(config.epochs, int) and config.epochs == 0:
+        what = "trains each round" if config.method == "lottery" else "prunes at init, then trains sparse"
+        raise PrunelabError(f"--epochs must be >= 1 with --method {config.method}: it {what} for --epochs, so 0 "
+                            "would report an untrained network; pass --epochs >= 1 (e.g. 30)")
 
 
 def check_schedule_options(config: RunConfig, given: frozenset[str], granularity) -> None:
@@ -188,6 +206,28 @@ def check_rounds(config: RunConfig, checker) -> None:
                             f"same mask; pass --rounds {groups:,} or fewer")
 
 
+@contextmanager
+def output_parent(out: Path) -> Iterator[Path]:
+    """Create ``out``'s parent folder (checked writable) for the body; if the body raises (an error, Ctrl-C),
+    remove the folders this created that are still empty, so a failed ``runs/<name>`` run leaves no bare
+    ``runs/`` behind.  Folders that existed before, or that hold anything, are left alone."""
+    parent = out.parent if str(out.parent) else Path(".")
+    created = []  # deepest first: parent, then its missing ancestors
+    for folder in (parent, *parent.parents):
+        if folder.exists() or folder.is_symlink():
+            break
+        created.append(folder)
+    try:
+        yield ensure_writable_dir(parent)
+    except BaseException:
+        for folder in created:
+            try:
+                folder.rmdir()  # only ever removes an empty folder
+            except OSError:
+                break
+        raise
+
+
 def run(config: RunConfig, given: Collection[str] | None = None) -> dict[str, Any]:
     """Run ``config`` and write its results folder; returns the ``results.json`` record.
 
@@ -214,45 +254,47 @@ def run(config: RunConfig, given: Collection[str] | None = None) -> dict[str, An
         gradual_window(prune_spec(config), config.epochs, len(train_loader))
     pretrain = config.pretrain_epochs > 0 and config.method not in FROM_SCRATCH
     loss_fn = SlimmingLoss(model, config.slimming_strength) if pretrain and config.slimming_strength > 0 else F.cross_entropy
-    # only now, with every check passed, create the parent folder: bad input leaves no empty runs/ behind
-    ensure_writable_dir(out.parent if str(out.parent) else Path("."))
+    # only now, with every check passed, create the parent folder: bad input leaves no empty runs/ behind,
+    # and a run that fails or is interrupted later removes the folders it created for its output
+    with output_parent(out):
+        if pretrain:
+            train(model, train_loader, pretrain_config(config), loss_fn=loss_fn, description="dense")
+        dense_metrics = evaluate(model, test_loader)
+        dense_cost = measure_model(model, example)
 
-    if pretrain:
-        train(model, train_loader, pretrain_config(config), loss_fn=loss_fn, description="dense")
-    dense_metrics = evaluate(model, test_loader)
-    dense_cost = measure_model(model, example)
+        criterion = get_criterion(config.criterion)
+        score_data = ScoreData(train_loader, max_batches=config.score_batches) if criterion.needs_data else None
+        method = METHODS.get(config.method)
+        # the methods pruning a trained model train at the fine-tuning rate: a diverging loss names its flag
+        extra = {} if config.method in FROM_SCRATCH else {"lr_flag": "--finetune-lr"}
+        result = method(model, train_loader, test_loader, prune_spec(config), finetune_config(config), score_data=score_data,
+                        **extra)
+        pruned_metrics = evaluate(model, test_loader)
+        pruned_cost = measure_model(model, example, result.masks)
+        wall = time.perf_counter() - started
 
-    criterion = get_criterion(config.criterion)
-    score_data = ScoreData(train_loader, max_batches=config.score_batches) if criterion.needs_data else None
-    method = METHODS.get(config.method)
-    # the methods pruning a trained model train at the fine-tuning rate: a diverging loss names its flag
-    extra = {} if config.method in FROM_SCRATCH else {"lr_flag": "--finetune-lr"}
-    result = method(model, train_loader, test_loader, prune_spec(config), finetune_config(config), score_data=score_data,
-                    **extra)
-    pruned_metrics = evaluate(model, test_loader)
-    pruned_cost = measure_model(model, example, result.masks)
-    wall = time.perf_counter() - started
-
-    stats = result.masks.stats()
-    record: dict[str, Any] = {
-        "config": config.to_dict(),
-        "config_hash": config.digest(),
-        "environment": environment(),
-        "wall_time_s": wall,
-        "dense": {**dense_metrics, "cost": dense_cost.to_dict()},
-        "pruned": {**pruned_metrics, "cost": pruned_cost.to_dict()},
-        "criterion": criterion_used(config),  # what scored the weights (config["criterion"] is what was passed)
-        "target_sparsity": config.sparsity,
-        "achieved_sparsity": stats.sparsity,
-        "pretrain_epochs_run": config.pretrain_epochs if pretrain else 0,  # from-scratch methods never pretrain
-        "dense_label": "dense at init (untrained)" if config.method in FROM_SCRATCH else "dense",
-        "stages": [{"stage": "dense at init" if config.method in FROM_SCRATCH else "dense", "target_sparsity": 0.0, "sparsity": 0.0, **{k: dense_metrics[k] for k in ("accuracy", "error_pct")}}]
-        + result.rows,
-        "mask_updates": result.history,
-        "layers": stats.to_dict()["layers"],
-    }
-    if distributed.is_main_process():
-        write_results(out, record, model, result.masks, splits, config, pruned_cost)
+        stats = result.masks.stats()
+        record: dict[str, Any] = {
+            "config": config.to_dict(),
+            "config_hash": config.digest(),
+            "environment": environment(),
+            "wall_time_s": wall,
+            "dense": {**dense_metrics, "cost": dense_cost.to_dict()},
+            "pruned": {**pruned_metrics, "cost": pruned_cost.to_dict()},
+            "criterion": criterion_used(config),  # what scored the weights (config["criterion"] is what was passed)
+            "target_sparsity": config.sparsity,
+            "achieved_sparsity": stats.sparsity,
+            "pretrain_epochs_run": config.pretrain_epochs if pretrain else 0,  # from-scratch methods never pretrain
+            # untrained: a from-scratch method, or --pretrain-epochs 0 (the "dense" numbers are those of the init)
+            "dense_label": "dense" if pretrain else "dense at init (untrained)",
+            "stages": [{"stage": "dense" if pretrain else "dense at init", "target_sparsity": 0.0, "sparsity": 0.0,
+                        **{k: dense_metrics[k] for k in ("accuracy", "error_pct")}}]
+            + result.rows,
+            "mask_updates": result.history,
+            "layers": stats.to_dict()["layers"],
+        }
+        if distributed.is_main_process():
+            write_results(out, record, model, result.masks, splits, config, pruned_cost)
     return record
 
 
