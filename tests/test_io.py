@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -208,3 +209,13 @@ def test_prune_replaces_its_own_earlier_results_but_not_a_folder_with_other_file
     assert "holds files prune does not write (notes.txt), not an earlier prune run" in err
     assert len(err.strip().splitlines()) == 1
     assert sorted(os.listdir(out)) == before and (out / "notes.txt").read_text() == "precious"
+
+
+def test_an_output_path_under_a_file_names_the_file(tmp_path):
+    from prunelab.io import ensure_writable_dir
+
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile" / "sub", tmp_path / "afile" / "sub" / "deeper", tmp_path / "afile"):
+        with pytest.raises(PrunelabError, match=rf"'{re.escape(str(tmp_path / 'afile'))}' is a file, not a directory"):
+            ensure_writable_dir(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # nothing created

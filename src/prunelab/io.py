@@ -27,6 +27,10 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
+        blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        if blocking is not None:  # 'afile/sub': mkdir says only "File exists"
+            raise PrunelabError(f"cannot create output directory {str(path)!r}: {str(blocking)!r} is a file, not a "
+                                "directory; choose another --out") from None
         raise PrunelabError(
             f"cannot create output directory {str(path)!r} ({exc.strerror}); choose a writable --out"
         ) from None
