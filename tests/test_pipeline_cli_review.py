@@ -251,3 +251,14 @@ def test_prune_help_shows_defaults_and_the_flag_syntax_of_layer_rates():
     assert "(default: on)" in text[text.index("--progress, --no-progress"):]
     demo = _help("demo")
     assert "random seed (default: 0)" in demo and "show progress bars (default: on)" in demo
+
+
+def test_an_nm_run_with_a_dense_kept_layer_says_why_achieved_is_below_the_pattern(tmp_path, capsys):
+    from prunelab.cli import main
+
+    args = ["prune", "--model", "digits_mlp", "--dataset", "digits", "--method", "oneshot", "--granularity", "2:4",
+            "--keep-last", "dense", "--pretrain-epochs", "1", "--finetune-epochs", "0", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 0
+    # fc1 and fc2 at exactly 1/2, fc3 (640 weights) dense: (8192 + 8192) / 2 / 17,024 = 0.48120
+    assert ("target sparsity 0.5000, achieved 0.4812 (layers kept dense by --keep-last count at 0%; every other "
+            "layer is exactly 1 - N/M sparse)") in capsys.readouterr().out

@@ -144,8 +144,13 @@ def _print_run(record: dict[str, Any], out: str) -> None:
     print()
     print(markdown_table(summary_rows(record), SUMMARY_COLUMNS))
     print()
+    config = record["config"]
     scope = (" over the masked weights (--exclude'd layers do not count; the table above counts every weight)"
-             if record["config"].get("exclude") else "")
+             if config.get("exclude") else "")
+    kept = [f"--keep-{end}" for end in ("first", "last") if config.get(f"keep_{end}") is not None]
+    if ":" in str(config.get("granularity", "")) and kept and record["achieved_sparsity"] < record["target_sparsity"]:
+        scope += (f" (layers kept dense by {' / '.join(kept)} count at 0%; every other layer is exactly 1 - N/M "
+                  "sparse)")
     print(f"target sparsity {record['target_sparsity']:.4f}, achieved {record['achieved_sparsity']:.4f}{scope}; "
           f"wall time {record['wall_time_s']:.1f} s")
     print(f"results: {out}/results.json, {out}/report.md, {out}/sparsity_curve.png; checkpoint: {out}/")
