@@ -262,3 +262,32 @@ def test_an_nm_run_with_a_dense_kept_layer_says_why_achieved_is_below_the_patter
     # fc1 and fc2 at exactly 1/2, fc3 (640 weights) dense: (8192 + 8192) / 2 / 17,024 = 0.48120
     assert ("target sparsity 0.5000, achieved 0.4812 (layers kept dense by --keep-last count at 0%; every other "
             "layer is exactly 1 - N/M sparse)") in capsys.readouterr().out
+
+
+def test_a_global_neuron_threshold_that_all_but_removes_a_layer_is_warned_about():
+    from prunelab.cli import _lopsided_global_note
+
+    def record(allocation: str, sparsities: list[float], **config) -> dict:
+        layers = [{"name": f"fc{i + 1}.weight", "total": 100, "sparsity": s} for i, s in enumerate(sparsities)]
+        return {"config": {"allocation": allocation, "granularity": "neuron", **config}, "target_sparsity": 0.5,
+                "layers": layers}
+
+    note = _lopsided_global_note(record("global", [0.997, 0.2, 0.0]))  # fc3: kept dense by the neuron default
+    assert note == ("warning: the global threshold left fc1.weight 99.7% sparse while fc2.weight is 20.0%: neuron "
+                    "scores are norms over the group, which grow with the fan-in, so one threshold favours wide "
+                    "layers; --allocation uniform or lamp keeps every layer in play")
+    assert _lopsided_global_note(record("uniform", [0.997, 0.2, 0.0])) is None
+    assert _lopsided_global_note(record("global", [0.9, 0.2, 0.0])) is None  # no layer all but removed
+    assert _lopsided_global_note(record("global", [0.997, 0.4, 0.0])) is None  # the other keeps less than 1 - s/2
+    assert _lopsided_global_note(record("global", [0.997, 0.2], keep_last="none")) is not None
+
+
+def test_the_lopsided_warning_goes_to_stderr_of_a_real_run(tmp_path, capsys):
+    from prunelab.cli import main
+
+    args = ["prune", "--model", "lenet300", "--dataset", "digits", "--method", "oneshot", "--granularity", "neuron",
+            "--sparsity", "0.5", "--pretrain-epochs", "1", "--finetune-epochs", "0", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "global")]) == 0
+    assert "warning: the global threshold left fc1.weight" in capsys.readouterr().err
+    assert main([*args, "--allocation", "uniform", "--out", str(tmp_path / "uniform")]) == 0
+    assert "warning" not in capsys.readouterr().err

@@ -154,6 +154,39 @@ def _print_run(record: dict[str, Any], out: str) -> None:
     print(f"target sparsity {record['target_sparsity']:.4f}, achieved {record['achieved_sparsity']:.4f}{scope}; "
           f"wall time {record['wall_time_s']:.1f} s")
     print(f"results: {out}/results.json, {out}/report.md, {out}/sparsity_curve.png; checkpoint: {out}/")
+    lopsided = _lopsided_global_note(record)
+    if lopsided:
+        print(lopsided, file=sys.stderr)
+
+
+def _lopsided_global_note(record: dict[str, Any]) -> str | None:
+    """A warning when a global threshold over group norms all but removed one layer while another kept most.
+
+    A channel / neuron score is a norm over the group (Li et al. 2017's L1), which grows with
+    the fan-in: one threshold across layers then favours the wide ones (Lee et al. 2021, LAMP).
+    """
+    config = record["config"]
+    if config.get("allocation") != "global" or config.get("granularity") not in ("vector", "kernel", "channel",
+                                                                                  "neuron"):
+        return None
+    from prunelab.config import RunConfig
+    from prunelab.pipeline import keep_last_for
+
+    layers = [layer for layer in record.get("layers", []) if layer["total"]]
+    kept_last = keep_last_for(RunConfig(granularity=config["granularity"], keep_last=config.get("keep_last")))
+    bound = {end: str(rule).lower() != "none" for end, rule in (("first", config.get("keep_first")),
+                                                                ("last", kept_last)) if rule is not None}
+    layers = layers[int(bound.get("first", False)):len(layers) - int(bound.get("last", False))]  # the rules' own
+    if len(layers) < 2:
+        return None
+    thinnest = max(layers, key=lambda layer: layer["sparsity"])
+    fullest = min(layers, key=lambda layer: layer["sparsity"])
+    if thinnest["sparsity"] < 0.95 or fullest["sparsity"] > 0.5 * record["target_sparsity"]:
+        return None
+    return (f"warning: the global threshold left {thinnest['name']} {thinnest['sparsity']:.1%} sparse while "
+            f"{fullest['name']} is {fullest['sparsity']:.1%}: {config['granularity']} scores are norms over the "
+            "group, which grow with the fan-in, so one threshold favours wide layers; --allocation uniform or lamp "
+            "keeps every layer in play")
 
 
 def cmd_prune(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> int:
