@@ -402,9 +402,6 @@ def test_heads_of_grouped_query_attention_are_refused_in_one_clear_line(name):
     assert message.startswith(f"{type(build(name)).__name__} has no attention unit")
 
 
-@pytest.mark.xfail(strict=True, reason="materialise(opt, 'shrink', head masks) fails to fx-trace and advises "
-                                       "rewriting the forward; README says shrink cuts q_proj-layout heads "
-                                       "(remove_heads_ is the working route and is not named)")
 def test_shrink_of_opt_head_masks_works_or_points_at_remove_heads():
     from prunelab.heads import head_magnitude, head_masks
     from prunelab.materialise import materialise

@@ -149,10 +149,13 @@ def trace_model(model: nn.Module) -> tuple[fx.GraphModule, dict[str, str], dict[
             where = [p for p in (tracer.failed_in or []) if p]
             why = f"{_reason(exc)}{_failure_site(exc)}"
             if not where or where[-1] in opaque or where[-1].startswith("<") or len(opaque) >= MAX_OPAQUE:
+                # a transformers model (its config has a model_type): heads have a route that needs no tracing
+                heads = (" -- for attention heads, prunelab.heads.remove_heads_(model, choice.keep) cuts them "
+                         "without tracing" if hasattr(getattr(model, "config", None), "model_type") else "")
                 raise UntraceableError(
                     f"cannot trace {type(model).__name__} with torch.fx ({why}); structured shrink needs an fx-traceable "
                     "forward: move the data-dependent code into a submodule (shrink then keeps it whole; exclude the "
-                    "layers feeding it from pruning) or rewrite it without Python control flow on tensors", why
+                    f"layers feeding it from pruning) or rewrite it without Python control flow on tensors{heads}", why
                 ) from None
             opaque[where[-1]] = why
             continue
