@@ -124,7 +124,7 @@ def cli_section() -> str:
                      "with `transformers.AutoModel.from_pretrained`. `--bias-correction` lets each pruned layer's "
                      "bias absorb its mean output change on the calibration data (`b += (W - W') E[x]`); the one-shot "
                      "tables below show where that helps (Wanda and magnitude on MiniLM) and where it does not "
-                     "(the char-GPT). `--dense-targets` (SparseGPT, OBS, L-OBS) makes each layer reconstruct the "
+                     "(magnitude and Wanda on the char-GPT; SparseGPT there gains a little). `--dense-targets` (SparseGPT, OBS, L-OBS) makes each layer reconstruct the "
                      "dense model's output from the pruned model's inputs, `min ||W X - W' X~||^2`; it is the "
                      "best row of the char-GPT and MiniLM tables (on LeNet-300-100 it helps only at 90%):\n")
         one_out = Path(tmp) / "minilm-wanda"
