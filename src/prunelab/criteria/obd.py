@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from prunelab import distributed
 from prunelab.criteria.base import (
     Criterion, FunctionalModel, ScoreData, batch_errors, batch_loss, eval_mode, iter_batches, leaves,
 )
@@ -57,6 +58,11 @@ class OBD(Criterion):
 
     Groups: the default reduction sums saliencies (the diagonal model's loss increase for
     deleting the whole group).  Runs in eval mode; ``.grad`` is never written.
+
+    Under ``torch.distributed`` both estimates are means over the batches (samples) of every
+    rank: the sums and counts are all-reduced *before* ``|.|``, so every rank scores what one
+    process scores on all the data (the mean of each rank's ``|h_ii|`` would differ wherever
+    the ranks' curvatures have opposite signs; DESIGN.md decision 3).
     """
 
     hessian: str = "auto"
@@ -119,10 +125,20 @@ class OBD(Criterion):
                     totals[name] += sq
                 num_samples += _num_samples(inputs)
             num_batches += 1
+        num_batches, num_samples = _counts_over_ranks(num_batches, num_samples)
+        for total in totals.values():  # under DDP: sums over the batches / samples of every rank, before |.|
+            distributed.all_reduce_sum_(total)
         out = {}
         for name in params:
             out[name] = (totals[name] / num_batches).abs() if name in exact else totals[name] / num_samples
         return out
+
+
+def _counts_over_ranks(num_batches: int, num_samples: int) -> tuple[int, int]:
+    """``(sum_r num_batches_r, sum_r num_samples_r)``: exact integer sums (the counts themselves
+    for a single process)."""
+    counts = distributed.all_reduce_sum_(torch.tensor([num_batches, num_samples], dtype=torch.int64))
+    return int(counts[0]), int(counts[1])
 
 
 def _num_samples(inputs: Tensor) -> int:

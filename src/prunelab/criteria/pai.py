@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
+from prunelab import distributed
 from prunelab.criteria.base import (
     Criterion, FunctionalModel, ScoreData, batch_loss, eval_mode, iter_batches, leaves,
 )
@@ -43,6 +44,11 @@ def loss_gradients(
     pass, so the gradient is taken *at* those values (FORCE evaluates it at the masked
     weights ``theta ⊙ m``).  Pure: eval mode, ``.grad`` untouched.  Parameters the loss
     does not reach get a zero gradient.  Returns float64 tensors.
+
+    Under ``torch.distributed`` the mean runs over the batches of every rank (the sums and
+    the batch count are all-reduced), so the gradient -- and whatever is decided from it
+    after a non-linear step such as SNIP's ``|w g|`` -- is the same on every rank and equals
+    one process's on all the batches (DESIGN.md decision 3).  Every rank must call it.
     """
     with eval_mode(model), torch.enable_grad():
         forward = FunctionalModel(model, params)
@@ -57,7 +63,29 @@ def loss_gradients(
                 if grad is not None:
                     totals[name] += grad.double()
             num_batches += 1
-    return {n: t / num_batches for n, t in totals.items()}
+    return _mean_over_ranks(totals, num_batches)
+
+
+def _count_over_ranks(count: int) -> int:
+    """``sum_r count_r``, exact (an integer all-reduce; ``count`` for a single process)."""
+    counts = torch.tensor([count], dtype=torch.int64)
+    return int(distributed.all_reduce_sum_(counts).item())
+
+
+def _mean_over_ranks(totals: dict[str, Tensor], count: int) -> dict[str, Tensor]:
+    """``sum_r totals_r / sum_r count_r`` per tensor: a mean over the batches of all ranks
+    (``totals / count`` for a single process)."""
+    total = _count_over_ranks(count)
+    return {n: distributed.all_reduce_sum_(t) / total for n, t in totals.items()}
+
+
+def _means_over_ranks_(means: dict[str, Tensor], count: int) -> None:
+    """In place: each rank's mean over its ``count`` batches -> the mean over the batches of all
+    ranks, ``sum_r (count_r / N) mean_r`` with ``N = sum_r count_r`` (a factor 1.0, exact, for a
+    single process)."""
+    total = _count_over_ranks(count)
+    for mean in means.values():
+        distributed.all_reduce_sum_(mean.mul_(count / total))
 
 
 @dataclass(frozen=True)
@@ -69,7 +97,8 @@ class SNIP(Criterion):
 
     ``L`` is ``data.loss_fn`` and ``dL/dw`` the **mean over the batches** of the
     per-batch gradients (for equal-size batches, the gradient of the loss on their union;
-    the paper uses one mini-batch: pass ``ScoreData(loader, max_batches=1)``).  Unlike ``taylor``
+    the paper uses one mini-batch: pass ``ScoreData(loader, max_batches=1)``; under
+    ``torch.distributed``, over the batches of every rank: :func:`loss_gradients`).  Unlike ``taylor``
     (mean of per-batch absolute values), the absolute value is taken after averaging.
     The normalising sum runs over every scored parameter (it does not change any
     ranking).  Groups: the default sum.
@@ -105,7 +134,9 @@ class GraSP(Criterion):
     **the same batches** as pass 1 (cached once; ``data.max_batches`` bounds the memory).
     ``L_b = loss_fn(outputs / temperature, targets)``; the authors' code divides logits by
     ``T = 200`` (the default here), ``temperature=1`` is the plain loss.  ``g`` and ``H``
-    are taken over the scored parameters only.
+    are taken over the scored parameters only.  Under ``torch.distributed`` both means run
+    over the batches of every rank (all-reduced, weighted by each rank's batch count), so
+    every rank scores ``w ⊙ H g`` of all the data (DESIGN.md decision 3).
     """
 
     temperature: float = 200.0
@@ -135,6 +166,7 @@ class GraSP(Criterion):
             for name, grad in zip(tensors, grads):
                 if grad is not None:
                     g[name] += grad.float() / len(batches)
+        _means_over_ranks_(g, len(batches))  # under DDP: g over the batches of every rank
         # pass 2: Hg = d/dw (stopgrad(g)^T mean_b dL_b/dw)
         hg = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
         for inputs, targets in batches:
@@ -153,6 +185,7 @@ class GraSP(Criterion):
             for name, product in zip(tensors, products):
                 if product is not None:
                     hg[name] += product.float() / len(batches)
+        _means_over_ranks_(hg, len(batches))  # H g with H over the batches of every rank
         return {n: params[n].detach().float() * hg[n] for n in params}
 
 

@@ -64,6 +64,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from prunelab import distributed
 from prunelab.allocation import check_sparsity, select_top_k
 from prunelab.bench.training import (
     TrainConfig, distributed_sampler, evaluate, make_lr_scheduler, make_optimizer, train,
@@ -301,11 +302,16 @@ def _layer_rates(names: list[str], config: LotteryConfig) -> dict[str, float]:
 
 @torch.no_grad()
 def _next_masks(trained: nn.Module, previous: MaskSet, round_index: int, rates: Mapping[str, float]) -> MaskSet:
-    """Round ``r``'s mask: per layer, the ``round(n (1 - p)^r)`` largest |w| among the survivors."""
+    """Round ``r``'s mask: per layer, the ``round(n (1 - p)^r)`` largest |w| among the survivors.
+
+    Under ``torch.distributed`` ``|w|`` is averaged over ranks first (DESIGN.md decision 3), so
+    every rank keeps the same weights even where the replicas differ (``epochs=0``: no DDP
+    training synchronised them); identical replicas keep their own ``|w|`` (up to rounding).
+    """
     params = dict(trained.named_parameters())
     masks = {}
     for name, rate in rates.items():
-        weight = params[name].detach().abs().float()
+        weight = distributed.all_reduce_mean_(params[name].detach().abs().float())  # (shape,) a new tensor
         alive = previous[name].to(weight.device)
         scores = torch.where(alive, weight, torch.full_like(weight, float("-inf")))
         keep = min(round(weight.numel() * (1.0 - rate) ** round_index), int(alive.sum()))

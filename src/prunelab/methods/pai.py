@@ -187,7 +187,9 @@ class ForceSaliency(Criterion):
 
     the connection sensitivity of *every* initial weight ``theta`` (pruned ones too),
     with the gradient taken at the currently pruned network ``theta ⊙ m`` -- the model
-    must hold ``theta ⊙ m`` when called.  ``initial`` holds ``theta`` by FQN.
+    must hold ``theta ⊙ m`` when called.  ``initial`` holds ``theta`` by FQN.  Under
+    ``torch.distributed`` the gradient is the mean over the batches of every rank
+    (:func:`~prunelab.criteria.pai.loss_gradients`), taken before ``|.|``.
     """
 
     initial: Mapping[str, Tensor] = dataclasses.field(default_factory=dict)
