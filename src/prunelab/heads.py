@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prunelab import distributed
 from prunelab.allocation import check_sparsity
 from prunelab.criteria.base import eval_mode
 from prunelab.errors import PrunelabError
@@ -204,6 +205,12 @@ def head_importance(
     finally:  # .grad is never written (autograd.grad, not backward), so nothing to restore
         for handle in handles:
             handle.remove()
+    # under torch.distributed every rank keeps the same heads: sums and batch counts over all ranks
+    # (units in model order, the same on every rank); world size 1: unchanged
+    count = distributed.all_reduce_sum_(torch.tensor([seen], dtype=torch.int64))
+    for total in totals.values():
+        distributed.all_reduce_sum_(total)
+    seen = int(count)
     if seen == 0:
         raise PrunelabError("head_importance got no batches; pass an iterable of (inputs, targets), e.g. a DataLoader")
     scores = {name: total / seen for name, total in totals.items()}

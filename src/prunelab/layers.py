@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from prunelab import distributed
 from prunelab.criteria.base import eval_mode
 from prunelab.errors import PrunelabError
 from prunelab.oneshot.engine import find_blocks, hidden_states_of
@@ -143,6 +144,12 @@ def block_influence(model: nn.Module, calibration: Sequence[Tensor | Mapping[str
     finally:
         for handle in handles:
             handle.remove()
+    # under torch.distributed every rank drops the same blocks: sums and token counts over all ranks
+    # (blocks in model order, the same on every rank); world size 1: unchanged
+    names = list(sums)
+    totals = distributed.all_reduce_sum_(torch.tensor([sums[n] for n in names], dtype=torch.float64))
+    tokens = distributed.all_reduce_sum_(torch.tensor([counts[n] for n in names], dtype=torch.int64))
+    sums, counts = dict(zip(names, totals.tolist())), dict(zip(names, tokens.tolist()))
     missing = [name for name, count in counts.items() if count == 0]
     if missing:
         raise PrunelabError(f"blocks {missing} never ran on the calibration inputs; every block must be called")
