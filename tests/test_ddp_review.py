@@ -127,7 +127,7 @@ def test_low_rank_factors_come_from_the_second_moments_of_all_ranks(ranks):
     assert not _close(rank0_alone()["lowrank"], union()["lowrank"])
 
 
-# --- heads and layers (reduced since); one-shot call order: a strict xfail ---------------------------
+# --- heads, layers, one-shot call order (each was a strict xfail: not reduced) -------------------
 def test_head_masks_are_identical_on_both_ranks(ranks):
     got = [r["decided"]["heads"] for r in ranks]
     assert got[0]["keep"] == got[1]["keep"] == union()["heads"]["keep"]
@@ -140,9 +140,6 @@ def test_block_influence_is_identical_on_both_ranks(ranks):
     assert got[0]["scores"] == pytest.approx(union()["layers"]["scores"], rel=1e-9)
 
 
-@pytest.mark.xfail(strict=True, reason="prunelab.oneshot (block_runs.probe_call_order / engine._prune_block) takes "
-                                       "each block's layer order and call counts from this rank's items: where the "
-                                       "data decides them, ranks sum the statistics of different layers")
 def test_one_shot_agrees_on_the_layer_order_when_the_data_decides_it(ranks):
     got = [r["decided"]["routed"] for r in ranks]
     assert got[0]["fingerprint"] == got[1]["fingerprint"]

@@ -112,6 +112,15 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_max_(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum of ``tensor`` in place over all ranks (identity for world size 1)."""
+    if tensor.dtype == torch.bool:
+        raise PrunelabError("all_reduce_max_ needs a numeric tensor, got dtype torch.bool; pass tensor.long()")
+    if is_distributed() and world_size() > 1:
+        _collective(tensor, lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX))
+    return tensor
+
+
 def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
     """Average ``tensor`` in place over all ranks: ``x <- (1/W) sum_r x_r`` (identity for world size 1).
 

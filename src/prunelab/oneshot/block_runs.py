@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from prunelab import distributed
 from prunelab.errors import PrunelabError
 from prunelab.oneshot.layer_targets import LayerTarget
 from prunelab.oneshot.stats import ColumnNormAccumulator, HessianAccumulator, InputStats, PairedHessianAccumulator
@@ -280,6 +281,29 @@ def probe_call_order(block: nn.Module, where: str, targets: list[LayerTarget], i
             last[0] = None
             _run(block, item, where, i)
     return [(t, most[t]) for t in order]
+
+
+def agree_call_order(called: list[tuple[LayerTarget, int]], targets: list[LayerTarget]
+                     ) -> list[tuple[LayerTarget, int]]:
+    """:func:`probe_call_order`'s answer made the same on every rank (identity at world size 1).
+
+    Where the data decides the order or which layers run (MoE routing), ranks probing their
+    own items disagree, and would then sum different layers' statistics or run different
+    numbers of collectives.  Every rank takes rank 0's order, then, in block order, the
+    targets only other ranks called; a target's call count is its largest on any rank.
+    """
+    if distributed.world_size() == 1:
+        return called
+    index = {id(t): i for i, t in enumerate(targets)}
+    position = torch.full((len(targets),), -1, dtype=torch.int64)  # first-call position on this rank, -1: never
+    counts = torch.zeros(len(targets), dtype=torch.int64)
+    for rank, (target, count) in enumerate(called):
+        position[index[id(target)]], counts[index[id(target)]] = rank, count
+    first = distributed.broadcast_(position.clone())  # rank 0's order
+    distributed.all_reduce_max_(counts)
+    ordered = sorted((i for i in range(len(targets)) if first[i] >= 0), key=lambda i: int(first[i]))
+    ordered += [i for i in range(len(targets)) if first[i] < 0 and counts[i] > 0]  # called elsewhere only
+    return [(targets[i], int(counts[i])) for i in ordered]
 
 
 @dataclass

@@ -97,6 +97,7 @@ from prunelab.measure.memory import peak_rss_mb
 from prunelab.oneshot.block_runs import (
     Inputs,
     Reference,
+    agree_call_order,
     capture_block_inputs,
     check_calibration,
     check_hidden_position,
@@ -443,7 +444,7 @@ def _prune_block(block: nn.Module, block_name: str, targets: list[LayerTarget], 
     as soon as it is written into its layer."""
     if not targets:
         return [], []
-    called = probe_call_order(block, block_name, targets, inputs)
+    called = agree_call_order(probe_call_order(block, block_name, targets, inputs), targets)  # same on every rank
     uncalled = [t.name for t in targets if t not in dict(called)]
     solved = []
     for target, count in called:
