@@ -11,7 +11,7 @@ File format, version 1 (all integers little-endian)::
              sha256 of the payload (32)                                   = 52 bytes
     payload  entry count u32, then one entry per state_dict tensor, in state_dict order:
 
-    quantised Linear/Conv weight (kind 0)
+    quantised Linear/Conv weight (kind 0; transformers' Conv1D is a Linear, its (in, out) weight as stored)
       u8 kind | u16 name length | name utf-8 | u8 ndim | u32 x ndim shape |
       u8 weight bits (low 5 bits) + dtype << 5 | u8 index bits | u32 K |
       u64 entries (kept + fillers)                                            -- headers

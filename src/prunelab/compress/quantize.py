@@ -30,7 +30,8 @@ gradient of the loss with respect to ``C_k``; the average only rescales the step
 cluster.)  After every step the model's weights are exactly ``centroids[assignments]``.
 
 Default bits follow the paper: 8 for convolutions, 5 for fully-connected layers
-(Sec. 3, Table 2; its LeNet-300-100 row uses 6).
+(Sec. 3, Table 2; its LeNet-300-100 row uses 6); ``transformers``' Conv1D (GPT-2) is a
+fully-connected layer.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunelab.errors import PrunelabError
+from prunelab.oneshot.layer_targets import hf_conv1d_type
 
 __all__ = ["DEFAULT_BITS", "MAX_BITS", "WEIGHT_DTYPES", "CentroidSGD", "Codebook", "attention_projections",
            "finetune_centroids", "kmeans_1d", "quantizable_layers", "quantize_model", "quantize_weight",
@@ -162,10 +164,17 @@ def quantize_weight(weight: torch.Tensor, keep: torch.Tensor | None, bits: int, 
 
 # --- which layers, how many bits ---------------------------------------------------------
 def quantizable_layers(model: nn.Module) -> dict[str, str]:
-    """``weight FQN -> "conv" | "fc"`` for every Linear/Conv layer of ``model``."""
+    """``weight FQN -> "conv" | "fc"`` for every Linear/Conv layer of ``model``.
+
+    A ``transformers`` Conv1D (GPT-2's layers, found by type without importing transformers) is
+    a fully-connected layer whose weight is stored ``(in, out)``: ``"fc"``.  Weight sharing is
+    element-wise, so the layout changes nothing but the order the relative index walks.
+    """
+    conv1d = hf_conv1d_type()
     out = {}
     for name, module in model.named_modules():
-        if isinstance(module, _QUANTIZED_TYPES) and isinstance(getattr(module, "weight", None), torch.Tensor):
+        linear_like = isinstance(module, _QUANTIZED_TYPES) or (conv1d is not None and isinstance(module, conv1d))
+        if linear_like and isinstance(getattr(module, "weight", None), torch.Tensor):
             out[f"{name}.weight" if name else "weight"] = "conv" if isinstance(module, _CONV_TYPES) else "fc"
     return out
 

@@ -23,11 +23,19 @@ run on ``example_input`` next to the masked model; if the max abs difference exc
 ``tolerance`` x the largest reference output magnitude (at least 1, as in
 ``shrink_model``), :class:`PrunelabError` is raised.  The numbers go to ``new.materialise_report`` (a :class:`MaterialiseReport`).
 
+``transformers``' Conv1D (GPT-2's layers, ``y = x W + b`` with ``W`` stored ``(in, out)``) is a
+Linear here: it is swapped for the sparse Linear of ``W^T`` (its 2:4 groups run along ``W``'s
+dim 0, the input).  A mask on a parameter no sparse kernel takes (an embedding, a convolution
+under ``bsr``, ...) is applied as zeros, and a one-line ``UserWarning`` names it.
+
 ``pooling="auto"`` also swaps each ``nn.MaxPool2d`` for an exact, faster separable pool
 where measured no slower (:mod:`prunelab.materialise.pooling`).
 
 Saving: ``torch.save(new.state_dict(), path)``; load with
 :func:`~prunelab.materialise.sparse_modules.load_materialised` (``dense_arch, state_dict``).
+A ``transformers`` model's ``new.save_pretrained(folder)`` works too (see
+:func:`~prunelab.materialise.sparse_modules.route_save_pretrained`); reload that folder with
+``load_materialised(AutoModel...from_config(config), safetensors.torch.load_file(...))``.
 """
 
 from __future__ import annotations
@@ -46,14 +54,15 @@ from prunelab.materialise.autotune import KernelReport, Timer, choose_kernels
 from prunelab.materialise.formats import block_shape
 from prunelab.materialise.pooling import PoolingReport, speed_up_pooling_
 from prunelab.materialise.sparse_modules import (
-    SparseModule, build_sparse, kernel_unavailable_reason, load_materialised, semi_structured_available,
+    SparseModule, build_sparse, is_hf_conv1d, kernel_unavailable_reason, load_materialised, route_save_pretrained,
+    semi_structured_available,
 )
 from prunelab.measure.tables import markdown_table
 from prunelab.registry import Registry
 
 __all__ = ["FORMS", "LayerForm", "MaterialiseReport", "load_materialised", "materialise"]
 
-TARGET_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+TARGET_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # + transformers' Conv1D
 POOLING: tuple[str, ...] = ("native", "auto")  # materialise(pooling=...)
 
 
@@ -169,7 +178,7 @@ def _weight_reader(model: nn.Module, name: str) -> str:
 
 def _fixed_kernel(kernel: str, request: _Request) -> Callable[[str, nn.Module], tuple[str, str]]:
     def kernel_of(name: str, module: nn.Module) -> tuple[str, str]:
-        if kernel == "2:4" and isinstance(module, nn.Linear):
+        if kernel == "2:4" and (isinstance(module, nn.Linear) or is_hf_conv1d(module)):
             return kernel, ""  # a weight that breaks the pattern must raise, not silently stay dense
         reason = kernel_unavailable_reason(module, kernel, block_size=request.block_size)
         return ("dense", f"kept dense: {reason}") if reason else (kernel, "")
@@ -248,11 +257,43 @@ def _form_shrink(model: nn.Module, request: _Request):
     return shrink_model(model, masks, request.example_input), [], None, []
 
 
+def _is_target(module: nn.Module) -> bool:
+    """A layer materialise can swap: ``TARGET_TYPES``, or a ``transformers`` Conv1D (GPT-2; its Linear twin)."""
+    return isinstance(module, TARGET_TYPES) or is_hf_conv1d(module)
+
+
 def _targets(model: nn.Module, masks: Mapping[str, torch.Tensor] | None) -> tuple[str, ...]:
-    layers = [n for n, m in model.named_modules() if isinstance(m, TARGET_TYPES) and n]
+    layers = [n for n, m in model.named_modules() if _is_target(m) and n]
     if masks is None:
         return tuple(layers)
     return tuple(n for n in layers if f"{n}.weight" in masks)
+
+
+def _masks_left_dense(model: nn.Module, masks: Mapping[str, torch.Tensor], targets: Sequence[str],
+                      forms: Sequence[LayerForm]) -> str:
+    """One line naming every masked parameter no sparse kernel took ("" if none).
+
+    Its zeros are in the materialised model (the masks are applied first), but it stays a
+    dense tensor: it is no layer this form swaps (an embedding, a bias, an attention
+    in-projection), or the form could not take its layer (``kept dense: ...`` in the report).
+    """
+    owners = {f"{n}.weight" if n else "weight": n for n in targets}
+    modules = dict(model.named_modules(remove_duplicate=False))
+    why = {}
+    for key in masks:
+        if key not in owners:
+            parent = modules.get(key.rpartition(".")[0])
+            what = type(parent).__name__ if parent is not None else "no module"
+            why[key] = f"its {what} is not a layer materialise swaps"
+    for f in forms:
+        key = f"{f.name}.weight"
+        if key in masks and f.kernel == "dense" and f.note.startswith("kept dense:"):
+            why[key] = f.note.removeprefix("kept dense:").strip()
+    if not why:
+        return ""
+    shown = "; ".join(f"{k} ({r})" for k, r in list(why.items())[:4]) + (" ..." if len(why) > 4 else "")
+    return (f"{len(why)} masked parameter(s) stay dense tensors (their zeros are applied, no sparse kernel runs "
+            f"them): {shown}")
 
 
 def _flat_outputs(output: Any) -> list[torch.Tensor]:
@@ -344,7 +385,7 @@ def materialise(
     block_size = block_shape(block_size)  # one-line error for e.g. "4x4" or (0, 4)
     if pooling not in POOLING:
         raise PrunelabError(f"unknown pooling {pooling!r}; valid: {', '.join(POOLING)}")
-    if form != "shrink" and isinstance(model, TARGET_TYPES):  # its layers are swapped inside their parent
+    if form != "shrink" and _is_target(model):  # its layers are swapped inside their parent
         raise PrunelabError(
             f"materialise replaces layers inside a model, but the model itself is a {type(model).__name__} "
             f"(it would silently stay dense); wrap it: materialise(nn.Sequential(layer), {form!r}, ...)"
@@ -377,8 +418,12 @@ def materialise(
             f"(output scale {scale:.3g}, allowed {tolerance:g} x max(scale, 1)); the materialised model is wrong -- "
             "use another form (e.g. dense/csr) and report this"
         )
+    if masks is not None and form != "shrink":
+        dense = _masks_left_dense(reference, masks, request.targets, forms)
+        if dense:
+            notes.append(dense)
     for note in notes:
         warnings.warn(note, UserWarning, stacklevel=2)
     new.materialise_report = MaterialiseReport(form, tuple(forms), error, scale, tolerance, kernels, tuple(notes),
                                                  pools)
-    return new
+    return route_save_pretrained(new)  # a transformers model's save_pretrained can write its sparse layers

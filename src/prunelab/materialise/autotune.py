@@ -7,7 +7,8 @@ fixed rule is right everywhere -- the approach of auto-tuned libraries such as A
 run time).  :func:`choose_kernels`:
 
 1. runs the model once per batch size with forward pre-hooks that record the input of
-   every Linear/Conv layer (so each layer is timed on its real input shape);
+   every Linear/Conv layer (``transformers``' Conv1D included: its sparse kernels are those of
+   the Linear of ``W^T``), so each layer is timed on its real input shape;
 2. for every layer, builds each applicable candidate module and times it on that input
    at every batch size, interleaving candidates over ``rounds`` so drift in machine load
    hits all candidates alike, and keeps each candidate's *fastest* round: interference
@@ -47,13 +48,13 @@ from torch import nn
 
 from prunelab.errors import PrunelabError
 from prunelab.materialise.formats import block_shape
-from prunelab.materialise.sparse_modules import build_sparse, kernel_unavailable_reason
+from prunelab.materialise.sparse_modules import build_sparse, is_hf_conv1d, kernel_unavailable_reason, linear_weight
 from prunelab.measure.tables import markdown_table
 
 __all__ = ["KERNELS", "KernelReport", "LayerChoice", "Trial", "choose_kernels", "median_timer"]
 
 KERNELS: tuple[str, ...] = ("dense", "csr", "bsr", "2:4")
-TUNED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+TUNED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # + transformers' Conv1D
 
 Timer = Callable[[Callable[[], Any]], float]
 
@@ -223,11 +224,11 @@ def choose_kernels(
     inputs_by_batch = check_inputs(example_inputs_by_batch)
     timer = timer or median_timer
     modules = dict(model.named_modules())
-    names = list(layers) if layers is not None else [n for n, m in modules.items() if isinstance(m, TUNED_TYPES)]
-    missing = [n for n in names if not isinstance(modules.get(n), TUNED_TYPES)]
+    names = list(layers) if layers is not None else [n for n, m in modules.items() if _tunable(m)]
+    missing = [n for n in names if not _tunable(modules.get(n))]
     if missing:
         raise PrunelabError(f"layers {missing} are not Linear/Conv modules of the model; valid: "
-                            f"{', '.join(n for n, m in modules.items() if isinstance(m, TUNED_TYPES))}")
+                            f"{', '.join(n for n, m in modules.items() if _tunable(m))}")
 
     was_training = model.training
     model.eval()
@@ -268,6 +269,11 @@ def choose_kernels(
     return KernelReport(tuple(choices), tuple(inputs_by_batch), torch.get_num_threads())
 
 
+def _tunable(module: nn.Module | None) -> bool:
+    """A layer with kernels to time: ``TUNED_TYPES``, or a ``transformers`` Conv1D (timed as its Linear twin)."""
+    return isinstance(module, TUNED_TYPES) or (module is not None and is_hf_conv1d(module))
+
+
 def _skip_reason(module: nn.Module, kernel: str, nnz: int, name: str, captured: Mapping[int, Mapping[str, Any]],
                  block_size: tuple[int, int], bsr_max_fill: float) -> str | None:
     if any(name not in layer_inputs for layer_inputs in captured.values()):
@@ -281,7 +287,8 @@ def _skip_reason(module: nn.Module, kernel: str, nnz: int, name: str, captured: 
         return "no zeros"
     if kernel == "bsr" and nnz:
         bh, bw = block_size
-        matrix = module.weight.detach().reshape(module.weight.shape[0], -1)
+        weight = module.weight.detach()
+        matrix = linear_weight(module) if is_hf_conv1d(module) else weight.reshape(weight.shape[0], -1)  # (out, in)
         rows, cols = matrix.shape
         blocks = (matrix != 0).reshape(rows // bh, bh, cols // bw, bw).any(dim=3).any(dim=1)
         fill = int(blocks.sum()) * bh * bw / nnz

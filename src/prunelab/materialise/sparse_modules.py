@@ -1,7 +1,8 @@
 """Inference modules whose weight is stored in a sparse format, and their CPU kernels.
 
 ``CSRLinear``, ``BSRLinear`` and ``SemiStructuredLinear`` replace an ``nn.Linear`` whose
-weight holds real zeros; ``CSRConv2d`` replaces an ``nn.Conv2d``.  Outputs equal the
+weight holds real zeros -- or a ``transformers`` Conv1D (GPT-2; ``y = x W + b``, ``W`` stored
+``(in, out)``), as the Linear of ``W^T``; ``CSRConv2d`` replaces an ``nn.Conv2d``.  Outputs equal the
 dense layer's up to float summation order (``allclose(atol=1e-5)`` in fp32) for inputs
 ``(B, in)``, ``(B, T, in)`` or any ``(*, in)``.
 
@@ -53,7 +54,9 @@ Saving and loading: each module's ``state_dict`` holds its format tensors
 ``_extra_state`` dict naming the kernel and shapes.  Loading into a plain (dense)
 architecture needs the same modules first: use :func:`load_materialised`, which reads
 the ``_extra_state`` entries, swaps in the right modules and loads (any nnz: buffers are
-resized to the stored tensors).  A damaged format (row pointers or column indices out of
+resized to the stored tensors).  Tensor-only writers cannot store that dict: a materialised
+``transformers`` model's ``save_pretrained`` (:func:`route_save_pretrained`) writes it as a
+uint8 tensor of its JSON (:func:`encode_extra_state`), which loading reads too.  A damaged format (row pointers or column indices out of
 range) is refused with a one-line error when the kernel matrix is first built (the kernels
 themselves read the indices unchecked).  These modules are inference-only: the weight is a
 buffer, not a trainable parameter.
@@ -62,7 +65,10 @@ buffer, not a trainable parameter.
 from __future__ import annotations
 
 import copy
+import inspect
+import json
 import math
+import types
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
@@ -73,6 +79,7 @@ from torch import nn
 
 from prunelab.errors import PrunelabError
 from prunelab.materialise.formats import BSR, CSR, SemiStructured24, block_shape
+from prunelab.oneshot.layer_targets import hf_conv1d_type
 
 __all__ = [
     "SPARSE_MODULES",
@@ -82,8 +89,13 @@ __all__ = [
     "SemiStructuredLinear",
     "SparseModule",
     "build_sparse",
+    "decode_extra_state",
+    "encode_extra_state",
+    "is_hf_conv1d",
     "kernel_unavailable_reason",
+    "linear_weight",
     "load_materialised",
+    "route_save_pretrained",
     "semi_structured_available",
 ]
 
@@ -208,6 +220,7 @@ class SparseModule(nn.Module):
                 "config": _plain(self.config)}
 
     def set_extra_state(self, state: Any) -> None:
+        state = decode_extra_state(state)
         if not isinstance(state, Mapping) or state.get("module") != type(self).__name__:
             got = state.get("module") if isinstance(state, Mapping) else type(state).__name__
             raise PrunelabError(
@@ -238,6 +251,27 @@ class SparseModule(nn.Module):
     # --- compute --------------------------------------------------------------------
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:  # (N, in) -> (N, out)
         raise NotImplementedError
+
+
+def encode_extra_state(state: Mapping[str, Any]) -> torch.Tensor:
+    """A sparse module's ``_extra_state`` dict as a 1-D uint8 tensor of its JSON text.
+
+    ``state_dict()`` keeps the dict (``torch.save`` / ``torch.load(weights_only=True)`` read
+    it); tensor-only writers (safetensors, ``save_pretrained``) store this tensor instead, and
+    :meth:`SparseModule.set_extra_state` / :func:`load_materialised` read both.
+    """
+    data = json.dumps(dict(state), sort_keys=True).encode("utf-8")
+    return torch.tensor(list(data), dtype=torch.uint8)  # (len(json),)
+
+
+def decode_extra_state(state: Any) -> Any:
+    """``state`` itself, or the dict a uint8 tensor of :func:`encode_extra_state` holds (undecodable: unchanged)."""
+    if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8 or state.dim() != 1:
+        return state
+    try:
+        return json.loads(bytes(state.tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return state
 
 
 def _plain(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -449,24 +483,61 @@ SPARSE_MODULES: dict[str, type[SparseModule]] = {
 }
 
 
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """True for a ``transformers.pytorch_utils.Conv1D`` (GPT-2's layers; found by type, never imported)."""
+    conv1d = hf_conv1d_type()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The ``(out, in)`` matrix of a Linear-like layer: an ``nn.Linear``'s weight, a Conv1D's ``W^T``.
+
+    ``transformers``' Conv1D computes ``y = x W + b`` with ``W`` stored ``(in, out)``: the map of
+    an ``nn.Linear`` whose weight is ``W^T`` (a view, not a copy).
+    """
+    weight = module.weight.detach()
+    return weight.T if is_hf_conv1d(module) else weight  # (out, in)
+
+
+def _as_linear(module: nn.Module) -> nn.Linear:
+    """``module`` itself if an ``nn.Linear``; a Conv1D as the Linear of the same map (weight ``W^T``, same bias)."""
+    if not is_hf_conv1d(module):
+        return module  # type: ignore[return-value]
+    weight = linear_weight(module)  # (out, in)
+    bias = getattr(module, "bias", None)
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                       dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear
+
+
 def kernel_unavailable_reason(
     module: nn.Module, kernel: str, *, block_size: tuple[int, int] = (4, 4)
 ) -> str | None:
-    """Why ``kernel`` cannot replace ``module`` (None if it can). ``dense`` always can."""
+    """Why ``kernel`` cannot replace ``module`` (None if it can). ``dense`` always can.
+
+    A ``transformers`` Conv1D is judged as the Linear of its map (weight ``W^T``, ``(out, in)``):
+    its 2:4 groups run along the input dimension, ``W``'s dim 0.
+    """
     if kernel == "dense":
         return None
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or is_hf_conv1d(module):
+        weight = linear_weight(module)  # (out, in)
+        out_features, in_features = weight.shape
         if kernel == "csr":
             return None
         if kernel == "bsr":
             bh, bw = block_shape(block_size)  # a malformed block size is the caller's error, not "unavailable"
-            if module.out_features % bh or module.in_features % bw:
-                return f"block {bh}x{bw} does not tile {module.out_features}x{module.in_features}"
+            if out_features % bh or in_features % bw:
+                return f"block {bh}x{bw} does not tile {out_features}x{in_features}"
             return None
         if kernel == "2:4":
-            if module.in_features % 4:
-                return f"in_features={module.in_features} is not a multiple of 4"
-            groups = module.weight.detach().reshape(module.out_features, module.in_features // 4, 4)  # not -1: rows may be 0
+            if in_features % 4:
+                return f"in_features={in_features} is not a multiple of 4"
+            groups = weight.reshape(out_features, in_features // 4, 4)  # not -1: rows may be 0
             if bool(((groups != 0).sum(-1) > 2).any()):
                 return "weight is not 2:4 sparse"
             return None
@@ -480,9 +551,14 @@ def kernel_unavailable_reason(
 
 def build_sparse(module: nn.Module, kernel: str, *, name: str = "weight",
                  block_size: tuple[int, int] = (4, 4)) -> nn.Module:
-    """The ``kernel`` replacement for ``module`` (``dense``: the module itself)."""
-    if kernel == "2:4" and isinstance(module, nn.Linear):  # the format names the offending row and group
-        return SemiStructuredLinear.from_linear(module, name=name)
+    """The ``kernel`` replacement for ``module`` (``dense``: the module itself).
+
+    A ``transformers`` Conv1D becomes the sparse Linear of ``W^T`` (same outputs).
+    """
+    if is_hf_conv1d(module):
+        name = f"{name} (as W^T, (out, in), of a Conv1D)"  # errors name rows/columns of W^T
+    if kernel == "2:4" and (isinstance(module, nn.Linear) or is_hf_conv1d(module)):
+        return SemiStructuredLinear.from_linear(_as_linear(module), name=name)  # the format names the bad group
     reason = kernel_unavailable_reason(module, kernel, block_size=block_size)
     if reason:
         raise PrunelabError(f"layer {name!r} cannot use kernel {kernel!r}: {reason}; keep it dense or pick another form")
@@ -491,8 +567,8 @@ def build_sparse(module: nn.Module, kernel: str, *, name: str = "weight",
     if isinstance(module, nn.Conv2d):
         return CSRConv2d.from_conv(module, name=name)
     if kernel == "csr":
-        return CSRLinear.from_linear(module, name=name)
-    return BSRLinear.from_linear(module, name=name, block_size=block_size)
+        return CSRLinear.from_linear(_as_linear(module), name=name)
+    return BSRLinear.from_linear(_as_linear(module), name=name, block_size=block_size)
 
 
 def _empty_format(cls: type[SparseModule], state: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Any:
@@ -504,8 +580,16 @@ def load_materialised(model: nn.Module, state_dict: Mapping[str, Any]) -> nn.Mod
     """Rebuild a materialised model from a dense architecture and a materialised ``state_dict``.
 
     ``model`` is the plain architecture (any weights); every ``<layer>._extra_state`` entry
-    of ``state_dict`` that names a sparse module swaps that layer of a deep copy for the
-    module, then the whole ``state_dict`` is loaded strictly.  ``model`` is not changed.
+    of ``state_dict`` that names a sparse module (the dict of ``state_dict()``, or its uint8
+    tensor form from ``save_pretrained`` / safetensors, :func:`encode_extra_state`) swaps that
+    layer of a deep copy for the module, then the whole ``state_dict`` is loaded strictly --
+    except that a key missing because it is TIED to a key present (the same tensor in
+    ``model``, e.g. an LM head tied to the embedding, which ``save_pretrained`` writes once)
+    is fine.  ``model`` is not changed.  A transformers model comes back with the
+    ``save_pretrained`` of :func:`route_save_pretrained`.  Reload a ``save_pretrained`` folder::
+
+        state = safetensors.torch.load_file(f"{folder}/model.safetensors")
+        model = load_materialised(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder)), state)
     """
     if not isinstance(model, nn.Module) or not isinstance(state_dict, Mapping):
         raise PrunelabError(
@@ -513,8 +597,9 @@ def load_materialised(model: nn.Module, state_dict: Mapping[str, Any]) -> nn.Mod
             f"{type(state_dict).__name__}); pass the dense architecture and torch.load(...) of the materialised state_dict"
         )
     new = copy.deepcopy(model)
-    for key, state in state_dict.items():
-        if not key.endswith("_extra_state") or not isinstance(state, Mapping) or state.get("module") not in SPARSE_MODULES:
+    for key, raw in state_dict.items():
+        state = decode_extra_state(raw) if key.endswith("_extra_state") else None
+        if not isinstance(state, Mapping) or state.get("module") not in SPARSE_MODULES:
             continue
         layer = key[: -len("_extra_state")].rstrip(".")
         cls = SPARSE_MODULES[state["module"]]
@@ -522,22 +607,86 @@ def load_materialised(model: nn.Module, state_dict: Mapping[str, Any]) -> nn.Mod
         # own buffers, filled by load_state_dict below: the loaded model must not share memory with
         # the state_dict (e.g. another model's live buffers)
         tensors = {k[len(prefix):]: torch.empty_like(v) for k, v in state_dict.items()
-                   if k.startswith(prefix) and "." not in k[len(prefix):] and isinstance(v, torch.Tensor)}
+                   if k.startswith(prefix) and "." not in k[len(prefix):] and isinstance(v, torch.Tensor)
+                   and k != key}
         bias = tensors.pop("bias", None)
+        if bias is None and isinstance(getattr(_submodule(new, layer), "bias", None), torch.Tensor):
+            raise PrunelabError(f"the materialised state_dict does not fit this architecture: missing key "
+                                f"{prefix}bias of the sparse layer {layer!r}; pass the state_dict it was saved as")
         try:
             module = cls(_empty_format(cls, state, tensors), bias, _unplain(state.get("config", {})))
         except (KeyError, TypeError, ValueError) as exc:
             raise PrunelabError(f"the materialised entry for layer {layer!r} is damaged ({type(exc).__name__}: {exc}); "
                                 "re-create it with prunelab materialise") from None
         _set_submodule(new, layer, module)
+    state = dict(state_dict)
+    for missing, present in _tied_keys(new, state).items():
+        state[missing] = state[present]  # loads the shared tensor once more: the tie holds
     try:
-        new.load_state_dict(dict(state_dict), strict=True)
+        new.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
         first = " ".join(lines[:2])[:300]  # "Error(s) in loading state_dict for X:" + the first problem
         raise PrunelabError(f"the materialised state_dict does not fit this architecture: {first}; pass the dense "
                             "architecture it was materialised from") from None
-    return new
+    return route_save_pretrained(new)
+
+
+def _tied_keys(model: nn.Module, state_dict: Mapping[str, Any]) -> dict[str, str]:
+    """``missing key -> present key`` for each parameter/buffer of ``model`` absent from ``state_dict``
+    whose tensor is the one of another name that is present (a tied weight saved once)."""
+    named = {**dict(model.named_parameters(remove_duplicate=False)),
+             **dict(model.named_buffers(remove_duplicate=False))}
+    present: dict[int, str] = {}
+    for name, tensor in named.items():
+        if name in state_dict:
+            present.setdefault(id(tensor), name)
+    return {name: present[id(tensor)] for name, tensor in named.items()
+            if name not in state_dict and id(tensor) in present}
+
+
+def _tensor_state(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """``state_dict`` with each sparse module's ``_extra_state`` dict as its uint8 tensor form."""
+    def is_sparse_state(key: str, value: Any) -> bool:
+        return key.endswith("_extra_state") and isinstance(value, Mapping) and value.get("module") in SPARSE_MODULES
+
+    return {key: encode_extra_state(value) if is_sparse_state(key, value) else value
+            for key, value in state_dict.items()}
+
+
+def _save_pretrained(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``type(model).save_pretrained`` with the sparse modules' extra state as tensors (:func:`route_save_pretrained`)."""
+    method = type(model).save_pretrained
+    bound = inspect.signature(method).bind(model, *args, **kwargs)
+    state = bound.arguments.get("state_dict")
+    bound.arguments["state_dict"] = _tensor_state(model.state_dict() if state is None else state)
+    return method(*bound.args, **bound.kwargs)
+
+
+def route_save_pretrained(model: nn.Module) -> nn.Module:
+    """Give a materialised ``transformers`` model a ``save_pretrained`` that can write its sparse layers.
+
+    ``huggingface_hub`` shards only tensors, and a sparse module's ``_extra_state`` is a dict
+    (``AttributeError: 'dict' object has no attribute 'device'``).  When ``model`` has a
+    ``save_pretrained`` and holds a sparse module, its instance gets one that passes
+    ``state_dict=`` with those entries as uint8 tensors (:func:`encode_extra_state`) to the
+    class's own ``save_pretrained`` (all its options work); ``state_dict()`` itself is
+    unchanged.  The folder holds the sparse formats, not dense weights: ``from_pretrained``
+    would report them MISSING -- reload it with :func:`load_materialised`.  Returns ``model``.
+    """
+    if not callable(getattr(type(model), "save_pretrained", None)):
+        return model
+    if any(isinstance(m, SparseModule) for m in model.modules()):
+        model.save_pretrained = types.MethodType(_save_pretrained, model)
+    return model
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    """The submodule called ``name`` (FQN), or None."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

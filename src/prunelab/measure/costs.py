@@ -49,6 +49,8 @@ class LayerCost:
     tied_to: str | None = None      # the earlier layer whose weight this one uses (tied): MACs count, storage does not
     format_bytes: int | None = None  # a materialised sparse module: bytes its format + bias really store
     bias_tied_to: str | None = None  # the earlier layer whose bias this one uses (None: its own bias, or none)
+    matrix_rows: int | None = None   # rows of the (out, in) matrix CSR stores when not weight_shape[0]:
+                                     # a transformers Conv1D's weight is (in, out), its matrix W^T has out rows
 
     @property
     def shares_storage(self) -> bool:
@@ -91,7 +93,7 @@ class LayerCost:
 
     @property
     def csr_bytes(self) -> int:
-        rows = self.weight_shape[0] if self.weight_shape else 1
+        rows = self.matrix_rows if self.matrix_rows is not None else self.weight_shape[0] if self.weight_shape else 1
         nnz = self.weight_nonzeros
         weight = BYTES_PER_VALUE * nnz + BYTES_PER_INDEX * nnz + BYTES_PER_INDEX * (rows + 1)
         return weight + BYTES_PER_VALUE * self.bias_params

@@ -1,7 +1,9 @@
 """Count what a (masked) model costs: parameters, nonzeros, MACs/FLOPs and storage bytes.
 
 One forward pass of an example input, with forward hooks on every ``nn.Linear``,
-``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` and materialised sparse module
+``transformers``' ``Conv1D`` (GPT-2's layers: a Linear whose weight is stored ``(in, out)``,
+so ``in = weight.shape[0]``, ``out = weight.shape[1]``; found by type, transformers is never
+imported), ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` and materialised sparse module
 (:mod:`prunelab.materialise.sparse_modules`: ``CSRLinear``, ``BSRLinear``,
 ``SemiStructuredLinear``, ``CSRConv2d``), tells each layer how many positions it applies
 its whole weight at per sample (a conv's ``H_out * W_out`` whatever its stride, padding,
@@ -31,7 +33,7 @@ counted dense.
 Storage (fp32 values, per layer; the bias is always stored dense, ``4 * bias.numel()``):
 
 * dense:  ``4 * params``
-* CSR:    weight viewed as the 2-D matrix ``(out, in/groups * k...)``:
+* CSR:    weight viewed as the 2-D matrix ``(out, in/groups * k...)`` (a Conv1D: ``W^T``, ``out`` rows):
   ``4 * nnz`` values + ``4 * nnz`` int32 column indices + ``4 * (rows + 1)`` int32 row pointers
 * bitmap: ``4 * nnz`` values + ``ceil(numel / 8)`` bytes of 1-bit keep-map
 
@@ -70,6 +72,7 @@ from prunelab.measure.attention import (
 )
 from prunelab.measure.costs import BYTES_PER_INDEX, BYTES_PER_VALUE, AttentionCost, LayerCost, ModelCost
 from prunelab.measure.tables import format_bytes  # imported from here before the split: kept importable
+from prunelab.oneshot.layer_targets import hf_conv1d_type
 
 TRANSPOSED_TYPES: tuple[type[nn.Module], ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 MEASURED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *TRANSPOSED_TYPES)
@@ -85,13 +88,21 @@ def _sparse_module_type() -> type[nn.Module]:
     return SparseModule
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    """A ``transformers.pytorch_utils.Conv1D`` (GPT-2): a Linear with its weight stored ``(in, out)``."""
+    conv1d = hf_conv1d_type()  # never imports transformers
+    return conv1d is not None and isinstance(module, conv1d)
+
+
 def measured_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The layers whose MACs are counted, by FQN: Linear/Conv/ConvTranspose with a weight, and sparse modules."""
+    """The layers whose MACs are counted, by FQN: Linear/Conv/ConvTranspose (and ``transformers`` Conv1D)
+    with a weight, and sparse modules."""
     sparse = _sparse_module_type()
     return {
         name: module for name, module in model.named_modules()
         if isinstance(module, sparse)
-        or (isinstance(module, MEASURED_TYPES) and isinstance(getattr(module, "weight", None), torch.Tensor))
+        or ((isinstance(module, MEASURED_TYPES) or _is_conv1d(module))
+            and isinstance(getattr(module, "weight", None), torch.Tensor))
     }
 
 
@@ -101,6 +112,8 @@ def _apply_width(module: nn.Module) -> tuple[int, bool]:
         return module.weight_shape[0], False
     if isinstance(module, nn.Linear):
         return module.out_features, False
+    if _is_conv1d(module):  # weight (in, out): output (..., out)
+        return module.weight.shape[1], False
     if isinstance(module, TRANSPOSED_TYPES):
         return module.in_channels, True
     return module.out_channels, False
@@ -123,9 +136,15 @@ def _input_problem(module: nn.Module, x: Any) -> str | None:
     if not isinstance(x, torch.Tensor):
         return None
     expected = None
+    conv1d = hf_conv1d_type()
     if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
         if x.dim() == 0 or x.shape[-1] != module.in_features:
             expected = f"(..., {module.in_features})"
+    elif conv1d is not None and isinstance(module, conv1d):
+        if type(module).forward is not conv1d.forward:
+            return None
+        if x.dim() == 0 or x.shape[-1] != module.weight.shape[0]:  # weight (in, out)
+            expected = f"(..., {module.weight.shape[0]})"
     else:
         stock = [dims for conv, dims in _CONV_DIMS
                  if isinstance(module, conv) and type(module).forward is conv.forward]
@@ -230,6 +249,7 @@ class _Weighted:
     bias: torch.Tensor | None
     bias_rows: slice | None
     format_bytes: int | None = None
+    matrix_rows: int | None = None  # rows of the (out, in) matrix when not weight.shape[0] (a Conv1D's out)
 
     def part(self, tensor: torch.Tensor, rows: slice | None) -> torch.Tensor:
         return tensor if rows is None else tensor[rows]
@@ -254,6 +274,7 @@ def _weighted_units(model: nn.Module, layers: Mapping[str, nn.Module],
                 name, type(module).__name__, weights[child_name(name, "weight")], None,
                 bias if isinstance(bias, torch.Tensor) else None, None,
                 int(module.nbytes) if isinstance(module, sparse) else None,
+                int(module.weight.shape[1]) if _is_conv1d(module) else None,
             ))
     return units
 
@@ -433,6 +454,7 @@ def measure_model(
             tied_to=tied_to,
             format_bytes=unit.format_bytes,
             bias_tied_to=bias_tied_to,
+            matrix_rows=unit.matrix_rows,
         ))
     measured_ids |= _reparametrised_originals(model)
     other = sum(p.numel() for p in model.parameters() if id(p) not in measured_ids) + tied_own_bias

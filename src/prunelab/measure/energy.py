@@ -9,7 +9,7 @@ about it)", ISSCC 2014, 45 nm at 0.9 V -- the table Han et al. use to motivate p
             + activation_bytes / 4 * E_SRAM             inputs read once, outputs written once
             (+ decode ops for the compressed form, see ASSUMPTIONS)
 
-per layer (every Linear/Conv/ConvTranspose layer and materialised sparse module, as
+per layer (every Linear/Conv/ConvTranspose layer, ``transformers``' Conv1D and materialised sparse module, as
 counted by :func:`~prunelab.measure.counting.measure_model`; other parameters are not
 modelled), for several storage forms of the same model.  A weight (or bias) tensor is
 fetched once per inference however many times it is used: a module called twice, or two
@@ -254,7 +254,8 @@ def estimate_energy(
         raise PrunelabError(f"table must be an EnergyTable, got {type(table).__name__}; pass e.g. HOROWITZ_45NM")
     if isinstance(model, nn.Module) and not measured_layers(model) and not attention_modules(model):
         raise PrunelabError(
-            f"estimate_energy found no layer to estimate in {type(model).__name__}: the energy model counts nn.Linear, "
+            f"estimate_energy found no layer to estimate in {type(model).__name__}: the energy model counts nn.Linear "
+            f"(and transformers' Conv1D), "
             f"nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d, nn.MultiheadAttention and prunelab's sparse modules -- pass "
             f"a model built from them"
         )
