@@ -3,7 +3,7 @@
     new = materialise(model, "auto", masks=masks, example_input=x[:1])
     print(new.materialise_report.table())
 
-Forms (``FORMS``; ``prunelab.materialise.FORMS.names()``):
+Forms (``from prunelab.materialise import FORMS``; ``FORMS.names()``):
 
 =========  ================================================================================
 shrink     physically smaller dense layers (structured masks), ``shrink.shrink_model``
@@ -218,7 +218,8 @@ def _batched(example: torch.Tensor, batch: int) -> torch.Tensor:
     return example[index].contiguous()
 
 
-@FORMS.register("auto", "each layer's kernel (dense/csr/bsr[/2:4 on sm80+]) measured at batch_sizes; never slower than dense")
+@FORMS.register("auto", "each layer's kernel (dense/csr/bsr[/2:4 on sm80+]) measured at batch_sizes; a sparse kernel "
+                        "only where it measured no slower than dense at every batch size")
 def _form_auto(model: nn.Module, request: _Request):
     candidates = request.candidates
     if candidates is None:
@@ -246,7 +247,8 @@ def _form_auto(model: nn.Module, request: _Request):
     return model, _swap(model, request, kernel_of), report, []
 
 
-@FORMS.register("shrink", "physically smaller dense layers from structured masks (prunelab.materialise.shrink)")
+@FORMS.register("shrink", "physically smaller dense layers from structured masks "
+                          "(from prunelab.materialise.shrink import shrink_model)")
 def _form_shrink(model: nn.Module, request: _Request):
     from prunelab.materialise.shrink import shrink_model  # lazy: optional sibling module
     from prunelab.masks import MaskSet
