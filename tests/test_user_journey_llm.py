@@ -386,14 +386,20 @@ def test_minilm_heads_removed_then_rebuilt_from_a_state_dict_as_the_readme_says(
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
-def test_heads_of_grouped_query_attention_are_refused_in_one_clear_line(name):
-    from prunelab.heads import head_magnitude
+def test_heads_of_grouped_query_attention_are_cut_by_key_value_group(name):
+    from prunelab.heads import attention_units, head_magnitude, head_masks, remove_heads_
 
-    with pytest.raises(PrunelabError) as info:
-        head_magnitude(build(name))
-    message = str(info.value)
-    assert "\n" not in message and "not supported" in message and "grouped key/value heads" in message
-    assert message.startswith(f"{type(build(name)).__name__} has no attention unit")
+    model, ids = build(name), _ids()
+    unit = next(iter(attention_units(model).values()))
+    config = model.config
+    assert (unit.num_heads, unit.group_size) == (config.num_key_value_heads,
+                                                 config.num_attention_heads // config.num_key_value_heads)
+    choice = head_masks(model, head_magnitude(model), 0.5)
+    masked = copy.deepcopy(model)
+    choice.masks.apply_(masked)
+    remove_heads_(model, choice.keep)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, masked(input_ids=ids).logits, rtol=0, atol=1e-5)
 
 
 def test_shrink_of_opt_head_masks_works_or_points_at_remove_heads():

@@ -2,18 +2,33 @@
 
 A head is a granularity that spans four weights: rows ``h*d .. (h+1)*d`` of the query,
 key and value projections and the same input columns of the output projection (``d =
-head_dim``).  Two layouts are found (:func:`attention_units`), each as a :class:`HeadUnit`:
+head_dim``).  Three layouts are found (:func:`attention_units`), each as a :class:`HeadUnit`:
 
 * modules with Linear ``q_proj/k_proj/v_proj/out_proj`` and an int ``num_heads`` (the
   attention units :func:`prunelab.materialise.shrink.shrink_model` also cuts heads from);
 * Hugging Face BERT-style self-attention: Linear ``query/key/value`` and an int
   ``attention_head_size``, with the output projection at ``<parent>.output.dense``
-  (``BertModel``, and so all-MiniLM-L6-v2).
+  (``BertModel``, and so all-MiniLM-L6-v2);
+* LLaMA-style attention with grouped key/value heads (Ainslie et al. 2023, "GQA", EMNLP):
+  Linear ``q_proj/k_proj/v_proj/o_proj``, an int ``head_dim`` and ``num_key_value_groups``
+  (``transformers``' Llama, Mistral, Qwen2/Qwen3, Gemma 1-3 attention; MHA configs are
+  the one-query-head-per-group case).  Query head ``h`` reads key/value head
+  ``h // num_key_value_groups`` (``repeat_kv``), so the pruning unit is one key/value
+  group: its ``head_dim`` rows of ``k_proj`` and ``v_proj``, the rows of its
+  ``num_key_value_groups`` query heads in ``q_proj`` and the same input columns of
+  ``o_proj``.  Cutting whole groups leaves ``num_key_value_groups`` as it is, and
+  ``transformers`` reads every head count from the tensor shapes (``view(..., -1,
+  head_dim)``), so the cut model runs unchanged (KV caches are sized from the key
+  tensors).  Refused in one line: a fused ``qkv_proj`` (Phi-3), per-head parameters on the
+  attention module (gpt-oss ``sinks``) and query/key norms wider than one head (OLMo-2,
+  Cohere).  For such a unit ``HeadUnit.num_heads`` counts key/value groups and
+  ``group_size`` the query heads of each.
 
 Score (pure, never mutates the model):
 
 * :func:`head_magnitude` -- data-free: ``||W_q[h]||^2 + ||W_k[h]||^2 + ||W_v[h]||^2 +
-  ||W_o[:, h]||^2``, the squared L2 norm of every weight the head owns.
+  ||W_o[:, h]||^2``, the squared L2 norm of every weight the head (or key/value group:
+  all its query heads' rows and columns) owns.
 * :func:`head_importance` -- Michel, Levy & Neubig 2019, "Are Sixteen Heads Really Better
   than One?" (NeurIPS), eq. 2: put a gate ``xi_h = 1`` on each head's output and score
   ``I_h = E_x |dL(x)/dxi_h|``.  With the gate on the input of ``out_proj`` (the heads'
@@ -21,18 +36,26 @@ Score (pure, never mutates the model):
   expectation runs over mini-batches (the gradient of a batch's mean loss, then its
   absolute value), and, as in the paper (sec. 4.2), scores are divided by their L2 norm
   within each attention unit so units of different scale compare under one threshold.
+  For a key/value group ``g`` one gate ``xi_g`` multiplies the outputs of all its query
+  heads (pruning removes them together), so ``dL/dxi_g = sum_{h in g} dL/dxi_h``: the
+  per-head gradients are summed before the absolute value.
 
 Select and apply: :func:`head_masks` keeps the best heads -- one ``global`` threshold over
 all units or the same share in every unit (``uniform``) -- and always at least
 ``min_heads`` per unit, then returns a :class:`MaskSet` over the q/k/v weights that zeroes
 the pruned heads' rows.  A pruned head then outputs its value bias ``b_v`` (uniform
-softmax over constant keys), exactly what ``shrink_model`` folds into ``out_proj``'s bias,
-so the masked and the shrunk model agree.  :func:`remove_heads_` cuts the pruned heads out
-of the model in place for either layout (rows of q/k/v, columns of the output projection,
-``b_v`` folded into its bias) -- a ``transformers`` config has one head count for every
-layer, so such a model is smaller and faster in memory but is saved as a state_dict; to
-reload it, build the model again, call ``remove_heads_`` with the same ``keep``, then
-``load_state_dict`` (``from_pretrained`` cannot: transformers 5 has no per-layer head counts).
+softmax over constant keys; with rotary embeddings the softmax is not uniform, but every
+value is ``b_v``, so the average still is), exactly what ``shrink_model`` folds into
+``out_proj``'s bias, so the masked and the shrunk model agree.  :func:`remove_heads_`
+cuts the pruned heads out of the model in place for every layout (rows of q/k/v, columns
+of the output projection, ``b_v`` folded into its bias) -- a ``transformers`` config has
+one head count for every layer, so such a model is smaller and faster in memory but is
+saved as a state_dict; to reload it, build the model again, call ``remove_heads_`` with
+the same ``keep``, then ``load_state_dict`` (``from_pretrained`` cannot: transformers 5 has
+no per-layer head counts).  The one ``transformers`` path that sizes a KV cache from the
+config is a static cache pre-allocated for chunked prefill (``generate(...,
+prefill_chunk_size=...)``); the default dynamic cache and a lazily built static cache follow
+the cut head counts.
 """
 
 from __future__ import annotations
@@ -67,8 +90,14 @@ class HeadUnit:
     k: str
     v: str
     o: str
-    num_heads: int
+    num_heads: int  # prunable heads; key/value groups for grouped attention
     head_dim: int
+    group_size: int = 1  # query heads per prunable head (LLaMA's num_key_value_groups; 1 for multi-head)
+
+    @property
+    def q_width(self) -> int:
+        """Rows of the query projection (= input columns of the output projection) one prunable head owns."""
+        return self.group_size * self.head_dim
 
 
 def _join(prefix: str, child: str) -> str:
@@ -93,6 +122,59 @@ def _bert_unit(model: nn.Module, name: str, module: nn.Module) -> HeadUnit | Non
                     q.out_features // head_dim, head_dim)
 
 
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _grouped_refusal(name: str, module: nn.Module, head_dim: int) -> str | None:
+    """Why the LLaMA-style ``module`` cannot be pruned by key/value group, or ``None`` when it can."""
+    own = [n for n, _ in module.named_parameters(recurse=False)]
+    if own:  # e.g. gpt-oss's per-head attention sinks: cutting heads would have to cut them too
+        return f"has its own parameters {own}"
+    for child_name, child in module.named_children():
+        if child_name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            continue
+        shapes = [tuple(p.shape) for p in child.parameters()]
+        if child_name in ("q_norm", "k_norm") and all(shape == (head_dim,) for shape in shapes):
+            continue  # a norm over one head's channels (Qwen3, Gemma 3): shared by every head
+        if shapes:  # a norm over all heads (OLMo-2, Cohere) or anything else with weights
+            return f"has a submodule {child_name!r} with parameters of shapes {shapes}"
+    return None
+
+
+def _grouped_unit(name: str, module: nn.Module) -> HeadUnit | None:
+    """A LLaMA-style attention module as a unit of key/value groups, ``None`` if it is not one.
+
+    Raises when ``module`` looks like one (an ``o_proj`` with ``num_key_value_groups``) but cannot be cut.
+    """
+    out, groups = getattr(module, "o_proj", None), getattr(module, "num_key_value_groups", None)
+    if not isinstance(out, nn.Linear) or groups is None:
+        return None
+    where = f"{type(module).__name__} {name!r}"
+    if isinstance(getattr(module, "qkv_proj", None), nn.Module):
+        raise PrunelabError(f"{where}: fused qkv_proj attention (Phi-3 style) is not supported for head pruning; "
+                            "its query/key/value rows share one Linear -- prune its weights unstructured instead")
+    projections = [getattr(module, n, None) for n in ("q_proj", "k_proj", "v_proj")]
+    head_dim = getattr(module, "head_dim", None)
+    if not all(isinstance(p, nn.Linear) for p in projections) or not _positive_int(head_dim) or not _positive_int(
+            groups):
+        raise PrunelabError(f"{where} has o_proj and num_key_value_groups={groups!r} but not Linear q_proj/k_proj/"
+                            f"v_proj with a positive int head_dim (got {head_dim!r}); not supported for head pruning")
+    q, k, v = projections
+    kv_heads, rest = divmod(k.out_features, head_dim)
+    widths = (q.out_features, k.out_features, v.out_features, out.in_features)
+    if rest or kv_heads == 0 or widths != (kv_heads * groups * head_dim, kv_heads * head_dim,
+                                           kv_heads * head_dim, kv_heads * groups * head_dim):
+        raise PrunelabError(f"{where}: q/k/v outputs and o_proj inputs are {list(widths)}, which is not n key/value "
+                            f"heads of head_dim={head_dim} with num_key_value_groups={groups} query heads each; "
+                            "not supported for head pruning")
+    if (reason := _grouped_refusal(name, module, head_dim)) is not None:
+        raise PrunelabError(f"{where} {reason}; head pruning cuts only q/k/v/o_proj (and per-head q_norm/k_norm), "
+                            "so this attention is not supported")
+    return HeadUnit(name, _join(name, "q_proj"), _join(name, "k_proj"), _join(name, "v_proj"), _join(name, "o_proj"),
+                    kv_heads, head_dim, groups)
+
+
 def attention_units(model: nn.Module) -> dict[str, HeadUnit]:
     """Every attention unit of ``model`` by qualified name, in module order (see the module docs)."""
     units = {}
@@ -101,13 +183,13 @@ def attention_units(model: nn.Module) -> dict[str, HeadUnit]:
             units[name] = HeadUnit(name, _join(name, "q_proj"), _join(name, "k_proj"), _join(name, "v_proj"),
                                    _join(name, "out_proj"), module.num_heads,
                                    module.q_proj.out_features // module.num_heads)
-        elif (unit := _bert_unit(model, name, module)) is not None:
+        elif (unit := _bert_unit(model, name, module) or _grouped_unit(name, module)) is not None:
             units[name] = unit
     if not units:
         raise PrunelabError(
             f"{type(model).__name__} has no attention unit (Linear q_proj/k_proj/v_proj/out_proj with an int num_heads, "
-            "or BERT's query/key/value with attention_head_size); not supported: nn.MultiheadAttention, and "
-            "LLaMA-style attention (o_proj, grouped key/value heads: Llama, Qwen, Mistral, Gemma)"
+            "BERT's query/key/value with attention_head_size, or LLaMA-style q_proj/k_proj/v_proj/o_proj with int "
+            "head_dim and num_key_value_groups); not supported: nn.MultiheadAttention"
         )
     return units
 
@@ -117,16 +199,20 @@ def _get(model: nn.Module, name: str) -> nn.Linear:
 
 
 def head_magnitude(model: nn.Module) -> dict[str, Tensor]:
-    """Unit name -> ``(num_heads,)`` squared L2 norm of each head's q/k/v rows and output-projection columns."""
+    """Unit name -> ``(num_heads,)`` squared L2 norm of each head's q/k/v rows and output-projection columns.
+
+    For grouped attention a "head" is a key/value group: its k/v rows plus all its query heads' q rows and
+    output-projection columns.
+    """
     scores = {}
     for name, unit in attention_units(model).items():
-        heads, d = unit.num_heads, unit.head_dim
+        heads = unit.num_heads
         total = torch.zeros(heads, dtype=torch.float64)
-        for proj in (unit.q, unit.k, unit.v):
-            rows = _get(model, proj).weight.detach().double().cpu().reshape(heads, d, -1)  # (H, d, in)
+        for proj, width in ((unit.q, unit.q_width), (unit.k, unit.head_dim), (unit.v, unit.head_dim)):
+            rows = _get(model, proj).weight.detach().double().cpu().reshape(heads, width, -1)  # (H, g*d or d, in)
             total += rows.square().sum((1, 2))
-        out = _get(model, unit.o).weight.detach().double().cpu()
-        scores[name] = total + out.reshape(out.shape[0], heads, d).square().sum((0, 2))
+        out = _get(model, unit.o).weight.detach().double().cpu()  # (out, H*g*d)
+        scores[name] = total + out.reshape(out.shape[0], heads, unit.q_width).square().sum((0, 2))
     return scores
 
 
@@ -174,7 +260,7 @@ def head_importance(
             if name not in gates:  # one gate per head and batch: a unit run twice sums both calls' dL/dxi_h
                 gates[name] = torch.ones(unit.num_heads, dtype=context.dtype, device=context.device, requires_grad=True)
             gate = gates[name].to(dtype=context.dtype, device=context.device)  # (H,), differentiable
-            return (context * gate.repeat_interleave(unit.head_dim), *args[1:])
+            return (context * gate.repeat_interleave(unit.q_width), *args[1:])  # a group's query heads share xi_g
         return hook
 
     handles = [_get(model, unit.o).register_forward_pre_hook(gate_hook(name, unit)) for name, unit in units.items()]
@@ -283,8 +369,8 @@ def head_masks(
                 budget -= 1
     masks = {}
     for name, unit in units.items():
-        rows = keep[name].repeat_interleave(unit.head_dim)  # (H*d,)
-        for proj in (unit.q, unit.k, unit.v):
+        for proj, width in ((unit.q, unit.q_width), (unit.k, unit.head_dim), (unit.v, unit.head_dim)):
+            rows = keep[name].repeat_interleave(width)  # (H*g*d,) for q, (H*d,) for k and v
             weight = _get(model, proj).weight
             masks[f"{proj}.weight"] = rows.to(weight.device).unsqueeze(1).expand_as(weight).clone()
     return HeadChoice(keep, MaskSet(masks))
@@ -301,6 +387,17 @@ def _cut_rows(linear: nn.Linear, rows: Tensor) -> nn.Linear:
     return new.train(linear.training)
 
 
+def _pruned_value_bias(unit: HeadUnit, value: nn.Linear, kept: Tensor) -> Tensor:
+    """``(H*g*d,)`` context of the pruned heads in the head-masked model, 0 at kept heads' columns.
+
+    A pruned head's values are all ``b_v`` (its v rows are zero), so its attention output is
+    ``b_v`` whatever the softmax weights are; each of a key/value group's query heads repeats it.
+    """
+    bias = value.bias.detach().reshape(unit.num_heads, 1, unit.head_dim)  # (H, 1, d)
+    pruned = (~kept).to(bias.device, bias.dtype).reshape(unit.num_heads, 1, 1)
+    return (bias * pruned).expand(-1, unit.group_size, -1).reshape(-1)  # (H*g*d,)
+
+
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
@@ -311,7 +408,13 @@ def remove_heads_(model: nn.Module, keep: Mapping[str, Tensor]) -> nn.Module:
     """Cut the heads ``keep`` marks False out of ``model`` in place; returns ``model``.
 
     Gives the outputs of the head-masked model (:func:`head_masks` applied): a pruned head's
-    constant output ``b_v`` goes through the output projection into its bias first.
+    constant output ``b_v`` goes through the output projection into its bias first (refused
+    when that projection has no bias and a pruned head's ``b_v`` is not zero, e.g. Qwen2's
+    biased ``v_proj`` with a bias-free ``o_proj``).  For grouped attention a head is a
+    key/value group (its k/v rows, its query heads' q rows and output columns); the
+    module's ``num_key_value_groups`` stays, its ``config`` (shared by all layers) is not
+    changed, and int ``num_heads``/``num_key_value_heads`` attributes, where a module has
+    them, are set to the new counts.
     ``keep``: unit name (:func:`attention_units`) -> ``(num_heads,)`` bool tensor; units not
     named keep all their heads.  Every entry is checked before the model is changed, so on
     an error the model is left as it was.
@@ -331,34 +434,43 @@ def remove_heads_(model: nn.Module, keep: Mapping[str, Tensor]) -> nn.Module:
             raise PrunelabError(f"keep[{name!r}] keeps no head; keep at least one per unit (or drop the block)")
         if bool(kept.all()):
             continue
-        width = unit.num_heads * unit.head_dim
+        q_width, kv_width = unit.num_heads * unit.q_width, unit.num_heads * unit.head_dim
         shapes = [_get(model, p).out_features for p in (unit.q, unit.k, unit.v)] + [_get(model, unit.o).in_features]
-        if shapes != [width] * 4:
+        if shapes != [q_width, kv_width, kv_width, q_width]:
             raise PrunelabError(f"unit {name!r} has q/k/v outputs and output-projection inputs {shapes}, expected "
-                                f"{width} each ({unit.num_heads} heads of {unit.head_dim}); cannot cut its heads")
-        if _get(model, unit.v).bias is not None and _get(model, unit.o).bias is None:
+                                f"{[q_width, kv_width, kv_width, q_width]} ({unit.num_heads} heads of "
+                                f"{unit.head_dim}, {unit.group_size} query heads each); cannot cut its heads")
+        value = _get(model, unit.v)
+        if value.bias is not None and _get(model, unit.o).bias is None and bool(
+                _pruned_value_bias(unit, value, kept).any()):  # a zero b_v adds nothing: no bias needed
             raise PrunelabError(f"{unit.o!r} has no bias to take the pruned heads' constant output (value bias of "
-                                f"{unit.v!r}); give it a zero bias or keep every head of {name!r}")
+                                f"{unit.v!r}); give it a zero bias, zero the pruned heads' value bias, or keep every "
+                                f"head of {name!r}")
         plan.append((name, unit, kept))
     for name, unit, kept in plan:
-        rows = kept.repeat_interleave(unit.head_dim).to(_get(model, unit.q).weight.device)  # (H*d,)
+        device = _get(model, unit.q).weight.device
+        rows = kept.repeat_interleave(unit.head_dim).to(device)  # (H*d,) rows of k and v
+        columns = kept.repeat_interleave(unit.q_width).to(device)  # (H*g*d,) rows of q, columns of the output
         value, out = _get(model, unit.v), _get(model, unit.o)
-        if value.bias is not None:
-            out.bias.add_(out.weight[:, ~rows] @ value.bias[~rows])  # (out,) what the pruned heads still add
-        for proj in (unit.q, unit.k, unit.v):
-            _set(model, proj, _cut_rows(_get(model, proj), rows))
-        new_out = nn.Linear(int(rows.sum()), out.out_features, bias=out.bias is not None, device=out.weight.device,
-                            dtype=out.weight.dtype)
-        new_out.weight.copy_(out.weight[:, rows])
+        if value.bias is not None and out.bias is not None:  # (out,) what the pruned heads still add
+            out.bias.add_(out.weight[:, ~columns] @ _pruned_value_bias(unit, value, kept)[~columns])
+        for proj, cut in ((unit.q, columns), (unit.k, rows), (unit.v, rows)):
+            _set(model, proj, _cut_rows(_get(model, proj), cut))
+        new_out = nn.Linear(int(columns.sum()), out.out_features, bias=out.bias is not None,
+                            device=out.weight.device, dtype=out.weight.dtype)
+        new_out.weight.copy_(out.weight[:, columns])
         new_out.weight.requires_grad_(out.weight.requires_grad)
         if out.bias is not None:
             new_out.bias.copy_(out.bias)
             new_out.bias.requires_grad_(out.bias.requires_grad)
         _set(model, unit.o, new_out.train(out.training))
-        module = model.get_submodule(name)
+        module = model.get_submodule(name)  # its config is shared by every layer: left as it is
         heads = int(kept.sum())
-        for attr, value_ in (("num_heads", heads), ("num_attention_heads", heads),
-                             ("all_head_size", heads * unit.head_dim)):
+        counts = [("num_heads", heads * unit.group_size), ("num_attention_heads", heads * unit.group_size),
+                  ("all_head_size", heads * unit.q_width)]
+        if unit.group_size > 1 or hasattr(module, "num_key_value_groups"):
+            counts.append(("num_key_value_heads", heads))
+        for attr, value_ in counts:
             if isinstance(getattr(module, attr, None), int):
                 setattr(module, attr, value_)
     return model
