@@ -633,8 +633,6 @@ def test_bad_input_is_one_line_on_stderr_exit_2_nothing_written(tmp_path, capsys
     assert not out.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="README 'Bad input' shows the message from before commit 3893b1e; "
-                                       "regenerate the cli section with scripts/update_readme.py")
 def test_the_bad_input_message_the_readme_shows_is_the_one_printed(tmp_path, capsys):
     argv, shown = _bad_input_example()
     main([*argv, "--out", str(tmp_path / "bad")])
