@@ -144,16 +144,18 @@ def _layer_form(name: str, original: nn.Module, new: nn.Module, kernel: str, not
 def _swap(model: nn.Module, request: _Request, kernel_of: Callable[[str, nn.Module], tuple[str, str]]) -> list[LayerForm]:
     """Replace each target by its kernel's module; ``kernel_of(name, module) -> (kernel, note)``."""
     forms = []
+    uses = _uses(model)
     for name in request.targets:
         module = model.get_submodule(name)
-        reader = _weight_reader(model, name)
+        reader = _shared_reader(model, uses.get(name, (name,)))
         if reader:  # the parent uses `.weight` itself, not the layer's forward: a swap would break it
             kernel, note = "dense", f"kept dense: {reader} reads this layer's weight directly"
         else:
             kernel, note = kernel_of(name, module)
         new = build_sparse(module, kernel, name=f"{name}.weight", block_size=request.block_size)
-        if new is not module:
-            _set_submodule(model, name, new)
+        if new is not module:  # at every use of a shared layer, so the tie holds
+            for alias in uses.get(name, (name,)):
+                _set_submodule(model, alias, new)
         forms.append(_layer_form(name, module, new, kernel, note))
     return forms
 
@@ -226,7 +228,8 @@ def _form_auto(model: nn.Module, request: _Request):
         device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
         candidates = ("dense", "csr", "bsr") + (("2:4",) if semi_structured_available(device) else ())
     inputs = {b: _batched(request.example_input, b) for b in request.batch_sizes}
-    tuned = tuple(n for n in request.targets if not _weight_reader(model, n))  # the rest stay dense (_swap)
+    uses = _uses(model)
+    tuned = tuple(n for n in request.targets if not _shared_reader(model, uses.get(n, (n,))))  # the rest: dense (_swap)
     report = choose_kernels(model, inputs, candidates, request.timer, layers=tuned,
                             block_size=request.block_size)
     choice = report.choices()
@@ -264,11 +267,26 @@ def _is_target(module: nn.Module) -> bool:
     return isinstance(module, TARGET_TYPES) or is_hf_conv1d(module)
 
 
+def _uses(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Every name of each target layer, keyed by its first name (a layer shared by two parents has two)."""
+    by_id: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name and _is_target(module):
+            by_id.setdefault(id(module), []).append(name)
+    return {names[0]: tuple(dict.fromkeys(names)) for names in by_id.values()}
+
+
+def _shared_reader(model: nn.Module, names: Sequence[str]) -> str:
+    """The first parent type among a layer's uses ``names`` that reads its weight directly ("" if none)."""
+    return next((reader for reader in (_weight_reader(model, n) for n in names) if reader), "")
+
+
 def _targets(model: nn.Module, masks: Mapping[str, torch.Tensor] | None) -> tuple[str, ...]:
-    layers = [n for n, m in model.named_modules() if _is_target(m) and n]
+    """The layers to swap, by first name: all, or those with a mask under any of their names."""
+    uses = _uses(model)
     if masks is None:
-        return tuple(layers)
-    return tuple(n for n in layers if f"{n}.weight" in masks)
+        return tuple(uses)
+    return tuple(n for n, names in uses.items() if any(f"{a}.weight" in masks for a in names))
 
 
 def _masks_left_dense(model: nn.Module, masks: Mapping[str, torch.Tensor], targets: Sequence[str],
@@ -279,7 +297,8 @@ def _masks_left_dense(model: nn.Module, masks: Mapping[str, torch.Tensor], targe
     dense tensor: it is no layer this form swaps (an embedding, a bias, an attention
     in-projection), or the form could not take its layer (``kept dense: ...`` in the report).
     """
-    owners = {f"{n}.weight" if n else "weight": n for n in targets}
+    uses = _uses(model)
+    owners = {f"{a}.weight": n for n in targets for a in uses.get(n, (n,))}  # a shared layer: every name
     modules = dict(model.named_modules(remove_duplicate=False))
     why = {}
     for key in masks:
@@ -288,9 +307,11 @@ def _masks_left_dense(model: nn.Module, masks: Mapping[str, torch.Tensor], targe
             what = type(parent).__name__ if parent is not None else "no module"
             why[key] = f"its {what} is not a layer materialise swaps"
     for f in forms:
-        key = f"{f.name}.weight"
-        if key in masks and f.kernel == "dense" and f.note.startswith("kept dense:"):
-            why[key] = f.note.removeprefix("kept dense:").strip()
+        if f.kernel != "dense" or not f.note.startswith("kept dense:"):
+            continue
+        for key in (f"{a}.weight" for a in uses.get(f.name, (f.name,))):
+            if key in masks:
+                why[key] = f.note.removeprefix("kept dense:").strip()
     if not why:
         return ""
     shown = "; ".join(f"{k} ({r})" for k, r in list(why.items())[:4]) + (" ..." if len(why) > 4 else "")

@@ -68,7 +68,6 @@ import copy
 import inspect
 import json
 import math
-import types
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
@@ -663,6 +662,21 @@ def _save_pretrained(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return method(*bound.args, **bound.kwargs)
 
 
+class _RoutedSavePretrained:
+    """The instance ``save_pretrained`` :func:`route_save_pretrained` installs: calls :func:`_save_pretrained`.
+
+    An object, not a bound method: ``torch.save(model)`` / pickle store it with the model (a
+    bound method pickles as ``getattr(model, "_save_pretrained")``, which fails on load), and
+    ``copy.deepcopy`` rebinds it to the copy.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return _save_pretrained(self.model, *args, **kwargs)
+
+
 def route_save_pretrained(model: nn.Module) -> nn.Module:
     """Give a materialised ``transformers`` model a ``save_pretrained`` that can write its sparse layers.
 
@@ -677,7 +691,7 @@ def route_save_pretrained(model: nn.Module) -> nn.Module:
     if not callable(getattr(type(model), "save_pretrained", None)):
         return model
     if any(isinstance(m, SparseModule) for m in model.modules()):
-        model.save_pretrained = types.MethodType(_save_pretrained, model)
+        model.save_pretrained = _RoutedSavePretrained(model)
     return model
 
 
