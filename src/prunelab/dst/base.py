@@ -87,6 +87,17 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _end_fraction_problem(value: Any) -> str:
+    """Why ``value`` is no T_end fraction in (0, 1]: a non-number, beyond the run (inf too) or at step 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"pass a number, not a {type(value).__name__}"
+    if math.isnan(value):
+        return "pass a number, not nan"
+    if value > 1.0:
+        return "T_end beyond the run never ends the updates"
+    return "T_end at step 0 leaves no update"
+
+
 @dataclass(frozen=True)
 class UpdateSchedule:
     """When DST rewires and how much: the cosine decay of Evci et al. 2020 (RigL), eq. 1.
@@ -116,8 +127,7 @@ class UpdateSchedule:
                 end_fraction: float = 0.75) -> UpdateSchedule:
         """The schedule for a run of ``total_steps`` with ``T_end = end_fraction * total_steps``, checked."""
         if not _is_number(end_fraction) or not 0.0 < end_fraction <= 1.0:
-            beyond = _is_number(end_fraction) and end_fraction > 1.0
-            why = "T_end beyond the run never ends the updates" if beyond else "T_end at step 0 leaves no update"
+            why = _end_fraction_problem(end_fraction)
             raise PrunelabError(f"T_end fraction must be in (0, 1] of the run, got {end_fraction!r}; {why}, RigL uses "
                                 "0.75")
         if isinstance(total_steps, bool) or not isinstance(total_steps, int):

@@ -104,9 +104,29 @@ def require_loader(loader: Any, role: str, method: str, fix: str) -> None:
     fine-tuning after the model was already pruned)."""
     if loader is None or not hasattr(loader, "__iter__"):
         raise PrunelabError(f"{method} needs {role} but got {type(loader).__name__}; {fix}")
-    if hasattr(loader, "__len__") and len(loader) == 0:
+    if _batch_count(loader) == 0:
         raise PrunelabError(f"{method} needs {role} but the {type(loader).__name__} given has no batch; "
                             "check the dataset split and batch size (drop_last=True drops a short last batch)")
+
+
+def _batch_count(loader: Any) -> int | None:
+    """``len(loader)``, or ``None`` when it has no length: a DataLoader over an ``IterableDataset``
+    without ``__len__`` has the method but raises TypeError (such a loader is not refused)."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
+def loader_steps(loader: Any, method: str) -> int:
+    """``len(loader)``, the optimizer steps of one epoch; a one-line PrunelabError for a loader without a
+    length (checked before anything is pruned: the lr schedule needs it)."""
+    steps = _batch_count(loader)
+    if steps is None:
+        raise PrunelabError(f"{method}: the training loader ({type(loader).__name__}) has no length, which the "
+                            "learning-rate schedule needs; pass a DataLoader over a map-style dataset or a list of "
+                            "batches")
+    return steps
 
 
 def require_test_loader(test_loader: Any, method: str) -> None:

@@ -36,7 +36,7 @@ from prunelab.bench.training import (
 from prunelab.criteria import ScoreData
 from prunelab.dst import DST_SPARSIFIERS, DynamicSparsifier, UpdateSchedule
 from prunelab.errors import PrunelabError
-from prunelab.methods.base import MethodResult, PruneSpec, require_loader, stage_row
+from prunelab.methods.base import MethodResult, PruneSpec, loader_steps, require_loader, stage_row
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def run_dst(
     """Train ``model`` sparse from the first step with the DST method ``name``."""
     require_loader(train_loader, "a training loader (it trains sparse from the first step)", name,
                    "pass the training DataLoader")
-    steps_per_epoch = len(train_loader)
+    steps_per_epoch = loader_steps(train_loader, name)
     sparsifier = build_dst_sparsifier(name, model, spec, config.epochs * steps_per_epoch, seed=config.seed, dst=dst)
     optimizer = make_optimizer(model.parameters(), config)
     sparsifier.prepare(optimizer)

@@ -22,7 +22,7 @@ from prunelab.criteria import ScoreData
 from prunelab.criteria.movement import Movement, MovementAccumulator
 from prunelab.errors import PrunelabError
 from prunelab.methods.base import (
-    MethodResult, PruneSpec, raise_sparsity, require_loader, require_test_loader, stage_row,
+    MethodResult, PruneSpec, loader_steps, raise_sparsity, require_loader, require_test_loader, stage_row,
 )
 from prunelab.schedules import Cubic
 
@@ -68,7 +68,7 @@ def run_gradual(
 ) -> MethodResult:
     require_loader(train_loader, "a training loader (it prunes while training)", "gradual",
                    "pass the training DataLoader")
-    steps_per_epoch = len(train_loader)
+    steps_per_epoch = loader_steps(train_loader, "gradual")
     start, _end, frequency = gradual_window(spec, config.epochs, steps_per_epoch)
     require_test_loader(test_loader, "gradual")
     # updates at start + k * frequency, k = 0..n: the last is at most end <= total, a step the run reaches

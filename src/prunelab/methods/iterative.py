@@ -19,7 +19,7 @@ from torch import nn
 from prunelab.bench.training import TrainConfig, make_lr_scheduler, make_optimizer, train
 from prunelab.criteria import ScoreData
 from prunelab.methods.base import (
-    MethodResult, PruneSpec, raise_sparsity, require_loader, require_test_loader, stage_row,
+    MethodResult, PruneSpec, loader_steps, raise_sparsity, require_loader, require_test_loader, stage_row,
 )
 from prunelab.schedules import Geometric, per_round_sparsity
 from prunelab.targets import keep_bounds, matching_layers
@@ -38,6 +38,7 @@ def run_iterative(
     if tune.epochs > 0:
         require_loader(train_loader, "a training loader to retrain after each round", "iterative",
                        "pass the training DataLoader (or finetune_epochs=0)")
+        steps_per_epoch = loader_steps(train_loader, "iterative")  # before the first round prunes anything
     require_test_loader(test_loader, "iterative")
     rows = []
     for r in schedule.update_steps():
@@ -54,7 +55,7 @@ def run_iterative(
             optimizer = make_optimizer(model.parameters(), tune)
             sparsifier.prepare(optimizer)
             train(model, train_loader, tune, optimizer=optimizer,
-                  scheduler=make_lr_scheduler(optimizer, tune, len(train_loader)),
+                  scheduler=make_lr_scheduler(optimizer, tune, steps_per_epoch),
                   after_step=lambda _step: sparsifier.step(), description=f"round {r}/{spec.rounds}", lr_flag=lr_flag)
         rows.append(stage_row(f"round {r}", model, sparsifier.masks, test_loader, round=r, target_sparsity=target))
     masks = sparsifier.finalize()
