@@ -43,7 +43,7 @@ from prunelab.criteria.base import eval_mode
 from prunelab.errors import PrunelabError
 from prunelab.oneshot.block_runs import token_masks
 from prunelab.oneshot.engine import find_blocks
-from prunelab.oneshot.layer_targets import hf_conv1d_type, real_rows
+from prunelab.oneshot.layer_targets import conv1d_as_linear, is_hf_conv1d, real_rows
 from prunelab.oneshot.stats import HessianAccumulator, damped_cholesky
 
 __all__ = ["LowRankLinear", "LowRankReport", "factorize_linear", "low_rank_model", "rank_for"]
@@ -159,25 +159,7 @@ class LowRankReport:
 
 def _is_factorisable(module: nn.Module) -> bool:
     """An ``nn.Linear`` or a ``transformers`` ``Conv1D`` (found by type; transformers is never imported)."""
-    conv1d = hf_conv1d_type()
-    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
-
-
-def _as_linear(module: nn.Module) -> nn.Linear:
-    """``module`` itself if a Linear; for a Conv1D (weight ``(in, out)``), the Linear computing the
-    same map (weight ``W^T``), with its device, dtype, mode and frozen-ness."""
-    if isinstance(module, nn.Linear):
-        return module
-    in_f, out_f = module.weight.shape
-    linear = nn.Linear(in_f, out_f, bias=module.bias is not None, device=module.weight.device,
-                       dtype=module.weight.dtype).train(module.training)
-    with torch.no_grad():
-        linear.weight.copy_(module.weight.T)
-        linear.weight.requires_grad_(module.weight.requires_grad)
-        if module.bias is not None:
-            linear.bias.copy_(module.bias)
-            linear.bias.requires_grad_(module.bias.requires_grad)
-    return linear
+    return isinstance(module, nn.Linear) or is_hf_conv1d(module)
 
 
 def _block_linears(model: nn.Module, exclude: Sequence[str]) -> tuple[dict[str, nn.Linear], dict[str, list[str]]]:
@@ -195,7 +177,7 @@ def _block_linears(model: nn.Module, exclude: Sequence[str]) -> tuple[dict[str, 
     found, aliases = {}, {}
     for key, all_names in uses.items():
         if inside[key] and not any(name in exclude for name in all_names):
-            found[all_names[0]] = _as_linear(model.get_submodule(all_names[0]))
+            found[all_names[0]] = conv1d_as_linear(model.get_submodule(all_names[0]))
             aliases[all_names[0]] = list(dict.fromkeys(all_names))
     if not found:
         raise PrunelabError(f"{type(model).__name__} has no nn.Linear (or transformers Conv1D) layer inside its "

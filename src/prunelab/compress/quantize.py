@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunelab.errors import PrunelabError
-from prunelab.oneshot.layer_targets import hf_conv1d_type
+from prunelab.oneshot.layer_targets import is_hf_conv1d
 
 __all__ = ["DEFAULT_BITS", "MAX_BITS", "WEIGHT_DTYPES", "CentroidSGD", "Codebook", "attention_projections",
            "finetune_centroids", "kmeans_1d", "quantizable_layers", "quantize_model", "quantize_weight",
@@ -170,10 +170,9 @@ def quantizable_layers(model: nn.Module) -> dict[str, str]:
     a fully-connected layer whose weight is stored ``(in, out)``: ``"fc"``.  Weight sharing is
     element-wise, so the layout changes nothing but the order the relative index walks.
     """
-    conv1d = hf_conv1d_type()
     out = {}
     for name, module in model.named_modules():
-        linear_like = isinstance(module, _QUANTIZED_TYPES) or (conv1d is not None and isinstance(module, conv1d))
+        linear_like = isinstance(module, _QUANTIZED_TYPES) or is_hf_conv1d(module)
         if linear_like and isinstance(getattr(module, "weight", None), torch.Tensor):
             out[f"{name}.weight" if name else "weight"] = "conv" if isinstance(module, _CONV_TYPES) else "fc"
     return out

@@ -78,7 +78,7 @@ from torch import nn
 
 from prunelab.errors import PrunelabError
 from prunelab.materialise.formats import BSR, CSR, SemiStructured24, block_shape
-from prunelab.oneshot.layer_targets import hf_conv1d_type
+from prunelab.oneshot.layer_targets import conv1d_as_linear, is_hf_conv1d
 
 __all__ = [
     "SPARSE_MODULES",
@@ -482,12 +482,6 @@ SPARSE_MODULES: dict[str, type[SparseModule]] = {
 }
 
 
-def is_hf_conv1d(module: nn.Module) -> bool:
-    """True for a ``transformers.pytorch_utils.Conv1D`` (GPT-2's layers; found by type, never imported)."""
-    conv1d = hf_conv1d_type()
-    return conv1d is not None and isinstance(module, conv1d)
-
-
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The ``(out, in)`` matrix of a Linear-like layer: an ``nn.Linear``'s weight, a Conv1D's ``W^T``.
 
@@ -496,21 +490,6 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     """
     weight = module.weight.detach()
     return weight.T if is_hf_conv1d(module) else weight  # (out, in)
-
-
-def _as_linear(module: nn.Module) -> nn.Linear:
-    """``module`` itself if an ``nn.Linear``; a Conv1D as the Linear of the same map (weight ``W^T``, same bias)."""
-    if not is_hf_conv1d(module):
-        return module  # type: ignore[return-value]
-    weight = linear_weight(module)  # (out, in)
-    bias = getattr(module, "bias", None)
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
-                       dtype=weight.dtype)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        if bias is not None:
-            linear.bias.copy_(bias)
-    return linear
 
 
 def kernel_unavailable_reason(
@@ -557,7 +536,7 @@ def build_sparse(module: nn.Module, kernel: str, *, name: str = "weight",
     if is_hf_conv1d(module):
         name = f"{name} (as W^T, (out, in), of a Conv1D)"  # errors name rows/columns of W^T
     if kernel == "2:4" and (isinstance(module, nn.Linear) or is_hf_conv1d(module)):
-        return SemiStructuredLinear.from_linear(_as_linear(module), name=name)  # the format names the bad group
+        return SemiStructuredLinear.from_linear(conv1d_as_linear(module), name=name)  # the format names the bad group
     reason = kernel_unavailable_reason(module, kernel, block_size=block_size)
     if reason:
         raise PrunelabError(f"layer {name!r} cannot use kernel {kernel!r}: {reason}; keep it dense or pick another form")
@@ -566,8 +545,8 @@ def build_sparse(module: nn.Module, kernel: str, *, name: str = "weight",
     if isinstance(module, nn.Conv2d):
         return CSRConv2d.from_conv(module, name=name)
     if kernel == "csr":
-        return CSRLinear.from_linear(_as_linear(module), name=name)
-    return BSRLinear.from_linear(_as_linear(module), name=name, block_size=block_size)
+        return CSRLinear.from_linear(conv1d_as_linear(module), name=name)
+    return BSRLinear.from_linear(conv1d_as_linear(module), name=name, block_size=block_size)
 
 
 def _empty_format(cls: type[SparseModule], state: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Any:

@@ -72,7 +72,7 @@ from prunelab.measure.attention import (
 )
 from prunelab.measure.costs import BYTES_PER_INDEX, BYTES_PER_VALUE, AttentionCost, LayerCost, ModelCost
 from prunelab.measure.tables import format_bytes  # imported from here before the split: kept importable
-from prunelab.oneshot.layer_targets import hf_conv1d_type
+from prunelab.oneshot.layer_targets import hf_conv1d_type, is_hf_conv1d
 
 TRANSPOSED_TYPES: tuple[type[nn.Module], ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 MEASURED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *TRANSPOSED_TYPES)
@@ -88,12 +88,6 @@ def _sparse_module_type() -> type[nn.Module]:
     return SparseModule
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    """A ``transformers.pytorch_utils.Conv1D`` (GPT-2): a Linear with its weight stored ``(in, out)``."""
-    conv1d = hf_conv1d_type()  # never imports transformers
-    return conv1d is not None and isinstance(module, conv1d)
-
-
 def measured_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The layers whose MACs are counted, by FQN: Linear/Conv/ConvTranspose (and ``transformers`` Conv1D)
     with a weight, and sparse modules."""
@@ -101,7 +95,7 @@ def measured_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {
         name: module for name, module in model.named_modules()
         if isinstance(module, sparse)
-        or ((isinstance(module, MEASURED_TYPES) or _is_conv1d(module))
+        or ((isinstance(module, MEASURED_TYPES) or is_hf_conv1d(module))
             and isinstance(getattr(module, "weight", None), torch.Tensor))
     }
 
@@ -112,7 +106,7 @@ def _apply_width(module: nn.Module) -> tuple[int, bool]:
         return module.weight_shape[0], False
     if isinstance(module, nn.Linear):
         return module.out_features, False
-    if _is_conv1d(module):  # weight (in, out): output (..., out)
+    if is_hf_conv1d(module):  # weight (in, out): output (..., out)
         return module.weight.shape[1], False
     if isinstance(module, TRANSPOSED_TYPES):
         return module.in_channels, True
@@ -274,7 +268,7 @@ def _weighted_units(model: nn.Module, layers: Mapping[str, nn.Module],
                 name, type(module).__name__, weights[child_name(name, "weight")], None,
                 bias if isinstance(bias, torch.Tensor) else None, None,
                 int(module.nbytes) if isinstance(module, sparse) else None,
-                int(module.weight.shape[1]) if _is_conv1d(module) else None,
+                int(module.weight.shape[1]) if is_hf_conv1d(module) else None,
             ))
     return units
 

@@ -27,6 +27,31 @@ def hf_conv1d_type() -> type | None:
     return getattr(module, "Conv1D", None)
 
 
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """True for a ``transformers.pytorch_utils.Conv1D`` (GPT-2's layers: ``y = x W + b``, ``W`` stored
+    ``(in, out)``), found by type; transformers is never imported."""
+    conv1d = hf_conv1d_type()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def conv1d_as_linear(module: nn.Module) -> nn.Linear:
+    """The ``nn.Linear`` computing a Conv1D's map (weight ``W^T``, same bias), with its device, dtype,
+    train/eval mode and frozen-ness; an ``nn.Linear`` is returned as it is."""
+    if isinstance(module, nn.Linear):
+        return module
+    in_f, out_f = module.weight.shape
+    bias = getattr(module, "bias", None)
+    linear = nn.Linear(in_f, out_f, bias=bias is not None, device=module.weight.device,
+                       dtype=module.weight.dtype).train(module.training)
+    with torch.no_grad():
+        linear.weight.copy_(module.weight.T)
+        linear.weight.requires_grad_(module.weight.requires_grad)
+        if bias is not None:
+            linear.bias.copy_(bias)
+            linear.bias.requires_grad_(bias.requires_grad)
+    return linear
+
+
 def _conv2d_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
     """Symmetric zero padding of ``conv`` as a pair, or ``None`` when unfold cannot express it."""
     if conv.groups != 1 or conv.padding_mode != "zeros":
