@@ -9,38 +9,22 @@ and a real tiny ``GPT2LMHeadModel``.
 from __future__ import annotations
 
 import copy
-import sys
-import types
 import warnings
 
 import pytest
 import torch
 from torch import nn
 
+from conv1d_stand_in import Conv1D, register
 from prunelab.errors import PrunelabError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class Conv1D(nn.Module):
-    """transformers' Conv1D, as in transformers 5 (``nf`` outputs, ``nx`` inputs; weight ``(nx, nf)``)."""
-
-    def __init__(self, nf: int, nx: int) -> None:
-        super().__init__()
-        self.nf = nf
-        self.weight = nn.Parameter(torch.zeros(nx, nf))
-        self.bias = nn.Parameter(torch.zeros(nf))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (*, nx) -> (*, nf)
-        size_out = x.size()[:-1] + (self.nf,)
-        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
-
-
 @pytest.fixture
 def conv1d(monkeypatch):
     """The stand-in, found as ``transformers.pytorch_utils.Conv1D`` (the real one, if loaded, is hidden)."""
-    monkeypatch.setitem(sys.modules, "transformers.pytorch_utils", types.SimpleNamespace(Conv1D=Conv1D))
-    return Conv1D
+    return register(monkeypatch)
 
 
 def _layer(nf: int, nx: int, weight: list[list[float]], bias: list[float]) -> Conv1D:

@@ -160,27 +160,15 @@ def test_excluding_one_use_of_a_shared_linear_leaves_it_dense():
     assert model[0] is shared and model[2] is shared and set(report.ranks) == {"3"}
 
 
-class _Conv1D(nn.Module):
-    """transformers' Conv1D: ``y = x W + b`` with the weight stored ``(in, out)``."""
-
-    def __init__(self, nf: int, nx: int) -> None:
-        super().__init__()
-        self.nf = nf
-        self.weight = nn.Parameter(torch.randn(nx, nf))
-        self.bias = nn.Parameter(torch.randn(nf))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.weight + self.bias
-
-
 def test_a_conv1d_is_factorised_exactly_as_its_transposed_linear(monkeypatch):
-    import sys
-    import types
+    from conv1d_stand_in import register
 
-    # found by type as transformers.pytorch_utils.Conv1D, as the one-shot engine finds it
-    monkeypatch.setitem(sys.modules, "transformers.pytorch_utils", types.SimpleNamespace(Conv1D=_Conv1D))
+    Conv1D = register(monkeypatch)  # found by type as transformers.pytorch_utils.Conv1D, as the engine finds it
     torch.manual_seed(0)
-    conv_model = nn.Sequential(_Conv1D(12, 10), nn.ReLU(), _Conv1D(10, 12))  # 10 -> 12 -> 10
+    conv_model = nn.Sequential(Conv1D(12, 10), nn.ReLU(), Conv1D(10, 12))  # 10 -> 12 -> 10
+    with torch.no_grad():
+        for p in conv_model.parameters():
+            p.normal_()
     linear_model = nn.Sequential(nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, 10))
     with torch.no_grad():
         for conv, linear in zip(conv_model[::2], linear_model[::2]):

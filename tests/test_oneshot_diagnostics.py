@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from prunelab.oneshot.diagnostics import input_norm_spread, spread_summary
+from conv1d_stand_in import Conv1D, register
 
 
 def test_spread_equals_hand_computation_over_batches():
@@ -74,19 +75,6 @@ def test_padding_positions_are_left_out():
     assert spread["fc"] == pytest.approx(math.sqrt(2.0))
 
 
-class _Conv1D(nn.Module):
-    """transformers' Conv1D: ``y = x W + b`` with the weight stored ``(in, out)``."""
-
-    def __init__(self, nf: int, nx: int) -> None:
-        super().__init__()
-        self.nf = nf
-        self.weight = nn.Parameter(torch.zeros(nx, nf))
-        self.bias = nn.Parameter(torch.zeros(nf))
-
-    def forward(self, x):
-        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], self.nf)
-
-
 def _conv1d_then_linear(conv1d: type) -> nn.Module:
     model = nn.Sequential(conv1d(2, 3), nn.Linear(2, 1))  # Conv1D(nf=out, nx=in)
     with torch.no_grad():
@@ -97,15 +85,14 @@ def _conv1d_then_linear(conv1d: type) -> nn.Module:
 
 def test_gpt2_style_conv1d_inputs_are_measured_along_their_in_features(monkeypatch):
     import sys
-    import types
 
     batches = [torch.tensor([[1.0, 2.0, 0.0]]), torch.tensor([[1.0, 2.0, 4.0]])]  # column norms sqrt2, sqrt8, 4
     # found by type as transformers.pytorch_utils.Conv1D, as the engine finds it (transformers never imported)
-    monkeypatch.setitem(sys.modules, "transformers.pytorch_utils", types.SimpleNamespace(Conv1D=_Conv1D))
-    spread = input_norm_spread(_conv1d_then_linear(_Conv1D), batches)
+    register(monkeypatch)
+    spread = input_norm_spread(_conv1d_then_linear(Conv1D), batches)
     assert spread == pytest.approx({"0": 4.0 / math.sqrt(8.0), "1": 4.0 / math.sqrt(2.0)})
     monkeypatch.delitem(sys.modules, "transformers.pytorch_utils")  # an unrelated module of that shape: not a layer
-    assert list(input_norm_spread(_conv1d_then_linear(_Conv1D), batches)) == ["1"]
+    assert list(input_norm_spread(_conv1d_then_linear(Conv1D), batches)) == ["1"]
 
 
 def test_transformers_conv1d_is_measured():
