@@ -372,3 +372,24 @@ def test_a_bert_with_heads_removed_reloads_by_removing_the_same_heads_from_a_fre
         torch.testing.assert_close(fresh(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state,
                                    rtol=0, atol=0)
     assert model.encoder.layer[0].attention.self.query.weight.shape == (16, 32)
+
+
+def test_block_influence_of_conv1d_blocks_compares_channel_vectors_per_position():
+    from prunelab.layers import block_influence
+
+    class Res(nn.Module):  # x + conv(x), a 1x1 Conv1d residual block on (B, C, L)
+        def __init__(self, weight: torch.Tensor) -> None:
+            super().__init__()
+            self.conv = nn.Conv1d(2, 2, 1, bias=False)
+            with torch.no_grad():
+                self.conv.weight.copy_(weight.view(2, 2, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.conv(x)
+
+    swap_minus = torch.tensor([[0.0, -2.0], [0.0, -2.0]])  # channel vector (a, b) -> (a - 2b, -b)
+    x = torch.tensor([[[1.0, 1.0], [0.0, 1.0]]])  # (B=1, C=2, L=2): position 0 (1, 0), position 1 (1, 1)
+    # per position: (1, 0) -> (1, 0) cos 1; (1, 1) -> (-1, -1) cos -1; BI = 1 - mean(1, -1) = 1
+    # (along L it would be channel 0: (1, 1) -> (1, -1) cos 0, channel 1: (0, 1) -> (0, -1) cos -1: BI 1.5)
+    scores = block_influence(nn.Sequential(Res(swap_minus), Res(torch.zeros(2, 2))), [x])  # the second: identity
+    assert scores == {"0": pytest.approx(1.0, abs=1e-12), "1": pytest.approx(0.0, abs=1e-12)}

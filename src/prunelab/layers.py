@@ -13,8 +13,9 @@ block whose output points where its input did (BI near 0) adds little.  Tokens a
 positions of every calibration batch; where a batch is a dict with an ``attention_mask``
 of the hidden states' ``(batch, length)`` shape, padding positions are left out.  Hidden
 states are compared along their last dim (``(B, T, C)`` tokens, ``(B, C)`` vectors); CNN
-feature maps ``(B, C, H, W)`` (4-D or more) along the channel dim 1, so each spatial
-position's channel vector counts as one token.
+feature maps ``(B, C, H, W)`` (4-D or more), and ``(B, C, L)`` ones of blocks that hold a
+convolution, along the channel dim 1, so each spatial position's channel vector counts as one
+token.
 
 Apply -- :func:`drop_blocks` removes the named blocks from their ``nn.ModuleList`` (the
 blocks :func:`prunelab.oneshot.find_blocks` finds: BERT's ``encoder.layer``, GPT-2's
@@ -108,13 +109,17 @@ def block_influence(model: nn.Module, calibration: Sequence[Tensor | Mapping[str
         # a copy: a block that adds in place (x += f(x); return x) would otherwise compare its output with itself
         state[name] = hidden.clone() if hidden is not None else None
 
+    convolutional = {id(block) for _, block in blocks  # a 3-D input of a conv block is (B, C, L), not (B, T, C)
+                     if any(isinstance(m, nn.modules.conv._ConvNd) for m in block.modules())}
+
     def post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         name = running[id(module)].pop()
         before, after = state.pop(name, None), hidden_states_of(output)
         if before is None or after is None or before.shape != after.shape:
             raise PrunelabError(f"block {name!r} does not map hidden states to hidden states of the same shape; "
                                 "layer pruning needs residual blocks")
-        channel_dim = 1 if before.dim() >= 4 else -1  # (B, C, H, W) feature maps: per-position channel vectors
+        # (B, C, H, W) feature maps, and (B, C, L) ones of a block with convolutions: per-position channel vectors
+        channel_dim = 1 if before.dim() >= 4 or (before.dim() == 3 and id(module) in convolutional) else -1
         cosine = torch.nn.functional.cosine_similarity(before.double(), after.double(), dim=channel_dim)  # (B, T) / (B,) / (B, H, W)
         keep = state.get("mask")
         if keep is not None and keep.shape == cosine.shape:
