@@ -10,20 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-
-class _Pretrained(nn.Module):
-    """A stand-in for a transformers model (module level: picklable): save_pretrained records its state_dict."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(8, 4)
-        self.saved: list[dict] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x)
-
-    def save_pretrained(self, save_directory, is_main_process: bool = True, state_dict=None, **kwargs):
-        self.saved.append({"dir": save_directory, "state": state_dict})
+from test_conv1d_support import _Pretrained  # a module-level (picklable) stand-in for a transformers model
 
 
 def _materialised() -> nn.Module:
