@@ -23,7 +23,6 @@ import torch
 from torch import Tensor, nn
 
 from prunelab import distributed
-from prunelab.bench.row_transformer import SelfAttention
 from prunelab.bench.training import TrainConfig
 from prunelab.criteria import CRITERIA, ScoreData, get_criterion
 from prunelab.heads import head_importance, head_masks
@@ -40,6 +39,7 @@ from prunelab.methods.pai import (
 from prunelab.oneshot import OneShotConfig, prune_oneshot
 from prunelab.sparsifier import Sparsifier
 from residual_mlp import Stack  # tests/ helpers (this script runs from tests/)
+from test_heads import TwoUnits  # two 4-head attention units on (B, T, 6), mean-pooled to 3 classes
 from torchrun_exit import finish
 
 STRUCTURED = {"apoz": "channel", "slimming": "channel", "regression": "channel"}  # channel scores
@@ -68,23 +68,9 @@ def residual(depth: int = 3) -> nn.Module:
     return Stack(width=12, depth=depth)
 
 
-class Attention(nn.Module):
-    """Two 4-head attention units on (B, T, 6) inputs, mean-pooled to 3 classes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Linear(6, 16)
-        self.a = SelfAttention(16, 4)
-        self.b = SelfAttention(16, 4)
-        self.head = nn.Linear(16, 3)
-
-    def forward(self, x: Tensor) -> Tensor:  # (B, T, 6) -> (B, 3)
-        return self.head(self.b(self.a(self.embed(x)))).mean(1)
-
-
 def attention() -> nn.Module:
     torch.manual_seed(2)
-    return Attention()
+    return TwoUnits()
 
 
 def shard(kind: str, rank: int, world: int) -> list:
