@@ -198,7 +198,7 @@ def check_rounds(config: RunConfig, checker) -> None:
     A round that prunes removes at least one group and pruned groups stay pruned, so beyond
     that many rounds some rounds must prune nothing and only retrain the same mask.
     """
-    groups = sum(checker.granularity.num_groups(tuple(p.shape)) for p in checker.params.values())
+    groups = sum(checker.structures[n].num_groups(tuple(p.shape)) for n, p in checker.params.items())
     if config.rounds > groups:
         unit = "weights" if not checker.granularity.structured else f"{config.granularity} groups"
         raise PrunelabError(f"--rounds {config.rounds:,} is more than the {groups:,} {unit} of {config.model} there "

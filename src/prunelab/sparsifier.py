@@ -36,7 +36,7 @@ from prunelab.criteria import Criterion, ScoreData, get_criterion
 from prunelab.errors import PrunelabError
 from prunelab.masks import MaskSet
 from prunelab.schedules import Schedule
-from prunelab.structure import Granularity, get_granularity
+from prunelab.structure import Granularity, get_granularity, layer_granularities
 from prunelab.targets import LayerRules, keep_bounds, prunable_parameters
 
 
@@ -84,12 +84,13 @@ class Sparsifier:
                 "Sparsifier(..., data=ScoreData(loader)) (it would fail at the first scheduled update, mid-training)"
             )
         self.params = prunable_parameters(model, exclude)
+        self.structures = layer_granularities(self.granularity, model, self.params)  # name -> the layer's view
         self.bounds = self.rules.bounds(list(self.params))
         if self.granularity.is_pattern:
             self._check_pattern_rules()
         for name, param in self.params.items():
             if not self._kept_as_is(name):  # layers a rule keeps dense (or below an N:M pattern) need not fit
-                self.granularity.check(name, tuple(param.shape))
+                self.structures[name].check(name, tuple(param.shape))
         self.masks = MaskSet.ones(self.params)
         self.optimizer: torch.optim.Optimizer | None = None
         self.step_count = 0
@@ -201,18 +202,19 @@ class Sparsifier:
             if param.numel() == 0:  # a zero-size layer (e.g. Linear(0, n)) has nothing to prune
                 continue
             shape = tuple(param.shape)
-            groups = self.granularity.to_groups(scores[name].to(param.device))  # (G, group_size)
+            structure = self.structures[name]
+            groups = structure.to_groups(scores[name].to(param.device))  # (G, group_size)
             group_scores = self.criterion.reduce_group(groups).float()  # (G,)
-            alive = self.granularity.to_groups(self.masks[name].to(param.device)).any(dim=1)  # pruned = all of it pruned
+            alive = structure.to_groups(self.masks[name].to(param.device)).any(dim=1)  # pruned = all of it pruned
             group_scores = torch.where(alive, group_scores, torch.full_like(group_scores, float("-inf")))
             lo_s, hi_s = self.bounds[name]
             min_keep, max_keep = keep_bounds(group_scores.numel(), lo_s, hi_s)
             max_keep = min(max_keep, int(alive.sum()))
             min_keep = min(min_keep, max_keep)
-            layers.append(LayerBudget(name, group_scores, self.granularity.group_size(shape), shape, min_keep, max_keep,
+            layers.append(LayerBudget(name, group_scores, structure.group_size(shape), shape, min_keep, max_keep,
                                       self.granularity.structured))
         keep = allocate(self.allocation, layers, sparsity)
-        return {n: self.granularity.from_groups(keep[n], tuple(p.shape)) if n in keep else self.masks[n]
+        return {n: self.structures[n].from_groups(keep[n], tuple(p.shape)) if n in keep else self.masks[n]
                 for n, p in self.params.items()}
 
     def check_target(self, sparsity: float) -> None:
@@ -231,9 +233,9 @@ class Sparsifier:
             shape = tuple(param.shape)
             if param.numel() == 0:
                 continue
-            count = self.granularity.num_groups(shape)  # no placeholder copy of the weight
+            count = self.structures[name].num_groups(shape)  # no placeholder copy of the weight
             min_keep, max_keep = keep_bounds(count, *self.bounds[name])
-            layers.append(LayerBudget(name, torch.zeros(count), self.granularity.group_size(shape), shape,
+            layers.append(LayerBudget(name, torch.zeros(count), self.structures[name].group_size(shape), shape,
                                       min(min_keep, max_keep), max_keep, self.granularity.structured))
         allocate(self.allocation, layers, sparsity)
 

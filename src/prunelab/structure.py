@@ -19,6 +19,17 @@ N:M             at most N kept in every M          at most N kept in every M
 Channel/neuron masks prune whole output rows, the layout a later physical shrink needs
 (remove row ``o`` of this layer and input column ``o`` of the next).
 
+A transposed convolution (``nn.ConvTranspose1d/2d/3d``, Dumoulin & Visin 2016, "A guide to
+convolution arithmetic for deep learning") stores its weight the other way round,
+``(I, O / groups, *k)``: its output channel ``o = g * (O / groups) + j`` of group ``g`` is
+``w[g*I/groups:(g+1)*I/groups, j]``, not the row ``w[o]``.  A granularity sees only shapes,
+so the layer tells it: :meth:`Granularity.for_layer` (and :func:`layer_granularities` for a
+whole model) gives the granularity as it applies to one layer's weight --
+:class:`TransposedChannel` for the ``channel`` granularity of a transposed conv, the
+granularity itself everywhere else (unstructured, vector rows and kernels are the same
+groups either way; N:M blocks run along dim 1, the transposed conv's output channels of a
+group).
+
 ``vector``, ``kernel`` and ``channel`` are *structured* (``Granularity.structured``): a
 ``global`` allocation keeps at least one of their groups in every layer, because one
 threshold over group scores of different sizes (raw L1 sums of 9 vs 63 weights) can
@@ -35,9 +46,11 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from prunelab.errors import PrunelabError
 from prunelab.registry import Registry
@@ -89,6 +102,14 @@ class Granularity:
     def check(self, name: str, shape: tuple[int, ...]) -> None:
         """Raise PrunelabError if this granularity cannot apply to ``name``'s shape."""
 
+    def for_layer(self, module: nn.Module | None) -> Granularity:
+        """This granularity as it applies to the ``weight`` of ``module`` (the layer that owns it).
+
+        Itself, unless the layer lays its weight out in a way the shape cannot tell (see
+        :meth:`Channel.for_layer`).  ``None`` (no owning module known) gives itself too.
+        """
+        return self
+
     def describe(self) -> str:
         return self.name
 
@@ -138,6 +159,87 @@ class Channel(Granularity):
 
     def _groups_of_empty(self, shape: tuple[int, ...]) -> int:
         return shape[0]
+
+    def for_layer(self, module: nn.Module | None) -> Granularity:
+        """:class:`TransposedChannel` for a transposed conv (its output channels are weight dim 1), else itself."""
+        if isinstance(module, nn.modules.conv._ConvTransposeNd):
+            return TransposedChannel(int(module.groups))
+        return self
+
+
+@dataclass(frozen=True)
+class TransposedChannel(Channel):
+    """A whole output channel of a transposed conv, whose weight is ``(I, O / groups, *k)``.
+
+    Output channel ``o = g * (O / groups) + j`` of group ``g`` reads the input channels of
+    its group only: it is ``w[g*I/groups:(g+1)*I/groups, j]`` (``I / groups * prod(k)``
+    weights), as ``torch.nn.ConvTranspose*`` computes it (Dumoulin & Visin 2016).  Groups
+    are numbered ``o`` (``to_groups`` row ``o`` is output channel ``o``), so per-channel
+    values such as a following BatchNorm's ``|gamma|`` map onto them one to one.  Obtained
+    from ``Channel().for_layer(conv_transpose)``; ``groups`` is the layer's ``groups``.
+    """
+
+    groups: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.groups, bool) or not isinstance(self.groups, int) or self.groups < 1:
+            raise PrunelabError(f"TransposedChannel needs the layer's groups as an int >= 1, got {self.groups!r}")
+
+    def _dims(self, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+        """``(groups, I / groups, O / groups, prod(k))`` of a transposed conv weight ``(I, O / groups, *k)``."""
+        self.check("a tensor", shape)
+        return self.groups, shape[0] // self.groups, shape[1], math.prod(shape[2:])
+
+    def group_size(self, shape: tuple[int, ...]) -> int:
+        _, in_g, _, k = self._dims(tuple(shape))
+        return in_g * k
+
+    def num_groups(self, shape: tuple[int, ...]) -> int:
+        groups, _, out_g, _ = self._dims(tuple(shape))
+        return groups * out_g
+
+    def to_groups(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``(I, O/g, *k)`` -> ``(O, I/g * prod(k))``; row ``o = g*(O/g) + j`` is ``w[g*I/g:(g+1)*I/g, j]``."""
+        groups, in_g, out_g, k = self._dims(tuple(tensor.shape))
+        blocks = tensor.reshape(groups, in_g, out_g, k).transpose(1, 2)  # (g, O/g, I/g, k)
+        return blocks.reshape(groups * out_g, in_g * k)
+
+    def from_groups(self, keep: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """Expand ``(O,)`` per-output-channel values (bool decisions, or any values) onto ``(I, O/g, *k)``."""
+        shape = tuple(shape)
+        groups, in_g, out_g, k = self._dims(shape)
+        if keep.numel() != groups * out_g:
+            raise PrunelabError(
+                f"channel from_groups got {keep.numel()} group decisions for the transposed conv weight {shape} "
+                f"(groups={groups}), which has {groups * out_g} output channels; pass one decision per output channel"
+            )
+        expanded = keep.reshape(groups, 1, out_g, 1).expand(groups, in_g, out_g, k)  # (g, I/g, O/g, k)
+        return expanded.reshape(shape)
+
+    def check(self, name: str, shape: tuple[int, ...]) -> None:
+        if len(shape) < 3 or shape[0] % self.groups:
+            raise PrunelabError(
+                f"{name!r} (shape {tuple(shape)}) is not the weight (in_channels, out_channels/groups, *kernel) of a "
+                f"transposed conv with groups={self.groups}; use Channel().for_layer(module) with the module that owns it"
+            )
+
+
+def layer_granularities(granularity: Granularity, model: nn.Module, names: Iterable[str]) -> dict[str, Granularity]:
+    """``FQN -> granularity.for_layer(the module that owns it)`` for the weights ``names`` of ``model``.
+
+    The one place a caller learns each layer's view: e.g. ``channel`` becomes
+    :class:`TransposedChannel` for a ``ConvTranspose2d``'s weight.  ``names`` are FQNs as
+    ``model.named_parameters()`` gives them (:func:`prunelab.targets.prunable_parameters`).
+    """
+    found: dict[str, Granularity] = {}
+    for name in names:
+        module_name = name.rpartition(".")[0]
+        try:
+            module = model.get_submodule(module_name) if module_name else model
+        except AttributeError:
+            raise PrunelabError(f"parameter {name!r} is not in the model; pass FQNs from model.named_parameters()") from None
+        found[name] = granularity.for_layer(module)
+    return found
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,9 @@
 """Which parameters are pruned, and the per-layer rules that bound them.
 
-By default every weight of ``nn.Linear`` and ``nn.Conv1d/2d/3d`` is a target, and the input
+By default every weight of ``nn.Linear``, ``nn.Conv1d/2d/3d`` and ``nn.ConvTranspose1d/2d/3d`` is
+a target (a transposed conv's weight is ``(in, out / groups, *kernel)``: structured
+granularities learn that layout from the layer, see
+:meth:`prunelab.structure.Granularity.for_layer`), and the input
 projection of every ``nn.MultiheadAttention`` (``in_proj_weight``; its ``out_proj`` is a
 Linear), in module order; biases, norms and embeddings are left dense.  :class:`LayerRules` then keeps the
 first and/or last target dense or at a sparsity ceiling (Gale et al. 2019, "The State of
@@ -19,11 +22,13 @@ from torch import Tensor, nn
 
 from prunelab.errors import PrunelabError
 
-PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+)
 
 
 def _layer_weights(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, Tensor]]:
-    """``(module name, module, attribute, weight)`` of every Linear/Conv weight and every
+    """``(module name, module, attribute, weight)`` of every Linear/Conv/ConvTranspose weight and every
     ``nn.MultiheadAttention`` input projection (``in_proj_weight``, or ``q/k/v_proj_weight``
     when key/value widths differ: three quarters of its weights, applied by ``F.linear`` like
     a Linear's), in module order."""
@@ -37,7 +42,7 @@ def _layer_weights(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, Tens
 
 
 def prunable_parameters(model: nn.Module, exclude: Sequence[str] = ()) -> dict[str, nn.Parameter]:
-    """``FQN -> weight`` of every Linear/Conv layer and ``nn.MultiheadAttention`` input
+    """``FQN -> weight`` of every Linear/Conv/ConvTranspose layer and ``nn.MultiheadAttention`` input
     projection (its ``out_proj`` is a Linear), in module order, minus ``exclude`` globs.
 
     A weight shared by several layers (tied) is one target, under its first name: pruning

@@ -1,5 +1,9 @@
 """Channel links: which BatchNorm directly follows a layer, which Linear/Conv consumes its channels.
 
+Producers are every pruning target layer (:data:`prunelab.targets.PRUNABLE_TYPES`), transposed
+convs included (their output channels are ``out_channels``, weight dim 1); consumers are a
+Linear or a Conv2d with groups=1 (a transposed conv is never a consumer here).
+
 Shared by network slimming (:mod:`prunelab.criteria.slimming`, a layer's BatchNorm) and
 regression-based channel pruning (:mod:`prunelab.criteria.regression`, a layer's
 consumer).  :func:`channel_links` computes both from one trace; :func:`bn_pairs` and
@@ -34,6 +38,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from prunelab.criteria.activation import unwrap
 from prunelab.errors import PrunelabError
 from prunelab.materialise.tracing import UntraceableError, trace_model
+from prunelab.structure import Channel
 from prunelab.targets import PRUNABLE_TYPES
 
 KINDS = ("bn", "consumer")
@@ -52,7 +57,8 @@ _CHANNELWISE_FUNCTIONS: tuple[Callable, ...] = (
     F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
 )
 _CHANNELWISE_METHODS = ("relu", "relu_", "tanh", "sigmoid", "contiguous")
-_SPATIAL = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3, nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
+_SPATIAL = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3, nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 2, nn.ConvTranspose3d: 3,
+            nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
 
 # kind -> producer -> the partner of each of its calls (None: no partner on that call)
 _Found = dict[str, dict[str, set[str | None]]]
@@ -63,8 +69,31 @@ def is_batchnorm(module: nn.Module) -> bool:
     return isinstance(module, _BatchNorm) and module.weight is not None
 
 
-def _out_channels(module: nn.Module) -> int:
+def out_channels(module: nn.Module) -> int:
+    """Output channels of a producer: the weight's rows, or ``out_channels`` of a transposed conv
+    (weight ``(in, out / groups, *kernel)``)."""
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return int(module.out_channels)
     return int(module.weight.shape[0])
+
+
+def spread_channels(values: torch.Tensor, param: torch.Tensor, module: nn.Module, attr: str) -> torch.Tensor | None:
+    """``(C,)`` per-output-channel values -> a float32 tensor of ``param``'s shape, every weight of output
+    channel ``c`` holding ``values[c]``; None when ``param`` has no ``C`` output channels.
+
+    ``param`` is ``module``'s ``attr``.  The channels are the rows ``param[c]`` (Linear / Conv weight, bias,
+    BatchNorm affine), except a transposed conv's weight ``(in, out / groups, *kernel)``, whose output channel
+    ``c`` is its slice ``weight[g*in/groups:(g+1)*in/groups, c - g*out/groups]``
+    (:class:`prunelab.structure.TransposedChannel`).
+    """
+    if param.dim() == 0:
+        return None
+    structure = Channel().for_layer(module) if attr == "weight" else Channel()
+    shape = tuple(param.shape)
+    if structure.num_groups(shape) != values.numel():
+        return None
+    spread = structure.from_groups(values.to(device=param.device, dtype=torch.float32), shape)
+    return spread.contiguous().clone()
 
 
 def _in_channels(module: nn.Module) -> int | None:
@@ -77,7 +106,8 @@ def _in_channels(module: nn.Module) -> int | None:
 
 
 def _spatial_dims(module: nn.Module) -> int | None:
-    """Trailing axes after the channel axis: 0 for Linear (channels last), 2 for Conv2d / BatchNorm2d, None if any."""
+    """Trailing axes after the channel axis: 0 for Linear (channels last), 2 for (transposed) Conv2d / BatchNorm2d,
+    None if any."""
     if isinstance(module, nn.Linear):
         return 0
     return next((d for t, d in _SPATIAL.items() if isinstance(module, t)), None)
@@ -91,9 +121,9 @@ def _reads_channels(producer: nn.Module, partner: nn.Module) -> bool:
     assumed 2-D, the only case where its axis 1 is the Linear's last) or ``(N, C, L)``.
     """
     if is_batchnorm(partner):
-        if partner.num_features != _out_channels(producer):
+        if partner.num_features != out_channels(producer):
             return False
-    elif _in_channels(partner) != _out_channels(producer):
+    elif _in_channels(partner) != out_channels(producer):
         return False
     mine, theirs = _spatial_dims(producer), _spatial_dims(partner)
     if isinstance(partner, nn.BatchNorm1d) and mine == 0:

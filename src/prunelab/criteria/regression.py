@@ -46,10 +46,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prunelab import distributed
-from prunelab.criteria.activation import broadcast_rows, owning_modules, unwrap
+from prunelab.criteria.activation import owning_modules, unwrap
 from prunelab.criteria.base import Criterion, ScoreData, batch_errors, eval_mode, iter_batches
-from prunelab.criteria.links import FALLBACKS, ChannelLinks, channel_links
+from prunelab.criteria.links import FALLBACKS, ChannelLinks, channel_links, out_channels, spread_channels
 from prunelab.errors import PrunelabError
+from prunelab.structure import Channel
 from prunelab.targets import PRUNABLE_TYPES
 
 _CHUNK_ELEMENTS = 1 << 24  # unfolded conv input elements materialised at once
@@ -339,7 +340,7 @@ class ChannelPruneResult:
         fits = (
             producer is not None and consumer is not None
             and getattr(producer, "weight", None) is not None and getattr(consumer, "weight", None) is not None
-            and producer.weight.shape[0] == self.keep.numel()
+            and out_channels(producer) == self.keep.numel()
             and consumer.weight.shape == self.consumer_weight.shape
             and (getattr(consumer, "bias", None) is None) == (self.consumer_bias is None)
         )
@@ -352,15 +353,21 @@ class ChannelPruneResult:
         return producer, consumer
 
     def masks(self, model: nn.Module) -> dict[str, Tensor]:
-        """Element masks for the two weights: producer rows and consumer input channels."""
+        """Element masks for the two weights: producer output channels (rows ``w[c]``; a transposed
+        conv's output slices ``w[:, j]`` of each group) and consumer input channels."""
         _, prefix = unwrap(model)
         producer, consumer = self._layers(model)
-        rows = self.keep.to(producer.weight.device).reshape((-1,) + (1,) * (producer.weight.dim() - 1))
+        rows = self._producer_mask(producer)
         cols = self.keep.to(consumer.weight.device).reshape((1, -1) + (1,) * (consumer.weight.dim() - 2))
         return {
-            f"{prefix}{self.producer}.weight": rows.expand(producer.weight.shape).clone(),
+            f"{prefix}{self.producer}.weight": rows,
             f"{prefix}{self.consumer}.weight": cols.expand(consumer.weight.shape).clone(),
         }
+
+    def _producer_mask(self, producer: nn.Module) -> Tensor:
+        """Bool mask of the producer's weight keeping the output channels ``keep`` keeps."""
+        keep = self.keep.to(producer.weight.device)
+        return Channel().for_layer(producer).from_groups(keep, tuple(producer.weight.shape)).contiguous().clone()
 
     @torch.no_grad()
     def apply(self, model: nn.Module) -> None:
@@ -373,7 +380,7 @@ class ChannelPruneResult:
         """
         producer, consumer = self._layers(model)  # checked before anything is written
         dropped = ~self.keep.to(producer.weight.device)
-        producer.weight[dropped] = 0
+        producer.weight.masked_fill_(~self._producer_mask(producer), 0)
         if getattr(producer, "bias", None) is not None:
             producer.bias[dropped] = 0
         consumer.weight.copy_(self.consumer_weight)
@@ -449,7 +456,7 @@ def regression_channel_prune(
     if consumer not in modules:
         raise PrunelabError(f"regression_channel_prune got consumer {consumer!r}, which is not a module of the model")
     channels, _ = _check_consumer(consumer, modules[consumer])
-    produced = modules[producer].weight.shape[0]
+    produced = out_channels(modules[producer])
     if channels != produced:
         raise PrunelabError(
             f"producer {producer!r} has {produced} output channels but consumer {consumer!r} takes {channels} input "
@@ -486,7 +493,8 @@ class Regression(Criterion):
     in ``[0, 1]``, 0 for a channel never selected.  Keeping the top-``k`` channels by
     ``s_c`` is the paper's "increase lambda until k remain" (up to the path's resolution),
     for any ``k`` -- which the Sparsifier's allocation decides.  ``s_c`` is broadcast to
-    row ``w[c]`` (and bias ``b[c]``).  The least-squares reconstruction of the consumer is
+    row ``w[c]`` (and bias ``b[c]``); for a transposed conv producer, weight ``(in, out/groups, *k)``,
+    to its output slice ``w[g*in/groups:(g+1)*in/groups, j]`` of ``c = g*out/groups + j``.  The least-squares reconstruction of the consumer is
     a separate step: :func:`regression_channel_prune` + ``apply``.
 
     Layers without a consumer (the classifier) and other parameters: ``fallback='l1'``
@@ -533,9 +541,11 @@ class Regression(Criterion):
         out: dict[str, Tensor] = {}
         unscored: list[str] = []
         for fqn, param in params.items():
-            values = channel_scores.get(owners[fqn].module_name)
-            if values is not None and param.dim() >= 1 and param.shape[0] == values.numel():
-                out[fqn] = broadcast_rows(values, param)
+            owner = owners[fqn]
+            values = channel_scores.get(owner.module_name)
+            spread = spread_channels(values, param, owner.module, owner.attr) if values is not None else None
+            if spread is not None:
+                out[fqn] = spread
             else:
                 magnitude = param.detach().float().abs()
                 out[fqn] = magnitude / magnitude.max().clamp_min(torch.finfo(torch.float32).tiny)

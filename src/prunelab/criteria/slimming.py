@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prunelab.criteria.activation import broadcast_rows, owning_modules, unwrap
+from prunelab.criteria.activation import owning_modules, unwrap
 from prunelab.criteria.base import Criterion, ScoreData
-from prunelab.criteria.links import FALLBACKS, ChannelLinks, channel_links, is_batchnorm
+from prunelab.criteria.links import FALLBACKS, ChannelLinks, channel_links, is_batchnorm, spread_channels
 from prunelab.errors import PrunelabError
 from prunelab.targets import PRUNABLE_TYPES
 
@@ -100,8 +100,9 @@ class BNScale(Criterion):
 
         s_c = |gamma_c|    of the affine BatchNorm that directly consumes the layer's output
 
-    broadcast to its row ``w[c]`` (and bias ``b[c]``); a BatchNorm's own ``weight``/``bias``
-    get ``|gamma|`` too.  The pairing follows the traced dataflow (conv -> bn edge, the
+    broadcast to its row ``w[c]`` (and bias ``b[c]``) -- for a transposed conv, weight
+    ``(in, out / groups, *kernel)``, to its output slice ``w[g*in/groups:(g+1)*in/groups, j]``
+    of ``c = g * out/groups + j`` -- and a BatchNorm's own ``weight``/``bias`` get ``|gamma|`` too.  The pairing follows the traced dataflow (conv -> bn edge, the
     conv's only user, reading its channel axis), or module order where the model cannot be
     traced and no other layer has the width (see :mod:`prunelab.criteria.links`); a layer
     whose BatchNorm is ambiguous raises PrunelabError.
@@ -143,8 +144,9 @@ class BNScale(Criterion):
             bn = modules[pairs[owner.module_name]] if owner.module_name in pairs else None
             if bn is None and is_batchnorm(owner.module):
                 bn = owner.module
-            if bn is not None and param.dim() >= 1 and param.shape[0] == bn.weight.numel():
-                out[fqn] = broadcast_rows(bn.weight.detach().float().abs(), param)
+            spread = spread_channels(bn.weight.detach().abs(), param, owner.module, owner.attr) if bn is not None else None
+            if spread is not None:
+                out[fqn] = spread
             else:
                 out[fqn] = param.detach().float().abs()
                 unpaired.append(fqn)

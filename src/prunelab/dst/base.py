@@ -73,6 +73,7 @@ from prunelab.criteria.random_scores import RandomScores
 from prunelab.errors import PrunelabError
 from prunelab.masks import MaskSet
 from prunelab.sparsifier import Sparsifier
+from prunelab.structure import Channel, layer_granularities
 from prunelab.targets import LayerRules, keep_bounds
 
 INIT_ALLOCATIONS = ("erk", "uniform")
@@ -240,11 +241,13 @@ class DynamicSparsifier(Sparsifier):
         self.masks = MaskSet.ones(self.params)
         self.update(self.sparsity)
         if self.sparse_init:
+            units = layer_granularities(Channel(), self.model, self.params)  # a ConvTranspose's units are dim 1
             with torch.no_grad():
                 for name, param in self.params.items():
-                    rows = self.masks[name].to(param.device).reshape(param.shape[0], -1)  # (out, fan_in)
+                    unit_of = units[name]
+                    rows = unit_of.to_groups(self.masks[name].to(param.device))  # (out, fan_in)
                     scale = torch.sqrt(rows.shape[1] / rows.sum(dim=1).clamp_min(1).to(param.dtype))
-                    param.mul_(scale.view(-1, *([1] * (param.dim() - 1))))
+                    param.mul_(unit_of.from_groups(scale, tuple(param.shape)))
         self.initialised = True
         return self.masks
 

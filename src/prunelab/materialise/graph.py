@@ -36,10 +36,11 @@ barriers.
 Dumoulin & Visin 2016, "A guide to convolution arithmetic for deep learning") is a
 producer of its output channels -- weight dim 1 -- and a consumer of its input channels
 -- weight dim 0 -- like a Conv with the two weight dims swapped: its output-channel
-space is owned by ``weight[:, o]``, and its mask's pruned input slices ``weight[i]``
-(what the channel granularity prunes, as it views dim 0 as the output) join the spaces
-of its input channels as a pass-through owner (see :class:`Owner`: cut only where the
-producer's mask prunes them too).  The planner reads a transposed conv's mask as one
+space is owned by ``weight[:, o]`` (what the channel granularity prunes in a transposed
+conv, :class:`prunelab.structure.TransposedChannel`), and a mask's pruned input slices
+``weight[i]`` (a hand-made or dim-0 mask) join the spaces of its input channels as a
+pass-through owner (see :class:`Owner`: cut only where the producer's mask prunes them
+too; a mask that prunes no input slice has no vote there).  The planner reads a transposed conv's mask as one
 row vector ``(out_channels output channels, then in_channels input channels)``; owners'
 offsets index into it.  Depthwise transposed convs are handled as depthwise convs;
 other grouped ones are refused as grouped convs are.

@@ -28,12 +28,12 @@ Transposed convolutions (``nn.ConvTranspose1d/2d/3d``, weight ``(in_channels,
 out_channels/groups, *kernel)``) are cut like convs with the weight dims swapped: as a
 producer its output channels are ``weight[:, o]`` (dim 1) and ``bias[o]``; as a consumer
 its input channels are ``weight[i]`` (dim 0), cut when the layer producing them is
-pruned.  prunelab's ``channel`` granularity prunes dim 0 -- for a transposed conv its
-*input* channels.  Shrink reads such a mask as the transposed conv's vote on its input
-channels, as a depthwise conv's mask votes: a channel is cut only where the producer's
-mask prunes it too (the union rule below), and an input slice it prunes alone stays, as
-zeros.  A mask pruning whole output slices ``weight[:, o]`` (hand-made, or from a
-granularity that knows the layout) makes it a pruned producer.  Depthwise transposed
+pruned.  prunelab's ``channel`` granularity prunes a transposed conv's *output* channels
+(:class:`~prunelab.structure.TransposedChannel`), so such a mask makes it a pruned producer.
+A mask that prunes whole *input* slices ``weight[i]`` (hand-made) is read as the layer's
+vote on its input channels, as a depthwise conv's mask votes: a channel is cut only where
+the producer's mask prunes it too (the union rule below), and an input slice it prunes
+alone stays, as zeros; a groups=1 mask that prunes no input slice has no vote.  Depthwise transposed
 convs are cut as depthwise convs; other grouped ones are unsupported.
 
 Residual groups keep the **union**: a channel is removed only if *every* member's mask

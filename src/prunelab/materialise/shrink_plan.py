@@ -11,7 +11,10 @@ one-line message naming op, node and module.  The rules are described in
 
 A transposed conv's weight is ``(in_channels, out_channels / groups, *kernel)``: its mask
 is read as one row vector -- which output channels ``weight[:, o]`` it keeps, then which
-input channels ``weight[i]`` -- and must prune whole slices of either kind.
+input channels ``weight[i]`` -- and must prune whole slices of either kind.  Its input part
+votes on its input channels only when it prunes some input slice: an output-channel mask
+(what the channel granularity gives a transposed conv, :class:`prunelab.structure.TransposedChannel`)
+keeps every input slice and has no opinion on them, so the producer's mask alone decides.
 """
 
 from __future__ import annotations
@@ -119,6 +122,7 @@ class _Planner:
         self.keep: dict[int, torch.Tensor] = {}       # group root -> (size,) kept channels
         self.const: dict[str, torch.Tensor] = {}      # node -> (length,) float64 value of pruned positions
         self.cuts: dict[str, _Cut] = {}
+        self.abstaining: set[str] = set()  # transposed convs' masks that prune no input slice: no vote on their inputs
         self.notes: dict[int, str] = {}
         self.members: dict[int, list[int]] = {}
         self.ops_by_node: dict[str, Op] = {op.node.name: op for op in graph.ops}
@@ -148,6 +152,8 @@ class _Planner:
             owner = _get(self.model, name.rpartition(".")[0])
             if isinstance(owner, CONVT_TYPES) and name.endswith(".weight"):
                 self.rows[name] = self.transposed_rows(name, mask, owner.groups)
+                if owner.groups == 1 and bool(self.rows[name][owner.out_channels:].all()):
+                    self.abstaining.add(name)
                 continue
             rows = mask.reshape(mask.shape[0], -1) if mask.dim() > 0 else mask.reshape(1, 1)
             kept, pruned = rows.all(dim=1), ~rows.any(dim=1)
@@ -189,6 +195,8 @@ class _Planner:
         keep: torch.Tensor | None = None
         for owner in space.owners:
             rows = self.rows.get(owner.param)
+            if not owner.required and owner.param in self.abstaining:  # an output-channel mask of a transposed conv
+                continue
             if rows is None:
                 if owner.required:
                     keep = torch.ones(space.size, dtype=torch.bool)

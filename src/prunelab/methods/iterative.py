@@ -78,13 +78,13 @@ def _reachable(sparsifier, fixed: dict[str, float], target: float) -> float:
     keep more than is left would be refused (pruned stays pruned), so they keep what they
     have while the fixed layers move on to this round's rate (see ``raise_sparsity``).
     """
-    granularity, total = sparsifier.granularity, sum(p.numel() for p in sparsifier.params.values())
+    total = sum(p.numel() for p in sparsifier.params.values())
     fixed_kept, free_kept = 0, 0
     for name, param in sparsifier.params.items():
         if name not in fixed:
             free_kept += int(sparsifier.masks[name].sum())
             continue
-        shape = tuple(param.shape)
+        shape, granularity = tuple(param.shape), sparsifier.structures[name]
         alive = int(granularity.to_groups(sparsifier.masks[name]).any(dim=1).sum()) if param.numel() else 0
         keep = min(keep_bounds(granularity.num_groups(shape), *sparsifier.bounds[name])[1], alive)
         fixed_kept += keep * granularity.group_size(shape)  # what the allocator lets a fixed layer keep

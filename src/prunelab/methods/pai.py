@@ -56,7 +56,7 @@ from prunelab.methods.base import (
 )
 from prunelab.schedules import Geometric
 from prunelab.sparsifier import Sparsifier
-from prunelab.structure import Granularity, get_granularity
+from prunelab.structure import Granularity, get_granularity, layer_granularities
 from prunelab.targets import prunable_parameters
 
 EpochHook = Callable[[int], None]  # after_epoch(epoch): epoch 1, 2, ... of the sparse training, masks applied
@@ -72,7 +72,7 @@ def _check_seed(seed: object, what: str) -> int:
 
 
 def shuffle_within_layers(masks: Mapping[str, Tensor], seed: int,
-                          granularity: str | Granularity = "unstructured") -> MaskSet:
+                          granularity: str | Granularity = "unstructured", *, model: nn.Module | None = None) -> MaskSet:
     """Randomly permute each layer's mask: per-layer kept counts stay exactly the same.
 
     Frankle et al. 2021's "random shuffling" ablation: if a PaI method's accuracy
@@ -81,13 +81,17 @@ def shuffle_within_layers(masks: Mapping[str, Tensor], seed: int,
     layer by layer in the order of ``masks``.  ``granularity``: the structure the mask was
     decided in; whole groups (weights, kernels, channels...) are permuted, so a structured
     mask stays structured.  An N:M pattern has no groups to permute and is refused.
+    ``model``: the model the masks belong to, so each layer is grouped in its own layout
+    (a ``ConvTranspose``'s channels are its weight's dim 1, :func:`layer_granularities`);
+    without it every mask is grouped along dim 0.
     """
     _check_seed(seed, "shuffle_within_layers")
-    structure = _shuffle_granularity(granularity)
+    granular = _shuffle_granularity(granularity)
+    structures = layer_granularities(granular, model, masks) if model is not None else {}
     generator = torch.Generator(device="cpu").manual_seed(seed)
     shuffled = {}
     for name, mask in masks.items():
-        shape = tuple(mask.shape)
+        shape, structure = tuple(mask.shape), structures.get(name, granular)
         groups = structure.to_groups(mask.detach().to(device="cpu", dtype=torch.bool))  # (G, group_size)
         alive = groups.any(dim=1) if groups.shape[1] else torch.zeros(groups.shape[0], dtype=torch.bool)  # (G,)
         if groups.shape[1] and not bool((groups.all(dim=1) | ~alive).all()):  # a partly kept group
@@ -402,7 +406,7 @@ def run_pai_shuffled(model: nn.Module, train_loader, test_loader, spec: PruneSpe
     on the original initial weights, then train (Frankle et al. 2021)."""
     structure = _shuffle_granularity(spec.granularity)  # refused before any scoring
     sparsifier, before = _pai_mask(model, train_loader, test_loader, spec, config, score_data)
-    shuffled = shuffle_within_layers(sparsifier.masks, config.seed, structure)
+    shuffled = shuffle_within_layers(sparsifier.masks, config.seed, structure, model=model)
     with torch.no_grad():
         for name, param in sparsifier.params.items():
             param.copy_(before[name])
