@@ -282,6 +282,29 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(b))
 
 
+def link_target(out: str | os.PathLike) -> Path:
+    """The folder ``out`` names: ``out`` itself, or the folder a symbolic link ``out`` points to (chains followed).
+
+    Replacing a link by a new folder would move the results off the disk the link leads
+    to (``runs/big -> /mnt/disk/big``) and lose the link, so a new output is built beside
+    the target and swapped in for it there.  A link to nothing is a one-line
+    :class:`PrunelabError`, not a target created on the fly: a missing target is most
+    often a disk not mounted, and creating it would write the results under the mount
+    point instead.  A loop of links is refused too.  Creates nothing.
+    """
+    path = Path(out)
+    if not path.is_symlink():
+        return path
+    try:
+        return path.resolve(strict=True)
+    except (OSError, RuntimeError):  # FileNotFoundError: a missing target; RuntimeError: a loop (Python < 3.13)
+        raise PrunelabError(
+            f"--out {str(path)!r} is a symbolic link to {os.readlink(path)!r}, which does not exist (or loops); "
+            "create the folder it points to (or mount its disk), or remove the link"
+        ) from None
+
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; it replaces ``path`` only on success.
@@ -295,11 +318,15 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     before and again after the caller writes).  Every file of the new folder is flushed to
     disk before the swap (whatever wrote it: ``torch.save``, safetensors, ...).  The old
     folder is moved into a fresh ``.name.old-XXXXXXXX`` folder (``tempfile.mkdtemp``), so a
-    leftover of an earlier crash never blocks the swap.
+    leftover of an earlier crash never blocks the swap.  A symbolic link ``path`` to a
+    folder stays a link: the folder it points to is replaced (the temporary folder is made
+    beside that one, on its disk); a dangling link is a one-line error
+    (:func:`link_target`).
     """
     import shutil
 
     path = Path(path)
+    path = link_target(path)  # first: check_replaceable's Path.resolve raises RuntimeError on a loop of links
     check_replaceable(path)
     ensure_writable_dir(path.parent if str(path.parent) else Path("."))
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))

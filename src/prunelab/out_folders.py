@@ -6,6 +6,10 @@ it writes as an :class:`OutFiles`.  :func:`check_out_folder` lets it replace an 
 empty folder, or one holding only those files (re-running a command into its own folder);
 any other folder -- a lottery run with its rounds, a prune run under ``materialise``, a
 folder of the user's -- is a one-line PrunelabError naming what it holds, before any work.
+
+An ``--out`` that is a symbolic link to a folder (run folders kept on another disk) names
+the link's target: :func:`link_target` is the folder to check and to swap the new output
+in for, so the link stays a link.  A link to nothing is refused, never replaced by a folder.
 """
 
 from __future__ import annotations
@@ -17,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prunelab.errors import PrunelabError
-from prunelab.io import check_replaceable
+from prunelab.io import check_replaceable, link_target
 
-__all__ = ["OutFiles", "check_out_folder"]
+__all__ = ["OutFiles", "check_out_folder", "link_target"]
 
 
 @dataclass(frozen=True)
@@ -82,21 +86,29 @@ def _kinds(folder: Path, entries: list[str]) -> list[tuple[str, str]]:
     return [(command, description) for command, description, holds in found if holds]
 
 
-def _folder_kind(folder: Path, entries: list[str], writes: OutFiles) -> str:
-    """What ``folder`` holding ``entries`` is, in words, for refusing it to ``writes.command``."""
+def _folder_kind(folder: Path, entries: list[str], writes: OutFiles, others: list[str]) -> str:
+    """What ``folder`` holding ``entries`` (``others``: those ``writes`` did not write) is, in words,
+    for refusing it to ``writes.command``."""
     for command, description in _kinds(folder, entries):
         if command != writes.command:
             return description
+    if writes.record is not None and others == [writes.record[0]]:  # the command's file name, not its record
+        file, key = writes.record
+        return f"a {file} that is not {writes.command}'s record (no {key!r} key)"
     return f"files {writes.command} does not write"
 
 
 def check_out_folder(out: str | os.PathLike, writes: OutFiles, inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
     """Refuse ``out`` unless it is absent, empty or holds only files ``writes`` declares.
 
-    Checks :func:`prunelab.io.check_replaceable` (``inputs``: what the command reads) first.
+    Checks :func:`link_target` and :func:`prunelab.io.check_replaceable` (``inputs``: what
+    the command reads) first.
     Call it before any work and again just before writing: the new output replaces the
-    whole folder, so a folder holding anything else would be deleted.  Creates nothing.
+    whole folder, so a folder holding anything else would be deleted.  A link to a
+    folder is judged by what that folder holds; a dangling link is refused
+    (:func:`link_target`).  Creates nothing.
     """
+    link_target(out)  # first: check_replaceable's Path.resolve raises RuntimeError on a loop of links
     out = check_replaceable(out, inputs)
     if not out.is_dir():
         return out
@@ -105,7 +117,7 @@ def check_out_folder(out: str | os.PathLike, writes: OutFiles, inputs: tuple[str
     if others:
         shown = ", ".join(others[:3]) + (" ..." if len(others) > 3 else "")
         raise PrunelabError(
-            f"--out {str(out)!r} holds {_folder_kind(out, entries, writes)} ({shown}), not an earlier "
+            f"--out {str(out)!r} holds {_folder_kind(out, entries, writes, others)} ({shown}), not an earlier "
             f"{writes.command} {writes.output}; {writes.command} replaces its whole --out folder and would delete "
             "it -- choose a new or empty folder for --out"
         )

@@ -300,7 +300,7 @@ def run(config: RunConfig, given: Collection[str] | None = None) -> dict[str, An
 
 # what write_results puts in a results folder: a folder holding only these is an earlier prune / demo run
 RUN_FILES = (MODEL_FILE, MASKS_FILE, META_FILE, "results.json", "report.md", "sparsity_curve.png")
-PRUNE_OUTPUT = OutFiles("prune", RUN_FILES, output="run")
+PRUNE_OUTPUT = OutFiles("prune", RUN_FILES, output="run", record=("results.json", "config_hash"))
 
 
 def write_results(out: Path, record: dict[str, Any], model, masks, splits, config: RunConfig, cost) -> None:

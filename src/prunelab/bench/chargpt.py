@@ -21,6 +21,7 @@ so a different recipe or corpus never reuses a stale model.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -262,7 +263,7 @@ class CharGPTTrainConfig:
 
 def train_chargpt(corpus: CharCorpus, config: CharGPTTrainConfig, progress: bool = True) -> tuple[CharGPT, dict[str, Any]]:
     """Train a fresh :class:`CharGPT` on ``corpus.train``; returns the model (eval mode) and metrics."""
-    from tqdm import tqdm
+    from prunelab.progress import progress_bar
 
     if config.model.vocab_size != corpus.vocab_size:
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=corpus.vocab_size))
@@ -276,12 +277,13 @@ def train_chargpt(corpus: CharCorpus, config: CharGPTTrainConfig, progress: bool
     started = time.perf_counter()
     model.train()
     running = None
-    bar = tqdm(range(config.iters), desc="train char-GPT", leave=False, disable=not progress, mininterval=1.0)
+    # a bar on a terminal, a few plain lines in a log (no '\r')
+    bar = progress_bar(config.iters, "train char-GPT", progress, mininterval=1.0)
     # dropout draws from the global RNG: seed a private copy of it so that the recipe (and so the
     # cache key) fixes the model, and the caller's RNG state is left as it was
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), contextlib.closing(bar):
         torch.manual_seed(config.seed)
-        for it in bar:
+        for it in range(config.iters):
             for group in optimizer.param_groups:
                 group["lr"] = config.lr_at(it)
             x, y = next(batches)  # (B, T), (B, T)
@@ -293,8 +295,8 @@ def train_chargpt(corpus: CharCorpus, config: CharGPTTrainConfig, progress: bool
             value = loss.item()
             running = value if running is None else 0.95 * running + 0.05 * value
             if it % 50 == 0:
-                bar.set_postfix(loss=f"{running:.3f}")
-    bar.close()
+                bar.set_postfix(loss=f"{running:.3f}", refresh=False)
+            bar.update(1)
     train_time = time.perf_counter() - started
     model.eval()
     val = evaluate_loss(model, *eval_windows(corpus.val, config.model.block_size, config.eval_windows))

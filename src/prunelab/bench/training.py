@@ -29,11 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm import tqdm
+from tqdm import tqdm  # the terminal bar progress_bar draws (tests swap this name)
 
 from prunelab import distributed
 from prunelab.config import beyond_torch
 from prunelab.errors import PrunelabError
+from prunelab.progress import progress_bar
 
 __all__ = ["OPTIMIZERS", "LR_SCHEDULES", "TrainConfig", "distributed_sampler", "evaluate", "make_lr_scheduler",
            "make_optimizer", "seed_everything", "train"]
@@ -288,8 +289,9 @@ def train(
     model.train()
     _restore_modes(frozen)  # a frozen BatchNorm keeps its running statistics
     step, loss_value = 0, float("nan")
-    bar = tqdm(total=max(0, cfg.epochs * steps_per_epoch - skipped_steps), desc=description, leave=False,
-               disable=not cfg.progress or not distributed.is_main_process())
+    # a bar on a terminal, a few plain lines in a log (no '\r'), nothing on other ranks or with --no-progress
+    bar = progress_bar(max(0, cfg.epochs * steps_per_epoch - skipped_steps), description,
+                       cfg.progress and distributed.is_main_process(), bar=tqdm)
     try:
         for epoch in range(cfg.epochs):
             if sampler is not None:
@@ -309,8 +311,8 @@ def train(
                 step += 1
                 if after_step is not None:
                     after_step(step)
+                bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)  # before update: its line shows this step's loss
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
             if after_epoch is not None:
                 after_epoch(epoch + 1)
     finally:
