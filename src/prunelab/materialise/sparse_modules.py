@@ -53,10 +53,13 @@ Saving and loading: each module's ``state_dict`` holds its format tensors
 (``crow_indices``, ``col_indices``, ``values``, ``metadata``, ``bias``) plus an
 ``_extra_state`` dict naming the kernel and shapes.  Loading into a plain (dense)
 architecture needs the same modules first: use :func:`load_materialised`, which reads
-the ``_extra_state`` entries, swaps in the right modules and loads (any nnz: buffers are
-resized to the stored tensors).  Tensor-only writers cannot store that dict: a materialised
-``transformers`` model's ``save_pretrained`` (:func:`route_save_pretrained`) writes it as a
-uint8 tensor of its JSON (:func:`encode_extra_state`), which loading reads too.  A damaged format (row pointers or column indices out of
+the ``_extra_state`` entries, swaps in the right modules (one module for a layer used at two
+names) and loads (any nnz: buffers are resized to the stored tensors).  A materialised
+``transformers`` model's ``save_pretrained`` (:func:`route_save_pretrained`) writes an
+ordinary dense checkpoint instead -- each sparse layer's dense masked weight, zeros included,
+so ``from_pretrained`` gives the masked model -- plus the ``_extra_state`` record as a uint8
+tensor of its JSON (:func:`encode_extra_state`), from which :func:`load_materialised` rebuilds
+the same sparse format (a pure function of the dense weight).  A damaged format (row pointers or column indices out of
 range) is refused with a one-line error when the kernel matrix is first built (the kernels
 themselves read the indices unchecked).  These modules are inference-only: the weight is a
 buffer, not a trainable parameter.
@@ -118,6 +121,9 @@ class SparseModule(nn.Module):
 
     kernel: ClassVar[str] = ""
     format_class: ClassVar[type] = CSR
+    # True when the layer it replaced stores the weight transposed: a transformers Conv1D, ``W (in, out)``;
+    # an instance sets it (build_sparse, set_extra_state), the class default keeps older pickles loadable
+    transposed: bool = False
 
     def __init__(self, fmt: Any, bias: torch.Tensor | None, config: Mapping[str, Any]) -> None:
         super().__init__()
@@ -215,8 +221,11 @@ class SparseModule(nn.Module):
 
     # --- state ----------------------------------------------------------------------
     def get_extra_state(self) -> dict[str, Any]:
-        return {"kernel": self.kernel, "module": type(self).__name__, "weight_shape": list(self.weight_shape),
-                "config": _plain(self.config)}
+        state = {"kernel": self.kernel, "module": type(self).__name__, "weight_shape": list(self.weight_shape),
+                 "config": _plain(self.config)}
+        if self.transposed:  # only then: the record of a Linear's replacement is what it always was
+            state["transposed"] = True
+        return state
 
     def set_extra_state(self, state: Any) -> None:
         state = decode_extra_state(state)
@@ -228,6 +237,7 @@ class SparseModule(nn.Module):
             )
         self.weight_shape = tuple(int(s) for s in state["weight_shape"])
         self.config = _unplain(state["config"])
+        self.transposed = bool(state.get("transposed", False))
         self._cache = None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
@@ -531,8 +541,17 @@ def build_sparse(module: nn.Module, kernel: str, *, name: str = "weight",
                  block_size: tuple[int, int] = (4, 4)) -> nn.Module:
     """The ``kernel`` replacement for ``module`` (``dense``: the module itself).
 
-    A ``transformers`` Conv1D becomes the sparse Linear of ``W^T`` (same outputs).
+    A ``transformers`` Conv1D becomes the sparse Linear of ``W^T`` (same outputs), marked
+    ``transposed`` so that ``save_pretrained`` writes its dense weight back as ``W (in, out)``.
     """
+    if kernel == "dense":
+        return module
+    sparse = _build_sparse(module, kernel, name=name, block_size=block_size)
+    sparse.transposed = is_hf_conv1d(module)
+    return sparse
+
+
+def _build_sparse(module: nn.Module, kernel: str, *, name: str, block_size: tuple[int, int]) -> SparseModule:
     if is_hf_conv1d(module):
         name = f"{name} (as W^T, (out, in), of a Conv1D)"  # errors name rows/columns of W^T
     if kernel == "2:4" and (isinstance(module, nn.Linear) or is_hf_conv1d(module)):
@@ -540,8 +559,6 @@ def build_sparse(module: nn.Module, kernel: str, *, name: str = "weight",
     reason = kernel_unavailable_reason(module, kernel, block_size=block_size)
     if reason:
         raise PrunelabError(f"layer {name!r} cannot use kernel {kernel!r}: {reason}; keep it dense or pick another form")
-    if kernel == "dense":
-        return module
     if isinstance(module, nn.Conv2d):
         return CSRConv2d.from_conv(module, name=name)
     if kernel == "csr":
@@ -549,22 +566,129 @@ def build_sparse(module: nn.Module, kernel: str, *, name: str = "weight",
     return BSRLinear.from_linear(conv1d_as_linear(module), name=name, block_size=block_size)
 
 
-def _empty_format(cls: type[SparseModule], state: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Any:
-    shape = tuple(int(s) for s in state["weight_shape"])
-    return cls.format_class.from_tensors(shape, dict(tensors), **_unplain(state.get("config", {})))
+def _prefix(layer: str) -> str:
+    """The state_dict key prefix of the layer called ``layer`` (the root: none)."""
+    return f"{layer}." if layer else ""
+
+
+def _sparse_records(state_dict: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """``layer -> record`` for each ``<layer>._extra_state`` of ``state_dict`` that names a sparse module
+    (the dict of ``state_dict()`` or its uint8 tensor form, :func:`encode_extra_state`)."""
+    records = {}
+    for key, raw in state_dict.items():
+        if key != "_extra_state" and not key.endswith("._extra_state"):
+            continue
+        record = decode_extra_state(raw)
+        if isinstance(record, Mapping) and record.get("module") in SPARSE_MODULES:
+            records[key[: -len("_extra_state")].rstrip(".")] = record
+    return records
+
+
+def _format_tensors(state_dict: Mapping[str, Any], layer: str) -> dict[str, torch.Tensor]:
+    """The tensors directly under ``layer`` but its bias, dense weight and record: its format's (none once dense)."""
+    prefix = _prefix(layer)
+    return {key[len(prefix):]: value for key, value in state_dict.items()
+            if key.startswith(prefix) and "." not in key[len(prefix):]
+            and key[len(prefix):] not in ("bias", "weight", "_extra_state") and isinstance(value, torch.Tensor)}
+
+
+def _damaged(layer: str, exc: Exception) -> PrunelabError:
+    return PrunelabError(f"the materialised entry for layer {layer!r} is damaged ({type(exc).__name__}: {exc}); "
+                         "re-create it with prunelab materialise")
+
+
+def _record_shape(layer: str, record: Mapping[str, Any]) -> tuple[tuple[int, ...], dict[str, Any]]:
+    """``(weight_shape, config)`` of a record; a one-line error if it lacks them."""
+    try:
+        return tuple(int(s) for s in record["weight_shape"]), _unplain(record.get("config", {}))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise _damaged(layer, exc) from None
+
+
+def _format_from_record(layer: str, record: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Any:
+    """The format a record and its tensors describe (sharing the tensors' memory)."""
+    shape, config = _record_shape(layer, record)
+    try:
+        return SPARSE_MODULES[record["module"]].format_class.from_tensors(shape, dict(tensors), **config)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _damaged(layer, exc) from None
+
+
+def _format_from_dense(layer: str, record: Mapping[str, Any], weight: Any) -> Any:
+    """The format of ``record`` rebuilt from the dense weight ``save_pretrained`` writes (:func:`_dense_state`).
+
+    The format is a pure function of the dense weight and the record: CSR keeps the nonzeros, BSR
+    the blocks holding one (``config["block_size"]``), 2:4 the kept pairs -- what ``materialise``
+    built from the same masked weight.  ``weight`` is in the replaced layer's layout: a Conv1D's
+    (``record["transposed"]``) ``W (in, out)`` is the ``(out, in)`` matrix ``W^T``.
+    """
+    shape, config = _record_shape(layer, record)
+    expected = shape[::-1] if record.get("transposed") else shape
+    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != expected:
+        got = f"shape {tuple(weight.shape)}" if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise PrunelabError(f"the materialised state_dict does not fit: {_prefix(layer)}weight is {got}, its sparse "
+                            f"record says {expected}; pass the state_dict save_pretrained wrote for this model")
+    matrix = weight.T if record.get("transposed") else weight  # (out, in) or a conv's (O, I, kh, kw)
+    format_class = SPARSE_MODULES[record["module"]].format_class
+    options = {"block_size": config.get("block_size", (4, 4))} if format_class is BSR else {}
+    return format_class.from_dense(matrix, name=f"{_prefix(layer)}weight", **options)
+
+
+def _sparse_state(state_dict: Mapping[str, Any], records: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """``state_dict`` with each sparse layer saved as a dense ``<layer>.weight`` (and no format tensors)
+    given its format tensors instead, rebuilt by :func:`_format_from_dense`."""
+    state = dict(state_dict)
+    for layer, record in records.items():
+        weight_key = _prefix(layer) + "weight"
+        if weight_key not in state or _format_tensors(state, layer):
+            continue  # the sparse form itself (state_dict()), or nothing saved under this name (a tie)
+        fmt = _format_from_dense(layer, record, state.pop(weight_key))
+        state.update({_prefix(layer) + key: tensor for key, tensor in fmt.tensors().items()})
+    return state
+
+
+def _names_by_module(model: nn.Module) -> dict[int, tuple[nn.Module, list[str]]]:
+    """``id(module) -> (module, every name it has)``: a module used at two places has two names."""
+    names: dict[int, tuple[nn.Module, list[str]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), (module, []))[1].append(name)
+    return names
+
+
+def _build_layer(model: nn.Module, layer: str, record: Mapping[str, Any], state: Mapping[str, Any]) -> SparseModule:
+    """The sparse module of ``record``, with empty buffers shaped as ``state``'s tensors under ``layer``."""
+    cls = SPARSE_MODULES[record["module"]]
+    prefix = _prefix(layer)
+    # own buffers, filled by load_state_dict: the loaded model must not share memory with the
+    # state_dict (e.g. another model's live buffers)
+    tensors = {key: torch.empty_like(value) for key, value in _format_tensors(state, layer).items()}
+    stored_bias = state.get(prefix + "bias")
+    bias = torch.empty_like(stored_bias) if isinstance(stored_bias, torch.Tensor) else None
+    if bias is None and isinstance(getattr(_submodule(model, layer), "bias", None), torch.Tensor):
+        raise PrunelabError(f"the materialised state_dict does not fit this architecture: missing key "
+                            f"{prefix}bias of the sparse layer {layer!r}; pass the state_dict it was saved as")
+    fmt = _format_from_record(layer, record, tensors)
+    try:
+        return cls(fmt, bias, _unplain(record.get("config", {})))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _damaged(layer, exc) from None
 
 
 def load_materialised(model: nn.Module, state_dict: Mapping[str, Any]) -> nn.Module:
     """Rebuild a materialised model from a dense architecture and a materialised ``state_dict``.
 
-    ``model`` is the plain architecture (any weights); every ``<layer>._extra_state`` entry
-    of ``state_dict`` that names a sparse module (the dict of ``state_dict()``, or its uint8
-    tensor form from ``save_pretrained`` / safetensors, :func:`encode_extra_state`) swaps that
-    layer of a deep copy for the module, then the whole ``state_dict`` is loaded strictly --
-    except that a key missing because it is TIED to a key present (the same tensor in
-    ``model``, e.g. an LM head tied to the embedding, which ``save_pretrained`` writes once)
-    is fine.  ``model`` is not changed.  A transformers model comes back with the
-    ``save_pretrained`` of :func:`route_save_pretrained`.  Reload a ``save_pretrained`` folder::
+    ``model`` is the plain architecture (any weights); every ``<layer>._extra_state`` entry of
+    ``state_dict`` that names a sparse module (the dict of ``state_dict()``, or its uint8 tensor
+    form from ``save_pretrained`` / safetensors, :func:`encode_extra_state`) swaps that layer of
+    a deep copy for the module, then the whole ``state_dict`` is loaded strictly.  A sparse layer
+    comes either as its format tensors (``state_dict()``) or as its dense masked weight
+    ``<layer>.weight`` (what ``save_pretrained`` writes, :func:`route_save_pretrained`), from
+    which the same format is rebuilt.  A layer the architecture uses at two names (one module)
+    becomes ONE sparse module at both names: the tie holds.  A key missing because it is TIED to
+    a key present (the same tensor or module in ``model``, e.g. an LM head tied to the embedding,
+    which ``save_pretrained`` writes once) is fine.  ``model`` is not changed.  A transformers
+    model comes back with the ``save_pretrained`` of :func:`route_save_pretrained`.  Reload a
+    ``save_pretrained`` folder::
 
         state = safetensors.torch.load_file(f"{folder}/model.safetensors")
         model = load_materialised(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder)), state)
@@ -575,29 +699,20 @@ def load_materialised(model: nn.Module, state_dict: Mapping[str, Any]) -> nn.Mod
             f"{type(state_dict).__name__}); pass the dense architecture and torch.load(...) of the materialised state_dict"
         )
     new = copy.deepcopy(model)
-    for key, raw in state_dict.items():
-        state = decode_extra_state(raw) if key.endswith("_extra_state") else None
-        if not isinstance(state, Mapping) or state.get("module") not in SPARSE_MODULES:
-            continue
-        layer = key[: -len("_extra_state")].rstrip(".")
-        cls = SPARSE_MODULES[state["module"]]
-        prefix = f"{layer}." if layer else ""
-        # own buffers, filled by load_state_dict below: the loaded model must not share memory with
-        # the state_dict (e.g. another model's live buffers)
-        tensors = {k[len(prefix):]: torch.empty_like(v) for k, v in state_dict.items()
-                   if k.startswith(prefix) and "." not in k[len(prefix):] and isinstance(v, torch.Tensor)
-                   and k != key}
-        bias = tensors.pop("bias", None)
-        if bias is None and isinstance(getattr(_submodule(new, layer), "bias", None), torch.Tensor):
-            raise PrunelabError(f"the materialised state_dict does not fit this architecture: missing key "
-                                f"{prefix}bias of the sparse layer {layer!r}; pass the state_dict it was saved as")
-        try:
-            module = cls(_empty_format(cls, state, tensors), bias, _unplain(state.get("config", {})))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise PrunelabError(f"the materialised entry for layer {layer!r} is damaged ({type(exc).__name__}: {exc}); "
-                                "re-create it with prunelab materialise") from None
-        _set_submodule(new, layer, module)
-    state = dict(state_dict)
+    records = _sparse_records(state_dict)
+    state = _sparse_state(state_dict, records)
+    names = _names_by_module(new)  # before any swap; holds the replaced modules, so no id is reused
+    built: set[int] = set()
+    for layer, record in records.items():
+        current = _submodule(new, layer)
+        if id(current) in built:
+            continue  # one module at two names: swapped at both already
+        aliases = names[id(current)][1] if current is not None else [layer]
+        source = next((name for name in aliases if _format_tensors(state, name)), layer)  # a tie saved once
+        module = _build_layer(new, source, records.get(source, record), state)
+        for name in aliases:
+            _set_submodule(new, name, module)
+        built.add(id(module))
     for missing, present in _tied_keys(new, state).items():
         state[missing] = state[present]  # loads the shared tensor once more: the tie holds
     try:
@@ -612,9 +727,12 @@ def load_materialised(model: nn.Module, state_dict: Mapping[str, Any]) -> nn.Mod
 
 def _tied_keys(model: nn.Module, state_dict: Mapping[str, Any]) -> dict[str, str]:
     """``missing key -> present key`` for each parameter/buffer of ``model`` absent from ``state_dict``
-    whose tensor is the one of another name that is present (a tied weight saved once)."""
-    named = {**dict(model.named_parameters(remove_duplicate=False)),
-             **dict(model.named_buffers(remove_duplicate=False))}
+    whose tensor is the one of another name that is present (a tied weight saved once), and each
+    ``_extra_state`` of a sparse module absent under one of its names and present under another."""
+    named: dict[str, Any] = {**dict(model.named_parameters(remove_duplicate=False)),
+                             **dict(model.named_buffers(remove_duplicate=False))}
+    named.update({_prefix(name) + "_extra_state": module for name, module in model.named_modules(remove_duplicate=False)
+                  if isinstance(module, SparseModule)})
     present: dict[int, str] = {}
     for name, tensor in named.items():
         if name in state_dict:
@@ -632,12 +750,54 @@ def _tensor_state(state_dict: Mapping[str, Any]) -> dict[str, Any]:
             for key, value in state_dict.items()}
 
 
+def _dense_weight(layer: str, record: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The dense weight a sparse layer holds, in the layout of the layer it replaced (a Conv1D's ``W (in, out)``)."""
+    try:
+        weight = _format_from_record(layer, record, tensors).to_dense()  # weight_shape
+    except (RuntimeError, IndexError) as exc:  # indices out of range
+        raise _damaged(layer, exc) from None
+    return weight.T.contiguous() if record.get("transposed") else weight  # contiguous: safetensors needs it
+
+
+def _storage_key(record: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> tuple:
+    """Equal for the entries of ONE module saved under two names (the same tensors, the same record)."""
+    return (json.dumps(dict(record), sort_keys=True),
+            *((key, t.data_ptr(), t.dtype, tuple(t.shape)) for key, t in sorted(tensors.items())))
+
+
+def _dense_state(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """``state_dict`` with each sparse layer's format tensors replaced by its dense masked weight ``<layer>.weight``.
+
+    The weight keeps its zeros and the layout of the layer the sparse module replaced, so the
+    result loads into the dense architecture (``from_pretrained``); bias and record stay.  A
+    module at two names gets one tensor for both, as the dense model's ``state_dict()`` has it.
+    """
+    weights: dict[str, tuple[set[str], torch.Tensor]] = {}
+    made: dict[tuple, torch.Tensor] = {}
+    for layer, record in _sparse_records(state_dict).items():
+        tensors = _format_tensors(state_dict, layer)
+        if not tensors:
+            continue  # already dense
+        key = _storage_key(record, tensors)
+        if key not in made:
+            made[key] = _dense_weight(layer, record, tensors)
+        weights[layer] = ({*tensors, "weight"}, made[key])
+    dense: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        layer, _, leaf = key.rpartition(".")
+        if layer in weights and leaf in weights[layer][0]:
+            dense.setdefault(_prefix(layer) + "weight", weights[layer][1])  # where its first format tensor was
+        else:
+            dense[key] = value
+    return dense
+
+
 def _save_pretrained(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """``type(model).save_pretrained`` with the sparse modules' extra state as tensors (:func:`route_save_pretrained`)."""
+    """``type(model).save_pretrained`` with the sparse layers as dense weights plus records (:func:`route_save_pretrained`)."""
     method = type(model).save_pretrained
     bound = inspect.signature(method).bind(model, *args, **kwargs)
     state = bound.arguments.get("state_dict")
-    bound.arguments["state_dict"] = _tensor_state(model.state_dict() if state is None else state)
+    bound.arguments["state_dict"] = _tensor_state(_dense_state(model.state_dict() if state is None else state))
     return method(*bound.args, **bound.kwargs)
 
 
@@ -657,15 +817,25 @@ class _RoutedSavePretrained:
 
 
 def route_save_pretrained(model: nn.Module) -> nn.Module:
-    """Give a materialised ``transformers`` model a ``save_pretrained`` that can write its sparse layers.
+    """Give a materialised ``transformers`` model a ``save_pretrained`` whose folder loads both ways.
 
-    ``huggingface_hub`` shards only tensors, and a sparse module's ``_extra_state`` is a dict
-    (``AttributeError: 'dict' object has no attribute 'device'``).  When ``model`` has a
-    ``save_pretrained`` and holds a sparse module, its instance gets one that passes
-    ``state_dict=`` with those entries as uint8 tensors (:func:`encode_extra_state`) to the
-    class's own ``save_pretrained`` (all its options work); ``state_dict()`` itself is
-    unchanged.  The folder holds the sparse formats, not dense weights: ``from_pretrained``
-    would report them MISSING -- reload it with :func:`load_materialised`.  Returns ``model``.
+    When ``model`` has a ``save_pretrained`` and holds a sparse module, its instance gets one that
+    passes ``state_dict=`` to the class's own ``save_pretrained`` (all its options work) with each
+    sparse layer written as
+
+    * ``<layer>.weight`` -- its dense masked weight, zeros included, in the replaced layer's
+      layout (a Conv1D's ``W (in, out)``), and ``<layer>.bias``: the folder is an ordinary dense
+      checkpoint, so ``AutoModel...from_pretrained(folder)`` gives the masked dense model (same
+      outputs; its load report lists each ``<layer>._extra_state`` as UNEXPECTED -- harmless);
+    * ``<layer>._extra_state`` -- the module's record (kernel, shape, block size) as a uint8
+      tensor of its JSON (:func:`encode_extra_state`; ``huggingface_hub`` shards only tensors),
+      from which :func:`load_materialised` rebuilds the same sparse format out of the weight.
+
+    Size: the folder is as large as the dense model's (the zeros are stored), not the sparse
+    format's; for a small file save ``torch.save(model.state_dict(), path)`` (the format
+    tensors; :func:`load_materialised` reads it too) or use ``prunelab compress``.  Writing
+    holds one dense copy of each sparse layer's weight in memory.  ``state_dict()`` itself is
+    unchanged.  Returns ``model``.
     """
     if not callable(getattr(type(model), "save_pretrained", None)):
         return model
