@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -156,6 +157,50 @@ def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     if is_distributed() and world_size() > 1:
         _collective(tensor, lambda t: dist.broadcast(t, src=src))
     return tensor
+
+
+def broadcast_text(text: str, src: int = 0) -> str:
+    """Rank ``src``'s ``text`` on every rank (``text`` itself for world size 1): its UTF-8
+    length, then its bytes, in two broadcasts (what the other ranks pass is ignored)."""
+    if not (is_distributed() and world_size() > 1):
+        return text
+    data = torch.tensor(list(text.encode("utf-8")), dtype=torch.uint8)  # (bytes,)
+    size = int(broadcast_(torch.tensor([data.numel()], dtype=torch.int64), src).item())
+    if size == 0:
+        return ""
+    buffer = data if rank() == src else torch.zeros(size, dtype=torch.uint8)
+    return bytes(broadcast_(buffer, src).tolist()).decode("utf-8")
+
+
+def raise_on_every_rank(error: PrunelabError | None) -> None:
+    """Raise on every rank the error of the lowest rank that has one; nothing when no rank has one.
+
+    Every rank must call it at the same point, with the error it caught there (or None): a rank
+    that raised alone would leave its peers blocked in their next collective until the launcher
+    kills them.  One 1-element all-reduce when no rank failed (:func:`first_rank_where`), two
+    broadcasts of the message when one did.  For world size 1 ``error`` is re-raised as it is;
+    otherwise every rank raises the same one-line message, ``"<message> (on rank r of W)"``.
+    """
+    first = first_rank_where(error is not None)
+    if first is None:
+        return
+    if error is not None and world_size() == 1:
+        raise error
+    text = broadcast_text(str(error) if rank() == first else "", src=first)
+    raise PrunelabError(f"{text} (on rank {first} of {world_size()})") from error
+
+
+@contextmanager
+def errors_on_every_rank() -> Iterator[None]:
+    """Run the block; a PrunelabError it raises on any rank is raised on every rank when it ends
+    (:func:`raise_on_every_rank`).  Wrap the rank-local part of a computation (e.g. the loop
+    over a rank's own batches) that precedes a collective; every rank must enter it."""
+    error: PrunelabError | None = None
+    try:
+        yield
+    except PrunelabError as exc:
+        error = exc
+    raise_on_every_rank(error)
 
 
 def shutdown(failed: bool | None = None) -> None:

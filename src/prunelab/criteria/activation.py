@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, fx, nn
 
-from prunelab.criteria.base import Criterion, ScoreData, batch_errors, iter_batches
+from prunelab import distributed
+from prunelab.criteria.base import Criterion, ScoreData, batch_errors, iter_batches, no_batches_error
 from prunelab.errors import PrunelabError
 
 
@@ -106,6 +107,11 @@ class APoZ(Criterion):
     Group reduction: the **mean** over the group, so a channel's score is exactly
     ``1 - APoZ_c``, comparable across layers for global allocation.
 
+    Under ``torch.distributed`` the zero counts and ``N M`` are summed over every rank's batches
+    before the division, so every rank gets ``APoZ_c`` of the union of the data, whatever each
+    rank's number of samples (not the mean of per-rank fractions); a rank with no batches adds
+    nothing.  A NaN output or a bad batch on one rank raises the same PrunelabError on every rank.
+
     Runs the model in eval mode under ``torch.no_grad``; hooks are always removed.
     Parameters whose first dimension is not the owning module's output channels (e.g.
     an embedding) cannot be scored and raise PrunelabError; a transposed conv's weight
@@ -174,7 +180,9 @@ class APoZ(Criterion):
                     "the weights for NaN/inf values"
                 )
             dim = channel_dim(modules[name])
-            per_channel = (out.detach() <= 0).movedim(dim, 0).reshape(out.shape[dim], -1)  # (C, N*M)
+            channels = out.shape[dim]  # C; 0 for a zero-width layer (reshape(0, -1) is ambiguous)
+            per_channel = (out.detach() <= 0).movedim(dim, 0)
+            per_channel = per_channel.reshape(channels, out.numel() // max(channels, 1))  # (C, N*M)
             zeros = per_channel.sum(1, dtype=torch.float64)
             total = torch.tensor([float(per_channel.shape[1])], dtype=torch.float64, device=zeros.device)
             if name in counts:
@@ -187,24 +195,56 @@ class APoZ(Criterion):
             return lambda _module, _inputs, output: record(name, output)
 
         handles = []
-        try:
-            for name in hooked:
-                handles.append(modules[name].register_forward_hook(hook_for(name)))
-            run = root if graph is None else _Counter(graph, counted_at, record).run
-            device = next((p.device for p in root.parameters()), torch.device("cpu"))
-            with torch.no_grad():
-                for inputs, targets in iter_batches(data, device):
-                    with batch_errors("apoz", inputs, targets):
-                        run(inputs)
-        finally:
-            for handle in handles:
-                handle.remove()
+        device = next((p.device for p in root.parameters()), torch.device("cpu"))
+        num_batches = 0
+        with distributed.errors_on_every_rank():  # one rank's NaN or bad batch: every rank raises, none waits
+            try:
+                for name in hooked:
+                    handles.append(modules[name].register_forward_hook(hook_for(name)))
+                run = root if graph is None else _Counter(graph, counted_at, record).run
+                with torch.no_grad():
+                    for inputs, targets in iter_batches(data, device, allow_empty=True):
+                        with batch_errors("apoz", inputs, targets):
+                            run(inputs)
+                        num_batches += 1
+            finally:
+                for handle in handles:
+                    handle.remove()
+        counts = _counts_over_ranks(counts, list(modules), num_batches, device)
         missing = sorted(set(modules) - set(counts))
         if missing:
             raise PrunelabError(
                 f"apoz: layer(s) {', '.join(missing)} did not run on the ScoreData batches; exclude them or check the model"
             )
         return {name: (z / t).float() for name, (z, t) in counts.items()}
+
+
+def _counts_over_ranks(counts: Mapping[str, list[Tensor]], names: list[str], num_batches: int,
+                       device: torch.device) -> dict[str, list[Tensor]]:
+    """``name -> [sum_r zeros_r (C,), sum_r total_r (1,)]`` (float64, exact integer sums) for every
+    layer in ``names`` that ran on some rank; ``counts`` itself, copied to ``device``, for a single process.
+
+    A rank where a layer did not run (e.g. a rank with no batches) adds zeros: the channel counts
+    ``C`` (-1: did not run) are agreed first in a MAX all-reduce, together with the number of
+    batches, so that no batches on any rank is the same error on every rank; then every count
+    goes in one SUM all-reduce.
+    """
+    local = [counts[n][0].numel() if n in counts else -1 for n in names]
+    agreed = distributed.all_reduce_max_(torch.tensor(local + [num_batches], dtype=torch.int64))  # (L + 1,)
+    if int(agreed[-1]) == 0:
+        raise no_batches_error()
+    sizes = [int(c) for c in agreed[:-1]]  # channels of each layer, -1 where it ran on no rank
+    flat = torch.cat([torch.cat(counts[n]).to(device) if n in counts else
+                      torch.zeros(max(c, 0) + 1, dtype=torch.float64, device=device)
+                      for n, c in zip(names, sizes)])  # (sum_l (C_l + 1),): C_l zero counts, then the total
+    distributed.all_reduce_sum_(flat)
+    out: dict[str, list[Tensor]] = {}
+    offset = 0
+    for name, c in zip(names, sizes):
+        if c >= 0:
+            out[name] = [flat[offset:offset + c], flat[offset + c:offset + c + 1]]
+        offset += max(c, 0) + 1
+    return out
 
 
 class _Counter(fx.Interpreter):

@@ -27,7 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prunelab import distributed
 from prunelab.errors import PrunelabError
+
+NO_BATCHES = "ScoreData yielded no batches; pass a non-empty loader"
 
 
 @dataclass
@@ -187,8 +190,9 @@ class FunctionalModel:
         return torch.func.functional_call(self.module, replaced, (inputs,))
 
 
-def iter_batches(data: ScoreData, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
-    """``(inputs, targets)`` pairs on ``device``, at most ``data.max_batches`` of them; errors if none.
+def iter_batches(data: ScoreData, device: torch.device, allow_empty: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(inputs, targets)`` pairs on ``device``, at most ``data.max_batches`` of them; errors if
+    none, unless ``allow_empty`` (then the caller checks with :func:`batches_over_ranks`).
 
     Exactly ``max_batches`` batches are drawn from ``data.batches``: the loop stops right
     after yielding the last one, so no further batch is loaded (and lost, for a one-pass
@@ -206,8 +210,29 @@ def iter_batches(data: ScoreData, device: torch.device) -> Iterator[tuple[Tensor
         yield _to(inputs, device), _to(targets, device)
         if data.max_batches is not None and count >= data.max_batches:
             break  # before asking the loader for another batch
-    if count == 0:
-        raise PrunelabError("ScoreData yielded no batches; pass a non-empty loader")
+    if count == 0 and not allow_empty:
+        raise PrunelabError(NO_BATCHES)
+
+
+def batches_over_ranks(count: int) -> int:
+    """``sum_r count_r``: the number of batches scored on all ranks (``count`` for a single
+    process), exact (an integer all-reduce); the same PrunelabError on every rank when it is 0.
+
+    A rank with an empty shard adds nothing to sums over the union of the data, so it is no
+    error while another rank has batches.  Every rank must call it.
+    """
+    total = int(distributed.all_reduce_sum_(torch.tensor([count], dtype=torch.int64)).item())
+    if total == 0:
+        raise no_batches_error()
+    return total
+
+
+def no_batches_error() -> PrunelabError:
+    """The one-line error for ScoreData that yielded no batches (on any rank, under torch.distributed)."""
+    world = distributed.world_size()
+    if world == 1:
+        return PrunelabError(NO_BATCHES)
+    return PrunelabError(f"ScoreData yielded no batches on any of the {world} ranks; pass a non-empty loader")
 
 
 @contextmanager
