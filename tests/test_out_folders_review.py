@@ -285,3 +285,16 @@ def test_prune_does_not_replace_a_users_results_json_and_report_md(tmp_path):
 def test_prune_replaces_a_folder_whose_results_json_is_a_prune_record(tmp_path):
     _run_folder(tmp_path / "run", 0.5)
     assert check_out_folder(tmp_path / "run", PRUNE_OUTPUT) == tmp_path / "run"
+
+
+def test_loading_a_transformers_model_off_a_terminal_writes_no_carriage_returns(tiny_bert, capsys) -> None:
+    """transformers' own "Loading weights" tqdm bar is switched off when stderr is not a terminal."""
+    pytest.importorskip("transformers")
+    from prunelab.bench.minilm import load_transformers_model
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+    model, _ = load_transformers_model(tiny_bert, progress=True)
+    err = capsys.readouterr().err
+    assert "\r" not in err and sum(p.numel() for p in model.parameters()) > 0
+    assert hf_logging.is_progress_bar_enabled()  # the user's setting is restored

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunelab.errors import PrunelabError
+from prunelab.progress import is_terminal
 
 __all__ = ["EMBEDDING_DIM", "BatchEncoder", "add_text_args", "embed_sentences", "load_minilm", "load_transformers_model", "mean_pool", "minilm_and_text",
            "minilm_path", "nearest_neighbours", "tokenized_batches"]
@@ -49,7 +51,10 @@ def minilm_path() -> Path:
 
 @contextlib.contextmanager
 def _progress_bars(enabled: bool) -> Iterator[None]:
-    """Switch transformers' progress bars (e.g. "Loading weights") on or off, restoring the setting after."""
+    """Switch transformers' progress bars (e.g. "Loading weights") on or off, restoring the setting after.
+
+    Callers pass ``progress and is_terminal(sys.stderr)``: the bar is tqdm's, which off a
+    terminal would write carriage returns into a log (:mod:`prunelab.progress`)."""
     from transformers.utils import logging as hf_logging
 
     before = hf_logging.is_progress_bar_enabled()
@@ -78,7 +83,7 @@ def load_transformers_model(path: str | os.PathLike, progress: bool = True) -> t
 
     model_class = _config_architecture(folder) or AutoModel
     try:
-        with _progress_bars(progress):
+        with _progress_bars(progress and is_terminal(sys.stderr)):  # tqdm's bar writes '\r' into logs
             model = model_class.from_pretrained(os.fspath(folder), local_files_only=True)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:  # RuntimeError: shapes differ
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
