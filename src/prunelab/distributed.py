@@ -194,12 +194,23 @@ def raise_on_every_rank(error: PrunelabError | None) -> None:
 def errors_on_every_rank() -> Iterator[None]:
     """Run the block; a PrunelabError it raises on any rank is raised on every rank when it ends
     (:func:`raise_on_every_rank`).  Wrap the rank-local part of a computation (e.g. the loop
-    over a rank's own batches) that precedes a collective; every rank must enter it."""
+    over a rank's own batches) that precedes a collective; every rank must enter it.
+
+    With more than one rank any other exception (a TypeError from a user's loss_fn, an
+    out-of-memory error on one rank) is agreed on too, as ``"TypeError: <its first line>"``:
+    a rank that raised it alone would skip the agreement and leave its peers' collectives
+    mismatched.  For a single process such an exception passes through unchanged."""
     error: PrunelabError | None = None
     try:
         yield
     except PrunelabError as exc:
         error = exc
+    except Exception as exc:  # noqa: BLE001 -- any failure of one rank must reach the others
+        if not (is_distributed() and world_size() > 1):
+            raise
+        detail = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        error = PrunelabError(f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__)
+        error.__cause__ = exc
     raise_on_every_rank(error)
 
 

@@ -193,7 +193,7 @@ class BSR:
         bh, bw = self.block_size
         blocks = torch.zeros(rows // bh, cols // bw, bh, bw, dtype=self.values.dtype, device=self.values.device)
         blocks[_row_ids(self.crow_indices), self.col_indices.to(torch.int64)] = self.values
-        return blocks.transpose(1, 2).reshape(self.shape)
+        return blocks.transpose(1, 2).reshape(self.shape).contiguous()  # a view for one block row of 1-wide blocks
 
     def to_torch(self) -> torch.Tensor:
         """A ``torch.sparse_bsr`` matrix sharing this format's memory (no copy); invariants checked as in CSR."""

@@ -703,6 +703,7 @@ def load_materialised(model: nn.Module, state_dict: Mapping[str, Any]) -> nn.Mod
     state = _sparse_state(state_dict, records)
     names = _names_by_module(new)  # before any swap; holds the replaced modules, so no id is reused
     built: set[int] = set()
+    conv1d_replacements: list[SparseModule] = []
     for layer, record in records.items():
         current = _submodule(new, layer)
         if id(current) in built:
@@ -710,6 +711,8 @@ def load_materialised(model: nn.Module, state_dict: Mapping[str, Any]) -> nn.Mod
         aliases = names[id(current)][1] if current is not None else [layer]
         source = next((name for name in aliases if _format_tensors(state, name)), layer)  # a tie saved once
         module = _build_layer(new, source, records.get(source, record), state)
+        if is_hf_conv1d(current):
+            conv1d_replacements.append(module)
         for name in aliases:
             _set_submodule(new, name, module)
         built.add(id(module))
@@ -722,6 +725,8 @@ def load_materialised(model: nn.Module, state_dict: Mapping[str, Any]) -> nn.Mod
         first = " ".join(lines[:2])[:300]  # "Error(s) in loading state_dict for X:" + the first problem
         raise PrunelabError(f"the materialised state_dict does not fit this architecture: {first}; pass the dense "
                             "architecture it was materialised from") from None
+    for module in conv1d_replacements:  # after load_state_dict: a record written before 8a2c66d does not say so
+        module.transposed = True
     return route_save_pretrained(new)
 
 
@@ -753,10 +758,13 @@ def _tensor_state(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 def _dense_weight(layer: str, record: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """The dense weight a sparse layer holds, in the layout of the layer it replaced (a Conv1D's ``W (in, out)``)."""
     try:
-        weight = _format_from_record(layer, record, tensors).to_dense()  # weight_shape
+        fmt = _format_from_record(layer, record, tensors)
+        if hasattr(fmt, "to_torch"):
+            fmt.to_torch()  # CSR / BSR invariants: a negative column would wrap around in to_dense
+        weight = fmt.to_dense()  # weight_shape
     except (RuntimeError, IndexError) as exc:  # indices out of range
         raise _damaged(layer, exc) from None
-    return weight.T.contiguous() if record.get("transposed") else weight  # contiguous: safetensors needs it
+    return (weight.T if record.get("transposed") else weight).contiguous()  # contiguous: safetensors needs it
 
 
 def _storage_key(record: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> tuple:
