@@ -208,15 +208,21 @@ def cmd_prune(args: argparse.Namespace, defaults: dict[str, Any] | None = None) 
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    defaults = dict(DEMO_DEFAULTS, out="runs/demo" if args.out is None else args.out, seed=args.seed, progress=args.progress)
-    print("prunelab demo: train an MLP on scikit-learn's 8x8 digits, then prune it to 90% sparsity "
-          "in 5 rounds of magnitude pruning + retraining")
     from prunelab import pipeline
     from prunelab.config import config_from_mapping
+    from prunelab.out_folders import check_out_folder
 
+    defaults = dict(DEMO_DEFAULTS, out="runs/demo" if args.out is None else args.out, seed=args.seed, progress=args.progress)
     config = config_from_mapping(defaults, source="demo")
-    record = pipeline.run(config)
-    _print_run(record, str(config.out_dir()))
+    # the checks prune makes before its first output line, so that a refused demo prints nothing on stdout
+    pipeline.validate(config)
+    out = config.out_dir()
+    check_out_folder(out, pipeline.PRUNE_OUTPUT)  # creates nothing
+    with pipeline.output_parent(out):  # checked writable; removed again if the run fails
+        print("prunelab demo: train an MLP on scikit-learn's 8x8 digits, then prune it to 90% sparsity "
+              "in 5 rounds of magnitude pruning + retraining")
+        record = pipeline.run(config)
+    _print_run(record, str(out))
     return 0
 
 

@@ -134,6 +134,11 @@ def check_rounds(model, config, model_name: str) -> None:
                             f"would retrain the same empty mask; pass --rounds {limit} or fewer")
 
 
+def _count(n: int, noun: str) -> str:
+    """``n noun``, plural unless ``n`` is 1: ``1 pruning round``, ``2 pruning rounds``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def cmd_lottery(args: argparse.Namespace) -> int:
     from prunelab.bench.datasets import DATASETS, load_dataset, make_loaders
     from prunelab.bench.models import MODELS, build_model
@@ -192,8 +197,9 @@ def cmd_lottery(args: argparse.Namespace) -> int:
     write_text(out / "report.md", f"# lottery tickets: {args.model} / {args.dataset}\n\n{table}\n")
     print(table)
     print()
-    print(f"{len(result.rounds) - 1} pruning rounds after the dense round 0; {result.resumed_rounds} finished rounds "
-          f"read back from the folder, {len(result.rounds) - result.resumed_rounds} trained now; "
+    print(f"{_count(len(result.rounds) - 1, 'pruning round')} after the dense round 0; "
+          f"{_count(result.resumed_rounds, 'finished round')} read back from the folder, "
+          f"{len(result.rounds) - result.resumed_rounds} trained now; "
           f"last ticket {rows[-1]['remaining_pct']:.1f}% of weights left")
     print(f"run folder: {out} (resume with --resume {out}); checkpoint of the last ticket: {out}/")
     return 0

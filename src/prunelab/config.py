@@ -146,7 +146,25 @@ def _hashed_value(name: str, value: Any) -> Any:
         return sorted(set(value))
     if name == "layer_rates" and isinstance(value, dict):
         return {k: _hashed_value("lr", v) for k, v in value.items()}  # rates are floats, as YAML's are made
+    if name in NUMBER_OR_WORD_FIELDS and isinstance(value, str):
+        return _number_text(value)
     return value
+
+
+NUMBER_OR_WORD_FIELDS = ("keep_first", "keep_last")  # 'dense', 'none' or a number, held as the text given
+
+
+def _number_text(text: str) -> str:
+    """``text`` as the one spelling of its number, ``repr(float)``: ``.5``, ``0.50`` and ``5e-1`` -> ``'0.5'``.
+
+    A word (``'dense'``, ``'none'``) or a non-finite number stays as given; ``'0.5'``, the spelling
+    ``--keep-first 0.5`` and YAML ``keep_first: 0.5`` gave before, keeps its hash.
+    """
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return repr(number) if math.isfinite(number) else text
 
 
 LATER_FIELDS = ("layer_floor", "start_epoch", "end_fraction")  # added after run folders were first hashed
@@ -244,6 +262,62 @@ def config_from_mapping(values: dict[str, Any], source: str = "config") -> RunCo
         raise PrunelabError(f"invalid {source}: {exc}") from None
 
 
+# YAML 1.2 core-schema numbers (plus YAML 1.1's '_' digit separators), for _config_loader: an exponent
+# needs no dot ('1e-4' is a float, YAML 1.1 made it a string) and no base-60 ('2:4' is a string, not 124)
+YAML_FLOAT = r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+    |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$"""
+YAML_INT = r"""^(?:[-+]?0b[0-1_]+
+    |[-+]?0[0-7_]+
+    |[-+]?(?:0|[1-9][0-9_]*)
+    |[-+]?0x[0-9a-fA-F_]+)$"""
+
+
+def _config_loader(source: str) -> type:
+    """A ``yaml.SafeLoader`` for config files: YAML 1.2 numbers, and a key given twice is refused.
+
+    PyYAML implements YAML 1.1, whose quirks turn config values into other types than the
+    flags give: ``2:4`` is the base-60 int 124 and ``1e-4`` (no dot) a string.  This loader
+    resolves ints and floats as YAML 1.2's core schema does (keeping 1.1's ``0b``/``0x``/octal
+    ints and ``_`` separators); every other type resolves as before.  ``source`` names the file
+    in the duplicate-key error.
+    """
+    import re
+
+    import yaml
+
+    int_tag, float_tag = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+    numbers = {int_tag: re.compile(YAML_INT, re.X), float_tag: re.compile(YAML_FLOAT, re.X)}
+    # a fresh table (SafeLoader's own is left alone): the int and float patterns swapped in place
+    resolvers = {first: [(tag, numbers.get(tag, regexp)) for tag, regexp in entries]
+                 for first, entries in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+    class ConfigLoader(yaml.SafeLoader):
+        yaml_implicit_resolvers = resolvers
+
+        def construct_mapping(self, node, deep=False):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # '<<: *base' may be overridden by the mapping's own keys
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                try:
+                    repeated = key in seen
+                except TypeError:  # an unhashable key: the SafeLoader's own error follows
+                    break
+                if repeated:
+                    where = f"line {line}" if seen[key] == line else f"lines {seen[key]} and {line}"
+                    raise PrunelabError(f"config file {source!r} sets {key!r} twice ({where}); a key may appear once "
+                                        "in a mapping -- keep the one you mean")
+                seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return ConfigLoader
+
+
 def load_yaml_config(path: str | os.PathLike) -> dict[str, Any]:
     import yaml
 
@@ -253,7 +327,7 @@ def load_yaml_config(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise PrunelabError(f"config file {str(path)!r} does not exist; pass a YAML file with RunConfig keys")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_config_loader(str(path))) or {}  # noqa: S506 -- a SafeLoader
     except yaml.YAMLError as exc:
         raise PrunelabError(f"cannot parse {str(path)!r} as YAML ({str(exc).splitlines()[0]})") from None
     except UnicodeDecodeError:

@@ -43,7 +43,8 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
         os.unlink(probe)
     except OSError as exc:
         raise PrunelabError(
-            f"output directory {str(path)!r} is not writable ({exc.strerror}); choose a writable --out"
+            f"output directory {str(path)!r} is not writable: creating a file in it failed ({exc.strerror}); "
+            "choose a writable --out"
         ) from None
     return path
 

@@ -17,6 +17,7 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -27,6 +28,7 @@ from prunelab.errors import PrunelabError
 from prunelab.io import atomic_path
 
 MASK_FORMAT = "prunelab.maskset.v1"
+MASK_METADATA_KEY = "prunelab"  # MaskSet.save's one metadata key: JSON {"format": MASK_FORMAT, "names": [...]}
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,29 @@ def _as_bool(name: str, mask: torch.Tensor) -> torch.Tensor:
             "0/1 -- threshold scores into one first, e.g. scores > t"
         )
     return mask.to(torch.bool)
+
+
+def _saved_format_and_names(metadata: Mapping[str, str]) -> tuple[Any, Any]:
+    """``(format, names)`` from a mask file's safetensors metadata, ``(None, None)`` where there is none.
+
+    :meth:`MaskSet.save` writes one key, :data:`MASK_METADATA_KEY` (JSON); earlier versions wrote
+    two plain keys, ``format`` and ``names`` (a JSON list), which are read the same way.
+    """
+    packed = metadata.get(MASK_METADATA_KEY)
+    if packed is None:
+        saved, names_text = {"format": metadata.get("format")}, metadata.get("names", "[]")
+        try:
+            saved["names"] = json.loads(names_text)
+        except ValueError:
+            saved["names"] = None
+    else:
+        try:
+            saved = json.loads(packed)
+        except ValueError:
+            saved = None
+    if not isinstance(saved, dict):
+        return None, None
+    return saved.get("format"), saved.get("names")
 
 
 class MaskSet(Mapping[str, torch.Tensor]):
@@ -296,7 +321,9 @@ class MaskSet(Mapping[str, torch.Tensor]):
         """Write the masks as safetensors (bool tensors keyed by FQN), atomically.
 
         The metadata records the names in order, so :meth:`load` returns the same mapping
-        in the same order (safetensors itself stores tensors sorted by name).
+        in the same order (safetensors itself stores tensors sorted by name).  It is one key,
+        :data:`MASK_METADATA_KEY`, holding JSON with sorted keys: safetensors writes several
+        metadata keys in hash order, which made two saves of one MaskSet differ byte-wise.
         """
         from safetensors.torch import save_file
 
@@ -304,7 +331,7 @@ class MaskSet(Mapping[str, torch.Tensor]):
         path = Path(path)
         # clone: safetensors refuses tensors sharing memory (one mask under two tied names)
         tensors = {n: m.detach().cpu().clone().contiguous() for n, m in self._masks.items()}
-        metadata = {"format": MASK_FORMAT, "names": json.dumps(list(self._masks))}
+        metadata = {MASK_METADATA_KEY: json.dumps({"format": MASK_FORMAT, "names": list(self._masks)}, sort_keys=True)}
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
         return path
@@ -314,9 +341,9 @@ class MaskSet(Mapping[str, torch.Tensor]):
         """Read masks written by :meth:`save` (on the CPU, or on ``device``), in their saved order.
 
         The file must carry :meth:`save`'s ``format`` metadata (:data:`MASK_FORMAT`; every
-        version of prunelab has written it): a safetensors file without it, or with another
-        prunelab format (a model's weights), is refused, as is a mask holding values other
-        than 0 and 1.
+        version of prunelab has written it, earlier ones as the two plain keys ``format`` and
+        ``names``, read too): a safetensors file without it, or with another prunelab format (a
+        model's weights), is refused, as is a mask holding values other than 0 and 1.
         """
         from safetensors import SafetensorError, safe_open
 
@@ -329,7 +356,7 @@ class MaskSet(Mapping[str, torch.Tensor]):
                 tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         except (SafetensorError, OSError, ValueError) as exc:
             raise PrunelabError(f"cannot read masks from {str(path)!r} ({exc}); the file is corrupt or not a safetensors mask file") from None
-        kind = metadata.get("format")
+        kind, order = _saved_format_and_names(metadata)
         if kind is None:
             raise PrunelabError(
                 f"{str(path)!r} has no prunelab format metadata, so MaskSet.save did not write it; pass the "
@@ -340,10 +367,6 @@ class MaskSet(Mapping[str, torch.Tensor]):
                 f"{str(path)!r} is a {kind} file, not a mask file ({MASK_FORMAT}); pass the masks.safetensors "
                 "written next to the model"
             )
-        try:
-            order = json.loads(metadata.get("names", "[]"))
-        except ValueError:
-            order = []
         if not isinstance(order, list) or sorted(map(str, order)) != sorted(tensors):
             order = list(tensors)  # no (usable) recorded order: the file's own
         try:

@@ -226,6 +226,9 @@ def cmd_oneshot(args: argparse.Namespace) -> int:
     config = OneShotConfig(method=args.method, sparsity=sparsity, pattern=pattern, dampening=args.dampening,
                            block_size=args.block_size, exclude=exclude, bias_correction=args.bias_correction,
                            dense_targets=args.dense_targets)
+    from prunelab.io import ensure_writable_dir, link_target
+
+    ensure_writable_dir(link_target(args.out).parent)  # the folder atomic_dir writes in: fail before loading anything
     samples = args.calib_samples or DEFAULT_CALIB_SAMPLES[spec.kind]
     model, tokenizer, meta = load_model(spec, args)
     calibration, calib_info = calibration_for(spec, model, tokenizer, samples, args)

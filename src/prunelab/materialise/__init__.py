@@ -97,8 +97,9 @@ class MaterialiseReport:
         return self.max_abs_error / self.output_scale if self.output_scale else self.max_abs_error
 
     def rows(self) -> list[dict[str, Any]]:
+        """One row per layer; sizes in KB = bytes / 1000, the convention of prune's report and measure.tables."""
         return [{"layer": l.name, "kind": l.kind, "kernel": l.kernel, "sparsity_pct": 100 * l.sparsity,
-                 "dense_kb": l.dense_bytes / 1024, "stored_kb": l.stored_bytes / 1024, "note": l.note}
+                 "dense_kb": l.dense_bytes / 1000, "stored_kb": l.stored_bytes / 1000, "note": l.note}
                 for l in self.layers]
 
     def table(self) -> str:
