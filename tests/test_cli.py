@@ -48,7 +48,10 @@ def test_prune_writes_complete_results(pruned_run):
     assert [row["stage"] for row in record["stages"]] == ["dense", "round 1", "round 2"]
     assert record["pruned"]["cost"]["nonzeros"] < record["dense"]["cost"]["nonzeros"]
     assert (pruned_run / "sparsity_curve.png").read_bytes()[:4] == b"\x89PNG"
-    assert "Dense vs pruned" in (pruned_run / "report.md").read_text()
+    report = (pruned_run / "report.md").read_text()
+    assert "Dense vs pruned" in report
+    threads = record["environment"]["threads"]
+    assert f"on {threads} thread{'' if threads == 1 else 's'}." in report
 
 
 def test_checkpoint_state_dict_loads_into_unpruned_model(pruned_run):
@@ -313,7 +316,7 @@ def test_bench_latency_prints_ratios_and_per_layer_times(cli, pruned_run):
     code, out, err = cli("bench-latency", str(pruned_run), "--forms", "csr", "--batch-sizes", "1,4", "--reps", "1",
                          "--per-layer")
     assert code == 0, err
-    assert "csr_speedup_x" in out and "threads" in out and "subnormal floats flushed to zero" in out
+    assert "csr_speedup_x" in out and " thread" in out and "subnormal floats flushed to zero" in out
     assert torch.tensor(1e-40).item() != 0.0  # the flush was undone: later code sees subnormals again
     assert "per leaf module at batch 4" in out
     layer_rows = [line for line in out.splitlines() if line.startswith("| fc")]
@@ -333,7 +336,7 @@ def test_bench_latency_threads_sets_and_restores_the_thread_count_and_times_each
     code, out, err = cli("bench-latency", str(pruned_run), "--forms", "csr,csr", "--batch-sizes", "2", "--reps", "1",
                          "--threads", "1")
     assert code == 0, err
-    assert ", 1 threads;" in out and torch.get_num_threads() == before
+    assert ", 1 thread;" in out and torch.get_num_threads() == before
     header = next(line for line in out.splitlines() if line.startswith("| batch"))
     assert header.count("csr_speedup_x") == 1
 

@@ -261,7 +261,8 @@ def _report_latency(models: dict[str, torch.nn.Module], inputs: torch.Tensor, si
             row[f"{form}_ms"] = times[form]
             row[f"{form}_speedup_x"] = times["dense"] / times[form]
         rows.append(row)
-    print(f"torch {torch.__version__.split('+')[0]}, {torch.get_num_threads()} threads; "
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__.split('+')[0]}, {threads} thread{'' if threads == 1 else 's'}; "
           f"median of {reps} interleaved repetitions; dense = the masked model with zeros; "
           f"subnormal floats {'flushed to zero' if flushed else 'kept'}")
     print(markdown_table(rows, None))

@@ -46,7 +46,7 @@ def render_report(result: Mapping[str, Any], layer_table: str) -> str:
         "",
         f"Method `{config['method']}`, criterion `{result.get('criterion', config['criterion'])}`, granularity `{config['granularity']}`, "
         f"allocation `{config['allocation']}`, target sparsity {config['sparsity']:.4f}, seed {config['seed']}. "
-        f"Wall time {result['wall_time_s']:.1f} s on {result['environment']['threads']} threads.",
+        f"Wall time {result['wall_time_s']:.1f} s on {_threads(result['environment']['threads'])}.",
         "",
         "## Dense vs pruned",
         "",
@@ -94,3 +94,9 @@ def plot_sparsity_curve(points: Sequence[tuple[float, float]], path: str | os.Pa
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
+
+
+def _threads(count: int) -> str:
+    """``"1 thread"`` / ``"2 threads"``."""
+    return f"{count} thread{'' if count == 1 else 's'}"
+
