@@ -8,12 +8,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from prunelab import distributed
 from prunelab.criteria.base import (
     Criterion,
     FunctionalModel,
     ScoreData,
     batch_errors,
     batch_loss,
+    batches_over_ranks,
     eval_mode,
     iter_batches,
     leaves,
@@ -103,7 +105,14 @@ class Movement(Criterion):
       the current weights, ``S_i = -sum_b w_i * dL_b/dw_i`` -- first-order movement over
       one pass, i.e. the signed first-order Taylor term (``taylor`` is its per-batch
       absolute value, averaged).  Gradients by ``torch.autograd.grad`` in eval mode, so
-      ``.grad`` is never written.
+      ``.grad`` is never written.  Under ``torch.distributed`` each rank's sum is averaged
+      over the ``W`` ranks, ``(1/W) sum_r S_r``: every rank gets the same scores, ``1/W`` times
+      what one process scores on all the batches (a positive factor: the same ranking and masks;
+      it is the scale the Sparsifier's mean over ranks always gave).  A rank with no batches adds
+      nothing, a NaN on one rank reaches every rank through the mean, and a bad batch or a
+      non-scalar loss on one rank raises the same PrunelabError on every rank (none is left
+      waiting in a collective).  The accumulator's scores are not reduced: under DDP gradients
+      are averaged and weights identical, so every rank accumulates the same ones.
 
     Scores are signed (negative: the weight moves towards zero).  Global and uniform
     allocation use them as they are; LAMP squares scores and so is meant for magnitude-
@@ -143,14 +152,21 @@ class Movement(Criterion):
 
     @staticmethod
     def _one_pass(model: nn.Module, params: Mapping[str, nn.Parameter], data: ScoreData) -> dict[str, Tensor]:
+        """``S = -sum_b w * dL_b/dw`` over this rank's batches, averaged over the ranks (float32)."""
         forward = FunctionalModel(model, params)
         totals = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
-        for inputs, targets in iter_batches(data, forward.device):
-            tensors = leaves(params)  # aliases of the weights that require grad
-            with batch_errors("movement", inputs, targets):
-                loss = batch_loss(data, forward(tensors, inputs), targets)
-                grads = torch.autograd.grad(loss, list(tensors.values()), allow_unused=True)
-            for (name, weight), grad in zip(tensors.items(), grads):
-                if grad is not None:
-                    totals[name] -= weight.detach().float() * grad.float()
-        return totals
+        num_batches = 0
+        with distributed.errors_on_every_rank():  # one rank's bad batch: every rank raises, none waits below
+            for inputs, targets in iter_batches(data, forward.device, allow_empty=True):
+                tensors = leaves(params)  # aliases of the weights that require grad
+                with batch_errors("movement", inputs, targets):
+                    loss = batch_loss(data, forward(tensors, inputs), targets)
+                    grads = torch.autograd.grad(loss, list(tensors.values()), allow_unused=True)
+                for (name, weight), grad in zip(tensors.items(), grads):
+                    if grad is not None:
+                        totals[name] -= weight.detach().float() * grad.float()
+                num_batches += 1
+        batches_over_ranks(num_batches)  # no batches on any rank: the same error on every rank
+        # (1/W) sum_r S_r: the Sparsifier's scale; a NaN on one rank reaches every rank, so
+        # Criterion.__call__ raises on all of them (none is left waiting in the Sparsifier's all-reduce)
+        return {n: distributed.all_reduce_mean_(t) for n, t in totals.items()}

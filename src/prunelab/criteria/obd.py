@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from prunelab import distributed
 from prunelab.criteria.base import (
-    Criterion, FunctionalModel, ScoreData, batch_errors, batch_loss, eval_mode, iter_batches, leaves,
+    Criterion, FunctionalModel, ScoreData, batch_errors, batch_loss, eval_mode, iter_batches, leaves, no_batches_error,
 )
 from prunelab.errors import PrunelabError
 
@@ -62,7 +62,9 @@ class OBD(Criterion):
     Under ``torch.distributed`` both estimates are means over the batches (samples) of every
     rank: the sums and counts are all-reduced *before* ``|.|``, so every rank scores what one
     process scores on all the data (the mean of each rank's ``|h_ii|`` would differ wherever
-    the ranks' curvatures have opposite signs; DESIGN.md decision 3).
+    the ranks' curvatures have opposite signs; DESIGN.md decision 3).  A rank with no batches
+    adds nothing; a bad batch or a non-scalar loss on one rank raises the same PrunelabError
+    on every rank (none is left waiting in the all-reduce).
     """
 
     hessian: str = "auto"
@@ -112,19 +114,20 @@ class OBD(Criterion):
         totals = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
         num_batches = num_samples = 0
         use_vmap = True  # switched off for the rest of this call once vmap fails on this model
-        for inputs, targets in iter_batches(data, forward.device):
-            if exact:
-                with batch_errors(self.name, inputs, targets):
-                    diagonals = _exact_diagonal(forward, exact, data, inputs, targets, self.hvp_chunk)
-                for name, h in diagonals.items():
-                    totals[name] += h
-            if fisher:
-                with batch_errors(self.name, inputs, targets):  # outside the vmap -> loop fallback
-                    squares, use_vmap = _fisher_sum(forward, fisher, data, inputs, targets, use_vmap)
-                for name, sq in squares.items():
-                    totals[name] += sq
-                num_samples += _num_samples(inputs)
-            num_batches += 1
+        with distributed.errors_on_every_rank():  # one rank's bad batch: every rank raises, none waits below
+            for inputs, targets in iter_batches(data, forward.device, allow_empty=True):
+                if exact:
+                    with batch_errors(self.name, inputs, targets):
+                        diagonals = _exact_diagonal(forward, exact, data, inputs, targets, self.hvp_chunk)
+                    for name, h in diagonals.items():
+                        totals[name] += h
+                if fisher:
+                    with batch_errors(self.name, inputs, targets):  # outside the vmap -> loop fallback
+                        squares, use_vmap = _fisher_sum(forward, fisher, data, inputs, targets, use_vmap)
+                    for name, sq in squares.items():
+                        totals[name] += sq
+                    num_samples += _num_samples(inputs)
+                num_batches += 1
         num_batches, num_samples = _counts_over_ranks(num_batches, num_samples)
         for total in totals.values():  # under DDP: sums over the batches / samples of every rank, before |.|
             distributed.all_reduce_sum_(total)
@@ -136,8 +139,11 @@ class OBD(Criterion):
 
 def _counts_over_ranks(num_batches: int, num_samples: int) -> tuple[int, int]:
     """``(sum_r num_batches_r, sum_r num_samples_r)``: exact integer sums (the counts themselves
-    for a single process)."""
+    for a single process), in one all-reduce; the same "no batches" PrunelabError on every rank
+    when no rank had a batch."""
     counts = distributed.all_reduce_sum_(torch.tensor([num_batches, num_samples], dtype=torch.int64))
+    if int(counts[0]) == 0:
+        raise no_batches_error()
     return int(counts[0]), int(counts[1])
 
 

@@ -18,7 +18,7 @@ synflow     |w| ⊙ dR/d|w|,  R = 1^T (prod_l |W_l|) 1    Tanaka et al. 2020 (da
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +27,8 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from prunelab import distributed
 from prunelab.criteria.base import (
-    Criterion, FunctionalModel, ScoreData, batch_loss, eval_mode, iter_batches, leaves,
+    Criterion, FunctionalModel, ScoreData, batch_errors, batch_loss, batches_over_ranks, eval_mode, iter_batches,
+    leaves,
 )
 from prunelab.errors import PrunelabError
 
@@ -37,39 +38,48 @@ def loss_gradients(
     params: Mapping[str, nn.Parameter],
     data: ScoreData,
     weights: Mapping[str, Tensor] | None = None,
+    *,
+    criterion: str = "snip",
 ) -> dict[str, Tensor]:
-    """Mean over the batches of ``data`` of ``dL_b/dw`` for every parameter in ``params``.
+    """Mean over the batches of ``data`` of ``dL_b/dw`` for every parameter in ``params``::
+
+        g = (1/B) sum_{b=1..B} dL_b/dw        (B batches; under torch.distributed, of every rank)
 
     ``weights`` (optional, keyed like ``params``) replaces the parameters in the forward
     pass, so the gradient is taken *at* those values (FORCE evaluates it at the masked
     weights ``theta ⊙ m``).  Pure: eval mode, ``.grad`` untouched.  Parameters the loss
-    does not reach get a zero gradient.  Returns float64 tensors.
+    does not reach get a zero gradient.  Returns float64 tensors.  ``criterion`` names the
+    caller in the one-line PrunelabError for a batch the model or ``loss_fn`` cannot take.
 
     Under ``torch.distributed`` the mean runs over the batches of every rank (the sums and
     the batch count are all-reduced), so the gradient -- and whatever is decided from it
     after a non-linear step such as SNIP's ``|w g|`` -- is the same on every rank and equals
-    one process's on all the batches (DESIGN.md decision 3).  Every rank must call it.
+    one process's on all the batches (DESIGN.md decision 3); a rank with no batches adds
+    nothing.  A bad batch or a non-scalar loss on one rank raises the same PrunelabError on
+    every rank (none is left waiting in the all-reduce).  Every rank must call it.
     """
     with eval_mode(model), torch.enable_grad():
         forward = FunctionalModel(model, params)
         base = {n: (weights[n] if weights is not None else p) for n, p in params.items()}
         totals = {n: torch.zeros(p.shape, dtype=torch.float64, device=p.device) for n, p in params.items()}
         num_batches = 0
-        for inputs, targets in iter_batches(data, forward.device):
-            tensors = leaves(base)  # detached aliases that require grad
-            loss = batch_loss(data, forward(tensors, inputs), targets)
-            grads = torch.autograd.grad(loss, list(tensors.values()), allow_unused=True)
-            for name, grad in zip(tensors, grads):
-                if grad is not None:
-                    totals[name] += grad.double()
-            num_batches += 1
+        with distributed.errors_on_every_rank():  # one rank's bad batch: every rank raises, none waits below
+            for inputs, targets in iter_batches(data, forward.device, allow_empty=True):
+                tensors = leaves(base)  # detached aliases that require grad
+                with batch_errors(criterion, inputs, targets):
+                    loss = batch_loss(data, forward(tensors, inputs), targets)
+                    grads = torch.autograd.grad(loss, list(tensors.values()), allow_unused=True)
+                for name, grad in zip(tensors, grads):
+                    if grad is not None:
+                        totals[name] += grad.double()
+                num_batches += 1
     return _mean_over_ranks(totals, num_batches)
 
 
 def _count_over_ranks(count: int) -> int:
-    """``sum_r count_r``, exact (an integer all-reduce; ``count`` for a single process)."""
-    counts = torch.tensor([count], dtype=torch.int64)
-    return int(distributed.all_reduce_sum_(counts).item())
+    """``sum_r count_r``, exact (an integer all-reduce; ``count`` for a single process); the
+    same "no batches" PrunelabError on every rank when it is 0 (:func:`batches_over_ranks`)."""
+    return batches_over_ranks(count)
 
 
 def _mean_over_ranks(totals: dict[str, Tensor], count: int) -> dict[str, Tensor]:
@@ -109,7 +119,7 @@ class SNIP(Criterion):
 
     def score(self, model: nn.Module, params: Mapping[str, nn.Parameter], data: ScoreData | None) -> dict[str, Tensor]:
         assert data is not None
-        grads = loss_gradients(model, params, data)
+        grads = loss_gradients(model, params, data, criterion=self.name)
         raw = {n: (params[n].detach().double() * grads[n]).abs() for n in params}
         total = sum(float(r.sum()) for r in raw.values())
         return {n: r / total if total > 0 else r for n, r in raw.items()}
@@ -136,7 +146,9 @@ class GraSP(Criterion):
     ``T = 200`` (the default here), ``temperature=1`` is the plain loss.  ``g`` and ``H``
     are taken over the scored parameters only.  Under ``torch.distributed`` both means run
     over the batches of every rank (all-reduced, weighted by each rank's batch count), so
-    every rank scores ``w ⊙ H g`` of all the data (DESIGN.md decision 3).
+    every rank scores ``w ⊙ H g`` of all the data (DESIGN.md decision 3); a rank with no
+    batches adds nothing, and a bad batch or a non-scalar loss on one rank raises the same
+    PrunelabError on every rank.
     """
 
     temperature: float = 200.0
@@ -153,40 +165,52 @@ class GraSP(Criterion):
     def score(self, model: nn.Module, params: Mapping[str, nn.Parameter], data: ScoreData | None) -> dict[str, Tensor]:
         assert data is not None
         forward = FunctionalModel(model, params)
-        batches = list(iter_batches(data, forward.device))
 
         def loss_of(tensors: Mapping[str, Tensor], inputs: Tensor, targets: Tensor) -> Tensor:
             return batch_loss(data, forward(tensors, inputs) / self.temperature, targets)
 
         # pass 1: g = mean_b dL_b/dw, detached
         g = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-        for inputs, targets in batches:
-            tensors = leaves(params)
-            grads = torch.autograd.grad(loss_of(tensors, inputs, targets), list(tensors.values()), allow_unused=True)
-            for name, grad in zip(tensors, grads):
-                if grad is not None:
-                    g[name] += grad.float() / len(batches)
+        with distributed.errors_on_every_rank():  # one rank's bad batch: every rank raises, none waits below
+            batches = list(iter_batches(data, forward.device, allow_empty=True))
+            for inputs, targets in batches:
+                tensors = leaves(params)
+                with batch_errors(self.name, inputs, targets):
+                    grads = torch.autograd.grad(loss_of(tensors, inputs, targets), list(tensors.values()),
+                                                allow_unused=True)
+                for name, grad in zip(tensors, grads):
+                    if grad is not None:
+                        g[name] += grad.float() / len(batches)
         _means_over_ranks_(g, len(batches))  # under DDP: g over the batches of every rank
         # pass 2: Hg = d/dw (stopgrad(g)^T mean_b dL_b/dw)
         hg = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-        for inputs, targets in batches:
-            tensors = leaves(params)
-            grads = torch.autograd.grad(
-                loss_of(tensors, inputs, targets), list(tensors.values()), create_graph=True, allow_unused=True
-            )
-            inner = sum(  # tied FQNs share one leaf: count each parameter once
-                (gr * g[n].to(gr.dtype)).sum()
-                for n, gr in zip(tensors, grads)
-                if gr is not None and forward.representative[n] == n
-            )
-            if not isinstance(inner, Tensor) or not inner.requires_grad:
-                continue  # the loss is at most linear in every scored weight: H g = 0
-            products = torch.autograd.grad(inner, list(tensors.values()), allow_unused=True)
-            for name, product in zip(tensors, products):
-                if product is not None:
+        with distributed.errors_on_every_rank():
+            for inputs, targets in batches:
+                with batch_errors(self.name, inputs, targets):
+                    products = _hessian_times(g, forward, params, lambda t: loss_of(t, inputs, targets))
+                for name, product in products.items():
                     hg[name] += product.float() / len(batches)
         _means_over_ranks_(hg, len(batches))  # H g with H over the batches of every rank
         return {n: params[n].detach().float() * hg[n] for n in params}
+
+
+def _hessian_times(
+    g: Mapping[str, Tensor], forward: FunctionalModel, params: Mapping[str, nn.Parameter],
+    loss_of: Callable[[Mapping[str, Tensor]], Tensor],
+) -> dict[str, Tensor]:
+    """``H_b g = d/dw (stopgrad(g)^T dL_b/dw)`` of one batch's loss ``loss_of(weights)``, per
+    parameter it reaches (``{}`` when the loss is at most linear in every scored weight: ``H g = 0``)."""
+    tensors = leaves(params)
+    grads = torch.autograd.grad(loss_of(tensors), list(tensors.values()), create_graph=True, allow_unused=True)
+    inner = sum(  # tied FQNs share one leaf: count each parameter once
+        (gr * g[n].to(gr.dtype)).sum()
+        for n, gr in zip(tensors, grads)
+        if gr is not None and forward.representative[n] == n
+    )
+    if not isinstance(inner, Tensor) or not inner.requires_grad:
+        return {}
+    products = torch.autograd.grad(inner, list(tensors.values()), allow_unused=True)
+    return {name: product for name, product in zip(tensors, products) if product is not None}
 
 
 def _positive_shape(shape: object) -> tuple[int, ...] | None:
@@ -257,7 +281,8 @@ class SynFlow(Criterion):
     shape of the first batch of ``data`` when data is passed (only its shape is used:
     the scores do not depend on the data), else ``(in_features,)`` when the model's first
     module with parameters is an ``nn.Linear``; otherwise a PrunelabError asks for
-    ``input_shape``.
+    ``input_shape``.  Under ``torch.distributed`` each rank takes it from its own first batch; a rank
+    whose ScoreData is empty or unbatched raises the same PrunelabError on every rank.
 
     Numerics: the forward/backward runs in **float64** (products over many layers
     overflow float32), and the scores are divided by their maximum over all scored
@@ -284,13 +309,15 @@ class SynFlow(Criterion):
         if self.input_shape is not None:
             return self.input_shape
         if data is not None:
-            with torch.random.fork_rng(devices=[]):  # a DataLoader iterator draws its seed from the global generator
-                inputs, _ = next(iter_batches(data, torch.device("cpu")))
-            if not isinstance(inputs, Tensor) or inputs.dim() < 2:
-                raise PrunelabError(
-                    "criterion 'synflow' takes the input shape from the first ScoreData batch, but its inputs are "
-                    f"not a batched tensor ({type(inputs).__name__}); pass input_shape=(...) instead"
-                )
+            # an empty or unbatched first batch on one rank: every rank raises (none waits in the Sparsifier's all-reduce)
+            with distributed.errors_on_every_rank():
+                with torch.random.fork_rng(devices=[]):  # a DataLoader iterator draws its seed from the global generator
+                    inputs, _ = next(iter_batches(data, torch.device("cpu")))
+                if not isinstance(inputs, Tensor) or inputs.dim() < 2:
+                    raise PrunelabError(
+                        "criterion 'synflow' takes the input shape from the first ScoreData batch, but its inputs are "
+                        f"not a batched tensor ({type(inputs).__name__}); pass input_shape=(...) instead"
+                    )
             return tuple(int(d) for d in inputs.shape[1:])
         module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         first = next((m for m in module.modules() if any(True for _ in m.parameters(recurse=False))), None)

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from prunelab import distributed
 from prunelab.criteria.activation import owning_modules, unwrap
-from prunelab.criteria.base import Criterion, ScoreData, batch_errors, eval_mode, iter_batches
+from prunelab.criteria.base import Criterion, ScoreData, batch_errors, eval_mode, iter_batches, no_batches_error
 from prunelab.criteria.links import FALLBACKS, ChannelLinks, channel_links, out_channels, spread_channels
 from prunelab.errors import PrunelabError
 from prunelab.structure import Channel
@@ -99,7 +99,13 @@ def _check_consumer(name: str, module: nn.Module) -> tuple[int, int]:
 def collect_input_grams(model: nn.Module, names: list[str], data: ScoreData) -> dict[str, InputGram]:
     """One pass over ``data``: the :class:`InputGram` of each consumer module in ``names``
     (Gram and row count summed over ranks -- the count exactly, as an integer -- so every
-    rank decides the same channels from ``G / M`` of all ranks' rows).  Call in eval mode."""
+    rank decides the same channels from ``G / M`` of all ranks' rows).  Call in eval mode.
+
+    Under ``torch.distributed`` a consumer that did not run on a rank (a rank with no batches)
+    adds nothing there, so every rank gets the Grams of one process on the union of the data;
+    a bad batch on one rank, no batches on any rank, a consumer that ran on no rank and NaN/inf
+    inputs on one rank are the same PrunelabError on every rank (none is left waiting in a
+    collective)."""
     root, _ = unwrap(model)
     modules = dict(root.named_modules())
     sums: dict[str, list] = {}
@@ -124,34 +130,66 @@ def collect_input_grams(model: nn.Module, names: list[str], data: ScoreData) -> 
 
     shapes = {name: _check_consumer(name, modules[name]) for name in names}
     handles = []
+    num_batches = 0
+    error: PrunelabError | None = None  # this rank's bad batch: agreed on below, before any Gram travels
     try:
         for name in names:
             handles.append(modules[name].register_forward_pre_hook(hook_for(name, modules[name])))
         device = next((p.device for p in root.parameters()), torch.device("cpu"))
         with torch.no_grad():
-            for inputs, targets in iter_batches(data, device):
+            for inputs, targets in iter_batches(data, device, allow_empty=True):
                 with batch_errors("regression", inputs, targets):
                     root(inputs)
+                num_batches += 1
+    except PrunelabError as exc:
+        error = exc
     finally:
         for handle in handles:
             handle.remove()
-    missing = sorted(set(names) - set(sums))
+    return _grams_over_ranks(sums, {name: (modules[name], shapes[name]) for name in names}, num_batches, error)
+
+
+def _grams_over_ranks(
+    sums: Mapping[str, list], consumers: Mapping[str, tuple[nn.Module, tuple[int, int]]], num_batches: int,
+    error: PrunelabError | None,
+) -> dict[str, InputGram]:
+    """``name -> InputGram`` of ``sum_r G_r`` and ``sum_r M_r`` for every consumer in ``consumers``
+    (``name -> (module, (C, k))``); ``sums`` holds this rank's ``[G (D + 1, D + 1), M]`` of the
+    consumers that ran here, ``error`` the PrunelabError its pass over the batches raised (or None).
+
+    Every rank's counts -- failed or not, batches, rows and whether each consumer ran -- go in one
+    integer SUM all-reduce first, so that a failure on any rank (then raised on every rank by
+    :func:`~prunelab.distributed.raise_on_every_rank`), no batches anywhere and a consumer that ran
+    nowhere are the same error on every rank; then each Gram is summed, zeros where it did not run.
+    """
+    names = list(consumers)
+    local = ([int(error is not None), num_batches] + [sums[n][1] if n in sums else 0 for n in names]
+             + [int(n in sums) for n in names])
+    counts = distributed.all_reduce_sum_(torch.tensor(local, dtype=torch.int64))  # (2 + 2 L,): exact
+    if int(counts[0]) > 0:  # some rank failed: all raise the lowest failing rank's message (its own for one process)
+        distributed.raise_on_every_rank(error)
+    if int(counts[1]) == 0:
+        raise no_batches_error()
+    rows, ran = counts[2:2 + len(names)], counts[2 + len(names):]
+    missing = sorted(n for n, r in zip(names, ran.tolist()) if r == 0)
     if missing:
         raise PrunelabError(
             f"regression: consumer(s) {', '.join(missing)} did not run on the ScoreData batches; check the model"
         )
     out = {}
-    for name, (gram, rows) in sums.items():
-        count = torch.tensor([rows], dtype=torch.int64, device=gram.device)
+    for name, count in zip(names, rows.tolist()):
+        module, (channels, patch) = consumers[name]
+        size = channels * patch + 1  # D + 1: the features and the intercept
+        gram = sums[name][0] if name in sums else torch.zeros(
+            size, size, dtype=torch.float64, device=module.weight.device
+        )
         distributed.all_reduce_sum_(gram)  # sum over ranks of sum_rows [x, 1]^T [x, 1]
-        distributed.all_reduce_sum_(count)  # exact: an integer sum, on any world size
         if not bool(torch.isfinite(gram).all()):  # NaN/inf activations: the LASSO and least squares cannot run
             raise PrunelabError(
                 f"regression: the input of consumer {name!r} contains NaN/inf on the ScoreData batches; check the "
                 "inputs and the weights before it for NaN/inf values"
             )
-        channels, patch = shapes[name]
-        out[name] = InputGram(gram, int(count.item()), channels, patch)
+        out[name] = InputGram(gram, count, channels, patch)
     return out
 
 
