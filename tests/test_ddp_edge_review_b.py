@@ -233,7 +233,7 @@ def test_a_nan_input_on_one_rank_raises_the_same_error_on_every_rank(edges, kind
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_batch_that_does_not_fit_on_one_rank_raises_the_same_error_on_every_rank(edges, kind):
     message = _both(edges, f"{kind}-wrong-width-rank1")["error"]
-    name = "snip" if kind == "force" else NAME.get(kind, kind)  # FORCE's gradients are loss_gradients' (SNIP's)
+    name = NAME.get(kind, kind)  # FORCE names itself though its gradients are loss_gradients' (SNIP's)
     assert message.startswith(f"criterion {name!r} could not run the model and loss_fn on a ScoreData batch "
                               "(inputs (1, 3), targets (1,)): mat1 and mat2 shapes cannot be multiplied")
     assert message.endswith("(on rank 1 of 2)") and "\n" not in message

@@ -202,7 +202,7 @@ class ForceSaliency(Criterion):
 
     def score(self, model: nn.Module, params: Mapping[str, nn.Parameter], data: ScoreData | None) -> dict[str, Tensor]:
         assert data is not None
-        grads = loss_gradients(model, params, data)  # at the model's (masked) weights
+        grads = loss_gradients(model, params, data, criterion=self.name)  # at the model's (masked) weights
         return {n: (self.initial[n].double() * grads[n]).abs() for n in params}
 
 
