@@ -19,6 +19,24 @@ of ``step()`` applies step ``t``.
 optimizer state of masked entries (momentum buffers, Adam moments), so masked weights
 stay exactly zero under momentum, weight decay and Adam(W).  Masks are always decided
 from scores averaged over all ranks, so every rank holds the identical mask.
+
+Gradients of masked weights.  Between ``backward()`` and ``step()`` a masked weight holds
+its *dense* gradient (gradient criteria and DST growth read it).  An element-wise
+optimizer (SGD, Adam(W), Adagrad, RMSprop) uses it only on the masked entry itself, which
+``step()`` re-zeroes; but anything that mixes gradients across entries -- a gradient norm
+(``clip_grad_norm_``), a matrix-wise update (Muon's orthogonalisation, Adafactor's factored
+second moment) -- lets it change the *kept* weights' updates.  Opt in to training exactly
+the sub-network by calling :meth:`Sparsifier.mask_gradients_` after the last ``backward()``
+and before clipping / ``optimizer.step()``; the default loop is unchanged.
+
+Parameters are named, not held.  The sparsifier targets parameters by FQN: when the
+model's Parameter objects are replaced after it was built (``model.to_empty(device=...)``
+of a meta-device model, ``load_state_dict(sd, assign=True)``), ``prepare()``,
+``update()``, ``set_masks()`` and ``finalize()`` look the names up again, and ``step()``
+notices a replaced Parameter with one identity check per layer and re-binds it.  An
+attached optimizer that still trains a replaced Parameter is refused in one line (rebuild
+it from ``model.parameters()`` and pass it to ``prepare()``).  A whole submodule replaced
+after ``prepare()`` is found by the next ``prepare()``.
 """
 
 from __future__ import annotations
@@ -38,6 +56,23 @@ from prunelab.masks import MaskSet
 from prunelab.schedules import Schedule
 from prunelab.structure import Granularity, get_granularity, layer_granularities
 from prunelab.targets import LayerRules, keep_bounds, prunable_parameters
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module a wrapper trains: ``torch.compile``'s ``OptimizedModule`` (``_orig_mod``),
+    ``DistributedDataParallel`` and ``DataParallel`` (``module``), nested in any order.
+
+    The wrappers share their parameters with the wrapped module, so a sparsifier built on a
+    wrapper names its masks as the plain model does (``0.weight``, not ``module.0.weight`` or
+    ``_orig_mod.0.weight``) and the masks load into the unwrapped model.
+    """
+    while True:
+        if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
 
 
 class Sparsifier:
@@ -68,9 +103,7 @@ class Sparsifier:
                 f"schedule must be a Schedule (e.g. OneShot(0.9) or Cubic(0.9, num_updates=10, frequency=100)), got "
                 f"{schedule!r:.60}; to prune once by hand call update(sparsity) instead"
             )
-        # a torch.compile'd model shares its parameters with the module it wraps: name them as that
-        # module does, so the masks fit the plain model (not '_orig_mod.fc1.weight')
-        model = getattr(model, "_orig_mod", model) if type(model).__name__ == "OptimizedModule" else model
+        model = unwrap_model(model)  # masks named like the plain model's, not 'module.0.weight'
         self.model = model
         self.criterion = get_criterion(criterion) if isinstance(criterion, str) else criterion
         self.granularity = get_granularity(granularity)
@@ -84,6 +117,7 @@ class Sparsifier:
                 "Sparsifier(..., data=ScoreData(loader)) (it would fail at the first scheduled update, mid-training)"
             )
         self.params = prunable_parameters(model, exclude)
+        self._slots = self._owner_slots()  # name -> (module, attribute): the cheap per-step identity check
         self.structures = layer_granularities(self.granularity, model, self.params)  # name -> the layer's view
         self.bounds = self.rules.bounds(list(self.params))
         if self.granularity.is_pattern:
@@ -92,6 +126,7 @@ class Sparsifier:
             if not self._kept_as_is(name):  # layers a rule keeps dense (or below an N:M pattern) need not fit
                 self.structures[name].check(name, tuple(param.shape))
         self.masks = MaskSet.ones(self.params)
+        self._held_masks: dict[str, torch.Tensor] = {}  # values of masks set while their parameter is on meta
         self.optimizer: torch.optim.Optimizer | None = None
         self.step_count = 0
         self.prepared = False  # step() before prepare() would never apply the step-0 update
@@ -110,6 +145,7 @@ class Sparsifier:
                 f"prepare needs a torch.optim.Optimizer (or None), got a {type(optimizer).__name__}; pass the optimizer "
                 "that trains the model, so its momentum / Adam state of pruned weights is zeroed too"
             )
+        self._bind_parameters(optimizer)  # before adopting it: a refused optimizer is not attached
         self.optimizer = optimizer
         if self.step_count == 0:
             self._scheduled_update(0, once=True)
@@ -130,6 +166,7 @@ class Sparsifier:
                 "Sparsifier.step() called before prepare(); call sparsifier.prepare(optimizer) once before training "
                 "(it applies the schedule's step-0 update and zeroes the optimizer state of pruned weights)"
             )
+        self._check_bound()  # a refused replacement leaves the step count as it was
         self.step_count += 1
         self.enforce()
         self._scheduled_update(self.step_count)
@@ -153,6 +190,7 @@ class Sparsifier:
 
     def finalize(self) -> MaskSet:
         """Enforce the masks a last time and return them; the model keeps its real zeros."""
+        self._bind_parameters(self.optimizer)
         self.enforce()
         self.masks.verify_across_ranks()
         return self.masks
@@ -183,6 +221,7 @@ class Sparsifier:
         check_sparsity(sparsity)
         if self.granularity.is_pattern:
             self._check_pattern_sparsity(sparsity)
+        self._bind_parameters(self.optimizer)
         self._refuse_meta("decide masks")
         with torch.enable_grad():
             scores = self.scores(data)
@@ -310,6 +349,7 @@ class Sparsifier:
                 "weight, or no Linear/Conv weight of this model); drop that mask, or include the layer by building the "
                 "Sparsifier without excluding it (exclude= / --exclude)"
             )
+        self._bind_parameters(self.optimizer)
         missing = set(self.params) - set(masks)
         if missing:
             raise PrunelabError(f"masks are missing layers {sorted(missing)}; load masks saved for this model")
@@ -318,15 +358,22 @@ class Sparsifier:
             raise PrunelabError(
                 f"mask {wrong[0]!r} is a {type(masks[wrong[0]]).__name__}, not a tensor; pass bool tensors (e.g. a MaskSet)"
             )
+        meta = [n for n in self.params if masks[n].device.type == "meta"]
+        if meta:
+            raise PrunelabError(f"mask {meta[0]!r} is on the meta device and holds no values; pass masks with values "
+                                "(e.g. MaskSet.load(path) or torch.load without map_location='meta')")
         adopted = MaskSet({n: masks[n].to(self.params[n].device) for n in self.params})
         adopted.check_model(self.model)  # before adopting: a wrong shape leaves the old masks in place
         self.masks = adopted
+        # a meta mask has no bits: keep the values for when the model is materialised (to_empty)
+        self._held_masks = {n: masks[n].detach().clone() for n, p in self.params.items() if p.device.type == "meta"}
         self.enforce()
 
     # --- enforcement -----------------------------------------------------------------
     @torch.no_grad()
     def enforce(self) -> None:
-        """Zero masked weights and the optimizer state of masked entries."""
+        """Zero masked weights, their gradients and the optimizer state of masked entries."""
+        self._check_bound()
         for name, param in self.params.items():
             pruned = ~self.masks[name].to(param.device)
             # masked_fill, not mul: inf * 0 = nan, so a multiply would keep an overflowed pruned weight (or Adam
@@ -339,9 +386,102 @@ class Sparsifier:
                     if isinstance(value, torch.Tensor) and value.shape == param.shape:
                         value.masked_fill_(pruned.to(value.device), 0)
 
+    @torch.no_grad()
+    def mask_gradients_(self) -> None:
+        """Zero the gradients of masked weights now, so the optimizer step trains exactly the sub-network.
+
+        Opt-in; call it once after the last ``backward()`` of an optimizer step and before
+        ``clip_grad_norm_`` / ``optimizer.step()``.  Without it a masked weight keeps its dense
+        gradient until :meth:`step`, which is harmless for element-wise optimizers (SGD,
+        Adam(W), Adagrad, RMSprop: the masked entry is re-zeroed) but leaks into the kept
+        weights through anything that mixes gradient entries: a global gradient norm, Muon's
+        orthogonalised update, Adafactor's factored second moment.  With it, training equals
+        the reference "zero the pruned gradients, step, zero the pruned weights".  Weights and
+        optimizer state are left to :meth:`step`.  Dynamic sparse training keeps what growth
+        needs from the dense gradient (see :meth:`prunelab.dst.DynamicSparsifier.mask_gradients_`).
+        """
+        self._check_bound()
+        for name, param in self.params.items():
+            if param.grad is not None:
+                param.grad.masked_fill_(~self.masks[name].to(param.grad.device), 0)
+
+    # --- parameters by name ------------------------------------------------------------
+    def _owner_slots(self) -> dict[str, tuple[nn.Module, str]]:
+        """``name -> (the module that registers it, attribute)`` for every target."""
+        slots = {}
+        for name in self.params:
+            module_name, _, attr = name.rpartition(".")
+            slots[name] = (self.model.get_submodule(module_name) if module_name else self.model, attr)
+        return slots
+
+    def _check_bound(self) -> None:
+        """One identity check per layer: re-bind when a module's Parameter was replaced."""
+        if any(owner._parameters.get(attr) is not self.params[name] for name, (owner, attr) in self._slots.items()):
+            self._bind_parameters(self.optimizer)
+
+    def _bind_parameters(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Look every target up by FQN in the model and adopt replaced Parameters.
+
+        ``load_state_dict(assign=True)`` and ``to_empty()`` (meta -> real device) put new
+        Parameter objects into the modules; the masks, keyed by name, carry over (a meta
+        model's all-kept placeholder masks are re-made on the new device).  Refused in one
+        line: a name that no longer is a plain Parameter of the same shape, and an attached
+        optimizer that still trains the replaced Parameter (its steps would miss the model);
+        ``optimizer``: the one to check (the attached one, or the one ``prepare`` is given).
+        """
+        live = {name: self._live_parameter(name) for name in self.params}
+        replaced = [n for n, p in live.items() if p is not self.params[n]]
+        placeholders = [n for n, p in live.items() if self.masks[n].device.type == "meta" and p.device.type != "meta"]
+        if not replaced and not placeholders:
+            return
+        trained = self._optimizer_params(optimizer)
+        for name in replaced:
+            if id(self.params[name]) in trained and id(live[name]) not in trained:
+                raise PrunelabError(
+                    f"{name!r} was replaced by a new Parameter (load_state_dict(assign=True), to_empty() or a new "
+                    "module) but the optimizer given to prepare() still trains the old one; build the optimizer from "
+                    "model.parameters() after replacing them and call sparsifier.prepare(optimizer)"
+                )
+        self.params.update(live)  # in place: the same dict object, now holding the live Parameters
+        self._slots = self._owner_slots()
+        if placeholders:  # a meta mask: the values set_masks() held, else the all-kept mask of __init__
+            held = self._held_masks
+            self.masks = MaskSet({
+                n: (held.pop(n).to(live[n].device) if n in held else torch.ones_like(live[n], dtype=torch.bool))
+                if n in placeholders else m for n, m in self.masks.items()})
+        self._on_rebind(replaced)
+
+    def _on_rebind(self, names: Sequence[str]) -> None:
+        """Hook for subclasses holding per-Parameter state; ``names`` got new Parameter objects."""
+
+    def _live_parameter(self, name: str) -> nn.Parameter:
+        try:
+            param = self.model.get_parameter(name)
+        except AttributeError:
+            param = None
+        old = self.params[name]
+        if not isinstance(param, nn.Parameter) or isinstance(param, nn.parameter.UninitializedParameter):
+            raise PrunelabError(
+                f"{name!r} is no longer a plain initialised nn.Parameter of the model (a parametrization, prune hook "
+                "or module removed after the Sparsifier was built); build the Sparsifier on the model as it is now"
+            )
+        if param.shape != old.shape:
+            raise PrunelabError(
+                f"{name!r} was replaced by a Parameter of shape {tuple(param.shape)}, not {tuple(old.shape)}; the masks "
+                "fit the old shape -- build a new Sparsifier for the changed model"
+            )
+        return param
+
+    @staticmethod
+    def _optimizer_params(optimizer: torch.optim.Optimizer | None) -> set[int]:
+        if optimizer is None:
+            return set()
+        return {id(p) for group in optimizer.param_groups for p in group["params"]}
+
     # --- resume ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"step_count": self.step_count, "masks": dict(self.masks), "history": list(self.history)}
+        masks = {n: self._held_masks.get(n, m) for n, m in self.masks.items()}  # values, not meta placeholders
+        return {"step_count": self.step_count, "masks": masks, "history": list(self.history)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s step count, history and masks (all or nothing)."""

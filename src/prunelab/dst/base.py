@@ -21,7 +21,9 @@ One update (:meth:`DynamicSparsifier.rewire`), with ``M`` the mask before it:
    ``g_l = d_l`` keeps every layer's count (SET, RigL), DSR/SNFS reallocate
    ``sum_l d_l`` across layers;
 3. *new* connections -- grown and not kept before the update -- start at zero (or at a
-   fresh draw, SET) and their optimizer state (momentum buffer, Adam moments) is zeroed;
+   fresh draw, SET) and their optimizer state starts where the optimizer starts a fresh
+   parameter's: zero (momentum buffer, Adam moments, RMSprop averages), Adagrad's sum at
+   ``initial_accumulator_value``, Rprop's step size at ``lr`` (:data:`FRESH_STATE`);
    dropped weights and their state are zeroed by
    :meth:`~prunelab.sparsifier.Sparsifier.enforce`.  A connection dropped and regrown in
    the same update is no new connection: it keeps its value and its optimizer state, as
@@ -48,6 +50,13 @@ re-zeroes the masked entries.  The optimizer has already used that gradient, so 
 change applies after the step: dropped weights are zeroed, grown ones set to their start
 value, exactly as if the update had happened just before the step with the grown
 weights' first step skipped.  ``step`` must therefore run before ``optimizer.zero_grad()``.
+
+Masked gradients (:meth:`DynamicSparsifier.mask_gradients_`, opt-in, for gradient clipping
+or matrix-wise optimizers).  Zeroing the masked entries of ``.grad`` before
+``optimizer.step()`` would hide exactly what RigL grows by and what SNFS smooths.  So, on a
+step that reads it, the part removed is kept aside and :meth:`step` reads ``.grad`` plus
+that part: the same dense gradient, bit for bit, however many times it was called (the
+removed parts add up as the micro-batch gradients do).  Other steps keep nothing.
 
 Distributed (DESIGN.md decision 3).  Under DDP ``.grad`` is already all-reduced and the
 replicas' weights are identical, so magnitudes, gradients and momenta agree on every
@@ -78,6 +87,15 @@ from prunelab.targets import LayerRules, keep_bounds
 
 INIT_ALLOCATIONS = ("erk", "uniform")
 GROW_INITS = ("zero", "init")
+
+#: optimizer state that a fresh parameter does not start at zero: ``(optimizer class, state key,
+#: the param-group option it starts at)`` -- ``torch.optim.Adagrad``: ``sum = initial_accumulator_value``
+#: (Duchi et al. 2011's ``G_0``); ``torch.optim.Rprop``: ``step_size = lr`` (Riedmiller & Braun 1993's
+#: ``Delta_0``; at 0 it would never grow again, so a regrown weight would never move)
+FRESH_STATE: tuple[tuple[type[torch.optim.Optimizer], str, str], ...] = (
+    (torch.optim.Adagrad, "sum", "initial_accumulator_value"),
+    (torch.optim.Rprop, "step_size", "lr"),
+)
 
 
 def _is_int(value: Any) -> bool:
@@ -218,6 +236,7 @@ class DynamicSparsifier(Sparsifier):
         self.seed = seed
         self.sparse_init = bool(sparse_init)
         self.initialised = False
+        self._removed_grads: dict[str, torch.Tensor] = {}  # masked gradient parts mask_gradients_() took this step
         self.keep_limits = {n: keep_bounds(p.numel(), *self.bounds[n]) for n, p in self.params.items()}
 
     # --- life cycle ------------------------------------------------------------------
@@ -258,11 +277,45 @@ class DynamicSparsifier(Sparsifier):
                 f"{self.name}.step() called before prepare(); call prepare(optimizer) once before training (it draws "
                 "the initial sparse mask -- without it the model trains dense)"
             )
+        self._check_bound()
         self.step_count += 1
-        self.observe()
-        if self.rewiring is not None and self.rewiring.is_update_step(self.step_count):
-            self.rewire(self.rewiring.fraction_at(self.step_count))
+        try:
+            self.observe()
+            if self.rewiring is not None and self.rewiring.is_update_step(self.step_count):
+                self.rewire(self.rewiring.fraction_at(self.step_count))
+        finally:
+            self._removed_grads = {}  # this step's: never added to the next step's gradient
         self.enforce()
+
+    @torch.no_grad()
+    def mask_gradients_(self) -> None:
+        """Zero masked gradients before the optimizer step, keeping what growth needs (see the module docstring).
+
+        On a step whose :meth:`step` reads the dense gradient (:meth:`reads_dense_grad`) the
+        masked part of ``.grad`` is added to a side buffer before it is zeroed, and
+        :meth:`step` grows by ``.grad`` + that buffer -- the dense gradient it would have seen
+        without this call.  Costs one gradient copy of the prunable weights on those steps.
+        """
+        self._check_bound()
+        keep = self.reads_dense_grad(self.step_count + 1)
+        for name, param in self.params.items():
+            if param.grad is None:
+                continue
+            pruned = ~self.masks[name].to(param.grad.device)
+            if keep:
+                removed = param.grad.detach().masked_fill(~pruned, 0)  # the masked entries' gradient, 0 elsewhere
+                held = self._removed_grads.get(name)
+                self._removed_grads[name] = removed if held is None else held.add_(removed)
+            param.grad.masked_fill_(pruned, 0)
+
+    def reads_dense_grad(self, step: int) -> bool:
+        """Whether :meth:`step` number ``step`` reads the dense ``.grad``: an update step of a method
+        that grows by a gradient signal (RigL); SNFS reads it every step."""
+        return self.grow_signal is not None and self.rewiring is not None and self.rewiring.is_update_step(step)
+
+    def _on_rebind(self, names: Sequence[str]) -> None:
+        for name in names:  # a side buffer of a replaced Parameter's gradient belongs to the old one
+            self._removed_grads.pop(name, None)
 
     def observe(self) -> None:
         """Per-step hook, run while ``.grad`` is still dense (SNFS's momentum); default: nothing."""
@@ -376,9 +429,19 @@ class DynamicSparsifier(Sparsifier):
             else:
                 param[where] = 0.0
             if self.optimizer is not None:
-                for value in self.optimizer.state.get(param, {}).values():
+                for key, value in self.optimizer.state.get(param, {}).items():
                     if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                        value[where] = 0
+                        value[where] = self._fresh_state(param, key, value)
+
+    def _fresh_state(self, param: torch.Tensor, key: str, value: torch.Tensor) -> float | complex:
+        """Where the optimizer starts state ``key`` of a fresh parameter (:data:`FRESH_STATE`; else 0)."""
+        for kind, state_key, option in FRESH_STATE:
+            if isinstance(self.optimizer, kind) and key == state_key:
+                group = next((g for g in self.optimizer.param_groups if any(p is param for p in g["params"])), None)
+                if group is not None:
+                    start = float(group[option])
+                    return complex(start, start) if value.is_complex() else start  # as torch's full_like for complex
+        return 0.0
 
     def _dense_grad(self, name: str, param: torch.Tensor) -> torch.Tensor:
         if param.grad is None:
@@ -386,7 +449,9 @@ class DynamicSparsifier(Sparsifier):
                 f"{self.name} needs the dense gradient but {name!r} has no .grad at step {self.step_count}; call "
                 "sparsifier.step() after optimizer.step() and before optimizer.zero_grad()"
             )
-        return param.grad.detach()
+        grad = param.grad.detach()
+        removed = self._removed_grads.get(name)  # what mask_gradients_() took from the masked entries
+        return grad if removed is None else grad + removed.to(grad.device)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "name": self.name}

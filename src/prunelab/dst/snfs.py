@@ -6,7 +6,7 @@ Performance", arXiv:1907.04840 (2019).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -73,6 +73,15 @@ class SNFS(ReallocatingSparsifier):
             if buffer is None:
                 buffer = self.momentum[name] = torch.zeros_like(grad)
             buffer.mul_(self.beta).add_(grad, alpha=1.0 - self.beta)
+
+    def reads_dense_grad(self, step: int) -> bool:
+        return True  # observe() smooths the dense gradient at every step
+
+    def _on_rebind(self, names: Sequence[str]) -> None:
+        super()._on_rebind(names)
+        for name in names:  # same name and shape; the replacing Parameter may live elsewhere (meta -> cpu)
+            if name in self.momentum:
+                self.momentum[name] = self.momentum[name].to(self.params[name].device)
 
     def _momentum(self, name: str, param: torch.Tensor) -> torch.Tensor:
         buffer = self.momentum.get(name)

@@ -131,11 +131,21 @@ def _base(module: nn.Module, types: tuple[type[nn.Module], ...]) -> type[nn.Modu
     return next(t for t in types if isinstance(module, t))
 
 
+def _memory_format(tensor: torch.Tensor) -> torch.memory_format:
+    """``channels_last`` (4-D) / ``channels_last_3d`` (5-D) when ``tensor`` is laid out so and not
+    also plain contiguous (size-1 dims can make it both), else ``contiguous_format``."""
+    channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(tensor.dim())
+    if channels_last is not None and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=channels_last):
+        return channels_last
+    return torch.contiguous_format
+
+
 def _new_module(module: nn.Module, cut: LayerCut) -> nn.Module:
     """A freshly constructed, smaller Linear / Conv / ConvTranspose / BatchNorm holding the kept values.
 
     Built with ``skip_init`` (every tensor is then copied in), so shrinking draws nothing
-    from the global RNG.
+    from the global RNG.  A conv weight keeps its memory format (a ``channels_last`` model
+    stays ``channels_last``; ``copy_`` keeps the destination's strides).
     """
     like = module.weight if module.weight is not None else module.running_mean  # BatchNorm(affine=False): buffers
     factory = {"device": like.device if like is not None else torch.device("cpu"),
@@ -170,6 +180,9 @@ def _new_module(module: nn.Module, cut: LayerCut) -> nn.Module:
                 _base(module, CONV_TYPES), channels_in, weight.shape[0], module.kernel_size, stride=module.stride,
                 padding=module.padding, dilation=module.dilation, groups=weight.shape[0] if depthwise else 1,
                 bias=bias is not None, padding_mode=module.padding_mode, **factory)
+        layout = _memory_format(module.weight)
+        if layout is not torch.contiguous_format:
+            new.to(memory_format=layout)  # only the 4-D / 5-D weight changes; the bias is 1-D
         with torch.no_grad():
             new.weight.copy_(weight)
             if bias is not None:
