@@ -213,7 +213,20 @@ def run_cases(mode: str, rank: int) -> dict:
         out["channel-prune-empty-rank1"] = channel_prune(on_rank1([], own))
         out["channel-prune-spare-runs-nowhere"] = channel_prune(own, consumer="spare")
         out["gram-nan-rank1"] = gram(on_rank1(with_nan(own), own))
+        out["magnitude-nan-weight-rank1"] = magnitude_with_nan_weight(rank == 1)
     return out
+
+
+def magnitude_with_nan_weight(bad: bool) -> dict:
+    """A data-free criterion (no collective of its own) on replicas that differ: a NaN weight on one rank."""
+    model = linear_model()
+    if bad:
+        with torch.no_grad():
+            model[0].weight[0, 0] = float("nan")
+    try:
+        return {"masks": {n: m.reshape(-1).tolist() for n, m in Sparsifier(model).update(0.5).items()}}
+    except PrunelabError as error:
+        return {"error": str(error)}
 
 
 def main(out: Path) -> None:

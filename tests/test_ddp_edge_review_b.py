@@ -374,3 +374,12 @@ def test_world_size_1_a_batch_that_does_not_fit_is_a_one_line_error_for_the_pai_
         worker.criterion(kind)(model, dict(model.named_parameters()), data)
     assert "\n" not in str(info.value)
     assert all(p.grad is None for p in model.parameters()) and model.training
+
+
+def test_a_nan_weight_on_one_rank_under_a_data_free_criterion_is_one_error_on_every_rank(edges):
+    """magnitude reduces nothing itself: its NaN check on rank 1 alone used to leave rank 0 in the Sparsifier's
+    all-reduce of the scores; now the criterion call is agreed on (Sparsifier.scores)."""
+    message = _both(edges, "magnitude-nan-weight-rank1")["error"]
+    assert message.startswith("criterion 'magnitude' gave NaN scores for '0.weight'")
+    assert message.endswith("(on rank 1 of 2)") and "\n" not in message
+

@@ -110,16 +110,20 @@ class Criterion:
             with torch.no_grad():
                 raw = self.score(model, params, data)
         out: dict[str, Tensor] = {}
+        nan: PrunelabError | None = None
         for name, param in params.items():
             score = raw[name].detach().to(device=param.device, dtype=torch.float32)
             if score.shape != param.shape:  # a bug in the criterion, not a user error
                 raise RuntimeError(f"{self.name}: score of {name} has shape {tuple(score.shape)}, not {tuple(param.shape)}")
-            if bool(torch.isnan(score).any()):  # never a valid score: the allocators would keep too few
-                raise PrunelabError(
+            if nan is None and bool(torch.isnan(score).any()):  # never a valid score: the allocators would keep too few
+                nan = PrunelabError(
                     f"criterion {self.name!r} gave NaN scores for {name!r}; check the weights and the ScoreData "
                     "batches for NaN/inf values (and the loss for overflow)"
                 )
             out[name] = score
+        # agreed: a NaN on one rank only (replicas that differ, a criterion that reduces nothing itself) would
+        # otherwise leave the other ranks in the caller's next collective
+        distributed.raise_on_every_rank(nan)
         return out
 
     def score(self, model: nn.Module, params: Mapping[str, nn.Parameter], data: ScoreData | None) -> dict[str, Tensor]:
