@@ -231,6 +231,8 @@ def _calls():
         "local_attention": inspect.signature(sparse_attention.local_attention),
         "local_attention_mask": inspect.signature(sparse_attention.local_attention_mask),
         "model.state_dict": None,
+        "save_pretrained": None,  # transformers' methods
+        "from_pretrained": None,
         "cos": None,  # the formula `BI = 1 - E cos(x_in, x_out)`
     }
 
