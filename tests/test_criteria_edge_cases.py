@@ -204,3 +204,22 @@ def test_obd_fisher_of_least_squares_is_the_empirical_fisher_not_the_hessian():
     diag = get_criterion("obd", hessian="fisher").hessian_diagonal(
         layer, {"weight": layer.weight}, ScoreData([(x[:4], y[:4]), (x[4:], y[4:])], loss_fn=mse))
     torch.testing.assert_close(diag["weight"], (4 * r**2 * x**2).mean(0)[None], rtol=1e-5, atol=1e-6)
+
+
+def test_obd_fisher_refuses_dict_inputs_in_one_line():
+    # per-sample gradients run along dim 0 of a tensor batch; a dict batch was an AttributeError traceback
+    class DictInput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 1)
+
+        def forward(self, batch):
+            return self.fc(batch["x"])
+
+    model = DictInput()
+    data = ScoreData([({"x": torch.randn(4, 3)}, torch.randn(4, 1))], loss_fn=mse)
+    with pytest.raises(PrunelabError, match=r"^obd's empirical Fisher needs ScoreData inputs that are tensors .* got a "
+                                            r"dict; .*hessian='exact'\)$"):
+        get_criterion("obd", hessian="fisher")(model, {"fc.weight": model.fc.weight}, data)
+    exact = get_criterion("obd", hessian="exact")(model, {"fc.weight": model.fc.weight}, data)  # the way out works
+    assert exact["fc.weight"].shape == (1, 3) and bool((exact["fc.weight"] >= 0).all())

@@ -122,6 +122,7 @@ class OBD(Criterion):
                     for name, h in diagonals.items():
                         totals[name] += h
                 if fisher:
+                    _check_batched_tensor(inputs, targets)
                     with batch_errors(self.name, inputs, targets):  # outside the vmap -> loop fallback
                         squares, use_vmap = _fisher_sum(forward, fisher, data, inputs, targets, use_vmap)
                     for name, sq in squares.items():
@@ -149,6 +150,17 @@ def _counts_over_ranks(num_batches: int, num_samples: int) -> tuple[int, int]:
 
 def _num_samples(inputs: Tensor) -> int:
     return int(inputs.shape[0])
+
+
+def _check_batched_tensor(inputs: object, targets: object) -> None:
+    """The empirical Fisher takes per-sample gradients along dim 0 of a tensor batch: refuse anything else."""
+    for what, value in (("inputs", inputs), ("targets", targets)):
+        if not isinstance(value, Tensor) or value.dim() == 0:
+            kind = type(value).__name__ if not isinstance(value, Tensor) else "0-d tensor"
+            raise PrunelabError(
+                f"obd's empirical Fisher needs ScoreData {what} that are tensors with the samples along dim 0, got a "
+                f"{kind}; yield (tensor, tensor) batches, or score the layers with obd(hessian='exact')"
+            )
 
 
 def _exact_diagonal(
