@@ -478,6 +478,17 @@ def test_oneshot_refuses_an_unwritable_out_before_loading_anything(tmp_path, mon
     assert "output directory '/proc' is not writable" in err, err
 
 
+def test_a_failed_oneshot_leaves_no_output_parent_it_created(tmp_path, monkeypatch):
+    # --out new/deeper/x: the missing parents are made before loading (to check they are writable), and
+    # removed again when the run then fails (here: no corpus), as prune does
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    code, out, err = _call(["oneshot", "--model", "chargpt", "--method", "magnitude", "--data-dir", "empty",
+                            "--out", "new/deeper/x"])
+    assert code == 2 and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
 # --- a config file and the equivalent flags: spellings that should be one run -------------------------------
 def _hash_and_masks(argv: list[str]) -> tuple[str, dict]:
     code, out, err = _call(["prune", *argv])

@@ -226,54 +226,56 @@ def cmd_oneshot(args: argparse.Namespace) -> int:
     config = OneShotConfig(method=args.method, sparsity=sparsity, pattern=pattern, dampening=args.dampening,
                            block_size=args.block_size, exclude=exclude, bias_correction=args.bias_correction,
                            dense_targets=args.dense_targets)
-    from prunelab.io import ensure_writable_dir, link_target
+    from prunelab.io import link_target
+    from prunelab.pipeline import output_parent
 
-    ensure_writable_dir(link_target(args.out).parent)  # the folder atomic_dir writes in: fail before loading anything
-    samples = args.calib_samples or DEFAULT_CALIB_SAMPLES[spec.kind]
-    model, tokenizer, meta = load_model(spec, args)
-    calibration, calib_info = calibration_for(spec, model, tokenizer, samples, args)
+    # the folder atomic_dir writes in: checked before loading anything, removed again if it was made and the run fails
+    with output_parent(link_target(args.out)):
+        samples = args.calib_samples or DEFAULT_CALIB_SAMPLES[spec.kind]
+        model, tokenizer, meta = load_model(spec, args)
+        calibration, calib_info = calibration_for(spec, model, tokenizer, samples, args)
 
-    started = time.perf_counter()
-    report = prune_oneshot(model, calibration, config, progress=args.progress)
-    wall = time.perf_counter() - started
-    masks = report.masks
-    stats = masks.stats()
-    params = sum(p.numel() for p in model.parameters())
-    nonzero = sum(int((p != 0).sum()) for p in model.parameters())
-    record = {
-        "model": args.model,
-        "model_kind": spec.kind,
-        "config": dataclasses.asdict(config) | {"exclude": list(exclude)},
-        "calibration": calib_info,
-        "summary": {
-            "pruned_layers": len(masks),
-            "pruned_layer_sparsity": stats.sparsity,
-            "model_sparsity": 1.0 - nonzero / params,
-            "params": params,
-            "nonzero_params": nonzero,
-            "wall_time_s": getattr(report, "wall_time_s", wall),
-            "peak_rss_mb": max(getattr(report, "peak_rss_mb", 0.0) or 0.0, peak_rss_mb()),
-        },
-        "oneshot": report.to_dict(),
-        "source": {k: v for k, v in meta.items() if k in ("source", "folder", "sha256", "metrics")},
-    }
-    from prunelab.bench.records import benchmark_environment
-    from prunelab.io import atomic_dir, write_json, write_text
+        started = time.perf_counter()
+        report = prune_oneshot(model, calibration, config, progress=args.progress)
+        wall = time.perf_counter() - started
+        masks = report.masks
+        stats = masks.stats()
+        params = sum(p.numel() for p in model.parameters())
+        nonzero = sum(int((p != 0).sum()) for p in model.parameters())
+        record = {
+            "model": args.model,
+            "model_kind": spec.kind,
+            "config": dataclasses.asdict(config) | {"exclude": list(exclude)},
+            "calibration": calib_info,
+            "summary": {
+                "pruned_layers": len(masks),
+                "pruned_layer_sparsity": stats.sparsity,
+                "model_sparsity": 1.0 - nonzero / params,
+                "params": params,
+                "nonzero_params": nonzero,
+                "wall_time_s": getattr(report, "wall_time_s", wall),
+                "peak_rss_mb": max(getattr(report, "peak_rss_mb", 0.0) or 0.0, peak_rss_mb()),
+            },
+            "oneshot": report.to_dict(),
+            "source": {k: v for k, v in meta.items() if k in ("source", "folder", "sha256", "metrics")},
+        }
+        from prunelab.bench.records import benchmark_environment
+        from prunelab.io import atomic_dir, write_json, write_text
 
-    record["environment"] = benchmark_environment()
-    rows = _report_rows(report)
-    check_out_folder(args.out, ONESHOT_OUTPUT)  # again: another command may have written there while this ran
-    with atomic_dir(args.out) as tmp:
-        note = {"pruned": {"method": config.method, "sparsity": stats.sparsity, "pattern": pattern}}
-        save_model(spec, model, tokenizer, tmp, note, args.progress)
-        masks.save(tmp / "masks.safetensors")
-        write_json(tmp / "report.json", record)
-        write_text(tmp / "report.md", _render_markdown(record, rows))
-    summary = record["summary"]
-    print(f"pruned {summary['pruned_layers']} layers of {args.model} with {config.method} to "
-          f"{100 * summary['pruned_layer_sparsity']:.2f}% sparsity in {summary['wall_time_s']:.1f} s "
-          f"(peak RSS {summary['peak_rss_mb']:.0f} MB); wrote {args.out}/")
-    return 0
+        record["environment"] = benchmark_environment()
+        rows = _report_rows(report)
+        check_out_folder(args.out, ONESHOT_OUTPUT)  # again: another command may have written there while this ran
+        with atomic_dir(args.out) as tmp:
+            note = {"pruned": {"method": config.method, "sparsity": stats.sparsity, "pattern": pattern}}
+            save_model(spec, model, tokenizer, tmp, note, args.progress)
+            masks.save(tmp / "masks.safetensors")
+            write_json(tmp / "report.json", record)
+            write_text(tmp / "report.md", _render_markdown(record, rows))
+        summary = record["summary"]
+        print(f"pruned {summary['pruned_layers']} layers of {args.model} with {config.method} to "
+              f"{100 * summary['pruned_layer_sparsity']:.2f}% sparsity in {summary['wall_time_s']:.1f} s "
+              f"(peak RSS {summary['peak_rss_mb']:.0f} MB); wrote {args.out}/")
+        return 0
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
