@@ -487,6 +487,10 @@ def test_a_failed_oneshot_leaves_no_output_parent_it_created(tmp_path, monkeypat
                             "--out", "new/deeper/x"])
     assert code == 2 and err.count("\n") == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+    code, out, err = _call(["drop-layers", "--model", "chargpt", "--count", "1", "--data-dir", "empty",
+                            "--out", "new/deeper/x"])
+    assert code == 2 and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
 
 
 # --- a config file and the equivalent flags: spellings that should be one run -------------------------------

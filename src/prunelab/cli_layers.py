@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 from typing import Any
 
 from prunelab.cli import int_arg
@@ -47,7 +46,7 @@ def _markdown(record: dict[str, Any]) -> str:
 
 def cmd_drop_layers(args: argparse.Namespace) -> int:
     """Score, drop ``--count`` blocks of ``--model`` and write ``--out`` (see the module docstring)."""
-    from prunelab.io import atomic_dir, ensure_writable_dir, write_json, write_text
+    from prunelab.io import atomic_dir, link_target, write_json, write_text
 
     if isinstance(args.count, bool) or args.count < 1:
         raise PrunelabError(f"--count must be a positive integer (blocks to drop), got {args.count}")
@@ -55,48 +54,51 @@ def cmd_drop_layers(args: argparse.Namespace) -> int:
         raise PrunelabError(f"--calib-samples must be a positive integer, got {args.calib_samples}")
     check_seed(args.seed)
     spec = resolve_model(args.model)
-    ensure_writable_dir(Path(args.out).resolve().parent)  # fail before loading anything
-    check_out_folder(args.out, DROP_LAYERS_OUTPUT, inputs=(spec.path,) if spec.path is not None else ())
-    from prunelab.layers import block_influence, drop_blocks, lowest_influence
+    from prunelab.pipeline import output_parent
 
-    model, tokenizer, meta = load_model(spec, args)
-    from prunelab.oneshot.engine import find_blocks
+    # checked writable before loading anything; the parents it made are removed again if the run fails
+    with output_parent(link_target(args.out)):
+        check_out_folder(args.out, DROP_LAYERS_OUTPUT, inputs=(spec.path,) if spec.path is not None else ())
+        from prunelab.layers import block_influence, drop_blocks, lowest_influence
 
-    blocks = len(find_blocks(model))  # refuse an impossible --count before calibrating and scoring every block
-    if blocks >= 2 and args.count >= blocks:
-        raise PrunelabError(f"--count {args.count} would drop all {blocks} blocks of {args.model}; use at most {blocks - 1}")
-    samples = args.calib_samples or DEFAULT_CALIB_SAMPLES[spec.kind]
-    calibration, calib_info = calibration_for(spec, model, tokenizer, samples, args)
-    started = time.perf_counter()
-    scores = block_influence(model, calibration)
-    if args.count >= len(scores):
-        raise PrunelabError(f"--count {args.count} would drop all {len(scores)} blocks of {args.model}; "
-                            f"use at most {len(scores) - 1}")
-    dropped = lowest_influence(scores, args.count)
-    params_before = sum(p.numel() for p in model.parameters())
-    drop_blocks(model, dropped)
-    record = {
-        "model": args.model,
-        "model_kind": spec.kind,
-        "calibration": calib_info,
-        "block_influence": scores,
-        "dropped": dropped,
-        "summary": {"blocks_before": len(scores), "blocks_after": len(scores) - len(dropped),
-                    "params_before": params_before, "params_after": sum(p.numel() for p in model.parameters()),
-                    "wall_time_s": time.perf_counter() - started},
-        "source": {k: v for k, v in meta.items() if k in ("source", "folder", "sha256")},
-    }
-    for name, score in scores.items():
-        print(f"{name:<24} block influence {score:.4f}{'  <- dropped' if name in dropped else ''}")
-    check_out_folder(args.out, DROP_LAYERS_OUTPUT)  # again: another command may have written there meanwhile
-    with atomic_dir(args.out) as tmp:
-        save_model(spec, model, tokenizer, tmp, {"dropped_blocks": dropped}, args.progress)
-        write_json(tmp / "report.json", record)
-        write_text(tmp / "report.md", _markdown(record))
-    summary = record["summary"]
-    print(f"dropped {len(dropped)} of {summary['blocks_before']} blocks of {args.model}: parameters "
-          f"{summary['params_before']:,} -> {summary['params_after']:,}; wrote {args.out}/")
-    return 0
+        model, tokenizer, meta = load_model(spec, args)
+        from prunelab.oneshot.engine import find_blocks
+
+        blocks = len(find_blocks(model))  # refuse an impossible --count before calibrating and scoring every block
+        if blocks >= 2 and args.count >= blocks:
+            raise PrunelabError(f"--count {args.count} would drop all {blocks} blocks of {args.model}; use at most {blocks - 1}")
+        samples = args.calib_samples or DEFAULT_CALIB_SAMPLES[spec.kind]
+        calibration, calib_info = calibration_for(spec, model, tokenizer, samples, args)
+        started = time.perf_counter()
+        scores = block_influence(model, calibration)
+        if args.count >= len(scores):
+            raise PrunelabError(f"--count {args.count} would drop all {len(scores)} blocks of {args.model}; "
+                                f"use at most {len(scores) - 1}")
+        dropped = lowest_influence(scores, args.count)
+        params_before = sum(p.numel() for p in model.parameters())
+        drop_blocks(model, dropped)
+        record = {
+            "model": args.model,
+            "model_kind": spec.kind,
+            "calibration": calib_info,
+            "block_influence": scores,
+            "dropped": dropped,
+            "summary": {"blocks_before": len(scores), "blocks_after": len(scores) - len(dropped),
+                        "params_before": params_before, "params_after": sum(p.numel() for p in model.parameters()),
+                        "wall_time_s": time.perf_counter() - started},
+            "source": {k: v for k, v in meta.items() if k in ("source", "folder", "sha256")},
+        }
+        for name, score in scores.items():
+            print(f"{name:<24} block influence {score:.4f}{'  <- dropped' if name in dropped else ''}")
+        check_out_folder(args.out, DROP_LAYERS_OUTPUT)  # again: another command may have written there meanwhile
+        with atomic_dir(args.out) as tmp:
+            save_model(spec, model, tokenizer, tmp, {"dropped_blocks": dropped}, args.progress)
+            write_json(tmp / "report.json", record)
+            write_text(tmp / "report.md", _markdown(record))
+        summary = record["summary"]
+        print(f"dropped {len(dropped)} of {summary['blocks_before']} blocks of {args.model}: parameters "
+              f"{summary['params_before']:,} -> {summary['params_after']:,}; wrote {args.out}/")
+        return 0
 
 
 def add_drop_layers_parser(subparsers: Any) -> argparse.ArgumentParser:
