@@ -127,9 +127,8 @@ UNION = {
     "obd-fisher": ([0.5 * 98 / 8, 0.5 * 115 / 8], [False, True]),
     "movement": ([-4.0, -5.0], [True, False]),  # -sum_b w g_b
 }
-# movement's one-pass score is a sum over batches; under DDP each rank's sum is averaged over the 2 ranks
-# (the Sparsifier's scale): half the union's sum, the same ranking and masks
-SCALE = {"movement": 0.5}
+# every score is one process's on the union (movement's one-pass sum over batches too: summed over ranks)
+SCALE: dict[str, float] = {}
 
 
 @pytest.mark.parametrize("kind", LOSS_KINDS)
@@ -156,10 +155,10 @@ def test_loss_criteria_on_unequal_shards_score_the_union_of_the_batches(uneven, 
 
 
 def test_movement_one_pass_is_the_same_on_every_rank_called_alone(uneven):
-    # each rank's -sum_b w g_b averaged over the ranks inside the criterion: (-4 + 0, 0 - 5) / 2 on both ranks
-    # (each rank used to return its own sum, (-4, 0) and (0, -5), leaving the reduction to the Sparsifier)
-    assert _both(uneven, "movement-direct-uneven") == {"scores": {"0.weight": [-2.0, -2.5]}}
-    assert _mean_of_rank_scores("movement") == [-2.0, -2.5]
+    # each rank's -sum_b w g_b summed over the ranks inside the criterion: (-4 + 0, 0 - 5) on both ranks, the
+    # union's sum (each rank used to return its own sum, (-4, 0) and (0, -5), leaving the reduction to the Sparsifier)
+    assert _both(uneven, "movement-direct-uneven") == {"scores": {"0.weight": [-4.0, -5.0]}}
+    assert _mean_of_rank_scores("movement") == [-2.0, -2.5]  # what averaging the ranks' sums would give
 
 
 # relu(x) on rank 0: (1, 0), (2, 0), (3, 1); on rank 1: (0, 1) three times, (0, 0), (1, 1).
@@ -191,7 +190,7 @@ def test_an_empty_shard_on_one_rank_adds_nothing(edges, kind):
     got = _both(edges, f"{kind}-empty-rank1")
     assert "error" not in got
     alone = _worker().decide(kind, _worker().shard(kind, 0))  # one process on rank 0's shard
-    scale = SCALE.get(kind, 1.0)  # movement: rank 0's sum and rank 1's zeros, averaged
+    scale = SCALE.get(kind, 1.0)
     assert got["masks"] == alone["masks"]
     assert got["scores"] == {n: (torch.tensor(v) * scale).tolist() for n, v in alone["scores"].items()}
 

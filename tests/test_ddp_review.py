@@ -75,9 +75,7 @@ def test_sparsifier_masks_are_identical_on_both_ranks_and_equal_one_process_on_a
     assert got[0]["fingerprint"] == got[1]["fingerprint"]
     assert got[0]["scores"] == got[1]["scores"]  # bit-identical reduced scores
     expected = union()["sparsifier"][criterion]
-    # the Sparsifier averages scores over ranks: movement's one-pass score is a *sum* over batches,
-    # so 2 ranks hold the mean of 2 half sums (a positive factor 1/2: the same ranking and masks)
-    scale = 0.5 if criterion == "movement" else 1.0
+    scale = 1.0  # every criterion reduces to one process's scores (movement's one-pass sum too)
     assert _close(got[0]["scores"], expected["scores"], scale), criterion
     assert got[0]["masks"] == expected["masks"], criterion
     if CRITERIA.get(criterion.removesuffix("-tanh")).needs_data:  # each rank's own data alone decides otherwise

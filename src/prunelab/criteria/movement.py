@@ -152,7 +152,7 @@ class Movement(Criterion):
 
     @staticmethod
     def _one_pass(model: nn.Module, params: Mapping[str, nn.Parameter], data: ScoreData) -> dict[str, Tensor]:
-        """``S = -sum_b w * dL_b/dw`` over this rank's batches, averaged over the ranks (float32)."""
+        """``S = -sum_b w * dL_b/dw`` over the batches of every rank (float32): one process's score on all the data."""
         forward = FunctionalModel(model, params)
         totals = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
         num_batches = 0
@@ -167,6 +167,5 @@ class Movement(Criterion):
                         totals[name] -= weight.detach().float() * grad.float()
                 num_batches += 1
         batches_over_ranks(num_batches)  # no batches on any rank: the same error on every rank
-        # (1/W) sum_r S_r: the Sparsifier's scale; a NaN on one rank reaches every rank, so
-        # Criterion.__call__ raises on all of them (none is left waiting in the Sparsifier's all-reduce)
-        return {n: distributed.all_reduce_mean_(t) for n, t in totals.items()}
+        # sum_r S_r, as one process on the union; a NaN on one rank reaches every rank
+        return {n: distributed.all_reduce_sum_(t) for n, t in totals.items()}
