@@ -155,16 +155,19 @@ NUMBER_OR_WORD_FIELDS = ("keep_first", "keep_last")  # 'dense', 'none' or a numb
 
 
 def _number_text(text: str) -> str:
-    """``text`` as the one spelling of its number, ``repr(float)``: ``.5``, ``0.50`` and ``5e-1`` -> ``'0.5'``.
+    """``text`` as the one spelling of its number: ``.5``, ``0.50`` and ``5e-1`` -> ``'0.5'`` (``repr(float)``),
+    and a whole number as an int: ``0``, ``0.0`` and ``0e0`` -> ``'0'``.
 
-    A word (``'dense'``, ``'none'``) or a non-finite number stays as given; ``'0.5'``, the spelling
-    ``--keep-first 0.5`` and YAML ``keep_first: 0.5`` gave before, keeps its hash.
+    A word (``'dense'``, ``'none'``) or a non-finite number stays as given.  The spellings
+    ``--keep-first 0.5`` / ``0`` and YAML ``keep_first: 0.5`` / ``0`` gave before keep their hashes.
     """
     try:
         number = float(text)
     except ValueError:
         return text
-    return repr(number) if math.isfinite(number) else text
+    if not math.isfinite(number):
+        return text
+    return str(int(number)) if number.is_integer() else repr(number)
 
 
 LATER_FIELDS = ("layer_floor", "start_epoch", "end_fraction")  # added after run folders were first hashed
@@ -270,6 +273,7 @@ YAML_FLOAT = r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
     |[-+]?\.(?:inf|Inf|INF)
     |\.(?:nan|NaN|NAN))$"""
 YAML_INT = r"""^(?:[-+]?0b[0-1_]+
+    |[-+]?0o[0-7_]+
     |[-+]?0[0-7_]+
     |[-+]?(?:0|[1-9][0-9_]*)
     |[-+]?0x[0-9a-fA-F_]+)$"""
