@@ -283,8 +283,6 @@ def test_two_four_covers_the_conv_transpose_with_exactly_half_kept():
         assert bool((blocks.sum(1) == 2).all()), name
 
 
-@pytest.mark.xfail(strict=True, reason="N:M on a ConvTranspose runs along weight dim 1 (its OUTPUT channels), not "
-                                       "its input channels (dim 0) as README/NM promise; (8, 6, k) is refused")
 def test_two_four_on_a_conv_transpose_runs_along_its_input_channels():
     torch.manual_seed(0)
     model = nn.Sequential(nn.ConvTranspose2d(8, 6, 2, stride=2), nn.ReLU(), nn.Conv2d(6, 4, 1))
@@ -630,8 +628,6 @@ def test_csr_bsr_auto_keep_the_conv_transpose_dense_with_a_warning_and_equal_out
             assert not [c for c in timer.calls if c[0] == "up2"]
 
 
-@pytest.mark.xfail(strict=True, reason="materialise(model, 'shrink') without masks ignores ConvTranspose layers "
-                                       "(not in materialise.TARGET_TYPES): their zeroed output channels are not cut")
 def test_shrink_without_masks_cuts_the_zeroed_conv_transpose_channels_too():
     model = _built(Generator)
     z = _latents()
@@ -658,8 +654,6 @@ def test_deep_compression_round_trip_of_a_unet_whose_conv_transpose_is_left_unpr
     assert report.total_bytes < 4 * _params(model)
 
 
-@pytest.mark.xfail(strict=True, reason="write_compressed refuses a mask on a ConvTranspose weight ('is not the weight "
-                                       "of a Linear/Conv layer'), though prunelab prunes it")
 def test_deep_compression_round_trip_with_the_conv_transpose_pruned(tmp_path):
     model = _built(UNet)
     masks = Sparsifier(model, granularity="unstructured", allocation="uniform", schedule=OneShot(0.6)).prepare().finalize()
@@ -669,8 +663,6 @@ def test_deep_compression_round_trip_with_the_conv_transpose_pruned(tmp_path):
     assert not state["up2.weight"][~keep].any() and state["up2.weight"][keep].unique().numel() <= 16
 
 
-@pytest.mark.xfail(strict=True, reason="Deep Compression stores ConvTranspose weights raw (not weight-shared): "
-                                       "compress.quantize._QUANTIZED_TYPES has no ConvTranspose")
 def test_deep_compression_weight_shares_the_generators_conv_transpose_weights(tmp_path):
     model = _built(Generator)
     write_compressed(tmp_path / "gen.plc", copy.deepcopy(model), None, bits=3)

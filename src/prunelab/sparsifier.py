@@ -329,7 +329,7 @@ class Sparsifier:
                 continue
             alive = self.masks[name].to(scores[name].device)  # masks stay where they were made if the model moved
             score = torch.where(alive, scores[name], torch.full_like(scores[name], float("-inf")))
-            masks[name] = self.granularity.pattern_mask(score)
+            masks[name] = self.structures[name].pattern_mask(score)  # the layer's view: a ConvTranspose blocks dim 0
         return masks
 
     def set_masks(self, masks: Mapping[str, torch.Tensor]) -> None:

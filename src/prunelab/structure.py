@@ -14,6 +14,7 @@ channel         one output filter ``w[o]``         one output neuron (row) ``w[o
 neuron          alias of channel
 N:M             at most N kept in every M          at most N kept in every M
                 consecutive input channels         consecutive inputs of a row
+                ``w[o, j*M:(j+1)*M, r, c]``        ``w[o, j*M:(j+1)*M]``
 ==============  ================================  =====================================
 
 Channel/neuron masks prune whole output rows, the layout a later physical shrink needs
@@ -25,10 +26,11 @@ convolution arithmetic for deep learning") stores its weight the other way round
 ``w[g*I/groups:(g+1)*I/groups, j]``, not the row ``w[o]``.  A granularity sees only shapes,
 so the layer tells it: :meth:`Granularity.for_layer` (and :func:`layer_granularities` for a
 whole model) gives the granularity as it applies to one layer's weight --
-:class:`TransposedChannel` for the ``channel`` granularity of a transposed conv, the
-granularity itself everywhere else (unstructured, vector rows and kernels are the same
-groups either way; N:M blocks run along dim 1, the transposed conv's output channels of a
-group).
+:class:`TransposedChannel` for the ``channel`` granularity of a transposed conv,
+:class:`TransposedNM` for N:M (its blocks run along the transposed conv's INPUT channels,
+weight dim 0, within each group's input slice: the reduction dimension of its GEMM, as for
+every other layer), and the granularity itself everywhere else (unstructured, vector rows
+and kernels are the same groups either way).
 
 ``vector``, ``kernel`` and ``channel`` are *structured* (``Granularity.structured``): a
 ``global`` allocation keeps at least one of their groups in every layer, because one
@@ -250,6 +252,9 @@ class NM(Granularity):
     ``w[o, j*m:(j+1)*m]``, and consecutive input channels of a conv at a fixed kernel
     position ``w[o, j*m:(j+1)*m, r, c]`` (the layout of NVIDIA's sparse tensor cores,
     where the GEMM reduction runs over input channels).  Sparsity is exactly ``1 - n/m``.
+    For a Linear/Conv weight ``(O, I, *k)`` the input dimension is weight dim 1; a
+    transposed conv stores its input channels in dim 0, so ``NM.for_layer(conv_transpose)``
+    gives :class:`TransposedNM`, whose blocks run along dim 0.
     """
 
     n: int = 2
@@ -279,24 +284,29 @@ class NM(Granularity):
     def group_size(self, shape: tuple[int, ...]) -> int:
         return self.m
 
+    def for_layer(self, module: nn.Module | None) -> Granularity:
+        """:class:`TransposedNM` for a transposed conv (its input channels are weight dim 0), else itself."""
+        if isinstance(module, nn.modules.conv._ConvTransposeNd):
+            return TransposedNM(self.n, self.m, int(module.groups))
+        return self
+
     def check(self, name: str, shape: tuple[int, ...]) -> None:
         if len(shape) < 2:
             raise PrunelabError(f"N:M needs a 2-D or conv weight, but {name!r} has shape {shape}; exclude it")
         if shape[1] % self.m:
-            module = name.removesuffix(".weight")
             raise PrunelabError(
                 f"N:M block size M={self.m} does not divide the input dimension {shape[1]} of "
-                f"{name!r} (shape {tuple(shape)}); exclude that layer (Python: Sparsifier(..., exclude=[{module!r}]); "
-                f"CLI: --exclude {module}), or keep it dense with keep_first='dense' (--keep-first dense) if it is the "
-                "first layer"
+                f"{name!r} (shape {tuple(shape)}); {_nm_fix(name)}"
             )
+
+    _input_dim = 1  # the weight dim blocks run along: a Linear/Conv weight is (O, I, *k)
 
     def _blocked(self, tensor: torch.Tensor) -> torch.Tensor:
         # (O, I, *k) -> (O, *k, I) -> (O * prod(k) * I/m, m)
         # a block must never straddle two rows / kernel positions: the input dimension must be a multiple of m
         self.check("a tensor", tuple(tensor.shape))
         if tensor.dim() > 2:
-            tensor = tensor.movedim(1, -1)
+            tensor = tensor.movedim(self._input_dim, -1)
         return tensor.reshape(tensor.numel() // self.m, self.m)  # explicit: a zero-size weight gives (0, m)
 
     def to_groups(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -315,9 +325,55 @@ class NM(Granularity):
         order = torch.sort(blocks, dim=1, descending=True, stable=True).indices[:, : self.n]
         keep = torch.zeros_like(blocks, dtype=torch.bool).scatter_(1, order, True)
         if len(shape) > 2:
-            moved = (shape[0], *shape[2:], shape[1])
-            return keep.reshape(moved).movedim(-1, 1).contiguous()
+            dim = self._input_dim
+            moved = (*shape[:dim], *shape[dim + 1:], shape[dim])
+            return keep.reshape(moved).movedim(-1, dim).contiguous()
         return keep.reshape(shape)
+
+
+def _nm_fix(name: str) -> str:
+    """How to get past an N:M block size that does not fit ``name``'s layer (the end of a check message)."""
+    module = name.removesuffix(".weight")
+    return (f"exclude that layer (Python: Sparsifier(..., exclude=[{module!r}]); CLI: --exclude {module}), or keep "
+            "it dense with keep_first='dense' (--keep-first dense) if it is the first layer")
+
+
+@dataclass(frozen=True)
+class TransposedNM(NM):
+    """N:M on a transposed conv's weight ``(I, O / groups, *k)``: blocks along its INPUT channels, dim 0.
+
+    The reduction of a transposed conv's GEMM runs over its input channels (Dumoulin &
+    Visin 2016; ``torch.nn.ConvTranspose*`` is the gradient of a conv with respect to its
+    input), so, as :class:`NM` does for every other layer (Mishra et al. 2021), at most
+    ``n`` of every ``m`` consecutive input channels are kept at a fixed output slice and
+    kernel position: ``w[j*m:(j+1)*m, o, r, c]``.  With ``groups > 1`` each group reads its
+    own ``I / groups`` inputs; ``m`` must divide ``I / groups`` so that no block straddles
+    two groups.  Obtained from ``NM(n, m).for_layer(conv_transpose)``; ``groups`` is the
+    layer's ``groups``.
+    """
+
+    groups: int = 1
+    _input_dim = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.groups, bool) or not isinstance(self.groups, int) or self.groups < 1:
+            raise PrunelabError(f"TransposedNM needs the layer's groups as an int >= 1, got {self.groups!r}")
+
+    def check(self, name: str, shape: tuple[int, ...]) -> None:
+        if len(shape) < 3 or shape[0] % self.groups:
+            raise PrunelabError(
+                f"{name!r} (shape {tuple(shape)}) is not the weight (in_channels, out_channels/groups, *kernel) of a "
+                f"transposed conv with groups={self.groups}; use NM(n, m).for_layer(module) with the module that owns it"
+            )
+        per_group = shape[0] // self.groups
+        if per_group % self.m:
+            what = f"{per_group} input channels per group (weight dim 0 / groups={self.groups})" if self.groups > 1 \
+                else f"{per_group} (its input channels, weight dim 0)"
+            raise PrunelabError(
+                f"N:M block size M={self.m} does not divide the input dimension {what} of the transposed conv "
+                f"weight {name!r} (shape {tuple(shape)}); {_nm_fix(name)}"
+            )
 
 
 GRANULARITIES: Registry[type[Granularity]] = Registry("granularity")

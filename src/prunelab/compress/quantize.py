@@ -31,7 +31,9 @@ cluster.)  After every step the model's weights are exactly ``centroids[assignme
 
 Default bits follow the paper: 8 for convolutions, 5 for fully-connected layers
 (Sec. 3, Table 2; its LeNet-300-100 row uses 6); ``transformers``' Conv1D (GPT-2) is a
-fully-connected layer.
+fully-connected layer.  A ConvTranspose (a pruning target, :data:`prunelab.targets.PRUNABLE_TYPES`)
+is a convolution for this purpose ("conv" bits): weight sharing is element-wise, so its
+``(in, out/groups, *k)`` weight layout changes nothing.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ DEFAULT_BITS = {"conv": 8, "fc": 5}
 MAX_BITS = 16
 # dtypes a quantised weight keeps (the file's dtype code is the index: do not reorder)
 WEIGHT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _QUANTIZED_TYPES = (nn.Linear, *_CONV_TYPES)
 _ATTENTION_PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
@@ -164,7 +166,9 @@ def quantize_weight(weight: torch.Tensor, keep: torch.Tensor | None, bits: int, 
 
 # --- which layers, how many bits ---------------------------------------------------------
 def quantizable_layers(model: nn.Module) -> dict[str, str]:
-    """``weight FQN -> "conv" | "fc"`` for every Linear/Conv layer of ``model``.
+    """``weight FQN -> "conv" | "fc"`` for every Linear/Conv/ConvTranspose layer of ``model``.
+
+    Conv and ConvTranspose weights are ``"conv"``, Linear weights ``"fc"``.
 
     A ``transformers`` Conv1D (GPT-2's layers, found by type without importing transformers) is
     a fully-connected layer whose weight is stored ``(in, out)``: ``"fc"``.  Weight sharing is
@@ -227,7 +231,7 @@ def resolve_bits(
         _check_bits(value, f"{what}[{key!r}]")
         if key not in layers and key not in modules and key not in ("conv", "fc"):
             raise PrunelabError(
-                f"{what} names {key!r}, which is no Linear/Conv layer; valid keys: 'conv', 'fc', "
+                f"{what} names {key!r}, which is no Linear/Conv/ConvTranspose layer; valid keys: 'conv', 'fc', "
                 f"{', '.join(repr(m) for m in list(modules)[:6])}{'...' if len(modules) > 6 else ''}"
             )
     out = {}
@@ -266,8 +270,8 @@ def _layer_weights(
         param = named.get(name)
         if param is None or id(param) not in layer_ids | projection_ids:
             raise PrunelabError(
-                f"mask {name!r} is not the weight of a Linear/Conv layer (or an nn.MultiheadAttention input "
-                f"projection) of the model; valid names: "
+                f"mask {name!r} is not the weight of a Linear/Conv/ConvTranspose layer (or an nn.MultiheadAttention "
+                f"input projection) of the model; valid names: "
                 f"{', '.join(list(layers)[:6])}{'...' if len(layers) > 6 else ''} -- pass the masks of this model"
             )
         if tuple(mask.shape) != tuple(param.shape):
@@ -302,7 +306,7 @@ def quantize_model(
     *,
     max_iter: int = 100,
 ) -> dict[str, Codebook]:
-    """Weight-share every Linear/Conv weight of ``model`` IN PLACE; returns ``weight FQN -> Codebook``.
+    """Weight-share every Linear/Conv/ConvTranspose weight of ``model`` IN PLACE; returns ``weight FQN -> Codebook``.
 
     ``bits``: int or mapping (see :func:`resolve_bits`; default 8 conv / 5 fc).  After the
     call each weight equals ``codebook.decode()`` exactly (an fp16/bf16 weight gets its

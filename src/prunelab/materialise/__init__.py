@@ -18,7 +18,8 @@ auto       each layer's kernel measured (:func:`~prunelab.materialise.autotune.c
 The returned model is a NEW module (a deep copy, in eval mode); ``model`` is untouched.
 ``masks`` (FQN -> bool keep-mask) are applied to the copy first; without them the zeros
 already in the weights are the sparsity, and every Linear/Conv layer is a target (with
-masks: the layers they name).  DESIGN.md decision 5: before returning, the new model is
+masks: the layers they name); ``shrink`` also cuts each ConvTranspose's whole zero output
+channels ``weight[:, o]``.  DESIGN.md decision 5: before returning, the new model is
 run on ``example_input`` next to the masked model; if the max abs difference exceeds
 ``tolerance`` x the largest reference output magnitude (at least 1, as in
 ``shrink_model``), :class:`PrunelabError` is raised.  The numbers go to ``new.materialise_report`` (a :class:`MaterialiseReport`).
@@ -63,6 +64,8 @@ from prunelab.registry import Registry
 __all__ = ["FORMS", "LayerForm", "MaterialiseReport", "load_materialised", "materialise"]
 
 TARGET_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # + transformers' Conv1D
+# shrink (only) also cuts these; no sparse kernel takes them
+_CONV_TRANSPOSE_TYPES: tuple[type[nn.Module], ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 POOLING: tuple[str, ...] = ("native", "auto")  # materialise(pooling=...)
 
 
@@ -259,8 +262,32 @@ def _form_shrink(model: nn.Module, request: _Request):
 
     masks = request.masks
     if masks is None:
-        masks = MaskSet.from_model(model, [f"{n}.weight" for n in request.targets])
+        masks = MaskSet({**MaskSet.from_model(model, [f"{n}.weight" for n in request.targets]),
+                         **_zero_channel_masks(model)})
     return shrink_model(model, masks, request.example_input), [], None, []
+
+
+def _zero_channel_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``weight FQN -> keep-mask`` of every ConvTranspose layer, read off its zeros: its whole zero OUTPUT channels.
+
+    Shrink (no sparse form) cuts transposed convs too.  A transposed conv's output channel
+    ``o`` is ``weight[:, o]`` (``groups=1``; the layer's view
+    ``Channel().for_layer(module)``, :class:`prunelab.structure.TransposedChannel`): it is
+    pruned when all of it is zero, kept whole otherwise -- an output-channel mask, which
+    leaves the layer's input channels to their producer.
+    """
+    from prunelab.structure import Channel
+
+    found: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, _CONV_TRANSPOSE_TYPES) or not isinstance(weight, torch.Tensor):
+            continue
+        structure = Channel().for_layer(module)
+        shape = tuple(weight.shape)
+        keep = structure.to_groups(weight.detach() != 0).any(dim=1)  # (out_channels,)
+        found[f"{name}.weight" if name else "weight"] = structure.from_groups(keep, shape).contiguous()
+    return found
 
 
 def _is_target(module: nn.Module) -> bool:

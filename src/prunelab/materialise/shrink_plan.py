@@ -245,11 +245,33 @@ class _Planner:
         listed = ", ".join(repr(n) for n in names)
         if kind == "output":
             cut = int((~self.keep[root]).sum())
-            self.problem("output", f"mask of {listed} prunes {cut} of {len(self.keep[root])} rows whose channels are "
+            unit = self.unit_of(names)
+            which = "rows whose channels are" if unit == "rows" else f"{unit}, which are"
+            self.problem("output", f"mask of {listed} prunes {cut} of {len(self.keep[root])} {which} "
                                    f"{what}; model outputs cannot be removed -- keep the last layer dense "
                                    f"(prune --keep-last dense; in Python LayerRules(keep_last='dense')) or exclude {listed} from pruning")
         else:
             self.problem("op", f"{what}; exclude {listed} from pruning")
+
+    def unit_of(self, names: list[str]) -> str:
+        """What the masks ``names`` prune: "output channels" of transposed convs (``weight[:, o]``), else "rows"."""
+        transposed = [isinstance(_get(self.model, n.rpartition(".")[0]), CONVT_TYPES) for n in names]
+        if transposed and all(transposed):
+            return "output channels"
+        return "rows / output channels" if any(transposed) else "rows"
+
+    def pruned_units(self, name: str, rows: torch.Tensor) -> str:
+        """``"3 rows"``, or for a transposed conv's weight ``"2 output channels and 1 input channels"``."""
+        owner = _get(self.model, name.rpartition(".")[0])
+        if not (isinstance(owner, CONVT_TYPES) and name.endswith(".weight")):
+            return f"{int((~rows).sum())} rows"
+        outs, ins = int((~rows[:owner.out_channels]).sum()), int((~rows[owner.out_channels:]).sum())
+        parts = []
+        if outs:
+            parts.append(f"{outs} output channels")
+        if ins:
+            parts.append(f"{ins} input channels")
+        return " and ".join(parts)
 
     def check_unaccounted(self) -> None:
         for name, rows in self.rows.items():
@@ -264,8 +286,8 @@ class _Planner:
                 why = "it is not the weight of a Linear/Conv layer"
             else:
                 why = f"layer {owner!r} is not called as a module in the traced forward (or only inside an unsupported module)"
-            self.problem("op", f"mask of {name!r} prunes {int((~rows).sum())} rows but shrink cannot cut them: {why}; "
-                               f"exclude {name!r} from pruning")
+            self.problem("op", f"mask of {name!r} prunes {self.pruned_units(name, rows)} but shrink cannot cut them: "
+                               f"{why}; exclude {name!r} from pruning")
 
     # positions and constants
     def keep_positions(self, layout: Layout) -> torch.Tensor:
