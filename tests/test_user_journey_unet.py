@@ -4,8 +4,8 @@ channel pruning (l1 / taylor / slimming; uniform / global) -> shrink, save + fre
 ``measure_model`` FLOPs of transposed convs, CSR / BSR / auto forms, Deep Compression, and the dry-run plan.
 
 A transposed conv's weight is ``(in, out / groups, *k)``: its output channel ``o`` (groups=1) is ``weight[:, o]``.
-Expected numbers come from brute-force loops and hand counts written here.  Strict xfails are expected behaviour
-that does not hold yet.
+Expected numbers come from brute-force loops and hand counts written here.  The tests that are not plain
+round trips are regressions of bugs found on this journey (each was a strict xfail until fixed).
 """
 
 from __future__ import annotations

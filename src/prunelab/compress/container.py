@@ -11,7 +11,7 @@ File format, version 1 (all integers little-endian)::
              sha256 of the payload (32)                                   = 52 bytes
     payload  entry count u32, then one entry per state_dict tensor, in state_dict order:
 
-    quantised Linear/Conv weight (kind 0; transformers' Conv1D is a Linear, its (in, out) weight as stored)
+    quantised Linear/Conv/ConvTranspose weight (kind 0; transformers' Conv1D is a Linear, its (in, out) weight as stored)
       u8 kind | u16 name length | name utf-8 | u8 ndim | u32 x ndim shape |
       u8 weight bits (low 5 bits) + dtype << 5 | u8 index bits | u32 K |
       u64 entries (kept + fillers)                                            -- headers
@@ -23,7 +23,7 @@ File format, version 1 (all integers little-endian)::
     any other tensor (kind 1): biases, norms, buffers -- stored raw, NOT quantised
       u8 kind | u16 name length | name | u8 dtype | u8 ndim | u32 x ndim | u64 n | n bytes
 
-Decisions.  Biases (and every non-Linear/Conv tensor) are stored raw in their own dtype
+Decisions.  Biases (and every non-Linear/Conv/ConvTranspose tensor) are stored raw in their own dtype
 (fp32 for the usual model): they are <1% of the weights and the paper does not quantise
 them.  Kept = ``mask & (weight != 0)``; pruned weights are not stored and decode to
 exactly 0.  A filler decodes to an explicit 0.  A quantised weight decodes in the dtype
@@ -33,7 +33,7 @@ dtype first (as :func:`~prunelab.compress.quantize.quantize_model` does), so the
 holds exactly what the weight holds.  A state_dict entry that is the SAME tensor as a
 quantised weight (a tied weight, an embedding tied to a Linear head) is stored with that
 weight's codebook, quantised once under the first layer's name and bits.  Any other
-dtype of a Linear/Conv weight (complex, float8) is refused.  An ``nn.MultiheadAttention``
+dtype of a Linear/Conv/ConvTranspose weight (complex, float8) is refused.  An ``nn.MultiheadAttention``
 input projection (a pruning target, but no Linear/Conv module) is stored raw with its mask
 applied: its pruned entries are zeros, as :func:`~prunelab.compress.quantize.quantize_model`
 leaves them.
@@ -337,7 +337,7 @@ def write_compressed(
 ) -> CompressionReport:
     """Write ``model`` Deep-Compressed into ONE file at ``path`` (atomically); returns its byte report.
 
-    Every Linear/Conv weight is weight-shared (``bits``: int or mapping by weight FQN /
+    Every Linear/Conv/ConvTranspose weight is weight-shared (``bits``: int or mapping by weight FQN /
     module / ``"conv"`` / ``"fc"``; default 8 conv / 5 fc), its kept entries located by
     relative indices of ``index_bits`` (default 8 conv / 5 fc), and both streams
     Huffman-coded.  A layer that already holds at most ``2^bits`` distinct kept values
