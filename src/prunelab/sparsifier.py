@@ -33,10 +33,10 @@ Parameters are named, not held.  The sparsifier targets parameters by FQN: when 
 model's Parameter objects are replaced after it was built (``model.to_empty(device=...)``
 of a meta-device model, ``load_state_dict(sd, assign=True)``), ``prepare()``,
 ``update()``, ``set_masks()`` and ``finalize()`` look the names up again, and ``step()``
-notices a replaced Parameter with one identity check per layer and re-binds it.  An
-attached optimizer that still trains a replaced Parameter is refused in one line (rebuild
-it from ``model.parameters()`` and pass it to ``prepare()``).  A whole submodule replaced
-after ``prepare()`` is found by the next ``prepare()``.
+notices a replaced Parameter, or a replaced module on its path (``model[0] = nn.Linear(...)``),
+with a few identity checks per layer and re-binds it.  An attached optimizer that still
+trains a replaced Parameter is refused in one line (rebuild it from ``model.parameters()``
+and pass it to ``prepare()``).
 """
 
 from __future__ import annotations
@@ -406,18 +406,27 @@ class Sparsifier:
                 param.grad.masked_fill_(~self.masks[name].to(param.grad.device), 0)
 
     # --- parameters by name ------------------------------------------------------------
-    def _owner_slots(self) -> dict[str, tuple[nn.Module, str]]:
-        """``name -> (the module that registers it, attribute)`` for every target."""
+    def _owner_slots(self) -> dict[str, tuple[tuple[tuple[nn.Module, str, nn.Module], ...], nn.Module, str]]:
+        """``name -> (the path's (parent, child name, child) links, the module that registers it, attribute)``."""
         slots = {}
         for name in self.params:
             module_name, _, attr = name.rpartition(".")
-            slots[name] = (self.model.get_submodule(module_name) if module_name else self.model, attr)
+            links, module = [], self.model
+            for part in module_name.split(".") if module_name else ():
+                child = module.get_submodule(part)
+                links.append((module, part, child))
+                module = child
+            slots[name] = (tuple(links), module, attr)
         return slots
 
     def _check_bound(self) -> None:
-        """One identity check per layer: re-bind when a module's Parameter was replaced."""
-        if any(owner._parameters.get(attr) is not self.params[name] for name, (owner, attr) in self._slots.items()):
-            self._bind_parameters(self.optimizer)
+        """A few identity checks per layer: re-bind when a module's Parameter, or a module on its path
+        (``model[0] = nn.Linear(...)``), was replaced."""
+        for name, (links, owner, attr) in self._slots.items():
+            if owner._parameters.get(attr) is not self.params[name] or any(
+                    parent._modules.get(part) is not child for parent, part, child in links):
+                self._bind_parameters(self.optimizer)
+                return
 
     def _bind_parameters(self, optimizer: torch.optim.Optimizer | None) -> None:
         """Look every target up by FQN in the model and adopt replaced Parameters.
@@ -480,7 +489,9 @@ class Sparsifier:
 
     # --- resume ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        masks = {n: self._held_masks.get(n, m) for n, m in self.masks.items()}  # values, not meta placeholders
+        # values, not meta placeholders: a meta mask set_masks() held no values for is __init__'s all-kept one
+        masks = {n: self._held_masks.get(n, torch.ones(m.shape, dtype=torch.bool) if m.device.type == "meta" else m)
+                 for n, m in self.masks.items()}
         return {"step_count": self.step_count, "masks": masks, "history": list(self.history)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
