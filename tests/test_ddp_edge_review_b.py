@@ -3,9 +3,8 @@ shape), on 2 gloo ranks (tests/ddp_edge_review_b_worker.py).
 
 * Unequal shards (3 and 5 samples, in 2 and 3 batches): every rank's scores are those of one process on
   the union of the data (hand-computed below), sums and counts reduced before any division -- not the
-  mean of the per-rank scores, which keeps the other weight here.  Movement's one-pass sum is averaged
-  over the ranks inside the criterion (half the union's sum here: the Sparsifier's scale, same masks),
-  so a rank called alone no longer returns its own sum.
+  mean of the per-rank scores, which keeps the other weight here.  Movement's one-pass sum is summed
+  over the ranks inside the criterion (the union's sum), so a rank called alone no longer returns its own sum.
 * An empty shard on one rank adds nothing; empty shards everywhere, and on rank 1 only a NaN input, a
   batch of the wrong width, a batch that is no (inputs, targets) pair or a loss that is no scalar: every
   rank raises the same one-line PrunelabError and the ranks stay in step (none is left waiting in a
@@ -17,12 +16,6 @@ One torchrun run serves every test here (cached); it is killed, with its workers
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -33,53 +26,20 @@ from prunelab.criteria import ScoreData, get_criterion
 from prunelab.criteria.regression import collect_input_grams
 from prunelab.errors import PrunelabError
 
-WORKER = Path(__file__).with_name("ddp_edge_review_b_worker.py")
-_CACHE: dict[str, object] = {}
+from cached_torchrun import CachedTorchrun  # tests/ helper
+
+RUN = CachedTorchrun(Path(__file__).with_name("ddp_edge_review_b_worker.py"))
 LOSS_KINDS = ["snip", "grasp", "force", "obd-exact", "obd-fisher", "movement"]
 KINDS = LOSS_KINDS + ["regression"]
 NAME = {"obd-exact": "obd", "obd-fisher": "obd"}  # the criterion's name in its messages
 
 
 def _worker():
-    if "worker" not in _CACHE:
-        sys.path.insert(0, str(WORKER.parent))  # the worker imports tests/torchrun_exit.py
-        spec = importlib.util.spec_from_file_location("ddp_edge_review_b_worker", WORKER)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        _CACHE["worker"] = module
-    return _CACHE["worker"]
-
-
-def _torchrun(out: Path, timeout: float = 90.0) -> tuple[list[dict], str | None]:
-    """Run the worker on 2 gloo ranks: ``(records written, why the run failed or None)``.  On a hang
-    torchrun and its workers (their own session) are killed."""
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
-           "--rdzv_backend=c10d", "--rdzv_endpoint=127.0.0.1:0", str(WORKER), str(out)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=timeout)
-        failed = None if proc.returncode == 0 else stderr[-3000:]
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and the ranks it started, nothing else
-        proc.communicate()
-        failed = f"the 2-rank run did not finish in {timeout:.0f} s: a rank is waiting in a collective"
-    files = [out / f"rank{r}.json" for r in (0, 1)]
-    return [json.loads(f.read_text()) if f.exists() else {} for f in files], failed
+    return RUN.worker()
 
 
 def _ranks(part: str, out: Path) -> list[dict]:
-    """``part`` (``uneven`` / ``edges``) of both ranks' records, from one cached run."""
-    if "run" not in _CACHE:
-        _CACHE["run"] = _torchrun(out)
-    records, failed = _CACHE["run"]
-    if not all(part in r for r in records):
-        pytest.fail(f"the 2-rank run wrote no {part} records: {failed}")
-    assert [r["world_size"] for r in records] == [2, 2]
-    return [{**r[part], "in_step": r[f"{part}_in_step"]} for r in records]
+    return RUN.ranks(part, out)
 
 
 @pytest.fixture
@@ -90,7 +50,7 @@ def uneven(tmp_path) -> list[dict]:
 @pytest.fixture
 def edges(tmp_path) -> list[dict]:
     records = _ranks("edges", tmp_path)
-    assert _CACHE["run"][1] is None, _CACHE["run"][1]
+    assert RUN.failed is None, RUN.failed
     return records
 
 
