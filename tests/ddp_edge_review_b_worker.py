@@ -15,17 +15,13 @@ test too, for its one-process references.
 
 from __future__ import annotations
 
-import datetime
-import json
 import sys
 import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from prunelab import distributed
 from prunelab.criteria import Criterion, ScoreData
 from prunelab.criteria.movement import Movement
 from prunelab.criteria.obd import OBD
@@ -34,7 +30,7 @@ from prunelab.criteria.regression import Regression, collect_input_grams, regres
 from prunelab.errors import PrunelabError
 from prunelab.methods.pai import ForceSaliency
 from prunelab.sparsifier import Sparsifier
-from torchrun_exit import finish
+from torchrun_exit import run_parts
 
 CASES = ("snip", "grasp", "force", "obd-exact", "obd-fisher", "movement", "regression")
 LOSS_CASES = CASES[:-1]  # regression never calls loss_fn
@@ -229,18 +225,5 @@ def magnitude_with_nan_weight(bad: bool) -> dict:
         return {"error": str(error)}
 
 
-def main(out: Path) -> None:
-    # a short collective timeout: a rank left waiting fails the run in seconds, not in 30 minutes
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=20))
-    torch.set_num_threads(1)
-    rank = distributed.rank()
-    record = {"rank": rank, "world_size": distributed.world_size()}
-    for mode in ("uneven", "edges"):  # written after each: the reductions are checked even if the edges hang
-        record[mode] = run_cases(mode, rank)
-        record[f"{mode}_in_step"] = float(distributed.all_reduce_sum_(torch.tensor([rank + 1.0])).item())  # 3.0
-        (out / f"rank{rank}.json").write_text(json.dumps(record))
-    finish()
-
-
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    run_parts(Path(sys.argv[1]), run_cases)
