@@ -605,6 +605,22 @@ def test_torch_compile_of_a_csr_materialised_mlp_equals_eager():
     torch.testing.assert_close(torch.compile(sparse)(x), model(x), rtol=0, atol=1e-6)
 
 
+def test_torch_export_and_jit_trace_of_a_csr_materialised_mlp_fail_inside_torch():
+    # the README's stated limit (torch 2.13): sparse CSR tensors have no strides for export, no value kind for
+    # the tracer; when a torch release lifts it this test fails and the README line can go
+    model = _mlp()
+    masks = _oneshot(model).prepare().finalize()
+    model.eval()
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(2))
+    sparse = materialise(model, "csr", masks=masks, example_input=x)
+    with pytest.raises(RuntimeError, match="do not have strides"):
+        torch.export.export(sparse, (x,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.trace is deprecated
+        with pytest.raises(RuntimeError):
+            torch.jit.trace(sparse, (x,))
+
+
 # --- parametrizations already on a module ----------------------------------------------------------
 @pytest.mark.parametrize("wrap", [parametrizations.weight_norm, parametrizations.spectral_norm,
                                   torch.nn.utils.weight_norm], ids=["weight_norm", "spectral_norm", "old_weight_norm"])
