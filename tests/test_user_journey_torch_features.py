@@ -595,12 +595,17 @@ def test_torch_compile_of_a_neuron_shrunk_mlp_equals_eager():
     torch.testing.assert_close(torch.compile(small)(x), model(x), rtol=0, atol=1e-6)
 
 
-def test_torch_compile_of_a_csr_materialised_mlp_equals_eager():
+def _csr_mlp() -> tuple[nn.Module, torch.Tensor, nn.Module]:
+    """``(masked MLP in eval mode, inputs, its CSR-materialised form)``."""
     model = _mlp()
     masks = _oneshot(model).prepare().finalize()
     model.eval()
     x = torch.randn(3, 16, generator=torch.Generator().manual_seed(2))
-    sparse = materialise(model, "csr", masks=masks, example_input=x)
+    return model, x, materialise(model, "csr", masks=masks, example_input=x)
+
+
+def test_torch_compile_of_a_csr_materialised_mlp_equals_eager():
+    model, x, sparse = _csr_mlp()
     assert type(sparse[0]).__name__ == "CSRLinear"
     torch.testing.assert_close(torch.compile(sparse)(x), model(x), rtol=0, atol=1e-6)
 
@@ -608,11 +613,7 @@ def test_torch_compile_of_a_csr_materialised_mlp_equals_eager():
 def test_torch_export_and_jit_trace_of_a_csr_materialised_mlp_fail_inside_torch():
     # the README's stated limit (torch 2.13): sparse CSR tensors have no strides for export, no value kind for
     # the tracer; when a torch release lifts it this test fails and the README line can go
-    model = _mlp()
-    masks = _oneshot(model).prepare().finalize()
-    model.eval()
-    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(2))
-    sparse = materialise(model, "csr", masks=masks, example_input=x)
+    _, x, sparse = _csr_mlp()
     with pytest.raises(RuntimeError, match="do not have strides"):
         torch.export.export(sparse, (x,))
     with warnings.catch_warnings():
